@@ -1,0 +1,52 @@
+# detectord: the two commands a user needs are `make run` and `make test`.
+# Every target is idempotent: run it again and it does only what is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= detectord.example.yml
+
+.PHONY: run test test-fast test-e2e venv system-deps coredns proto bench model clean
+
+# Install the package (with the TensorFlow backend) and serve the shipped default model.
+run: venv
+	$(BIN)/detectord serve --config.file $(CONFIG)
+
+# Install everything the tests need (Debian packages, CoreDNS, Python packages) and run them all.
+test: venv system-deps coredns
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Unit and component tests only (no CoreDNS build, no end-to-end run).
+test-fast: venv
+	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+
+test-e2e: venv system-deps coredns
+	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[tf,test]'
+	touch $@
+
+system-deps:
+	scripts/install-system-deps.sh
+
+coredns:
+	scripts/build-coredns.sh
+
+# Regenerate detectord/_proto from proto/ (tests/test_proto.py fails when it is stale).
+proto: venv
+	PATH=$(BIN):$$PATH scripts/gen-proto.sh
+
+# Retrain the shipped default model from regenerated synthetic data.
+model: venv
+	$(BIN)/detectord train --out models/default
+
+bench: venv system-deps
+	$(BIN)/python bench/ingest_inference.py --instances 1000
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,311 @@
+"""The daemon's configuration: one YAML file, typed and validated once at start.
+
+Every key, its type and its default is declared here; `detectord.example.yml` documents them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+
+class Duration(float):
+    """Seconds, written in YAML the Prometheus way: `15s`, `1m30s`, `500ms`, `2h`."""
+
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+    _RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        text = text.strip()
+        pos, total = 0, 0.0
+        for m in cls._RE.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * cls._UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 15s, 1m30s)")
+        return cls(total)
+
+    def __str__(self) -> str:
+        return f"{float(self):g}s"
+
+
+class ByteSize(int):
+    """Bytes, written as `512KiB`, `32MiB`, `1GB` or a plain integer."""
+
+    _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+              "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    _RE = re.compile(r"(\d+)\s*([a-zA-Z]*)")
+
+    @classmethod
+    def parse(cls, text: str) -> ByteSize:
+        m = cls._RE.fullmatch(text.strip())
+        if not m or m.group(2).lower() not in cls._UNITS:
+            raise ValueError(f"not a size: {text!r} (use e.g. 10MiB, 512KiB)")
+        return cls(int(m.group(1)) * cls._UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen_address: str = "0.0.0.0:9464"
+    # Base URL users reach detectord at; alerts' generatorURL points there.
+    external_url: str = ""
+    # Compressed request body limit; the declared decompressed length is checked too.
+    max_body_size: ByteSize = ByteSize(16 * 1024**2)
+    max_decoded_body_size: ByteSize = ByteSize(64 * 1024**2)
+    # Bodies larger than this are decoded in a worker thread, not on the event loop.
+    inline_decode_max: ByteSize = ByteSize(64 * 1024)
+    shutdown_timeout: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # Length of one feature row. Leave null to use the model's step; set it to
+    # Prometheus's scrape_interval for the CoreDNS targets.
+    step: Duration | None = None
+    # Labels whose values name one CoreDNS instance. Churny labels (pod) can be left out.
+    instance_labels: tuple[str, ...] = ("job", "instance")
+    # Instances tracked at once; new ones beyond are refused (and counted).
+    max_instances: int = 10000
+    # Forget an instance not seen for this long.
+    instance_ttl: Duration = Duration(300.0)
+    # Up to this many consecutive missing steps are filled by holding the last row;
+    # a longer gap restarts the instance's window (it warms again).
+    max_gap_steps: int = 5
+    # Samples further in the future than this are rejected (as Prometheus does).
+    max_future: Duration = Duration(600.0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path = Path("models/default")
+    # Overrides the threshold stored with the model (in raw score units of the model).
+    threshold: float | None = None
+    # If set, must match the model; a guard against loading the wrong artifact.
+    window: int | None = None
+    features: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    max_batch: int = 1024
+    max_wait: Duration = Duration(0.01)
+    queue_size: int = 100000
+
+
+@dataclass(frozen=True)
+class AlertmanagerConfig:
+    url: str
+    timeout: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class AlertingConfig:
+    # The alert goes pending at the first anomalous step and fires after `for`.
+    for_: Duration = Duration(60.0)
+    # A firing alert resolves after this long without an anomalous step.
+    keep_firing_for: Duration = Duration(120.0)
+    resend_interval: Duration = Duration(60.0)
+    # Resolved alerts are re-sent for this long, as Prometheus does.
+    resolved_resend_for: Duration = Duration(900.0)
+    severity: str = "warning"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    alertmanagers: tuple[AlertmanagerConfig, ...] = ()
+    # Pending deliveries kept per Alertmanager while it is unreachable.
+    queue_capacity: int = 10000
+    max_batch: int = 64
+    # Features named in an alert's description.
+    top_features: int = 3
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    web: WebConfig = field(default_factory=WebConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Python names that differ from the YAML key (reserved words).
+_YAML_NAMES = {"for_": "for"}
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a config file. Relative model paths resolve against the file's directory."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from exc
+    return parse_config(text, base_dir=path.parent, source=str(path))
+
+
+def parse_config(text: str, *, base_dir: Path = Path("."), source: str = "<config>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, f"not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    cfg = _build(Config, raw, "")
+    if not cfg.model.path.is_absolute():
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base_dir / cfg.model.path))
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(key, msg)
+
+    _split_hostport(cfg.web.listen_address, "web.listen_address")
+    need(cfg.web.max_body_size > 0, "web.max_body_size", "must be > 0")
+    need(cfg.web.max_decoded_body_size >= cfg.web.max_body_size, "web.max_decoded_body_size",
+         "must be >= web.max_body_size")
+    if cfg.ingest.step is not None:
+        need(cfg.ingest.step >= 0.1, "ingest.step", f"must be >= 100ms, got {cfg.ingest.step}")
+    need(len(cfg.ingest.instance_labels) > 0, "ingest.instance_labels", "must name at least one label")
+    need(cfg.ingest.max_instances >= 1, "ingest.max_instances", "must be >= 1")
+    need(cfg.ingest.max_gap_steps >= 0, "ingest.max_gap_steps", "must be >= 0")
+    need(cfg.ingest.instance_ttl > 0, "ingest.instance_ttl", "must be > 0")
+    if cfg.model.window is not None:
+        need(cfg.model.window >= 8, "model.window", f"must be >= 8 steps, got {cfg.model.window}")
+    if cfg.model.threshold is not None:
+        need(math.isfinite(cfg.model.threshold) and cfg.model.threshold > 0, "model.threshold",
+             "must be a positive number")
+    need(1 <= cfg.inference.max_batch <= 65536, "inference.max_batch", "must be in 1..65536")
+    need(cfg.inference.queue_size >= cfg.inference.max_batch, "inference.queue_size",
+         "must be >= inference.max_batch")
+    need(cfg.alerting.resend_interval > 0, "alerting.resend_interval", "must be > 0")
+    need(cfg.alerting.queue_capacity >= 1, "alerting.queue_capacity", "must be >= 1")
+    need(1 <= cfg.alerting.max_batch <= 1000, "alerting.max_batch", "must be in 1..1000")
+    label_re = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+    for name in cfg.alerting.labels:
+        need(bool(label_re.fullmatch(name)), f"alerting.labels.{name}", "not a valid label name")
+    for name in cfg.ingest.instance_labels:
+        need(bool(label_re.fullmatch(name)), "ingest.instance_labels", f"{name!r} is not a valid label name")
+    for i, am in enumerate(cfg.alerting.alertmanagers):
+        need(re.match(r"https?://[^/]+", am.url) is not None, f"alerting.alertmanagers[{i}].url",
+             f"must be an http(s) URL, got {am.url!r}")
+
+
+def _split_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def listen_host_port(cfg: Config) -> tuple[str, int]:
+    return _split_hostport(cfg.web.listen_address, "web.listen_address")
+
+
+def with_listen_address(cfg: Config, address: str) -> Config:
+    _split_hostport(address, "--web.listen-address")
+    return dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen_address=address))
+
+
+def _build(cls: type[Any], raw: Any, key: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key or "<top level>", f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    by_yaml = {_YAML_NAMES.get(f.name, f.name): f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        sub = f"{key}.{name}" if key else str(name)
+        f = by_yaml.get(name)
+        if f is None:
+            raise ConfigError(sub, f"unknown key (known: {', '.join(sorted(by_yaml))})")
+        kwargs[f.name] = _convert(hints[f.name], value, sub)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}.{_YAML_NAMES.get(f.name, f.name)}" if key else f.name, "is required")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, key)
+    if value is None:
+        raise ConfigError(key, "must not be empty")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        item = get_args(tp)[0]
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+        return {str(k): _convert(str, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Duration:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(key, f"must be a duration like 15s, got {value!r}")
+        try:
+            d = Duration.parse(value) if isinstance(value, str) else Duration(value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        if d < 0:
+            raise ConfigError(key, "must not be negative")
+        return d
+    if tp is ByteSize:
+        try:
+            return ByteSize.parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"must be a path, got {value!r}")
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover - a bug in this module
+
+
+def step_seconds(cfg: Config, model_step: float) -> float:
+    return float(cfg.ingest.step) if cfg.ingest.step is not None else model_step

@@ -1,0 +1,29 @@
+"""One exception hierarchy for detectord; each class builds its own message and keeps its data."""
+
+from __future__ import annotations
+
+
+class DetectordError(Exception):
+    """Base of every error detectord raises on purpose."""
+
+
+class ConfigError(DetectordError):
+    """A config file (or flag) is invalid; `key` names the offending key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
+class RemoteWriteError(DetectordError):
+    """A remote-write request that will not be accepted; `status` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status}: {reason}")
+
+
+class ModelError(DetectordError):
+    """A model artifact that cannot be loaded or does not fit the configuration."""

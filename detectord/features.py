@@ -1,0 +1,553 @@
+"""Per-step CoreDNS features, per instance, from decoded remote-write series.
+
+`FEATURES` is the one declarative table; adding a feature is one row. Serving, training and
+evaluation all go through `FeatureExtractor`, so a model never sees features computed another way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from .remote_write import DecodedWrite, Labels, decode_v1_message, is_stale_marker, metric_name
+
+InstanceKey = tuple[str, ...]
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One raw input: the series of `metric` whose labels match `match` (summed over the rest)."""
+
+    metric: str
+    kind: Kind
+    match: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def series_name(self) -> str:
+        return self.metric + "_bucket" if self.kind == "histogram" else self.metric
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match)
+
+
+def counter(metric: str, **match: str) -> Source:
+    return Source(metric, "counter", tuple(sorted(match.items())))
+
+
+def gauge(metric: str, **match: str) -> Source:
+    return Source(metric, "gauge", tuple(sorted(match.items())))
+
+
+def histogram(metric: str, **match: str) -> Source:
+    return Source(metric, "histogram", tuple(sorted(match.items())))
+
+
+class Step(Protocol):
+    """What an expression may read about one closed step of one instance."""
+
+    elapsed: float
+
+    def increase(self, src: Source) -> float: ...
+    def value(self, src: Source) -> float: ...
+    def buckets(self, src: Source) -> list[tuple[float, float]]: ...
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Per-second increase of a counter over the step, resets handled."""
+
+    src: Source
+
+    def sources(self) -> tuple[Source, ...]:
+        return (self.src,)
+
+    def __call__(self, step: Step) -> float:
+        return step.increase(self.src) / step.elapsed
+
+
+@dataclass(frozen=True)
+class Value:
+    """A gauge's latest value, summed over the instance's matching series."""
+
+    src: Source
+
+    def sources(self) -> tuple[Source, ...]:
+        return (self.src,)
+
+    def __call__(self, step: Step) -> float:
+        return step.value(self.src)
+
+
+@dataclass(frozen=True)
+class Share:
+    """Increase of `part` over increase of `whole` in the step; 0 when `whole` did not move."""
+
+    part: Source
+    whole: Source
+
+    def sources(self) -> tuple[Source, ...]:
+        return (self.part, self.whole)
+
+    def __call__(self, step: Step) -> float:
+        whole = step.increase(self.whole)
+        return min(1.0, step.increase(self.part) / whole) if whole > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Quantile:
+    """histogram_quantile(q) over the step's bucket increases; 0 when nothing was observed."""
+
+    q: float
+    src: Source
+
+    def sources(self) -> tuple[Source, ...]:
+        return (self.src,)
+
+    def __call__(self, step: Step) -> float:
+        return bucket_quantile(self.q, step.buckets(self.src))
+
+
+Expr = Rate | Value | Share | Quantile
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    expr: Expr
+    # How a model should scale it: "log" for magnitudes spanning decades, "linear" for ratios.
+    scale: Literal["log", "linear"]
+
+
+_REQ = counter("coredns_dns_requests_total")
+_RESP = counter("coredns_dns_responses_total")
+_DUR = histogram("coredns_dns_request_duration_seconds")
+_PROXY = histogram("coredns_proxy_request_duration_seconds")
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("request_rate", Rate(_REQ), "log"),
+    Feature("rcode_noerror_share", Share(counter("coredns_dns_responses_total", rcode="NOERROR"), _RESP), "linear"),
+    Feature("rcode_nxdomain_share", Share(counter("coredns_dns_responses_total", rcode="NXDOMAIN"), _RESP), "linear"),
+    Feature("rcode_servfail_share", Share(counter("coredns_dns_responses_total", rcode="SERVFAIL"), _RESP), "linear"),
+    Feature("rcode_refused_share", Share(counter("coredns_dns_responses_total", rcode="REFUSED"), _RESP), "linear"),
+    Feature("latency_p50_seconds", Quantile(0.5, _DUR), "log"),
+    Feature("latency_p99_seconds", Quantile(0.99, _DUR), "log"),
+    Feature("cache_hit_ratio",
+            Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")), "linear"),
+    Feature("cache_entries", Value(gauge("coredns_cache_entries")), "log"),
+    Feature("upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")), "log"),
+    Feature("upstream_latency_p99_seconds", Quantile(0.99, _PROXY), "log"),
+    Feature("upstream_healthcheck_failure_rate", Rate(counter("coredns_proxy_healthcheck_failures_total")), "log"),
+    Feature("forward_max_concurrent_reject_rate",
+            Rate(counter("coredns_forward_max_concurrent_rejects_total")), "log"),
+    Feature("panic_rate", Rate(counter("coredns_panics_total")), "log"),
+    Feature("cpu_seconds_rate", Rate(counter("process_cpu_seconds_total")), "log"),
+    Feature("resident_memory_bytes", Value(gauge("process_resident_memory_bytes")), "log"),
+    Feature("goroutines", Value(gauge("go_goroutines")), "log"),
+)
+
+FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
+
+# Metric names a remote_write relabel rule should keep; everything else is ignored cheaply.
+RELEVANT_METRICS: frozenset[str] = frozenset(s.series_name for f in FEATURES for s in f.expr.sources())
+
+
+def bucket_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
+    """Prometheus's histogram_quantile on (upper bound, cumulative count) pairs sorted by bound."""
+    if not buckets or buckets[-1][0] != math.inf:
+        return 0.0
+    count = buckets[-1][1]
+    if count <= 0:
+        return 0.0
+    rank = q * count
+    prev_le, prev_cum = 0.0, 0.0
+    for i, (le, cum) in enumerate(buckets):
+        if cum >= rank:
+            if le == math.inf:
+                return buckets[i - 1][0] if i > 0 else 0.0
+            lower = prev_le if i > 0 or le <= 0 else 0.0
+            width = cum - prev_cum
+            return lower + (le - lower) * ((rank - prev_cum) / width if width > 0 else 1.0)
+        prev_le, prev_cum = le, cum
+    return buckets[-2][0] if len(buckets) > 1 else 0.0
+
+
+@dataclass(slots=True)
+class FeatureRow:
+    instance: InstanceKey
+    step_ts_ms: int
+    values: np.ndarray  # float32, (len(FEATURES),)
+    # The step had no samples; `values` hold the last row (a missed scrape).
+    gap: bool = False
+    # The instance came back after a gap too long to fill: windows start over.
+    restart: bool = False
+
+
+@dataclass
+class IngestStats:
+    """What one ingest call did with its samples; every sample lands in exactly one bucket."""
+
+    accepted: int = 0
+    ignored: int = 0  # not a metric any feature reads
+    duplicate: int = 0  # timestamp not after the series' last (a re-sent request)
+    stale: int = 0  # stale markers
+    non_finite: int = 0  # NaN or ±Inf values that are not stale markers
+    instance_limit: int = 0  # their instance was refused: max_instances reached
+    late: int = 0  # accepted, but arrived after their step closed: counted in the next step
+
+
+_NO_VALUE = math.nan
+
+
+class _Series:
+    __slots__ = ("inst", "slots", "gauge_source", "last_ts", "last_v")
+
+    def __init__(self, inst: _Instance, slots: tuple[int, ...], gauge_source: int) -> None:
+        self.inst = inst
+        self.slots = slots
+        self.gauge_source = gauge_source  # index into the source table, -1 for counters
+        self.last_ts = -(2**62)
+        self.last_v = _NO_VALUE
+
+
+class _Instance:
+    __slots__ = ("key", "cur", "acc", "seen", "max_ts", "last_close_ts", "primed", "last_row", "gap",
+                 "restart", "series", "gauges", "bucket_slots", "last_seen", "nslots")
+
+    def __init__(self, key: InstanceKey, nslots: int, ngauges: int) -> None:
+        self.key = key
+        self.cur = -1  # bin index of acc[0]; -1 until the first sample
+        self.nslots = nslots
+        self.acc = [[0.0] * nslots, [0.0] * nslots]
+        self.seen = [False, False]
+        self.max_ts = [0, 0]
+        self.last_close_ts = 0
+        self.primed = False
+        self.last_row: np.ndarray | None = None
+        self.gap = 0
+        self.restart = False
+        self.series: list[Labels] = []
+        self.gauges: list[list[_Series]] = [[] for _ in range(ngauges)]
+        # Per histogram source: {le: counter slot}.
+        self.bucket_slots: dict[int, dict[float, int]] = {}
+        self.last_seen = 0.0
+
+    def add_slot(self) -> int:
+        for a in self.acc:
+            a.append(0.0)
+        self.nslots += 1
+        return self.nslots - 1
+
+
+class _StepView:
+    """The Step protocol over one instance's closing bin."""
+
+    __slots__ = ("inst", "acc", "elapsed", "table")
+
+    def __init__(self, table: _SourceTable, inst: _Instance, acc: list[float], elapsed: float) -> None:
+        self.table, self.inst, self.acc, self.elapsed = table, inst, acc, elapsed
+
+    def increase(self, src: Source) -> float:
+        return self.acc[self.table.counter_slot[src]]
+
+    def value(self, src: Source) -> float:
+        total = 0.0
+        for s in self.inst.gauges[self.table.gauge_index[src]]:
+            if s.last_v == s.last_v:
+                total += s.last_v
+        return total
+
+    def buckets(self, src: Source) -> list[tuple[float, float]]:
+        slots = self.inst.bucket_slots.get(self.table.hist_index[src])
+        if not slots:
+            return []
+        out, running = [], 0.0
+        for le in sorted(slots):
+            # Bucket increases from different series can land in different steps; keep them cumulative.
+            running = max(running, self.acc[slots[le]])
+            out.append((le, running))
+        return out
+
+
+class _SourceTable:
+    """Numbering of the feature table's sources: fixed counter slots, gauges and histograms."""
+
+    def __init__(self, features: Sequence[Feature]) -> None:
+        sources = list(dict.fromkeys(s for f in features for s in f.expr.sources()))
+        self.counter_slot = {s: i for i, s in enumerate(x for x in sources if x.kind == "counter")}
+        self.gauge_index = {s: i for i, s in enumerate(x for x in sources if x.kind == "gauge")}
+        self.hist_index = {s: i for i, s in enumerate(x for x in sources if x.kind == "histogram")}
+        self.by_series_name: dict[str, list[Source]] = {}
+        for s in sources:
+            self.by_series_name.setdefault(s.series_name, []).append(s)
+
+
+_IGNORED = object()
+
+
+class FeatureExtractor:
+    """Turns decoded remote-write series into one FeatureRow per instance per step.
+
+    Samples are binned by timestamp into steps of `step_ms`. A step closes when a sample two
+    steps later arrives, so samples of one scrape split across parallel remote-write shards
+    still land together. State is per series (last timestamp and value), so a re-sent request
+    changes nothing, and counter resets count the post-reset value as the increase.
+    Not thread-safe: one thread owns an extractor.
+    """
+
+    def __init__(
+        self,
+        step_ms: int,
+        instance_labels: Sequence[str] = ("job", "instance"),
+        *,
+        features: Sequence[Feature] = FEATURES,
+        max_instances: int = 1_000_000,
+        max_gap_steps: int = 5,
+    ) -> None:
+        if step_ms <= 0:
+            raise ValueError(f"step must be > 0 ms, got {step_ms}")
+        self.step_ms = step_ms
+        self.instance_labels = tuple(instance_labels)
+        self.features = tuple(features)
+        self.max_instances = max_instances
+        self.max_gap_steps = max_gap_steps
+        self._table = _SourceTable(self.features)
+        self._series: dict[Labels, _Series] = {}
+        self._instances: dict[InstanceKey, _Instance] = {}
+
+    @property
+    def instances(self) -> int:
+        return len(self._instances)
+
+    def instance_keys(self) -> list[InstanceKey]:
+        return list(self._instances)
+
+    def ingest(self, write: DecodedWrite, stats: IngestStats | None = None,
+               now: float | None = None) -> list[FeatureRow]:
+        stats = stats if stats is not None else IngestStats()
+        now = time.monotonic() if now is None else now
+        rows: list[FeatureRow] = []
+        cache = self._series
+        step_ms = self.step_ms
+        for labels, samples in write.series:
+            s = cache.get(labels)
+            if s is None:
+                bound = self._bind(labels, now)
+                if bound is _IGNORED:
+                    stats.ignored += len(samples)
+                    continue
+                if bound is None:
+                    stats.instance_limit += len(samples)
+                    continue
+                assert isinstance(bound, _Series)
+                s = bound
+            inst = s.inst
+            inst.last_seen = now
+            for ts, v in samples:
+                if ts <= s.last_ts:
+                    stats.duplicate += 1
+                    continue
+                if v != v or v in (math.inf, -math.inf):
+                    if is_stale_marker(v):
+                        stats.stale += 1
+                        s.last_v = _NO_VALUE  # the series is gone; its next sample starts afresh
+                    else:
+                        stats.non_finite += 1
+                    s.last_ts = ts
+                    continue
+                b = ts // step_ms
+                if inst.cur < 0:
+                    inst.cur = b
+                elif b > inst.cur + 1:
+                    self._advance(inst, b, rows)
+                if b < inst.cur:
+                    stats.late += 1
+                    b = inst.cur
+                i = b - inst.cur
+                if s.gauge_source < 0:
+                    last = s.last_v
+                    if last == last:
+                        d = v - last
+                        if d < 0:
+                            d = v  # counter reset
+                    else:
+                        # A series born after its instance starts from zero (e.g. the first
+                        # SERVFAIL); one seen in the instance's first step only sets the baseline.
+                        d = v if inst.primed else 0.0
+                    if d:
+                        acc = inst.acc[i]
+                        for slot in s.slots:
+                            acc[slot] += d
+                s.last_v = v
+                s.last_ts = ts
+                inst.seen[i] = True
+                if ts > inst.max_ts[i]:
+                    inst.max_ts[i] = ts
+                stats.accepted += 1
+        return rows
+
+    def flush(self) -> list[FeatureRow]:
+        """Close every open step (end of a recording)."""
+        rows: list[FeatureRow] = []
+        for inst in self._instances.values():
+            if inst.cur >= 0:
+                self._close(inst, rows)
+                self._close(inst, rows)
+        return rows
+
+    def evict_idle(self, older_than: float) -> list[InstanceKey]:
+        """Forget instances whose last sample arrived before `older_than` (monotonic seconds)."""
+        gone = [k for k, inst in self._instances.items() if inst.last_seen < older_than]
+        for k in gone:
+            self.forget(k)
+        return gone
+
+    def forget(self, key: InstanceKey) -> None:
+        inst = self._instances.pop(key, None)
+        if inst is not None:
+            for labels in inst.series:
+                self._series.pop(labels, None)
+
+    def _bind(self, labels: Labels, now: float) -> _Series | object | None:
+        sources = self._table.by_series_name.get(metric_name(labels))
+        if not sources:
+            return _IGNORED
+        d = dict(labels)
+        key = tuple(d.get(k, "") for k in self.instance_labels)
+        inst = self._instances.get(key)
+        if inst is None:
+            if len(self._instances) >= self.max_instances:
+                return None
+            inst = _Instance(key, len(self._table.counter_slot), len(self._table.gauge_index))
+            inst.last_seen = now
+            self._instances[key] = inst
+        table = self._table
+        slots: list[int] = []
+        gauge_source = -1
+        matched = False
+        for src in sources:
+            if not src.matches(d):
+                continue
+            matched = True
+            if src.kind == "counter":
+                slots.append(table.counter_slot[src])
+            elif src.kind == "gauge":
+                gauge_source = table.gauge_index[src]
+            else:
+                le = _parse_le(d.get("le"))
+                if le is None:
+                    continue
+                by_le = inst.bucket_slots.setdefault(table.hist_index[src], {})
+                if le not in by_le:
+                    by_le[le] = inst.add_slot()
+                slots.append(by_le[le])
+        if not matched or (not slots and gauge_source < 0):
+            return _IGNORED
+        s = _Series(inst, tuple(slots), gauge_source)
+        if gauge_source >= 0:
+            inst.gauges[gauge_source].append(s)
+        inst.series.append(labels)
+        self._series[labels] = s
+        return s
+
+    def _advance(self, inst: _Instance, b: int, rows: list[FeatureRow]) -> None:
+        """Close steps until bin `b` is the newer of the two open ones."""
+        if b - inst.cur > self.max_gap_steps + 2:
+            self._close(inst, rows)
+            self._close(inst, rows)
+            inst.cur = b - 1
+            self._restart(inst)
+            return
+        while inst.cur + 1 < b:
+            self._close(inst, rows)
+
+    @staticmethod
+    def _restart(inst: _Instance) -> None:
+        # The first step after a long gap only sets baselines again: its increases span the gap.
+        if inst.last_row is not None:
+            inst.restart = True
+        inst.primed = False
+
+    def _close(self, inst: _Instance, rows: list[FeatureRow]) -> None:
+        acc = inst.acc[0]
+        step_ts = (inst.cur + 1) * self.step_ms
+        if inst.seen[0]:
+            if inst.primed:
+                elapsed = (inst.max_ts[0] - inst.last_close_ts) / 1000.0
+                if elapsed <= 0:
+                    elapsed = self.step_ms / 1000.0
+                view = _StepView(self._table, inst, acc, elapsed)
+                values = np.fromiter((f.expr(view) for f in self.features), dtype=np.float32,
+                                     count=len(self.features))
+                rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart))
+                inst.last_row = values
+                inst.restart = False
+            inst.primed = True
+            inst.last_close_ts = inst.max_ts[0]
+            inst.gap = 0
+        elif inst.last_row is not None and not inst.restart:
+            inst.gap += 1
+            if inst.gap <= self.max_gap_steps:
+                rows.append(FeatureRow(inst.key, step_ts, inst.last_row, gap=True))
+            else:
+                self._restart(inst)
+        inst.acc = [inst.acc[1], [0.0] * inst.nslots]
+        inst.seen = [inst.seen[1], False]
+        inst.max_ts = [inst.max_ts[1], 0]
+        inst.cur += 1
+
+
+def _parse_le(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)  # "+Inf" parses to inf
+    except ValueError:
+        return None
+
+
+@dataclass
+class FeatureSeries:
+    """One instance's features over time (offline: training and evaluation)."""
+
+    timestamps_ms: np.ndarray  # int64 (T,)
+    values: np.ndarray  # float32 (T, F)
+    gap: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (T,)
+    # Row indexes where the window must start over (a gap too long to fill).
+    restarts: list[int] = field(default_factory=list)
+
+
+def extract(
+    requests: Iterable[object],
+    step_ms: int,
+    instance_labels: Sequence[str] = ("job", "instance"),
+    *,
+    max_gap_steps: int = 5,
+) -> dict[InstanceKey, FeatureSeries]:
+    """Features per instance from remote-write 1.0 messages or DecodedWrites, in arrival order."""
+    ext = FeatureExtractor(step_ms, instance_labels, max_gap_steps=max_gap_steps)
+    rows: dict[InstanceKey, list[FeatureRow]] = {}
+    for row in _iter_rows(ext, requests):
+        rows.setdefault(row.instance, []).append(row)
+    out: dict[InstanceKey, FeatureSeries] = {}
+    for key, rs in rows.items():
+        out[key] = FeatureSeries(
+            timestamps_ms=np.array([r.step_ts_ms for r in rs], dtype=np.int64),
+            values=np.stack([r.values for r in rs]).astype(np.float32, copy=False),
+            gap=np.array([r.gap for r in rs], dtype=bool),
+            restarts=[i for i, r in enumerate(rs) if r.restart],
+        )
+    return out
+
+
+def _iter_rows(ext: FeatureExtractor, requests: Iterable[object]) -> Iterator[FeatureRow]:
+    for req in requests:
+        write = req if isinstance(req, DecodedWrite) else decode_v1_message(req)  # type: ignore[arg-type]
+        yield from ext.ingest(write)
+    yield from ext.flush()

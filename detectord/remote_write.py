@@ -1,0 +1,230 @@
+"""Remote-write request decoding: HTTP headers and snappy/protobuf bytes to decoded series.
+
+Pure functions with no daemon state, so they run inline, in a worker thread or offline alike.
+Remote write 1.0 (`prometheus.WriteRequest`) and 2.0 (`io.prometheus.write.v2.Request`).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Literal
+
+import snappy
+from google.protobuf.message import DecodeError
+
+from ._proto import remote_write_v1_pb2 as pb1
+from ._proto import remote_write_v2_pb2 as pb2
+from .errors import RemoteWriteError
+
+Labels = tuple[tuple[str, str], ...]
+"""A series' label set: (name, value) pairs sorted by name, `__name__` included."""
+
+Version = Literal["1.0", "2.0"]
+
+PROTO_V1 = "prometheus.WriteRequest"
+PROTO_V2 = "io.prometheus.write.v2.Request"
+
+STALE_NAN_BITS = 0x7FF0000000000002
+_STALE_NAN_BYTES = struct.pack("<Q", STALE_NAN_BITS)
+STALE_NAN: float = struct.unpack("<d", _STALE_NAN_BYTES)[0]
+
+
+def is_stale_marker(value: float) -> bool:
+    # Compare the raw bits: every NaN compares unequal, and an ordinary NaN is not a stale marker.
+    return value != value and struct.pack("<d", value) == _STALE_NAN_BYTES
+
+
+@dataclass(slots=True)
+class DecodedWrite:
+    """One request's series. A series may appear several times (Prometheus 2.42 sends one
+    sample per TimeSeries), each with its samples in timestamp order."""
+
+    version: Version
+    series: list[tuple[Labels, list[tuple[int, float]]]] = field(default_factory=list)
+    samples: int = 0
+    histograms: int = 0
+    exemplars: int = 0
+    metadata: int = 0
+    # Series refused as invalid, with the first reason; the rest of the request is still used.
+    invalid_series: int = 0
+    invalid_samples: int = 0
+    first_error: str | None = None
+
+    def reject(self, reason: str, samples: int) -> None:
+        self.invalid_series += 1
+        self.invalid_samples += samples
+        if self.first_error is None:
+            self.first_error = reason
+
+
+def negotiate(content_type: str | None, content_encoding: str | None) -> Version:
+    """The protocol version a request's headers ask for, or 415 as the spec says."""
+    ctype = (content_type or "").strip()
+    version: Version
+    if not ctype:
+        version = "1.0"  # Prometheus's own receiver treats a missing Content-Type as 1.0.
+    else:
+        media, _, params = ctype.partition(";")
+        if media.strip().lower() != "application/x-protobuf":
+            raise RemoteWriteError(415, f"unsupported Content-Type {ctype!r}; expected application/x-protobuf")
+        proto = PROTO_V1
+        for param in params.split(";"):
+            k, _, v = param.strip().partition("=")
+            if k.strip().lower() == "proto":
+                proto = v.strip().strip('"')
+        if proto == PROTO_V1:
+            version = "1.0"
+        elif proto == PROTO_V2:
+            version = "2.0"
+        else:
+            raise RemoteWriteError(415, f"unsupported proto {proto!r}; expected {PROTO_V1} or {PROTO_V2}")
+    encoding = (content_encoding or "").strip().lower()
+    if encoding != "snappy":
+        raise RemoteWriteError(415, f"unsupported Content-Encoding {content_encoding!r}; expected snappy")
+    return version
+
+
+def declared_length(body: bytes) -> int:
+    """The decompressed length a snappy block declares in its uvarint header."""
+    result = shift = 0
+    for i, b in enumerate(body[:10]):
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result
+        shift += 7
+        if i == 4 and result > 0xFFFFFFFF:
+            break
+    raise RemoteWriteError(400, "snappy: corrupt input (bad length header)")
+
+
+def decompress(body: bytes, *, max_decoded: int) -> bytes:
+    if not body:
+        raise RemoteWriteError(400, "empty body")
+    n = declared_length(body)
+    if n > max_decoded:
+        raise RemoteWriteError(413, f"decompressed body of {n} bytes exceeds the limit of {max_decoded} bytes")
+    try:
+        data = snappy.uncompress(body)
+    except Exception as exc:  # python-snappy raises several unrelated types for corrupt input
+        raise RemoteWriteError(400, f"snappy: corrupt input ({exc.__class__.__name__})") from None
+    return bytes(data)
+
+
+def decode(body: bytes, version: Version, *, max_decoded: int, max_ts_ms: int | None = None) -> DecodedWrite:
+    """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413)."""
+    data = decompress(body, max_decoded=max_decoded)
+    try:
+        if version == "1.0":
+            return decode_v1_message(pb1.WriteRequest.FromString(data), max_ts_ms=max_ts_ms)
+        return decode_v2_message(pb2.Request.FromString(data), max_ts_ms=max_ts_ms)
+    except DecodeError as exc:
+        raise RemoteWriteError(400, f"protobuf: cannot parse {version} request: {exc}") from None
+
+
+def decode_v1_message(msg: pb1.WriteRequest, *, max_ts_ms: int | None = None) -> DecodedWrite:
+    out = DecodedWrite("1.0", metadata=len(msg.metadata))
+    append = out.series.append
+    for ts in msg.timeseries:
+        samples = [(s.timestamp, s.value) for s in ts.samples]
+        out.samples += len(samples)
+        out.histograms += len(ts.histograms)
+        out.exemplars += len(ts.exemplars)
+        pairs = [(lb.name, lb.value) for lb in ts.labels]
+        labels = _check_labels(pairs, out, len(samples) + len(ts.histograms))
+        if labels is None:
+            continue
+        if not samples and not ts.histograms:
+            out.reject(f"series {_show(labels)} has no samples", 0)
+            continue
+        if max_ts_ms is not None and samples and samples[-1][0] > max_ts_ms:
+            out.reject(f"series {_show(labels)}: sample timestamp too far in the future", len(samples))
+            continue
+        if samples:
+            append((labels, samples))
+    return out
+
+
+def decode_v2_message(msg: pb2.Request, *, max_ts_ms: int | None = None) -> DecodedWrite:
+    out = DecodedWrite("2.0")
+    symbols = msg.symbols
+    if symbols and symbols[0] != "":
+        raise RemoteWriteError(400, "symbols[0] must be the empty string")
+    nsym = len(symbols)
+    append = out.series.append
+    for ts in msg.timeseries:
+        samples = [(s.timestamp, s.value) for s in ts.samples]
+        out.samples += len(samples)
+        out.histograms += len(ts.histograms)
+        out.exemplars += len(ts.exemplars)
+        if ts.HasField("metadata"):
+            out.metadata += 1
+        refs = ts.labels_refs
+        if len(refs) % 2:
+            out.reject("labels_refs has an odd length", len(samples))
+            continue
+        if refs and max(refs) >= nsym:
+            out.reject(f"labels_refs index {max(refs)} out of range of {nsym} symbols", len(samples))
+            continue
+        pairs = [(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)]
+        pairs.sort()
+        labels = _check_labels(pairs, out, len(samples) + len(ts.histograms))
+        if labels is None:
+            continue
+        if samples and ts.histograms:
+            out.reject(f"series {_show(labels)} has both samples and histograms", len(samples))
+            continue
+        if not samples and not ts.histograms:
+            out.reject(f"series {_show(labels)} has no samples", 0)
+            continue
+        if max_ts_ms is not None and samples and max(t for t, _ in samples) > max_ts_ms:
+            out.reject(f"series {_show(labels)}: sample timestamp too far in the future", len(samples))
+            continue
+        if samples:
+            if any(samples[i][0] > samples[i + 1][0] for i in range(len(samples) - 1)):
+                samples.sort(key=lambda s: s[0])
+            append((labels, samples))
+    return out
+
+
+def _check_labels(pairs: list[tuple[str, str]], out: DecodedWrite, n: int) -> Labels | None:
+    """Validated, sorted label set, or None after recording why the series is refused."""
+    if any(pairs[i][0] >= pairs[i + 1][0] for i in range(len(pairs) - 1)):
+        pairs = sorted(pairs)
+        if any(pairs[i][0] == pairs[i + 1][0] for i in range(len(pairs) - 1)):
+            out.reject(f"series {_show(tuple(pairs))} has duplicate label names", n)
+            return None
+    if not pairs or pairs[0][0] != "__name__" and not any(k == "__name__" for k, _ in pairs):
+        out.reject(f"series {_show(tuple(pairs))} has no __name__ label", n)
+        return None
+    if any(not k for k, _ in pairs):
+        out.reject(f"series {_show(tuple(pairs))} has an empty label name", n)
+        return None
+    # An empty label value means the label is absent (Prometheus's data model).
+    return tuple(p for p in pairs if p[1]) if any(not v for _, v in pairs) else tuple(pairs)
+
+
+def _show(labels: Labels) -> str:
+    d = dict(labels)
+    name = d.pop("__name__", "")
+    inner = ",".join(f'{k}="{v}"' for k, v in d.items())
+    text = f"{name}{{{inner}}}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def metric_name(labels: Labels) -> str:
+    if labels and labels[0][0] == "__name__":
+        return labels[0][1]
+    for k, v in labels:
+        if k == "__name__":
+            return v
+    return ""
+
+
+def encode_v1(msg: pb1.WriteRequest) -> bytes:
+    """Serialise and snappy-compress a 1.0 request (for replay, tests and benchmarks)."""
+    return bytes(snappy.compress(msg.SerializeToString()))
+
+
+def encode_v2(msg: pb2.Request) -> bytes:
+    return bytes(snappy.compress(msg.SerializeToString()))
