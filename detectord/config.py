@@ -66,8 +66,6 @@ class WebConfig:
     # Compressed request body limit; the declared decompressed length is checked too.
     max_body_size: ByteSize = ByteSize(16 * 1024**2)
     max_decoded_body_size: ByteSize = ByteSize(64 * 1024**2)
-    # Bodies larger than this are decoded in a worker thread, not on the event loop.
-    inline_decode_max: ByteSize = ByteSize(64 * 1024)
     shutdown_timeout: Duration = Duration(10.0)
 
 

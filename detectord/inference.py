@@ -1,0 +1,193 @@
+"""The inference worker: one thread that owns the model and scores windows in batches.
+
+Windows arrive through a bounded queue from the ingest thread; the worker coalesces them
+(up to `max_batch`, waiting at most `max_wait`), pads each batch to a bucket size so the
+compiled forward pass is not retraced, and hands scores back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from .features import InstanceKey
+
+log = structlog.get_logger(__name__)
+
+
+class ScoreOutput(Protocol):
+    scores: np.ndarray  # (B,), > 1.0 means anomalous
+    feature_deviation: np.ndarray  # (B, F)
+
+
+class Scorer(Protocol):
+    """What the worker needs of a detector."""
+
+    def score_batch(self, windows: np.ndarray) -> ScoreOutput: ...
+
+
+@dataclass(slots=True)
+class ScoreRequest:
+    instance: InstanceKey
+    step_ts_ms: int
+    window: np.ndarray  # (W, F) float32, oldest row first
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    instance: InstanceKey
+    step_ts_ms: int
+    score: float
+    feature_deviation: np.ndarray  # (F,)
+    latest: np.ndarray  # (F,) the window's newest row
+
+
+class InferenceMetrics(Protocol):
+    def observe_batch(self, size: int, padded: int, seconds: float) -> None: ...
+    def set_queue_depth(self, depth: int) -> None: ...
+    def count_dropped(self, reason: str, n: int) -> None: ...
+
+
+def bucket_sizes(max_batch: int, smallest: int = 8) -> list[int]:
+    sizes, b = [], smallest
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch)
+    return sizes
+
+
+_STOP = object()
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        window: int,
+        nfeatures: int,
+        max_batch: int,
+        max_wait: float,
+        queue_size: int,
+        deliver: Callable[[list[ScoreResult]], None],
+        loop: asyncio.AbstractEventLoop,
+        metrics: InferenceMetrics,
+    ) -> None:
+        self._scorer = scorer
+        self._pending_scorer: Scorer | None = None
+        self._lock = threading.Lock()
+        self.window, self.nfeatures = window, nfeatures
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self._buckets = bucket_sizes(max_batch)
+        self._queue: queue.Queue[ScoreRequest | object] = queue.Queue(maxsize=queue_size)
+        self._deliver, self._loop, self._metrics = deliver, loop, metrics
+        self._thread = threading.Thread(target=self._run, name="detectord-inference", daemon=True)
+        self._batch = np.zeros((max_batch, window, nfeatures), dtype=np.float32)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def warm_up(self) -> None:
+        """Compile every bucket size once, so the first real batches do not pay for tracing."""
+        warm_up(self._scorer, self._buckets, self.window, self.nfeatures)
+
+    def submit(self, req: ScoreRequest) -> bool:
+        """Non-blocking; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(req)
+        except queue.Full:
+            self._metrics.count_dropped("queue_full", 1)
+            return False
+        return True
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def swap(self, scorer: Scorer) -> None:
+        """Use `scorer` from the next batch on (a reload). The caller has warmed it up."""
+        with self._lock:
+            self._pending_scorer = scorer
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Score what is queued, then end the thread."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            first = q.get()
+            if first is _STOP:
+                return
+            items = [first]
+            deadline = time.monotonic() + self.max_wait
+            stop = False
+            while len(items) < self.max_batch:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = q.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is _STOP:
+                    stop = True
+                    break
+                items.append(item)
+            self._metrics.set_queue_depth(q.qsize())
+            try:
+                self._score(items)  # type: ignore[arg-type]
+            except Exception:
+                # A model that fails on one batch must not take the worker down with it.
+                log.exception("inference batch failed", size=len(items))
+                self._metrics.count_dropped("inference_error", len(items))
+            if stop:
+                return
+
+    def _score(self, items: list[ScoreRequest]) -> None:
+        with self._lock:
+            if self._pending_scorer is not None:
+                self._scorer, self._pending_scorer = self._pending_scorer, None
+            scorer = self._scorer
+        n = len(items)
+        size = next(b for b in self._buckets if b >= n)
+        batch = self._batch[:size]
+        for i, it in enumerate(items):
+            batch[i] = it.window
+        if size > n:
+            batch[n:] = batch[0]  # pad with a real window: zeros could be out of range for the scaler
+        t0 = time.perf_counter()
+        out = scorer.score_batch(batch)
+        scores = np.asarray(out.scores)[:n]
+        dev = np.asarray(out.feature_deviation)[:n]
+        self._metrics.observe_batch(n, size, time.perf_counter() - t0)
+        self.batches += 1
+        results = [
+            ScoreResult(it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.window[-1])
+            for i, it in enumerate(items)
+        ]
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, results)
+        except RuntimeError:
+            pass  # the loop is closed: shutting down
+
+
+def warm_up(scorer: Scorer, buckets: list[int], window: int, nfeatures: int) -> None:
+    x = np.zeros((max(buckets), window, nfeatures), dtype=np.float32)
+    for b in buckets:
+        scorer.score_batch(x[:b])

@@ -1,0 +1,128 @@
+"""The ingest path: a remote-write body to feature rows, windows and score requests.
+
+All of it runs on one dedicated thread that owns the extractor and the windows, so the event
+loop never decodes and the per-instance state has a single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
+from .inference import InferenceWorker, ScoreRequest
+from .metrics import DaemonMetrics
+from .remote_write import Version, decode
+from .windows import WindowStore
+
+
+@dataclass(slots=True)
+class WriteResult:
+    samples_written: int
+    histograms_written: int
+    exemplars_written: int
+    # Why some series were refused (the rest was still ingested): answer 400 with it.
+    error: str | None
+    stats: IngestStats
+
+
+class Ingestor:
+    def __init__(
+        self,
+        *,
+        step_ms: int,
+        instance_labels: tuple[str, ...],
+        window: int,
+        nfeatures: int,
+        max_instances: int,
+        max_gap_steps: int,
+        max_decoded: int,
+        max_future_s: float,
+        worker: InferenceWorker,
+        metrics: DaemonMetrics,
+    ) -> None:
+        self.extractor = FeatureExtractor(step_ms, instance_labels, max_instances=max_instances,
+                                          max_gap_steps=max_gap_steps)
+        self.windows = WindowStore(window, nfeatures)
+        self.worker = worker
+        self.metrics = metrics
+        self.max_decoded = max_decoded
+        self.max_future_ms = int(max_future_s * 1000)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
+
+    async def write(self, body: bytes, version: Version) -> WriteResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._write, body, version)
+
+    async def call(self, fn: object, *args: object) -> object:
+        """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    def _write(self, body: bytes, version: Version) -> WriteResult:
+        t0 = time.perf_counter()
+        now_ms = int(time.time() * 1000)
+        decoded = decode(body, version, max_decoded=self.max_decoded, max_ts_ms=now_ms + self.max_future_ms)
+        stats = IngestStats()
+        rows = self.extractor.ingest(decoded, stats)
+        self.push_rows(rows)
+        m = self.metrics
+        m.count_ingest(stats)
+        if decoded.invalid_samples:
+            m.samples.labels("rejected").inc(decoded.invalid_samples)
+            m.rejected.labels("invalid_series").inc(decoded.invalid_samples)
+        for kind, n in (("native_histogram", decoded.histograms), ("exemplar", decoded.exemplars),
+                        ("metadata", decoded.metadata)):
+            if n:
+                m.ignored_other.labels(kind).inc(n)
+        m.decode_seconds.observe(time.perf_counter() - t0)
+        return WriteResult(
+            samples_written=decoded.samples - decoded.invalid_samples,
+            # Native histograms are valid input that no feature reads: received, not stored.
+            histograms_written=decoded.histograms,
+            exemplars_written=decoded.exemplars,
+            error=decoded.first_error,
+            stats=stats,
+        )
+
+    def push_rows(self, rows: list[FeatureRow]) -> None:
+        windows, submit = self.windows, self.worker.submit
+        gaps = restarts = 0
+        for row in rows:
+            gaps += row.gap
+            restarts += row.restart
+            w = windows.push(row)
+            if w is not None:
+                submit(ScoreRequest(row.instance, row.step_ts_ms, w))
+        if gaps:
+            self.metrics.gap_rows.inc(gaps)
+        if restarts:
+            self.metrics.window_restarts.inc(restarts)
+        self.update_instance_gauges()
+
+    def update_instance_gauges(self) -> None:
+        total = self.extractor.instances
+        warming = total - (len(self.windows) - self.windows.warming)
+        self.metrics.instances.labels("warming").set(warming)
+        self.metrics.instances.labels("scoring").set(total - warming)
+
+    def evict_idle(self, older_than: float) -> list[InstanceKey]:
+        gone = self.extractor.evict_idle(older_than)
+        self.windows.forget(gone)
+        if gone:
+            self.metrics.instances_evicted.inc(len(gone))
+        self.update_instance_gauges()
+        return gone
+
+    def reset_windows(self, window: int, nfeatures: int) -> None:
+        """A model with another window: every instance warms again."""
+        self.windows = WindowStore(window, nfeatures)
+        self.update_instance_gauges()
+
+    def is_warming(self, key: InstanceKey) -> bool:
+        return self.windows.is_warming(key)

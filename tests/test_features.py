@@ -1,0 +1,191 @@
+"""Feature extraction: rates with resets, shares, quantiles, aggregation, gaps, stale markers, re-sends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from detectord.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
+from detectord.remote_write import STALE_NAN, DecodedWrite
+
+IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+def L(name: str, instance: str = "a:9153", **kw: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({"__name__": name, "job": "coredns", "instance": instance, **kw}.items()))
+
+
+def write(*series: tuple[tuple[tuple[str, str], ...], list[tuple[int, float]]]) -> DecodedWrite:
+    w = DecodedWrite("1.0")
+    w.series.extend(series)
+    return w
+
+
+def feed(ext: FeatureExtractor, scrapes: list[DecodedWrite]) -> list[FeatureRow]:
+    rows: list[FeatureRow] = []
+    for w in scrapes:
+        rows += ext.ingest(w)
+    return rows + ext.flush()
+
+
+def col(rows: list[FeatureRow], name: str, digits: int = 6) -> list[float]:
+    return [round(float(r.values[IDX[name]]), digits) for r in rows]
+
+
+def test_counter_rate_with_reset_and_aggregation_over_servers() -> None:
+    ext = FeatureExtractor(1000)
+    # Two server blocks of one instance; the process restarts at t=5 (counters back near 0).
+    values = [0, 100, 200, 300, 400, 50, 150, 250]
+    scrapes = [
+        write((L("coredns_dns_requests_total", server="dns://:53"), [(t * 1000 + 100, v)]),
+              (L("coredns_dns_requests_total", server="dns://:5353"), [(t * 1000 + 100, v / 10)]))
+        for t, v in enumerate(values)
+    ]
+    rows = feed(ext, scrapes)
+    # The first step only sets baselines; after it every step is one row.
+    assert col(rows, "request_rate") == [110.0, 110.0, 110.0, 110.0, 55.0, 110.0, 110.0]
+    assert [r.step_ts_ms for r in rows] == [2000, 3000, 4000, 5000, 6000, 7000, 8000]
+
+
+def test_shares_and_new_series_count_from_zero() -> None:
+    ext = FeatureExtractor(1000)
+    scrapes = []
+    for t in range(6):
+        ok = 100.0 * t
+        series = [(L("coredns_dns_responses_total", rcode="NOERROR", plugin="cache"), [(t * 1000, ok)])]
+        if t >= 3:  # the SERVFAIL series is born at t=3 with its first 10 errors
+            series.append((L("coredns_dns_responses_total", rcode="SERVFAIL", plugin=""), [(t * 1000, 10.0 * (t - 2))]))
+        scrapes.append(write(*series))
+    rows = feed(ext, scrapes)
+    assert col(rows, "rcode_servfail_share") == [0.0, 0.0, round(10 / 110, 6), round(10 / 110, 6), round(10 / 110, 6)]
+    assert col(rows, "rcode_noerror_share")[0] == 1.0
+
+
+def test_latency_quantiles_from_bucket_increases() -> None:
+    ext = FeatureExtractor(1000)
+    bounds = ["0.001", "0.01", "0.1", "+Inf"]
+    scrapes = []
+    for t in range(5):
+        # Per step: 90 fast (≤1 ms), 9 at ≤10 ms, 1 at ≤100 ms.
+        cum = [90 * t, 99 * t, 100 * t, 100 * t]
+        scrapes.append(write(*[
+            (L("coredns_dns_request_duration_seconds_bucket", le=le, server="dns://:53", zone="."), [(t * 1000, float(c))])
+            for le, c in zip(bounds, cum)
+        ]))
+    rows = feed(ext, scrapes)
+    assert col(rows, "latency_p50_seconds", 9)[0] == pytest.approx(0.001 * 50 / 90, rel=1e-4)
+    assert col(rows, "latency_p99_seconds", 9)[0] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_bucket_quantile_matches_prometheus_edge_cases() -> None:
+    inf = math.inf
+    assert bucket_quantile(0.5, []) == 0.0
+    assert bucket_quantile(0.5, [(0.1, 0.0), (inf, 0.0)]) == 0.0
+    # Everything in +Inf: Prometheus answers the highest finite bound.
+    assert bucket_quantile(0.99, [(0.1, 0.0), (1.0, 0.0), (inf, 10.0)]) == 1.0
+    assert bucket_quantile(0.5, [(1.0, 10.0), (inf, 10.0)]) == 0.5
+
+
+def test_resent_request_is_not_counted_twice() -> None:
+    ext = FeatureExtractor(1000)
+    scrapes = [write((L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])) for t in range(6)]
+    # Prometheus retried the request for t=3 after a 5xx: the same bytes arrive again.
+    stats = IngestStats()
+    rows = []
+    for i, w in enumerate(scrapes):
+        rows += ext.ingest(w, stats)
+        if i == 3:
+            rows += ext.ingest(w, stats)
+    rows += ext.flush()
+    assert stats.duplicate == 1
+    assert col(rows, "request_rate") == [100.0] * 5
+
+
+def test_missed_scrape_is_filled_and_rate_spans_the_gap() -> None:
+    ext = FeatureExtractor(1000, max_gap_steps=3)
+    ts = [0, 1, 2, 3, 5, 6, 7]  # the scrape at t=4 failed
+    rows = feed(ext, [write((L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])) for t in ts])
+    assert [r.gap for r in rows] == [False, False, False, True, False, False, False]
+    # The gap row holds the last value; the row after it divides the increase by the real 2 s.
+    assert col(rows, "request_rate") == [100.0] * 7
+
+
+def test_long_gap_restarts_the_window() -> None:
+    ext = FeatureExtractor(1000, max_gap_steps=2)
+    ts = [0, 1, 2, 3, 30, 31, 32, 33]
+    rows = feed(ext, [write((L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])) for t in ts])
+    restarts = [r for r in rows if r.restart]
+    assert len(restarts) == 1
+    after = rows[rows.index(restarts[0]):]
+    assert col(after, "request_rate") == [100.0] * len(after)
+    assert not any(r.gap for r in after)
+
+
+def test_stale_marker_then_series_returns() -> None:
+    ext = FeatureExtractor(1000)
+    stats = IngestStats()
+    seq = [(0, 0.0), (1000, 100.0), (2000, 200.0), (3000, STALE_NAN), (4000, 5.0), (5000, 105.0), (6000, 205.0)]
+    rows = []
+    for ts, v in seq:
+        rows += ext.ingest(write((L("coredns_dns_requests_total"), [(ts, v)])), stats)
+    rows += ext.flush()
+    assert stats.stale == 1
+    # After the stale marker the series restarts from its next sample (a new process): no negative rate.
+    assert min(col(rows, "request_rate")) >= 0.0
+    assert col(rows, "request_rate")[-1] == 100.0
+
+
+def test_nan_and_inf_are_counted_not_used() -> None:
+    ext = FeatureExtractor(1000)
+    stats = IngestStats()
+    ext.ingest(write((L("go_goroutines"), [(0, float("nan")), (1000, float("inf")), (2000, 12.0)])), stats)
+    assert stats.non_finite == 2 and stats.accepted == 1
+
+
+def test_instances_are_separate_and_capped() -> None:
+    ext = FeatureExtractor(1000, max_instances=2)
+    stats = IngestStats()
+    rows = []
+    for t in range(4):
+        w = write(*[(L("coredns_dns_requests_total", instance=f"i{k}"), [(t * 1000, (k + 1) * 10.0 * t)])
+                    for k in range(3)])
+        rows += ext.ingest(w, stats)
+    rows += ext.flush()
+    assert ext.instances == 2
+    assert stats.instance_limit == 4
+    by = {r.instance: float(r.values[IDX["request_rate"]]) for r in rows}
+    assert by == {("coredns", "i0"): 10.0, ("coredns", "i1"): 20.0}
+
+
+def test_irrelevant_series_are_ignored_and_counted() -> None:
+    ext = FeatureExtractor(1000)
+    stats = IngestStats()
+    ext.ingest(write((L("node_cpu_seconds_total"), [(0, 1.0)]), (L("coredns_build_info"), [(0, 1.0)])), stats)
+    assert stats.ignored == 2 and ext.instances == 0
+
+
+def test_samples_of_one_scrape_split_across_late_requests_stay_together() -> None:
+    """Parallel shards: part of scrape t arrives after part of scrape t+1."""
+    ext = FeatureExtractor(1000)
+    a, b = L("coredns_dns_requests_total", server="a"), L("coredns_dns_requests_total", server="b")
+    rows = []
+    for t in range(8):
+        rows += ext.ingest(write((a, [(t * 1000, 10.0 * t)])))
+        if t > 0:
+            rows += ext.ingest(write((b, [((t - 1) * 1000, 10.0 * (t - 1))])))
+    rows += ext.ingest(write((b, [(7000, 70.0)])))
+    rows += ext.flush()
+    assert col(rows, "request_rate") == [20.0] * len(rows)
+
+
+def test_process_metrics() -> None:
+    ext = FeatureExtractor(15000)
+    rows = feed(ext, [write((L("process_cpu_seconds_total"), [(t * 15000, 1.5 * t)]),
+                           (L("process_resident_memory_bytes"), [(t * 15000, 3e7)]),
+                           (L("go_goroutines"), [(t * 15000, 42.0)])) for t in range(4)])
+    assert col(rows, "cpu_seconds_rate") == [0.1] * 3
+    assert col(rows, "resident_memory_bytes") == [3e7] * 3
+    assert col(rows, "goroutines") == [42.0] * 3
+    assert all(r.values.dtype == np.float32 for r in rows)

@@ -1,0 +1,152 @@
+"""Remote-write decoding: content negotiation, limits, 1.0 and 2.0 messages, invalid series."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+import snappy
+
+from detectord._proto import remote_write_v1_pb2 as pb1
+from detectord._proto import remote_write_v2_pb2 as pb2
+from detectord.errors import RemoteWriteError
+from detectord.remote_write import (
+    STALE_NAN,
+    decode,
+    declared_length,
+    encode_v1,
+    encode_v2,
+    is_stale_marker,
+    negotiate,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("ctype", "enc", "version"),
+    [
+        ("application/x-protobuf", "snappy", "1.0"),
+        ("application/x-protobuf;proto=prometheus.WriteRequest", "snappy", "1.0"),
+        ("application/x-protobuf; proto=io.prometheus.write.v2.Request", "snappy", "2.0"),
+        (None, "snappy", "1.0"),
+    ],
+)
+def test_negotiate(ctype: str | None, enc: str, version: str) -> None:
+    assert negotiate(ctype, enc) == version
+
+
+@pytest.mark.parametrize(
+    ("ctype", "enc"),
+    [
+        ("application/json", "snappy"),
+        ("image/png", "snappy"),
+        ("application/x-protobuf;proto=io.prometheus.write.v3.Request", "snappy"),
+        ("application/x-protobuf", "gzip"),
+        ("application/x-protobuf", "deflate"),
+        ("application/x-protobuf", None),
+    ],
+)
+def test_negotiate_refuses_with_415(ctype: str, enc: str | None) -> None:
+    with pytest.raises(RemoteWriteError) as info:
+        negotiate(ctype, enc)
+    assert info.value.status == 415
+
+
+def test_declared_length_checked_before_decompressing() -> None:
+    body = snappy.compress(b"\x00" * (2 * MiB))
+    assert declared_length(body) == 2 * MiB
+    with pytest.raises(RemoteWriteError) as info:
+        decode(body, "1.0", max_decoded=MiB)
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff\xff\xff\xff", b"not snappy at all", snappy.compress(b"\xff\xff\xff")])
+def test_corrupt_bodies_are_400(body: bytes) -> None:
+    with pytest.raises(RemoteWriteError) as info:
+        decode(body, "1.0", max_decoded=MiB)
+    assert info.value.status == 400
+
+
+def _v1(*series: tuple[dict[str, str], list[tuple[int, float]]]) -> bytes:
+    req = pb1.WriteRequest()
+    for labels, samples in series:
+        ts = req.timeseries.add()
+        for k, v in labels.items():  # deliberately in the caller's order
+            ts.labels.add(name=k, value=v)
+        for t, v in samples:
+            ts.samples.add(timestamp=t, value=v)
+    return encode_v1(req)
+
+
+def test_v1_repeated_series_and_sorting() -> None:
+    name = {"__name__": "coredns_dns_requests_total", "job": "dns", "instance": "a"}
+    w = decode(_v1((name, [(1000, 1.0)]), (name, [(2000, 2.0)]), (dict(reversed(name.items())), [(3000, 3.0)])),
+               "1.0", max_decoded=MiB)
+    assert w.samples == 3 and w.invalid_series == 0
+    labels = {s[0] for s in w.series}
+    assert len(labels) == 1
+    assert next(iter(labels))[0] == ("__name__", "coredns_dns_requests_total")
+
+
+def test_v1_invalid_series_refused_rest_kept() -> None:
+    good = {"__name__": "go_goroutines", "instance": "a"}
+    w = decode(_v1(({"instance": "a"}, [(1, 1.0)]), (good, [(1, 2.0)]), ({"__name__": "x", "a": "1"}, [])),
+               "1.0", max_decoded=MiB)
+    assert len(w.series) == 1 and w.invalid_series == 2
+    assert "no __name__" in (w.first_error or "")
+
+
+def test_future_samples_refused() -> None:
+    w = decode(_v1(({"__name__": "go_goroutines"}, [(10_000, 1.0)])), "1.0", max_decoded=MiB, max_ts_ms=5_000)
+    assert w.invalid_series == 1 and "future" in (w.first_error or "")
+
+
+def _v2(symbols: list[str], series: list[tuple[list[int], list[tuple[int, float]]]]) -> bytes:
+    req = pb2.Request(symbols=symbols)
+    for refs, samples in series:
+        ts = req.timeseries.add(labels_refs=refs)
+        for t, v in samples:
+            ts.samples.add(timestamp=t, value=v)
+    return encode_v2(req)
+
+
+def test_v2_symbols_refs_unsorted_labels_and_special_values() -> None:
+    symbols = ["", "job", "dns", "__name__", "coredns_dns_requests_total", "instance", "a:9153", "go_goroutines"]
+    body = _v2(symbols, [
+        ([5, 6, 3, 4, 1, 2], [(1000, 1.0), (2000, math.inf), (3000, -math.inf)]),  # unsorted refs
+        ([3, 7, 5, 6], [(1000, float("nan")), (2000, STALE_NAN)]),
+    ])
+    w = decode(body, "2.0", max_decoded=MiB)
+    assert w.invalid_series == 0 and w.samples == 5
+    (l1, s1), (l2, s2) = w.series
+    assert l1 == (("__name__", "coredns_dns_requests_total"), ("instance", "a:9153"), ("job", "dns"))
+    assert s1[1][1] == math.inf and s1[2][1] == -math.inf
+    assert math.isnan(s2[0][1]) and not is_stale_marker(s2[0][1])
+    assert is_stale_marker(s2[1][1])
+    assert struct.pack("<d", s2[1][1]) == struct.pack("<Q", 0x7FF0000000000002)
+
+
+def test_v2_invalid_refs() -> None:
+    symbols = ["", "__name__", "up"]
+    body = _v2(symbols, [([1, 2], [(1, 1.0)]), ([1, 9], [(1, 1.0)]), ([1], [(1, 1.0)]), ([1, 2], [])])
+    w = decode(body, "2.0", max_decoded=MiB)
+    assert len(w.series) == 1 and w.invalid_series == 3
+
+
+def test_v2_symbols_must_start_empty() -> None:
+    with pytest.raises(RemoteWriteError) as info:
+        decode(_v2(["x", "__name__", "up"], [([1, 2], [(1, 1.0)])]), "2.0", max_decoded=MiB)
+    assert info.value.status == 400
+
+
+def test_v1_body_sent_as_v2_is_a_400_or_empty() -> None:
+    """A 1.0 body labelled 2.0 parses as garbage fields; it must not crash the decoder."""
+    body = _v1(({"__name__": "go_goroutines", "instance": "a"}, [(1, 1.0)]))
+    try:
+        w = decode(body, "2.0", max_decoded=MiB)
+    except RemoteWriteError as exc:
+        assert exc.status == 400
+    else:
+        assert w.series == []
