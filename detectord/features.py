@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from .remote_write import DecodedWrite, Labels, decode_v1_message, is_stale_marker, metric_name
+from .remote_write import DecodedWrite, LabelCache, SeriesKey, decode_v1_message, is_stale_marker
 
 InstanceKey = tuple[str, ...]
 
@@ -49,14 +49,24 @@ def histogram(metric: str, **match: str) -> Source:
     return Source(metric, "histogram", tuple(sorted(match.items())))
 
 
-class Step(Protocol):
-    """What an expression may read about one closed step of one instance."""
+class Step(NamedTuple):
+    """What a compiled expression reads about one closed step of one instance."""
 
-    elapsed: float
+    acc: list[float]  # counter increases in the step, by slot
+    gauges: list[float]  # latest gauge values, summed over series, by gauge index
+    buckets: list[list[tuple[float, float]]]  # per histogram: (upper bound, cumulative increase)
+    elapsed: float  # seconds the increases span
 
-    def increase(self, src: Source) -> float: ...
-    def value(self, src: Source) -> float: ...
-    def buckets(self, src: Source) -> list[tuple[float, float]]: ...
+
+Compiled = Callable[[Step], float]
+
+
+class Slots(Protocol):
+    """Where the extractor keeps each source (see _SourceTable)."""
+
+    def counter(self, src: Source) -> int: ...
+    def gauge(self, src: Source) -> int: ...
+    def histogram(self, src: Source) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,9 @@ class Rate:
     def sources(self) -> tuple[Source, ...]:
         return (self.src,)
 
-    def __call__(self, step: Step) -> float:
-        return step.increase(self.src) / step.elapsed
+    def compile(self, slots: Slots) -> Compiled:
+        i = slots.counter(self.src)
+        return lambda st: st.acc[i] / st.elapsed
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,9 @@ class Value:
     def sources(self) -> tuple[Source, ...]:
         return (self.src,)
 
-    def __call__(self, step: Step) -> float:
-        return step.value(self.src)
+    def compile(self, slots: Slots) -> Compiled:
+        g = slots.gauge(self.src)
+        return lambda st: st.gauges[g]
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,9 @@ class Share:
     def sources(self) -> tuple[Source, ...]:
         return (self.part, self.whole)
 
-    def __call__(self, step: Step) -> float:
-        whole = step.increase(self.whole)
-        return min(1.0, step.increase(self.part) / whole) if whole > 0 else 0.0
+    def compile(self, slots: Slots) -> Compiled:
+        i, j = slots.counter(self.part), slots.counter(self.whole)
+        return lambda st: min(1.0, st.acc[i] / st.acc[j]) if st.acc[j] > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -110,8 +122,9 @@ class Quantile:
     def sources(self) -> tuple[Source, ...]:
         return (self.src,)
 
-    def __call__(self, step: Step) -> float:
-        return bucket_quantile(self.q, step.buckets(self.src))
+    def compile(self, slots: Slots) -> Compiled:
+        h, q = slots.histogram(self.src), self.q
+        return lambda st: bucket_quantile(q, st.buckets[h])
 
 
 Expr = Rate | Value | Share | Quantile
@@ -218,9 +231,9 @@ class _Series:
 
 class _Instance:
     __slots__ = ("key", "cur", "acc", "seen", "max_ts", "last_close_ts", "primed", "last_row", "gap",
-                 "restart", "series", "gauges", "bucket_slots", "last_seen", "nslots")
+                 "restart", "series", "gauges", "bucket_slots", "bucket_order", "last_seen", "nslots")
 
-    def __init__(self, key: InstanceKey, nslots: int, ngauges: int) -> None:
+    def __init__(self, key: InstanceKey, nslots: int, ngauges: int, nhist: int) -> None:
         self.key = key
         self.cur = -1  # bin index of acc[0]; -1 until the first sample
         self.nslots = nslots
@@ -232,10 +245,11 @@ class _Instance:
         self.last_row: np.ndarray | None = None
         self.gap = 0
         self.restart = False
-        self.series: list[Labels] = []
+        self.series: list[SeriesKey] = []
         self.gauges: list[list[_Series]] = [[] for _ in range(ngauges)]
-        # Per histogram source: {le: counter slot}.
+        # Per histogram source: {le: counter slot}, and the same as (le, slot) sorted by le.
         self.bucket_slots: dict[int, dict[float, int]] = {}
+        self.bucket_order: list[list[tuple[float, int]]] = [[] for _ in range(nhist)]
         self.last_seen = 0.0
 
     def add_slot(self) -> int:
@@ -243,36 +257,6 @@ class _Instance:
             a.append(0.0)
         self.nslots += 1
         return self.nslots - 1
-
-
-class _StepView:
-    """The Step protocol over one instance's closing bin."""
-
-    __slots__ = ("inst", "acc", "elapsed", "table")
-
-    def __init__(self, table: _SourceTable, inst: _Instance, acc: list[float], elapsed: float) -> None:
-        self.table, self.inst, self.acc, self.elapsed = table, inst, acc, elapsed
-
-    def increase(self, src: Source) -> float:
-        return self.acc[self.table.counter_slot[src]]
-
-    def value(self, src: Source) -> float:
-        total = 0.0
-        for s in self.inst.gauges[self.table.gauge_index[src]]:
-            if s.last_v == s.last_v:
-                total += s.last_v
-        return total
-
-    def buckets(self, src: Source) -> list[tuple[float, float]]:
-        slots = self.inst.bucket_slots.get(self.table.hist_index[src])
-        if not slots:
-            return []
-        out, running = [], 0.0
-        for le in sorted(slots):
-            # Bucket increases from different series can land in different steps; keep them cumulative.
-            running = max(running, self.acc[slots[le]])
-            out.append((le, running))
-        return out
 
 
 class _SourceTable:
@@ -286,6 +270,16 @@ class _SourceTable:
         self.by_series_name: dict[str, list[Source]] = {}
         for s in sources:
             self.by_series_name.setdefault(s.series_name, []).append(s)
+        self.compiled = [f.expr.compile(self) for f in features]
+
+    def counter(self, src: Source) -> int:
+        return self.counter_slot[src]
+
+    def gauge(self, src: Source) -> int:
+        return self.gauge_index[src]
+
+    def histogram(self, src: Source) -> int:
+        return self.hist_index[src]
 
 
 _IGNORED = object()
@@ -318,7 +312,8 @@ class FeatureExtractor:
         self.max_instances = max_instances
         self.max_gap_steps = max_gap_steps
         self._table = _SourceTable(self.features)
-        self._series: dict[Labels, _Series] = {}
+        # Decode with this cache: per-series state lives on its SeriesKeys.
+        self.labels = LabelCache()
         self._instances: dict[InstanceKey, _Instance] = {}
 
     @property
@@ -333,27 +328,26 @@ class FeatureExtractor:
         stats = stats if stats is not None else IngestStats()
         now = time.monotonic() if now is None else now
         rows: list[FeatureRow] = []
-        cache = self._series
         step_ms = self.step_ms
-        for labels, samples in write.series:
-            s = cache.get(labels)
-            if s is None:
-                bound = self._bind(labels, now)
-                if bound is _IGNORED:
+        for key, samples in write.series:
+            s = key.state
+            if s.__class__ is not _Series:
+                if s is None:
+                    s = self._bind(key, now)
+                if s is _IGNORED:
                     stats.ignored += len(samples)
                     continue
-                if bound is None:
+                if s is None:
                     stats.instance_limit += len(samples)
                     continue
-                assert isinstance(bound, _Series)
-                s = bound
+            assert isinstance(s, _Series)
             inst = s.inst
             inst.last_seen = now
             for ts, v in samples:
                 if ts <= s.last_ts:
                     stats.duplicate += 1
                     continue
-                if v != v or v in (math.inf, -math.inf):
+                if v - v != 0.0:  # NaN or ±Inf
                     if is_stale_marker(v):
                         stats.stale += 1
                         s.last_v = _NO_VALUE  # the series is gone; its next sample starts afresh
@@ -411,20 +405,23 @@ class FeatureExtractor:
     def forget(self, key: InstanceKey) -> None:
         inst = self._instances.pop(key, None)
         if inst is not None:
-            for labels in inst.series:
-                self._series.pop(labels, None)
+            for sk in inst.series:
+                sk.state = None
+                self.labels.forget(sk)
 
-    def _bind(self, labels: Labels, now: float) -> _Series | object | None:
-        sources = self._table.by_series_name.get(metric_name(labels))
+    def _bind(self, sk: SeriesKey, now: float) -> _Series | object | None:
+        sources = self._table.by_series_name.get(sk.name)
         if not sources:
+            sk.state = _IGNORED
             return _IGNORED
-        d = dict(labels)
+        d = dict(sk.labels)
         key = tuple(d.get(k, "") for k in self.instance_labels)
         inst = self._instances.get(key)
         if inst is None:
             if len(self._instances) >= self.max_instances:
                 return None
-            inst = _Instance(key, len(self._table.counter_slot), len(self._table.gauge_index))
+            inst = _Instance(key, len(self._table.counter_slot), len(self._table.gauge_index),
+                             len(self._table.hist_index))
             inst.last_seen = now
             self._instances[key] = inst
         table = self._table
@@ -443,17 +440,20 @@ class FeatureExtractor:
                 le = _parse_le(d.get("le"))
                 if le is None:
                     continue
-                by_le = inst.bucket_slots.setdefault(table.hist_index[src], {})
+                h = table.hist_index[src]
+                by_le = inst.bucket_slots.setdefault(h, {})
                 if le not in by_le:
                     by_le[le] = inst.add_slot()
+                    inst.bucket_order[h] = sorted(by_le.items())
                 slots.append(by_le[le])
         if not matched or (not slots and gauge_source < 0):
+            sk.state = _IGNORED
             return _IGNORED
         s = _Series(inst, tuple(slots), gauge_source)
         if gauge_source >= 0:
             inst.gauges[gauge_source].append(s)
-        inst.series.append(labels)
-        self._series[labels] = s
+        inst.series.append(sk)
+        sk.state = s
         return s
 
     def _advance(self, inst: _Instance, b: int, rows: list[FeatureRow]) -> None:
@@ -482,9 +482,9 @@ class FeatureExtractor:
                 elapsed = (inst.max_ts[0] - inst.last_close_ts) / 1000.0
                 if elapsed <= 0:
                     elapsed = self.step_ms / 1000.0
-                view = _StepView(self._table, inst, acc, elapsed)
-                values = np.fromiter((f.expr(view) for f in self.features), dtype=np.float32,
-                                     count=len(self.features))
+                step = Step(acc, _gauge_values(inst), [_cumulative(acc, order) for order in inst.bucket_order],
+                            elapsed)
+                values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
                 rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart))
                 inst.last_row = values
                 inst.restart = False
@@ -501,6 +501,28 @@ class FeatureExtractor:
         inst.seen = [inst.seen[1], False]
         inst.max_ts = [inst.max_ts[1], 0]
         inst.cur += 1
+
+
+def _gauge_values(inst: _Instance) -> list[float]:
+    out = []
+    for series in inst.gauges:
+        total = 0.0
+        for s in series:
+            if s.last_v == s.last_v:
+                total += s.last_v
+        out.append(total)
+    return out
+
+
+def _cumulative(acc: list[float], order: list[tuple[float, int]]) -> list[tuple[float, float]]:
+    out, running = [], 0.0
+    for le, slot in order:
+        # Bucket increases of different series can land in neighbouring steps; keep them cumulative.
+        v = acc[slot]
+        if v > running:
+            running = v
+        out.append((le, running))
+    return out
 
 
 def _parse_le(text: str | None) -> float | None:
@@ -548,6 +570,6 @@ def extract(
 
 def _iter_rows(ext: FeatureExtractor, requests: Iterable[object]) -> Iterator[FeatureRow]:
     for req in requests:
-        write = req if isinstance(req, DecodedWrite) else decode_v1_message(req)  # type: ignore[arg-type]
+        write = req if isinstance(req, DecodedWrite) else decode_v1_message(req, ext.labels)  # type: ignore[arg-type]
         yield from ext.ingest(write)
     yield from ext.flush()

@@ -14,8 +14,14 @@ import snappy
 from google.protobuf.message import DecodeError
 
 from ._proto import remote_write_v1_pb2 as pb1
+from ._proto import remote_write_v1_view_pb2 as pbv
 from ._proto import remote_write_v2_pb2 as pb2
 from .errors import RemoteWriteError
+
+try:
+    from . import _fastdecode  # type: ignore[attr-defined]
+except ImportError:  # built from C at install when a compiler is there; pure Python otherwise
+    _fastdecode = None
 
 Labels = tuple[tuple[str, str], ...]
 """A series' label set: (name, value) pairs sorted by name, `__name__` included."""
@@ -35,13 +41,87 @@ def is_stale_marker(value: float) -> bool:
     return value != value and struct.pack("<d", value) == _STALE_NAN_BYTES
 
 
+class SeriesKey:
+    """One series' identity, interned by a LabelCache: equal label sets share one SeriesKey.
+
+    `state` belongs to the FeatureExtractor that owns the cache (its per-series counters).
+    """
+
+    __slots__ = ("labels", "name", "state")
+
+    def __init__(self, labels: Labels) -> None:
+        self.labels = labels
+        self.name = metric_name(labels)
+        self.state: object | None = None
+
+    def __repr__(self) -> str:
+        return f"SeriesKey({_show(self.labels)})"
+
+
+class LabelCache:
+    """Interns label sets. A 1.0 series is looked up by its raw label bytes, so a series seen
+    before costs one dict lookup instead of parsing and validating its labels again."""
+
+    def __init__(self, max_raw_entries: int = 4_000_000) -> None:
+        # Raw label bytes (a tuple of Label messages, or the label fields as one bytes object
+        # for the C decoder) to what they mean.
+        self._raw: dict[object, SeriesKey | str] = {}
+        self._canonical: dict[Labels, SeriesKey] = {}
+        self.max_raw_entries = max_raw_entries
+
+    def __len__(self) -> int:
+        return len(self._canonical)
+
+    def intern(self, labels: Labels) -> SeriesKey:
+        key = self._canonical.get(labels)
+        if key is None:
+            key = self._canonical[labels] = SeriesKey(labels)
+        return key
+
+    def from_raw(self, raw: tuple[bytes, ...]) -> SeriesKey | str:
+        """The SeriesKey of serialized prometheus.Label messages, or why they are invalid."""
+        hit = self._raw.get(raw)
+        if hit is not None:
+            return hit
+        return self._store(raw, raw)
+
+    def from_label_fields(self, raw: bytes) -> SeriesKey | str:
+        """Like from_raw, for the label fields of a TimeSeries as they are on the wire (C decoder)."""
+        try:
+            labels = tuple(pbv.TimeSeriesView.FromString(raw).labels)
+        except DecodeError:
+            return self._store(raw, None)
+        return self._store(raw, labels)
+
+    def _store(self, raw: object, labels: tuple[bytes, ...] | None) -> SeriesKey | str:
+        if len(self._raw) >= self.max_raw_entries:
+            self._raw.clear()  # churn: start over rather than grow without bound
+        pairs: list[tuple[str, str]] = []
+        try:
+            if labels is None:
+                raise DecodeError("labels")
+            for b in labels:
+                lb = pb1.Label.FromString(b)
+                pairs.append((lb.name, lb.value))
+        except DecodeError:
+            result: SeriesKey | str = "a label is not a valid protobuf message"
+        else:
+            checked = check_labels(pairs)
+            result = checked if isinstance(checked, str) else self.intern(checked)
+        self._raw[raw] = result  # type: ignore[index]
+        return result
+
+    def forget(self, key: SeriesKey) -> None:
+        self._canonical.pop(key.labels, None)
+
+
 @dataclass(slots=True)
 class DecodedWrite:
     """One request's series. A series may appear several times (Prometheus 2.42 sends one
     sample per TimeSeries), each with its samples in timestamp order."""
 
     version: Version
-    series: list[tuple[Labels, list[tuple[int, float]]]] = field(default_factory=list)
+    series: list[tuple[SeriesKey, list[tuple[int, float]]]] = field(default_factory=list)
     samples: int = 0
     histograms: int = 0
     exemplars: int = 0
@@ -111,41 +191,76 @@ def decompress(body: bytes, *, max_decoded: int) -> bytes:
     return bytes(data)
 
 
-def decode(body: bytes, version: Version, *, max_decoded: int, max_ts_ms: int | None = None) -> DecodedWrite:
+def decode(body: bytes, version: Version, cache: LabelCache, *, max_decoded: int,
+           max_ts_ms: int | None = None) -> DecodedWrite:
     """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413)."""
     data = decompress(body, max_decoded=max_decoded)
     try:
         if version == "1.0":
-            return decode_v1_message(pb1.WriteRequest.FromString(data), max_ts_ms=max_ts_ms)
-        return decode_v2_message(pb2.Request.FromString(data), max_ts_ms=max_ts_ms)
+            return decode_v1_bytes(data, cache, max_ts_ms=max_ts_ms)
+        return decode_v2_message(pb2.Request.FromString(data), cache, max_ts_ms=max_ts_ms)
     except DecodeError as exc:
         raise RemoteWriteError(400, f"protobuf: cannot parse {version} request: {exc}") from None
 
 
-def decode_v1_message(msg: pb1.WriteRequest, *, max_ts_ms: int | None = None) -> DecodedWrite:
+def decode_v1_message(msg: pb1.WriteRequest, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
+    return decode_v1_bytes(msg.SerializeToString(), cache, max_ts_ms=max_ts_ms)
+
+
+_WHY = {"no_samples": "has no samples", "future": "sample timestamp too far in the future"}
+
+
+def decode_v1_bytes(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = None,
+                    use_c: bool = True) -> DecodedWrite:
+    if _fastdecode is not None and use_c:
+        limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
+        try:
+            series, n, hist, ex, meta, rejects = _fastdecode.decode_v1(
+                data, cache._raw, cache.from_label_fields, limit)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        out = DecodedWrite("1.0", series, samples=n, histograms=hist, exemplars=ex, metadata=meta)
+        for key, count, why in rejects:
+            out.reject(key if why == "labels" else f"series {_show(key.labels)} {_WHY[why]}", count)
+        return out
+    return _decode_v1_python(data, cache, max_ts_ms=max_ts_ms)
+
+
+def _decode_v1_python(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
+    msg = pbv.WriteRequestView.FromString(data)
     out = DecodedWrite("1.0", metadata=len(msg.metadata))
     append = out.series.append
+    from_raw = cache.from_raw
+    limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
     for ts in msg.timeseries:
-        samples = [(s.timestamp, s.value) for s in ts.samples]
-        out.samples += len(samples)
-        out.histograms += len(ts.histograms)
-        out.exemplars += len(ts.exemplars)
-        pairs = [(lb.name, lb.value) for lb in ts.labels]
-        labels = _check_labels(pairs, out, len(samples) + len(ts.histograms))
-        if labels is None:
+        sv = ts.samples
+        if len(sv) == 1:
+            x = sv[0]
+            samples = [(x.timestamp, x.value)]
+        else:
+            samples = [(x.timestamp, x.value) for x in sv]
+        n = len(samples)
+        out.samples += n
+        if ts.histograms:
+            out.histograms += len(ts.histograms)
+        if ts.exemplars:
+            out.exemplars += len(ts.exemplars)
+        key = from_raw(tuple(ts.labels))
+        if isinstance(key, str):
+            out.reject(key, n)
             continue
-        if not samples and not ts.histograms:
-            out.reject(f"series {_show(labels)} has no samples", 0)
+        if not n:
+            if not ts.histograms:
+                out.reject(f"series {_show(key.labels)} {_WHY['no_samples']}", 0)
             continue
-        if max_ts_ms is not None and samples and samples[-1][0] > max_ts_ms:
-            out.reject(f"series {_show(labels)}: sample timestamp too far in the future", len(samples))
+        if samples[-1][0] > limit:
+            out.reject(f"series {_show(key.labels)} {_WHY['future']}", n)
             continue
-        if samples:
-            append((labels, samples))
+        append((key, samples))
     return out
 
 
-def decode_v2_message(msg: pb2.Request, *, max_ts_ms: int | None = None) -> DecodedWrite:
+def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
     out = DecodedWrite("2.0")
     symbols = msg.symbols
     if symbols and symbols[0] != "":
@@ -154,52 +269,49 @@ def decode_v2_message(msg: pb2.Request, *, max_ts_ms: int | None = None) -> Deco
     append = out.series.append
     for ts in msg.timeseries:
         samples = [(s.timestamp, s.value) for s in ts.samples]
-        out.samples += len(samples)
+        n = len(samples)
+        out.samples += n
         out.histograms += len(ts.histograms)
         out.exemplars += len(ts.exemplars)
         if ts.HasField("metadata"):
             out.metadata += 1
         refs = ts.labels_refs
         if len(refs) % 2:
-            out.reject("labels_refs has an odd length", len(samples))
+            out.reject("labels_refs has an odd length", n)
             continue
         if refs and max(refs) >= nsym:
-            out.reject(f"labels_refs index {max(refs)} out of range of {nsym} symbols", len(samples))
+            out.reject(f"labels_refs index {max(refs)} out of range of {nsym} symbols", n)
             continue
-        pairs = [(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)]
-        pairs.sort()
-        labels = _check_labels(pairs, out, len(samples) + len(ts.histograms))
-        if labels is None:
+        checked = check_labels([(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)])
+        if isinstance(checked, str):
+            out.reject(checked, n)
             continue
         if samples and ts.histograms:
-            out.reject(f"series {_show(labels)} has both samples and histograms", len(samples))
+            out.reject(f"series {_show(checked)} has both samples and histograms", n)
             continue
-        if not samples and not ts.histograms:
-            out.reject(f"series {_show(labels)} has no samples", 0)
+        if not samples:
+            if not ts.histograms:
+                out.reject(f"series {_show(checked)} has no samples", 0)
             continue
-        if max_ts_ms is not None and samples and max(t for t, _ in samples) > max_ts_ms:
-            out.reject(f"series {_show(labels)}: sample timestamp too far in the future", len(samples))
+        if any(samples[i][0] > samples[i + 1][0] for i in range(n - 1)):
+            samples.sort(key=lambda s: s[0])
+        if max_ts_ms is not None and samples[-1][0] > max_ts_ms:
+            out.reject(f"series {_show(checked)}: sample timestamp too far in the future", n)
             continue
-        if samples:
-            if any(samples[i][0] > samples[i + 1][0] for i in range(len(samples) - 1)):
-                samples.sort(key=lambda s: s[0])
-            append((labels, samples))
+        append((cache.intern(checked), samples))
     return out
 
 
-def _check_labels(pairs: list[tuple[str, str]], out: DecodedWrite, n: int) -> Labels | None:
-    """Validated, sorted label set, or None after recording why the series is refused."""
+def check_labels(pairs: list[tuple[str, str]]) -> Labels | str:
+    """The validated label set, sorted by name, or why it is invalid."""
     if any(pairs[i][0] >= pairs[i + 1][0] for i in range(len(pairs) - 1)):
         pairs = sorted(pairs)
         if any(pairs[i][0] == pairs[i + 1][0] for i in range(len(pairs) - 1)):
-            out.reject(f"series {_show(tuple(pairs))} has duplicate label names", n)
-            return None
-    if not pairs or pairs[0][0] != "__name__" and not any(k == "__name__" for k, _ in pairs):
-        out.reject(f"series {_show(tuple(pairs))} has no __name__ label", n)
-        return None
+            return f"series {_show(tuple(pairs))} has duplicate label names"
+    if not any(k == "__name__" and v for k, v in pairs):
+        return f"series {_show(tuple(pairs))} has no __name__ label"
     if any(not k for k, _ in pairs):
-        out.reject(f"series {_show(tuple(pairs))} has an empty label name", n)
-        return None
+        return f"series {_show(tuple(pairs))} has an empty label name"
     # An empty label value means the label is absent (Prometheus's data model).
     return tuple(p for p in pairs if p[1]) if any(not v for _, v in pairs) else tuple(pairs)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detectord.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
-from detectord.remote_write import STALE_NAN, DecodedWrite
+from detectord.remote_write import STALE_NAN, DecodedWrite, LabelCache
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
@@ -17,10 +17,21 @@ def L(name: str, instance: str = "a:9153", **kw: str) -> tuple[tuple[str, str], 
     return tuple(sorted({"__name__": name, "job": "coredns", "instance": instance, **kw}.items()))
 
 
+_CACHE = LabelCache()
+
+
 def write(*series: tuple[tuple[tuple[str, str], ...], list[tuple[int, float]]]) -> DecodedWrite:
+    """A decoded request; every test's extractor shares one interning cache, which is fine
+    because each test's series states start unbound (keys are forgotten per extractor below)."""
     w = DecodedWrite("1.0")
-    w.series.extend(series)
+    w.series.extend((_CACHE.intern(labels), samples) for labels, samples in series)
     return w
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    global _CACHE
+    _CACHE = LabelCache()
 
 
 def feed(ext: FeatureExtractor, scrapes: list[DecodedWrite]) -> list[FeatureRow]:

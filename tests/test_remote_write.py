@@ -13,6 +13,7 @@ from detectord._proto import remote_write_v2_pb2 as pb2
 from detectord.errors import RemoteWriteError
 from detectord.remote_write import (
     STALE_NAN,
+    LabelCache,
     decode,
     declared_length,
     encode_v1,
@@ -58,14 +59,14 @@ def test_declared_length_checked_before_decompressing() -> None:
     body = snappy.compress(b"\x00" * (2 * MiB))
     assert declared_length(body) == 2 * MiB
     with pytest.raises(RemoteWriteError) as info:
-        decode(body, "1.0", max_decoded=MiB)
+        decode(body, "1.0", LabelCache(), max_decoded=MiB)
     assert info.value.status == 413
 
 
 @pytest.mark.parametrize("body", [b"\xff\xff\xff\xff\xff\xff", b"not snappy at all", snappy.compress(b"\xff\xff\xff")])
 def test_corrupt_bodies_are_400(body: bytes) -> None:
     with pytest.raises(RemoteWriteError) as info:
-        decode(body, "1.0", max_decoded=MiB)
+        decode(body, "1.0", LabelCache(), max_decoded=MiB)
     assert info.value.status == 400
 
 
@@ -83,23 +84,23 @@ def _v1(*series: tuple[dict[str, str], list[tuple[int, float]]]) -> bytes:
 def test_v1_repeated_series_and_sorting() -> None:
     name = {"__name__": "coredns_dns_requests_total", "job": "dns", "instance": "a"}
     w = decode(_v1((name, [(1000, 1.0)]), (name, [(2000, 2.0)]), (dict(reversed(name.items())), [(3000, 3.0)])),
-               "1.0", max_decoded=MiB)
+               "1.0", LabelCache(), max_decoded=MiB)
     assert w.samples == 3 and w.invalid_series == 0
-    labels = {s[0] for s in w.series}
-    assert len(labels) == 1
-    assert next(iter(labels))[0] == ("__name__", "coredns_dns_requests_total")
+    keys = {id(s[0]) for s in w.series}
+    assert len(keys) == 1, "the same label set, in any order, is one series"
+    assert w.series[0][0].labels[0] == ("__name__", "coredns_dns_requests_total")
 
 
 def test_v1_invalid_series_refused_rest_kept() -> None:
     good = {"__name__": "go_goroutines", "instance": "a"}
     w = decode(_v1(({"instance": "a"}, [(1, 1.0)]), (good, [(1, 2.0)]), ({"__name__": "x", "a": "1"}, [])),
-               "1.0", max_decoded=MiB)
+               "1.0", LabelCache(), max_decoded=MiB)
     assert len(w.series) == 1 and w.invalid_series == 2
     assert "no __name__" in (w.first_error or "")
 
 
 def test_future_samples_refused() -> None:
-    w = decode(_v1(({"__name__": "go_goroutines"}, [(10_000, 1.0)])), "1.0", max_decoded=MiB, max_ts_ms=5_000)
+    w = decode(_v1(({"__name__": "go_goroutines"}, [(10_000, 1.0)])), "1.0", LabelCache(), max_decoded=MiB, max_ts_ms=5_000)
     assert w.invalid_series == 1 and "future" in (w.first_error or "")
 
 
@@ -118,10 +119,10 @@ def test_v2_symbols_refs_unsorted_labels_and_special_values() -> None:
         ([5, 6, 3, 4, 1, 2], [(1000, 1.0), (2000, math.inf), (3000, -math.inf)]),  # unsorted refs
         ([3, 7, 5, 6], [(1000, float("nan")), (2000, STALE_NAN)]),
     ])
-    w = decode(body, "2.0", max_decoded=MiB)
+    w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
     assert w.invalid_series == 0 and w.samples == 5
-    (l1, s1), (l2, s2) = w.series
-    assert l1 == (("__name__", "coredns_dns_requests_total"), ("instance", "a:9153"), ("job", "dns"))
+    (k1, s1), (k2, s2) = w.series
+    assert k1.labels == (("__name__", "coredns_dns_requests_total"), ("instance", "a:9153"), ("job", "dns"))
     assert s1[1][1] == math.inf and s1[2][1] == -math.inf
     assert math.isnan(s2[0][1]) and not is_stale_marker(s2[0][1])
     assert is_stale_marker(s2[1][1])
@@ -131,13 +132,13 @@ def test_v2_symbols_refs_unsorted_labels_and_special_values() -> None:
 def test_v2_invalid_refs() -> None:
     symbols = ["", "__name__", "up"]
     body = _v2(symbols, [([1, 2], [(1, 1.0)]), ([1, 9], [(1, 1.0)]), ([1], [(1, 1.0)]), ([1, 2], [])])
-    w = decode(body, "2.0", max_decoded=MiB)
+    w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
     assert len(w.series) == 1 and w.invalid_series == 3
 
 
 def test_v2_symbols_must_start_empty() -> None:
     with pytest.raises(RemoteWriteError) as info:
-        decode(_v2(["x", "__name__", "up"], [([1, 2], [(1, 1.0)])]), "2.0", max_decoded=MiB)
+        decode(_v2(["x", "__name__", "up"], [([1, 2], [(1, 1.0)])]), "2.0", LabelCache(), max_decoded=MiB)
     assert info.value.status == 400
 
 
@@ -145,8 +146,43 @@ def test_v1_body_sent_as_v2_is_a_400_or_empty() -> None:
     """A 1.0 body labelled 2.0 parses as garbage fields; it must not crash the decoder."""
     body = _v1(({"__name__": "go_goroutines", "instance": "a"}, [(1, 1.0)]))
     try:
-        w = decode(body, "2.0", max_decoded=MiB)
+        w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
     except RemoteWriteError as exc:
         assert exc.status == 400
     else:
         assert w.series == []
+
+
+def test_c_and_python_decoders_agree() -> None:
+    from detectord import remote_write
+
+    if remote_write._fastdecode is None:
+        pytest.skip("the C decoder is not built here (no compiler at install time)")
+    from detectord.remote_write import decode_v1_bytes
+
+    req = pb1.WriteRequest()
+    for i in range(50):
+        ts = req.timeseries.add()
+        ts.labels.add(name="__name__", value="coredns_dns_requests_total" if i % 5 else "")
+        ts.labels.add(name="instance", value=f"i{i % 7}")
+        for k in range(i % 3):
+            ts.samples.add(timestamp=1000 * k + i, value=float(i * k) if i % 11 else float("nan"))
+        if i % 13 == 0:
+            ts.histograms.add(count_int=3)
+        if i % 17 == 0:
+            ts.exemplars.add(value=1.0, timestamp=5)
+    req.metadata.add(metric_family_name="x")
+    raw = req.SerializeToString()
+    a = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=True)
+    b = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=False)
+
+    def norm(w: object) -> tuple[object, ...]:
+        assert hasattr(w, "series")
+        series = [(k.labels, [(t, repr(v)) for t, v in s]) for k, s in w.series]  # repr: NaN == NaN
+        return (series, w.samples, w.histograms, w.exemplars, w.metadata, w.invalid_series,  # type: ignore[attr-defined]
+                w.invalid_samples, w.first_error)  # type: ignore[attr-defined]
+
+    assert norm(a) == norm(b)
+    assert a.invalid_series > 0 and a.histograms > 0 and a.exemplars > 0 and a.metadata == 1
+    with pytest.raises(RemoteWriteError):
+        decode(snappy.compress(raw[:-3]), "1.0", LabelCache(), max_decoded=MiB)

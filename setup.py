@@ -1,0 +1,10 @@
+"""Builds the optional C decoder; without a compiler detectord installs and runs in pure Python."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("detectord._fastdecode", ["detectord/_fastdecode.c"], optional=True,
+                  extra_compile_args=["-O2", "-std=c11", "-Wall"]),
+    ],
+)
