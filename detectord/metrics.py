@@ -81,6 +81,9 @@ class DaemonMetrics:
             "detectord_feature_deviation",
             "Deviation (standard units) of the top contributing features of firing instances.",
             [*il, "feature"], registry=registry)
+        self.alerts = Gauge(
+            "detectord_alerts", "Instances whose CoreDNSAnomaly alert is pending or firing.", ["state"],
+            registry=registry)
         self.threshold = Gauge(
             "detectord_model_threshold", "The model's anomaly threshold in raw model units.", registry=registry)
         self.model_info = Info("detectord_model", "The model being served.", registry=registry)

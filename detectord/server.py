@@ -279,6 +279,8 @@ class Server:
                 m.clear_features(key, features)
         if changed:
             self.notifier.submit(changed)
+        for state, n in self.alerts.counts().items():
+            m.alerts.labels(state).set(n)
 
     async def _evict_loop(self) -> None:
         ttl = float(self.cfg.ingest.instance_ttl)

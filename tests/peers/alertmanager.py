@@ -1,0 +1,74 @@
+"""A real Alertmanager (Debian's 0.25) on a loopback port, with gossip off and a blackhole receiver."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import free_port, run_process, wait_http_ok
+
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+
+_CONFIG = """\
+route:
+  receiver: blackhole
+  group_wait: 1s
+  group_interval: 1s
+receivers:
+  - name: blackhole
+"""
+
+
+@dataclass
+class Alertmanager:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    async def alerts(self, *, active: bool | None = None, silenced: bool | None = None,
+                     inhibited: bool | None = None, filter: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """GET /api/v2/alerts. `filter` holds matchers like 'alertname="CoreDNSAnomaly"'.
+
+        Alertmanager leaves out alerts whose endsAt has passed (resolved ones) whatever the flags.
+        """
+        params: list[tuple[str, str]] = [("filter", m) for m in filter]
+        for name, value in (("active", active), ("silenced", silenced), ("inhibited", inhibited)):
+            if value is not None:
+                params.append((name, "true" if value else "false"))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{self.url}/api/v2/alerts", params=params,
+                                   timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                resp.raise_for_status()
+                alerts: list[dict[str, Any]] = await resp.json()
+                return alerts
+
+
+@contextlib.asynccontextmanager
+async def run_alertmanager(workdir: Path, *, port: int | None = None) -> AsyncIterator[Alertmanager]:
+    """Start Alertmanager on 127.0.0.1:`port` (a free one if None) and wait until it is ready."""
+    port = port if port is not None else free_port()
+    home = workdir / f"alertmanager-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "alertmanager.yml"
+    config.write_text(_CONFIG)
+    log = home / "alertmanager.log"
+    argv = [
+        ALERTMANAGER,
+        f"--config.file={config}",
+        f"--storage.path={home / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",  # no gossip: a lone peer on loopback
+        "--alerts.gc-interval=1s",
+        "--log.level=debug",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    async with run_process(argv, log=log, cwd=home) as proc:
+        await wait_http_ok(f"{url}/-/ready", timeout=20.0, proc=proc, log=log)
+        yield Alertmanager(url=url, port=port, proc=proc, log=log)

@@ -1,0 +1,441 @@
+"""Alert states step by step, and delivery to real Alertmanagers (fakes only for 5xx and hangs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from detectord.alerting import Alert, AlertmanagerNotifier, AlertStates, rfc3339
+from detectord.config import AlertingConfig, AlertmanagerConfig, Duration
+from tests.peers import free_port
+from tests.peers.alertmanager import Alertmanager, run_alertmanager
+
+T = TypeVar("T")
+
+LABELS = {"job": "coredns", "instance": "10.0.0.1:9153"}
+KEY = ("coredns", "10.0.0.1:9153")
+TOP = [("rcode_servfail_share", 12.34, 0.41), ("latency_p99_seconds", 8.1, 2.0512), ("qps", -3.0, 12345.0)]
+EXTERNAL = "http://detectord.example:9464"
+
+
+def config(**kw: Any) -> AlertingConfig:
+    base: dict[str, Any] = {"for_": Duration(60), "keep_firing_for": Duration(120), "resend_interval": Duration(5),
+                            "resolved_resend_for": Duration(1), "labels": {"cluster": "eu1"}}
+    base.update(kw)
+    return AlertingConfig(**base)
+
+
+def states(**kw: Any) -> AlertStates:
+    return AlertStates(config(**kw), model_name="lstm-ae", external_url=EXTERNAL)
+
+
+def step(s: AlertStates, ts: float, score: float, top: Sequence[tuple[str, float, float]] = TOP,
+         key: tuple[str, ...] = KEY, labels: dict[str, str] = LABELS) -> list[Alert]:
+    return s.observe(key, labels, ts, score, 0.042, top)
+
+
+# ---- the state machine ----------------------------------------------------------------------
+
+
+def test_pending_then_firing_after_for() -> None:
+    s = states()
+    for ts in (0, 15, 30, 45):
+        assert step(s, ts, 3.0) == []
+        assert s.state_of(KEY) == "pending"
+    assert s.counts() == {"pending": 1, "firing": 0}
+    [alert] = step(s, 60, 3.0)
+    assert s.state_of(KEY) == "firing" and s.is_firing(KEY)
+    assert s.firing() == [alert]
+    assert s.counts() == {"pending": 0, "firing": 1}
+    assert alert.starts_at == 60 and not alert.resolved
+    assert alert.labels == {"alertname": "CoreDNSAnomaly", "job": "coredns", "instance": "10.0.0.1:9153",
+                            "severity": "warning", "model": "lstm-ae", "cluster": "eu1"}
+    assert alert.annotations["summary"] == "CoreDNS 10.0.0.1:9153 (job coredns) is behaving anomalously"
+    assert step(s, 75, 3.0) == []  # still firing: nothing new to send
+
+
+def test_for_zero_fires_at_once() -> None:
+    s = states(for_=Duration(0))
+    [alert] = step(s, 100, 1.5)
+    assert alert.starts_at == 100
+
+
+def test_blip_while_pending_never_fires() -> None:
+    s = states()
+    for ts in (0, 15, 30, 45):
+        assert step(s, ts, 3.0) == []
+    assert step(s, 60, 0.5) == []
+    assert s.state_of(KEY) == "inactive"
+    # Pending starts over: `for` counts from the next anomalous step, not the first one.
+    for ts in (75, 90, 105, 120):
+        assert step(s, ts, 3.0) == []
+    [alert] = step(s, 135, 3.0)
+    assert alert.starts_at == 135
+
+
+def test_keep_firing_for_then_resolved() -> None:
+    s = states(for_=Duration(0))
+    [alert] = step(s, 0, 3.0)
+    for ts in range(15, 135, 15):  # normal from 15 s; keep_firing_for 120 s
+        assert step(s, ts, 0.2) == [], ts
+        assert s.is_firing(KEY)
+    [resolved] = step(s, 135, 0.2)
+    assert resolved is alert and alert.resolved_at == 135
+    assert s.state_of(KEY) == "inactive" and s.firing() == []
+
+
+def test_anomalous_step_during_keep_firing_for_keeps_it_firing() -> None:
+    s = states(for_=Duration(0))
+    [alert] = step(s, 0, 3.0)
+    for ts in (15, 30, 45, 60):
+        assert step(s, ts, 0.2) == []
+    assert step(s, 75, 2.0) == []  # anomalous again: the 120 s count restarts
+    for ts in range(90, 210, 15):
+        assert step(s, ts, 0.2) == [], ts
+    [resolved] = step(s, 210, 0.2)
+    assert resolved.resolved_at == 210 and resolved.starts_at == 0
+
+
+def test_keep_firing_for_zero_resolves_at_first_normal_step() -> None:
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    step(s, 0, 3.0)
+    [resolved] = step(s, 15, 0.9)
+    assert resolved.resolved_at == 15
+
+
+def test_anomalous_again_after_resolution_is_a_new_alert() -> None:
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    [first] = step(s, 0, 3.0)
+    step(s, 15, 0.1)
+    [second] = step(s, 30, 3.0)
+    assert second is not first and second.starts_at == 30 and first.resolved
+
+
+def test_forget_resolves_a_firing_alert() -> None:
+    s = states(for_=Duration(0))
+    [alert] = step(s, 0, 3.0)
+    step(s, 15, 3.0)
+    assert s.forget(KEY) == [alert]
+    assert alert.resolved_at == 15
+    assert s.state_of(KEY) == "inactive"
+    assert s.forget(KEY) == []
+
+
+def test_forget_a_pending_instance_sends_nothing() -> None:
+    s = states()
+    step(s, 0, 3.0)
+    assert s.forget(KEY) == []
+    assert s.counts() == {"pending": 0, "firing": 0}
+
+
+def test_instances_are_independent() -> None:
+    s = states(for_=Duration(30))
+    other_labels = {"job": "coredns", "instance": "10.0.0.2:9153"}
+    other = ("coredns", "10.0.0.2:9153")
+    step(s, 0, 3.0)
+    step(s, 0, 3.0, key=other, labels=other_labels)
+    step(s, 15, 0.1, key=other, labels=other_labels)
+    step(s, 15, 3.0)
+    [alert] = step(s, 30, 3.0)
+    assert alert.labels["instance"] == "10.0.0.1:9153"
+    assert s.state_of(other) == "inactive"
+
+
+def test_description_names_top_features_and_follows_them_while_firing() -> None:
+    s = states(for_=Duration(0), top_features=2)
+    [alert] = step(s, 0, 3.0)
+    desc = alert.annotations["description"]
+    assert "rcode_servfail_share +12.3σ (0.41), latency_p99_seconds +8.1σ (2.05)" in desc
+    assert "qps" not in desc  # only top_features of them
+    assert alert.annotations["score"] == "3" and alert.annotations["threshold"] == "0.042"
+    step(s, 15, 4.5, top=[("qps", -6.25, 12345.0), ("latency_p99_seconds", 5.0, 1.5)])
+    desc = alert.annotations["description"]
+    assert "qps -6.2σ (12345), latency_p99_seconds +5.0σ (1.5)" in desc
+    assert "rcode_servfail_share" not in desc
+    assert alert.score == 4.5
+    # A normal step while kept firing does not overwrite what made it fire.
+    step(s, 30, 0.3, top=[("cache_hit_ratio", 0.1, 0.9)])
+    assert "qps -6.2σ" in alert.annotations["description"]
+
+
+def test_reconfigured_keeps_states_and_resolves_alerts_whose_labels_change() -> None:
+    s = states(for_=Duration(0))
+    [old] = step(s, 0, 3.0)
+    s2 = s.reconfigured(config(for_=Duration(0), severity="critical"), model_name="lstm-ae")
+    [new] = s2.firing()
+    assert new.labels["severity"] == "critical" and new.starts_at == old.starts_at
+    assert s2.observe(KEY, LABELS, 15, 3.0, 0.042, TOP) == [old]
+    assert old.resolved_at == 0
+    assert s2.is_firing(KEY) and not new.resolved
+    same = s2.reconfigured(config(for_=Duration(0), severity="critical"), model_name="lstm-ae")
+    assert same.firing() == [new]
+
+
+def test_to_api_matches_alertmanager_v2() -> None:
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    [alert] = step(s, 1_700_000_000.25, 3.0)
+    body = alert.to_api(now=1_700_000_100.0, resend_interval=60.0)
+    assert body["startsAt"] == "2023-11-14T22:13:20.250Z"
+    assert body["endsAt"] == rfc3339(1_700_000_100.0 + 240.0)
+    assert body["generatorURL"] == f"{EXTERNAL}/api/v1/instances?instance=10.0.0.1%3A9153"
+    assert body["labels"] == alert.labels and body["annotations"] == alert.annotations
+    step(s, 1_700_000_015.0, 0.1)
+    assert alert.to_api(now=1_700_000_100.0, resend_interval=60.0)["endsAt"] == "2023-11-14T22:13:35.000Z"
+
+
+# ---- delivery to real Alertmanagers ---------------------------------------------------------
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0) -> T:
+    """Poll `check` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value or time.monotonic() > deadline:
+            assert value, f"not true within {timeout}s: {value!r}"
+            return value
+        await asyncio.sleep(0.05)
+
+
+def sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+def firing_now(s: AlertStates, instance: str = "10.0.0.1:9153") -> Alert:
+    [alert] = s.observe(("coredns", instance), {"job": "coredns", "instance": instance}, time.time() - 1, 3.0,
+                        0.042, TOP)
+    return alert
+
+
+def notifier(reg: CollectorRegistry, *urls: str, **kw: Any) -> AlertmanagerNotifier:
+    cfg = config(alertmanagers=tuple(AlertmanagerConfig(u, timeout=Duration(2)) for u in urls), **kw)
+    return AlertmanagerNotifier(cfg, registry=reg, external_url=EXTERNAL, min_backoff=0.05, max_backoff=0.4)
+
+
+def ours(am: Alertmanager, instance: str = "10.0.0.1:9153") -> Callable[[], Awaitable[list[dict[str, Any]]]]:
+    return lambda: am.alerts(filter=['alertname="CoreDNSAnomaly"', f'instance="{instance}"'])
+
+
+def parse(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+@pytest.fixture
+async def am(tmp_path: Path) -> AsyncIterator[Alertmanager]:
+    async with run_alertmanager(tmp_path) as a:
+        yield a
+
+
+async def test_firing_alert_reaches_alertmanager_then_resolves(am: Alertmanager) -> None:
+    reg = CollectorRegistry()
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    async with notifier(reg, am.url) as n:
+        alert = firing_now(s)
+        n.submit([alert])
+        [got] = await eventually(ours(am))
+        assert got["labels"] == alert.labels
+        assert got["annotations"] == alert.annotations
+        assert "rcode_servfail_share +12.3σ (0.41)" in got["annotations"]["description"]
+        assert abs(parse(got["startsAt"]) - alert.starts_at) < 0.002
+        # endsAt lies 4 resend intervals ahead, so what follows cannot be mere expiry.
+        assert parse(got["endsAt"]) - time.time() > 15
+        assert got["generatorURL"] == f"{EXTERNAL}/api/v1/instances?instance=10.0.0.1%3A9153"
+        assert got["status"]["state"] == "active"
+        assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
+
+        [resolved] = s.observe(KEY, LABELS, time.time() - 0.5, 0.1, 0.042, TOP)
+        n.submit([resolved])
+        assert await eventually(lambda: _empty(ours(am)), timeout=3.0)
+        assert await am.alerts() == []
+        assert sample(reg, "detectord_notification_queue_length", alertmanager=am.url) == 0
+        assert sample(reg, "detectord_notification_latency_seconds_count", alertmanager=am.url) >= 2
+
+
+async def _empty(get: Callable[[], Awaitable[list[dict[str, Any]]]]) -> bool:
+    return await get() == []
+
+
+async def test_firing_alerts_are_resent_and_resolved_ones_for_a_while(am: Alertmanager) -> None:
+    reg = CollectorRegistry()
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    async with notifier(reg, am.url, resend_interval=Duration(0.2), resolved_resend_for=Duration(0.6)) as n:
+        alert = firing_now(s)
+        n.submit([alert])
+        [first] = await eventually(ours(am))
+        # Without re-sends Alertmanager would consider it over once endsAt (now + 0.8 s) passed.
+        await asyncio.sleep(1.5)
+        [later] = await ours(am)()
+        assert parse(later["updatedAt"]) > parse(first["updatedAt"]) + 1.0
+        assert parse(later["endsAt"]) > time.time()
+        step(s, time.time() + 0.3, 4.0, top=[("qps", 9.0, 99.0)])  # the description follows the latest step
+        await asyncio.sleep(0.5)
+        [updated] = await ours(am)()
+        assert "qps +9.0σ (99)" in updated["annotations"]["description"]
+
+        [resolved] = s.observe(KEY, LABELS, time.time(), 0.1, 0.042, TOP)
+        n.submit([resolved])
+        sent_at_resolution = sample(reg, "detectord_alerts_sent_total", alertmanager=am.url)
+        await asyncio.sleep(1.2)
+        sent = sample(reg, "detectord_alerts_sent_total", alertmanager=am.url)
+        assert sent >= sent_at_resolution + 3  # once, then every 0.2 s for 0.6 s
+        await asyncio.sleep(0.6)
+        assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == sent
+
+
+async def test_every_alertmanager_receives_the_alert(tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    async with run_alertmanager(tmp_path) as am1, run_alertmanager(tmp_path) as am2:
+        async with notifier(reg, am1.url, am2.url) as n:
+            alert = firing_now(states(for_=Duration(0)))
+            n.submit([alert])
+            for am in (am1, am2):
+                [got] = await eventually(ours(am))
+                assert got["labels"] == alert.labels
+                assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
+
+
+async def test_alertmanager_down_then_up_gets_the_alert_and_the_other_is_not_delayed(
+        tmp_path: Path, am: Alertmanager) -> None:
+    reg = CollectorRegistry()
+    port = free_port()
+    down = f"http://127.0.0.1:{port}"
+    async with notifier(reg, down, am.url) as n:
+        alert = firing_now(states(for_=Duration(0)))
+        started = time.monotonic()
+        n.submit([alert])
+        await eventually(ours(am), timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        await eventually(lambda: _positive(reg, "detectord_alert_send_failures_total", alertmanager=down,
+                                           reason="connection"))
+        assert sample(reg, "detectord_notification_queue_length", alertmanager=down) == 1
+        async with run_alertmanager(tmp_path, port=port) as late:
+            [got] = await eventually(ours(late))
+            assert got["labels"] == alert.labels
+            assert sample(reg, "detectord_alerts_sent_total", alertmanager=down) == 1
+            assert sample(reg, "detectord_notification_queue_length", alertmanager=down) == 0
+
+
+async def _positive(reg: CollectorRegistry, name: str, **labels: str) -> bool:
+    return sample(reg, name, **labels) > 0
+
+
+async def test_hanging_alertmanager_does_not_delay_another(am: Alertmanager) -> None:
+    hung = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        hung.set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    async with _fake_alertmanager(hang) as slow:
+        reg = CollectorRegistry()
+        async with notifier(reg, slow, am.url) as n:
+            n.submit([firing_now(states(for_=Duration(0)))])
+            await asyncio.wait_for(hung.wait(), 2)
+            await eventually(ours(am), timeout=1.0)
+
+
+async def test_5xx_is_retried_until_accepted() -> None:
+    answers = [503, 500, 200]
+    bodies: list[Any] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.Response(status=answers.pop(0) if len(answers) > 1 else answers[0], text="busy")
+
+    async with _fake_alertmanager(flaky) as url:
+        reg = CollectorRegistry()
+        async with notifier(reg, url) as n:
+            n.submit([firing_now(states(for_=Duration(0)))])
+            await eventually(lambda: _positive(reg, "detectord_alerts_sent_total", alertmanager=url))
+        assert [b[0]["labels"] for b in bodies] == [bodies[0][0]["labels"]] * 3
+        assert sample(reg, "detectord_alert_send_failures_total", alertmanager=url, reason="http_503") == 1
+        assert sample(reg, "detectord_alert_send_failures_total", alertmanager=url, reason="http_500") == 1
+        assert sample(reg, "detectord_alerts_dropped_total", alertmanager=url, reason="rejected") == 0
+
+
+async def test_rejected_alert_is_counted_not_retried(am: Alertmanager) -> None:
+    reg = CollectorRegistry()
+    async with notifier(reg, am.url) as n:
+        good = firing_now(states(for_=Duration(0)))
+        bad = Alert(labels={"alertname": "CoreDNSAnomaly", "bad-label": "x"}, annotations={},
+                    starts_at=time.time(), score=2.0, threshold=0.042)
+        n.submit([bad])
+        await eventually(lambda: _positive(reg, "detectord_alerts_dropped_total", alertmanager=am.url,
+                                           reason="rejected"))
+        await asyncio.sleep(0.5)  # backoff is 0.05–0.4 s here: a retry would have happened
+        assert sample(reg, "detectord_alert_send_failures_total", alertmanager=am.url, reason="http_400") == 1
+        assert sample(reg, "detectord_alerts_dropped_total", alertmanager=am.url, reason="rejected") == 1
+        assert sample(reg, "detectord_notification_queue_length", alertmanager=am.url) == 0
+        # The sender goes on with other alerts.
+        n.submit([good])
+        await eventually(ours(am))
+        assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
+
+
+async def test_queue_is_bounded_and_keeps_newest_state_per_alert(tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    s = states(for_=Duration(0), keep_firing_for=Duration(0))
+    async with notifier(reg, url, queue_capacity=3) as n:
+        instances = [f"10.0.0.{i}:9153" for i in range(1, 6)]
+        alerts = [firing_now(s, i) for i in instances]
+        for a in alerts:
+            n.submit([a])
+        assert sample(reg, "detectord_alerts_dropped_total", alertmanager=url, reason="queue_full") == 2
+        assert n.queued() == {url: 3}
+        # Newer states of queued alerts replace them: the queue does not grow.
+        for i in instances[2:]:
+            n.submit(s.observe(("coredns", i), {"job": "coredns", "instance": i}, time.time() - 0.5, 0.1, 0.042,
+                               TOP))
+        assert n.queued() == {url: 3}
+        assert sample(reg, "detectord_alerts_dropped_total", alertmanager=url, reason="queue_full") == 2
+        n.submit([firing_now(s, instances[4])])  # firing again: a new alert, older state of it replaced
+        async with run_alertmanager(tmp_path, port=port) as am:
+            await eventually(ours(am, instances[4]))
+            assert await ours(am, instances[2])() == [] and await ours(am, instances[3])() == []
+            assert await ours(am, instances[0])() == [] and await ours(am, instances[1])() == []
+
+
+async def test_flush_delivers_pending_alerts_and_gives_up_at_the_timeout(am: Alertmanager) -> None:
+    reg = CollectorRegistry()
+    down = f"http://127.0.0.1:{free_port()}"
+    async with notifier(reg, am.url, down) as n:
+        n.submit([firing_now(states(for_=Duration(0)))])
+        started = time.monotonic()
+        await n.flush(0.5)
+        assert 0.4 < time.monotonic() - started < 1.0
+        assert len(await ours(am)()) == 1  # delivered by the time flush returned
+        assert n.queued() == {am.url: 0, down: 1}
+
+
+async def test_submit_without_alertmanagers_does_nothing() -> None:
+    async with AlertmanagerNotifier(config(), registry=CollectorRegistry(), external_url=EXTERNAL) as n:
+        n.submit([firing_now(states(for_=Duration(0)))])
+        await n.flush(1.0)
+        assert n.queued() == {}
+
+
+@contextlib.asynccontextmanager
+async def _fake_alertmanager(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """For faults a real Alertmanager cannot be made to produce: 5xx answers, hangs."""
+    app = web.Application()
+    app.router.add_post("/api/v2/alerts", handler)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

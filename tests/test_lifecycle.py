@@ -1,0 +1,127 @@
+"""`detectord serve` as a process: SIGHUP and /-/reload with broken models and configs, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.payloads import V1_HEADERS, coredns_scrape, v1_body
+from tests.peers import free_port, wait_http_ok
+from tests.test_server import metric
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(path: Path, port: int, model: Path, extra: str = "") -> None:
+    path.write_text(f"""
+web:
+  listen_address: 127.0.0.1:{port}
+  max_body_size: 64MiB
+  max_decoded_body_size: 256MiB
+ingest:
+  step: 1s
+model:
+  path: {model}
+inference:
+  max_batch: 64
+logging:
+  format: json
+{extra}""")
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str, Path, Path]]:
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "models/default", model)
+    cfg = tmp_path / "detectord.yml"
+    port = free_port()
+    write_config(cfg, port, model)
+    log = tmp_path / "detectord.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "detectord", "serve", "--config.file", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http_ok(base + "/-/ready", timeout=120, proc=proc, log=log)
+        yield proc, base, cfg, model
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def _get(base: str, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(base + path) as r:
+        return r.status, await r.text()
+
+
+async def _wait_metric(base: str, name: str, value: float, timeout: float = 60, **labels: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, text = await _get(base, "/metrics")
+        if metric(text, name, **labels) >= value or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.1)
+
+
+async def test_sighup_with_broken_model_keeps_the_old_one(daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
+    proc, base, cfg, model = daemon
+    (model / "model.weights.h5").write_bytes(b"this is not an HDF5 file")
+    proc.send_signal(signal.SIGHUP)
+    text = await _wait_metric(base, "detectord_reloads_total", 1, result="failure")
+    assert metric(text, "detectord_reloads_total", result="failure") == 1
+    assert proc.poll() is None
+    assert (await _get(base, "/-/ready"))[0] == 200
+    # Still ingesting and scoring with the old model.
+    async with aiohttp.ClientSession() as s:
+        body = v1_body(coredns_scrape("a:9153", int(time.time() * 1000), 1))
+        async with s.post(base + "/api/v1/write", data=body, headers=V1_HEADERS) as r:
+            assert r.status == 204
+
+
+async def test_reload_endpoint_refuses_a_bad_config_then_applies_a_good_one(
+        daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
+    proc, base, cfg, model = daemon
+    port = int(base.rsplit(":", 1)[1])
+    write_config(cfg, port, model, "alerting:\n  sevrity: page\n")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base + "/-/reload") as r:
+            assert r.status == 500
+            assert "alerting.sevrity" in await r.text()
+        write_config(cfg, port, model, "alerting:\n  severity: page\n")
+        async with s.post(base + "/-/reload") as r:
+            assert r.status == 200, await r.text()
+    text = await _wait_metric(base, "detectord_reloads_total", 1, result="success")
+    assert metric(text, "detectord_reloads_total", result="failure") == 1
+    assert proc.poll() is None
+
+
+async def test_sigterm_finishes_in_flight_requests_and_exits_0(
+        daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
+    proc, base, _, _ = daemon
+    now = int(time.time() * 1000)
+    series = []
+    for i in range(20000):
+        series += coredns_scrape(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:9153", now, 1)
+    body = v1_body(series)
+    async with aiohttp.ClientSession() as s:
+        post = asyncio.ensure_future(s.post(base + "/api/v1/write", data=body, headers=V1_HEADERS))
+        await asyncio.sleep(0.3)  # the request is being decoded
+        proc.send_signal(signal.SIGTERM)
+        resp = await post
+        assert resp.status == 204
+        resp.release()
+    rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+    assert rc == 0
