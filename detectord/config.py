@@ -166,7 +166,7 @@ def parse_config(text: str, *, base_dir: Path = Path("."), source: str = "<confi
         raise ConfigError(source, f"not valid YAML: {exc}") from exc
     if raw is None:
         raw = {}
-    cfg = _build(Config, raw, "")
+    cfg: Config = _build(Config, raw, "")
     if not cfg.model.path.is_absolute():
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base_dir / cfg.model.path))
     _check(cfg)
@@ -252,7 +252,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return _convert(args[0], value, key)
     if value is None:
         raise ConfigError(key, "must not be empty")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is Literal:
         if value not in get_args(tp):

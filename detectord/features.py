@@ -570,6 +570,6 @@ def extract(
 
 def _iter_rows(ext: FeatureExtractor, requests: Iterable[object]) -> Iterator[FeatureRow]:
     for req in requests:
-        write = req if isinstance(req, DecodedWrite) else decode_v1_message(req, ext.labels)  # type: ignore[arg-type]
+        write = req if isinstance(req, DecodedWrite) else decode_v1_message(req, ext.labels)  # type: ignore[arg-type,unused-ignore]
         yield from ext.ingest(write)
     yield from ext.flush()

@@ -24,8 +24,11 @@ log = structlog.get_logger(__name__)
 
 
 class ScoreOutput(Protocol):
-    scores: np.ndarray  # (B,), > 1.0 means anomalous
-    feature_deviation: np.ndarray  # (B, F)
+    @property
+    def scores(self) -> np.ndarray: ...  # (B,), > 1.0 means anomalous
+
+    @property
+    def feature_deviation(self) -> np.ndarray: ...  # (B, F)
 
 
 class Scorer(Protocol):

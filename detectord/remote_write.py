@@ -108,7 +108,7 @@ class LabelCache:
         else:
             checked = check_labels(pairs)
             result = checked if isinstance(checked, str) else self.intern(checked)
-        self._raw[raw] = result  # type: ignore[index]
+        self._raw[raw] = result
         return result
 
     def forget(self, key: SeriesKey) -> None:

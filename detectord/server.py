@@ -106,9 +106,7 @@ class Server:
         host, port = listen_host_port(cfg)
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])
         self.ready = True
         self.metrics.ready.set(1)
         self._spawn(self._evict_loop())
@@ -330,7 +328,7 @@ async def handle_write(request: web.Request) -> web.StreamResponse:
             raise RemoteWriteError(413, f"declared decompressed length {declared_length(body)} exceeds the limit "
                                         f"of {srv.cfg.web.max_decoded_body_size} bytes")
         m.request_bytes.labels(version).inc(len(body))
-        result = await srv.ingestor.write(body, version)  # type: ignore[arg-type]
+        result = await srv.ingestor.write(body, version)
     except RemoteWriteError as exc:
         m.requests.labels(str(exc.status), version).inc()
         if exc.status in (400, 413):

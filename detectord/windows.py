@@ -62,14 +62,10 @@ class WindowStore:
         if ring.count < self.window:
             return None
         if ring.pos == 0:
-            return ring.buf.copy()
-        return np.concatenate((ring.buf[ring.pos:], ring.buf[:ring.pos]))
-
-    def latest(self, key: InstanceKey) -> np.ndarray | None:
-        ring = self._rings.get(key)
-        if ring is None or ring.count == 0:
-            return None
-        return ring.buf[(ring.pos - 1) % self.window].copy()
+            full: np.ndarray = ring.buf.copy()
+            return full
+        out: np.ndarray = np.concatenate((ring.buf[ring.pos:], ring.buf[:ring.pos]))
+        return out
 
     def is_warming(self, key: InstanceKey) -> bool:
         ring = self._rings.get(key)

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-detectord/_proto}
 mkdir -p "$out"
-python -m grpc_tools.protoc -I proto --python_out="$out" --pyi_out="$out" proto/*.proto
+python -m grpc_tools.protoc -I proto --python_out="$out" proto/*.proto
 touch "$out/__init__.py"

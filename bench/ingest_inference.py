@@ -1,0 +1,205 @@
+"""Ingest samples/s and inference windows/s for N CoreDNS-shaped instances.
+
+The same remote-write payloads (synthetic CoreDNS fleets, as Prometheus 2.42 sends them: one
+sample per series, 500 per request, snappy) go to `detectord serve` and to Prometheus's own
+receiver (`prometheus --web.enable-remote-write-receiver`), and the ratio is printed.
+
+    .venv/bin/python bench/ingest_inference.py --instances 1000 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import snappy
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from detectord._proto import remote_write_v1_pb2 as pb1  # noqa: E402
+from detectord.synthetic import Fleet  # noqa: E402
+from tests.peers import free_port, wait_http_ok  # noqa: E402
+
+HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
+           "X-Prometheus-Remote-Write-Version": "0.1.0"}
+STEP_S = 15.0
+
+
+@dataclass
+class Rounds:
+    bodies: list[list[bytes]]  # per scrape round, its requests
+    samples: list[int]
+
+
+def make_rounds(instances: int, rounds: int, seed: int = 1) -> Rounds:
+    start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
+    fleet = Fleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
+    bodies, samples = [], []
+    for _ in range(rounds):
+        payloads = fleet.scrape_payloads()
+        samples.append(sum(len(pb1.WriteRequest.FromString(p).timeseries) for p in payloads))
+        bodies.append([snappy.compress(p) for p in payloads])
+    return Rounds(bodies, samples)
+
+
+async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
+    """Send round after round (each series' samples stay in order); seconds per round."""
+    times = []
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for bodies in rounds.bodies:
+            queue = list(reversed(bodies))
+            failures: list[str] = []
+
+            async def worker() -> None:
+                while queue:
+                    body = queue.pop()
+                    async with session.post(url, data=body, headers=HEADERS) as r:
+                        if r.status // 100 != 2:
+                            failures.append(f"{r.status} {await r.text()}")
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            times.append(time.perf_counter() - t0)
+            if failures:
+                raise RuntimeError(f"{url}: {len(failures)} requests failed, first: {failures[0][:300]}")
+    return times
+
+
+def rate(rounds: Rounds, times: list[float]) -> tuple[float, float]:
+    """(first round samples/s: every series new; later rounds samples/s: steady state)."""
+    cold = rounds.samples[0] / times[0]
+    steady = sum(rounds.samples[1:]) / sum(times[1:])
+    return cold, steady
+
+
+async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path) -> list[float]:
+    port = free_port()
+    cfg = workdir / "detectord.yml"
+    cfg.write_text(f"""
+web: {{listen_address: "127.0.0.1:{port}", max_body_size: 64MiB, max_decoded_body_size: 256MiB}}
+ingest: {{step: {STEP_S:g}s, max_instances: {instances + 100}}}
+model: {{path: {REPO / 'models/default'}}}
+logging: {{level: warning}}
+""")
+    log = workdir / "detectord.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "detectord", "serve", "--config.file", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=180, proc=proc, log=log)
+        return await send(f"http://127.0.0.1:{port}/api/v1/write", rounds, concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> list[float]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus not installed (make system-deps)")
+    port = free_port()
+    (workdir / "prometheus.yml").write_text("global: {scrape_interval: 15s}\n")
+    log = workdir / "prometheus.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=60, proc=proc, log=log)
+        return await send(f"http://127.0.0.1:{port}/api/v1/write", rounds, concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def bench_inference(seconds: float, max_batch: int) -> tuple[float, float, str]:
+    """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
+    from detectord.config import ModelConfig
+    from detectord.inference import InferenceWorker, ScoreRequest
+    from detectord.metrics import DaemonMetrics
+    from detectord.model_loader import load_model
+    from prometheus_client import CollectorRegistry
+
+    model = load_model(ModelConfig(path=REPO / "models/default"))
+    rng = np.random.default_rng(0)
+    windows = rng.random((4096, model.window, len(model.features)), dtype=np.float32)
+
+    # Raw forward passes of full batches.
+    det = model.detector
+    det.score_batch(windows[:max_batch])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        det.score_batch(windows[:max_batch])
+        n += max_batch
+    raw = n / (time.perf_counter() - t0)
+
+    loop = asyncio.new_event_loop()
+    done = [0]
+    worker = InferenceWorker(
+        det, window=model.window, nfeatures=len(model.features), max_batch=max_batch, max_wait=0.01,
+        queue_size=200_000, deliver=lambda rs: done.__setitem__(0, done[0] + len(rs)), loop=loop,
+        metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")))
+    worker.warm_up()
+    worker.start()
+    total = int(raw * seconds)
+    t0 = time.perf_counter()
+    for i in range(total):
+        while not worker.submit(ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096])):
+            time.sleep(0.001)
+    while done[0] < total:
+        loop.run_until_complete(asyncio.sleep(0.005))
+    through_worker = total / (time.perf_counter() - t0)
+    worker.stop()
+    loop.close()
+    import keras
+
+    return raw, through_worker, keras.backend.backend()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, nargs="+", default=[1000])
+    p.add_argument("--rounds", type=int, default=4, help="scrape rounds sent (the first one is the cold start)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (Prometheus shards)")
+    p.add_argument("--no-prometheus", action="store_true")
+    p.add_argument("--inference-seconds", type=float, default=5.0)
+    p.add_argument("--max-batch", type=int, default=1024)
+    args = p.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    for n in args.instances:
+        t0 = time.perf_counter()
+        rounds = make_rounds(n, args.rounds)
+        per_round = rounds.samples[0]
+        print(f"\n== {n} CoreDNS instances: {per_round} samples per scrape round, "
+              f"{len(rounds.bodies[0])} requests per round (payloads made in {time.perf_counter() - t0:.1f}s)")
+        with tempfile.TemporaryDirectory() as d:
+            cold, steady = rate(rounds, asyncio.run(bench_detectord(rounds, n, args.concurrency, Path(d))))
+        print(f"detectord   ingest: {steady / 1e6:.3f} M samples/s steady ({cold / 1e6:.3f} M/s first round)")
+        if not args.no_prometheus:
+            with tempfile.TemporaryDirectory() as d:
+                pcold, psteady = rate(rounds, asyncio.run(bench_prometheus(rounds, args.concurrency, Path(d))))
+            print(f"prometheus  ingest: {psteady / 1e6:.3f} M samples/s steady ({pcold / 1e6:.3f} M/s first round)")
+            print(f"ratio detectord/prometheus: {steady / psteady:.2f} steady, {cold / pcold:.2f} first round")
+    raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch)
+    print(f"\ninference ({backend}, batch {args.max_batch}): {raw / 1e3:.1f} k windows/s forward pass, "
+          f"{worker / 1e3:.1f} k windows/s through the worker")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
