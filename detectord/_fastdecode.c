@@ -6,7 +6,8 @@
  *
  * decode_v1(data, cache, resolve, max_ts) -> (series, samples, histograms, exemplars, metadata, rejects)
  *   cache:   dict  raw label bytes -> SeriesKey | str (the reason the labels are invalid)
- *   resolve: callable(raw label bytes) -> SeriesKey | str, called on a cache miss (it fills the cache)
+ *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
+ *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8
  *   series:  list of (SeriesKey, [(timestamp_ms, value), ...])
  *   rejects: list of (SeriesKey | str, n_samples, why) with why in {"labels", "no_samples", "future"}
  * Raises ValueError on a malformed message.
@@ -98,6 +99,61 @@ static int parse_sample(cursor s, PyObject *list, int64_t *ts_out) {
     Py_DECREF(pair);
     *ts_out = ts;
     return rc ? -2 : 0;
+}
+
+/* [(name, value), ...] of the Label fields in raw, or Py_None (new reference) if one is malformed. */
+static PyObject *label_pairs(const uint8_t *p, const uint8_t *end) {
+    PyObject *pairs = PyList_New(0);
+    if (!pairs) return NULL;
+    cursor c = {p, end};
+    while (c.p < c.end) {
+        uint64_t tag;
+        cursor lab;
+        if (read_varint(&c, &tag)) goto bad;
+        if ((tag >> 3) != 1 || (tag & 7) != 2) {
+            if (skip_field(&c, (unsigned)(tag & 7))) goto bad;
+            continue;
+        }
+        if (read_len(&c, &lab)) goto bad;
+        cursor name = {NULL, NULL}, value = {NULL, NULL};
+        while (lab.p < lab.end) {
+            uint64_t t;
+            cursor str;
+            if (read_varint(&lab, &t)) goto bad;
+            if ((t & 7) != 2) {
+                if (skip_field(&lab, (unsigned)(t & 7))) goto bad;
+                continue;
+            }
+            if (read_len(&lab, &str)) goto bad;
+            if ((t >> 3) == 1) name = str;
+            else if ((t >> 3) == 2) value = str;
+        }
+        PyObject *n = PyUnicode_DecodeUTF8((const char *)name.p, name.end - name.p, "strict");
+        PyObject *v = n ? PyUnicode_DecodeUTF8((const char *)value.p, value.end - value.p, "strict") : NULL;
+        if (!n || !v) {
+            Py_XDECREF(n);
+            Py_XDECREF(v);
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                goto bad;
+            }
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        PyObject *pair = PyTuple_Pack(2, n, v);
+        Py_DECREF(n);
+        Py_DECREF(v);
+        if (!pair || PyList_Append(pairs, pair)) {
+            Py_XDECREF(pair);
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+    return pairs;
+bad:
+    Py_DECREF(pairs);
+    Py_RETURN_NONE;
 }
 
 static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why) {
@@ -220,7 +276,11 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         } else if (PyErr_Occurred()) {
             Py_DECREF(raw); Py_DECREF(samples); goto fail;
         } else {
-            key = PyObject_CallOneArg(resolve, raw);
+            const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
+            PyObject *pairs = label_pairs(rp, rp + PyBytes_GET_SIZE(raw));
+            if (!pairs) { Py_DECREF(raw); Py_DECREF(samples); goto fail; }
+            key = PyObject_CallFunctionObjArgs(resolve, raw, pairs, NULL);
+            Py_DECREF(pairs);
             if (!key) { Py_DECREF(raw); Py_DECREF(samples); goto fail; }
         }
         Py_DECREF(raw);

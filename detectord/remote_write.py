@@ -85,26 +85,25 @@ class LabelCache:
             return hit
         return self._store(raw, raw)
 
-    def from_label_fields(self, raw: bytes) -> SeriesKey | str:
-        """Like from_raw, for the label fields of a TimeSeries as they are on the wire (C decoder)."""
-        try:
-            labels = tuple(pbv.TimeSeriesView.FromString(raw).labels)
-        except DecodeError:
-            return self._store(raw, None)
-        return self._store(raw, labels)
+    def from_label_fields(self, raw: bytes, pairs: list[tuple[str, str]] | None) -> SeriesKey | str:
+        """Like from_raw, for the label fields of a TimeSeries as the C decoder found them."""
+        return self._store(raw, pairs)
 
-    def _store(self, raw: object, labels: tuple[bytes, ...] | None) -> SeriesKey | str:
+    def _store(self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | None) -> SeriesKey | str:
         if len(self._raw) >= self.max_raw_entries:
             self._raw.clear()  # churn: start over rather than grow without bound
         pairs: list[tuple[str, str]] = []
         try:
             if labels is None:
                 raise DecodeError("labels")
-            for b in labels:
-                lb = pb1.Label.FromString(b)
-                pairs.append((lb.name, lb.value))
-        except DecodeError:
-            result: SeriesKey | str = "a label is not a valid protobuf message"
+            for lb in labels:
+                if isinstance(lb, bytes):
+                    msg = pb1.Label.FromString(lb)
+                    pairs.append((msg.name, msg.value))
+                else:
+                    pairs.append(lb)
+        except (DecodeError, UnicodeDecodeError):
+            result: SeriesKey | str = "a label is not a valid protobuf message with UTF-8 strings"
         else:
             checked = check_labels(pairs)
             result = checked if isinstance(checked, str) else self.intern(checked)
@@ -304,16 +303,27 @@ def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | N
 
 def check_labels(pairs: list[tuple[str, str]]) -> Labels | str:
     """The validated label set, sorted by name, or why it is invalid."""
-    if any(pairs[i][0] >= pairs[i + 1][0] for i in range(len(pairs) - 1)):
+    prev = ""
+    in_order = True
+    has_name = empty_value = False
+    for k, v in pairs:
+        if k <= prev:
+            in_order = False
+        prev = k
+        if not v:
+            empty_value = True
+        elif k == "__name__":
+            has_name = True
+    if not in_order:
         pairs = sorted(pairs)
+        if pairs[0][0] == "":
+            return f"series {_show(tuple(pairs))} has an empty label name"
         if any(pairs[i][0] == pairs[i + 1][0] for i in range(len(pairs) - 1)):
             return f"series {_show(tuple(pairs))} has duplicate label names"
-    if not any(k == "__name__" and v for k, v in pairs):
+    if not has_name:
         return f"series {_show(tuple(pairs))} has no __name__ label"
-    if any(not k for k, _ in pairs):
-        return f"series {_show(tuple(pairs))} has an empty label name"
     # An empty label value means the label is absent (Prometheus's data model).
-    return tuple(p for p in pairs if p[1]) if any(not v for _, v in pairs) else tuple(pairs)
+    return tuple(p for p in pairs if p[1]) if empty_value else tuple(pairs)
 
 
 def _show(labels: Labels) -> str:
