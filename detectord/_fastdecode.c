@@ -4,11 +4,16 @@
  * lookup. Optional: detectord/remote_write.py falls back to pure Python when it is not built,
  * and the tests check both give the same result.
  *
- * decode_v1(data, cache, resolve, max_ts) -> (series, samples, histograms, exemplars, metadata, rejects)
+ * decode_v1(data, cache, resolve, max_ts, start, max_series, keys, counts, timestamps, values)
+ *     -> (samples, histograms, exemplars, metadata, rejects, next)
+ *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
+ *   samples to the flat lists timestamps and values: no per-sample container objects, so the
+ *   cyclic GC has nothing to scan. Decodes at most max_series TimeSeries from byte offset start
+ *   and returns where it stopped (len(data) at the end), so the caller can let other threads
+ *   take the GIL between chunks.
  *   cache:   dict  raw label bytes -> SeriesKey | str (the reason the labels are invalid)
  *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
  *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8
- *   series:  list of (SeriesKey, [(timestamp_ms, value), ...])
  *   rejects: list of (SeriesKey | str, n_samples, why) with why in {"labels", "no_samples", "future"}
  * Raises ValueError on a malformed message.
  */
@@ -69,8 +74,14 @@ static int read_len(cursor *c, cursor *sub) {
     return 0;
 }
 
-/* Appends (timestamp, value) of one Sample message to list. */
-static int parse_sample(cursor s, PyObject *list, int64_t *ts_out) {
+typedef struct {
+    int64_t *ts;
+    double *val;
+    Py_ssize_t n, cap;
+} samplebuf;
+
+/* Parses one Sample message into buf. */
+static int parse_sample(cursor s, samplebuf *buf) {
     double value = 0.0;
     int64_t ts = 0;
     while (s.p < s.end) {
@@ -89,16 +100,27 @@ static int parse_sample(cursor s, PyObject *list, int64_t *ts_out) {
             return -1;
         }
     }
-    PyObject *t = PyLong_FromLongLong(ts);
-    PyObject *v = PyFloat_FromDouble(value);
-    PyObject *pair = (t && v) ? PyTuple_Pack(2, t, v) : NULL;
-    Py_XDECREF(t);
-    Py_XDECREF(v);
-    if (!pair) return -2;
-    int rc = PyList_Append(list, pair);
-    Py_DECREF(pair);
-    *ts_out = ts;
-    return rc ? -2 : 0;
+    if (buf->n == buf->cap) {
+        Py_ssize_t cap = buf->cap ? buf->cap * 2 : 16;
+        int64_t *t = PyMem_Realloc(buf->ts, (size_t)cap * sizeof(int64_t));
+        if (!t) return -2;
+        buf->ts = t;
+        double *v = PyMem_Realloc(buf->val, (size_t)cap * sizeof(double));
+        if (!v) return -2;
+        buf->val = v;
+        buf->cap = cap;
+    }
+    buf->ts[buf->n] = ts;
+    buf->val[buf->n] = value;
+    buf->n++;
+    return 0;
+}
+
+static int append_new(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
 }
 
 /* [(name, value), ...] of the Label fields in raw, or Py_None (new reference) if one is malformed. */
@@ -166,19 +188,29 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve;
+    PyObject *cache, *resolve, *keys, *counts, *tss, *vals;
     long long max_ts;
-    if (!PyArg_ParseTuple(args, "y*O!OL", &buf, &PyDict_Type, &cache, &resolve, &max_ts)) return NULL;
-
-    PyObject *series = PyList_New(0), *rejects = PyList_New(0);
+    Py_ssize_t start, max_series;
+    if (!PyArg_ParseTuple(args, "y*O!OLnnO!O!O!O!", &buf, &PyDict_Type, &cache, &resolve, &max_ts, &start,
+                          &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type, &tss,
+                          &PyList_Type, &vals))
+        return NULL;
+    if (start < 0 || start > buf.len) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "start out of range");
+        return NULL;
+    }
+    PyObject *rejects = PyList_New(0);
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0;
     char *scratch = NULL;
     size_t scratch_cap = 0;
+    samplebuf sb = {NULL, NULL, 0, 0};
     const char *err = NULL;
-    if (!series || !rejects) goto fail;
+    if (!rejects) goto fail;
 
-    cursor c = {(const uint8_t *)buf.buf, (const uint8_t *)buf.buf + buf.len};
-    while (c.p < c.end) {
+    cursor c = {(const uint8_t *)buf.buf + start, (const uint8_t *)buf.buf + buf.len};
+    Py_ssize_t done = 0;
+    while (c.p < c.end && done < max_series) {
         uint64_t tag;
         if (read_varint(&c, &tag)) { err = "truncated tag"; goto fail; }
         unsigned field = (unsigned)(tag >> 3), wt = (unsigned)(tag & 7);
@@ -194,48 +226,44 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         }
         cursor ts;
         if (read_len(&c, &ts)) { err = "truncated timeseries"; goto fail; }
+        done++;
 
         /* Label fields, usually one contiguous run at the start of the message. */
         const uint8_t *lab_start = NULL, *lab_end = NULL;
         int contiguous = 1;
         size_t lab_bytes = 0;
-        PyObject *samples = PyList_New(0);
-        if (!samples) goto fail;
-        Py_ssize_t n = 0, hist = 0;
+        Py_ssize_t hist = 0;
         int64_t last_ts = INT64_MIN;
+        sb.n = 0;
         while (ts.p < ts.end) {
             const uint8_t *field_start = ts.p;
             uint64_t t2;
-            if (read_varint(&ts, &t2)) { err = "truncated series tag"; Py_DECREF(samples); goto fail; }
+            if (read_varint(&ts, &t2)) { err = "truncated series tag"; goto fail; }
             unsigned f2 = (unsigned)(t2 >> 3), w2 = (unsigned)(t2 & 7);
+            cursor sub;
             if (f2 == 1 && w2 == 2) {
-                cursor lab;
-                if (read_len(&ts, &lab)) { err = "truncated label"; Py_DECREF(samples); goto fail; }
+                if (read_len(&ts, &sub)) { err = "truncated label"; goto fail; }
                 if (lab_start == NULL) lab_start = field_start;
                 else if (lab_end != field_start) contiguous = 0;
                 lab_end = ts.p;
                 lab_bytes += (size_t)(ts.p - field_start);
             } else if (f2 == 2 && w2 == 2) {
-                cursor smp;
-                int64_t t_ms;
-                if (read_len(&ts, &smp)) { err = "truncated sample"; Py_DECREF(samples); goto fail; }
-                int rc = parse_sample(smp, samples, &t_ms);
-                if (rc == -1) { err = "malformed sample"; Py_DECREF(samples); goto fail; }
-                if (rc == -2) { Py_DECREF(samples); goto fail; }
-                if (t_ms > last_ts) last_ts = t_ms;
-                n++;
+                if (read_len(&ts, &sub)) { err = "truncated sample"; goto fail; }
+                int rc = parse_sample(sub, &sb);
+                if (rc == -1) { err = "malformed sample"; goto fail; }
+                if (rc == -2) { PyErr_NoMemory(); goto fail; }
+                if (sb.ts[sb.n - 1] > last_ts) last_ts = sb.ts[sb.n - 1];
             } else if (f2 == 3 && w2 == 2) {
-                cursor skip;
-                if (read_len(&ts, &skip)) { err = "truncated exemplar"; Py_DECREF(samples); goto fail; }
+                if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
                 n_ex++;
             } else if (f2 == 4 && w2 == 2) {
-                cursor skip;
-                if (read_len(&ts, &skip)) { err = "truncated histogram"; Py_DECREF(samples); goto fail; }
+                if (read_len(&ts, &sub)) { err = "truncated histogram"; goto fail; }
                 hist++;
             } else if (skip_field(&ts, w2)) {
-                err = "malformed series field"; Py_DECREF(samples); goto fail;
+                err = "malformed series field"; goto fail;
             }
         }
+        Py_ssize_t n = sb.n;
         n_samples += n;
         n_hist += hist;
 
@@ -248,7 +276,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             /* Labels interleaved with other fields: gather them (rare; never from Prometheus). */
             if (scratch_cap < lab_bytes) {
                 char *grown = PyMem_Realloc(scratch, lab_bytes);
-                if (!grown) { Py_DECREF(samples); PyErr_NoMemory(); goto fail; }
+                if (!grown) { PyErr_NoMemory(); goto fail; }
                 scratch = grown;
                 scratch_cap = lab_bytes;
             }
@@ -257,9 +285,9 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             while (re.p < re.end) {
                 const uint8_t *fs = re.p;
                 uint64_t t3;
+                cursor lab;
                 read_varint(&re, &t3);
                 if ((t3 >> 3) == 1 && (t3 & 7) == 2) {
-                    cursor lab;
                     read_len(&re, &lab);
                     memcpy(scratch + off, fs, (size_t)(re.p - fs));
                     off += (size_t)(re.p - fs);
@@ -269,46 +297,53 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             }
             raw = PyBytes_FromStringAndSize(scratch, (Py_ssize_t)off);
         }
-        if (!raw) { Py_DECREF(samples); goto fail; }
+        if (!raw) goto fail;
         PyObject *key = PyDict_GetItemWithError(cache, raw); /* borrowed */
         if (key) {
             Py_INCREF(key);
         } else if (PyErr_Occurred()) {
-            Py_DECREF(raw); Py_DECREF(samples); goto fail;
+            Py_DECREF(raw);
+            goto fail;
         } else {
             const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
             PyObject *pairs = label_pairs(rp, rp + PyBytes_GET_SIZE(raw));
-            if (!pairs) { Py_DECREF(raw); Py_DECREF(samples); goto fail; }
+            if (!pairs) { Py_DECREF(raw); goto fail; }
             key = PyObject_CallFunctionObjArgs(resolve, raw, pairs, NULL);
             Py_DECREF(pairs);
-            if (!key) { Py_DECREF(raw); Py_DECREF(samples); goto fail; }
+            if (!key) { Py_DECREF(raw); goto fail; }
         }
         Py_DECREF(raw);
 
-        PyObject *ok = Py_None;
+        int rc = 0;
         if (PyUnicode_Check(key)) {
-            ok = reject(rejects, key, n, "labels");
+            rc = reject(rejects, key, n, "labels") ? 0 : -1;
         } else if (n == 0) {
-            if (hist == 0) ok = reject(rejects, key, 0, "no_samples");
+            if (hist == 0) rc = reject(rejects, key, 0, "no_samples") ? 0 : -1;
         } else if (last_ts > max_ts) {
-            ok = reject(rejects, key, n, "future");
+            rc = reject(rejects, key, n, "future") ? 0 : -1;
         } else {
-            PyObject *pair = PyTuple_Pack(2, key, samples);
-            if (!pair || PyList_Append(series, pair)) ok = NULL;
-            Py_XDECREF(pair);
+            rc = PyList_Append(keys, key);
+            if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
+            for (Py_ssize_t i = 0; i < n && !rc; i++) {
+                rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
+                if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
+            }
         }
         Py_DECREF(key);
-        Py_DECREF(samples);
-        if (!ok) goto fail;
+        if (rc) goto fail;
     }
+    Py_ssize_t next = (Py_ssize_t)(c.p - (const uint8_t *)buf.buf);
     PyMem_Free(scratch);
+    PyMem_Free(sb.ts);
+    PyMem_Free(sb.val);
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(NnnnnN)", series, n_samples, n_hist, n_ex, n_meta, rejects);
+    return Py_BuildValue("(nnnnNn)", n_samples, n_hist, n_ex, n_meta, rejects, next);
 
 fail:
     PyMem_Free(scratch);
+    PyMem_Free(sb.ts);
+    PyMem_Free(sb.val);
     PyBuffer_Release(&buf);
-    Py_XDECREF(series);
     Py_XDECREF(rejects);
     if (err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
     return NULL;

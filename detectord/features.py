@@ -314,6 +314,7 @@ class FeatureExtractor:
         self._table = _SourceTable(self.features)
         # Decode with this cache: per-series state lives on its SeriesKeys.
         self.labels = LabelCache()
+        self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
         self._instances: dict[InstanceKey, _Instance] = {}
 
     @property
@@ -329,21 +330,27 @@ class FeatureExtractor:
         now = time.monotonic() if now is None else now
         rows: list[FeatureRow] = []
         step_ms = self.step_ms
-        for key, samples in write.series:
+        tss, vals = write.timestamps, write.values
+        j = 0
+        for key, n in zip(write.keys, write.counts):
+            first = j
+            j += n
             s = key.state
             if s.__class__ is not _Series:
                 if s is None:
                     s = self._bind(key, now)
                 if s is _IGNORED:
-                    stats.ignored += len(samples)
+                    stats.ignored += n
                     continue
                 if s is None:
-                    stats.instance_limit += len(samples)
+                    stats.instance_limit += n
                     continue
             assert isinstance(s, _Series)
             inst = s.inst
             inst.last_seen = now
-            for ts, v in samples:
+            for k in range(first, j):
+                ts = tss[k]
+                v = vals[k]
                 if ts <= s.last_ts:
                     stats.duplicate += 1
                     continue
@@ -408,6 +415,10 @@ class FeatureExtractor:
             for sk in inst.series:
                 sk.state = None
                 self.labels.forget(sk)
+            # Break the instance ⇄ series cycles so reference counting frees them (see Ingestor).
+            inst.series.clear()
+            for g in inst.gauges:
+                g.clear()
 
     def _bind(self, sk: SeriesKey, now: float) -> _Series | object | None:
         sources = self._table.by_series_name.get(sk.name)
@@ -454,6 +465,7 @@ class FeatureExtractor:
             inst.gauges[gauge_source].append(s)
         inst.series.append(sk)
         sk.state = s
+        self.series_bound += 1
         return s
 
     def _advance(self, inst: _Instance, b: int, rows: list[FeatureRow]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+import gc
 from dataclasses import dataclass
 
 from .features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
@@ -16,6 +17,9 @@ from .inference import InferenceWorker, ScoreRequest
 from .metrics import DaemonMetrics
 from .remote_write import Version, decode
 from .windows import WindowStore
+
+
+FREEZE_AFTER_NEW_SERIES = 10_000
 
 
 @dataclass(slots=True)
@@ -67,9 +71,17 @@ class Ingestor:
     def _write(self, body: bytes, version: Version) -> WriteResult:
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        decoded = decode(body, version, max_decoded=self.max_decoded, max_ts_ms=now_ms + self.max_future_ms)
+        decoded = decode(body, version, self.extractor.labels, max_decoded=self.max_decoded,
+                         max_ts_ms=now_ms + self.max_future_ms)
         stats = IngestStats()
+        bound = self.extractor.series_bound
         rows = self.extractor.ingest(decoded, stats)
+        if self.extractor.series_bound - bound >= FREEZE_AFTER_NEW_SERIES:
+            # Many new long-lived objects: take them out of the cyclic GC's full collections,
+            # which would otherwise scan them all, holding the GIL (and stalling the event loop)
+            # for a time that grows with the number of series tracked. Their cycles are broken
+            # by hand when an instance is forgotten, so reference counting still frees them.
+            gc.freeze()
         self.push_rows(rows)
         m = self.metrics
         m.count_ingest(stats)

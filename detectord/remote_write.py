@@ -7,6 +7,7 @@ Remote write 1.0 (`prometheus.WriteRequest`) and 2.0 (`io.prometheus.write.v2.Re
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,11 +117,16 @@ class LabelCache:
 
 @dataclass(slots=True)
 class DecodedWrite:
-    """One request's series. A series may appear several times (Prometheus 2.42 sends one
-    sample per TimeSeries), each with its samples in timestamp order."""
+    """One request's series, column by column: series i is keys[i] with counts[i] samples, the
+    next ones in timestamps/values. A series may appear several times (Prometheus 2.42 sends
+    one sample per TimeSeries), each time with its samples in timestamp order. Flat lists of
+    numbers give the cyclic GC nothing to scan, however large the request."""
 
     version: Version
-    series: list[tuple[SeriesKey, list[tuple[int, float]]]] = field(default_factory=list)
+    keys: list[SeriesKey] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    timestamps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
     samples: int = 0
     histograms: int = 0
     exemplars: int = 0
@@ -129,6 +135,20 @@ class DecodedWrite:
     invalid_series: int = 0
     invalid_samples: int = 0
     first_error: str | None = None
+
+    def add(self, key: SeriesKey, samples: Sequence[tuple[int, float]]) -> None:
+        self.keys.append(key)
+        self.counts.append(len(samples))
+        for t, v in samples:
+            self.timestamps.append(t)
+            self.values.append(v)
+
+    def series(self) -> Iterator[tuple[SeriesKey, list[tuple[int, float]]]]:
+        """(key, samples) pairs; for tests and tools, not the hot path."""
+        j = 0
+        for key, n in zip(self.keys, self.counts):
+            yield key, list(zip(self.timestamps[j:j + n], self.values[j:j + n]))
+            j += n
 
     def reject(self, reason: str, samples: int) -> None:
         self.invalid_series += 1
@@ -139,29 +159,33 @@ class DecodedWrite:
 
 def negotiate(content_type: str | None, content_encoding: str | None) -> Version:
     """The protocol version a request's headers ask for, or 415 as the spec says."""
-    ctype = (content_type or "").strip()
-    version: Version
-    if not ctype:
-        version = "1.0"  # Prometheus's own receiver treats a missing Content-Type as 1.0.
-    else:
-        media, _, params = ctype.partition(";")
-        if media.strip().lower() != "application/x-protobuf":
-            raise RemoteWriteError(415, f"unsupported Content-Type {ctype!r}; expected application/x-protobuf")
-        proto = PROTO_V1
-        for param in params.split(";"):
-            k, _, v = param.strip().partition("=")
-            if k.strip().lower() == "proto":
-                proto = v.strip().strip('"')
-        if proto == PROTO_V1:
-            version = "1.0"
-        elif proto == PROTO_V2:
-            version = "2.0"
-        else:
-            raise RemoteWriteError(415, f"unsupported proto {proto!r}; expected {PROTO_V1} or {PROTO_V2}")
-    encoding = (content_encoding or "").strip().lower()
-    if encoding != "snappy":
-        raise RemoteWriteError(415, f"unsupported Content-Encoding {content_encoding!r}; expected snappy")
+    version = protocol_of(content_type)
+    check_encoding(content_encoding)
     return version
+
+
+def protocol_of(content_type: str | None) -> Version:
+    ctype = (content_type or "").strip()
+    if not ctype:
+        return "1.0"  # Prometheus's own receiver treats a missing Content-Type as 1.0.
+    media, _, params = ctype.partition(";")
+    if media.strip().lower() != "application/x-protobuf":
+        raise RemoteWriteError(415, f"unsupported Content-Type {ctype!r}; expected application/x-protobuf")
+    proto = PROTO_V1
+    for param in params.split(";"):
+        k, _, v = param.strip().partition("=")
+        if k.strip().lower() == "proto":
+            proto = v.strip().strip('"')
+    if proto == PROTO_V1:
+        return "1.0"
+    if proto == PROTO_V2:
+        return "2.0"
+    raise RemoteWriteError(415, f"unsupported proto {proto!r}; expected {PROTO_V1} or {PROTO_V2}")
+
+
+def check_encoding(content_encoding: str | None) -> None:
+    if (content_encoding or "").strip().lower() != "snappy":
+        raise RemoteWriteError(415, f"unsupported Content-Encoding {content_encoding!r}; expected snappy")
 
 
 def declared_length(body: bytes) -> int:
@@ -206,6 +230,7 @@ def decode_v1_message(msg: pb1.WriteRequest, cache: LabelCache, *, max_ts_ms: in
     return decode_v1_bytes(msg.SerializeToString(), cache, max_ts_ms=max_ts_ms)
 
 
+C_CHUNK_SERIES = 2000
 _WHY = {"no_samples": "has no samples", "future": "sample timestamp too far in the future"}
 
 
@@ -213,14 +238,24 @@ def decode_v1_bytes(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = N
                     use_c: bool = True) -> DecodedWrite:
     if _fastdecode is not None and use_c:
         limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
-        try:
-            series, n, hist, ex, meta, rejects = _fastdecode.decode_v1(
-                data, cache._raw, cache.from_label_fields, limit)
-        except ValueError as exc:
-            raise DecodeError(str(exc)) from None
-        out = DecodedWrite("1.0", series, samples=n, histograms=hist, exemplars=ex, metadata=meta)
-        for key, count, why in rejects:
-            out.reject(key if why == "labels" else f"series {_show(key.labels)} {_WHY[why]}", count)
+        out = DecodedWrite("1.0")
+        pos = 0
+        while pos < len(data) or pos == 0:
+            try:
+                # In chunks: C code holds the GIL, and the event loop's thread needs it too.
+                n, hist, ex, meta, rejects, pos = _fastdecode.decode_v1(
+                    data, cache._raw, cache.from_label_fields, limit, pos, C_CHUNK_SERIES,
+                    out.keys, out.counts, out.timestamps, out.values)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from None
+            out.samples += n
+            out.histograms += hist
+            out.exemplars += ex
+            out.metadata += meta
+            for key, count, why in rejects:
+                out.reject(key if why == "labels" else f"series {_show(key.labels)} {_WHY[why]}", count)
+            if not data:
+                break
         return out
     return _decode_v1_python(data, cache, max_ts_ms=max_ts_ms)
 
@@ -228,7 +263,7 @@ def decode_v1_bytes(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = N
 def _decode_v1_python(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
     msg = pbv.WriteRequestView.FromString(data)
     out = DecodedWrite("1.0", metadata=len(msg.metadata))
-    append = out.series.append
+    append = out.add
     from_raw = cache.from_raw
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
     for ts in msg.timeseries:
@@ -255,7 +290,7 @@ def _decode_v1_python(data: bytes, cache: LabelCache, *, max_ts_ms: int | None =
         if samples[-1][0] > limit:
             out.reject(f"series {_show(key.labels)} {_WHY['future']}", n)
             continue
-        append((key, samples))
+        append(key, samples)
     return out
 
 
@@ -265,7 +300,7 @@ def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | N
     if symbols and symbols[0] != "":
         raise RemoteWriteError(400, "symbols[0] must be the empty string")
     nsym = len(symbols)
-    append = out.series.append
+    append = out.add
     for ts in msg.timeseries:
         samples = [(s.timestamp, s.value) for s in ts.samples]
         n = len(samples)
@@ -297,7 +332,7 @@ def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | N
         if max_ts_ms is not None and samples[-1][0] > max_ts_ms:
             out.reject(f"series {_show(checked)}: sample timestamp too far in the future", n)
             continue
-        append((cache.intern(checked), samples))
+        append(cache.intern(checked), samples)
     return out
 
 

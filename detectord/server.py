@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from .inference import InferenceWorker, ScoreResult, bucket_sizes, warm_up
 from .ingest import Ingestor
 from .metrics import DaemonMetrics
 from .model_loader import LoadedModel, load_model
-from .remote_write import declared_length, negotiate
+from .remote_write import check_encoding, declared_length, protocol_of
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +92,9 @@ class Server:
         self.notifier = await self._exit_stack.enter_async_context(
             AlertmanagerNotifier(cfg.alerting, registry=self.registry, external_url=self.external_url()))
 
-        app = web.Application(client_max_size=cfg.web.max_body_size + 1)
+        # Content-Encoding is ours to judge (only snappy is allowed): aiohttp must not inflate gzip bodies.
+        app = web.Application(client_max_size=cfg.web.max_body_size + 1,
+                              handler_args={"auto_decompress": False})
         app[SERVER_KEY] = self
         app.router.add_post("/api/v1/write", handle_write)
         app.router.add_get("/metrics", handle_metrics)
@@ -107,6 +110,7 @@ class Server:
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
+        _freeze_heap()
         self.ready = True
         self.metrics.ready.set(1)
         self._spawn(self._evict_loop())
@@ -232,6 +236,9 @@ class Server:
                     self.notifier.submit(self.alerts.firing())
             self.cfg = cfg
             self._publish_model(model)
+            # The old model is garbage now; collect it once (a short pause) and freeze the new one.
+            gc.unfreeze()
+            await loop.run_in_executor(None, _freeze_heap)
             self.metrics.reloads.labels("success").inc()
             log.info("reloaded", trigger=trigger, model=model.name, model_version=model.version)
 
@@ -298,6 +305,14 @@ class Server:
             log.info("instances evicted", count=len(gone))
 
 
+def _freeze_heap() -> None:
+    """Move everything allocated so far (TensorFlow, Keras, the model: ~10^5 objects) out of the
+    cyclic GC's reach. Otherwise every full collection scans them all, holding the GIL for
+    ~0.2 s, and the event loop stalls whichever thread triggered it."""
+    gc.collect()
+    gc.freeze()
+
+
 # ---- HTTP handlers ---------------------------------------------------------------------------
 
 
@@ -312,7 +327,8 @@ async def handle_write(request: web.Request) -> web.StreamResponse:
     m = srv.metrics
     version = "unknown"
     try:
-        version = negotiate(request.headers.get("Content-Type"), request.headers.get("Content-Encoding"))
+        version = protocol_of(request.headers.get("Content-Type"))
+        check_encoding(request.headers.get("Content-Encoding"))
         limit = srv.cfg.web.max_body_size
         if request.content_length is not None and request.content_length > limit:
             raise RemoteWriteError(413, f"body of {request.content_length} bytes exceeds the limit of {limit} bytes")
@@ -346,7 +362,8 @@ async def handle_metrics(request: web.Request) -> web.Response:
     srv = request.app[SERVER_KEY]
     if srv.pipeline is not None:
         srv.metrics.queue_depth.set(srv.pipeline.worker.depth())
-    body = generate_latest(srv.registry)
+    # Rendering tens of thousands of per-instance series is CPU work: not on the event loop.
+    body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, srv.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -24,7 +24,8 @@ def write(*series: tuple[tuple[tuple[str, str], ...], list[tuple[int, float]]]) 
     """A decoded request; every test's extractor shares one interning cache, which is fine
     because each test's series states start unbound (keys are forgotten per extractor below)."""
     w = DecodedWrite("1.0")
-    w.series.extend((_CACHE.intern(labels), samples) for labels, samples in series)
+    for labels, samples in series:
+        w.add(_CACHE.intern(labels), samples)
     return w
 
 

@@ -86,16 +86,16 @@ def test_v1_repeated_series_and_sorting() -> None:
     w = decode(_v1((name, [(1000, 1.0)]), (name, [(2000, 2.0)]), (dict(reversed(name.items())), [(3000, 3.0)])),
                "1.0", LabelCache(), max_decoded=MiB)
     assert w.samples == 3 and w.invalid_series == 0
-    keys = {id(s[0]) for s in w.series}
+    keys = {id(k) for k in w.keys}
     assert len(keys) == 1, "the same label set, in any order, is one series"
-    assert w.series[0][0].labels[0] == ("__name__", "coredns_dns_requests_total")
+    assert w.keys[0].labels[0] == ("__name__", "coredns_dns_requests_total")
 
 
 def test_v1_invalid_series_refused_rest_kept() -> None:
     good = {"__name__": "go_goroutines", "instance": "a"}
     w = decode(_v1(({"instance": "a"}, [(1, 1.0)]), (good, [(1, 2.0)]), ({"__name__": "x", "a": "1"}, [])),
                "1.0", LabelCache(), max_decoded=MiB)
-    assert len(w.series) == 1 and w.invalid_series == 2
+    assert len(w.keys) == 1 and w.invalid_series == 2
     assert "no __name__" in (w.first_error or "")
 
 
@@ -121,7 +121,7 @@ def test_v2_symbols_refs_unsorted_labels_and_special_values() -> None:
     ])
     w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
     assert w.invalid_series == 0 and w.samples == 5
-    (k1, s1), (k2, s2) = w.series
+    (k1, s1), (k2, s2) = w.series()
     assert k1.labels == (("__name__", "coredns_dns_requests_total"), ("instance", "a:9153"), ("job", "dns"))
     assert s1[1][1] == math.inf and s1[2][1] == -math.inf
     assert math.isnan(s2[0][1]) and not is_stale_marker(s2[0][1])
@@ -133,7 +133,7 @@ def test_v2_invalid_refs() -> None:
     symbols = ["", "__name__", "up"]
     body = _v2(symbols, [([1, 2], [(1, 1.0)]), ([1, 9], [(1, 1.0)]), ([1], [(1, 1.0)]), ([1, 2], [])])
     w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
-    assert len(w.series) == 1 and w.invalid_series == 3
+    assert len(w.keys) == 1 and w.invalid_series == 3
 
 
 def test_v2_symbols_must_start_empty() -> None:
@@ -150,7 +150,7 @@ def test_v1_body_sent_as_v2_is_a_400_or_empty() -> None:
     except RemoteWriteError as exc:
         assert exc.status == 400
     else:
-        assert w.series == []
+        assert w.keys == []
 
 
 def test_c_and_python_decoders_agree() -> None:
@@ -178,7 +178,7 @@ def test_c_and_python_decoders_agree() -> None:
 
     def norm(w: object) -> tuple[object, ...]:
         assert hasattr(w, "series")
-        series = [(k.labels, [(t, repr(v)) for t, v in s]) for k, s in w.series]  # repr: NaN == NaN
+        series = [(k.labels, [(t, repr(v)) for t, v in s]) for k, s in w.series()]  # repr: NaN == NaN
         return (series, w.samples, w.histograms, w.exemplars, w.metadata, w.invalid_series,  # type: ignore[attr-defined]
                 w.invalid_samples, w.first_error)  # type: ignore[attr-defined]
 

@@ -18,10 +18,10 @@ from tests.payloads import V1_HEADERS, V2_HEADERS, coredns_scrape, v1_body, v2_b
 NOW = int(time.time() * 1000)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def metric(text: str, metric_name: str, **labels: str) -> float:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name == metric_name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
 
