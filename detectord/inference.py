@@ -8,7 +8,7 @@ compiled forward pass is not retraced, and hands scores back to the event loop.
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -68,9 +68,6 @@ def bucket_sizes(max_batch: int, smallest: int = 8) -> list[int]:
     return sizes
 
 
-_STOP = object()
-
-
 class InferenceWorker:
     def __init__(
         self,
@@ -91,7 +88,12 @@ class InferenceWorker:
         self.window, self.nfeatures = window, nfeatures
         self.max_batch, self.max_wait = max_batch, max_wait
         self._buckets = bucket_sizes(max_batch)
-        self._queue: queue.Queue[ScoreRequest | object] = queue.Queue(maxsize=queue_size)
+        # A deque under one condition, not queue.Queue: the ingest thread hands over all the
+        # windows of a request at once, and the worker takes a whole batch, one lock each.
+        self._queue: collections.deque[ScoreRequest] = collections.deque()
+        self._queue_size = queue_size
+        self._cond = threading.Condition()
+        self._stopping = False
         self._deliver, self._loop, self._metrics = deliver, loop, metrics
         self._thread = threading.Thread(target=self._run, name="detectord-inference", daemon=True)
         self._batch = np.zeros((max_batch, window, nfeatures), dtype=np.float32)
@@ -106,15 +108,21 @@ class InferenceWorker:
 
     def submit(self, req: ScoreRequest) -> bool:
         """Non-blocking; False (and counted) when the queue is full."""
-        try:
-            self._queue.put_nowait(req)
-        except queue.Full:
-            self._metrics.count_dropped("queue_full", 1)
-            return False
-        return True
+        return self.submit_many([req]) == 1
+
+    def submit_many(self, reqs: list[ScoreRequest]) -> int:
+        """Queue what fits, never blocking; the rest is dropped and counted. Returns how many fit."""
+        with self._cond:
+            room = self._queue_size - len(self._queue)
+            take = reqs if len(reqs) <= room else reqs[:max(room, 0)]
+            self._queue.extend(take)
+            self._cond.notify()
+        if len(take) < len(reqs):
+            self._metrics.count_dropped("queue_full", len(reqs) - len(take))
+        return len(take)
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def swap(self, scorer: Scorer) -> None:
         """Use `scorer` from the next batch on (a reload). The caller has warmed it up."""
@@ -125,42 +133,38 @@ class InferenceWorker:
         """Score what is queued, then end the thread."""
         if not self._thread.is_alive():
             return
-        self._queue.put(_STOP)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
         self._thread.join(timeout)
 
-    def _run(self) -> None:
-        q = self._queue
-        while True:
-            first = q.get()
-            if first is _STOP:
-                return
-            items = [first]
+    def _take(self) -> list[ScoreRequest] | None:
+        """The next batch: up to max_batch windows, waiting at most max_wait to fill it once one
+        is there. None when stopping with nothing left."""
+        q, cond = self._queue, self._cond
+        with cond:
+            while not q and not self._stopping:
+                cond.wait()
+            if not q:
+                return None
             deadline = time.monotonic() + self.max_wait
-            stop = False
-            while len(items) < self.max_batch:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = q.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if item is _STOP:
-                    stop = True
+            while len(q) < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                items.append(item)
-            self._metrics.set_queue_depth(q.qsize())
+                cond.wait(remaining)
+            n = min(len(q), self.max_batch)
+            return [q.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while (items := self._take()) is not None:
+            self._metrics.set_queue_depth(len(self._queue))
             try:
-                self._score(items)  # type: ignore[arg-type]
+                self._score(items)
             except Exception:
                 # A model that fails on one batch must not take the worker down with it.
                 log.exception("inference batch failed", size=len(items))
                 self._metrics.count_dropped("inference_error", len(items))
-            if stop:
-                return
 
     def _score(self, items: list[ScoreRequest]) -> None:
         with self._lock:

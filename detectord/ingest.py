@@ -103,14 +103,17 @@ class Ingestor:
         )
 
     def push_rows(self, rows: list[FeatureRow]) -> None:
-        windows, submit = self.windows, self.worker.submit
+        windows = self.windows
         gaps = restarts = 0
+        ready = []
         for row in rows:
             gaps += row.gap
             restarts += row.restart
             w = windows.push(row)
             if w is not None:
-                submit(ScoreRequest(row.instance, row.step_ts_ms, w))
+                ready.append(ScoreRequest(row.instance, row.step_ts_ms, w))
+        if ready:
+            self.worker.submit_many(ready)
         if gaps:
             self.metrics.gap_rows.inc(gaps)
         if restarts:
