@@ -154,3 +154,30 @@ async def test_instances_warm_then_get_scores(server_factory: Callable[..., Any]
         assert metric(text, "detectord_instances", state="warming") == 0
         for inst in ("a:9153", "b:9153"):
             assert 'detectord_anomaly_score{instance="%s",job="coredns"}' % inst in text
+
+
+async def test_idle_instances_are_evicted_and_the_cap_refuses_new_ones(server_factory: Callable[..., Any]) -> None:
+    async with server_factory(ingest={"instance_ttl": 1.0, "max_instances": 2}) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        async with aiohttp.ClientSession() as s:
+            body = v1_body([*coredns_scrape("a:9153", NOW, 1), *coredns_scrape("b:9153", NOW, 1),
+                            *coredns_scrape("c:9153", NOW, 1)])
+            assert (await post(s, f"{base}/api/v1/write", body))[0] == 204
+            async with s.get(f"{base}/api/v1/instances") as r:
+                listed = {i["labels"]["instance"] for i in (await r.json())["data"]}
+            assert listed == {"a:9153", "b:9153"}  # c was refused: the cap never evicts a live instance
+            # Only b keeps sending; a goes quiet and is forgotten after instance_ttl.
+            deadline = time.monotonic() + 10
+            k = 2
+            while time.monotonic() < deadline and srv.registry.get_sample_value(
+                    "detectord_instances_evicted_total") < 1:
+                assert (await post(s, f"{base}/api/v1/write", v1_body(coredns_scrape("b:9153", NOW + k, k))))[0] == 204
+                k += 1
+                await asyncio.sleep(0.2)
+            async with s.get(f"{base}/api/v1/instances") as r:
+                listed = {i["labels"]["instance"] for i in (await r.json())["data"]}
+            async with s.get(f"{base}/metrics") as r:
+                text = await r.text()
+        assert listed == {"b:9153"}
+        assert metric(text, "detectord_instances_evicted_total") == 1
+        assert metric(text, "detectord_samples_total", outcome="instance_limit") == 5
