@@ -84,13 +84,14 @@ def rate(rounds: Rounds, times: list[float]) -> tuple[float, float]:
     return cold, steady
 
 
-async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path) -> list[float]:
+async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path,
+                          model: Path) -> list[float]:
     port = free_port()
     cfg = workdir / "detectord.yml"
     cfg.write_text(f"""
 web: {{listen_address: "127.0.0.1:{port}", max_body_size: 64MiB, max_decoded_body_size: 256MiB}}
 ingest: {{step: {STEP_S:g}s, max_instances: {instances + 100}}}
-model: {{path: {REPO / 'models/default'}}}
+model: {{path: {model}}}
 logging: {{level: warning}}
 """)
     log = workdir / "detectord.log"
@@ -125,7 +126,7 @@ async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> l
         proc.wait(30)
 
 
-def bench_inference(seconds: float, max_batch: int) -> tuple[float, float, str]:
+def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:
     """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
     from detectord.config import ModelConfig
     from detectord.inference import InferenceWorker, ScoreRequest
@@ -133,7 +134,7 @@ def bench_inference(seconds: float, max_batch: int) -> tuple[float, float, str]:
     from detectord.model_loader import load_model
     from prometheus_client import CollectorRegistry
 
-    model = load_model(ModelConfig(path=REPO / "models/default"))
+    model = load_model(ModelConfig(path=path))
     rng = np.random.default_rng(0)
     windows = rng.random((4096, model.window, len(model.features)), dtype=np.float32)
 
@@ -177,6 +178,7 @@ def main() -> int:
     p.add_argument("--no-prometheus", action="store_true")
     p.add_argument("--inference-seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--model", type=Path, default=REPO / "models/default")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -188,14 +190,14 @@ def main() -> int:
         print(f"\n== {n} CoreDNS instances: {per_round} samples per scrape round, "
               f"{len(rounds.bodies[0])} requests per round (payloads made in {time.perf_counter() - t0:.1f}s)")
         with tempfile.TemporaryDirectory() as d:
-            cold, steady = rate(rounds, asyncio.run(bench_detectord(rounds, n, args.concurrency, Path(d))))
+            cold, steady = rate(rounds, asyncio.run(bench_detectord(rounds, n, args.concurrency, Path(d), args.model)))
         print(f"detectord   ingest: {steady / 1e6:.3f} M samples/s steady ({cold / 1e6:.3f} M/s first round)")
         if not args.no_prometheus:
             with tempfile.TemporaryDirectory() as d:
                 pcold, psteady = rate(rounds, asyncio.run(bench_prometheus(rounds, args.concurrency, Path(d))))
             print(f"prometheus  ingest: {psteady / 1e6:.3f} M samples/s steady ({pcold / 1e6:.3f} M/s first round)")
             print(f"ratio detectord/prometheus: {steady / psteady:.2f} steady, {cold / pcold:.2f} first round")
-    raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch)
+    raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
     print(f"\ninference ({backend}, batch {args.max_batch}): {raw / 1e3:.1f} k windows/s forward pass, "
           f"{worker / 1e3:.1f} k windows/s through the worker")
     return 0
