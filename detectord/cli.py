@@ -35,8 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("file")
     cc.add_argument("--skip-model", action="store_true", help="do not load the model")
 
-    t = sub.add_parser("train", help="train the default model on regenerated synthetic data", add_help=False)
-    t.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("train", help="train the default model on regenerated synthetic data (see train --help)")
     return p
 
 
@@ -48,11 +47,13 @@ def _load(path: str | None, listen: str | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "train":
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # training.py owns its flags (`detectord train --help`).
         from .training import main as train_main
 
-        return train_main(args.args)
+        return train_main(argv[1:])
+    args = _parser().parse_args(argv)
     if args.command == "check":
         return _check_config(args.file, skip_model=args.skip_model)
     try:
