@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -25,16 +25,7 @@ FaultClass = Literal[
     "memory_leak",
     "panics",
 ]
-FAULT_CLASSES: tuple[FaultClass, ...] = (
-    "upstream_slow",
-    "upstream_down",
-    "upstream_servfail",
-    "query_flood",
-    "nxdomain_flood",
-    "max_concurrent",
-    "memory_leak",
-    "panics",
-)
+FAULT_CLASSES: tuple[FaultClass, ...] = get_args(FaultClass)
 
 DEFAULT_START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 MAX_SAMPLES_PER_SEND = 500  # Prometheus 2.42 queue_config default
