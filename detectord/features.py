@@ -219,7 +219,7 @@ _NO_VALUE = math.nan
 
 
 class _Series:
-    __slots__ = ("inst", "slots", "gauge_source", "last_ts", "last_v")
+    __slots__ = ("inst", "slots", "gauge_source", "last_ts", "last_v", "gauge_bins", "held")
 
     def __init__(self, inst: _Instance, slots: tuple[int, ...], gauge_source: int) -> None:
         self.inst = inst
@@ -227,6 +227,10 @@ class _Series:
         self.gauge_source = gauge_source  # index into the source table, -1 for counters
         self.last_ts = -(2**62)
         self.last_v = _NO_VALUE
+        # Gauges: the latest value in each of the two open steps (NaN: none yet), and the value
+        # held from earlier steps (NaN once the series went stale).
+        self.gauge_bins = [_NO_VALUE, _NO_VALUE]
+        self.held = _NO_VALUE
 
 
 class _Instance:
@@ -358,6 +362,7 @@ class FeatureExtractor:
                     if is_stale_marker(v):
                         stats.stale += 1
                         s.last_v = _NO_VALUE  # the series is gone; its next sample starts afresh
+                        s.held = _NO_VALUE
                     else:
                         stats.non_finite += 1
                     s.last_ts = ts
@@ -385,6 +390,8 @@ class FeatureExtractor:
                         acc = inst.acc[i]
                         for slot in s.slots:
                             acc[slot] += d
+                else:
+                    s.gauge_bins[i] = v
                 s.last_v = v
                 s.last_ts = ts
                 inst.seen[i] = True
@@ -489,13 +496,13 @@ class FeatureExtractor:
     def _close(self, inst: _Instance, rows: list[FeatureRow]) -> None:
         acc = inst.acc[0]
         step_ts = (inst.cur + 1) * self.step_ms
+        gauges = _close_gauges(inst)
         if inst.seen[0]:
             if inst.primed:
                 elapsed = (inst.max_ts[0] - inst.last_close_ts) / 1000.0
                 if elapsed <= 0:
                     elapsed = self.step_ms / 1000.0
-                step = Step(acc, _gauge_values(inst), [_cumulative(acc, order) for order in inst.bucket_order],
-                            elapsed)
+                step = Step(acc, gauges, [_cumulative(acc, order) for order in inst.bucket_order], elapsed)
                 values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
                 rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart))
                 inst.last_row = values
@@ -515,13 +522,24 @@ class FeatureExtractor:
         inst.cur += 1
 
 
-def _gauge_values(inst: _Instance) -> list[float]:
+def _close_gauges(inst: _Instance) -> list[float]:
+    """Each gauge source's value in the closing step, summed over series, and the shift of
+    every series' per-step values. A series without a sample in the step holds its last value;
+    one that went stale adds nothing. Values from the next step never leak into this one."""
     out = []
     for series in inst.gauges:
         total = 0.0
         for s in series:
-            if s.last_v == s.last_v:
-                total += s.last_v
+            bins = s.gauge_bins
+            v = bins[0]
+            if v == v:
+                s.held = v
+            else:
+                v = s.held
+            if v == v:
+                total += v
+            bins[0] = bins[1]
+            bins[1] = _NO_VALUE
         out.append(total)
     return out
 

@@ -201,3 +201,32 @@ def test_process_metrics() -> None:
     assert col(rows, "resident_memory_bytes") == [3e7] * 3
     assert col(rows, "goroutines") == [42.0] * 3
     assert all(r.values.dtype == np.float32 for r in rows)
+
+
+def test_gauges_belong_to_their_step_and_hold_across_missed_scrapes() -> None:
+    ext = FeatureExtractor(1000, max_gap_steps=5)
+    mem = {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 5: 15.0, 6: 16.0, 7: 17.0, 8: 18.0}
+    rows = []
+    for t, v in mem.items():
+        series = [(L("process_resident_memory_bytes"), [(t * 1000, v)]),
+                  (L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])]
+        rows += ext.ingest(write(*series))
+    rows += ext.flush()
+    # Row for step [t, t+1) carries that step's gauge, never a later one; the gap row holds.
+    assert col(rows, "resident_memory_bytes") == [11.0, 12.0, 13.0, 13.0, 15.0, 16.0, 17.0, 18.0]
+    assert [r.gap for r in rows] == [False, False, False, True, False, False, False, False]
+
+
+def test_stale_gauges_come_back_with_the_restarted_process() -> None:
+    ext = FeatureExtractor(1000)
+    rows = []
+    for t in range(12):
+        if t == 5:  # the scrape failed: Prometheus writes stale markers
+            series = [(L("go_goroutines"), [(t * 1000, STALE_NAN)]),
+                      (L("coredns_dns_requests_total"), [(t * 1000, STALE_NAN)])]
+        else:
+            reqs = 100.0 * t if t < 5 else 100.0 * (t - 5)  # the restarted process counts from 0
+            series = [(L("go_goroutines"), [(t * 1000, 40.0)]), (L("coredns_dns_requests_total"), [(t * 1000, reqs)])]
+        rows += ext.ingest(write(*series))
+    rows += ext.flush()
+    assert all(v == 40.0 for v in col(rows, "goroutines")), col(rows, "goroutines")
