@@ -9,22 +9,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import pytest
-
-from tests.peers import REPO, free_port, run_process, wait_http_ok
+from tests.peers import REPO, free_port, missing_peer, run_process, wait_http_ok
 
 ZONE = "example.test."
 NAMES = [f"host{i}" for i in range(200)]
 
 Fault = Literal["slow", "servfail", "drop"]
+
+_RELOAD_DIRECTIVE = re.compile(r"^\s*reload\b", re.MULTILINE)
+_RELOAD_DONE = re.compile(
+    r"Reloading complete|(Restart failed|reload failed|Corefile parse failed|\[ERROR\] SIGUSR1).*")
 
 
 def coredns_binary() -> Path:
@@ -32,10 +36,7 @@ def coredns_binary() -> Path:
     path = REPO / ".cache/coredns/coredns"
     if path.exists() and os.access(path, os.X_OK):
         return path
-    msg = f"CoreDNS not built at {path}: run `make coredns` (scripts/build-coredns.sh)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    missing_peer(f"CoreDNS not built at {path}: run `make coredns` (scripts/build-coredns.sh)")
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Ports:
     dns: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
     metrics: int = field(default_factory=free_port)
     ready: int = field(default_factory=free_port)
+    health: int = field(default_factory=free_port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.dns}"
 
     @property
     def metrics_target(self) -> str:
@@ -52,6 +58,7 @@ class Ports:
 
 
 def zone_file(path: Path) -> Path:
+    """Write the `example.test.` zone: A, AAAA, TXT, MX and SRV records for every name in NAMES."""
     lines = [f"$ORIGIN {ZONE}", "$TTL 30",
              f"@ IN SOA ns.{ZONE} admin.{ZONE} 1 7200 3600 1209600 30", f"@ IN NS ns.{ZONE}",
              "ns IN A 192.0.2.1", "@ IN MX 10 mail", "mail IN A 192.0.2.2"]
@@ -63,13 +70,16 @@ def zone_file(path: Path) -> Path:
     return path
 
 
-def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5) -> str:
+def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5, log: bool = False) -> str:
+    """A caching forwarder to `upstreams` (host:port), with metrics, health, ready and reload."""
+    logged = "\n    log" if log else ""
     return f"""
 .:{ports.dns} {{
     bind 127.0.0.1
     prometheus 127.0.0.1:{ports.metrics}
+    health 127.0.0.1:{ports.health}
     ready 127.0.0.1:{ports.ready}
-    errors
+    errors{logged}
     cache {cache_ttl}
     forward . {' '.join(upstreams)} {{
         max_fails 2
@@ -80,18 +90,24 @@ def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5)
 """
 
 
-def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None) -> str:
+def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, log: bool = False) -> str:
+    """The authoritative upstream for `zone` (see zone_file) and PTRs, or one that fails every query.
+
+    Faults: "slow" answers after 3 s, beyond forward's 2 s read timeout, so the edge answers
+    SERVFAIL; "servfail" answers SERVFAIL; "drop" never answers. It has no `reload` plugin: that
+    plugin and SIGUSR1 (how CoreDNS.reconfigure reloads it at once) race and break each other.
+    """
     serve = {
         None: f"file {zone} {ZONE}",
-        # Beyond forward's 2 s read timeout: the edge times out and answers SERVFAIL.
         "slow": "erratic {\n        delay 1 3s\n    }",
         "servfail": "template ANY ANY {\n        rcode SERVFAIL\n    }",
         "drop": "erratic {\n        drop 1\n    }",
     }[fault]
+    logged = "\n    log" if log else ""
     reverse = "" if fault else f"""
 in-addr.arpa.:{ports.dns} {{
     bind 127.0.0.1
-    prometheus 127.0.0.1:{ports.metrics}
+    prometheus 127.0.0.1:{ports.metrics}{logged}
     template IN PTR {{
         answer "{{{{ .Name }}}} 30 IN PTR host.{ZONE}"
     }}
@@ -102,8 +118,8 @@ in-addr.arpa.:{ports.dns} {{
     bind 127.0.0.1
     prometheus 127.0.0.1:{ports.metrics}
     ready 127.0.0.1:{ports.ready}
+    errors{logged}
     {serve}
-    reload 2s 1s
 }}
 {reverse}"""
 
@@ -118,31 +134,60 @@ class CoreDNS:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.ports.dns}"
+        return self.ports.address
 
-    async def reconfigure(self, text: str, *, wait_ready: bool = True) -> None:
-        """Rewrite the Corefile and reload it now (SIGUSR1), as the reload plugin would.
+    @property
+    def dns_port(self) -> int:
+        return self.ports.dns
 
-        `erratic` reports ready only after it has answered queries: pass wait_ready=False for it.
+    @property
+    def metrics_port(self) -> int:
+        return self.ports.metrics
+
+    async def reconfigure(self, text: str, *, wait_ready: bool = True, timeout: float = 20.0) -> None:
+        """Rewrite the Corefile and return once CoreDNS runs it; raise if the reload failed.
+
+        A Corefile with `reload` is picked up by that plugin (within its interval); one without
+        gets SIGUSR1 and reloads at once. `erratic` reports ready only after it has answered a few
+        queries: pass wait_ready=False for it.
         """
+        uses_reload_plugin = bool(_RELOAD_DIRECTIVE.search(self.corefile.read_text()))
+        offset = self.log.stat().st_size
         self.corefile.write_text(text)
-        self.proc.send_signal(signal.SIGUSR1)
-        await asyncio.sleep(1.0)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"CoreDNS {self.name} exited on reload; log: {self.log.read_text()[-2000:]}")
+        if not uses_reload_plugin:
+            os.killpg(self.proc.pid, signal.SIGUSR1)
+        outcome = await self._wait_log(_RELOAD_DONE, offset, timeout)
+        if outcome != "Reloading complete":
+            raise RuntimeError(f"CoreDNS {self.name} did not reload: {outcome}")
         if wait_ready:
-            await wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=20, proc=self.proc,
+            await wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=timeout, proc=self.proc,
                                log=self.log)
 
     def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
+        """SIGSTOP: the server holds its sockets but answers nothing, like a hung process."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    async def _wait_log(self, pattern: re.Pattern[str], offset: int, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log, "rb") as f:
+                f.seek(offset)
+                match = pattern.search(f.read().decode(errors="replace"))
+            if match:
+                return match.group(0)
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"CoreDNS {self.name}: no {pattern.pattern!r} in its log within {timeout}s "
+                           f"(exit code {self.proc.poll()}); log: {self.log.read_text()[-2000:]}")
 
 
 @contextlib.asynccontextmanager
 async def run_coredns(corefile: str, ports: Ports, *, workdir: Path, name: str) -> AsyncIterator[CoreDNS]:
+    """Run CoreDNS on `corefile` (which must serve `ready` on ports.ready) until ready; kill it on exit."""
     binary = coredns_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"Corefile.{name}"

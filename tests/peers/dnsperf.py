@@ -1,4 +1,4 @@
-"""Real DNS load from dnsperf (Debian): a mix of query types over the test zone, some names
+"""Real DNS load from dnsperf (Debian's 2.10): a mix of query types over the test zone, some names
 that do not exist (as Kubernetes search paths produce), rate-limited."""
 
 from __future__ import annotations
@@ -7,16 +7,26 @@ import contextlib
 import random
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.peers import run_process
+from tests.peers import missing_peer, run_process
 from tests.peers.coredns import NAMES, ZONE
+
+QTYPES = {"A": 50, "AAAA": 25, "TXT": 8, "MX": 5, "SRV": 7, "PTR": 5}
+
+
+@dataclass
+class DNSPerf:
+    proc: subprocess.Popen[bytes]
+    queries: Path
+    log: Path
 
 
 def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: float = 0.1) -> Path:
+    """dnsperf input over the upstream's zone (coredns.zone_file) and PTRs; `nxdomain_share` of
+    the queries ask for names that do not exist."""
     rng = random.Random(seed)
     # A skewed popularity: a few names take most queries, so the cache does real work.
     weights = [1.0 / (i + 1) for i in range(len(NAMES))]
@@ -26,7 +36,7 @@ def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: floa
             lines.append(f"host{rng.randrange(10**6)}.svc.cluster.local.{ZONE} A")
             continue
         name = rng.choices(NAMES, weights)[0]
-        qtype = rng.choices(["A", "AAAA", "TXT", "MX", "SRV", "PTR"], [50, 25, 8, 5, 7, 5])[0]
+        qtype = rng.choices(list(QTYPES), list(QTYPES.values()))[0]
         if qtype == "SRV":
             lines.append(f"_svc.{name}.{ZONE} SRV")
         elif qtype == "PTR":
@@ -39,12 +49,24 @@ def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: floa
 
 @contextlib.asynccontextmanager
 async def run_dnsperf(port: int, *, qps: int, duration_s: float, workdir: Path, name: str = "load",
-                      seed: int = 0) -> AsyncIterator[subprocess.Popen[bytes]]:
+                      seed: int = 0, queries: Sequence[tuple[str, str]] | None = None,
+                      max_outstanding: int = 100) -> AsyncIterator[DNSPerf]:
+    """Send `qps` queries a second over UDP to 127.0.0.1:`port` for `duration_s` (stopped on exit).
+
+    The queries are `queries` ((name, type) pairs) in a loop, or else query_file's mix. dnsperf
+    keeps at most `max_outstanding` queries unanswered, so a slow server gets less than `qps`.
+    """
     binary = shutil.which("dnsperf")
     if binary is None:
-        pytest.fail("dnsperf is not installed: run `make system-deps`")
-    queries = query_file(workdir / f"queries.{name}.txt", seed=seed)
-    argv = [binary, "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(int(duration_s)),
-            "-Q", str(qps), "-c", "2", "-t", "5"]
-    async with run_process(argv, log=workdir / f"dnsperf.{name}.log", cwd=workdir) as proc:
-        yield proc
+        missing_peer("dnsperf is not installed: run `make system-deps`")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"queries.{name}.txt"
+    if queries is None:
+        query_file(path, seed=seed)
+    else:
+        path.write_text("".join(f"{qname} {qtype}\n" for qname, qtype in queries))
+    argv = [binary, "-s", "127.0.0.1", "-p", str(port), "-d", str(path), "-l", f"{duration_s:g}",
+            "-Q", str(qps), "-q", str(max_outstanding), "-c", "2", "-t", "5"]
+    log = workdir / f"dnsperf.{name}.log"
+    async with run_process(argv, log=log, cwd=workdir) as proc:
+        yield DNSPerf(proc, path, log)

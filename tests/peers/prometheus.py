@@ -1,20 +1,24 @@
-"""A real Prometheus (Debian's 2.42) scraping given targets and remote-writing to detectord."""
+"""A real Prometheus (Debian's 2.42) scraping given targets and remote-writing to detectord,
+with a PromQL client for assertions."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import shutil
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
-from tests.peers import free_port, run_process, wait_http_ok
+from tests.peers import free_port, missing_peer, run_process, wait_http_ok
 
+# What detectord needs; the README's remote_write example keeps the same.
 KEEP = "coredns_.*|process_.*|go_goroutines"
 
 
@@ -22,20 +26,48 @@ KEEP = "coredns_.*|process_.*|go_goroutines"
 class Prometheus:
     url: str
     port: int
+    config: Path
+    log: Path
 
     async def query(self, promql: str) -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/api/v1/query", params={"query": promql}) as r:
+        """An instant query: the `data.result` vector of /api/v1/query."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
+                s.get(f"{self.url}/api/v1/query", params={"query": promql}) as r:
             body = await r.json()
-        assert body["status"] == "success", body
+        if body.get("status") != "success":
+            raise AssertionError(f"{promql}: {body}")
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
 
+    async def value(self, promql: str) -> float:
+        """The first sample of `promql`'s result, or NaN when it is empty."""
+        result = await self.query(promql)
+        return float(result[0]["value"][1]) if result else math.nan
+
+    async def wait_for(self, promql: str, pred: Callable[[float], bool], *, timeout: float = 30.0) -> float:
+        """Poll `promql` until `pred` holds for its value; fail with the last value seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await self.value(promql)
+            if not math.isnan(value) and pred(value):
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{promql}: last value {value} after {timeout}s")
+            await asyncio.sleep(0.5)
+
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
+    path = shutil.which("prometheus") or shutil.which("/usr/bin/prometheus")
     if path is None:
-        pytest.fail("prometheus is not installed: run `make system-deps`")
+        missing_peer("prometheus is not installed: run `make system-deps`")
     return path
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -45,8 +77,11 @@ async def run_prometheus(
     workdir: Path,
     remote_write_url: str | None = None,
     scrape_interval: str = "1s",
+    extra_remote_write_config: dict[str, Any] | None = None,
     enable_receiver: bool = False,
 ) -> AsyncIterator[Prometheus]:
+    """Scrape `targets` (job -> host:port list) every `scrape_interval`, remote-writing the series
+    detectord uses to `remote_write_url`; `extra_remote_write_config` is merged into that entry."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config: dict[str, Any] = {
@@ -55,11 +90,13 @@ async def run_prometheus(
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
     }
     if remote_write_url:
-        config["remote_write"] = [{
+        remote_write = {
             "url": remote_write_url,
             "write_relabel_configs": [{"source_labels": ["__name__"], "regex": KEEP, "action": "keep"}],
+            # Tests wait on what arrives: send within a second, retry quickly.
             "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
-        }]
+        }
+        config["remote_write"] = [_merge(remote_write, extra_remote_write_config or {})]
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
     argv = [prometheus_binary(), f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
@@ -69,4 +106,4 @@ async def run_prometheus(
     log = workdir / "prometheus.log"
     async with run_process(argv, log=log, cwd=workdir) as proc:
         await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=60, proc=proc, log=log)
-        yield Prometheus(f"http://127.0.0.1:{port}", port)
+        yield Prometheus(f"http://127.0.0.1:{port}", port, cfg, log)
