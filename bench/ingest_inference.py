@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from detectord._proto import remote_write_v1_pb2 as pb1  # noqa: E402
 from detectord.synthetic import Fleet  # noqa: E402
-from tests.peers import free_port, wait_http_ok  # noqa: E402
+from lab.peers import free_port, wait_http_ok  # noqa: E402
 
 HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
            "X-Prometheus-Remote-Write-Version": "0.1.0"}

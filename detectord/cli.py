@@ -1,4 +1,4 @@
-"""Command line: `detectord serve`, `detectord check config`, `detectord train`.
+"""Command line: `detectord serve`, `record`, `replay`, `check config`, `train`.
 
 Flags follow Prometheus's conventions (`--config.file`, `--web.listen-address`).
 """
@@ -10,8 +10,8 @@ import asyncio
 import sys
 
 from . import __version__
-from .config import Config, load_config, with_listen_address
-from .errors import ConfigError
+from .config import ByteSize, Config, Duration, load_config, with_listen_address
+from .errors import ConfigError, DetectordError
 
 EXIT_CONFIG = 2
 
@@ -35,6 +35,27 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("file")
     cc.add_argument("--skip-model", action="store_true", help="do not load the model")
 
+    r = sub.add_parser("record", help="receive remote-write and append every request to a recording")
+    r.add_argument("--out", required=True, help="recording file (appended to if it exists)")
+    r.add_argument("--web.listen-address", dest="listen_address", default="0.0.0.0:9465",
+                   help="HOST:PORT to listen on (default 0.0.0.0:9465)")
+    r.add_argument("--web.max-body-size", dest="max_body_size", default="16MiB", type=_size,
+                   help="compressed request body limit (default 16MiB)")
+    r.add_argument("--fsync-interval", dest="fsync_interval", default="1s", type=_duration,
+                   help="how often appended records are fsynced (default 1s)")
+
+    p2 = sub.add_parser("replay", help="re-send a recording to a remote-write endpoint")
+    p2.add_argument("file", help="recording (.drec, or .drec.xz)")
+    p2.add_argument("--to", required=True, help="remote-write URL, e.g. http://localhost:9464/api/v1/write")
+    p2.add_argument("--speed", type=float, default=1.0,
+                    help="1 keeps the recorded pace, 10 is ten times faster, 0 as fast as possible")
+
+    sc = sub.add_parser("score", help="score a recording offline, exactly as serve would score it live")
+    sc.add_argument("file", help="recording (.drec, or .drec.xz)")
+    sc.add_argument("--model", default="models/default", help="model directory (default models/default)")
+    sc.add_argument("--step", type=_duration, default=None, help="feature step (default: the model's)")
+    sc.add_argument("--out", default=None, help="write every score as CSV (instance labels, timestamp_ms, score)")
+
     sub.add_parser("train", help="train the default model on regenerated synthetic data (see train --help)")
     return p
 
@@ -56,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check_config(args.file, skip_model=args.skip_model)
+    if args.command == "record":
+        return _record(args)
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "score":
+        return _score(args)
     try:
         cfg = _load(args.config_file, args.listen_address)
     except ConfigError as exc:
@@ -67,6 +94,87 @@ def main(argv: list[str] | None = None) -> int:
     from .server import serve
 
     return asyncio.run(serve(cfg, config_path=args.config_file, listen_override=args.listen_address))
+
+
+def _size(text: str) -> int:
+    try:
+        return int(ByteSize.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(Duration.parse(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .logs import configure
+    from .record import RecorderOptions, record
+
+    configure("console", "info")
+    opts = RecorderOptions(out=Path(args.out), listen_address=args.listen_address,
+                           max_body_size=args.max_body_size, fsync_interval=args.fsync_interval)
+    try:
+        return asyncio.run(record(opts))
+    except (DetectordError, OSError) as exc:
+        print(f"detectord record: {exc}", file=sys.stderr)
+        return 1
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import replay, summary
+
+    if args.speed < 0:
+        print("detectord replay: --speed must be >= 0", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        stats = asyncio.run(replay(args.file, args.to, speed=args.speed, progress=True))
+    except (DetectordError, OSError) as exc:
+        print(f"detectord replay: {exc}", file=sys.stderr)
+        return 1
+    print(f"detectord replay: {summary(stats)}")
+    return 0 if not stats.failed and not stats.refused else 1
+
+
+def _score(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    import numpy as np
+
+    from .config import IngestConfig, ModelConfig
+    from .model_loader import load_model
+    from .scoring import iter_rows, recording_windows, score_windows
+
+    try:
+        model = load_model(ModelConfig(path=Path(args.model)))
+        got = recording_windows(args.file, step_seconds=args.step or model.step_seconds, window=model.window,
+                                nfeatures=len(model.features))
+    except (DetectordError, OSError) as exc:
+        print(f"detectord score: {exc}", file=sys.stderr)
+        return 1
+    scores = score_windows(got.requests, model.detector)
+    names = IngestConfig.instance_labels
+    print(f"{args.file}: {got.read.records} requests, {len(got.requests)} windows scored by {model.name} "
+          f"(window {model.window}, step {args.step or model.step_seconds:g}s)"
+          + (f"; ignored a torn tail of {got.read.torn_bytes} bytes" if got.read.torn_bytes else "")
+          + (f"; {got.bad_requests} requests had refused series" if got.bad_requests else ""))
+    for key in sorted(scores):
+        s = scores[key].scores
+        print(f"  {dict(zip(names, key))}: {len(s)} windows, max score {float(np.max(s)):.2f}, "
+              f"{int(np.sum(s > 1.0))} anomalous")
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*names, "timestamp_ms", "score"])
+            for key, t, v in iter_rows(scores):
+                w.writerow([*key, t, f"{v:.6g}"])
+    return 0
 
 
 def _check_config(path: str, *, skip_model: bool) -> int:

@@ -102,6 +102,8 @@ class InferenceConfig:
     max_batch: int = 1024
     max_wait: Duration = Duration(0.01)
     queue_size: int = 100000
+    # Latest scores kept per instance for GET /api/v1/scores.
+    score_history: int = 240
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def parse_config(text: str, *, base_dir: Path = Path("."), source: str = "<confi
         raise ConfigError(source, f"not valid YAML: {exc}") from exc
     if raw is None:
         raw = {}
-    cfg: Config = _build(Config, raw, "")
+    cfg: Config = from_mapping(Config, raw, "")
     if not cfg.model.path.is_absolute():
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base_dir / cfg.model.path))
     _check(cfg)
@@ -196,6 +198,7 @@ def _check(cfg: Config) -> None:
     need(1 <= cfg.inference.max_batch <= 65536, "inference.max_batch", "must be in 1..65536")
     need(cfg.inference.queue_size >= cfg.inference.max_batch, "inference.queue_size",
          "must be >= inference.max_batch")
+    need(cfg.inference.score_history >= 0, "inference.score_history", "must be >= 0")
     need(cfg.alerting.resend_interval > 0, "alerting.resend_interval", "must be > 0")
     need(cfg.alerting.queue_capacity >= 1, "alerting.queue_capacity", "must be >= 1")
     need(1 <= cfg.alerting.max_batch <= 1000, "alerting.max_batch", "must be in 1..1000")
@@ -225,7 +228,9 @@ def with_listen_address(cfg: Config, address: str) -> Config:
     return dataclasses.replace(cfg, web=dataclasses.replace(cfg.web, listen_address=address))
 
 
-def _build(cls: type[Any], raw: Any, key: str) -> Any:
+def from_mapping(cls: type[Any], raw: Any, key: str) -> Any:
+    """An instance of dataclass `cls` from parsed YAML, every value checked against its type hint;
+    errors name the dotted key under `key`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(key or "<top level>", f"must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -253,7 +258,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if value is None:
         raise ConfigError(key, "must not be empty")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return from_mapping(tp, value, key)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(key, f"must be one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")

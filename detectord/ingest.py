@@ -11,9 +11,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 import gc
 from dataclasses import dataclass
+from typing import Protocol
 
 from .features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
-from .inference import InferenceWorker, ScoreRequest
+from .inference import ScoreRequest
 from .metrics import DaemonMetrics
 from .remote_write import Version, decode
 from .windows import WindowStore
@@ -32,6 +33,12 @@ class WriteResult:
     stats: IngestStats
 
 
+class ScoreSink(Protocol):
+    """Where full windows go: the inference worker when serving, a list when scoring offline."""
+
+    def submit_many(self, reqs: list[ScoreRequest]) -> int: ...
+
+
 class Ingestor:
     def __init__(
         self,
@@ -44,7 +51,7 @@ class Ingestor:
         max_gap_steps: int,
         max_decoded: int,
         max_future_s: float,
-        worker: InferenceWorker,
+        worker: ScoreSink,
         metrics: DaemonMetrics,
     ) -> None:
         self.extractor = FeatureExtractor(step_ms, instance_labels, max_instances=max_instances,
@@ -58,7 +65,7 @@ class Ingestor:
 
     async def write(self, body: bytes, version: Version) -> WriteResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write, body, version)
+        return await loop.run_in_executor(self._executor, self.write_sync, body, version)
 
     async def call(self, fn: object, *args: object) -> object:
         """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
@@ -68,7 +75,9 @@ class Ingestor:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    def _write(self, body: bytes, version: Version) -> WriteResult:
+    def write_sync(self, body: bytes, version: Version) -> WriteResult:
+        """One request body through decoding, features and windows, on the calling thread (the
+        ingest thread when serving; the caller's own when scoring a recording offline)."""
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
         decoded = decode(body, version, self.extractor.labels, max_decoded=self.max_decoded,

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ class Server:
         self._exit_stack = contextlib.AsyncExitStack()
         self.port: int = 0
         self.step_s = 0.0
+        self.history: dict[InstanceKey, deque[tuple[int, float]]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -103,6 +105,7 @@ class Server:
         app.router.add_post("/-/reload", handle_reload)
         app.router.add_put("/-/reload", handle_reload)
         app.router.add_get("/api/v1/instances", handle_instances)
+        app.router.add_get("/api/v1/scores", handle_scores)
         app.router.add_get("/", handle_index)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=cfg.web.shutdown_timeout)
         await self._runner.setup()
@@ -263,9 +266,15 @@ class Server:
         m = self.metrics
         threshold = model.threshold
         changed = []
+        keep = self.cfg.inference.score_history
         for r in results:
             key = r.instance
             m.score.labels(*key).set(r.score)
+            if keep:
+                hist = self.history.get(key)
+                if hist is None:
+                    hist = self.history[key] = deque(maxlen=keep)
+                hist.append((r.step_ts_ms, r.score))
             anomalous = r.score > 1.0
             m.anomaly.labels(*key).set(1.0 if anomalous else 0.0)
             dev = np.nan_to_num(r.feature_deviation, nan=0.0)
@@ -298,6 +307,7 @@ class Server:
                 continue
             resolved = []
             for key in gone:
+                self.history.pop(key, None)
                 resolved.extend(self.alerts.forget(key))
                 self.metrics.forget_instance(key, FEATURE_NAMES)
             if resolved:
@@ -404,9 +414,20 @@ async def handle_instances(request: web.Request) -> web.Response:
     return web.json_response({"status": "success", "data": out})
 
 
+async def handle_scores(request: web.Request) -> web.Response:
+    """The latest scores of each instance (or of those whose label values include ?instance=),
+    oldest first, as [step timestamp in ms, score] pairs."""
+    srv = request.app[SERVER_KEY]
+    want = request.query.get("instance")
+    names = srv.cfg.ingest.instance_labels
+    out = [{"labels": dict(zip(names, key)), "scores": [[t, s] for t, s in hist]}
+           for key, hist in list(srv.history.items()) if want is None or want in key]
+    return web.json_response({"status": "success", "data": out})
+
+
 async def handle_index(request: web.Request) -> web.Response:
     return web.Response(text=f"detectord {__version__}: POST remote-write to /api/v1/write; see /metrics, "
-                             "/api/v1/instances, /-/ready.\n")
+                             "/api/v1/instances, /api/v1/scores, /-/ready.\n")
 
 
 async def serve(cfg: Config, *, config_path: str | None, listen_override: str | None) -> int:

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from detectord.alerting import Alert, AlertmanagerNotifier, AlertStates, rfc3339
 from detectord.config import AlertingConfig, AlertmanagerConfig, Duration
-from tests.peers import free_port
-from tests.peers.alertmanager import Alertmanager, run_alertmanager
+from lab.peers import free_port
+from lab.peers.alertmanager import Alertmanager, run_alertmanager
 
 T = TypeVar("T")
 

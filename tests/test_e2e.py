@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.peers.alertmanager import Alertmanager, run_alertmanager
-from tests.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
-from tests.peers.detectord import Detectord, run_detectord
-from tests.peers.dnsperf import run_dnsperf
-from tests.peers.prometheus import run_prometheus
+from lab.peers.alertmanager import Alertmanager, run_alertmanager
+from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
+from lab.peers.detectord import Detectord, run_detectord
+from lab.peers.dnsperf import run_dnsperf
+from lab.peers.prometheus import run_prometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

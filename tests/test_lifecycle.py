@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.payloads import V1_HEADERS, coredns_scrape, v1_body
-from tests.peers import free_port, wait_http_ok
+from lab.peers import free_port, wait_http_ok
 from tests.test_server import metric
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
-from tests.peers.dnsperf import run_dnsperf
-from tests.peers.prometheus import run_prometheus
+from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
+from lab.peers.dnsperf import run_dnsperf
+from lab.peers.prometheus import run_prometheus
 
 pytestmark = pytest.mark.e2e
 

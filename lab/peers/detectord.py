@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import subprocess
 
-from tests.peers import REPO, free_port, run_process, wait_http_ok
+from lab.peers import REPO, free_port, run_process, wait_http_ok
 
 
 @dataclass

@@ -8,7 +8,7 @@ import contextlib
 import math
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.peers import free_port, missing_peer, run_process, wait_http_ok
+from lab.peers import free_port, missing_peer, run_process, wait_http_ok
 
 # What detectord needs; the README's remote_write example keeps the same.
 KEEP = "coredns_.*|process_.*|go_goroutines"
@@ -63,6 +63,12 @@ def prometheus_binary() -> str:
     return path
 
 
+def _static_configs(targets: Sequence[str] | Mapping[str, str]) -> list[dict[str, Any]]:
+    if isinstance(targets, Mapping):
+        return [{"targets": [addr], "labels": {"instance": name}} for name, addr in targets.items()]
+    return [{"targets": list(targets)}]
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -72,27 +78,31 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def run_prometheus(
-    targets: dict[str, list[str]],
+    targets: Mapping[str, Sequence[str] | Mapping[str, str]],
     *,
     workdir: Path,
     remote_write_url: str | None = None,
     scrape_interval: str = "1s",
     extra_remote_write_config: dict[str, Any] | None = None,
     enable_receiver: bool = False,
+    keep: str = KEEP,
 ) -> AsyncIterator[Prometheus]:
-    """Scrape `targets` (job -> host:port list) every `scrape_interval`, remote-writing the series
-    detectord uses to `remote_write_url`; `extra_remote_write_config` is merged into that entry."""
+    """Scrape `targets` every `scrape_interval`, remote-writing the series matching `keep` to
+    `remote_write_url`; `extra_remote_write_config` is merged into that entry.
+
+    `targets` maps a job to host:port addresses, or to {instance name: host:port} to set the
+    `instance` label (stable names instead of ephemeral ports)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                    "evaluation_interval": scrape_interval},
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()],
+        "scrape_configs": [{"job_name": job, "static_configs": _static_configs(t)} for job, t in targets.items()],
     }
     if remote_write_url:
         remote_write = {
             "url": remote_write_url,
-            "write_relabel_configs": [{"source_labels": ["__name__"], "regex": KEEP, "action": "keep"}],
+            "write_relabel_configs": [{"source_labels": ["__name__"], "regex": keep, "action": "keep"}],
             # Tests wait on what arrives: send within a second, retry quickly.
             "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
         }

@@ -4,15 +4,16 @@ that do not exist (as Kubernetes search paths produce), rate-limited."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.peers import missing_peer, run_process
-from tests.peers.coredns import NAMES, ZONE
+from lab.peers import missing_peer, run_process
+from lab.peers.coredns import NAMES, ZONE, names
 
 QTYPES = {"A": 50, "AAAA": 25, "TXT": 8, "MX": 5, "SRV": 7, "PTR": 5}
 
@@ -24,19 +25,26 @@ class DNSPerf:
     log: Path
 
 
-def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: float = 0.1) -> Path:
-    """dnsperf input over the upstream's zone (coredns.zone_file) and PTRs; `nxdomain_share` of
-    the queries ask for names that do not exist."""
+# Kubernetes pods (ndots:5) try their search domains first: each lookup of a name becomes
+# NXDOMAIN queries for name.<search domain>, which repeat (and are cached) like the names do.
+SEARCH_DOMAINS = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
+
+
+def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: float = 0.1,
+               n_names: int = len(NAMES), qtypes: Mapping[str, float] = QTYPES, zipf: float = 1.0) -> Path:
+    """dnsperf input over the upstream's zone (coredns.zone_file with n_names) and PTRs;
+    `nxdomain_share` of the queries ask for search-path names that do not exist."""
     rng = random.Random(seed)
-    # A skewed popularity: a few names take most queries, so the cache does real work.
-    weights = [1.0 / (i + 1) for i in range(len(NAMES))]
+    pool = names(n_names)
+    # A skewed (Zipf) popularity: a few names take most queries, so the cache does real work.
+    cum = list(itertools.accumulate(1.0 / (i + 1) ** zipf for i in range(len(pool))))
     lines = []
     for _ in range(n):
+        name = rng.choices(pool, cum_weights=cum)[0]
         if rng.random() < nxdomain_share:
-            lines.append(f"host{rng.randrange(10**6)}.svc.cluster.local.{ZONE} A")
+            lines.append(f"{name}.{rng.choice(SEARCH_DOMAINS)}.{ZONE} {rng.choice(('A', 'AAAA'))}")
             continue
-        name = rng.choices(NAMES, weights)[0]
-        qtype = rng.choices(list(QTYPES), list(QTYPES.values()))[0]
+        qtype = rng.choices(list(qtypes), list(qtypes.values()))[0]
         if qtype == "SRV":
             lines.append(f"_svc.{name}.{ZONE} SRV")
         elif qtype == "PTR":
@@ -45,6 +53,25 @@ def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: floa
             lines.append(f"{name}.{ZONE} {qtype}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def random_subdomain_file(path: Path, *, n: int, seed: int = 0) -> Path:
+    """Unique random names under the zone, as a random-subdomain (water torture) attack sends:
+    every one is a cache miss and an NXDOMAIN from the upstream."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = "".join(rng.choices(alphabet, k=12))
+            f.write(f"{label}.{ZONE} A\n")
+    return path
+
+
+def dnsperf_binary() -> str:
+    binary = shutil.which("dnsperf")
+    if binary is None:
+        missing_peer("dnsperf is not installed: run `make system-deps`")
+    return binary
 
 
 @contextlib.asynccontextmanager
@@ -56,9 +83,7 @@ async def run_dnsperf(port: int, *, qps: int, duration_s: float, workdir: Path, 
     The queries are `queries` ((name, type) pairs) in a loop, or else query_file's mix. dnsperf
     keeps at most `max_outstanding` queries unanswered, so a slow server gets less than `qps`.
     """
-    binary = shutil.which("dnsperf")
-    if binary is None:
-        missing_peer("dnsperf is not installed: run `make system-deps`")
+    binary = dnsperf_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"queries.{name}.txt"
     if queries is None:

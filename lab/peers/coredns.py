@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tests.peers import REPO, free_port, missing_peer, run_process, wait_http_ok
+from lab.peers import REPO, free_port, missing_peer, run_process, wait_http_ok
 
 ZONE = "example.test."
 NAMES = [f"host{i}" for i in range(200)]
+
+
+def names(n: int = len(NAMES)) -> list[str]:
+    return [f"host{i}" for i in range(n)]
 
 Fault = Literal["slow", "servfail", "drop"]
 
@@ -57,12 +61,12 @@ class Ports:
         return f"127.0.0.1:{self.metrics}"
 
 
-def zone_file(path: Path) -> Path:
-    """Write the `example.test.` zone: A, AAAA, TXT, MX and SRV records for every name in NAMES."""
+def zone_file(path: Path, n_names: int = len(NAMES)) -> Path:
+    """Write the `example.test.` zone: A, AAAA, TXT, MX and SRV records for each of names(n_names)."""
     lines = [f"$ORIGIN {ZONE}", "$TTL 30",
              f"@ IN SOA ns.{ZONE} admin.{ZONE} 1 7200 3600 1209600 30", f"@ IN NS ns.{ZONE}",
              "ns IN A 192.0.2.1", "@ IN MX 10 mail", "mail IN A 192.0.2.2"]
-    for i, name in enumerate(NAMES):
+    for i, name in enumerate(names(n_names)):
         lines += [f"{name} IN A 192.0.2.{i % 250 + 1}", f"{name} IN AAAA 2001:db8::{i + 1:x}",
                   f'{name} IN TXT "v=spf1 -all {i}"', f"_svc.{name} IN SRV 10 5 443 {name}",
                   f"{name} IN MX 10 mail"]
@@ -70,32 +74,43 @@ def zone_file(path: Path) -> Path:
     return path
 
 
-def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5, log: bool = False) -> str:
-    """A caching forwarder to `upstreams` (host:port), with metrics, health, ready and reload."""
+def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5, log: bool = False,
+                  cache_capacity: int | None = None, max_concurrent: int | None = None, loop: bool = False,
+                  extra: str = "") -> str:
+    """A caching forwarder to `upstreams` (host:port), with metrics, health, ready and reload.
+
+    `extra` is appended inside the server block (the lab breaks a reload with it)."""
     logged = "\n    log" if log else ""
+    cache = f"cache {cache_ttl}" + (f" {{\n        success {cache_capacity}\n        denial {cache_capacity}\n    }}"
+                                    if cache_capacity else "")
+    limit = f"\n        max_concurrent {max_concurrent}" if max_concurrent else ""
+    looped = "\n    loop" if loop else ""
     return f"""
 .:{ports.dns} {{
     bind 127.0.0.1
     prometheus 127.0.0.1:{ports.metrics}
     health 127.0.0.1:{ports.health}
     ready 127.0.0.1:{ports.ready}
-    errors{logged}
-    cache {cache_ttl}
+    errors{logged}{looped}
+    {cache}
     forward . {' '.join(upstreams)} {{
         max_fails 2
-        health_check 0.5s
+        health_check 0.5s{limit}
     }}
-    reload 2s 1s
+    reload 2s 1s{extra}
 }}
 """
 
 
-def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, log: bool = False) -> str:
+def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, log: bool = False,
+                      servfail_match: str | None = None) -> str:
     """The authoritative upstream for `zone` (see zone_file) and PTRs, or one that fails every query.
 
     Faults: "slow" answers after 3 s, beyond forward's 2 s read timeout, so the edge answers
-    SERVFAIL; "servfail" answers SERVFAIL; "drop" never answers. It has no `reload` plugin: that
-    plugin and SIGUSR1 (how CoreDNS.reconfigure reloads it at once) race and break each other.
+    SERVFAIL; "servfail" answers SERVFAIL; "drop" never answers. `servfail_match` (a regex on the
+    query name) answers SERVFAIL for the names it matches only, as a broken subtree would. It has
+    no `reload` plugin: that plugin and SIGUSR1 (how CoreDNS.reconfigure reloads it at once) race
+    and break each other.
     """
     serve = {
         None: f"file {zone} {ZONE}",
@@ -103,6 +118,9 @@ def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, l
         "servfail": "template ANY ANY {\n        rcode SERVFAIL\n    }",
         "drop": "erratic {\n        drop 1\n    }",
     }[fault]
+    if servfail_match is not None and fault is None:
+        serve = (f"template ANY ANY {{\n        match \"{servfail_match}\"\n        rcode SERVFAIL\n"
+                 f"        fallthrough\n    }}\n    {serve}")
     logged = "\n    log" if log else ""
     reverse = "" if fault else f"""
 in-addr.arpa.:{ports.dns} {{

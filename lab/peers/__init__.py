@@ -1,17 +1,19 @@
-"""Real peer processes for tests: CoreDNS, Prometheus, Alertmanager, dnsperf.
+"""Real peer processes for the lab and the tests: CoreDNS, Prometheus, Alertmanager, dnsperf.
 
-Each peer is started on unused loopback ports by an async context manager and
-killed (with its whole process group) on exit, so no test leaves a process behind.
+Each peer is started on unused loopback ports by an async context manager and killed (with its
+whole process group) on exit, or by the kernel if this process dies first, so nothing is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -56,7 +58,7 @@ async def run_process(
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
         )
     try:
         yield proc
@@ -70,6 +72,18 @@ async def run_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # In the child, before exec: SIGKILL it when the thread that started it ends, so a lab or
+    # test runner killed with -9 leaves no CoreDNS or Prometheus behind. Popen runs on the
+    # event loop's (main) thread.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def wait_http_ok(url: str, *, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,

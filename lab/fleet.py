@@ -1,0 +1,174 @@
+"""The lab's topology: edge CoreDNS servers (caching forwarders) and the upstream CoreDNS servers they
+forward to, each edge through its own relay (lab/chaos.py), all on loopback; plus the base DNS load.
+
+Edge i forwards to upstream i mod U. Nodes can be killed and started again (same ports, same
+Corefile), reconfigured, paused and throttled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lab.chaos import Relay, start_relay
+from lab.load import DnsperfLoop, Modulation, RateFn
+from lab.peers import free_port
+from lab.peers.coredns import CoreDNS, Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
+from lab.peers.dnsperf import query_file
+from lab.scenario import LoadSpec, Topology
+
+Role = Literal["edge", "upstream"]
+JOBS: dict[Role, str] = {"edge": "coredns-edge", "upstream": "coredns-upstream"}
+# What the lab's Prometheus remote-writes: everything CoreDNS exports, its process and Go runtime
+# gauges, and the series Prometheus adds per target (`up` is what the CoreDNSDown rule reads).
+LAB_KEEP = "coredns_.*|process_.*|go_goroutines|go_threads|go_memstats_heap_inuse_bytes|up|scrape_duration_seconds"
+QUERY_FILES_PER_EDGE = 6
+QUERIES_PER_FILE = 20000
+
+
+@dataclass
+class Node:
+    name: str
+    role: Role
+    ports: Ports
+    workdir: Path
+    upstream: str | None = None  # edges: the upstream they forward to
+    relay: Relay | None = None  # edges: the path to that upstream
+    coredns: CoreDNS | None = None
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    load: DnsperfLoop | None = None
+    queries: list[Path] = field(default_factory=list)
+    base_qps: float = 0.0
+
+    @property
+    def job(self) -> str:
+        return JOBS[self.role]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"job": self.job, "instance": self.name}
+
+    @property
+    def running(self) -> bool:
+        return self.coredns is not None and self.coredns.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.coredns is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.coredns.proc.pid, sig)
+
+
+def _modulated(qps: float, mod: Modulation) -> RateFn:
+    return lambda t: qps * mod.factor(t)
+
+
+class Fleet:
+    def __init__(self, topology: Topology, load: LoadSpec, *, workdir: Path, seed: int) -> None:
+        self.topology = topology
+        self.load_spec = load
+        self.workdir = workdir
+        self.seed = seed
+        self.nodes: dict[str, Node] = {}
+        self.zone = workdir / "example.test.zone"
+        self._t0 = 0.0
+
+    # ---- Corefiles --------------------------------------------------------------------------
+
+    def corefile(self, node: Node, *, max_concurrent: int | None = None, extra: str = "") -> str:
+        """The node's healthy Corefile, or a variant of it."""
+        t = self.topology
+        if node.role == "upstream":
+            return upstream_corefile(node.ports, self.zone)
+        assert node.relay is not None and node.relay.transport is not None
+        relay_port = node.relay.transport.get_extra_info("sockname")[1]
+        return edge_corefile(node.ports, [f"127.0.0.1:{relay_port}"], cache_ttl=t.cache_ttl,
+                             cache_capacity=t.cache_capacity, max_concurrent=max_concurrent, loop=True,
+                             extra=extra)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        t = self.topology
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        zone_file(self.zone, t.zone_names)
+        for u in range(t.upstreams):
+            node = Node(f"upstream-{u}", "upstream", Ports(), self.workdir)
+            self.nodes[node.name] = node
+            await self.start_node(node)
+        for e in range(t.edges):
+            up = self.nodes[f"upstream-{e % t.upstreams}"]
+            relay = await start_relay(free_port(), ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e)
+            node = Node(f"edge-{e}", "edge", Ports(), self.workdir, upstream=up.name, relay=relay)
+            self.nodes[node.name] = node
+            await self.start_node(node)
+
+    async def start_node(self, node: Node) -> None:
+        await node.stack.aclose()
+        node.stack = contextlib.AsyncExitStack()
+        node.coredns = await node.stack.enter_async_context(
+            run_coredns(self.corefile(node), node.ports, workdir=node.workdir, name=node.name))
+
+    async def kill_node(self, node: Node) -> None:
+        """SIGKILL, as the OOM killer or a fatal error would end it."""
+        node.signal(signal.SIGKILL)
+        await node.stack.aclose()
+        node.coredns = None
+
+    def start_load(self) -> None:
+        spec = self.load_spec
+        loop = asyncio.get_running_loop()
+        self._t0 = loop.time()
+        edges = self.edges()
+        for i, node in enumerate(edges):
+            node.queries = [
+                query_file(self.workdir / f"queries.{node.name}.{k}.txt", seed=self.seed * 100 + i * 10 + k,
+                           n=QUERIES_PER_FILE, nxdomain_share=spec.nxdomain_share, n_names=self.topology.zone_names,
+                           zipf=spec.zipf)
+                for k in range(QUERY_FILES_PER_EDGE)]
+            # Edges differ in size, and breathe out of step with each other.
+            spread = 1.0 + spec.spread * ((i / max(1, len(edges) - 1)) * 2 - 1) if len(edges) > 1 else 1.0
+            node.base_qps = spec.qps * spread
+            mod = Modulation(float(spec.modulation_period), spec.modulation_depth,
+                             phase=2 * 3.14159 * i / max(1, len(edges)))
+            node.load = DnsperfLoop(node.name, node.ports.dns, node.queries,
+                                    _modulated(node.base_qps, mod),
+                                    log=self.workdir / f"dnsperf.{node.name}.log", segment_s=float(spec.segment))
+            node.load.start(self._t0)
+
+    def elapsed(self) -> float:
+        return asyncio.get_running_loop().time() - self._t0
+
+    def base_rate(self, node: Node, t: float) -> float:
+        return node.load.rate(t) if node.load is not None else 0.0
+
+    async def stop(self) -> None:
+        for node in self.nodes.values():
+            if node.load is not None:
+                await node.load.stop()
+        for node in reversed(list(self.nodes.values())):
+            node.signal(signal.SIGCONT)
+            await node.stack.aclose()
+            if node.relay is not None:
+                node.relay.close()
+
+    # ---- lookups ----------------------------------------------------------------------------
+
+    def edges(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.role == "edge"]
+
+    def edges_of(self, upstream: Node) -> list[Node]:
+        return [n for n in self.edges() if n.upstream == upstream.name]
+
+    def metrics_targets(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for n in self.nodes.values():
+            out.setdefault(n.job, {})[n.name] = n.ports.metrics_target
+        return out
+
+    def qps(self) -> float:
+        return sum(n.load.current_qps for n in self.edges() if n.load is not None)

@@ -1,0 +1,268 @@
+"""Runs a scenario: starts `detectord record`, the fleet and a Prometheus that scrapes it and
+remote-writes to the recorder, drives the load and the fault timeline, prints progress, and
+writes the ground truth beside the recording. Interrupted, it stops everything it started.
+
+    lab/run lab/scenarios/smoke.yaml --out /tmp/run1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import lzma
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from detectord.errors import ConfigError
+from lab.faults import PRIMITIVES, Primitive
+from lab.fleet import LAB_KEEP, Fleet, Node
+from lab.peers import REPO, free_port, run_process, wait_http_ok
+from lab.peers.prometheus import Prometheus, run_prometheus
+from lab.scenario import Fault, Scenario, load_scenario
+
+RECORDING = "recording.drec"
+TRUTH = "truth.json"
+INSTANCE_LABELS = ("job", "instance")
+
+
+@dataclass
+class EventRecord:
+    fault: Fault
+    instances: list[dict[str, str]] = field(default_factory=list)
+    start_ms: int | None = None
+    end_ms: int | None = None
+    error: str | None = None
+
+    def to_json(self, i: int) -> dict[str, Any]:
+        return {
+            "id": i, "class": self.fault.cls, "severity": self.fault.severity,
+            "start_ms": self.start_ms, "end_ms": self.end_ms, "instances": self.instances,
+            **({"error": self.error} if self.error else {}),
+            "actions": [{"primitive": a.primitive, "targets": list(a.targets),
+                         "params": {k: (float(v) if isinstance(v, float) else v) for k, v in a.params.items()}}
+                        for a in self.fault.actions],
+        }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Run:
+    def __init__(self, scenario: Scenario, out: Path, *, source: Path | None = None,
+                 progress_interval: float = 10.0, say: Callable[[str], None] | None = None) -> None:
+        self.scenario = scenario
+        self.out = out.resolve()
+        self.source = source
+        self.progress_interval = progress_interval
+        self.say = say or (lambda line: print(line, flush=True))
+        self.events = [EventRecord(f) for f in scenario.faults]
+        self.fleet: Fleet | None = None
+        self.prometheus: Prometheus | None = None
+        self.record_url = ""
+        self.started_ms = 0
+        self.ended_ms = 0
+        self.interrupted = False
+
+    async def run(self) -> None:
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        sc = self.scenario
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                port = free_port()
+                log = work / "record.log"
+                proc = await stack.enter_async_context(run_process(
+                    [sys.executable, "-m", "detectord", "record", "--out", str(out / RECORDING),
+                     "--web.listen-address", f"127.0.0.1:{port}"], log=log, cwd=REPO))
+                self.record_url = f"http://127.0.0.1:{port}"
+                await wait_http_ok(f"{self.record_url}/-/ready", timeout=60, proc=proc, log=log)
+                self.fleet = fleet = Fleet(sc.topology, sc.load, workdir=work, seed=sc.seed)
+                stack.push_async_callback(fleet.stop)
+                await fleet.start()
+                self.prometheus = await stack.enter_async_context(run_prometheus(
+                    fleet.metrics_targets(), workdir=work / "prometheus",
+                    remote_write_url=f"{self.record_url}/api/v1/write", scrape_interval=f"{sc.step:g}s", keep=LAB_KEEP,
+                    extra_remote_write_config={"queue_config": {"batch_send_deadline": "1s", "max_backoff": "5s"}}))
+                self.started_ms = _now_ms()
+                self.say(f"lab: {sc.name}: {sc.topology.edges} edges, {sc.topology.upstreams} upstreams, "
+                         f"{sc.load.qps:g} qps per edge, {len(sc.faults)} faults, {sc.duration:g}s; recording to "
+                         f"{out / RECORDING}")
+                fleet.start_load()
+                t0 = asyncio.get_running_loop().time()
+                tasks = [asyncio.ensure_future(self._fault(ev, t0)) for ev in self.events]
+                progress = asyncio.ensure_future(self._progress(t0))
+                try:
+                    await asyncio.sleep(sc.duration)
+                    await asyncio.gather(*tasks)
+                finally:
+                    progress.cancel()
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(progress, *tasks, return_exceptions=True)
+                    self.ended_ms = _now_ms()
+                    for node in fleet.edges():
+                        if node.load is not None:
+                            await node.load.stop()
+                    # The last scrapes reach the recorder before Prometheus stops.
+                    await asyncio.sleep(min(3.0, 2 * sc.step + 1))
+        except asyncio.CancelledError:
+            self.interrupted = True
+            self.ended_ms = self.ended_ms or _now_ms()
+            raise
+        finally:
+            self.write_truth()
+            shutil.rmtree(work / "prometheus" / "tsdb", ignore_errors=True)
+
+    async def _fault(self, ev: EventRecord, t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        fleet = self.fleet
+        assert fleet is not None
+        f = ev.fault
+        await asyncio.sleep(max(0.0, t0 + f.start - loop.time()))
+        applied: list[tuple[Primitive, Node]] = []
+        affected: dict[str, Node] = {}
+        try:
+            for action in f.actions:
+                for target in action.targets:
+                    prim = PRIMITIVES[action.primitive](**action.params)
+                    node = fleet.nodes[target]
+                    applied.append((prim, node))
+                    for n in prim.affected(fleet, node):
+                        affected[n.name] = n
+        except Exception as exc:
+            ev.error = f"{exc.__class__.__name__}: {exc}"
+            self.say(f"lab: fault {f.cls} not applied: {ev.error}")
+            return
+        ev.instances = [affected[k].labels for k in sorted(affected)]
+        stop = asyncio.Event()
+        during: list[asyncio.Future[None]] = []
+        try:
+            try:
+                await asyncio.gather(*(p.apply(fleet, n) for p, n in applied))
+            finally:
+                # Even a failed apply may have changed something: the span counts from here.
+                ev.start_ms = _now_ms()
+            targets = ", ".join(sorted({n.name for _, n in applied}))
+            self.say(f"lab: +{loop.time() - t0:6.0f}s fault {f.cls} ({f.severity or '-'}) on {targets}")
+            during = [asyncio.ensure_future(p.during(fleet, n, stop)) for p, n in applied]
+            await asyncio.sleep(max(0.0, t0 + f.start + f.duration - loop.time()))
+        except Exception as exc:
+            ev.error = f"{exc.__class__.__name__}: {exc}"
+            self.say(f"lab: fault {f.cls} failed: {ev.error} (kept in the truth file)")
+        finally:
+            stop.set()
+            for r in await asyncio.gather(*during, return_exceptions=True):
+                if isinstance(r, Exception) and ev.error is None:
+                    ev.error = f"{r.__class__.__name__}: {r}"
+            await asyncio.shield(asyncio.gather(*(p.revert(fleet, n) for p, n in applied), return_exceptions=True))
+            if ev.start_ms is not None:
+                ev.end_ms = _now_ms()
+                self.say(f"lab: +{loop.time() - t0:6.0f}s fault {f.cls} over")
+
+    async def _progress(self, t0: float) -> None:
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                await asyncio.sleep(self.progress_interval)
+                self.say(await self.progress_line(session, loop.time() - t0))
+
+    async def progress_line(self, session: aiohttp.ClientSession, elapsed: float) -> str:
+        assert self.fleet is not None
+        qps = "?"
+        if self.prometheus is not None:
+            with contextlib.suppress(Exception):
+                v = await self.prometheus.value('sum(rate(coredns_dns_requests_total{job="coredns-edge"}[10s]))')
+                qps = f"{v:.0f}"
+        samples = size = "?"
+        with contextlib.suppress(Exception):
+            async with session.get(f"{self.record_url}/metrics") as r:
+                text = await r.text()
+            samples = _metric(text, "detectord_record_samples_total")
+            size = f"{float(_metric(text, 'detectord_record_file_bytes')) / 1e6:.1f}MB"
+        now = _now_ms()
+        active = [f"{e.fault.cls}@{','.join(i['instance'] for i in e.instances)}"
+                  for e in self.events if e.start_ms is not None and e.end_ms is None and e.start_ms <= now]
+        return (f"lab: {elapsed:6.0f}/{self.scenario.duration:.0f}s  qps {qps} (target {self.fleet.qps():.0f})  "
+                f"samples {samples}  recording {size}  faults: {' '.join(active) or 'none'}")
+
+    def write_truth(self) -> Path:
+        sc = self.scenario
+        fleet = self.fleet
+        truth = {
+            "scenario": sc.name, "description": sc.description,
+            "source": str(self.source) if self.source else None,
+            "recording": RECORDING, "started_ms": self.started_ms, "ended_ms": self.ended_ms,
+            "interrupted": self.interrupted, "step_seconds": sc.step, "instance_labels": list(INSTANCE_LABELS),
+            "instances": [{**n.labels, "role": n.role, **({"upstream": n.upstream} if n.upstream else {})}
+                          for n in (fleet.nodes.values() if fleet else [])],
+            "events": [ev.to_json(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
+        }
+        path = self.out / TRUTH
+        path.write_text(json.dumps(truth, indent=1) + "\n")
+        return path
+
+
+def _metric(text: str, name: str) -> str:
+    m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return f"{float(m.group(1)):.0f}" if m else "?"
+
+
+def compress(path: Path, *, preset: int = 9 | lzma.PRESET_EXTREME) -> Path:
+    """path -> path.xz (how data sets are committed); the original is removed."""
+    out = path.with_name(path.name + ".xz")
+    with open(path, "rb") as src, lzma.open(out, "wb", preset=preset) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    path.unlink()
+    return out
+
+
+async def _main(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    run = Run(scenario, Path(args.out).resolve(), source=Path(args.scenario), progress_interval=args.progress_interval)
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await run.run()
+    except asyncio.CancelledError:
+        print(f"lab: interrupted; stopped everything; truth of what ran in {Path(args.out) / TRUTH}", flush=True)
+        return 130
+    if args.xz:
+        out = await asyncio.get_running_loop().run_in_executor(None, compress, Path(args.out) / RECORDING)
+        print(f"lab: compressed to {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
+    print(f"lab: done; {len(run.events)} faults; truth in {Path(args.out) / TRUTH}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lab/run", description="Run a lab scenario and record it.")
+    p.add_argument("scenario", help="scenario YAML (see lab/scenarios/)")
+    p.add_argument("--out", required=True, help="directory for the recording, truth.json and logs")
+    p.add_argument("--xz", action="store_true", help="compress the recording when done (as data/ keeps them)")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    args = p.parse_args(argv)
+    try:
+        return asyncio.run(_main(args))
+    except ConfigError as exc:
+        print(f"lab/run: {args.scenario}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

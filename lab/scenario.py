@@ -1,0 +1,184 @@
+"""Scenario files: topology, load and a timeline of faults, typed and validated once.
+
+A fault is a named anomaly class made of primitive actions (lab/faults.py) on chosen nodes for a
+time span. Errors name the offending key, e.g. `faults[2].actions[0].targets: no node edge-7`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detectord.config import Duration, from_mapping
+from detectord.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Topology:
+    edges: int = 4
+    upstreams: int = 2
+    # The edges' cache: TTL cap in seconds and capacity (entries, success and denial each).
+    cache_ttl: int = 30
+    cache_capacity: int = 9984
+    # Names in the upstreams' zone that the load asks for.
+    zone_names: int = 2000
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    # Mean queries a second per edge; edges differ by ±spread around it.
+    qps: float = 150.0
+    spread: float = 0.3
+    # The rate breathes: qps * (1 + depth * sin(2 pi t / period)), out of phase across edges.
+    modulation_period: Duration = Duration(600.0)
+    modulation_depth: float = 0.3
+    # Search-path lookups (name.<ns>.svc.cluster.local.) that end in NXDOMAIN.
+    nxdomain_share: float = 0.15
+    # Popularity skew of names (Zipf exponent).
+    zipf: float = 1.0
+    # Length of one dnsperf run (a new rate is set at each).
+    segment: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class Action:
+    primitive: str
+    targets: tuple[str, ...]
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Fault:
+    cls: str
+    start: float
+    duration: float
+    severity: str
+    actions: tuple[Action, ...]
+
+
+@dataclass(frozen=True)
+class _FaultYaml:
+    start: Duration
+    duration: Duration
+    severity: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    duration: float
+    step: float
+    seed: int
+    topology: Topology
+    load: LoadSpec
+    faults: tuple[Fault, ...] = field(default=())
+
+    def node_names(self) -> list[str]:
+        t = self.topology
+        return [f"upstream-{i}" for i in range(t.upstreams)] + [f"edge-{i}" for i in range(t.edges)]
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), f"cannot read scenario: {exc}") from exc
+    return parse_scenario(raw, default_name=path.stem)
+
+
+def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
+    from lab.faults import PRIMITIVES  # the table of primitives, and their parameters
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError("<top level>", "a scenario must be a mapping")
+    known = {"name", "description", "duration", "step", "seed", "topology", "load", "faults"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
+    if "duration" not in raw:
+        raise ConfigError("duration", "is required")
+    duration = _duration(raw["duration"], "duration")
+    step = _duration(raw.get("step", "1s"), "step")
+    if step < 0.1:
+        raise ConfigError("step", "must be >= 100ms")
+    topology: Topology = from_mapping(Topology, raw.get("topology") or {}, "topology")
+    if topology.edges < 1 or topology.upstreams < 1:
+        raise ConfigError("topology", "needs at least one edge and one upstream")
+    load: LoadSpec = from_mapping(LoadSpec, raw.get("load") or {}, "load")
+    if load.qps <= 0:
+        raise ConfigError("load.qps", "must be > 0")
+    if not 0 <= load.modulation_depth < 1:
+        raise ConfigError("load.modulation_depth", "must be in [0, 1)")
+    if not 0 <= load.spread < 1:
+        raise ConfigError("load.spread", "must be in [0, 1)")
+    scenario = Scenario(
+        name=str(raw.get("name", default_name)), description=str(raw.get("description", "")),
+        duration=duration, step=step, seed=_int(raw.get("seed", 0), "seed"), topology=topology, load=load)
+    nodes = set(scenario.node_names())
+    faults = []
+    raw_faults = raw.get("faults") or []
+    if not isinstance(raw_faults, list):
+        raise ConfigError("faults", "must be a list")
+    for i, rf in enumerate(raw_faults):
+        key = f"faults[{i}]"
+        if not isinstance(rf, Mapping):
+            raise ConfigError(key, "must be a mapping")
+        rest = {k: v for k, v in rf.items() if k not in ("class", "actions")}
+        if "class" not in rf:
+            raise ConfigError(f"{key}.class", "is required (the anomaly class this fault is an instance of)")
+        timing: _FaultYaml = from_mapping(_FaultYaml, rest, key)
+        if timing.duration <= 0:
+            raise ConfigError(f"{key}.duration", "must be > 0")
+        if timing.start + timing.duration > duration:
+            raise ConfigError(key, f"ends at {timing.start + timing.duration:g}s, after the scenario ({duration:g}s)")
+        actions = []
+        raw_actions = rf.get("actions")
+        if not isinstance(raw_actions, list) or not raw_actions:
+            raise ConfigError(f"{key}.actions", "must be a non-empty list of primitive actions")
+        for j, ra in enumerate(raw_actions):
+            akey = f"{key}.actions[{j}]"
+            if not isinstance(ra, Mapping) or "primitive" not in ra:
+                raise ConfigError(akey, "must be a mapping with a `primitive` key")
+            prim = PRIMITIVES.get(str(ra["primitive"]))
+            if prim is None:
+                raise ConfigError(f"{akey}.primitive",
+                                  f"unknown primitive {ra['primitive']!r} (known: {', '.join(sorted(PRIMITIVES))})")
+            targets = ra.get("targets")
+            if isinstance(targets, str):
+                targets = [targets]
+            if not isinstance(targets, list) or not targets:
+                raise ConfigError(f"{akey}.targets", "must name at least one node, e.g. [edge-0]")
+            for t in targets:
+                if t not in nodes:
+                    raise ConfigError(f"{akey}.targets", f"no node {t!r} (nodes: {', '.join(sorted(nodes))})")
+                role = str(t).split("-")[0]
+                if role not in prim.roles:
+                    raise ConfigError(f"{akey}.targets", f"{ra['primitive']} applies to {' or '.join(prim.roles)} "
+                                                          f"nodes, not {t!r}")
+            params = {k: v for k, v in ra.items() if k not in ("primitive", "targets")}
+            parsed = from_mapping(prim, params, akey)  # validates the parameters now, not mid-run
+            actions.append(Action(str(ra["primitive"]), tuple(map(str, targets)),
+                                  {f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed) if f.init}))
+        faults.append(Fault(str(rf["class"]), float(timing.start), float(timing.duration), timing.severity,
+                            tuple(actions)))
+    return dataclasses.replace(scenario, faults=tuple(sorted(faults, key=lambda f: f.start)))
+
+
+def _duration(value: Any, key: str) -> float:
+    try:
+        return float(Duration.parse(value) if isinstance(value, str) else Duration(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    return value

@@ -1,0 +1,154 @@
+"""The lab: scenario files are validated before anything starts, and a short real run (CoreDNS,
+dnsperf, Prometheus, `detectord record`) records a fault that shows on the faulted instances only."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from detectord.errors import ConfigError
+from detectord.features import FEATURE_NAMES, FeatureSeries, extract
+from detectord.recording import ReadStats, read_writes
+from detectord.remote_write import LabelCache
+from lab.peers import REPO
+from lab.peers.coredns import coredns_binary
+from lab.peers.dnsperf import dnsperf_binary
+from lab.peers.prometheus import prometheus_binary
+from lab.scenario import load_scenario, parse_scenario
+
+SCENARIOS = REPO / "lab/scenarios"
+IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+
+
+def _base(**extra: Any) -> dict[str, Any]:
+    return {"duration": "60s", "topology": {"edges": 2, "upstreams": 1}, **extra}
+
+
+def _fault(**action: Any) -> dict[str, Any]:
+    return {"class": "x", "start": "10s", "duration": "20s", "actions": [action]}
+
+
+@pytest.mark.parametrize("raw, key, message", [
+    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-7"])]),
+     "faults[0].actions[0].targets", "no node 'edge-7'"),
+    (_base(faults=[_fault(primitive="teleport", targets=["edge-0"])]),
+     "faults[0].actions[0].primitive", "unknown primitive 'teleport'"),
+    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], dealy="1s")]),
+     "faults[0].actions[0].dealy", "unknown key"),
+    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], delay="soon")]),
+     "faults[0].actions[0].delay", "not a duration"),
+    (_base(faults=[_fault(primitive="query_flood", targets=["upstream-0"])]),
+     "faults[0].actions[0].targets", "applies to edge nodes"),
+    (_base(faults=[{**_fault(primitive="crash", targets=["edge-0"]), "start": "50s"}]),
+     "faults[0]", "after the scenario"),
+    (_base(faults=[{"start": "1s", "duration": "1s", "actions": [{"primitive": "crash", "targets": ["edge-0"]}]}]),
+     "faults[0].class", "is required"),
+    (_base(load={"qps": 0}), "load.qps", "must be > 0"),
+    (_base(topology={"edgez": 3}), "topology.edgez", "unknown key"),
+    ({"topology": {"edges": 1}}, "duration", "is required"),
+])
+def test_scenario_errors_name_the_key(raw: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(raw)
+    assert err.value.key == key
+    assert message in err.value.reason
+
+
+def test_shipped_scenarios_are_valid() -> None:
+    files = sorted(SCENARIOS.glob("*.yaml"))
+    assert len(files) >= 5
+    classes: dict[str, set[str]] = {}
+    for path in files:
+        sc = load_scenario(path)
+        for f in sc.faults:
+            classes.setdefault(f.cls, set()).add(f.severity)
+    # The data sets' fault runs cover every class at three severities.
+    assert len(classes) >= 11
+    for c, sev in classes.items():
+        assert sev >= {"low", "medium", "high"}, (c, sev)
+
+
+def _need_peers() -> None:
+    coredns_binary()
+    prometheus_binary()
+    dnsperf_binary()
+
+
+def _features(run: Path, step_s: float = 5.0) -> tuple[dict[tuple[str, ...], FeatureSeries], ReadStats]:
+    stats = ReadStats()
+    writes = (w for _, w in read_writes(run / "recording.drec", LabelCache(), read_stats=stats))
+    return extract(writes, int(step_s * 1000)), stats
+
+
+@pytest.mark.e2e
+def test_smoke_scenario_records_the_fault_on_the_faulted_instances_only(tmp_path: Path) -> None:
+    """lab/run on lab/scenarios/smoke.yaml: upstream-0 answers SERVFAIL for 40 s. The recording's
+    features show it on upstream-0 and edge-0 (which forwards to it) and nowhere else."""
+    _need_peers()
+    out = tmp_path / "run"
+    proc = subprocess.run([str(REPO / "lab/run"), str(SCENARIOS / "smoke.yaml"), "--out", str(out),
+                           "--progress-interval", "5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fault upstream_servfail (high) on upstream-0" in proc.stdout
+    assert "samples" in proc.stdout and "qps" in proc.stdout  # progress lines
+
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["interrupted"] is False
+    [event] = truth["events"]
+    assert event["class"] == "upstream_servfail"
+    assert {i["instance"] for i in event["instances"]} == {"upstream-0", "edge-0"}
+    assert event["end_ms"] - event["start_ms"] == pytest.approx(40_000, abs=2_000)
+
+    series, stats = _features(out)
+    assert stats.torn_bytes == 0
+    by_name = {key[1]: s for key, s in series.items()}
+    assert set(by_name) == {"edge-0", "edge-1", "upstream-0", "upstream-1"}
+    servfail = IDX["rcode_servfail_share"]
+    for name, s in by_name.items():
+        t = s.timestamps_ms
+        before = (t < event["start_ms"] - 5_000) & (t > truth["started_ms"] + 10_000)
+        # Edges cache good answers for up to 30 s: look at the second half of the span.
+        during = (t > event["start_ms"] + 20_000) & (t < event["end_ms"])
+        assert before.sum() >= 4 and during.sum() >= 3, name
+        assert np.nanmax(s.values[before, servfail]) < 0.01, name
+        if name in ("edge-0", "upstream-0"):
+            assert np.nanmean(s.values[during, servfail]) > 0.5, name
+        else:
+            assert np.nanmax(s.values[:, servfail]) < 0.01, name
+            rate = s.values[during, IDX["request_rate"]]
+            assert np.all(rate > 10), name  # it kept answering its load
+
+
+@pytest.mark.e2e
+def test_interrupted_run_leaves_no_process_and_keeps_the_truth_so_far(tmp_path: Path) -> None:
+    _need_peers()
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump(_base(
+        duration="5m", faults=[{"class": "edge_crash", "start": "5s", "duration": "2m",
+                                "actions": [{"primitive": "crash", "targets": ["edge-1"], "down": "2s",
+                                             "every": "5s"}]}])))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "fault edge_crash" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "interrupted" in rest
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["interrupted"] is True
+    [event] = truth["events"]
+    assert event["end_ms"] is not None and event["end_ms"] >= event["start_ms"]
+    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], f"processes left behind: {leftovers}"
+    assert list(_features(out)[0])  # what was recorded reads back
