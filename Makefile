@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= detectord.example.yml
 
-.PHONY: run test test-fast test-e2e venv system-deps coredns proto bench model clean
+.PHONY: run test test-fast test-e2e venv system-deps coredns proto bench model data clean
 
 # Install the package (with the TensorFlow backend) and serve the shipped default model.
 run: venv
@@ -44,6 +44,21 @@ proto: venv
 # Retrain the shipped default model from regenerated synthetic data.
 model: venv
 	$(BIN)/detectord train --out models/default
+
+# Re-record the committed data sets (about 2.5 hours): the normal run and the low-load test fleet
+# beside the four fault runs, then the high-load test fleet alone (it takes most of a core).
+# Each run logs its progress to $(LAB_RUNS)/NAME.log.
+LAB_RUNS ?= .cache/lab
+LAB_FAULT_RUNS := faults-1 faults-2 faults-3 faults-4
+LAB_ALL_RUNS := normal $(LAB_FAULT_RUNS) unseen-low unseen-high
+data: venv system-deps coredns
+	mkdir -p $(LAB_RUNS)
+	set -e; run() { lab/run lab/scenarios/$$1.yaml --out $(LAB_RUNS)/$$1 --progress-interval 60 > $(LAB_RUNS)/$$1.log 2>&1; }; \
+	  run normal & normal=$$!; run unseen-low & low=$$!; \
+	  for r in $(LAB_FAULT_RUNS); do run $$r; done; wait $$normal; wait $$low; \
+	  run unseen-high
+	PYTHONPATH=. $(BIN)/python -m lab.dataset publish $(addprefix $(LAB_RUNS)/,$(LAB_ALL_RUNS)) --to data
+	PYTHONPATH=. $(BIN)/python -m lab.dataset summary data
 
 bench: venv system-deps
 	$(BIN)/python bench/ingest_inference.py --instances 1000

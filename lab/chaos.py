@@ -28,7 +28,10 @@ class PathFault:
         return max(0.0, self.delay_s + rng.uniform(-self.jitter_s, self.jitter_s))
 
 
-_IDLE_CLIENT_S = 60.0
+# forward closes a pooled socket after 10 s unused (and at once after an error): a client address
+# idle this long will not be back, and its socket towards the upstream can go.
+_IDLE_CLIENT_S = 15.0
+_EXPIRE_EVERY_S = 2.0
 
 
 class _Upstream(asyncio.DatagramProtocol):
@@ -57,15 +60,23 @@ class Relay(asyncio.DatagramProtocol):
         self.fault = PathFault()
         self.transport: asyncio.DatagramTransport | None = None
         self.queries = self.answers = self.dropped = 0
+        # Queries lost because no socket towards the upstream could be opened (EMFILE): counted.
+        self.failed = 0
         self._rng = random.Random(seed)
         self._clients: dict[tuple[str, int], _Upstream] = {}
         self._pending: set[asyncio.Handle] = set()
         self._connecting: dict[tuple[str, int], list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()
+        self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._expiry = self._loop.call_later(_EXPIRE_EVERY_S, self._expire_periodically)
+
+    def _expire_periodically(self) -> None:
+        self._expire()
+        self._expiry = self._loop.call_later(_EXPIRE_EVERY_S, self._expire_periodically)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.queries += 1
@@ -106,10 +117,11 @@ class Relay(asyncio.DatagramProtocol):
         try:
             _, up = await self._loop.create_datagram_endpoint(
                 lambda: _Upstream(self, client), remote_addr=self.upstream)
-        finally:
-            queued = self._connecting.pop(client, [])
+        except OSError:
+            self.failed += len(self._connecting.pop(client, []))
+            return
+        queued = self._connecting.pop(client, [])
         self._clients[client] = up
-        self._expire()
         assert up.transport is not None
         for data in queued:
             up.transport.sendto(data)
@@ -122,6 +134,8 @@ class Relay(asyncio.DatagramProtocol):
                 del self._clients[client]
 
     def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         for h in self._pending:
             h.cancel()
         self._pending.clear()

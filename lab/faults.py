@@ -184,8 +184,10 @@ class RandomSubdomainFlood(Primitive):
     async def apply(self, fleet: Fleet, node: Node) -> None:
         span = 3600.0
         path = fleet.workdir / f"random.{node.name}.{random.randrange(10**9)}.txt"
+        # Two minutes of unique names (dnsperf then loops over them, by when they have left the
+        # denial cache); more would only delay the fault's start while the file is written.
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: random_subdomain_file(path, n=int(self.qps * 900) + 1, seed=random.randrange(10**9)))
+            None, lambda: random_subdomain_file(path, n=int(self.qps * 120) + 1, seed=random.randrange(10**9)))
         self._flood = DnsperfLoop(f"{node.name}-random", node.ports.dns, [path], lambda t: self.qps,
                                   log=fleet.workdir / f"dnsperf.{node.name}.random.log", segment_s=span)
         self._flood.start(asyncio.get_running_loop().time())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from typing import Literal
 
 from lab.chaos import Relay, start_relay
 from lab.load import DnsperfLoop, Modulation, RateFn
-from lab.peers import free_port
 from lab.peers.coredns import CoreDNS, Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
 from lab.peers.dnsperf import query_file
 from lab.scenario import LoadSpec, Topology
@@ -99,13 +99,24 @@ class Fleet:
         for u in range(t.upstreams):
             node = Node(f"upstream-{u}", "upstream", Ports(), self.workdir)
             self.nodes[node.name] = node
-            await self.start_node(node)
+            await self._first_start(node)
         for e in range(t.edges):
             up = self.nodes[f"upstream-{e % t.upstreams}"]
-            relay = await start_relay(free_port(), ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e)
+            relay = await start_relay(0, ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e)
             node = Node(f"edge-{e}", "edge", Ports(), self.workdir, upstream=up.name, relay=relay)
             self.nodes[node.name] = node
-            await self.start_node(node)
+            await self._first_start(node)
+
+    async def _first_start(self, node: Node, attempts: int = 3) -> None:
+        # A port found free can be taken (by some client's ephemeral port) before CoreDNS binds it.
+        for attempt in range(attempts):
+            try:
+                await self.start_node(node)
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                node.ports = Ports()
 
     async def start_node(self, node: Node) -> None:
         await node.stack.aclose()
@@ -119,26 +130,31 @@ class Fleet:
         await node.stack.aclose()
         node.coredns = None
 
-    def start_load(self) -> None:
+    async def start_load(self) -> None:
         spec = self.load_spec
         loop = asyncio.get_running_loop()
-        self._t0 = loop.time()
         edges = self.edges()
         for i, node in enumerate(edges):
-            node.queries = [
-                query_file(self.workdir / f"queries.{node.name}.{k}.txt", seed=self.seed * 100 + i * 10 + k,
-                           n=QUERIES_PER_FILE, nxdomain_share=spec.nxdomain_share, n_names=self.topology.zone_names,
-                           zipf=spec.zipf)
-                for k in range(QUERY_FILES_PER_EDGE)]
+            # Off the event loop: the relays carry every edge's traffic on it.
+            node.queries = await loop.run_in_executor(None, self._query_files, node, i)
+        self._t0 = loop.time()
+        for i, node in enumerate(edges):
             # Edges differ in size, and breathe out of step with each other.
             spread = 1.0 + spec.spread * ((i / max(1, len(edges) - 1)) * 2 - 1) if len(edges) > 1 else 1.0
             node.base_qps = spec.qps * spread
             mod = Modulation(float(spec.modulation_period), spec.modulation_depth,
-                             phase=2 * 3.14159 * i / max(1, len(edges)))
+                             phase=2 * math.pi * i / max(1, len(edges)))
             node.load = DnsperfLoop(node.name, node.ports.dns, node.queries,
                                     _modulated(node.base_qps, mod),
                                     log=self.workdir / f"dnsperf.{node.name}.log", segment_s=float(spec.segment))
             node.load.start(self._t0)
+
+    def _query_files(self, node: Node, i: int) -> list[Path]:
+        spec = self.load_spec
+        return [query_file(self.workdir / f"queries.{node.name}.{k}.txt", seed=self.seed * 100 + i * 10 + k,
+                           n=QUERIES_PER_FILE, nxdomain_share=spec.nxdomain_share, n_names=self.topology.zone_names,
+                           zipf=spec.zipf)
+                for k in range(QUERY_FILES_PER_EDGE)]
 
     def elapsed(self) -> float:
         return asyncio.get_running_loop().time() - self._t0

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import lzma
 import re
 import shutil
 import signal
@@ -97,11 +96,11 @@ class Run:
                     fleet.metrics_targets(), workdir=work / "prometheus",
                     remote_write_url=f"{self.record_url}/api/v1/write", scrape_interval=f"{sc.step:g}s", keep=LAB_KEEP,
                     extra_remote_write_config={"queue_config": {"batch_send_deadline": "1s", "max_backoff": "5s"}}))
+                await fleet.start_load()
                 self.started_ms = _now_ms()
                 self.say(f"lab: {sc.name}: {sc.topology.edges} edges, {sc.topology.upstreams} upstreams, "
                          f"{sc.load.qps:g} qps per edge, {len(sc.faults)} faults, {sc.duration:g}s; recording to "
                          f"{out / RECORDING}")
-                fleet.start_load()
                 t0 = asyncio.get_running_loop().time()
                 tasks = [asyncio.ensure_future(self._fault(ev, t0)) for ev in self.events]
                 progress = asyncio.ensure_future(self._progress(t0))
@@ -221,15 +220,6 @@ def _metric(text: str, name: str) -> str:
     return f"{float(m.group(1)):.0f}" if m else "?"
 
 
-def compress(path: Path, *, preset: int = 9 | lzma.PRESET_EXTREME) -> Path:
-    """path -> path.xz (how data sets are committed); the original is removed."""
-    out = path.with_name(path.name + ".xz")
-    with open(path, "rb") as src, lzma.open(out, "wb", preset=preset) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    path.unlink()
-    return out
-
-
 async def _main(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     run = Run(scenario, Path(args.out).resolve(), source=Path(args.scenario), progress_interval=args.progress_interval)
@@ -241,9 +231,6 @@ async def _main(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         print(f"lab: interrupted; stopped everything; truth of what ran in {Path(args.out) / TRUTH}", flush=True)
         return 130
-    if args.xz:
-        out = await asyncio.get_running_loop().run_in_executor(None, compress, Path(args.out) / RECORDING)
-        print(f"lab: compressed to {out} ({out.stat().st_size / 1e6:.1f} MB)", flush=True)
     print(f"lab: done; {len(run.events)} faults; truth in {Path(args.out) / TRUTH}", flush=True)
     return 0
 
@@ -252,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lab/run", description="Run a lab scenario and record it.")
     p.add_argument("scenario", help="scenario YAML (see lab/scenarios/)")
     p.add_argument("--out", required=True, help="directory for the recording, truth.json and logs")
-    p.add_argument("--xz", action="store_true", help="compress the recording when done (as data/ keeps them)")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     try:
