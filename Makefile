@@ -6,29 +6,35 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= detectord.example.yml
 
-.PHONY: run test test-fast test-e2e venv system-deps coredns proto bench model data clean
+.PHONY: run test test-fast test-e2e venv venv-dev system-deps coredns proto bench models data clean
 
 # Install the package (with the TensorFlow backend) and serve the shipped default model.
 run: venv
 	$(BIN)/detectord serve --config.file $(CONFIG)
 
 # Install everything the tests need (Debian packages, CoreDNS, Python packages) and run them all.
-test: venv system-deps coredns
+test: venv-dev system-deps coredns
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit and component tests only (no CoreDNS build, no end-to-end run).
-test-fast: venv
+test-fast: venv-dev
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
-test-e2e: venv system-deps coredns
+test-e2e: venv-dev system-deps coredns
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
+# The daemon alone (`make run`), or with what training, evaluation and the tests need.
 venv: $(VENV)/.installed
+venv-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml setup.py detectord/_fastdecode.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[tf,test]'
+	$(BIN)/pip install --quiet -e '.[tf]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[tf,train,test]'
 	touch $@
 
 system-deps:
@@ -38,12 +44,13 @@ coredns:
 	scripts/build-coredns.sh
 
 # Regenerate detectord/_proto from proto/ (tests/test_proto.py fails when it is stale).
-proto: venv
+proto: venv-dev
 	PATH=$(BIN):$$PATH scripts/gen-proto.sh
 
-# Retrain the shipped default model from regenerated synthetic data.
-model: venv
-	$(BIN)/detectord train --out models/default
+# Train the three detectors on the committed lab data, evaluate them beside the baselines and
+# make the best the default: models/{conv_autoencoder,conv_classifier,siamese,default,report}.
+models: venv-dev system-deps
+	$(BIN)/detectord train --data data --out models
 
 # Re-record the committed data sets (about 2.5 hours): the normal run and the low-load test fleet
 # beside the four fault runs, then the high-load test fleet alone (it takes most of a core).
@@ -51,16 +58,16 @@ model: venv
 LAB_RUNS ?= .cache/lab
 LAB_FAULT_RUNS := faults-1 faults-2 faults-3 faults-4
 LAB_ALL_RUNS := normal $(LAB_FAULT_RUNS) unseen-low unseen-high
-data: venv system-deps coredns
+data: venv-dev system-deps coredns
 	mkdir -p $(LAB_RUNS)
 	set -e; run() { lab/run lab/scenarios/$$1.yaml --out $(LAB_RUNS)/$$1 --progress-interval 60 > $(LAB_RUNS)/$$1.log 2>&1; }; \
 	  run normal & normal=$$!; run unseen-low & low=$$!; \
 	  for r in $(LAB_FAULT_RUNS); do run $$r; done; wait $$normal; wait $$low; \
 	  run unseen-high
 	PYTHONPATH=. $(BIN)/python -m lab.dataset publish $(addprefix $(LAB_RUNS)/,$(LAB_ALL_RUNS)) --to data
-	PYTHONPATH=. $(BIN)/python -m lab.dataset summary data
+	PYTHONPATH=. $(BIN)/python -m lab.dataset readme data
 
-bench: venv system-deps
+bench: venv-dev system-deps
 	$(BIN)/python bench/ingest_inference.py --instances 1000
 
 clean:

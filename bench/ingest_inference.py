@@ -156,7 +156,8 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
         metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")))
     worker.warm_up()
     worker.start()
-    reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096]) for i in range(total)]
+    latest = np.zeros(len(model.features), dtype=np.float32)
+    reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096], latest) for i in range(total)]
     t0 = time.perf_counter()
     for i in range(0, total, 1000):  # as the ingest thread hands over one request's windows
         worker.submit_many(reqs[i:i + 1000])

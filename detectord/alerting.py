@@ -115,7 +115,7 @@ class AlertStates:
         self._retired: list[Alert] = []
 
     def observe(self, instance: InstanceKey, labels: Mapping[str, str], step_ts: float, score: float,
-                threshold: float, top_features: TopFeatures) -> list[Alert]:
+                threshold: float, top_features: TopFeatures, looks_like: str | None = None) -> list[Alert]:
         """Advance `instance` by one step; return the alerts that began firing or resolved."""
         changed, self._retired = self._retired, []
         anomalous = score > 1.0
@@ -129,12 +129,12 @@ class AlertStates:
             if not anomalous:
                 del self._tracks[instance]
             elif step_ts - tr.active_at >= self.cfg.for_:
-                tr.alert = self._new_alert(tr.labels, step_ts, score, threshold, top_features)
+                tr.alert = self._new_alert(tr.labels, step_ts, score, threshold, top_features, looks_like)
                 changed.append(tr.alert)
             return changed
         if anomalous:
             tr.keep_firing_since = None
-            self._describe(tr.alert, score, threshold, top_features)
+            self._describe(tr.alert, score, threshold, top_features, looks_like)
             return changed
         if tr.keep_firing_since is None:
             tr.keep_firing_since = step_ts
@@ -195,7 +195,7 @@ class AlertStates:
         return new
 
     def _new_alert(self, instance_labels: Mapping[str, str], starts_at: float, score: float, threshold: float,
-                   top_features: TopFeatures) -> Alert:
+                   top_features: TopFeatures, looks_like: str | None = None) -> Alert:
         # Identity labels first: configured extras may add labels but never merge two instances' alerts.
         labels = {"alertname": ALERTNAME, **instance_labels}
         labels.setdefault("severity", self.cfg.severity)
@@ -204,17 +204,24 @@ class AlertStates:
             labels.setdefault(name, value)
         alert = Alert(labels=labels, annotations={"summary": _summary(instance_labels)}, starts_at=starts_at,
                       score=score, threshold=threshold, generator_url=self._generator_url(instance_labels))
-        self._describe(alert, score, threshold, top_features)
+        self._describe(alert, score, threshold, top_features, looks_like)
         return alert
 
-    def _describe(self, alert: Alert, score: float, threshold: float, top_features: TopFeatures) -> None:
+    def _describe(self, alert: Alert, score: float, threshold: float, top_features: TopFeatures,
+                  looks_like: str | None = None) -> None:
         alert.score, alert.threshold = score, threshold
         top = ", ".join(f"{name} {dev:+.1f}σ ({_num(value)})"
                         for name, dev, value in top_features[: self.cfg.top_features])
         text = f"Anomaly score {score:.2f} (above 1 is anomalous; model threshold {threshold:g})."
+        if looks_like:
+            text += f" Looks like {looks_like.replace('_', ' ')}."
         if top:
             text += f" Top contributing features: {top}."
         alert.annotations.update(description=text, score=f"{score:.4g}", threshold=f"{threshold:g}")
+        if looks_like:
+            alert.annotations["looks_like"] = looks_like
+        else:
+            alert.annotations.pop("looks_like", None)
 
     def _generator_url(self, instance_labels: Mapping[str, str]) -> str:
         if not self.external_url:

@@ -1,4 +1,4 @@
-"""Command line: `detectord serve`, `record`, `replay`, `check config`, `train`.
+"""Command line: `detectord serve`, `record`, `replay`, `score`, `check config`, `train`, `evaluate`, `tune`.
 
 Flags follow Prometheus's conventions (`--config.file`, `--web.listen-address`).
 """
@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--step", type=_duration, default=None, help="feature step (default: the model's)")
     sc.add_argument("--out", default=None, help="write every score as CSV (instance labels, timestamp_ms, score)")
 
-    sub.add_parser("train", help="train the default model on regenerated synthetic data (see train --help)")
+    sub.add_parser("train", help="train the detectors on labelled recordings (see train --help)")
+    sub.add_parser("evaluate", help="evaluate models beside the baselines (see evaluate --help)")
+    sub.add_parser("tune", help="search a detector's hyperparameters with Optuna (see tune --help)")
     return p
 
 
@@ -70,10 +72,18 @@ def _load(path: str | None, listen: str | None) -> Config:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        # training.py owns its flags (`detectord train --help`).
+        # training.py and tuning.py own their flags (`detectord train --help`).
         from .training import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from .training import evaluate_main
+
+        return evaluate_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from .tuning import main as tune_main
+
+        return tune_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check_config(args.file, skip_model=args.skip_model)
@@ -154,7 +164,7 @@ def _score(args: argparse.Namespace) -> int:
     try:
         model = load_model(ModelConfig(path=Path(args.model)))
         got = recording_windows(args.file, step_seconds=args.step or model.step_seconds, window=model.window,
-                                nfeatures=len(model.features))
+                                inputs=model.inputs)
     except (DetectordError, OSError) as exc:
         print(f"detectord score: {exc}", file=sys.stderr)
         return 1

@@ -114,10 +114,11 @@ class AlertmanagerConfig:
 
 @dataclass(frozen=True)
 class AlertingConfig:
-    # The alert goes pending at the first anomalous step and fires after `for`.
-    for_: Duration = Duration(60.0)
+    # The alert goes pending at the first anomalous step and fires after `for`. Shipped models
+    # calibrate their threshold, and are evaluated, with `for: 0s` and `keep_firing_for: 1m`.
+    for_: Duration = Duration(0.0)
     # A firing alert resolves after this long without an anomalous step.
-    keep_firing_for: Duration = Duration(120.0)
+    keep_firing_for: Duration = Duration(60.0)
     resend_interval: Duration = Duration(60.0)
     # Resolved alerts are re-sent for this long, as Prometheus does.
     resolved_resend_for: Duration = Duration(900.0)

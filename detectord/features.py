@@ -130,39 +130,83 @@ class Quantile:
 Expr = Rate | Value | Share | Quantile
 
 
+Transform = Literal["log1p", "asin_sqrt"]
+Baseline = Literal["relative", "absolute"]
+
+
+@dataclass(frozen=True)
+class Input:
+    """How a model sees a feature (detectord/normalise.py applies it, per instance).
+
+    `transform(prescale * x)` tames the variance: log1p for magnitudes that span decades (latency
+    in ms, CPU in % of a core, memory in MiB, rare events per minute), 2·asin(√p) for shares (it
+    evens out a share's binomial noise). Then "relative" features are measured against the
+    instance's own baseline (its recent median and spread, never less than `floor`): a fleet's
+    level is its own normal. "absolute" features are 0 on a healthy server anywhere (SERVFAILs,
+    rejects, failures) and are divided by the fixed `floor` only. `hold_s` keeps a rare event
+    visible that long (the max over the trailing `hold_s`).
+    """
+
+    transform: Transform
+    prescale: float
+    baseline: Baseline
+    floor: float
+    hold_s: float = 0.0
+
+
+def _rel(transform: Transform, prescale: float, floor: float) -> Input:
+    return Input(transform, prescale, "relative", floor)
+
+
+def _abs(transform: Transform, prescale: float, floor: float, hold_s: float = 0.0) -> Input:
+    return Input(transform, prescale, "absolute", floor, hold_s)
+
+
 @dataclass(frozen=True)
 class Feature:
     name: str
     expr: Expr
-    # How a model should scale it: "log" for magnitudes spanning decades, "linear" for ratios.
-    scale: Literal["log", "linear"]
+    input: Input
 
 
 _REQ = counter("coredns_dns_requests_total")
 _RESP = counter("coredns_dns_responses_total")
 _DUR = histogram("coredns_dns_request_duration_seconds")
 _PROXY = histogram("coredns_proxy_request_duration_seconds")
+_MS = 1000.0
+_PER_MIN = 60.0
 
+# SERVFAIL and REFUSED: 2·asin(√0.03) / 0.05 ≈ 7, so the CoreDNS mixin's 3 % is seven floors out.
 FEATURES: tuple[Feature, ...] = (
-    Feature("request_rate", Rate(_REQ), "log"),
-    Feature("rcode_noerror_share", Share(counter("coredns_dns_responses_total", rcode="NOERROR"), _RESP), "linear"),
-    Feature("rcode_nxdomain_share", Share(counter("coredns_dns_responses_total", rcode="NXDOMAIN"), _RESP), "linear"),
-    Feature("rcode_servfail_share", Share(counter("coredns_dns_responses_total", rcode="SERVFAIL"), _RESP), "linear"),
-    Feature("rcode_refused_share", Share(counter("coredns_dns_responses_total", rcode="REFUSED"), _RESP), "linear"),
-    Feature("latency_p50_seconds", Quantile(0.5, _DUR), "log"),
-    Feature("latency_p99_seconds", Quantile(0.99, _DUR), "log"),
+    Feature("request_rate", Rate(_REQ), _rel("log1p", 1.0, 0.05)),
+    Feature("rcode_noerror_share", Share(counter("coredns_dns_responses_total", rcode="NOERROR"), _RESP),
+            _rel("asin_sqrt", 1.0, 0.02)),
+    Feature("rcode_nxdomain_share", Share(counter("coredns_dns_responses_total", rcode="NXDOMAIN"), _RESP),
+            _rel("asin_sqrt", 1.0, 0.02)),
+    Feature("rcode_servfail_share", Share(counter("coredns_dns_responses_total", rcode="SERVFAIL"), _RESP),
+            _abs("asin_sqrt", 1.0, 0.05)),
+    Feature("rcode_refused_share", Share(counter("coredns_dns_responses_total", rcode="REFUSED"), _RESP),
+            _abs("asin_sqrt", 1.0, 0.05)),
+    Feature("latency_p50_seconds", Quantile(0.5, _DUR), _rel("log1p", _MS, 0.05)),
+    Feature("latency_p99_seconds", Quantile(0.99, _DUR), _rel("log1p", _MS, 0.1)),
     Feature("cache_hit_ratio",
-            Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")), "linear"),
-    Feature("cache_entries", Value(gauge("coredns_cache_entries")), "log"),
-    Feature("upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")), "log"),
-    Feature("upstream_latency_p99_seconds", Quantile(0.99, _PROXY), "log"),
-    Feature("upstream_healthcheck_failure_rate", Rate(counter("coredns_proxy_healthcheck_failures_total")), "log"),
-    Feature("forward_max_concurrent_reject_rate",
-            Rate(counter("coredns_forward_max_concurrent_rejects_total")), "log"),
-    Feature("panic_rate", Rate(counter("coredns_panics_total")), "log"),
-    Feature("cpu_seconds_rate", Rate(counter("process_cpu_seconds_total")), "log"),
-    Feature("resident_memory_bytes", Value(gauge("process_resident_memory_bytes")), "log"),
-    Feature("goroutines", Value(gauge("go_goroutines")), "log"),
+            Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")),
+            _rel("asin_sqrt", 1.0, 0.02)),
+    Feature("cache_entries", Value(gauge("coredns_cache_entries")), _rel("log1p", 1.0, 0.05)),
+    Feature("upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")),
+            _rel("log1p", 1.0, 0.05)),
+    Feature("upstream_latency_p99_seconds", Quantile(0.99, _PROXY), _rel("log1p", _MS, 0.1)),
+    Feature("upstream_healthcheck_failure_rate", Rate(counter("coredns_proxy_healthcheck_failures_total")),
+            _abs("log1p", _PER_MIN, 0.5)),
+    Feature("forward_max_concurrent_reject_rate", Rate(counter("coredns_forward_max_concurrent_rejects_total")),
+            _abs("log1p", _PER_MIN, 0.5)),
+    Feature("panic_rate", Rate(counter("coredns_panics_total")), _abs("log1p", _PER_MIN, 0.5, hold_s=120.0)),
+    Feature("reload_failure_rate", Rate(counter("coredns_reload_failed_total")),
+            _abs("log1p", _PER_MIN, 0.5, hold_s=120.0)),
+    Feature("cpu_seconds_rate", Rate(counter("process_cpu_seconds_total")), _rel("log1p", 100.0, 0.05)),
+    Feature("resident_memory_bytes", Value(gauge("process_resident_memory_bytes")),
+            _rel("log1p", 1.0 / 2**20, 0.05)),
+    Feature("goroutines", Value(gauge("go_goroutines")), _rel("log1p", 1.0, 0.05)),
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)

@@ -30,6 +30,9 @@ class ScoreOutput(Protocol):
     @property
     def feature_deviation(self) -> np.ndarray: ...  # (B, F)
 
+    @property
+    def looks_like(self) -> list[str] | None: ...  # (B,) the anomaly class each window resembles
+
 
 class Scorer(Protocol):
     """What the worker needs of a detector."""
@@ -41,7 +44,8 @@ class Scorer(Protocol):
 class ScoreRequest:
     instance: InstanceKey
     step_ts_ms: int
-    window: np.ndarray  # (W, F) float32, oldest row first
+    window: np.ndarray  # (W, F) float32 model inputs, oldest row first
+    latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
 
 
 @dataclass(slots=True)
@@ -50,7 +54,8 @@ class ScoreResult:
     step_ts_ms: int
     score: float
     feature_deviation: np.ndarray  # (F,)
-    latest: np.ndarray  # (F,) the window's newest row
+    latest: np.ndarray  # (F,) the newest feature row as extracted
+    looks_like: str | None = None  # the anomaly class the window resembles, where the model knows classes
 
 
 class InferenceMetrics(Protocol):
@@ -177,15 +182,17 @@ class InferenceWorker:
         for i, it in enumerate(items):
             batch[i] = it.window
         if size > n:
-            batch[n:] = batch[0]  # pad with a real window: zeros could be out of range for the scaler
+            batch[n:] = batch[0]  # pad with a real window, whose scores are thrown away
         t0 = time.perf_counter()
         out = scorer.score_batch(batch)
         scores = np.asarray(out.scores)[:n]
         dev = np.asarray(out.feature_deviation)[:n]
         self._metrics.observe_batch(n, size, time.perf_counter() - t0)
         self.batches += 1
+        like = out.looks_like
         results = [
-            ScoreResult(it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.window[-1])
+            ScoreResult(it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.latest,
+                        like[i] if like is not None else None)
             for i, it in enumerate(items)
         ]
         try:

@@ -1,21 +1,23 @@
-"""The ingest path: a remote-write body to feature rows, windows and score requests.
+"""The ingest path: a remote-write body to feature rows, per-instance baselines, windows and score
+requests.
 
-All of it runs on one dedicated thread that owns the extractor and the windows, so the event
-loop never decodes and the per-instance state has a single writer.
+All of it runs on one dedicated thread that owns the extractor, the baselines and the windows, so
+the event loop never decodes and the per-instance state has a single writer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
-import gc
 from dataclasses import dataclass
 from typing import Protocol
 
 from .features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
 from .inference import ScoreRequest
 from .metrics import DaemonMetrics
+from .normalise import InputPlan, Normaliser
 from .remote_write import Version, decode
 from .windows import WindowStore
 
@@ -46,7 +48,7 @@ class Ingestor:
         step_ms: int,
         instance_labels: tuple[str, ...],
         window: int,
-        nfeatures: int,
+        inputs: InputPlan,
         max_instances: int,
         max_gap_steps: int,
         max_decoded: int,
@@ -56,9 +58,13 @@ class Ingestor:
     ) -> None:
         self.extractor = FeatureExtractor(step_ms, instance_labels, max_instances=max_instances,
                                           max_gap_steps=max_gap_steps)
-        self.windows = WindowStore(window, nfeatures)
+        self.step_s = step_ms / 1000.0
+        self.normaliser = Normaliser(inputs, self.step_s)
+        self.windows = WindowStore(window, len(inputs.features))
         self.worker = worker
         self.metrics = metrics
+        # Instances whose window and baseline are both warm (the rest are warming).
+        self._scoring: set[InstanceKey] = set()
         self.max_decoded = max_decoded
         self.max_future_ms = int(max_future_s * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
@@ -112,15 +118,19 @@ class Ingestor:
         )
 
     def push_rows(self, rows: list[FeatureRow]) -> None:
-        windows = self.windows
+        windows, norm = self.windows, self.normaliser
         gaps = restarts = 0
         ready = []
         for row in rows:
             gaps += row.gap
             restarts += row.restart
-            w = windows.push(row)
-            if w is not None:
-                ready.append(ScoreRequest(row.instance, row.step_ts_ms, w))
+            x, baseline = norm.push(row.instance, row.values, gap=row.gap)
+            w = windows.push(row.instance, row.step_ts_ms, x, restart=row.restart, gap=row.gap)
+            if w is not None and baseline.ready:
+                self._scoring.add(row.instance)
+                ready.append(ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values))
+            elif row.restart:
+                self._scoring.discard(row.instance)
         if ready:
             self.worker.submit_many(ready)
         if gaps:
@@ -131,22 +141,27 @@ class Ingestor:
 
     def update_instance_gauges(self) -> None:
         total = self.extractor.instances
-        warming = total - (len(self.windows) - self.windows.warming)
-        self.metrics.instances.labels("warming").set(warming)
-        self.metrics.instances.labels("scoring").set(total - warming)
+        scoring = len(self._scoring)
+        self.metrics.instances.labels("warming").set(total - scoring)
+        self.metrics.instances.labels("scoring").set(scoring)
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         gone = self.extractor.evict_idle(older_than)
         self.windows.forget(gone)
+        self.normaliser.forget(gone)
+        self._scoring.difference_update(gone)
         if gone:
             self.metrics.instances_evicted.inc(len(gone))
         self.update_instance_gauges()
         return gone
 
-    def reset_windows(self, window: int, nfeatures: int) -> None:
-        """A model with another window: every instance warms again."""
-        self.windows = WindowStore(window, nfeatures)
+    def reset_windows(self, window: int, inputs: InputPlan) -> None:
+        """A model with another window or other inputs: every instance warms again."""
+        self.windows = WindowStore(window, len(inputs.features))
+        if inputs != self.normaliser.plan:
+            self.normaliser = Normaliser(inputs, self.step_s)
+        self._scoring.clear()
         self.update_instance_gauges()
 
     def is_warming(self, key: InstanceKey) -> bool:
-        return self.windows.is_warming(key)
+        return key not in self._scoring

@@ -9,6 +9,7 @@ from .config import ModelConfig
 from .errors import ModelError
 from .features import FEATURE_NAMES
 from .inference import Scorer
+from .normalise import InputPlan
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class LoadedModel:
     window: int
     step_seconds: float
     threshold: float
+    inputs: InputPlan
+    classes: tuple[str, ...] = ()
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -50,4 +53,5 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(
         detector=det, path=Path(cfg.path), name=meta.name, kind=meta.kind, version=str(meta.version),
         trained_at=str(meta.trained_at), features=features, window=int(meta.window),
-        step_seconds=float(meta.step_seconds), threshold=float(det.threshold))
+        step_seconds=float(meta.step_seconds), threshold=float(det.threshold), inputs=det.inputs,
+        classes=tuple(meta.classes))

@@ -16,6 +16,7 @@ from .features import InstanceKey
 from .inference import ScoreRequest, Scorer
 from .ingest import Ingestor
 from .metrics import DaemonMetrics
+from .normalise import InputPlan
 from .recording import ReadStats, read_records
 
 _NO_LIMIT = 1 << 30
@@ -44,7 +45,7 @@ def recording_windows(
     *,
     step_seconds: float,
     window: int,
-    nfeatures: int,
+    inputs: InputPlan,
     instance_labels: Sequence[str] = IngestConfig.instance_labels,
     max_gap_steps: int = IngestConfig.max_gap_steps,
 ) -> RecordingWindows:
@@ -53,7 +54,7 @@ def recording_windows(
     Like `serve`, the last steps stay open (no flush): a live receiver never sees them close."""
     sink = _Collect()
     ing = Ingestor(step_ms=int(round(step_seconds * 1000)), instance_labels=tuple(instance_labels),
-                   window=window, nfeatures=nfeatures, max_instances=_NO_LIMIT, max_gap_steps=max_gap_steps,
+                   window=window, inputs=inputs, max_instances=_NO_LIMIT, max_gap_steps=max_gap_steps,
                    max_decoded=_NO_LIMIT, max_future_s=float(IngestConfig.max_future), worker=sink,
                    metrics=DaemonMetrics(CollectorRegistry(), instance_labels))
     stats = ReadStats()

@@ -85,7 +85,7 @@ class Server:
         self.pipeline = _Pipeline(model, worker)
         self.ingestor = Ingestor(
             step_ms=int(round(self.step_s * 1000)), instance_labels=cfg.ingest.instance_labels,
-            window=model.window, nfeatures=len(model.features), max_instances=cfg.ingest.max_instances,
+            window=model.window, inputs=model.inputs, max_instances=cfg.ingest.max_instances,
             max_gap_steps=cfg.ingest.max_gap_steps, max_decoded=cfg.web.max_decoded_body_size,
             max_future_s=cfg.ingest.max_future, worker=worker, metrics=self.metrics)
         self.ingestor.update_instance_gauges()
@@ -214,7 +214,8 @@ class Server:
                           error=str(exc))
                 raise
             old = self.pipeline
-            same_shape = model.window == old.model.window and model.features == old.model.features
+            same_shape = (model.window == old.model.window and model.features == old.model.features
+                          and model.inputs == old.model.inputs)
             if same_shape and cfg.inference == self.cfg.inference:
                 old.worker.swap(model.detector)
                 self.pipeline = _Pipeline(model, old.worker)
@@ -224,7 +225,7 @@ class Server:
                 self.pipeline = _Pipeline(model, worker)
                 self.ingestor.worker = worker
                 if not same_shape:
-                    await self.ingestor.call(self.ingestor.reset_windows, model.window, len(model.features))
+                    await self.ingestor.call(self.ingestor.reset_windows, model.window, model.inputs)
                 await loop.run_in_executor(None, old.worker.stop, 5.0)
             if cfg.alerting != self.cfg.alerting or model.name != old.model.name:
                 assert self.alerts is not None and self.notifier is not None
@@ -282,7 +283,8 @@ class Server:
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
             labels = dict(zip(self.cfg.ingest.instance_labels, key))
             was_firing = self.alerts.is_firing(key)
-            changed.extend(self.alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top))
+            changed.extend(self.alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top,
+                                               r.looks_like if anomalous else None))
             if self.alerts.is_firing(key):
                 if not was_firing:
                     m.clear_features(key, features)

@@ -1,500 +1,364 @@
-"""Training the default model: synthetic fleets → remote-write → features → windows → detector.
+"""Training and judging the detectors: recordings → labelled, split windows (dataset.py) → the three
+detectors → thresholds calibrated on validation data → evaluation beside the baselines on test data
+→ artifacts with model cards; the best (by event-level F1 on validation data) becomes the default.
 
-Data goes through `detectord.features.extract`, the path serving uses, never around it.
-Run as `python -m detectord.training --out models/default` (or `detectord train --out DIR`).
+    detectord train --data data --out models            # all three, then models/default
+    detectord train --data data --out models --kinds conv_classifier --labels my-labels.yaml
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .features import FEATURE_NAMES, extract
-from .synthetic import FAULT_CLASSES, Fleet, Span
+from .dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, WindowSet, load_datasets, load_labels, phase_windows
+from .detectors import DETECTORS, Detector
+from .errors import DetectordError
+from .evaluation import AlertRule, Evaluation, Timeline, evaluate, timelines_from_windows
+from .features import FEATURE_NAMES
+from .normalise import InputPlan
+
+Log = Callable[[str], None]
 
 DEFAULT_WINDOW = 32
-DEFAULT_STEP_SECONDS = 15.0
-# Below this many consecutive anomalous steps no alert fires (alerting.for = 60 s by default).
-ALERT_FOR_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One simulated fleet: what part of the data set it is, and how it is generated."""
-
-    role: str  # "train", "calibrate", "test"
-    step_s: float
-    instances: int
-    hours: float
-    seed: int
-    faulty: bool = False
-    cold_start: bool = False
-    load_start_fraction: float = 0.0
-    fault_len_s: tuple[float, float] = (600.0, 3600.0)
-    fault_classes: tuple[str, ...] = FAULT_CLASSES
-    severity: tuple[float, float] = (0.2, 1.0)
-    qps_range: tuple[float, float] = (5.0, 20_000.0)
-    low_qps_fraction: float = 0.15
-    name: str = ""
+DEFAULT_STEP_SECONDS = 5.0
+# Alerts in every evaluation: fire at the first anomalous step, resolve after a minute without one.
+EVAL_FOR_S = 0.0
+EVAL_KEEP_FIRING_S = 60.0
 
 
 @dataclass
-class InstanceData:
-    key: tuple[str, ...]
-    timestamps_ms: np.ndarray
-    values: np.ndarray
-    restarts: list[int]
-    spans: list[Span] = field(default_factory=list)
+class Settings:
+    """Everything a training run depends on; saved with each model so `detectord evaluate` rebuilds
+    the same data and split."""
+
+    data: list[str]
+    kinds: list[str] = field(default_factory=lambda: list(DETECTORS))
+    window: int = DEFAULT_WINDOW
+    step_s: float = DEFAULT_STEP_SECONDS
+    epochs: dict[str, int] = field(default_factory=lambda: {"conv_autoencoder": 40, "conv_classifier": 30,
+                                                            "siamese": 30})
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    seed: int = 0
+    phases: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
+    heldout: list[str] = field(default_factory=lambda: list(DEFAULT_HELDOUT))
+    labels: str | None = None
+    target_per_day: float = 0.5
+    margin: float = 1.2
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tensorboard: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-@dataclass
-class SegmentData:
-    segment: Segment
-    instances: list[InstanceData]
-    samples: int
-    seconds: float
+def load_data(settings: Settings, *, inputs: InputPlan | None = None, log: Log | None = None) -> Data:
+    labels: list[Label] = load_labels(settings.labels) if settings.labels else []
+    return load_datasets(settings.data, window=settings.window, step_s=settings.step_s, inputs=inputs,
+                         heldout=settings.heldout, labels=labels, seed=settings.seed, log=log)
 
 
-def simulate(seg: Segment) -> SegmentData:
-    """Generate one segment's remote-write stream and extract its features (runs in a worker)."""
+def new_detector(kind: str, settings: Settings, *, name: str | None = None) -> Detector:
+    cls = DETECTORS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown detector kind {kind!r}; known: {', '.join(DETECTORS)}")
+    config = cls.config_class.from_dict(settings.configs.get(kind, {}))
+    return cls(FEATURE_NAMES, window=settings.window, step_seconds=settings.step_s, config=config,
+               name=name or kind, version=time.strftime("%Y%m%d", time.gmtime()) + f"-seed{settings.seed}")
+
+
+def train_detector(kind: str, data: Data, settings: Settings, *, extra: WindowSet | None = None,
+                   log: Log = print) -> Detector:
+    """Train and calibrate one detector on `data` (plus `extra` training windows)."""
+    det = new_detector(kind, settings)
+    train = data.train if extra is None or not len(extra) else WindowSet.concat([data.train, extra])
+    det.initialize_new_weights(settings.seed)
+    callbacks = []
+    if settings.tensorboard:
+        callbacks.append(tensorboard_callback(Path(settings.tensorboard) / kind, log))
     t0 = time.perf_counter()
-    fleet = Fleet(seg.instances, seed=seg.seed, scrape_interval_s=seg.step_s, cold_start=seg.cold_start,
-                  load_start_fraction=seg.load_start_fraction, qps_range=seg.qps_range,
-                  low_qps_fraction=seg.low_qps_fraction,
-                  instances=[f"10.{seg.seed % 200}.{i // 250}.{i % 250 + 1}:9153" for i in range(seg.instances)])
-    duration = seg.hours * 3600.0
-    if seg.faulty:
-        fleet.inject_random(range(seg.instances), duration_s=duration, per_instance=2,
-                            classes=seg.fault_classes,  # type: ignore[arg-type]
-                            min_len_s=seg.fault_len_s[0], max_len_s=seg.fault_len_s[1],
-                            severity=seg.severity, margin_s=2 * DEFAULT_WINDOW * seg.step_s)
-    samples = 0
-
-    def counted() -> Any:
-        nonlocal samples
-        for req in fleet.write_requests(duration):
-            samples += len(req.timeseries)
-            yield req
-
-    series = extract(counted(), int(seg.step_s * 1000))
-    out = []
-    for key, fs in series.items():
-        spans = [s for s in fleet.spans if s.instance == key]
-        out.append(InstanceData(key, fs.timestamps_ms, fs.values, list(fs.restarts), spans))
-    return SegmentData(seg, out, samples, time.perf_counter() - t0)
+    stats = det.train(settings.epochs.get(kind, 20), settings.batch_size, train, validation=data.validation,
+                      learning_rate=settings.learning_rate, seed=settings.seed, callbacks=callbacks, log=log)
+    fit_s = time.perf_counter() - t0
+    det.calibrate(data.validation, target_per_day=settings.target_per_day, margin=settings.margin)
+    log(f"{kind}: {det.count_params():,} parameters, trained in {fit_s:.0f}s; threshold {det.threshold:.4g} "
+        f"(raw units)")
+    det.meta.training_data = {**data.description, "settings": settings.to_json(), "fit": stats,
+                              "fit_seconds": round(fit_s, 1),
+                              "augmented_windows": int(len(extra)) if extra is not None else 0}
+    return det
 
 
-def windows_of(values: np.ndarray, window: int, stride: int = 1,
-               restarts: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Sliding windows (N, W, F) over rows (T, F) and the row index each ends at; none spans a restart."""
-    starts = [0, *sorted(r for r in restarts if 0 < r < len(values)), len(values)]
-    wins, ends = [], []
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
-        if b - a < window:
-            continue
-        v = np.lib.stride_tricks.sliding_window_view(values[a:b], window, axis=0)  # (n, F, W)
-        idx = np.arange(0, v.shape[0], stride)
-        wins.append(np.transpose(v[idx], (0, 2, 1)))
-        ends.append(a + idx + window - 1)
-    if not wins:
-        return np.zeros((0, window, values.shape[1]), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(wins).astype(np.float32), np.concatenate(ends)
+def tensorboard_callback(logdir: Path, log: Log) -> Any:
+    import keras
+
+    logdir.mkdir(parents=True, exist_ok=True)
+    try:
+        import tensorflow  # noqa: F401  (Keras writes TensorBoard summaries through it)
+    except ImportError:
+        log(f"TensorBoard needs TensorFlow; writing per-epoch CSV to {logdir / 'training.csv'} instead")
+        return keras.callbacks.CSVLogger(str(logdir / "training.csv"))
+    log(f"TensorBoard logs: {logdir} (tensorboard --logdir {logdir.parent})")
+    return keras.callbacks.TensorBoard(log_dir=str(logdir), write_graph=False)
 
 
-@dataclass
-class Labelled:
-    windows: np.ndarray
-    label: np.ndarray  # "" normal, a fault class, or "mixed" (part fault, part not: not scored)
-    instance: np.ndarray  # int id of the instance (for runs of consecutive windows)
-    span: np.ndarray  # int id of the fault span the label comes from, -1 for none
-    step_s: float
-
-
-def label_windows(data: Sequence[SegmentData], window: int, stride: int, last_steps: int) -> Labelled:
-    """Windows with their truth: a fault class if its last `last_steps` rows lie inside that fault's span,
-    "" if the whole window is clear of every span, else "mixed"."""
-    wins, labels, insts, span_ids = [], [], [], []
-    step_s = data[0].segment.step_s if data else DEFAULT_STEP_SECONDS
-    uid = sid = 0
-    for seg in data:
-        step_ms = int(seg.segment.step_s * 1000)
-        for inst in seg.instances:
-            w, e = windows_of(inst.values, window, stride, inst.restarts)
-            ts = inst.timestamps_ms
-            lab = np.full(len(e), "", dtype=object)
-            sp_id = np.full(len(e), -1)
-            for sp in inst.spans:
-                first = ts[e - window + 1] - step_ms
-                tail_first = ts[e - last_steps + 1] - step_ms
-                last = ts[e]
-                overlaps = (first < sp.end_ms) & (last > sp.start_ms)
-                inside = (tail_first >= sp.start_ms) & (last <= sp.end_ms)
-                lab[overlaps & (lab == "")] = "mixed"
-                lab[inside] = sp.cls
-                sp_id[inside] = sid
-                sid += 1
-            wins.append(w)
-            labels.append(lab)
-            insts.append(np.full(len(e), uid))
-            span_ids.append(sp_id)
-            uid += 1
-    F = len(FEATURE_NAMES)
-    return Labelled(
-        np.concatenate(wins) if wins else np.zeros((0, window, F), np.float32),
-        np.concatenate(labels) if labels else np.zeros(0, dtype=object),
-        np.concatenate(insts) if insts else np.zeros(0, np.int64),
-        np.concatenate(span_ids) if span_ids else np.zeros(0, np.int64),
-        step_s,
-    )
-
-
-def _runs_at_least(flags: np.ndarray, inst: np.ndarray, n: int) -> int:
-    """Number of runs of >= n consecutive True flags within one instance (alerts that would fire)."""
-    count, run, prev = 0, 0, -1
-    for f, i in zip(flags, inst, strict=True):
-        if i != prev:
-            run, prev = 0, i
-        run = run + 1 if f else 0
-        if run == n:
-            count += 1
-    return count
-
-
-def evaluate(scores: np.ndarray, lab: Labelled, step_s: float) -> dict[str, Any]:
-    """Window-level recall per class and false-alarm rate, and alert-level (`for` 60 s) counterparts."""
-    anomalous = scores > 1.0
-    normal = lab.label == ""
-    out: dict[str, Any] = {"normal_windows": int(normal.sum())}
-    out["false_alarm_rate"] = float(anomalous[normal].mean()) if normal.any() else None
-    for_steps = max(1, math.ceil(ALERT_FOR_SECONDS / step_s))
-    # False alerts: runs of anomalous windows in fault-free stretches.
-    runs = _runs_at_least(anomalous & normal, np.where(normal, lab.instance, -1), for_steps)
-    days = normal.sum() * step_s / 86400.0
-    out["false_alerts_per_instance_day"] = float(runs / days) if days > 0 else None
-    per_class: dict[str, Any] = {}
-    for cls in FAULT_CLASSES:
-        m = lab.label == cls
-        if not m.any():
-            continue
-        # Alert recall: the fault's windows contain a run long enough for the alert to fire.
-        spans = np.unique(lab.span[m])
-        fired = 0
-        for i in spans:
-            sel = lab.span == i
-            fired += _runs_at_least(anomalous[sel], lab.instance[sel], for_steps) > 0
-        per_class[cls] = {"windows": int(m.sum()), "recall": float(anomalous[m].mean()),
-                          "faulty_instances": int(len(spans)), "alert_recall": float(fired / len(spans))}
-    out["classes"] = per_class
-    fault = np.isin(lab.label, FAULT_CLASSES)
-    out["recall"] = float(anomalous[fault].mean()) if fault.any() else None
+def variants(det: Detector, data: Data, settings: Settings) -> list[tuple[str, Detector]]:
+    """The detector, and the same weights scored the proposal's other way (each calibrated alike)."""
+    out: list[tuple[str, Detector]] = [(det.kind, det)]
+    alt = {"conv_autoencoder": ("score", "latent", "conv_autoencoder (latent score)"),
+           "siamese": ("score", "normal_distance", "siamese (normal distance)")}.get(det.kind)
+    if alt is not None and getattr(det.config, alt[0]) != alt[1]:
+        twin = type(det)(det.features, window=det.window, step_seconds=det.step_seconds, inputs=det.inputs,
+                         config=dataclasses.replace(det.config, **{alt[0]: alt[1]}),
+                         meta=dataclasses.replace(det.meta, state=dict(det.meta.state)))
+        twin.network = det.network
+        twin.calibrate(data.validation, target_per_day=settings.target_per_day, margin=settings.margin)
+        out.append((alt[2], twin))
     return out
 
 
-def _segments(seed: int, hours: float, instances: int) -> list[Segment]:
-    """The default data set: fleets at 15 s steps (a common scrape interval) and at 1 s steps
-    (where few queries per step make every share and quantile noisy, and where a CoreDNS that
-    just started, with a cold cache and load arriving, is scraped most closely)."""
-    ss = np.random.SeedSequence(seed)
-    seeds = iter(int(s.generate_state(1)[0] % 2**31) for s in ss.spawn(256))
-    segs: list[Segment] = []
-    h1 = max(0.25, min(0.5, hours / 3))
-
-    def fleets(role: str, step: float, n: int, h: float, per_fleet: int, **kw: Any) -> None:
-        n = max(1, n)
-        for a in range(0, n, per_fleet):
-            segs.append(Segment(role, step, min(per_fleet, n - a), h, next(seeds), **kw))
-
-    cold = {"cold_start": True, "load_start_fraction": 0.3}
-    for role, scale in (("train", 1), ("calibrate", 2), ("test", 2)):
-        fleets(role, 15.0, instances // scale, hours, 16)
-        fleets(role, 1.0, instances // (8 * scale), h1, 4, **cold)
-        fleets(role, 1.0, instances // (8 * scale), h1, 4)
-    fleets("test", 15.0, instances // 2, hours, 16, faulty=True, fault_len_s=(900.0, 3600.0))
-    fleets("test", 1.0, instances // 8, h1, 4, faulty=True, fault_len_s=(180.0, 900.0))
-    # What the end-to-end test does: a healthy, freshly started CoreDNS under steady load whose
-    # upstream then turns slower than forward's 2 s read timeout, scraped every second.
-    fleets("test", 1.0, max(4, instances // 16), h1, 4, faulty=True, fault_len_s=(180.0, 600.0),
-           fault_classes=("upstream_slow",), severity=(0.7, 1.0), name="upstream_slow_1s", cold_start=True,
-           qps_range=(50.0, 5000.0), low_qps_fraction=0.0)
-    return segs
+def detector_timelines(det: Detector, data: Data) -> dict[str, Timeline]:
+    out = det.score(data.all)
+    return timelines_from_windows(data, out.scores, out.looks_like)
 
 
-def _simulate_all(segs: Sequence[Segment], workers: int, log: Callable[[str], None]) -> list[SegmentData]:
-    out: list[SegmentData] = []
-    if workers <= 1:
-        for s in segs:
-            out.append(simulate(s))
-            log(f"  {s.role:9s} step {s.step_s:>4g}s {s.instances} instances × {s.hours:g} h: "
-                f"{out[-1].samples:,} samples in {out[-1].seconds:.1f}s")
-        return out
-    # Spawned (not forked) workers: they never import Keras, and the parent may already have.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for s, d in zip(segs, pool.map(simulate, segs), strict=True):
-            out.append(d)
-            log(f"  {s.role:9s} step {s.step_s:>4g}s {s.instances} instances × {s.hours:g} h: "
-                f"{d.samples:,} samples in {d.seconds:.1f}s")
+def alert_rule(step_s: float) -> AlertRule:
+    return AlertRule.from_seconds(EVAL_FOR_S, EVAL_KEEP_FIRING_S, step_s)
+
+
+def baseline_timelines(data: Data, names: Sequence[str], settings: Settings, log: Log
+                       ) -> dict[str, dict[str, Timeline]]:
+    """Each baseline's timelines on `data`, fitted on its training role and calibrated on its
+    validation role like the models."""
+    from .baselines import BASELINES
+
+    out = {}
+    for name in names:
+        t0 = time.perf_counter()
+        out[name] = BASELINES[name](data, settings.target_per_day)
+        log(f"baseline {name}: {time.perf_counter() - t0:.0f}s")
     return out
 
 
-def train_default(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    hours: float = 0.75,
-    instances: int = 256,
-    epochs: int = 10,
-    window: int = DEFAULT_WINDOW,
-    stride: int = 1,
-    quantile: float = 0.9999,
-    margin: float = 1.5,
-    # The 99.99th percentile of ~50k windows from ~150 instances rests on a handful of them:
-    # across trainings on the same data it moved between 1.1 and 2.5. Below 1.5 a restart of
-    # a real CoreDNS (about 1 here) comes too close.
-    min_threshold: float = 1.5,
-    workers: int | None = None,
-    command: str | None = None,
-    log: Callable[[str], None] = lambda s: print(s, flush=True),
-) -> dict[str, Any]:
-    """Regenerate synthetic data, train, calibrate, evaluate and write the artifact to `out_dir`."""
-    if hours <= 0 or instances < 1 or epochs < 1 or stride < 1:
-        raise ValueError("hours must be > 0 and instances, epochs and stride >= 1")
-    t_start = time.perf_counter()
-    workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    segs = _segments(seed, hours, instances)
-    log(f"simulating {len(segs)} fleets on {workers} worker(s)")
-    data = _simulate_all(segs, workers, log)
-    t_data = time.perf_counter() - t_start
-
-    from .detectors import ConvAutoencoder
-    from .detectors.conv_autoencoder import ConvAutoencoderConfig
-
-    cfg = ConvAutoencoderConfig()
-    by: dict[tuple[str, float, bool], list[SegmentData]] = {}
-    for d in data:
-        by.setdefault((d.segment.role, d.segment.step_s, d.segment.faulty), []).append(d)
-
-    def windows_for(role: str, faulty: bool = False, name: str = "") -> dict[float, Labelled]:
-        out = {}
-        for step in (15.0, 1.0):
-            segs_ = [d for d in by.get((role, step, faulty), []) if d.segment.name == name]
-            if segs_:
-                out[step] = label_windows(segs_, window, stride, cfg.score_steps)
-        return out
-
-    train = windows_for("train")
-    calib = windows_for("calibrate")
-    x_train = np.concatenate([lab.windows for lab in train.values()])
-    x_cal = np.concatenate([lab.windows for lab in calib.values()])
-    rng = np.random.default_rng(seed)
-    x_train = x_train[rng.permutation(len(x_train))]
-    log(f"windows: train {len(x_train):,}, calibrate {len(x_cal):,} (W={window}, stride {stride}); "
-        f"data took {t_data:.0f}s")
-
-    det = ConvAutoencoder(FEATURE_NAMES, window=window, step_seconds=DEFAULT_STEP_SECONDS, config=cfg)
-    t0 = time.perf_counter()
-    val = x_cal[rng.choice(len(x_cal), min(len(x_cal), 20000), replace=False)]
-    fit = det.fit(x_train, validation=val, epochs=epochs, seed=seed, verbose=0,
-                  callbacks=[_epoch_logger(log, epochs)])
-    t_fit = time.perf_counter() - t0
-    log(f"trained {det.count_params():,} parameters in {t_fit:.0f}s: loss {fit['loss']:.4f}, "
-        f"val_loss {fit.get('val_loss', float('nan')):.4f}")
-
-    q_raw = float(np.quantile(det.raw_scores_batched(x_cal), quantile))
-    threshold = det.infer_threshold(x_cal, quantile=quantile, margin=margin, floor=min_threshold)
-    log(f"threshold {threshold:.4f} = max({margin} × quantile {quantile} ({q_raw:.4f}) of {len(x_cal):,} "
-        f"held-out normal windows, {min_threshold})")
-
-    metrics: dict[str, Any] = {"threshold_quantile": quantile, "threshold_margin": margin,
-                               "threshold_floor": min_threshold, "calibration_quantile_score": q_raw}
-    test_normal, test_faulty = windows_for("test"), windows_for("test", True)
-    scenario = windows_for("test", True, "upstream_slow_1s")
-    cases = [(f"step_{int(step)}s", step, [lab for lab in (test_normal.get(step), test_faulty.get(step)) if lab])
-             for step in (15.0, 1.0)]
-    cases += [("upstream_slow_1s", 1.0, [lab]) for lab in scenario.values()]
-    for key, step, labs in cases:
-        if not labs:
-            continue
-        merged = Labelled(np.concatenate([lab.windows for lab in labs]), np.concatenate([lab.label for lab in labs]),
-                          np.concatenate([lab.instance + 10_000 * k for k, lab in enumerate(labs)]),
-                          np.concatenate([np.where(lab.span >= 0, lab.span + 10_000 * k, -1)
-                                          for k, lab in enumerate(labs)]), step)
-        scores = det.raw_scores_batched(merged.windows) / det.threshold
-        m = evaluate(scores, merged, step)
-        metrics[key] = m
-        log(f"{key}: recall {_fmt(m['recall'], '.3f')}, false-alarm rate {_fmt(m['false_alarm_rate'], '.2e')}, "
-            f"false alerts/instance-day {_fmt(m['false_alerts_per_instance_day'], '.3f')}")
-        for cls, cm in m["classes"].items():
-            log(f"    {cls:20s} recall {cm['recall']:.3f}  alert recall {cm['alert_recall']:.2f} "
-                f"({cm['faulty_instances']} faults, {cm['windows']} windows)")
-
-    samples = sum(d.samples for d in data)
-    det.meta.training_data = {
-        "source": "detectord.synthetic fleets (CoreDNS 1.12 forward+cache series as Prometheus 2.42 "
-                  "remote-writes them), through detectord.features.extract",
-        "seed": seed,
-        "steps_seconds": sorted({s.step_s for s in segs}),
-        "fleets": [{"role": s.role, "step_seconds": s.step_s, "instances": s.instances, "hours": s.hours,
-                    "faulty": s.faulty, "cold_start": s.cold_start, "seed": s.seed} for s in segs],
-        "remote_write_samples": samples,
-        "train_windows": int(len(x_train)),
-        "calibration_windows": int(len(x_cal)),
-        "window_stride": stride,
-        "epochs": int(fit["epochs"]),
-        "final_loss": fit["loss"],
-        "final_val_loss": fit.get("val_loss"),
-        "command": command,
-        "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1),
-                    "total": round(time.perf_counter() - t_start, 1)},
-    }
-    serving = measure_throughput(det)
-    metrics["serving"] = serving
-    log(f"serving: {serving['windows_per_second']:,.0f} windows/s at batch {serving['batch']} "
-        f"({serving['backend']}, {serving['cpu_count']} CPUs)")
-    det.meta.metrics = metrics
-    det.meta.version = time.strftime("%Y%m%d", time.gmtime()) + f"-seed{seed}"
-    out_dir = Path(out_dir)
-    det.save(out_dir)
-    write_model_card(out_dir, det.meta.__dict__, det.count_params())
-    log(f"wrote {out_dir} in {time.perf_counter() - t_start:.0f}s total")
-    return {"threshold": threshold, "metrics": metrics, "training_data": det.meta.training_data}
+def judge(named: dict[str, dict[str, Timeline]], data: Data, role: str = "test") -> dict[str, Evaluation]:
+    rule = alert_rule(data.all.step_s)
+    return {name: evaluate(name, tl, data, role=role, rule=rule) for name, tl in named.items()}
 
 
-def measure_throughput(det: Any, batch: int = 1024, seconds: float = 3.0) -> dict[str, Any]:
-    """Windows scored per second by `score_batch` at one batch size (after a warm-up call)."""
-    import keras
-
-    x = np.zeros((batch, det.window, len(det.features)), dtype=np.float32)
-    det.score_batch(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        det.score_batch(x)
-        n += 1
-    elapsed = time.perf_counter() - t0
-    return {"batch": batch, "windows_per_second": round(n * batch / elapsed), "ms_per_batch":
-            round(1000 * elapsed / n, 2), "backend": keras.backend.backend(), "cpu_count": os.cpu_count()}
-
-
-def _epoch_logger(log: Callable[[str], None], epochs: int) -> Any:
-    """A Keras callback printing one line per epoch (Keras' own progress bar is off)."""
-    import keras
+def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = ("mixin", "mixin_tuned", "robust_z",
+              "isolation_forest"), command: str = "", log: Log = print) -> dict[str, Any]:
+    """Train every kind in `settings`, evaluate each beside the baselines, write the artifacts, the
+    report and models/default (the best on validation data)."""
+    from .report import write_model_card, write_report
 
     t0 = time.perf_counter()
-
-    class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = logs or {}
-            log(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
-                f"val_loss {logs.get('val_loss', float('nan')):.4f} ({time.perf_counter() - t0:.0f}s)")
-
-    return EpochLog()
-
-
-def write_model_card(out_dir: Path, meta: dict[str, Any], params: int) -> None:
-    td, m = meta["training_data"], meta["metrics"]
-    lines = [
-        f"# {meta['name']} — {meta['kind']} {meta['version']}",
-        "",
-        f"Trained {meta['trained_at']} with `{td.get('command') or 'detectord.training.train_default'}`.",
-        "",
-        "## What it is",
-        f"A 1-D convolutional autoencoder ({params:,} parameters, config {json.dumps(meta['config'])}) over "
-        f"windows of {meta['window']} feature rows × {len(meta['features'])} features "
-        f"({', '.join(meta['features'])}).",
-        "Features are scaled per feature (log1p of rates, counts, bytes and ms latencies; 2·asin√p of shares) and "
-        "standardised with the training mean/std (std floored). The score reads the newest "
-        f"{meta['config'].get('score_steps')} rows: each feature's squared reconstruction error in training standard "
-        "deviations (shares and latency quantiles weighted by n/(n+"
-        f"{meta['config'].get('count_half')}), n = the step's query rate; each term capped at "
-        f"{meta['config'].get('residual_cap')}), averaged per row; the {meta['config'].get('trim')} worst rows are "
-        f"dropped and the rest averaged, then divided by the threshold ({meta['threshold']:.4g}): "
-        "above 1 is anomalous.",
-        f"`step_seconds` is {meta['step_seconds']:g}; it was trained on 1 s and 15 s steps alike "
-        "(every feature is per second or a share), so set `ingest.step` to the scrape interval.",
-        "",
-        "## Data",
-        f"Synthetic only: {td['source']}. Seed {td['seed']}; {td['remote_write_samples']:,} remote-write samples; "
-        f"{td['train_windows']:,} training windows (normal only), {td['calibration_windows']:,} calibration "
-        "windows (normal, other fleets). Normal behaviour includes per-instance base rates from 0.2 to 20,000 "
-        "qps, periodic load, traffic shifts, cold caches, idle instances whose load starts mid-run, and process "
-        "restarts (counter resets, missed scrapes).",
-        f"Faults for evaluation only: {', '.join(FAULT_CLASSES)}, severities 0.2–1.",
-        "",
-        "## Metrics (held-out synthetic fleets)",
-        f"Threshold: {m['threshold_margin']} × the {m['threshold_quantile']} quantile of calibration scores "
-        f"({m.get('calibration_quantile_score', float('nan')):.4g}), but at least {m.get('threshold_floor', 0)}.",
-        "",
-        "| data | false-alarm rate (windows) | false alerts / instance-day (for 60 s) | recall (windows) |",
-        "|---|---|---|---|",
-    ]
-    evals = {k: v for k, v in m.items() if isinstance(v, dict) and "classes" in v}
-    for key, s in evals.items():
-        lines.append(f"| {key} | {_fmt(s['false_alarm_rate'], '.2e')} | "
-                     f"{_fmt(s['false_alerts_per_instance_day'], '.3f')} | {_fmt(s['recall'], '.3f')} |")
-    lines += ["", "| class | data | window recall | alert recall (faults) |", "|---|---|---|---|"]
-    for key, s in evals.items():
-        for cls, c in s["classes"].items():
-            lines.append(f"| {cls} | {key} | {c['recall']:.3f} | {c['alert_recall']:.2f} "
-                         f"({c['faulty_instances']}) |")
-    lines += [
-        "",
-        "Window recall counts windows whose last score rows lie inside a fault; alert recall counts faults "
-        "during which the score stayed above 1 long enough for a 60 s `for` to fire.",
-        "",
-        "## Limits",
-        "- Trained on simulated CoreDNS fleets, never on real traffic: retrain or recalibrate "
-        "(`model.threshold`) on your own fleet's normal data where it alerts too often.",
-        "- A level that persists for a whole window becomes the new normal unless the combination of features "
-        "is itself unusual: query floods, NXDOMAIN floods and slow leaks are caught, if at all, while they change.",
-        "- CPU training is not bit-reproducible: over trainings on the same data the calibrated quantile moved "
-        "between about 0.8 and 1.7, hence the threshold floor. Faults scored far above any of these thresholds; "
-        "the faint ones (a few percent SERVFAIL, a slow upstream behind a 99 % cache) are where recall moves.",
-        "- A steady state no training fleet had (a profile the autoencoder reconstructs poorly) scores high for "
-        "as long as it lasts; raise `model.threshold` or retrain with such servers in the synthetic fleet.",
-        "",
-        f"Training took {td['seconds']['total']:.0f} s ({td['seconds']['data']:.0f} s simulating and extracting, "
-        f"{td['seconds']['fit']:.0f} s fitting) on {m.get('serving', {}).get('cpu_count', '?')} CPUs. Serving: "
-        f"{m.get('serving', {}).get('windows_per_second', 0):,} windows/s through `score_batch` at batch "
-        f"{m.get('serving', {}).get('batch', '?')} ({m.get('serving', {}).get('backend', '?')} backend).",
-    ]
-    (Path(out_dir) / "MODEL_CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log(f"data: {', '.join(settings.data)} at {settings.step_s:g}s steps, window {settings.window}")
+    data = load_data(settings, log=log)
+    c = data.description["counts"]
+    log("windows: " + ", ".join(f"{r} {c[r]['windows']:,} ({c[r]['anomalous']:,} anomalous, {c[r]['incidents']} "
+                                f"incidents)" for r in c) + f"; held out: {', '.join(data.heldout)}")
+    extra = None
+    if settings.phases:
+        extra = phase_windows(settings.data, data, window=settings.window, step_s=settings.step_s,
+                              inputs=InputPlan.default(FEATURE_NAMES), phases=settings.phases,
+                              labels=load_labels(settings.labels) if settings.labels else ())
+        # Held-out classes stay out of training in every phase.
+        extra = extra.subset(np.array([lb is not None and lb not in data.heldout for lb in extra.label], dtype=bool))
+        log(f"phase-shifted training windows: {len(extra):,} (phases {settings.phases} s)")
+    data_s = time.perf_counter() - t0
+    _device(log)
+    trained: dict[str, Detector] = {}
+    for kind in settings.kinds:
+        trained[kind] = train_detector(kind, data, settings, extra=extra, log=log)
+    models: dict[str, Detector] = {}
+    for det in trained.values():
+        for name, d in variants(det, data, settings):
+            models[name] = d
+    timelines = {name: detector_timelines(d, data) for name, d in models.items()}
+    timelines.update(baseline_timelines(data, baselines, settings, log))
+    test = judge(timelines, data, "test")
+    validation = judge({k: timelines[k] for k in trained}, data, "validation")
+    best = max(trained, key=lambda k: (_f1(validation[k]), _f1(test[k])))
+    log(f"default: {best} (event-level F1 on validation data: "
+        + ", ".join(f"{k} {_f1(v):.3f}" for k, v in validation.items()) + ")")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = out_dir / "report"
+    write_report(report_dir, test, data, timelines, primary=best, title="Detectors and baselines on the test data",
+                 command=command)
+    for kind, det in trained.items():
+        det.meta.metrics = {"test": {name: test[name].to_json() for name in test
+                                     if name == kind or name.startswith(kind + " ")},
+                            "validation_event_f1": _f1(validation[kind]),
+                            "baselines": {name: _summary(test[name]) for name in test if name not in models},
+                            "others": {name: _summary(test[name]) for name in models if not name.startswith(kind)},
+                            "evaluation": {"alert_for_seconds": EVAL_FOR_S, "keep_firing_seconds": EVAL_KEEP_FIRING_S,
+                                           "role": "test"}}
+        det.meta.training_data["command"] = command
+        det.meta.training_data["data_seconds"] = round(data_s, 1)
+        path = out_dir / kind
+        det.save(path)
+        write_model_card(path, det, test, data, default=kind == best)
+        log(f"wrote {path}")
+    default = out_dir / "default"
+    if default.exists():
+        shutil.rmtree(default)
+    trained[best].meta.name = "default"
+    trained[best].save(default)
+    write_model_card(default, trained[best], test, data, default=True)
+    log(f"wrote {default} ({best}) and {report_dir}/report.md in {time.perf_counter() - t0:.0f}s")
+    return {"default": best, "test": {k: v.to_json() for k, v in test.items()}}
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
+def _f1(ev: Evaluation) -> float:
+    f = ev.event.get("f1")
+    return float(f) if f is not None else 0.0
+
+
+def _summary(ev: Evaluation) -> dict[str, Any]:
+    return {"event": {k: ev.event[k] for k in ("precision", "recall", "f1", "delay_steps_median",
+                                                "false_alerts_per_instance_day")},
+            "seen_f1": ev.groups["seen"]["f1"], "heldout_f1": ev.groups["heldout"]["f1"],
+            "window_f1": ev.window.get("f1")}
+
+
+def _device(log: Log) -> None:
+    import keras
+
+    backend = keras.backend.backend()
+    gpus: list[str] = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    elif backend == "jax":
+        import jax
+
+        gpus = [str(d) for d in jax.devices() if d.platform == "gpu"]
+    elif backend == "torch":
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    log(f"training on {', '.join(gpus) if gpus else f'CPU ({os.cpu_count()} cores)'} with Keras {keras.__version__} "
+        f"({backend})")
+
+
+def settings_from_model(det: Detector, data: Sequence[str] | None = None) -> Settings:
+    """The settings a model was trained with (to rebuild its data and split), with other data if given."""
+    raw = det.meta.training_data.get("settings")
+    if not isinstance(raw, dict):
+        raise DatasetError(f"model {det.meta.name} does not record how it was trained; pass --heldout and --seed")
+    known = {f.name for f in dataclasses.fields(Settings)}
+    s = Settings(**{k: v for k, v in raw.items() if k in known})
+    if data:
+        s.data = list(data)
+    return s
+
+
+def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path, *,
+                    baselines: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+                    command: str = "", log: Log = print) -> dict[str, Evaluation]:
+    """`detectord evaluate`: the models (with their score variants) and the baselines on the test role
+    of `data_paths`, split as the first model was trained; a report in `out`."""
+    from .detectors import load_detector
+    from .report import write_report
+
+    dets = [load_detector(p) for p in paths]
+    first = dets[0]
+    for p, d in zip(paths, dets, strict=True):
+        if (d.window, d.step_seconds, d.meta.inputs) != (first.window, first.step_seconds, first.meta.inputs):
+            raise DatasetError(f"{p}: window, step or inputs differ from {paths[0]}'s; evaluate them apart")
+    settings = settings_from_model(first, data_paths)
+    data = load_data(settings, inputs=first.inputs, log=log)
+    models: dict[str, Detector] = {}
+    for p, d in zip(paths, dets, strict=True):
+        for name, v in variants(d, data, settings):
+            label = name if len(dets) == 1 or p.name in (d.kind, "default") else f"{p.name}: {name}"
+            if p.name == "default" and len(dets) > 1:
+                label = f"default: {name}"
+            models[label] = v
+    timelines = {name: detector_timelines(d, data) for name, d in models.items()}
+    timelines.update(baseline_timelines(data, baselines, settings, log))
+    evals = judge(timelines, data, "test")
+    write_report(out, evals, data, timelines, primary=next(iter(models)), title="Evaluation on the test data",
+                 command=command)
+    return evals
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    from .report import side_by_side
+
+    p = argparse.ArgumentParser(prog="detectord evaluate",
+                                description="Evaluate models beside the baselines; writes a report and JSON.")
+    p.add_argument("paths", nargs="+", metavar="MODEL... DATA",
+                   help="model directories, then the data (a directory of recordings, or one recording)")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory (default: evaluation)")
+    p.add_argument("--baselines", default="mixin,mixin_tuned,robust_z,isolation_forest",
+                   help="comma-separated; '' for none")
+    args = p.parse_args(argv)
+    if len(args.paths) < 2:
+        p.error("give at least one model and the data")
+    *models, data = args.paths
+    command = "detectord evaluate " + " ".join(sys.argv[2:] if argv is None else argv)
+    try:
+        evals = evaluate_models([Path(m) for m in models], [data], args.out,
+                                baselines=[b for b in args.baselines.split(",") if b], command=command)
+    except (DatasetError, ValueError) as exc:
+        print(f"detectord evaluate: {exc}", file=sys.stderr)
+        return 2
+    except DetectordError as exc:
+        print(f"detectord evaluate: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(side_by_side(evals)))
+    print(f"report: {args.out / 'report.md'}, numbers: {args.out / 'evaluation.json'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="detectord train",
-                                description="Train the default anomaly model on regenerated synthetic data.")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p = argparse.ArgumentParser(prog="detectord train", description="Train the detectors on labelled recordings.")
+    p.add_argument("--data", nargs="+", default=["data"], help="recordings or directories (default: data)")
+    p.add_argument("--out", type=Path, default=Path("models"), help="where the artifacts go (default: models)")
+    p.add_argument("--kinds", default=",".join(DETECTORS), help=f"comma-separated (default: {','.join(DETECTORS)})")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every kind (default: per kind)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    p.add_argument("--step", type=float, default=DEFAULT_STEP_SECONDS, help="seconds per feature row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hours", type=float, default=0.75,
-                   help="hours simulated per 15 s instance (1 s instances: a third of it, 0.25 to 0.5 h)")
-    p.add_argument("--instances", type=int, default=256,
-                   help="15 s training instances; 1 s, calibration and test fleets are sized from it")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--stride", type=int, default=1, help="step between training windows")
-    p.add_argument("--workers", type=int, default=None, help="simulation processes (default: up to 2)")
-    if argv and argv[0] == "--":  # `detectord train -- --out DIR` hands the separator through
-        argv = argv[1:]
+    p.add_argument("--labels", default=None, help="engineers' labels (YAML/JSON) to add to the ground truth")
+    p.add_argument("--heldout", default=",".join(DEFAULT_HELDOUT),
+                   help="classes kept out of training and validation (comma-separated; '' for none)")
+    p.add_argument("--no-phases", action="store_true", help="no phase-shifted training windows")
+    p.add_argument("--baselines", default="mixin,mixin_tuned,robust_z,isolation_forest")
+    p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
+    p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)
-    command = "python -m detectord.training " + " ".join(sys.argv[1:] if argv is None else argv)
+    settings = Settings(data=args.data, kinds=[k for k in args.kinds.split(",") if k], window=args.window,
+                        step_s=args.step, seed=args.seed, labels=args.labels,
+                        heldout=[c for c in args.heldout.split(",") if c], tensorboard=args.tensorboard or None)
+    if args.no_phases:
+        settings.phases = []
+    if args.epochs:
+        settings.epochs = {k: args.epochs for k in settings.kinds}
+    if args.config:
+        settings.configs = json.loads(Path(args.config).read_text())
+    unknown = [k for k in settings.kinds if k not in DETECTORS]
+    if unknown:
+        print(f"detectord train: unknown kinds {unknown}; known: {', '.join(DETECTORS)}", file=sys.stderr)
+        return 2
+    command = "detectord train " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        train_default(args.out, seed=args.seed, hours=args.hours, instances=args.instances, epochs=args.epochs,
-                      stride=args.stride, workers=args.workers, command=command)
-    except ValueError as exc:
+        train_all(settings, args.out, baselines=[b for b in args.baselines.split(",") if b], command=command)
+    except (DatasetError, ValueError) as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""Per-instance sliding windows (the FIFO stack): preallocated ring buffers of feature rows.
+"""Per-instance sliding windows (the FIFO stack): preallocated ring buffers of transformed rows.
 
 An instance is "warming" until its window is full; only full windows are scored.
 """
@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .features import FeatureRow, InstanceKey
+from .features import InstanceKey
 
 
 class _Ring:
@@ -40,25 +40,22 @@ class WindowStore:
     def __contains__(self, key: InstanceKey) -> bool:
         return key in self._rings
 
-    @property
-    def warming(self) -> int:
-        return sum(1 for r in self._rings.values() if r.count < self.window)
-
-    def push(self, row: FeatureRow) -> np.ndarray | None:
+    def push(self, key: InstanceKey, step_ts_ms: int, values: np.ndarray, *, restart: bool = False,
+             gap: bool = False) -> np.ndarray | None:
         """Append a row; return the instance's full window (oldest first, a copy) or None while warming."""
-        ring = self._rings.get(row.instance)
+        ring = self._rings.get(key)
         if ring is None:
-            ring = self._rings[row.instance] = _Ring(self.window, self.nfeatures)
-        elif row.restart:
+            ring = self._rings[key] = _Ring(self.window, self.nfeatures)
+        elif restart:
             ring.count = 0
             ring.pos = 0
             self.restarts += 1
-        if row.gap:
+        if gap:
             self.gap_rows += 1
-        ring.buf[ring.pos] = row.values
+        ring.buf[ring.pos] = values
         ring.pos = (ring.pos + 1) % self.window
         ring.count = min(ring.count + 1, self.window)
-        ring.last_ts = row.step_ts_ms
+        ring.last_ts = step_ts_ms
         if ring.count < self.window:
             return None
         if ring.pos == 0:
@@ -66,10 +63,6 @@ class WindowStore:
             return full
         out: np.ndarray = np.concatenate((ring.buf[ring.pos:], ring.buf[:ring.pos]))
         return out
-
-    def is_warming(self, key: InstanceKey) -> bool:
-        ring = self._rings.get(key)
-        return ring is None or ring.count < self.window
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:

@@ -1,8 +1,8 @@
 """The committed data sets: lab runs published into data/ (recording xz-compressed, truth beside it)
-and summarised (size, duration, instances, fault classes and events).
+and summarised (size, duration, instances, fault classes and events) into data/README.md.
 
     python -m lab.dataset publish .cache/lab/normal .cache/lab/faults-1 --to data
-    python -m lab.dataset summary data
+    python -m lab.dataset summary data          # prints the tables; `readme` writes data/README.md
 """
 
 from __future__ import annotations
@@ -68,23 +68,79 @@ def summarise(recording: Path) -> Summary:
 
 def summary_table(directory: Path) -> str:
     rows = [summarise(p) for p in sorted(directory.glob(f"*{SUFFIX}"))]
-    lines = ["| data set | size (MB) | duration (min) | requests | instances | fault events |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| data set | size (MB) | duration (min) | requests | instances | fault events | classes (events each) |",
+             "|---|---|---|---|---|---|---|"]
     total: Counter[str] = Counter()
     per_sev: dict[str, Counter[str]] = {}
     for r in rows:
         total.update(r.events)
         for c, s in r.severities.items():
             per_sev.setdefault(c, Counter()).update(s)
+        counts = set(r.events.values())
+        each = ("–" if not r.events else f"all {len(r.events)} × {counts.pop()}" if len(counts) == 1 else
+                ", ".join(f"{c} {n}" for c, n in sorted(r.events.items())))
         lines.append(f"| {r.name} | {r.megabytes:.1f} | {r.minutes:.1f} | {r.requests} | {r.instances} | "
-                     f"{sum(r.events.values()) or 'none (normal)'} |")
+                     f"{sum(r.events.values()) or 'none (normal)'} | {each} |")
     lines.append(f"| **all** | {sum(r.megabytes for r in rows):.1f} | {sum(r.minutes for r in rows):.1f} | "
-                 f"{sum(r.requests for r in rows)} | | {sum(total.values())} |")
+                 f"{sum(r.requests for r in rows)} | | {sum(total.values())} | {len(total)} classes |")
     lines += ["", "| fault class | events | low | medium | high |", "|---|---|---|---|---|"]
     for c in sorted(total):
         s = per_sev[c]
         lines.append(f"| {c} | {total[c]} | {s['low']} | {s['medium']} | {s['high']} |")
     return "\n".join(lines)
+
+
+_README = """# Lab data sets
+
+Recordings of a real CoreDNS fleet on loopback (CoreDNS {coredns} built from its Go module by
+`scripts/build-coredns.sh`, real `dnsperf` load, scripted faults), exactly as a real Prometheus
+(Debian's 2.42, scraping every second) remote-wrote them to `detectord record`. Each
+`NAME.drec.xz` is a recording (detectord/recording.py's format, xz-compressed; `detectord replay`,
+`score`, `train` and `evaluate` read it as it is) and `NAME.truth.json` its ground truth: the
+scenario, the instances, and every fault with its class, severity, affected instances, start and
+end (Unix ms).
+
+Every file is made by one lab run of the scenario of the same name, `lab/scenarios/NAME.yaml`:
+
+    lab/run lab/scenarios/NAME.yaml --out .cache/lab/NAME
+    python -m lab.dataset publish .cache/lab/NAME --to data
+
+`make data` re-records all of them (about 2.5 hours; normal and unseen-low run beside the fault
+runs, unseen-high alone) and rewrites this file.
+
+{files}
+
+- `normal`: a healthy fleet, the data sets' normal traffic.
+- `faults-1` … `faults-4`: every fault class twice per run, in two lanes that never touch the same
+  instances (upstream-0 with edge-0/edge-2, upstream-1 with edge-1/edge-3), 60 s each (an
+  upstream outage 20–60 s) with 90 s of recovery between; severities rotate over the runs.
+- `unseen-low`, `unseen-high`: fleets at load levels and cache sizes the others never have (a tenth,
+  and over ten times, the rate), healthy for 12 minutes, then six faults on one lane while the
+  other stays healthy. Test data only: no model trains or calibrates on them.
+
+{classes}
+
+Fault classes are made of the lab's primitives (lab/faults.py) in the scenario files:
+upstream_timeout (delay beyond forward's 2 s timeout), upstream_latency (delay below it),
+upstream_packet_loss, upstream_servfail (a share of names), upstream_down (SIGSTOP),
+edge_crash (SIGKILL and restart), query_flood, random_subdomain_flood, reload_failure (a broken
+Corefile), forward_saturation (slow upstream and a low max_concurrent: REFUSED), cpu_starvation
+(the process runs a share of every 100 ms).
+"""
+
+
+def write_readme(directory: Path) -> Path:
+    rows = [summarise(p) for p in sorted(directory.glob(f"*{SUFFIX}"))]
+    table = summary_table(directory)
+    files, classes = table.split("\n\n", 1)
+    coredns = "?"
+    for r in rows:
+        truth = json.loads((directory / f"{r.name}.truth.json").read_text())
+        coredns = str(truth.get("coredns_version") or coredns)
+    coredns = coredns if coredns != "?" else "v1.12.4"
+    out = directory / "README.md"
+    out.write_text(_README.format(coredns=coredns, files=files, classes=classes))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--to", type=Path, default=Path("data"))
     summ = sub.add_parser("summary", help="a Markdown table of a data directory")
     summ.add_argument("directory", type=Path, nargs="?", default=Path("data"))
+    rd = sub.add_parser("readme", help="write the data directory's README.md")
+    rd.add_argument("directory", type=Path, nargs="?", default=Path("data"))
     args = p.parse_args(argv)
     if args.cmd == "publish":
         for run in args.runs:
             dst = publish(run, args.to)
             print(f"{run} -> {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+    elif args.cmd == "readme":
+        print(f"wrote {write_readme(args.directory)}")
     else:
         print(summary_table(args.directory))
     return 0

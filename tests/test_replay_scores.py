@@ -38,7 +38,7 @@ async def test_replay_into_serve_scores_like_offline(tmp_path: Path) -> None:
     model = load_model(ModelConfig(path=REPO / "models/default"))
     loop = asyncio.get_running_loop()
     got = await loop.run_in_executor(None, lambda: recording_windows(
-        RECORDING, step_seconds=STEP_S, window=model.window, nfeatures=len(model.features)))
+        RECORDING, step_seconds=STEP_S, window=model.window, inputs=model.inputs))
     offline = score_windows(got.requests, model.detector)
     assert got.read.torn_bytes == 0 and got.bad_requests == 0
     assert len(offline) >= 4 and all(len(s.scores) > 20 for s in offline.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .artifact import (
     FORMAT_VERSION,
@@ -14,6 +15,7 @@ from .artifact import (
     ArtifactInvalid,
     ArtifactMissing,
     FeatureMismatch,
+    InputsMismatch,
     ModelMeta,
     UnknownFormatVersion,
     UnknownKind,
@@ -21,28 +23,34 @@ from .artifact import (
     check_compatible,
     read_meta,
 )
-from .base import Detector, ScoreBatch
-from .conv_autoencoder import ConvAutoencoder
+from .base import Detector, DetectorConfig, ScoreBatch
+from .conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
+from .conv_classifier import ConvClassifier, ConvClassifierConfig
+from .siamese import Siamese, SiameseConfig
 
 DETECTORS: dict[str, type[Detector]] = {
     "conv_autoencoder": ConvAutoencoder,
+    "conv_classifier": ConvClassifier,
+    "siamese": Siamese,
 }
 
 
-def load_detector(path: Path | str, *, features: Sequence[str] | None = None,
-                  window: int | None = None) -> Detector:
-    """Load the artifact directory `path`; refuse it if its features or window differ from the given ones."""
+def load_detector(path: Path | str, *, features: Sequence[str] | None = None, window: int | None = None,
+                  inputs: dict[str, Any] | None = None) -> Detector:
+    """Load the artifact directory `path`; refuse it if its features, window or input plan differ
+    from the given ones."""
     path = Path(path)
     meta = read_meta(path)
     cls = DETECTORS.get(meta.kind)
     if cls is None:
         raise UnknownKind(path, meta.kind, list(DETECTORS))
-    check_compatible(path, meta, features=features, window=window)
-    return cls.load(path, meta)
+    check_compatible(path, meta, features=features, window=window, inputs=inputs)
+    return cls.from_artifact(path, meta)
 
 
 __all__ = [
     "DETECTORS", "FORMAT_VERSION", "ArtifactError", "ArtifactInvalid", "ArtifactMissing", "ConvAutoencoder",
-    "Detector", "FeatureMismatch", "ModelMeta", "ScoreBatch", "UnknownFormatVersion", "UnknownKind",
-    "WindowMismatch", "check_compatible", "load_detector", "read_meta",
+    "ConvAutoencoderConfig", "ConvClassifier", "ConvClassifierConfig", "Detector", "DetectorConfig",
+    "FeatureMismatch", "InputsMismatch", "ModelMeta", "ScoreBatch", "Siamese", "SiameseConfig",
+    "UnknownFormatVersion", "UnknownKind", "WindowMismatch", "check_compatible", "load_detector", "read_meta",
 ]

@@ -1,7 +1,8 @@
 """The on-disk model format: a directory with `detectord-model.json` and `model.weights.h5`.
 
-Format version 1. The JSON carries everything needed to serve the weights correctly (feature
-order, window, step, scaler statistics, threshold) and to judge them (training data, metrics).
+Format version 2. The JSON carries everything needed to serve the weights correctly (feature
+order, window, step, how inputs are made from features, threshold, learned statistics) and to
+judge them (training data, calibration, metrics).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..errors import ModelError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "detectord-model.json"
 WEIGHTS_FILE = "model.weights.h5"
 
@@ -45,7 +46,7 @@ class UnknownFormatVersion(ArtifactError):
         self.version = version
         super().__init__(path, f"format_version {version!r} is not supported (this detectord reads "
                                f"format_version {FORMAT_VERSION}); use a detectord that matches the model "
-                               f"or retrain it")
+                               f"or retrain it with `detectord train`")
 
 
 class UnknownKind(ArtifactError):
@@ -76,6 +77,12 @@ class WindowMismatch(ArtifactError):
                                f"set model.window to {model} or use a model trained with window {expected}")
 
 
+class InputsMismatch(ArtifactError):
+    def __init__(self, path: Path | str, detail: str) -> None:
+        super().__init__(path, f"model inputs were made differently from what was expected ({detail}); "
+                               f"retrain the model with `detectord train`")
+
+
 @dataclass
 class ModelMeta:
     """The contents of `detectord-model.json`."""
@@ -88,8 +95,15 @@ class ModelMeta:
     window: int
     step_seconds: float
     threshold: float
-    scaler: dict[str, Any]
+    # How model inputs are made from feature rows (detectord.normalise.InputPlan.to_dict()).
+    inputs: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
+    # Anomaly classes a supervised model tells apart (empty for an unsupervised one).
+    classes: list[str] = field(default_factory=list)
+    # Statistics learned beside the weights (latent mean, centroids), as JSON lists.
+    state: dict[str, Any] = field(default_factory=dict)
+    # How the threshold was chosen, and on what.
+    calibration: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     framework: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +117,7 @@ class ModelMeta:
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "name": str, "kind": str, "version": str, "trained_at": str, "features": list, "window": int,
-    "step_seconds": (int, float), "threshold": (int, float), "scaler": dict,
+    "step_seconds": (int, float), "threshold": (int, float), "inputs": dict,
 }
 
 
@@ -133,6 +147,15 @@ def read_meta(path: Path | str) -> ModelMeta:
             raise ArtifactInvalid(path, f"{META_FILE}: {key!r} has the wrong type ({type(raw[key]).__name__})")
     if not all(isinstance(f, str) for f in raw["features"]) or not raw["features"]:
         raise ArtifactInvalid(path, f"{META_FILE}: 'features' must be a non-empty list of names")
+    from ..normalise import InputPlan
+
+    try:
+        plan = InputPlan.from_dict(raw["inputs"])
+    except ValueError as exc:
+        raise ArtifactInvalid(path, f"{META_FILE}: 'inputs': {exc}") from None
+    if list(plan.features) != raw["features"]:
+        raise ArtifactInvalid(path, f"{META_FILE}: 'inputs' describes features {list(plan.features)}, "
+                                    f"not the model's {raw['features']}")
     if raw["window"] < 1:
         raise ArtifactInvalid(path, f"{META_FILE}: 'window' must be >= 1, got {raw['window']}")
     for key in ("threshold", "step_seconds"):
@@ -146,12 +169,17 @@ def read_meta(path: Path | str) -> ModelMeta:
 
 
 def check_compatible(path: Path | str, meta: ModelMeta, *, features: Sequence[str] | None = None,
-                     window: int | None = None) -> None:
-    """Refuse a model whose features or window differ from what the caller will feed it."""
+                     window: int | None = None, inputs: dict[str, Any] | None = None) -> None:
+    """Refuse a model whose features, window or input plan differ from what the caller will feed it."""
     if features is not None and list(features) != list(meta.features):
         raise FeatureMismatch(path, meta.features, features)
     if window is not None and window != meta.window:
         raise WindowMismatch(path, meta.window, window)
+    if inputs is not None and inputs != meta.inputs:
+        differ = sorted(k for k in set(inputs.get("features", {})) | set(meta.inputs.get("features", {}))
+                        if inputs.get("features", {}).get(k) != meta.inputs.get("features", {}).get(k))
+        detail = f"features {differ} differ" if differ else "baseline settings differ"
+        raise InputsMismatch(path, detail)
 
 
 def write_meta(path: Path | str, meta: ModelMeta) -> None:

@@ -1,0 +1,55 @@
+"""The baselines every detector is measured against, on the same data and the same evaluation:
+the CoreDNS mixin's alert rules, a per-feature robust z-score, and an IsolationForest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..dataset import Data
+from ..evaluation import Timeline
+
+Baseline = Callable[[Data, float], dict[str, Timeline]]
+
+
+def robust_z(data: Data, target_per_day: float) -> dict[str, Timeline]:
+    from .robust_z import RobustZ
+
+    series = data.baseline_series()
+    floor = np.array([s.floor for s in data.recordings[0].inputs.specs], dtype=np.float64)
+    b = RobustZ(target_per_day=target_per_day)
+    b.fit(data, series, floor)
+    return b.timelines(data, series, floor)
+
+
+def isolation_forest(data: Data, target_per_day: float) -> dict[str, Timeline]:
+    from .isolation_forest import IsolationForestBaseline
+
+    b = IsolationForestBaseline(target_per_day=target_per_day)
+    b.fit(data)
+    return b.timelines(data)
+
+
+def _rules(ruleset: str) -> Baseline:
+    def run(data: Data, target_per_day: float) -> dict[str, Timeline]:
+        """Alert rules have no threshold to calibrate: they fire or they do not (score 2 or 0)."""
+        from .mixin import evaluate_rules
+
+        out = {}
+        for rec in data.recordings:
+            result = evaluate_rules(rec.path, ruleset=ruleset, step_s=rec.step_s)
+            for key, alerts in result.instances.items():
+                out["/".join((rec.name, *key))] = Timeline(
+                    alerts.timestamps_ms, np.where(alerts.firing, 2.0, 0.0).astype(np.float32))
+        return out
+
+    return run
+
+
+BASELINES: dict[str, Baseline] = {
+    "mixin": _rules("mixin"),
+    "mixin_tuned": _rules("mixin_tuned"),
+    "robust_z": robust_z,
+    "isolation_forest": isolation_forest,
+}

@@ -1,0 +1,383 @@
+"""The CoreDNS mixin's alert rules as a baseline: a temporary real Prometheus takes a recording and
+answers each rule's range query; Prometheus's `for` is applied here, per alert series and instance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+
+from ..config import Duration
+from ..errors import DetectordError
+from ..features import InstanceKey
+from ..recording import read_writes
+from ..remote_write import LabelCache
+from ..replay import replay, summary
+
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
+
+DEFAULT_SELECTOR = 'job=~"coredns-.*"'
+# Prometheus refuses a range query of more points than this per series.
+MAX_POINTS_PER_QUERY = 11000
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class PrometheusNotFound(DetectordError):
+    """No Prometheus binary to evaluate the rules with."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        where = f"{path} is not an executable file" if path else "prometheus is not on PATH"
+        super().__init__(f"{where}: install Debian's prometheus (`make system-deps`) or pass its path")
+
+
+class RuleEvaluationError(DetectordError):
+    """The temporary Prometheus did not start, did not take the whole recording, or failed a query."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        self.stage = stage
+        self.reason = reason
+        super().__init__(f"{stage}: {reason}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    # PromQL as published; %(corednsSelector)s stands for the selector, as in the mixin's jsonnet.
+    expr: str
+    for_seconds: float
+    severity: str
+
+    @property
+    def key(self) -> str:
+        """Unique within a rule set (the mixin has two CoreDNSErrorsHigh, one per severity)."""
+        return f"{self.name}/{self.severity}"
+
+    def promql(self, selector: str) -> str:
+        return self.expr % {"corednsSelector": selector}
+
+
+def _rule(name: str, expr: str, for_: str, severity: str) -> Rule:
+    return Rule(name, expr.strip(), float(Duration.parse(for_)), severity)
+
+
+# povilasv/coredns-mixin alerts/coredns.libsonnet and alerts/forward.libsonnet at eb356cf
+# (2023-04-25, the published head), selector left as the placeholder.
+_ERRORS = """
+sum without (pod, instance, server, zone, view, rcode, plugin) (rate(coredns_dns_responses_total{%(corednsSelector)s,rcode="SERVFAIL"}[5m]))
+  /
+sum without (pod, instance, server, zone, view, rcode, plugin) (rate(coredns_dns_responses_total{%(corednsSelector)s}[5m]))
+"""
+_FORWARD_ERRORS = """
+sum without (pod, instance, rcode) (rate(coredns_forward_responses_total{%(corednsSelector)s,rcode="SERVFAIL"}[5m]))
+  /
+sum without (pod, instance, rcode) (rate(coredns_forward_responses_total{%(corednsSelector)s}[5m]))
+"""
+_TUNED_ERRORS = """
+sum by (job, instance) (rate(coredns_dns_responses_total{%(corednsSelector)s,rcode="SERVFAIL"}[1m]))
+  /
+sum by (job, instance) (rate(coredns_dns_responses_total{%(corednsSelector)s}[1m]))
+"""
+
+RULESETS: dict[str, tuple[Rule, ...]] = {
+    "mixin": (
+        _rule("CoreDNSDown", "absent(up{%(corednsSelector)s} == 1)", "15m", "critical"),
+        _rule("CoreDNSLatencyHigh",
+              "histogram_quantile(0.99, sum(rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
+              " without (instance,pod)) > 4", "10m", "critical"),
+        _rule("CoreDNSErrorsHigh", _ERRORS.strip() + " > 0.03", "10m", "critical"),
+        _rule("CoreDNSErrorsHigh", _ERRORS.strip() + " > 0.01", "10m", "warning"),
+        # The coredns_forward_* metrics below, but for healthcheck_broken_total, are gone since CoreDNS 1.11.
+        _rule("CoreDNSForwardLatencyHigh",
+              "histogram_quantile(0.99, sum(rate(coredns_forward_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
+              " without (pod, instance, rcode)) > 4", "10m", "critical"),
+        _rule("CoreDNSForwardErrorsHigh", _FORWARD_ERRORS.strip() + " > 0.03", "10m", "critical"),
+        _rule("CoreDNSForwardErrorsHigh", _FORWARD_ERRORS.strip() + " > 0.01", "10m", "warning"),
+        _rule("CoreDNSForwardHealthcheckFailureCount",
+              "sum without (pod, instance) (rate(coredns_forward_healthcheck_failures_total{%(corednsSelector)s}[5m])) > 0",
+              "10m", "warning"),
+        _rule("CoreDNSForwardHealthcheckBrokenCount",
+              "sum without (pod, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[5m])) > 0",
+              "10m", "warning"),
+        # The common extra (awesome-prometheus-alerts), verbatim: it has no selector.
+        _rule("CorednsPanicCount", "increase(coredns_panics_total[1m]) > 0", "0m", "critical"),
+    ),
+    # What an SRE tuning for fast detection deploys: per instance, 1m windows, no `for`, and
+    # forward health on the metric CoreDNS >= 1.11 exports.
+    "mixin_tuned": (
+        _rule("CoreDNSDown", "up{%(corednsSelector)s} == 0", "0s", "critical"),
+        _rule("CoreDNSLatencyHigh",
+              "histogram_quantile(0.99, sum by (job, instance, server, zone, le)"
+              " (rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[1m]))) > 4", "0s", "critical"),
+        _rule("CoreDNSErrorsHigh", _TUNED_ERRORS.strip() + " > 0.03", "0s", "critical"),
+        _rule("CoreDNSErrorsHigh", _TUNED_ERRORS.strip() + " > 0.01", "0s", "warning"),
+        _rule("CoreDNSForwardHealthcheckFailureCount",
+              "sum by (job, instance) (rate(coredns_proxy_healthcheck_failures_total{%(corednsSelector)s}[1m])) > 0",
+              "0s", "warning"),
+        _rule("CoreDNSForwardHealthcheckBrokenCount",
+              "sum by (job, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[1m])) > 0",
+              "0s", "warning"),
+        _rule("CorednsPanicCount", "increase(coredns_panics_total{%(corednsSelector)s}[1m]) > 0", "0s", "critical"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class InstanceAlerts:
+    timestamps_ms: IntArray  # the step grid, shared by every instance
+    firing: BoolArray  # any rule of the set firing for this instance
+    by_rule: dict[str, BoolArray]  # Rule.key -> firing
+
+
+@dataclass(frozen=True)
+class FiringSpan:
+    instance: InstanceKey
+    rule: str  # Rule.key
+    start_ms: int  # first and last step it fired at
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    ruleset: str
+    step_ms: int
+    timestamps_ms: IntArray
+    instances: dict[InstanceKey, InstanceAlerts]
+    replay_seconds: float
+    query_seconds: float
+
+    def spans(self) -> list[FiringSpan]:
+        """Every run of consecutive firing steps, by instance and rule."""
+        out: list[FiringSpan] = []
+        ts = self.timestamps_ms
+        for key, alerts in sorted(self.instances.items()):
+            for rule, firing in alerts.by_rule.items():
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], firing.astype(np.int8), [0]))))
+                out += [FiringSpan(key, rule, int(ts[a]), int(ts[b - 1])) for a, b in zip(edges[::2], edges[1::2])]
+        return out
+
+
+def hold_for(active: BoolArray, timestamps_ms: IntArray, for_seconds: float) -> BoolArray:
+    """Prometheus's `for`: an alert series returned at consecutive steps is pending from the first
+    and fires once `for` has passed since then; a step without it starts it over."""
+    idx = np.arange(len(active))
+    starts = active & ~np.concatenate(([False], active[:-1]))
+    run_start = np.maximum.accumulate(np.where(starts, idx, 0)) if len(active) else idx
+    held_ms = timestamps_ms - timestamps_ms[run_start]
+    firing: BoolArray = active & (held_ms >= for_seconds * 1000.0)
+    return firing
+
+
+def step_grid(first_ms: int, last_ms: int, step_ms: int) -> IntArray:
+    """The steps detectord stamps feature rows with: the end of each step holding a sample."""
+    return np.arange((first_ms // step_ms + 1) * step_ms, (last_ms // step_ms + 1) * step_ms + 1, step_ms,
+                     dtype=np.int64)
+
+
+def sample_span(recording: str | Path) -> tuple[int, int]:
+    """The first and last sample timestamp (ms) in a recording."""
+    first, last = sys.maxsize, -sys.maxsize
+    for _, write in read_writes(recording, LabelCache()):
+        if write.timestamps:
+            first = min(first, min(write.timestamps))
+            last = max(last, max(write.timestamps))
+    if first > last:
+        raise RuleEvaluationError(str(recording), "the recording holds no samples")
+    return first, last
+
+
+def evaluate_rules(recording: str | Path, *, ruleset: str, step_s: float, selector: str = DEFAULT_SELECTOR,
+                   prometheus: str | None = None, workdir: Path | None = None) -> RuleResult:
+    """Which rules of `ruleset` fire for which instance at each step of `recording`."""
+    return asyncio.run(evaluate_rules_async(recording, ruleset=ruleset, step_s=step_s, selector=selector,
+                                            prometheus=prometheus, workdir=workdir))
+
+
+async def evaluate_rules_async(recording: str | Path, *, ruleset: str, step_s: float,
+                               selector: str = DEFAULT_SELECTOR, prometheus: str | None = None,
+                               workdir: Path | None = None) -> RuleResult:
+    if ruleset not in RULESETS:
+        raise ValueError(f"unknown ruleset {ruleset!r}: choose one of {', '.join(RULESETS)}")
+    step_ms = round(step_s * 1000)
+    if step_ms <= 0 or abs(step_ms - step_s * 1000) > 1e-6:
+        raise ValueError(f"step must be a positive whole number of milliseconds, got {step_s}s")
+    binary = prometheus_binary(prometheus)
+    rules = RULESETS[ruleset]
+    loop = asyncio.get_running_loop()
+    first_ms, last_ms = await loop.run_in_executor(None, sample_span, recording)
+    grid = step_grid(first_ms, last_ms, step_ms)
+    async with _temporary_prometheus(binary, workdir) as url, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        stats = await replay(recording, f"{url}/api/v1/write", speed=0)
+        if stats.refused or stats.failed:
+            raise RuleEvaluationError("replay", f"Prometheus did not take the whole recording: {summary(stats)}")
+        t0 = time.monotonic()
+        span = (first_ms, last_ms)
+        instances = sorted({_instance(s) for s in await _series(session, url, f"up{{{selector}}}", span)})
+        servers: dict[str, set[InstanceKey]] = {}
+        for s in await _series(session, url, f"coredns_dns_requests_total{{{selector}}}", span):
+            if "server" in s:
+                servers.setdefault(s["server"], set()).add(_instance(s))
+        by_rule = {k: {rule.key: np.zeros(len(grid), dtype=bool) for rule in rules} for k in instances}
+        for rule in rules:
+            for labels, active in (await _active(session, url, rule.promql(selector), grid)).items():
+                firing = hold_for(active, grid, rule.for_seconds)
+                for k in _covered(dict(labels), instances, servers):
+                    by_rule[k][rule.key] |= firing
+        query_seconds = time.monotonic() - t0
+    per_instance = {k: InstanceAlerts(grid, np.logical_or.reduce(list(rs.values())), rs) for k, rs in by_rule.items()}
+    return RuleResult(ruleset, step_ms, grid, per_instance, stats.seconds, query_seconds)
+
+
+def prometheus_binary(path: str | None = None) -> str:
+    found = shutil.which(path or "prometheus")
+    if found is None:
+        raise PrometheusNotFound(path)
+    return found
+
+
+def _instance(labels: Mapping[str, str]) -> InstanceKey:
+    return (labels.get("job", ""), labels.get("instance", ""))
+
+
+def _covered(labels: Mapping[str, str], instances: Sequence[InstanceKey],
+             servers: Mapping[str, set[InstanceKey]]) -> list[InstanceKey]:
+    """The instances an alert is about: those its labels single out; all, for a fleet-wide alert."""
+    out = [k for k in instances if labels.get("job", k[0]) == k[0] and labels.get("instance", k[1]) == k[1]]
+    # In the lab every instance listens on its own port, so `server` names one instance.
+    if labels.get("server") in servers:
+        out = [k for k in out if k in servers[labels["server"]]]
+    return out
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:.3f}"
+
+
+async def _api(session: aiohttp.ClientSession, url: str, path: str, form: Sequence[tuple[str, str]]) -> Any:
+    async with session.post(f"{url}{path}", data=list(form)) as resp:
+        body = await resp.json(content_type=None)
+    if body.get("status") != "success":
+        query = dict(form).get("query") or dict(form).get("match[]")
+        raise RuleEvaluationError(f"{path} {query}", f"{body.get('errorType')}: {body.get('error')}")
+    return body["data"]
+
+
+async def _series(session: aiohttp.ClientSession, url: str, match: str,
+                  span: tuple[int, int]) -> list[dict[str, str]]:
+    form = [("match[]", match), ("start", _seconds(span[0])), ("end", _seconds(span[1]))]
+    result: list[dict[str, str]] = await _api(session, url, "/api/v1/series", form)
+    return result
+
+
+async def _active(session: aiohttp.ClientSession, url: str, promql: str,
+                  grid: IntArray) -> dict[frozenset[tuple[str, str]], BoolArray]:
+    """Each alert series `promql` returns (labels without __name__, as Prometheus keys alerts) and
+    the steps it is returned at."""
+    step_ms = int(grid[1] - grid[0]) if len(grid) > 1 else 1000
+    out: dict[frozenset[tuple[str, str]], BoolArray] = {}
+    for lo in range(0, len(grid), MAX_POINTS_PER_QUERY):
+        chunk = grid[lo:lo + MAX_POINTS_PER_QUERY]
+        form = [("query", promql), ("start", _seconds(int(chunk[0]))), ("end", _seconds(int(chunk[-1]))),
+                ("step", _seconds(step_ms))]
+        data = await _api(session, url, "/api/v1/query_range", form)
+        for series in data["result"]:
+            labels = frozenset((k, v) for k, v in series["metric"].items() if k != "__name__")
+            ts = np.array([round(float(t) * 1000) for t, _ in series["values"]], dtype=np.int64)
+            active = out.setdefault(labels, np.zeros(len(grid), dtype=bool))
+            active[(ts - int(grid[0])) // step_ms] = True
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _temporary_prometheus(binary: str, workdir: Path | None) -> AsyncIterator[str]:
+    """A Prometheus with an empty scrape config and the remote-write receiver on a free loopback
+    port, its TSDB in a temporary directory; both gone on exit."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="detectord-mixin-", dir=workdir))
+    try:
+        config = tmp / "prometheus.yml"
+        config.write_text("scrape_configs: []\n")
+        log = tmp / "prometheus.log"
+        port = _free_port()
+        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            await _wait_ready(url, proc, log)
+            yield url
+        finally:
+            await _stop(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: the kernel kills Prometheus if the thread that started it dies,
+    # so even a `kill -9` of the evaluation leaves no Prometheus behind.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuleEvaluationError("prometheus", f"exited with {proc.returncode}: {_tail(log)}")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with session.get(f"{url}/-/ready") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuleEvaluationError("prometheus", f"not ready after {READY_TIMEOUT_S:g}s: {_tail(log)}")
+
+
+async def _stop(proc: subprocess.Popen[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            await loop.run_in_executor(None, proc.wait, STOP_TIMEOUT_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(log: Path, n: int = 2000) -> str:
+    return log.read_bytes()[-n:].decode(errors="replace") if log.exists() else "<no log>"

@@ -1,0 +1,591 @@
+"""Data sets: recordings with their ground truth → feature rows (the serve code path) → per-instance
+baselines → labelled windows, split 70/15/15 by contiguous time blocks, with held-out classes.
+
+A recording `NAME.drec[.xz]` comes with `NAME.truth.json` (written by the lab, see lab/runner.py):
+its fault events, each with a class and the instances it affects. Engineers' labels (`Label`)
+add spans to any recording: anomalous with a class, or normal. Every step of every instance gets
+a label ("" normal, a class, or None for an incident's aftermath) and a role (train, validation,
+test, or None where a window would straddle two roles).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
+from .normalise import BaselineSeries, InputPlan, baseline_series, windows_at
+from .recording import ReadStats, read_writes
+from .remote_write import DecodedWrite, LabelCache
+
+Role = Literal["train", "validation", "test"]
+ROLES: tuple[Role, ...] = ("train", "validation", "test")
+SPLIT = {"train": 0.70, "validation": 0.15, "test": 0.15}
+RECORDING_SUFFIXES = (".drec.xz", ".drec")
+INSTANCE_LABELS = ("job", "instance")
+# After an incident ends, a server takes a while to look normal again (caches refill, forward
+# marks its upstream healthy): steps in this span are neither normal nor anomalous.
+RECOVERY_S = 60.0
+# Classes no supervised model trains or validates on: they test generalisation to incidents
+# never seen before (the 2020 proposal's test).
+DEFAULT_HELDOUT = ("upstream_packet_loss", "cpu_starvation", "random_subdomain_flood")
+
+
+class DatasetError(ValueError):
+    """A recording, truth file or label that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A labelled stretch of one instance: an incident (cls = its class) or normal (cls = "")."""
+
+    instance: InstanceKey
+    start_ms: int
+    end_ms: int
+    cls: str
+    event: str  # "DATASET#ID" for a lab event, "label:N" for an engineer's label
+    severity: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        """An engineer's label, not the recording's own truth."""
+        return self.event.startswith("label:")
+
+
+@dataclass(frozen=True)
+class Label:
+    """An engineer's verdict on a stretch of one instance (retraining from labels)."""
+
+    dataset: str  # the recording's name (file name without .drec[.xz]); "*" for any
+    instance: InstanceKey
+    start_ms: int
+    end_ms: int
+    anomalous: bool
+    cls: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> Label:
+        known = {"dataset", "labels", "start", "end", "verdict", "class"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DatasetError(f"{where}: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+        for k in ("labels", "start", "end", "verdict"):
+            if k not in d:
+                raise DatasetError(f"{where}.{k}: is required")
+        verdict = d["verdict"]
+        if verdict not in ("anomaly", "normal"):
+            raise DatasetError(f"{where}.verdict: must be 'anomaly' or 'normal', got {verdict!r}")
+        labels = d["labels"]
+        if not isinstance(labels, dict) or not all(k in labels for k in INSTANCE_LABELS):
+            raise DatasetError(f"{where}.labels: must give {', '.join(INSTANCE_LABELS)}")
+        start, end = _time_ms(d["start"], f"{where}.start"), _time_ms(d["end"], f"{where}.end")
+        if end <= start:
+            raise DatasetError(f"{where}: end must be after start")
+        klass = str(d.get("class", "") or "")
+        if verdict == "anomaly" and not klass:
+            klass = "labelled_anomaly"
+        return cls(str(d.get("dataset", "*")), tuple(str(labels[k]) for k in INSTANCE_LABELS), start, end,
+                   verdict == "anomaly", klass if verdict == "anomaly" else "")
+
+
+def load_labels(path: Path | str) -> list[Label]:
+    """A labels file: YAML or JSON, a list of {dataset, labels: {job, instance}, start, end,
+    verdict: anomaly|normal, class}; times as RFC 3339 or Unix milliseconds."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise DatasetError(f"{path}: cannot read labels: {exc}") from None
+    if isinstance(raw, dict) and "labels" in raw and isinstance(raw["labels"], list):
+        raw = raw["labels"]
+    if not isinstance(raw, list):
+        raise DatasetError(f"{path}: a labels file holds a list of labelled spans")
+    return [Label.from_dict(d, f"{path.name}[{i}]") for i, d in enumerate(raw)]
+
+
+def _time_ms(v: Any, where: str) -> int:
+    if isinstance(v, bool):
+        raise DatasetError(f"{where}: not a time: {v!r}")
+    if isinstance(v, (int, float)):
+        return int(v)
+    import datetime as dt
+
+    if isinstance(v, dt.datetime):
+        return int(v.timestamp() * 1000)
+    try:
+        return int(dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        raise DatasetError(f"{where}: not a time (RFC 3339 or Unix ms): {v!r}") from None
+
+
+@dataclass
+class Recording:
+    """One recording, through features and baselines, with its labelled spans."""
+
+    name: str
+    path: Path
+    step_s: float
+    inputs: InputPlan
+    series: dict[InstanceKey, BaselineSeries]
+    spans: list[Span]
+    lanes: dict[InstanceKey, str]  # instances that share a fault domain (an upstream and its edges)
+    test_only: bool
+    read: ReadStats
+    truth: dict[str, Any]
+
+
+def recording_name(path: Path) -> str:
+    for suf in RECORDING_SUFFIXES:
+        if path.name.endswith(suf):
+            return path.name[: -len(suf)]
+    return path.stem
+
+
+def find_recordings(paths: Iterable[Path | str]) -> list[Path]:
+    """Recordings named by `paths`: files, or directories holding NAME.drec[.xz] files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if any(q.name.endswith(s) for s in RECORDING_SUFFIXES)))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise DatasetError(f"{p}: no such recording or directory")
+    if not out:
+        raise DatasetError(f"no recordings (NAME.drec or NAME.drec.xz) in {', '.join(map(str, paths))}")
+    return out
+
+
+def truth_path(recording: Path) -> Path:
+    return recording.with_name(recording_name(recording) + ".truth.json")
+
+
+def _shifted(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[DecodedWrite]:
+    for w in writes:
+        if offset_ms:
+            w.timestamps = [t + offset_ms for t in w.timestamps]
+        yield w
+
+
+def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_s: float = 0.0,
+                   labels: Sequence[Label] = ()) -> Recording:
+    """A recording's feature rows and baselines per instance, and its spans.
+
+    `phase_s` shifts the step grid (training augmentation: the same traffic cut into steps at
+    another phase); 0 is the grid `serve` uses."""
+    path = Path(path)
+    name = recording_name(path)
+    tp = truth_path(path)
+    truth: dict[str, Any] = json.loads(tp.read_text()) if tp.exists() else {}
+    stats = ReadStats()
+    offset = int(round(phase_s * 1000))
+    writes = _shifted((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
+    feats: dict[InstanceKey, FeatureSeries] = extract(writes, int(round(step_s * 1000)), INSTANCE_LABELS)
+    series = {}
+    for key, fs in sorted(feats.items()):
+        if offset:
+            fs.timestamps_ms = fs.timestamps_ms - offset
+        series[key] = baseline_series(fs, inputs, step_s)
+    spans = _truth_spans(name, truth) + [
+        Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
+        for i, lb in enumerate(labels) if lb.dataset in ("*", name)]
+    lanes = {}
+    for inst in truth.get("instances", []):
+        key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
+        lanes[key] = inst.get("upstream") or inst.get("instance", "")
+    for key in series:
+        lanes.setdefault(key, key[-1])
+    return Recording(name, path, step_s, inputs, series, spans, lanes, bool(truth.get("test_only")) or name.startswith("unseen"),
+                     stats, truth)
+
+
+def _truth_spans(name: str, truth: dict[str, Any]) -> list[Span]:
+    spans = []
+    for ev in truth.get("events", []):
+        if ev.get("start_ms") is None or ev.get("end_ms") is None:
+            continue
+        for inst in ev.get("instances", []):
+            key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
+            spans.append(Span(key, int(ev["start_ms"]), int(ev["end_ms"]), str(ev["class"]), f"{name}#{ev['id']}",
+                              str(ev.get("severity", ""))))
+    return spans
+
+
+# ---- labels and roles per step -------------------------------------------------------------------
+
+
+def step_labels(ts: np.ndarray, step_ms: int, spans: Sequence[Span], recovery_s: float = RECOVERY_S
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: its label ("" normal, a class, None recovering) and the event it belongs to ("" none).
+
+    A step (T - step, T] belongs to an incident it overlaps; the `recovery_s` after an incident
+    are unlabelled. A span labelled normal by an engineer overrides lab truth where they overlap."""
+    label = np.full(len(ts), "", dtype=object)
+    event = np.full(len(ts), "", dtype=object)
+    starts = ts - step_ms
+    for sp in sorted(spans, key=lambda s: s.cls == ""):
+        inside = (ts > sp.start_ms) & (starts < sp.end_ms)
+        if sp.cls:
+            after = (starts >= sp.end_ms) & (ts <= sp.end_ms + recovery_s * 1000) & (label == "")
+            label[after] = None
+            label[inside] = sp.cls
+            event[inside] = sp.event
+        else:
+            label[inside] = ""
+            event[inside] = ""
+    return label, event
+
+
+@dataclass
+class Block:
+    recording: str
+    lane: str
+    start_ms: int
+    end_ms: int
+    classes: frozenset[str]
+    steps: int
+    role: Role = "train"
+
+
+def _blocks(rec: Recording, normal_block_s: float) -> list[Block]:
+    """Contiguous time blocks per lane: a run with incidents in two halves, a normal run in
+    `normal_block_s` pieces."""
+    out = []
+    by_lane: dict[str, list[InstanceKey]] = {}
+    for key in rec.series:
+        by_lane.setdefault(rec.lanes[key], []).append(key)
+    for lane, keys in sorted(by_lane.items()):
+        t0 = min(int(rec.series[k].timestamps_ms[0]) for k in keys)
+        t1 = max(int(rec.series[k].timestamps_ms[-1]) for k in keys) + 1
+        spans = [s for s in rec.spans if s.instance in keys and s.cls and not s.labelled]
+        if spans:
+            cuts = [t0, (t0 + t1) // 2, t1]
+        else:
+            n = max(1, round((t1 - t0) / 1000 / normal_block_s))
+            cuts = [t0 + (t1 - t0) * i // n for i in range(n + 1)]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            classes = frozenset(s.cls for s in spans if a <= s.start_ms < b)
+            steps = sum(int(((rec.series[k].timestamps_ms >= a) & (rec.series[k].timestamps_ms < b)).sum())
+                        for k in keys)
+            out.append(Block(rec.name, lane, a, b, classes, steps))
+    return out
+
+
+def assign_roles(blocks: list[Block], seen: set[str], seed: int, tries: int = 4000) -> None:
+    """Give blocks roles so the steps split 70/15/15 and every seen class is in each split if it can
+    be (in training above all)."""
+    rng = np.random.default_rng(seed)
+    total = sum(b.steps for b in blocks) or 1
+    best: tuple[float, list[int]] | None = None
+    for _ in range(tries):
+        roles = rng.choice(3, size=len(blocks), p=[SPLIT[r] for r in ROLES])
+        frac = [sum(b.steps for b, r in zip(blocks, roles, strict=True) if r == i) / total for i in range(3)]
+        cost = sum(abs(f - SPLIT[r]) for f, r in zip(frac, ROLES, strict=True))
+        for i, weight in ((0, 0.2), (1, 0.05), (2, 0.05)):
+            covered = set().union(*(b.classes for b, r in zip(blocks, roles, strict=True) if r == i))
+            cost += weight * len(seen - covered)
+        if best is None or cost < best[0]:
+            best = (cost, roles.tolist())
+    assert best is not None
+    for b, r in zip(blocks, best[1], strict=True):
+        b.role = ROLES[r]
+
+
+# ---- windows -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowSet:
+    """Windows of model inputs with what is known about each."""
+
+    x: np.ndarray  # float32 (N, W, F)
+    label: np.ndarray  # object (N,): "" normal, a class name, None unlabelled
+    series_id: np.ndarray  # int64 (N,): index into `series`
+    end_ms: np.ndarray  # int64 (N,): the step each window ends with
+    series: list[str]  # "RECORDING/job/instance"
+    step_s: float
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, mask: np.ndarray) -> WindowSet:
+        return WindowSet(self.x[mask], self.label[mask], self.series_id[mask], self.end_ms[mask], self.series,
+                         self.step_s)
+
+    @property
+    def anomalous(self) -> np.ndarray:
+        return np.array([lb is not None and lb != "" for lb in self.label], dtype=bool)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.array([lb == "" for lb in self.label], dtype=bool)
+
+    def classes(self) -> list[str]:
+        return sorted({str(lb) for lb in self.label if lb})
+
+    def labelled(self, classes: Sequence[str] | None = None) -> WindowSet:
+        """The windows with a label: normal, or (if `classes` is given) one of those classes."""
+        keep = [lb is not None and (classes is None or lb == "" or lb in classes) for lb in self.label]
+        return self.subset(np.array(keep, dtype=bool))
+
+    def instance_days(self, step_s: float | None = None) -> float:
+        return len(self) * (step_s or self.step_s) / 86400.0
+
+    @staticmethod
+    def concat(sets: Sequence[WindowSet]) -> WindowSet:
+        if not sets:
+            raise ValueError("nothing to concatenate")
+        names: list[str] = []
+        ids = []
+        for s in sets:
+            index = {n: i for i, n in enumerate(names)}
+            mapping = []
+            for n in s.series:
+                if n not in index:
+                    index[n] = len(names)
+                    names.append(n)
+                mapping.append(index[n])
+            ids.append(np.asarray(mapping, dtype=np.int64)[s.series_id] if len(s) else s.series_id)
+        return WindowSet(np.concatenate([s.x for s in sets]), np.concatenate([s.label for s in sets]),
+                         np.concatenate(ids), np.concatenate([s.end_ms for s in sets]), names, sets[0].step_s)
+
+
+@dataclass
+class SeriesInfo:
+    """One instance of one recording, step by step: what evaluation needs beside the scores."""
+
+    name: str  # "RECORDING/job/instance"
+    recording: str
+    instance: InstanceKey
+    timestamps_ms: np.ndarray
+    label: np.ndarray  # per step, see step_labels
+    event: np.ndarray  # per step: the event id it belongs to, "" none
+    role: np.ndarray  # per step: "train" | "validation" | "test" | None (a window there straddles roles)
+    scored: np.ndarray  # per step: a window ends here (warm baseline, full window, no restart inside)
+
+
+@dataclass
+class Data:
+    """Every window of every recording, by role, and the per-step truth for evaluation."""
+
+    all: WindowSet
+    role: np.ndarray  # object (N,) per window
+    series: list[SeriesInfo]
+    events: dict[str, dict[str, Any]]  # event id -> {class, severity, recording, instances, start_ms, end_ms}
+    heldout: tuple[str, ...]
+    seen: tuple[str, ...]
+    recordings: list[Recording] = field(default_factory=list)
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def baseline_series(self) -> dict[str, BaselineSeries]:
+        """Every instance's transformed rows and baselines, by series name."""
+        return {"/".join((r.name, *k)): bs for r in self.recordings for k, bs in r.series.items()}
+
+    def _role(self, role: Role, *, supervised_view: bool = True) -> WindowSet:
+        mask = self.role == role
+        if supervised_view and role != "test":
+            # Held-out classes never reach training or validation.
+            mask &= np.array([lb not in self.heldout for lb in self.all.label], dtype=bool)
+        return self.all.subset(mask & np.array([lb is not None for lb in self.all.label], dtype=bool))
+
+    @property
+    def train(self) -> WindowSet:
+        return self._role("train")
+
+    @property
+    def validation(self) -> WindowSet:
+        return self._role("validation")
+
+    @property
+    def test(self) -> WindowSet:
+        return self._role("test")
+
+
+def load_datasets(
+    paths: Iterable[Path | str],
+    *,
+    window: int,
+    step_s: float,
+    inputs: InputPlan | None = None,
+    heldout: Sequence[str] = DEFAULT_HELDOUT,
+    labels: Sequence[Label] = (),
+    seed: int = 0,
+    normal_block_s: float = 1200.0,
+    recovery_s: float = RECOVERY_S,
+    log: Any = None,
+) -> Data:
+    """Recordings (files or directories) → labelled, split windows; see the module docstring."""
+    inputs = inputs or InputPlan.default(FEATURE_NAMES)
+    recs = [read_recording(p, step_s=step_s, inputs=inputs, labels=labels) for p in find_recordings(paths)]
+    if log:
+        for r in recs:
+            log(f"  {r.name}: {len(r.series)} instances, {sum(len(s.x) for s in r.series.values()):,} steps, "
+                f"{len({s.event for s in r.spans if s.cls})} incidents{' (test only)' if r.test_only else ''}")
+    return build_data(recs, window=window, heldout=heldout, seed=seed, normal_block_s=normal_block_s,
+                      recovery_s=recovery_s)
+
+
+def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str] = DEFAULT_HELDOUT, seed: int = 0,
+               normal_block_s: float = 1200.0, recovery_s: float = RECOVERY_S) -> Data:
+    heldout = tuple(heldout)
+    all_classes = sorted({s.cls for r in recs for s in r.spans if s.cls})
+    seen = tuple(c for c in all_classes if c not in heldout)
+    blocks = [b for r in recs if not r.test_only for b in _blocks(r, normal_block_s)]
+    assign_roles(blocks, {s.cls for r in recs for s in r.spans if s.cls and not s.labelled} - set(heldout), seed)
+    if len({r.inputs for r in recs}) > 1 or len({r.step_s for r in recs}) > 1:
+        raise DatasetError("recordings must share one step and one input plan")
+    clip = recs[0].inputs.baseline.clip if recs else 20.0
+    sets: list[WindowSet] = []
+    roles: list[np.ndarray] = []
+    infos: list[SeriesInfo] = []
+    events: dict[str, dict[str, Any]] = {}
+    for r in recs:
+        step_ms = int(round(r.step_s * 1000))
+        for sp in r.spans:
+            if not sp.cls:
+                continue
+            ev = events.setdefault(sp.event, {"class": sp.cls, "severity": sp.severity, "recording": r.name,
+                                              "start_ms": sp.start_ms, "end_ms": sp.end_ms, "instances": []})
+            ev["instances"].append("/".join((r.name, *sp.instance)))
+        for key, bs in r.series.items():
+            name = "/".join((r.name, *key))
+            ts = bs.timestamps_ms
+            spans = [s for s in r.spans if s.instance == key]
+            label, event = step_labels(ts, step_ms, spans, recovery_s)
+            role = np.full(len(ts), None, dtype=object)
+            if r.test_only:
+                role[:] = "test"
+            else:
+                for b in blocks:
+                    if b.recording == r.name and b.lane == r.lanes[key]:
+                        role[(ts >= b.start_ms) & (ts < b.end_ms)] = b.role
+            for sp in spans:
+                first = int(np.searchsorted(ts, sp.start_ms, side="right"))
+                last = int(np.searchsorted(ts, sp.end_ms + (recovery_s * 1000 if sp.cls else 0), side="right"))
+                if sp.labelled:
+                    # An engineer's verdicts: incidents teach the supervised models, false alarms
+                    # called normal raise the threshold (calibrated on validation data).
+                    role[max(0, first - window + 1): last] = "train" if sp.cls else "validation"
+                elif sp.cls in heldout:
+                    # A held-out incident is test data wherever it happened, with the window before it.
+                    role[max(0, first - window + 1): last] = "test"
+            ends = _window_ends(bs, window)
+            scored = np.zeros(len(ts), dtype=bool)
+            scored[ends] = True
+            # A window keeps its end step's role only if every step in it has that role.
+            win_role = np.array([role[e] if all(role[e - window + 1: e + 1] == role[e]) else None for e in ends],
+                                dtype=object)
+            win_label = _window_labels(label, ends, window)
+            x = windows_at(bs, ends, window, clip)
+            sid = len(infos)
+            infos.append(SeriesInfo(name, r.name, key, ts, label, event,
+                                    _step_roles(role, ends, win_role, len(ts)), scored))
+            sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s))
+            roles.append(win_role)
+    names = [i.name for i in infos]
+    for s in sets:
+        s.series = names
+    nf = recs[0].series[next(iter(recs[0].series))].x.shape[1] if recs and recs[0].series else len(FEATURE_NAMES)
+    empty = WindowSet(np.zeros((0, window, nf), np.float32), np.zeros(0, dtype=object), np.zeros(0, np.int64),
+                      np.zeros(0, np.int64), names, recs[0].step_s if recs else 1.0)
+    all_ = WindowSet(np.concatenate([s.x for s in sets]), np.concatenate([s.label for s in sets]),
+                     np.concatenate([s.series_id for s in sets]), np.concatenate([s.end_ms for s in sets]), names,
+                     sets[0].step_s) if sets else empty
+    role_all = np.concatenate(roles) if roles else np.zeros(0, dtype=object)
+    data = Data(all_, role_all, infos, events, heldout, seen, list(recs))
+    data.description = describe(recs, data, blocks, window=window, seed=seed)
+    return data
+
+
+def _window_ends(bs: BaselineSeries, window: int) -> np.ndarray:
+    """Rows where `serve` scores a window: the baseline is warm and the last `window` rows hold no restart."""
+    n = len(bs.x)
+    ok = bs.ready.copy()
+    ok[: window - 1] = False
+    for r in bs.restarts:
+        ok[r: min(n, r + window - 1)] = False
+    return np.flatnonzero(ok)
+
+
+def _window_labels(label: np.ndarray, ends: np.ndarray, window: int) -> np.ndarray:
+    """The end step's label; a normal end step after an incident inside the window is None (mixed)."""
+    out: np.ndarray = label[ends].copy()
+    clean = np.array([lb == "" for lb in label], dtype=bool)
+    dirty = np.concatenate([[0], np.cumsum(~clean)])
+    for i, e in enumerate(ends):
+        if out[i] == "" and dirty[e + 1] - dirty[max(0, e - window + 1)] > 0:
+            out[i] = None
+    return out
+
+
+def _step_roles(role: np.ndarray, ends: np.ndarray, win_role: np.ndarray, n: int) -> np.ndarray:
+    out = np.full(n, None, dtype=object)
+    out[ends] = win_role
+    return out
+
+
+def describe(recs: Sequence[Recording], data: Data, blocks: Sequence[Block], *, window: int, seed: int
+             ) -> dict[str, Any]:
+    """What a model card says about the data: sources, split, held-out classes, counts."""
+    counts: dict[str, dict[str, int]] = {}
+    for role in ROLES:
+        m = data.role == role
+        lab = data.all.label[m]
+        counts[role] = {"windows": int(m.sum()), "normal": int(sum(1 for x in lab if x == "")),
+                        "anomalous": int(sum(1 for x in lab if x)),
+                        "incidents": len({e for i in data.series for e in i.event[i.role == role] if e})}
+    return {
+        "recordings": [{"name": r.name, "file": r.path.name, "instances": len(r.series),
+                        "steps": int(sum(len(s.x) for s in r.series.values())),
+                        "incidents": len({s.event for s in r.spans if s.cls}), "test_only": r.test_only}
+                       for r in recs],
+        "step_seconds": recs[0].step_s if recs else None, "window": window, "split_seed": seed,
+        "split": {"method": "contiguous time blocks per fault domain (an upstream and its edges); fault runs "
+                            "in halves, normal runs in 20-minute blocks; windows straddling two roles dropped",
+                  "target": SPLIT, "blocks": [{"recording": b.recording, "lane": b.lane, "role": b.role,
+                                               "classes": sorted(b.classes)} for b in blocks]},
+        "heldout_classes": list(data.heldout), "seen_classes": list(data.seen), "counts": counts,
+        "recovery_seconds": RECOVERY_S,
+    }
+
+
+def phase_windows(paths: Iterable[Path | str], data: Data, *, window: int, step_s: float, inputs: InputPlan,
+                  phases: Sequence[float], labels: Sequence[Label] = ()) -> WindowSet:
+    """More training windows: the training blocks' traffic cut into steps at other phases.
+
+    Each window keeps the role and label its end time has in `data` (the phase-0 cut)."""
+    extra = []
+    by_name = {i.name: i for i in data.series}
+    for p in find_recordings(paths):
+        for ph in phases:
+            rec = read_recording(p, step_s=step_s, inputs=inputs, phase_s=ph, labels=labels)
+            if rec.test_only:
+                continue
+            step_ms = int(round(step_s * 1000))
+            for key, bs in rec.series.items():
+                info = by_name.get("/".join((rec.name, *key)))
+                if info is None:
+                    continue
+                ends = _window_ends(bs, window)
+                # The phase-0 step each of these steps falls in.
+                idx = np.clip(np.searchsorted(info.timestamps_ms, bs.timestamps_ms), 0, len(info.timestamps_ms) - 1)
+                label, _ = step_labels(bs.timestamps_ms, step_ms, [s for s in rec.spans if s.instance == key])
+                train_ok = np.array([info.role[j] == "train" for j in idx], dtype=bool)
+                # Every step of the window inside training blocks.
+                okc = np.concatenate([[0], np.cumsum(~train_ok)])
+                keep = np.array([okc[e + 1] - okc[e - window + 1] == 0 for e in ends], dtype=bool)
+                ends = ends[keep]
+                if not len(ends):
+                    continue
+                wl = _window_labels(label, ends, window)
+                extra.append(WindowSet(windows_at(bs, ends, window, inputs.baseline.clip), wl,
+                                       np.zeros(len(ends), np.int64), bs.timestamps_ms[ends],
+                                       [info.name], step_s))
+    return WindowSet.concat(extra) if extra else data.train.subset(np.zeros(len(data.train), dtype=bool))

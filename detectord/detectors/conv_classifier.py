@@ -1,0 +1,147 @@
+"""A 1-D convolutional classifier (supervised): is a window anomalous, and which incident class
+does it look like ("looks like upstream_timeout").
+
+One network, two heads on a shared convolutional trunk: an anomaly logit, and a softmax over the
+anomaly classes seen in training (trained on anomalous windows only). The raw score is
+softplus(logit) = −log(1 − p), so it never saturates below the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import Detector, DetectorConfig, Log, early_stopping, epoch_logger
+
+if TYPE_CHECKING:
+    from ..dataset import WindowSet
+
+
+@dataclass(frozen=True)
+class ConvClassifierConfig(DetectorConfig):
+    filters: tuple[int, ...] = (32, 32, 32)
+    kernel_size: int = 5
+    dense: int = 32
+    dropout: float = 0.2
+    # Weight of the class head's loss beside the anomaly head's.
+    class_loss_weight: float = 0.5
+    # Gaussian noise added to the inputs while training (in the instance's spreads).
+    noise: float = 0.2
+    # Feature deviations (what an alert names) are the inputs' mean over the newest rows.
+    explain_steps: int = 6
+
+    def validate(self, window: int) -> None:
+        if not self.filters or any(f < 1 for f in self.filters) or self.kernel_size < 1 or self.dense < 1:
+            raise ValueError("filters, kernel_size and dense must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 1 <= self.explain_steps <= window:
+            raise ValueError(f"explain_steps must be in [1, window={window}]")
+
+
+def conv_trunk(window: int, nfeatures: int, filters: tuple[int, ...], kernel_size: int, noise: float
+               ) -> tuple[Any, Any]:
+    """The input, then strided convolutions, then max and mean over time: what the supervised
+    detectors share. Gaussian noise on the inputs while training only."""
+    import keras
+    from keras import layers
+
+    inp = keras.Input((window, nfeatures), name="window")
+    x = layers.GaussianNoise(noise, name="noise")(inp) if noise > 0 else inp
+    for i, f in enumerate(filters):
+        x = layers.Conv1D(f, kernel_size, strides=2 if i < len(filters) - 1 else 1, padding="same",
+                          activation="relu", name=f"conv{i}")(x)
+    return inp, layers.Concatenate(name="pool")([layers.GlobalMaxPooling1D()(x), layers.GlobalAveragePooling1D()(x)])
+
+
+def balanced_weights(anomalous: np.ndarray) -> np.ndarray:
+    """Sample weights giving normal and anomalous windows equal total weight."""
+    n_a = max(1, int(anomalous.sum()))
+    n_n = max(1, int((~anomalous).sum()))
+    return np.where(anomalous, 0.5 * len(anomalous) / n_a, 0.5 * len(anomalous) / n_n).astype(np.float32)
+
+
+class ConvClassifier(Detector):
+    kind = "conv_classifier"
+    supervised = True
+    config_class = ConvClassifierConfig
+
+    def build_network(self) -> Any:
+        import keras
+        from keras import layers
+
+        cfg: ConvClassifierConfig = self.config
+        inp, h = conv_trunk(self.window, self.nfeatures, cfg.filters, cfg.kernel_size, cfg.noise)
+        h = layers.Dense(cfg.dense, activation="relu", name="dense")(h)
+        h = layers.Dropout(cfg.dropout, name="dropout")(h)
+        logit = layers.Dense(1, name="anomaly_logit")(h)
+        outs = [logit]
+        if len(self.classes) > 1:
+            outs.append(layers.Dense(len(self.classes), activation="softmax", name="anomaly_class")(h))
+        out = layers.Concatenate(name="heads")(outs) if len(outs) > 1 else logit
+        return keras.Model(inp, out, name="conv_classifier")
+
+    def _loss(self, y: Any, out: Any) -> Any:
+        from keras import ops
+
+        bce = ops.mean(ops.binary_crossentropy(y[:, :1], out[:, :1], from_logits=True), axis=-1)
+        if len(self.classes) < 2:
+            return bce
+        cce = ops.categorical_crossentropy(y[:, 1:], ops.clip(out[:, 1:], 1e-7, 1.0))
+        return bce + self.config.class_loss_weight * y[:, 0] * cce
+
+    def _targets(self, data: WindowSet) -> np.ndarray:
+        anomalous = data.anomalous
+        y = np.zeros((len(data), 1 + (len(self.classes) if len(self.classes) > 1 else 0)), dtype=np.float32)
+        y[:, 0] = anomalous
+        index = {c: i for i, c in enumerate(self.classes)}
+        for i, lb in enumerate(data.label):
+            if lb and lb in index and y.shape[1] > 1:
+                y[i, 1 + index[lb]] = 1.0
+        return y
+
+    def _fit(self, data: WindowSet, *, validation: WindowSet | None, epochs: int, batch_size: int,
+             learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
+        import keras
+
+        data = data.labelled()
+        classes = tuple(data.classes())
+        if not classes:
+            raise ValueError("the classifier needs anomalous windows with classes in its training data")
+        if classes != self.classes:
+            # The class head is sized by the classes: build the network for these.
+            self.meta.classes = list(classes)
+            self.network = self.build_network()
+        self.network.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=self._loss)
+        val = None
+        if validation is not None:
+            v = validation.labelled(classes)
+            if len(v):
+                val = (v.x, self._targets(v), balanced_weights(v.anomalous))
+        cbs = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if val else "loss", factor=0.5, patience=3,
+                                                 min_lr=learning_rate / 16),
+               *([early_stopping()] if val else []), epoch_logger(log, epochs, "classifier "), *callbacks]
+        hist = self.network.fit(data.x, self._targets(data), sample_weight=balanced_weights(data.anomalous),
+                                validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+                                callbacks=cbs)
+        out = {"loss": float(hist.history["loss"][-1]), "epochs": float(len(hist.history["loss"])),
+               "train_windows": float(len(data)), "train_anomalous": float(data.anomalous.sum())}
+        if val is not None:
+            out["val_loss"] = float(hist.history["val_loss"][-1])
+        return out
+
+    def _ready(self) -> bool:
+        return bool(self.classes)
+
+    def _forward(self, x: Any, apply: Callable[[Any], Any]) -> tuple[Any, ...]:
+        from keras import ops
+
+        out = apply(x)
+        dev = ops.mean(x[:, -self.config.explain_steps:, :], axis=1)
+        raw = ops.softplus(out[:, 0])
+        if len(self.classes) < 2:
+            return raw, dev, ops.zeros_like(raw, dtype="int32")
+        return raw, dev, ops.argmax(out[:, 1:], axis=-1)

@@ -1,0 +1,316 @@
+"""Evaluation: score timelines against the ground truth, at window level and at event level.
+
+Every detector and baseline is judged the same way: its per-step scores (> 1.0 anomalous) on each
+instance become alerts as detectord raises them (fire after `for`, resolve after
+`keep_firing_for`); an incident is caught when an alert fires on one of its instances while it
+lasts; an alert that starts on a normal step is a false alert.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .dataset import Data
+
+
+@dataclass
+class Timeline:
+    """One instance's scores, step by step (NaN where nothing was scored)."""
+
+    timestamps_ms: np.ndarray  # int64 (T,)
+    scores: np.ndarray  # float32 (T,)
+    looks_like: np.ndarray | None = None  # object (T,): class guesses, where the detector makes them
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    for_steps: int = 0  # anomalous steps in a row before an alert fires (0 and 1: at the first)
+    keep_steps: int = 12  # steps without an anomalous one before a firing alert resolves
+
+    @classmethod
+    def from_seconds(cls, for_s: float, keep_firing_s: float, step_s: float) -> AlertRule:
+        return cls(max(0, math.ceil(for_s / step_s - 1e-9)), max(0, math.ceil(keep_firing_s / step_s - 1e-9)))
+
+
+def firing(anomalous: np.ndarray, rule: AlertRule) -> np.ndarray:
+    """Per step: an alert is firing (anomalous steps in order; NaN scores count as not anomalous)."""
+    out = np.zeros(len(anomalous), dtype=bool)
+    run = quiet = 0
+    on = False
+    need = max(1, rule.for_steps)
+    for i, a in enumerate(anomalous):
+        if a:
+            run += 1
+            quiet = 0
+            if run >= need:
+                on = True
+        else:
+            run = 0
+            if on:
+                quiet += 1
+                if quiet > rule.keep_steps:
+                    on = False
+        out[i] = on
+    return out
+
+
+def episode_starts(fire: np.ndarray) -> np.ndarray:
+    """Indexes where a firing alert starts."""
+    prev = np.concatenate([[False], fire[:-1]])
+    return np.flatnonzero(fire & ~prev)
+
+
+def _breaks(end_ms: np.ndarray, series: np.ndarray, step_ms: int) -> np.ndarray:
+    """True where a window does not directly follow the previous one of its series."""
+    first = np.ones(len(end_ms), dtype=bool)
+    first[1:] = (series[1:] != series[:-1]) | (end_ms[1:] - end_ms[:-1] > step_ms)
+    return first
+
+
+def threshold_for_rate(raw: np.ndarray, series: np.ndarray, end_ms: np.ndarray, step_s: float,
+                       target_per_day: float, rule: AlertRule | None = None) -> tuple[float, float]:
+    """The lowest raw threshold at which normal windows raise at most `target_per_day` alerts per
+    instance-day (alerting with `rule`), and the rate achieved there. Windows are taken in
+    (series, time) order."""
+    rule = rule or AlertRule()
+    order = np.lexsort((end_ms, series))
+    raw, series, end_ms = raw[order], series[order], end_ms[order]
+    days = len(raw) * step_s / 86400.0
+    brk = _breaks(end_ms, series, int(round(step_s * 1000)))
+    segments = np.split(np.arange(len(raw)), np.flatnonzero(brk)[1:])
+
+    def rate(t: float) -> float:
+        n = sum(len(episode_starts(firing(raw[seg] > t, rule))) for seg in segments)
+        return n / days if days > 0 else 0.0
+
+    cands = np.unique(raw)[::-1][:4000]
+    lo, hi = 0, len(cands) - 1  # cands[lo] satisfies (the max: nothing above it); find the last that does
+    if rate(float(cands[hi])) <= target_per_day:
+        return float(cands[hi]), rate(float(cands[hi]))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if rate(float(cands[mid])) <= target_per_day:
+            lo = mid
+        else:
+            hi = mid
+    return float(cands[lo]), rate(float(cands[lo]))
+
+
+def window_metrics(predicted: np.ndarray, label: np.ndarray, looks_like: Sequence[str] | None = None,
+                   classes: Sequence[str] = ()) -> dict[str, Any]:
+    """Precision, recall, F1 and the confusion matrix of window verdicts (unlabelled windows skipped);
+    recall per class; with class guesses, how often an anomalous window's class was named right."""
+    known = np.array([lb is not None for lb in label], dtype=bool)
+    truth = np.array([bool(lb) for lb in label], dtype=bool)
+    p, t = predicted[known], truth[known]
+    tp, fp = int((p & t).sum()), int((p & ~t).sum())
+    fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
+    out: dict[str, Any] = {"windows": int(known.sum()), "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+                           **prf(tp, fp, fn)}
+    per: dict[str, Any] = {}
+    for c in sorted({str(lb) for lb in label if lb}):
+        m = np.array([lb == c for lb in label], dtype=bool)
+        per[c] = {"windows": int(m.sum()), "recall": float(predicted[m].mean())}
+    out["classes"] = per
+    if looks_like is not None and classes:
+        ll = np.asarray(looks_like, dtype=object)
+        hit = predicted & truth
+        named = np.array([lb in classes for lb in label], dtype=bool) & hit
+        if named.any():
+            out["class_accuracy"] = float((ll[named] == label[named]).mean())
+            out["class_confusion"] = _class_confusion(label[named], ll[named])
+    return out
+
+
+def _class_confusion(truth: np.ndarray, guess: np.ndarray) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for a, b in zip(truth.tolist(), guess.tolist(), strict=True):
+        row = out.setdefault(str(a), {})
+        row[str(b)] = row.get(str(b), 0) + 1
+    return out
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float | None]:
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall > 0 else
+          (0.0 if precision is not None and recall is not None else None))
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+@dataclass
+class _Caught:
+    fired: bool = False
+    delay_steps: int | None = None
+    looks_like: str | None = None
+
+
+@dataclass
+class Evaluation:
+    """Everything measured for one detector on one role of the data."""
+
+    name: str
+    window: dict[str, Any]
+    event: dict[str, Any]
+    groups: dict[str, dict[str, Any]]
+    classes: dict[str, dict[str, Any]]
+    recordings: dict[str, dict[str, Any]]
+    rule: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    false_alerts: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "alert_rule": self.rule, "window": self.window, "event": self.event,
+                "groups": self.groups, "classes": self.classes, "recordings": self.recordings,
+                "events": self.events, "false_alerts": self.false_alerts}
+
+
+def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: str = "test",
+             rule: AlertRule | None = None, step_s: float | None = None) -> Evaluation:
+    """Judge `timelines` (by series name) on the steps of `data` that have `role`."""
+    step_s = step_s or data.all.step_s
+    step_ms = int(round(step_s * 1000))
+    rule = rule or AlertRule.from_seconds(0.0, 60.0, step_s)
+    pred_w: list[np.ndarray] = []
+    lab_w: list[np.ndarray] = []
+    like_w: list[np.ndarray] = []
+    caught: dict[str, _Caught] = {}
+    in_role: dict[str, int] = {}
+    event_steps: dict[str, int] = {}
+    false: list[dict[str, Any]] = []
+    normal_steps: dict[str, int] = {}
+    first_step: dict[str, int] = {}
+    for info in data.series:
+        tl = timelines.get(info.name)
+        if tl is None:
+            continue
+        ts = info.timestamps_ms
+        scores = _aligned(tl, ts)
+        like = _aligned_like(tl, ts)
+        anomalous = np.nan_to_num(scores, nan=0.0) > 1.0
+        fire = firing(anomalous, rule)
+        role_ok = np.array([r == role for r in info.role], dtype=bool)
+        scored = info.scored & ~np.isnan(scores)
+        sel = role_ok & scored
+        pred_w.append(anomalous[sel])
+        lab_w.append(info.label[sel])
+        like_w.append(like[sel])
+        normal_steps[info.recording] = normal_steps.get(info.recording, 0) + int(
+            sum(1 for lb in info.label[sel] if lb == ""))
+        # Incidents: the steps of each event on this instance.
+        for ev in {e for e in info.event[sel] if e}:
+            steps = np.flatnonzero(info.event == ev)
+            event_steps[ev] = event_steps.get(ev, 0) + len(steps)
+            in_role[ev] = in_role.get(ev, 0) + int(role_ok[steps].sum())
+            c = caught.setdefault(ev, _Caught())
+            first = int(steps[0])
+            first_step[ev] = min(first_step.get(ev, first), first)
+            hits = steps[fire[steps] & scored[steps]]
+            if len(hits):
+                delay = int(hits[0] - first)
+                if not c.fired or (c.delay_steps is not None and delay < c.delay_steps):
+                    c.delay_steps = delay
+                    c.looks_like = like[hits[0]] if like[hits[0]] is not None else None
+                c.fired = True
+        for i in episode_starts(fire & sel):
+            if info.label[i] == "":
+                false.append({"series": info.name, "start_ms": int(ts[i])})
+    events = {e: ev for e, ev in data.events.items() if e in caught and in_role.get(e, 0) > 0}
+    days = {rec: n * step_s / 86400.0 for rec, n in normal_steps.items()}
+    total_days = sum(days.values())
+    pred = np.concatenate(pred_w) if pred_w else np.zeros(0, bool)
+    lab = np.concatenate(lab_w) if lab_w else np.zeros(0, object)
+    lk = np.concatenate(like_w) if like_w else np.zeros(0, object)
+    has_like = any(x is not None for x in lk)
+    window = window_metrics(pred, lab, lk.tolist() if has_like else None,
+                            classes=sorted({str(x) for x in lk if x is not None}))
+
+    def group(evs: Iterable[str], fa: int, days_: float) -> dict[str, Any]:
+        evs = list(evs)
+        tp = sum(caught[e].fired for e in evs)
+        delays = [d for e in evs if caught[e].fired and (d := caught[e].delay_steps) is not None]
+        return {"events": len(evs), "caught": tp, "false_alerts": fa, **prf(tp, fa, len(evs) - tp),
+                "delay_steps_median": float(np.median(delays)) if delays else None,
+                "delay_steps_p90": float(np.quantile(delays, 0.9)) if delays else None,
+                "false_alerts_per_instance_day": fa / days_ if days_ > 0 else None,
+                "normal_instance_days": round(days_, 4)}
+
+    fa_all = len(false)
+    ev_all = group(events, fa_all, total_days)
+    groups = {
+        "seen": group([e for e in events if events[e]["class"] in data.seen], fa_all, total_days),
+        "heldout": group([e for e in events if events[e]["class"] in data.heldout], fa_all, total_days),
+    }
+    classes = {}
+    for c in sorted({ev["class"] for ev in events.values()}):
+        evs = [e for e in events if events[e]["class"] == c]
+        g = group(evs, 0, 0.0)
+        named = [caught[e].looks_like for e in evs if caught[e].fired and caught[e].looks_like is not None]
+        classes[c] = {"events": g["events"], "caught": g["caught"], "recall": g["recall"],
+                      "delay_steps_median": g["delay_steps_median"], "heldout": c in data.heldout,
+                      **({"named_right": sum(n == c for n in named), "named": len(named)} if named else {})}
+    recordings = {}
+    for rec in sorted({ev["recording"] for ev in events.values()} | set(days)):
+        evs = [e for e in events if events[e]["recording"] == rec]
+        fa = sum(1 for f in false if f["series"].split("/")[0] == rec)
+        recordings[rec] = group(evs, fa, days.get(rec, 0.0))
+    ev_rows = [{"id": e, "class": events[e]["class"], "severity": events[e]["severity"],
+                "recording": events[e]["recording"], "caught": caught[e].fired, "delay_steps": caught[e].delay_steps,
+                "looks_like": caught[e].looks_like} for e in sorted(events)]
+    return Evaluation(name, window, ev_all, groups, classes, recordings,
+                      {"for_steps": rule.for_steps, "keep_firing_steps": rule.keep_steps, "step_seconds": step_s},
+                      ev_rows, false)
+
+
+def _aligned(tl: Timeline, ts: np.ndarray) -> np.ndarray:
+    out = np.full(len(ts), np.nan, dtype=np.float32)
+    idx = np.searchsorted(ts, tl.timestamps_ms)
+    ok = (idx < len(ts)) & (ts[np.minimum(idx, len(ts) - 1)] == tl.timestamps_ms)
+    out[idx[ok]] = tl.scores[ok]
+    return out
+
+
+def _aligned_like(tl: Timeline, ts: np.ndarray) -> np.ndarray:
+    out = np.full(len(ts), None, dtype=object)
+    if tl.looks_like is None:
+        return out
+    idx = np.searchsorted(ts, tl.timestamps_ms)
+    ok = (idx < len(ts)) & (ts[np.minimum(idx, len(ts) - 1)] == tl.timestamps_ms)
+    out[idx[ok]] = np.asarray(tl.looks_like, dtype=object)[ok]
+    return out
+
+
+def timelines_from_windows(data: Data, scores: np.ndarray, looks_like: list[str] | None = None
+                           ) -> dict[str, Timeline]:
+    """Per-window scores of `data.all` as a Timeline per series."""
+    out = {}
+    sid = data.all.series_id
+    for i, info in enumerate(data.series):
+        m = sid == i
+        like = np.asarray(looks_like, dtype=object)[m] if looks_like is not None else None
+        out[info.name] = Timeline(data.all.end_ms[m], scores[m].astype(np.float32), like)
+    return out
+
+
+def aligned_scores(timelines: Mapping[str, Timeline], data: Data, role: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Scores and truth (anomalous or not) of every labelled, scored step with `role`."""
+    scores, truth = [], []
+    for info in data.series:
+        tl = timelines.get(info.name)
+        if tl is None:
+            continue
+        s = _aligned(tl, info.timestamps_ms)
+        m = (np.array([r == role for r in info.role], dtype=bool) & info.scored & ~np.isnan(s)
+             & np.array([lb is not None for lb in info.label], dtype=bool))
+        scores.append(s[m])
+        truth.append(np.array([bool(lb) for lb in info.label[m]], dtype=bool))
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros(0, bool)
+    return np.concatenate(scores), np.concatenate(truth)

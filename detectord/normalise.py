@@ -1,0 +1,237 @@
+"""Per-instance baselines: every instance's feature rows made scale-free against its own recent past,
+so a fleet at 20 or 50,000 queries a second, with any cache hit ratio, looks alike to a model.
+
+Each feature is transformed (log1p or 2·asin√p, see `features.Input`); a "relative" feature is then
+measured in units of the instance's own spread around its own median, learned online from
+buckets of `bucket_steps` rows over the last `buckets` of them. Medians make the baseline
+robust: an incident shorter than half the horizon hardly moves it. Serving (`Normaliser`, on the
+ingest thread) and training (`baseline_series`) run the same `InstanceBaseline.push`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from .features import FEATURES, FeatureSeries, Input, InstanceKey
+
+_BY_NAME: dict[str, Input] = {f.name: f.input for f in FEATURES}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    # Rows per bucket, buckets kept (the horizon: bucket_steps × buckets rows), and closed
+    # buckets needed before an instance is scored (it "warms" until then).
+    bucket_steps: int = 8
+    buckets: int = 256
+    min_buckets: int = 4
+    # Model inputs are clipped to ±clip (a feature 1,000 spreads out says no more than one 20 out).
+    clip: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.bucket_steps < 1 or self.buckets < 1:
+            raise ValueError("bucket_steps and buckets must be >= 1")
+        if not 1 <= self.min_buckets <= self.buckets:
+            raise ValueError(f"min_buckets must be in [1, buckets={self.buckets}], got {self.min_buckets}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+
+    @property
+    def warm_steps(self) -> int:
+        return self.bucket_steps * self.min_buckets
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What a model's inputs are: the features' input specs (a snapshot, saved with the model)
+    and the baseline settings. `InputPlan.default(features)` reads the feature table."""
+
+    features: tuple[str, ...]
+    specs: tuple[Input, ...]
+    baseline: BaselineConfig = BaselineConfig()
+
+    @classmethod
+    def default(cls, features: Sequence[str], baseline: BaselineConfig | None = None) -> InputPlan:
+        missing = [f for f in features if f not in _BY_NAME]
+        if missing:
+            raise ValueError(f"no input spec for features {missing}")
+        return cls(tuple(features), tuple(_BY_NAME[f] for f in features), baseline or BaselineConfig())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": asdict(self.baseline),
+                "features": {n: asdict(s) for n, s in zip(self.features, self.specs, strict=True)}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InputPlan:
+        try:
+            feats = d["features"]
+            known = {f.name for f in fields(Input)}
+            specs = []
+            for name, spec in feats.items():
+                unknown = set(spec) - known
+                if unknown:
+                    raise ValueError(f"feature {name!r}: unknown input keys {sorted(unknown)}")
+                specs.append(Input(**spec))
+            return cls(tuple(feats), tuple(specs), BaselineConfig(**d.get("baseline", {})))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed input plan: {exc}") from None
+
+
+class _Compiled:
+    """An InputPlan as arrays, for one step length."""
+
+    def __init__(self, plan: InputPlan, step_s: float) -> None:
+        if not step_s > 0:
+            raise ValueError(f"step must be > 0 s, got {step_s}")
+        specs = plan.specs
+        self.cfg = plan.baseline
+        self.nf = len(specs)
+        self.prescale = np.array([s.prescale for s in specs], dtype=np.float32)
+        self.log = np.array([s.transform == "log1p" for s in specs])
+        self.asin = np.array([s.transform == "asin_sqrt" for s in specs])
+        self.relative = np.array([s.baseline == "relative" for s in specs])
+        self.rel_idx = np.flatnonzero(self.relative)
+        self.floor = np.array([s.floor for s in specs], dtype=np.float32)
+        self.hold = [(i, max(1, math.ceil(s.hold_s / step_s))) for i, s in enumerate(specs) if s.hold_s > 0]
+        # Absolute features: fixed location 0 and scale `floor`.
+        self.abs_loc = np.zeros(self.nf, dtype=np.float32)
+        self.abs_scale = self.floor.copy()
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            x = np.where(raw > 0, np.minimum(raw, 1.0e30), 0.0).astype(np.float32) * self.prescale
+        t = np.where(self.log, np.log1p(x), x)
+        t = np.where(self.asin, 2.0 * np.arcsin(np.sqrt(np.minimum(x, 1.0))), t)
+        return t.astype(np.float32, copy=False)
+
+
+class InstanceBaseline:
+    """One instance's baseline. `push` takes each raw feature row in step order and returns it
+    transformed; `loc` and `scale` are then what a window ending at that row is measured with."""
+
+    __slots__ = ("_c", "_means", "_stds", "_n", "_next", "_acc", "_acc2", "_k", "_held", "loc", "scale")
+
+    def __init__(self, compiled: _Compiled) -> None:
+        c = self._c = compiled
+        nrel = len(c.rel_idx)
+        self._means = np.zeros((c.cfg.buckets, nrel), dtype=np.float64)
+        self._stds = np.zeros((c.cfg.buckets, nrel), dtype=np.float64)
+        self._n = 0  # closed buckets kept
+        self._next = 0  # ring position of the next closed bucket
+        self._acc = np.zeros(nrel, dtype=np.float64)
+        self._acc2 = np.zeros(nrel, dtype=np.float64)
+        self._k = 0
+        self._held = [np.zeros(h, dtype=np.float32) for _, h in c.hold]
+        self.loc = c.abs_loc.copy()
+        self.scale = c.abs_scale.copy()
+
+    @property
+    def ready(self) -> bool:
+        return self._n >= self._c.cfg.min_buckets
+
+    def push(self, raw: np.ndarray, *, gap: bool = False) -> np.ndarray:
+        c = self._c
+        t = c.transform(raw)
+        for (i, _), ring in zip(c.hold, self._held, strict=True):
+            ring[:-1] = ring[1:]
+            ring[-1] = t[i]
+            t[i] = ring.max()
+        if gap:
+            return t  # a held row (missed scrape) says nothing new about the baseline
+        v = t[c.rel_idx].astype(np.float64)
+        self._acc += v
+        self._acc2 += v * v
+        self._k += 1
+        if self._k == c.cfg.bucket_steps:
+            self._close_bucket()
+        return t
+
+    def _close_bucket(self) -> None:
+        c = self._c
+        k = self._k
+        mean = self._acc / k
+        var = np.maximum(self._acc2 / k - mean * mean, 0.0)
+        self._means[self._next] = mean
+        self._stds[self._next] = np.sqrt(var)
+        self._next = (self._next + 1) % c.cfg.buckets
+        self._n = min(self._n + 1, c.cfg.buckets)
+        self._acc[:] = 0.0
+        self._acc2[:] = 0.0
+        self._k = 0
+        means, stds = self._means[: self._n], self._stds[: self._n]
+        loc = np.median(means, axis=0)
+        between = 1.4826 * np.median(np.abs(means - loc), axis=0)
+        within = np.median(stds, axis=0)
+        rel = c.rel_idx
+        self.loc[rel] = loc.astype(np.float32)
+        self.scale[rel] = np.maximum(np.sqrt(between * between + within * within), c.floor[rel]).astype(np.float32)
+
+
+def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:
+    """Transformed rows (…, W, F) measured against a baseline (…, F): what a detector sees."""
+    z = (window - loc[..., None, :]) / scale[..., None, :]
+    out: np.ndarray = np.clip(z, -clip, clip).astype(np.float32, copy=False)
+    return out
+
+
+class Normaliser:
+    """Baselines keyed by instance. Owned by the ingest thread."""
+
+    def __init__(self, plan: InputPlan, step_s: float) -> None:
+        self.plan = plan
+        self._compiled = _Compiled(plan, step_s)
+        self._baselines: dict[InstanceKey, InstanceBaseline] = {}
+
+    def push(self, key: InstanceKey, raw: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
+        b = self._baselines.get(key)
+        if b is None:
+            b = self._baselines[key] = InstanceBaseline(self._compiled)
+        return b.push(raw, gap=gap), b
+
+    def inputs(self, baseline: InstanceBaseline, window: np.ndarray) -> np.ndarray:
+        return model_inputs(window, baseline.loc, baseline.scale, self.plan.baseline.clip)
+
+    def forget(self, keys: Iterable[InstanceKey]) -> None:
+        for k in keys:
+            self._baselines.pop(k, None)
+
+
+@dataclass
+class BaselineSeries:
+    """One instance's transformed rows and, per row, the baseline a window ending there uses."""
+
+    timestamps_ms: np.ndarray  # int64 (T,)
+    x: np.ndarray  # float32 (T, F): transformed rows
+    loc: np.ndarray  # float32 (T, F)
+    scale: np.ndarray  # float32 (T, F)
+    ready: np.ndarray  # bool (T,): the baseline was warm
+    restarts: list[int]
+    raw: np.ndarray  # float32 (T, F): the feature rows as extracted
+
+
+def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
+    """The offline twin of `Normaliser`: the same pushes, row by row, in step order."""
+    b = InstanceBaseline(_Compiled(plan, step_s))
+    n, nf = series.values.shape
+    x = np.empty((n, nf), dtype=np.float32)
+    loc = np.empty((n, nf), dtype=np.float32)
+    scale = np.empty((n, nf), dtype=np.float32)
+    ready = np.empty(n, dtype=bool)
+    gap = series.gap if len(series.gap) == n else np.zeros(n, dtype=bool)
+    for i in range(n):
+        x[i] = b.push(series.values[i], gap=bool(gap[i]))
+        loc[i] = b.loc
+        scale[i] = b.scale
+        ready[i] = b.ready
+    return BaselineSeries(series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values)
+
+
+def windows_at(bs: BaselineSeries, ends: np.ndarray, window: int, clip: float) -> np.ndarray:
+    """Model inputs (N, W, F) of the windows ending at rows `ends` (each >= window - 1)."""
+    idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]
+    out: np.ndarray = model_inputs(bs.x[idx], bs.loc[ends], bs.scale[ends], clip)
+    return out

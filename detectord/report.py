@@ -1,0 +1,332 @@
+"""Evaluation reports and model cards: Markdown tables side by side, PNG plots (precision-recall
+curves, confusion matrices, score timelines with the ground truth shaded) and the numbers as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .dataset import Data
+from .evaluation import Evaluation, Timeline, aligned_scores
+
+if TYPE_CHECKING:
+    from .detectors import Detector
+
+UNSEEN_PREFIX = "unseen"
+
+
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _fa(ev: Evaluation, unseen: bool) -> str:
+    recs = {k: v for k, v in ev.recordings.items() if k.startswith(UNSEEN_PREFIX) == unseen}
+    fa = sum(v["false_alerts"] for v in recs.values())
+    days = sum(v["normal_instance_days"] for v in recs.values())
+    return f"{fa / days:.2f} ({fa} in {days * 24:.1f} h)" if days > 0 else "–"
+
+
+def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
+    """One row per detector or baseline: event-level precision/recall/F1 on seen and held-out
+    classes, window-level F1, detection delay, false alerts per instance-day."""
+    lines = ["| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
+             "| delay median / p90 (steps) | false alerts / instance-day, lab | …, unseen-load fleets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, ev in evals.items():
+        s, h, a = ev.groups["seen"], ev.groups["heldout"], ev.event
+        lines.append(
+            f"| {name} | {_f(s['f1'])} | {_f(s['precision'])} | {_f(s['recall'])} ({s['caught']}/{s['events']}) | "
+            f"{_f(h['f1'])} | {_f(h['precision'])} | {_f(h['recall'])} ({h['caught']}/{h['events']}) | "
+            f"{_f(a['f1'])} | {_f(ev.window.get('f1'))} | {_f(a['delay_steps_median'], '.1f')} / "
+            f"{_f(a['delay_steps_p90'], '.1f')} | {_fa(ev, False)} | {_fa(ev, True)} |")
+    return lines
+
+
+def per_class(evals: Mapping[str, Evaluation]) -> list[str]:
+    classes = sorted({c for ev in evals.values() for c in ev.classes},
+                     key=lambda c: (any(ev.classes.get(c, {}).get("heldout") for ev in evals.values()), c))
+    names = list(evals)
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in classes:
+        held = any(ev.classes.get(c, {}).get("heldout") for ev in evals.values())
+        cells = []
+        for n in names:
+            r = evals[n].classes.get(c)
+            if r is None:
+                cells.append("–")
+                continue
+            cell = f"{r['caught']}/{r['events']}"
+            if r["delay_steps_median"] is not None:
+                cell += f", {r['delay_steps_median']:.0f} st"
+            if r.get("named"):
+                cell += f", named {r['named_right']}/{r['named']}"
+            cells.append(cell)
+        lines.append(f"| {c}{' (held out)' if held else ''} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def by_recording(evals: Mapping[str, Evaluation]) -> list[str]:
+    recs = sorted({r for ev in evals.values() for r in ev.recordings})
+    lines = ["| detector | " + " | ".join(recs) + " |", "|---|" + "---|" * len(recs)]
+    for n, ev in evals.items():
+        cells = []
+        for r in recs:
+            g = ev.recordings.get(r)
+            cells.append("–" if g is None else f"{g['caught']}/{g['events']} caught, {g['false_alerts']} false")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def data_summary(data: Data) -> list[str]:
+    d = data.description
+    lines = ["| recording | instances | steps | incidents | role |", "|---|---|---|---|---|"]
+    for r in d["recordings"]:
+        lines.append(f"| {r['file']} | {r['instances']} | {r['steps']:,} | {r['incidents']} | "
+                     f"{'test only' if r['test_only'] else 'split'} |")
+    c = d["counts"]
+    lines += ["", f"Steps of {d['step_seconds']:g} s, windows of {d['window']} steps. Split: {d['split']['method']} "
+              f"(seed {d['split_seed']}).", "",
+              "| role | windows | normal | anomalous | incidents |", "|---|---|---|---|---|"]
+    lines += [f"| {r} | {c[r]['windows']:,} | {c[r]['normal']:,} | {c[r]['anomalous']:,} | {c[r]['incidents']} |"
+              for r in c]
+    lines += ["", f"Held-out classes (never in training or validation; every one of their incidents is test data): "
+              f"{', '.join(d['heldout_classes'])}. Seen classes: {', '.join(d['seen_classes'])}."]
+    return lines
+
+
+def rule_text(ev: Evaluation) -> str:
+    r = ev.rule
+    return (f"An alert fires at the first step scored above 1 (`for` {r['for_steps']} steps) and resolves after "
+            f"{r['keep_firing_steps']} steps without one; an incident is caught if an alert fires on one of its "
+            f"instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
+            f"{r['step_seconds']:g} s.")
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pr(path: Path, timelines: Mapping[str, Mapping[str, Timeline]], data: Data, role: str = "test") -> None:
+    """Window-level precision-recall curves of every detector with continuous scores."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, tl in timelines.items():
+        scores, truth = aligned_scores(tl, data, role)
+        if not len(scores) or not truth.any():
+            continue
+        order = np.argsort(-scores)
+        tp = np.cumsum(truth[order])
+        fp = np.cumsum(~truth[order])
+        precision, recall = tp / (tp + fp), tp / truth.sum()
+        if len(np.unique(scores)) <= 3:
+            k = int((scores > 1.0).sum())
+            ax.plot([recall[k - 1] if k else 0.0], [precision[k - 1] if k else 1.0], "o", label=name)
+        else:
+            ax.plot(recall, precision, label=name, lw=1.4)
+    ax.set_xlabel("recall (windows)")
+    ax.set_ylabel("precision (windows)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("Precision-recall, test windows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, ev: Evaluation) -> None:
+    plt = _plt()
+    cm = ev.window["confusion"]
+    cc = ev.window.get("class_confusion")
+    ncols = 2 if cc else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols + (3 if cc else 0), 4))
+    axes = np.atleast_1d(axes)
+    m = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+    ax = axes[0]
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, f"{v:,}", ha="center", va="center", color="black")
+    ax.set_xticks([0, 1], ["normal", "anomalous"])
+    ax.set_yticks([0, 1], ["normal", "anomalous"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(f"{ev.name}: test windows")
+    if cc:
+        truths = sorted(cc)
+        guesses = sorted({g for row in cc.values() for g in row} | set(truths))
+        mm = np.array([[cc[t].get(g, 0) for g in guesses] for t in truths])
+        ax = axes[1]
+        ax.imshow(mm, cmap="Oranges")
+        for (i, j), v in np.ndenumerate(mm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(guesses)), guesses, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(truths)), truths, fontsize=7)
+        ax.set_xlabel("looks like")
+        ax.set_title("class named, caught windows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data: Data, name: str) -> None:
+    """The score of every instance of one recording over time, ground-truth incidents shaded."""
+    plt = _plt()
+    infos = [i for i in data.series if i.recording == recording]
+    if not infos:
+        return
+    cmap = plt.get_cmap("tab20")
+    classes = sorted({ev["class"] for ev in data.events.values()})
+    color = {c: cmap(i % 20) for i, c in enumerate(classes)}
+    fig, axes = plt.subplots(len(infos), 1, figsize=(12, 1.5 * len(infos) + 0.8), sharex=True, squeeze=False)
+    t0 = min(int(i.timestamps_ms[0]) for i in infos)
+    seen_cls: set[str] = set()
+    for ax, info in zip(axes[:, 0], infos, strict=True):
+        t = (info.timestamps_ms - t0) / 60000.0
+        timeline = tl.get(info.name)
+        s = np.full(len(t), np.nan)
+        if timeline is not None:
+            idx = np.searchsorted(info.timestamps_ms, timeline.timestamps_ms)
+            ok = idx < len(t)
+            s[idx[ok]] = timeline.scores[ok]
+        for ev_id in sorted({e for e in info.event if e}):
+            ev = data.events[ev_id]
+            a, b = (ev["start_ms"] - t0) / 60000.0, (ev["end_ms"] - t0) / 60000.0
+            ax.axvspan(a, b, color=color[ev["class"]], alpha=0.35,
+                       label=ev["class"] if ev["class"] not in seen_cls else None)
+            seen_cls.add(ev["class"])
+        test = np.array([r == "test" for r in info.role], dtype=bool)
+        ax.plot(t, np.clip(s, 1e-2, None), lw=0.8, color="black")
+        if test.any() and not test.all():
+            ax.fill_between(t, 1e-2, 1e3, where=test, color="grey", alpha=0.08, step="mid")
+        ax.axhline(1.0, color="red", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-2, max(10.0, float(np.nanmax(s)) * 1.5) if np.isfinite(s).any() else 10.0)
+        ax.set_ylabel("/".join(info.instance[-1:]), fontsize=8)
+    axes[-1, 0].set_xlabel("minutes")
+    handles, labels = [], []
+    for ax in axes[:, 0]:
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=4)
+    fig.suptitle(f"{name} on {recording}: score (log; > 1 anomalous), incidents shaded"
+                 + ("; grey: test blocks" if any(r != "test" for i in infos for r in i.role if r) else ""),
+                 fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- documents ------------------------------------------------------------------------------------
+
+
+def write_report(out: Path, evals: Mapping[str, Evaluation], data: Data,
+                 timelines: Mapping[str, Mapping[str, Timeline]], *, primary: str, title: str, command: str = ""
+                 ) -> Path:
+    """report.md with its PNGs and evaluation.json in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pr(out / "precision_recall.png", timelines, data)
+    plot_confusion(out / f"confusion_{_slug(primary)}.png", evals[primary])
+    for name in evals:
+        if name != primary and evals[name].window.get("class_confusion"):
+            plot_confusion(out / f"confusion_{_slug(name)}.png", evals[name])
+    recs = sorted({i.recording for i in data.series if any(r == "test" for r in i.role)})
+    for rec in recs:
+        plot_timelines(out / f"timeline_{_slug(rec)}.png", rec, timelines[primary], data, primary)
+    first = next(iter(evals.values()))
+    lines = [f"# {title}", ""]
+    if command:
+        lines += [f"Made by `{command}`.", ""]
+    lines += ["## Every detector and baseline, side by side", "", rule_text(first), ""]
+    lines += side_by_side(evals)
+    lines += ["", "P and R are event-level precision and recall; F1 their harmonic mean. Seen and held-out rows share "
+              "the false alerts (they have no class). Window F1 judges each test window's verdict.", "",
+              "## Per class (incidents caught / incidents, median delay in steps, class named right)", ""]
+    lines += per_class(evals)
+    lines += ["", "## Per recording", ""] + by_recording(evals)
+    lines += ["", "## Data", ""] + data_summary(data)
+    lines += ["", "## Plots", "", "![precision-recall](precision_recall.png)", "",
+              f"![confusion]({'confusion_' + _slug(primary)}.png)", ""]
+    lines += [f"![{rec}](timeline_{_slug(rec)}.png)" for rec in recs]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "evaluation.json").write_text(json.dumps({name: ev.to_json() for name, ev in evals.items()}, indent=1,
+                                                    default=_json) + "\n", encoding="utf-8")
+    return out / "report.md"
+
+
+def write_model_card(path: Path, det: Detector, evals: Mapping[str, Evaluation], data: Data, *, default: bool) -> None:
+    meta = det.meta
+    mine = {n: ev for n, ev in evals.items() if n == det.kind or n.startswith(det.kind + " ")}
+    td = meta.training_data
+    cal = meta.calibration
+    lines = [f"# {meta.name}: {det.kind} {meta.version}" + (" (the default model)" if default else ""), "",
+             f"Trained {meta.trained_at} with `{td.get('command') or 'detectord train'}`; "
+             f"reproduce every number below with `detectord evaluate {path} data`.", "",
+             "## What it is", "", _what(det), "",
+             f"Windows of {meta.window} steps × {len(meta.features)} features ({', '.join(meta.features)}), "
+             f"{meta.step_seconds:g} s a step. Inputs are scale-free per instance (detectord/normalise.py): "
+             "each instance's features against its own recent median and spread, learned online while it warms "
+             f"({meta.inputs['baseline']['min_buckets'] * meta.inputs['baseline']['bucket_steps']} steps), so a "
+             "fleet's own level is its normal.", "",
+             "## Data", ""]
+    lines += data_summary(data)
+    fit = td.get("fit", {})
+    lines += ["", f"Trained for {int(fit.get('epochs', 0))} epochs on {int(fit.get('train_windows', 0)):,} windows "
+              f"(including {td.get('augmented_windows', 0):,} cut at other step phases from training blocks) in "
+              f"{td.get('fit_seconds', 0):.0f} s.", "",
+              "## Threshold", "",
+              f"Raw threshold {meta.threshold:.4g}: {cal.get('margin')} × the lowest raw score at which the "
+              f"{cal.get('normal_windows', 0):,} normal validation windows ({cal.get('instance_days', 0) * 24:.1f} "
+              f"instance-hours) raise at most {cal.get('target_false_alerts_per_instance_day')} false alerts per "
+              "instance-day. Scores are divided by it: above 1.0 is anomalous.", "",
+              "## Results on the test data", "", rule_text(next(iter(evals.values()))), ""]
+    lines += side_by_side(mine)
+    lines += ["", "Per class:", ""] + per_class(mine)
+    lines += ["", "## Beside the baselines and the other models", ""] + side_by_side(evals)
+    lines += ["", "## Limits", "",
+              "- Trained and tested on a lab fleet (real CoreDNS, real dnsperf load, scripted faults), not on "
+              "production traffic; the unseen-load fleets test other rates and cache sizes, not other topologies.",
+              "- Test data holds few incidents per seen class (see the per-class table): each is a handful of "
+              "events, not a rate.",
+              "- False alerts per instance-day rest on hours, not days, of normal test data.",
+              "- An incident that lasts longer than about half the baseline horizon "
+              f"({meta.inputs['baseline']['buckets'] * meta.inputs['baseline']['bucket_steps'] // 2} steps) becomes "
+              "that instance's new normal."]
+    (path / "MODEL_CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _what(det: Detector) -> str:
+    cfg = det.config.to_dict()
+    return {
+        "conv_autoencoder": "A 1-D convolutional autoencoder, trained on normal windows only; the score is the "
+                            "reconstruction error of the newest rows (per-feature errors name what moved).",
+        "conv_classifier": "A 1-D convolutional classifier with two heads: anomalous or not, and which incident "
+                           f"class it looks like ({', '.join(det.classes)}).",
+        "siamese": "A siamese network trained with a contrastive loss on pairs of windows; a window is classed by "
+                   "its distances to the centroids of normal and incident windows in the learned space.",
+    }.get(det.kind, det.kind) + f" {det.count_params():,} parameters; settings {json.dumps(cfg)}."
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in s).strip("_")
+
+
+def _json(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON: {type(o)}")

@@ -1,0 +1,89 @@
+"""Data sets from recordings: labels from the ground truth, a 70/15/15 split by contiguous time
+blocks that no window straddles, held-out classes kept out of training, engineers' labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detectord.dataset import DatasetError, Label, load_datasets, load_labels
+from tests.lab_data import small_data
+
+W = 16
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_data(tmp_path_factory.mktemp("data"))
+
+
+def test_split_by_blocks_no_window_straddles_roles(data_dir: Path) -> None:
+    data = load_datasets([data_dir], window=W, step_s=5.0, heldout=("cpu_starvation",))
+    counts = data.description["counts"]
+    total = sum(c["windows"] for c in counts.values())
+    assert 0.5 < counts["train"]["windows"] / total < 0.85
+    assert counts["train"]["anomalous"] > 0 and counts["test"]["incidents"] > 0
+    for info in data.series:
+        for e in np.flatnonzero(info.scored):
+            role = info.role[e]
+            if role is not None:
+                # Every step of a window that has a role lies in one block of that role.
+                steps = slice(e - W + 1, e + 1)
+                assert all(r in (role, None) for r in info.role[steps])
+    train_series = {s: set() for s in range(len(data.series))}
+    for role in ("train", "validation", "test"):
+        m = data.role == role
+        for sid, end in zip(data.all.series_id[m], data.all.end_ms[m], strict=True):
+            train_series[sid].add((role, int(end)))
+    # No window end is in two roles.
+    for ends in train_series.values():
+        assert len({e for _, e in ends}) == len(ends)
+
+
+def test_heldout_class_never_reaches_training_or_validation(data_dir: Path) -> None:
+    data = load_datasets([data_dir], window=W, step_s=5.0, heldout=("cpu_starvation", "edge_crash"))
+    assert "cpu_starvation" not in data.train.classes() and "edge_crash" not in data.validation.classes()
+    assert {"cpu_starvation", "edge_crash"} <= set(data.test.classes())
+    assert set(data.seen).isdisjoint(data.heldout)
+
+
+def test_windows_after_an_incident_are_unlabelled(data_dir: Path) -> None:
+    data = load_datasets([data_dir], window=W, step_s=5.0)
+    lab = data.all.label
+    assert any(lb is None for lb in lab)  # a window holding an incident it has left is neither
+    assert data.train.normal.sum() > 0 and all(lb is not None for lb in data.train.label)
+
+
+def test_labels_file_errors_name_the_key(tmp_path: Path) -> None:
+    f = tmp_path / "labels.yaml"
+    f.write_text("- {labels: {job: coredns-edge, instance: edge-0}, start: 2026-11-23T10:00:00Z, end: 1, verdict: ok}\n")
+    with pytest.raises(DatasetError, match=r"labels.yaml\[0\].verdict: must be 'anomaly' or 'normal'"):
+        load_labels(f)
+    f.write_text("- {labels: {job: coredns-edge}, start: 0, end: 1, verdict: normal}\n")
+    with pytest.raises(DatasetError, match=r"\[0\].labels: must give job, instance"):
+        load_labels(f)
+    f.write_text("- {labels: {job: a, instance: b}, start: 0, end: 1, verdict: normal, klass: x}\n")
+    with pytest.raises(DatasetError, match=r"unknown keys \['klass'\]"):
+        load_labels(f)
+
+
+def test_an_engineers_labels_change_what_is_learned(data_dir: Path) -> None:
+    base = load_datasets([data_dir], window=W, step_s=5.0)
+    info = next(i for i in base.series if i.instance == ("coredns-edge", "edge-1") and i.recording == "normal")
+    t = info.timestamps_ms
+    # Call ten minutes of healthy edge-1 a "cache_poisoning" incident; and the first incident normal.
+    a, b = int(t[200]), int(t[320])
+    first = min(base.events.values(), key=lambda e: e["start_ms"])
+    inst = tuple(first["instances"][0].split("/")[1:])
+    labels = [Label("normal", ("coredns-edge", "edge-1"), a, b, anomalous=True, cls="cache_poisoning"),
+              Label("*", inst, first["start_ms"] - 1, first["end_ms"] + 1, anomalous=False)]
+    data = load_datasets([data_dir], window=W, step_s=5.0, labels=labels)
+    info2 = next(i for i in data.series if i.name == info.name)
+    assert (info2.label[201:320] == "cache_poisoning").all()
+    assert "cache_poisoning" in data.all.label
+    inst_info = next(i for i in data.series if i.instance == inst and i.recording == "faults-1")
+    ts = inst_info.timestamps_ms
+    inside = (ts > first["start_ms"]) & (ts <= first["end_ms"])
+    assert (inst_info.label[inside] == "").all()

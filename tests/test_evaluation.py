@@ -1,0 +1,96 @@
+"""Evaluation semantics: alerts as detectord raises them, incidents caught, detection delay in
+steps, false alerts per instance-day, thresholds for a target false-alert rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectord.dataset import Data, SeriesInfo, WindowSet, step_labels, Span
+from detectord.evaluation import AlertRule, Timeline, evaluate, firing, threshold_for_rate
+
+STEP_MS = 5000
+
+
+def test_alert_fires_after_for_and_resolves_after_keep_firing() -> None:
+    a = np.array([0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0], dtype=bool)
+    assert firing(a, AlertRule(for_steps=0, keep_steps=0)).tolist() == a.tolist()
+    assert firing(a, AlertRule(for_steps=3, keep_steps=0)).astype(int).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    # keep_firing merges the flap at step 6 into one alert, then resolves after 2 quiet steps.
+    assert firing(a, AlertRule(for_steps=1, keep_steps=2)).astype(int).tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_step_labels_mark_incident_and_recovery() -> None:
+    ts = np.arange(1, 41) * STEP_MS
+    sp = Span(("j", "a"), start_ms=10 * STEP_MS + 2000, end_ms=20 * STEP_MS, cls="upstream_timeout", event="r#0")
+    label, event = step_labels(ts, STEP_MS, [sp], recovery_s=30)
+    assert label[:10].tolist() == [""] * 10
+    assert label[10:20].tolist() == ["upstream_timeout"] * 10 and event[10] == "r#0"  # (50 s, 55 s] overlaps
+    assert label[20:26].tolist() == [None] * 6 and label[26:].tolist() == [""] * 14
+    # An engineer's "normal" verdict wins over the lab's truth where they overlap.
+    label, _ = step_labels(ts, STEP_MS, [sp, Span(("j", "a"), 12 * STEP_MS, 14 * STEP_MS, "", "label:0")])
+    assert label[11:14].tolist() == ["upstream_timeout", "", ""]
+
+
+def _data(labels: list[object], events: dict[str, list[int]], roles: str = "test") -> Data:
+    n = len(labels)
+    ts = np.arange(1, n + 1, dtype=np.int64) * STEP_MS
+    lab = np.array(labels, dtype=object)
+    ev = np.full(n, "", dtype=object)
+    meta = {}
+    for e, (a, b) in events.items():
+        ev[a:b] = e
+        meta[e] = {"class": lab[a], "severity": "", "recording": "r", "start_ms": int(ts[a] - STEP_MS),
+                   "end_ms": int(ts[b - 1]), "instances": ["r/j/a"]}
+    info = SeriesInfo("r/j/a", "r", ("j", "a"), ts, lab, ev, np.full(n, roles, dtype=object), np.ones(n, bool))
+    empty = WindowSet(np.zeros((0, 8, 1), np.float32), np.zeros(0, object), np.zeros(0, np.int64),
+                      np.zeros(0, np.int64), ["r/j/a"], STEP_MS / 1000)
+    return Data(empty, np.zeros(0, object), [info], meta, heldout=("cpu_starvation",), seen=("upstream_timeout",))
+
+
+def test_incidents_caught_delays_and_false_alerts() -> None:
+    n = 17280  # a day of 5 s steps
+    labels: list[object] = [""] * n
+    for i in range(100, 112):
+        labels[i] = "upstream_timeout"
+    for i in range(500, 512):
+        labels[i] = "cpu_starvation"
+    data = _data(labels, {"r#0": [100, 112], "r#1": [500, 512]})
+    scores = np.full(n, 0.5, np.float32)
+    scores[103:110] = 3.0  # caught 3 steps late
+    scores[2000] = 1.5  # one false alert
+    scores[2002] = 1.5  # the same alert, kept firing over the gap
+    scores[9000] = 2.0  # another
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data,
+                  rule=AlertRule(for_steps=0, keep_steps=12))
+    assert ev.event["events"] == 2 and ev.event["caught"] == 1 and ev.event["false_alerts"] == 2
+    assert ev.event["delay_steps_median"] == 3.0
+    assert ev.event["false_alerts_per_instance_day"] == pytest.approx(2 / (n - 24) * 17280, rel=1e-6)
+    assert ev.event["precision"] == pytest.approx(1 / 3) and ev.event["recall"] == 0.5
+    assert ev.groups["seen"]["recall"] == 1.0 and ev.groups["heldout"]["recall"] == 0.0
+    assert ev.classes["cpu_starvation"]["heldout"] is True
+    w = ev.window["confusion"]
+    assert (w["tp"], w["fn"], w["fp"]) == (7, 17, 3)
+
+
+def test_steps_outside_the_role_are_not_judged() -> None:
+    labels: list[object] = [""] * 300
+    data = _data(labels, {}, roles="train")
+    scores = np.full(300, 5.0, np.float32)
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data)
+    assert ev.event["false_alerts"] == 0 and ev.window["windows"] == 0
+
+
+def test_threshold_for_a_target_false_alert_rate() -> None:
+    rng = np.random.default_rng(0)
+    n = 17280 * 4  # four instance-days of normal windows
+    raw = rng.random(n).astype(np.float32)
+    spikes = rng.choice(n, 20, replace=False)
+    raw[spikes] = 5.0 + rng.random(20)
+    series = np.repeat(np.arange(4), n // 4)
+    end = np.tile(np.arange(n // 4) * STEP_MS, 4)
+    t, achieved = threshold_for_rate(raw, series, end, 5.0, target_per_day=0.5)
+    # At most 2 alerts in 4 days: the threshold sits among the spikes, above the noise.
+    assert achieved <= 0.5 and (raw > t).sum() <= 2 and t > 1.0
+    t0, a0 = threshold_for_rate(raw, series, end, 5.0, target_per_day=0.0)
+    assert a0 == 0.0 and t0 == raw.max()
