@@ -28,9 +28,10 @@ ROLES: tuple[Role, ...] = ("train", "validation", "test")
 SPLIT = {"train": 0.70, "validation": 0.15, "test": 0.15}
 RECORDING_SUFFIXES = (".drec.xz", ".drec")
 INSTANCE_LABELS = ("job", "instance")
-# After an incident ends, a server takes a while to look normal again (caches refill, forward
-# marks its upstream healthy): steps in this span are neither normal nor anomalous.
-RECOVERY_S = 60.0
+# After an incident ends, a server takes a while to look normal again (forward marks its upstream
+# healthy, caches refill after the restart or reload that ended it): steps in this span are
+# neither normal nor anomalous.
+RECOVERY_S = 120.0
 # Classes no supervised model trains or validates on: they test generalisation to incidents
 # never seen before (the 2020 proposal's test).
 DEFAULT_HELDOUT = ("upstream_packet_loss", "cpu_starvation", "random_subdomain_flood")
@@ -50,6 +51,9 @@ class Span:
     cls: str
     event: str  # "DATASET#ID" for a lab event, "label:N" for an engineer's label
     severity: str = ""
+    # False for an instance an incident moves without being its subject (an upstream whose edge is
+    # flooded sees the flood too): its steps then are not judged, as neither normal nor anomalous.
+    judged: bool = True
 
     @property
     def labelled(self) -> bool:
@@ -207,14 +211,22 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
 
 
 def _truth_spans(name: str, truth: dict[str, Any]) -> list[Span]:
+    """The incidents on their instances, and unjudged spans on the upstreams of affected edges."""
     spans = []
+    upstream_of = {inst.get("instance"): inst for inst in truth.get("instances", []) if inst.get("upstream")}
+    by_name = {inst.get("instance"): inst for inst in truth.get("instances", [])}
     for ev in truth.get("events", []):
         if ev.get("start_ms") is None or ev.get("end_ms") is None:
             continue
+        start, end, eid = int(ev["start_ms"]), int(ev["end_ms"]), f"{name}#{ev['id']}"
+        affected = {inst.get("instance") for inst in ev.get("instances", [])}
         for inst in ev.get("instances", []):
             key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
-            spans.append(Span(key, int(ev["start_ms"]), int(ev["end_ms"]), str(ev["class"]), f"{name}#{ev['id']}",
-                              str(ev.get("severity", ""))))
+            spans.append(Span(key, start, end, str(ev["class"]), eid, str(ev.get("severity", ""))))
+            up = upstream_of.get(inst.get("instance"), {}).get("upstream")
+            if up and up not in affected and up in by_name:
+                spans.append(Span(tuple(by_name[up].get(k, "") for k in INSTANCE_LABELS), start, end, "", eid,
+                                  judged=False))
     return spans
 
 
@@ -230,9 +242,11 @@ def step_labels(ts: np.ndarray, step_ms: int, spans: Sequence[Span], recovery_s:
     label = np.full(len(ts), "", dtype=object)
     event = np.full(len(ts), "", dtype=object)
     starts = ts - step_ms
-    for sp in sorted(spans, key=lambda s: s.cls == ""):
+    for sp in sorted(spans, key=lambda s: (s.judged, s.cls == "")):
         inside = (ts > sp.start_ms) & (starts < sp.end_ms)
-        if sp.cls:
+        if not sp.judged:
+            label[(ts > sp.start_ms) & (starts < sp.end_ms + recovery_s * 1000)] = None
+        elif sp.cls:
             after = (starts >= sp.end_ms) & (ts <= sp.end_ms + recovery_s * 1000) & (label == "")
             label[after] = None
             label[inside] = sp.cls
@@ -311,13 +325,20 @@ class WindowSet:
     end_ms: np.ndarray  # int64 (N,): the step each window ends with
     series: list[str]  # "RECORDING/job/instance"
     step_s: float
+    # bool (N,): no step of the window lies in an incident or its aftermath (None: all are clean).
+    clean: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.x)
 
     def subset(self, mask: np.ndarray) -> WindowSet:
         return WindowSet(self.x[mask], self.label[mask], self.series_id[mask], self.end_ms[mask], self.series,
-                         self.step_s)
+                         self.step_s, None if self.clean is None else self.clean[mask])
+
+    @property
+    def clean_normal(self) -> np.ndarray:
+        """Normal windows with nothing of an incident in them (what an autoencoder learns normal from)."""
+        return self.normal & (self.clean if self.clean is not None else True)
 
     @property
     def anomalous(self) -> np.ndarray:
@@ -354,7 +375,8 @@ class WindowSet:
                 mapping.append(index[n])
             ids.append(np.asarray(mapping, dtype=np.int64)[s.series_id] if len(s) else s.series_id)
         return WindowSet(np.concatenate([s.x for s in sets]), np.concatenate([s.label for s in sets]),
-                         np.concatenate(ids), np.concatenate([s.end_ms for s in sets]), names, sets[0].step_s)
+                         np.concatenate(ids), np.concatenate([s.end_ms for s in sets]), names, sets[0].step_s,
+                         np.concatenate([s.clean if s.clean is not None else np.ones(len(s), bool) for s in sets]))
 
 
 @dataclass
@@ -482,12 +504,13 @@ def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str]
             # A window keeps its end step's role only if every step in it has that role.
             win_role = np.array([role[e] if all(role[e - window + 1: e + 1] == role[e]) else None for e in ends],
                                 dtype=object)
-            win_label = _window_labels(label, ends, window)
+            win_label, clean = _window_labels(label, ends, window)
             x = windows_at(bs, ends, window, clip)
             sid = len(infos)
             infos.append(SeriesInfo(name, r.name, key, ts, label, event,
                                     _step_roles(role, ends, win_role, len(ts)), scored))
-            sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s))
+            sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s,
+                                  clean))
             roles.append(win_role)
     names = [i.name for i in infos]
     for s in sets:
@@ -495,9 +518,7 @@ def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str]
     nf = recs[0].series[next(iter(recs[0].series))].x.shape[1] if recs and recs[0].series else len(FEATURE_NAMES)
     empty = WindowSet(np.zeros((0, window, nf), np.float32), np.zeros(0, dtype=object), np.zeros(0, np.int64),
                       np.zeros(0, np.int64), names, recs[0].step_s if recs else 1.0)
-    all_ = WindowSet(np.concatenate([s.x for s in sets]), np.concatenate([s.label for s in sets]),
-                     np.concatenate([s.series_id for s in sets]), np.concatenate([s.end_ms for s in sets]), names,
-                     sets[0].step_s) if sets else empty
+    all_ = WindowSet.concat(sets) if sets else empty
     role_all = np.concatenate(roles) if roles else np.zeros(0, dtype=object)
     data = Data(all_, role_all, infos, events, heldout, seen, list(recs))
     data.description = describe(recs, data, blocks, window=window, seed=seed)
@@ -514,15 +535,14 @@ def _window_ends(bs: BaselineSeries, window: int) -> np.ndarray:
     return np.flatnonzero(ok)
 
 
-def _window_labels(label: np.ndarray, ends: np.ndarray, window: int) -> np.ndarray:
-    """The end step's label; a normal end step after an incident inside the window is None (mixed)."""
+def _window_labels(label: np.ndarray, ends: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's label (its end step's: what an alert at that step would be judged by) and
+    whether the whole window is free of incidents and their aftermath."""
     out: np.ndarray = label[ends].copy()
-    clean = np.array([lb == "" for lb in label], dtype=bool)
-    dirty = np.concatenate([[0], np.cumsum(~clean)])
-    for i, e in enumerate(ends):
-        if out[i] == "" and dirty[e + 1] - dirty[max(0, e - window + 1)] > 0:
-            out[i] = None
-    return out
+    normal = np.array([lb == "" for lb in label], dtype=bool)
+    dirty = np.concatenate([[0], np.cumsum(~normal)])
+    clean = dirty[ends + 1] - dirty[np.maximum(0, ends - window + 1)] == 0
+    return out, clean
 
 
 def _step_roles(role: np.ndarray, ends: np.ndarray, win_role: np.ndarray, n: int) -> np.ndarray:
@@ -584,8 +604,8 @@ def phase_windows(paths: Iterable[Path | str], data: Data, *, window: int, step_
                 ends = ends[keep]
                 if not len(ends):
                     continue
-                wl = _window_labels(label, ends, window)
+                wl, clean = _window_labels(label, ends, window)
                 extra.append(WindowSet(windows_at(bs, ends, window, inputs.baseline.clip), wl,
                                        np.zeros(len(ends), np.int64), bs.timestamps_ms[ends],
-                                       [info.name], step_s))
+                                       [info.name], step_s, clean))
     return WindowSet.concat(extra) if extra else data.train.subset(np.zeros(len(data.train), dtype=bool))

@@ -174,7 +174,8 @@ class Evaluation:
 
 def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: str = "test",
              rule: AlertRule | None = None, step_s: float | None = None) -> Evaluation:
-    """Judge `timelines` (by series name) on the steps of `data` that have `role`."""
+    """Judge `timelines` (by series name) on the steps of `data` that have `role`. Incidents that
+    began before an instance's first scored window (while it warmed) are not judged on it."""
     step_s = step_s or data.all.step_s
     step_ms = int(round(step_s * 1000))
     rule = rule or AlertRule.from_seconds(0.0, 60.0, step_s)
@@ -205,8 +206,11 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         normal_steps[info.recording] = normal_steps.get(info.recording, 0) + int(
             sum(1 for lb in info.label[sel] if lb == ""))
         # Incidents: the steps of each event on this instance.
+        first_scored = int(np.argmax(info.scored)) if info.scored.any() else len(ts)
         for ev in {e for e in info.event[sel] if e}:
             steps = np.flatnonzero(info.event == ev)
+            if steps[0] < first_scored:
+                continue  # it began while the instance was still warming: no detector could judge it
             event_steps[ev] = event_steps.get(ev, 0) + len(steps)
             in_role[ev] = in_role.get(ev, 0) + int(role_ok[steps].sum())
             c = caught.setdefault(ev, _Caught())

@@ -49,10 +49,15 @@ def test_heldout_class_never_reaches_training_or_validation(data_dir: Path) -> N
     assert set(data.seen).isdisjoint(data.heldout)
 
 
-def test_windows_after_an_incident_are_unlabelled(data_dir: Path) -> None:
+def test_windows_are_labelled_by_their_last_step(data_dir: Path) -> None:
     data = load_datasets([data_dir], window=W, step_s=5.0)
-    lab = data.all.label
-    assert any(lb is None for lb in lab)  # a window holding an incident it has left is neither
+    lab, clean = data.all.label, data.all.clean
+    assert clean is not None
+    # In an incident's aftermath: unlabelled. Normal again, with the incident still in the window:
+    # normal (an alert there would be a false one), but not clean enough to learn normal from.
+    assert any(lb is None for lb in lab)
+    assert (data.all.normal & ~clean).any() and (data.all.normal & clean).any()
+    assert not (data.all.anomalous & clean).any()
     assert data.train.normal.sum() > 0 and all(lb is not None for lb in data.train.label)
 
 

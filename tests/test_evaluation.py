@@ -27,6 +27,10 @@ def test_step_labels_mark_incident_and_recovery() -> None:
     assert label[:10].tolist() == [""] * 10
     assert label[10:20].tolist() == ["upstream_timeout"] * 10 and event[10] == "r#0"  # (50 s, 55 s] overlaps
     assert label[20:26].tolist() == [None] * 6 and label[26:].tolist() == [""] * 14
+    # The upstream of a flooded edge sees the flood: its steps then are not judged at all.
+    collateral = Span(("j", "up"), sp.start_ms, sp.end_ms, "", "r#0", judged=False)
+    label, _ = step_labels(ts, STEP_MS, [collateral], recovery_s=30)
+    assert label[10:26].tolist() == [None] * 16 and label[26:].tolist() == [""] * 14
     # An engineer's "normal" verdict wins over the lab's truth where they overlap.
     label, _ = step_labels(ts, STEP_MS, [sp, Span(("j", "a"), 12 * STEP_MS, 14 * STEP_MS, "", "label:0")])
     assert label[11:14].tolist() == ["upstream_timeout", "", ""]

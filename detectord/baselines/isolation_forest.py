@@ -30,7 +30,7 @@ class IsolationForestBaseline:
         from sklearn.ensemble import IsolationForest
 
         train = data.train
-        normal = train.x[train.normal]
+        normal = train.x[train.clean_normal]
         self._forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed, n_jobs=1)
         self._forest.fit(normal.reshape(len(normal), -1))
         val = data.validation

@@ -81,15 +81,15 @@ class ConvAutoencoder(Detector):
              learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
         import keras
 
-        x = data.x[data.normal]
+        x = data.x[data.clean_normal]
         if not len(x):
             raise ValueError("the autoencoder trains on normal windows, and there are none")
         # Training sees only the reconstruction; `code` is an output for scoring.
         trainer = keras.Model(self.network.inputs, self.network.outputs[0])
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
         val = None
-        if validation is not None and validation.normal.any():
-            xv = validation.x[validation.normal]
+        if validation is not None and validation.clean_normal.any():
+            xv = validation.x[validation.clean_normal]
             val = (xv, xv)
         cbs = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if val else "loss", factor=0.5, patience=3,
                                                  min_lr=learning_rate / 16),
@@ -103,7 +103,7 @@ class ConvAutoencoder(Detector):
         return out
 
     def _after_fit(self, data: WindowSet) -> None:
-        x = data.x[data.normal]
+        x = data.x[data.clean_normal]
         codes = []
         for a in range(0, len(x), 1024):
             codes.append(np.asarray(self.network(x[a : a + 1024], training=False)[1]).reshape(len(x[a : a + 1024]), -1))

@@ -30,6 +30,10 @@ class ConvClassifierConfig(DetectorConfig):
     class_loss_weight: float = 0.5
     # Gaussian noise added to the inputs while training (in the instance's spreads).
     noise: float = 0.2
+    # Synthetic incidents, as a share of the real anomalous windows: healthy windows whose newest
+    # rows have a few features pushed 4-12 spreads off. They teach "far from this instance's
+    # normal is anomalous" beyond the classes seen (outlier exposure); they have no class.
+    synthetic: float = 0.5
     # Feature deviations (what an alert names) are the inputs' mean over the newest rows.
     explain_steps: int = 6
 
@@ -55,6 +59,22 @@ def conv_trunk(window: int, nfeatures: int, filters: tuple[int, ...], kernel_siz
         x = layers.Conv1D(f, kernel_size, strides=2 if i < len(filters) - 1 else 1, padding="same",
                           activation="relu", name=f"conv{i}")(x)
     return inp, layers.Concatenate(name="pool")([layers.GlobalMaxPooling1D()(x), layers.GlobalAveragePooling1D()(x)])
+
+
+def synthetic_incidents(normal: np.ndarray, n: int, absolute: np.ndarray, clip: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """`n` copies of random normal windows with 1-3 features moved 4-12 spreads in their newest
+    4..W/2 rows (absolute features only up: they are 0 when healthy)."""
+    out = normal[rng.integers(0, len(normal), n)].copy()
+    w, f = out.shape[1:]
+    for i in range(n):
+        feats = rng.choice(f, rng.integers(1, 4), replace=False)
+        rows = rng.integers(4, w // 2 + 1)
+        sign = np.where(absolute[feats], 1.0, rng.choice([-1.0, 1.0], len(feats)))
+        tail = out[i, w - rows:]  # a view: (rows, F)
+        tail[:, feats] += sign * rng.uniform(4.0, 12.0, len(feats))
+    np.clip(out, -clip, clip, out=out)
+    return out
 
 
 def balanced_weights(anomalous: np.ndarray) -> np.ndarray:
@@ -116,6 +136,17 @@ class ConvClassifier(Detector):
             self.meta.classes = list(classes)
             self.network = self.build_network()
         self.network.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=self._loss)
+        x, y = data.x, self._targets(data)
+        n_syn = int(self.config.synthetic * data.anomalous.sum())
+        normal = data.x[data.clean_normal]
+        if n_syn and len(normal):
+            plan = self.inputs
+            absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
+            syn = synthetic_incidents(normal, n_syn, absolute, plan.baseline.clip,
+                                      np.random.default_rng(len(data)))
+            y_syn = np.zeros((n_syn, y.shape[1]), dtype=np.float32)
+            y_syn[:, 0] = 1.0
+            x, y = np.concatenate([x, syn]), np.concatenate([y, y_syn])
         val = None
         if validation is not None:
             v = validation.labelled(classes)
@@ -124,11 +155,12 @@ class ConvClassifier(Detector):
         cbs = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if val else "loss", factor=0.5, patience=3,
                                                  min_lr=learning_rate / 16),
                *([early_stopping()] if val else []), epoch_logger(log, epochs, "classifier "), *callbacks]
-        hist = self.network.fit(data.x, self._targets(data), sample_weight=balanced_weights(data.anomalous),
+        hist = self.network.fit(x, y, sample_weight=balanced_weights(y[:, 0] > 0),
                                 validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
                                 callbacks=cbs)
         out = {"loss": float(hist.history["loss"][-1]), "epochs": float(len(hist.history["loss"])),
-               "train_windows": float(len(data)), "train_anomalous": float(data.anomalous.sum())}
+               "train_windows": float(len(data)), "train_anomalous": float(data.anomalous.sum()),
+               "synthetic_incidents": float(n_syn)}
         if val is not None:
             out["val_loss"] = float(hist.history["val_loss"][-1])
         return out

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .base import Detector, DetectorConfig, Log, epoch_logger
-from .conv_classifier import conv_trunk
+from .conv_classifier import conv_trunk, synthetic_incidents
 
 if TYPE_CHECKING:
     from ..dataset import WindowSet
@@ -34,6 +34,9 @@ class SiameseConfig(DetectorConfig):
     score: Literal["centroids", "normal_distance"] = "centroids"
     explain_steps: int = 6
     noise: float = 0.2
+    # Synthetic incidents (see ConvClassifierConfig.synthetic), a kind of their own in the pairs:
+    # their centroid counts for the score, never for naming a class.
+    synthetic: float = 0.5
     # Stop when the validation loss has not improved for this many epochs (best weights kept).
     patience: int = 6
 
@@ -64,10 +67,14 @@ def draw_pairs(kinds: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.
     return a, b, same.astype(np.float32)
 
 
+SYNTHETIC = "~synthetic"
+
+
 class Siamese(Detector):
     kind = "siamese"
     supervised = True
     config_class = SiameseConfig
+    _synthetic: np.ndarray | None = None
 
     def build_network(self) -> Any:
         import keras
@@ -90,6 +97,17 @@ class Siamese(Detector):
             raise ValueError("the siamese network needs anomalous windows with classes in its training data")
         self.meta.classes = list(classes)
         kinds = np.array([0 if not lb else 1 + classes.index(lb) for lb in data.label])
+        x = data.x
+        self._synthetic = None
+        n_syn = int(cfg.synthetic * data.anomalous.sum())
+        normal = data.x[data.clean_normal]
+        if n_syn and len(normal):
+            plan = self.inputs
+            absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
+            self._synthetic = synthetic_incidents(normal, n_syn, absolute, plan.baseline.clip,
+                                                  np.random.default_rng(len(data)))
+            x = np.concatenate([x, self._synthetic])
+            kinds = np.concatenate([kinds, np.full(n_syn, 1 + len(classes))])
         a_in = keras.Input((self.window, self.nfeatures), name="a")
         b_in = keras.Input((self.window, self.nfeatures), name="b")
         ea, eb = self.network(a_in), self.network(b_in)
@@ -120,7 +138,7 @@ class Siamese(Detector):
             cb.on_train_begin()
         for epoch in range(epochs):
             ia, ib, y = draw_pairs(kinds, cfg.pairs_per_epoch, rng)
-            h = pair_model.fit([data.x[ia], data.x[ib]], y[:, None], batch_size=batch_size, epochs=1, verbose=0,
+            h = pair_model.fit([x[ia], x[ib]], y[:, None], batch_size=batch_size, epochs=1, verbose=0,
                                validation_data=val_pairs, shuffle=True)
             logs = {k: float(v[-1]) for k, v in h.history.items()}
             losses.append(logs["loss"])
@@ -154,6 +172,8 @@ class Siamese(Detector):
         for c in self.classes:
             m = np.array([lb == c for lb in data.label], dtype=bool)
             centroids[c] = e[m].mean(axis=0).astype(float).tolist()
+        if self._synthetic is not None:
+            centroids[SYNTHETIC] = self.embed(self._synthetic).mean(axis=0).astype(float).tolist()
         self.meta.state = {"centroids": centroids}
 
     def _ready(self) -> bool:
@@ -165,11 +185,12 @@ class Siamese(Detector):
         cfg: SiameseConfig = self.config
         cents = self.meta.state["centroids"]
         c_normal = np.asarray(cents[""], dtype=np.float32)
-        c_anom = np.asarray([cents[c] for c in self.classes], dtype=np.float32)  # (C, E)
+        named = [cents[c] for c in self.classes]
+        c_anom = np.asarray(named + ([cents[SYNTHETIC]] if SYNTHETIC in cents else []), dtype=np.float32)  # (K, E)
         e = apply(x)
         d_n = ops.sqrt(ops.sum(ops.square(e - c_normal), axis=-1) + 1e-9)
         d_c = ops.sqrt(ops.sum(ops.square(e[:, None, :] - c_anom[None, :, :]), axis=-1) + 1e-9)
         d_a = ops.min(d_c, axis=-1)
         raw = d_n if cfg.score == "normal_distance" else d_n / (d_n + d_a)
         dev = ops.mean(x[:, -cfg.explain_steps:, :], axis=1)
-        return raw, dev, ops.argmin(d_c, axis=-1)
+        return raw, dev, ops.argmin(d_c[:, : len(named)], axis=-1)
