@@ -26,9 +26,9 @@ _BY_NAME: dict[str, Input] = {f.name: f.input for f in FEATURES}
 class BaselineConfig:
     # Rows per bucket, buckets kept (the horizon: bucket_steps × buckets rows), and closed
     # buckets needed before an instance is scored (it "warms" until then).
-    bucket_steps: int = 8
-    buckets: int = 256
-    min_buckets: int = 4
+    bucket_steps: int = 16
+    buckets: int = 128
+    min_buckets: int = 2
     # Model inputs are clipped to ±clip (a feature 1,000 spreads out says no more than one 20 out).
     clip: float = 20.0
 
@@ -113,19 +113,21 @@ class InstanceBaseline:
     """One instance's baseline. `push` takes each raw feature row in step order and returns it
     transformed; `loc` and `scale` are then what a window ending at that row is measured with."""
 
-    __slots__ = ("_c", "_means", "_stds", "_n", "_next", "_acc", "_acc2", "_k", "_held", "loc", "scale")
+    __slots__ = ("_c", "_means", "_stds", "_n", "_next", "_acc", "_acc2", "_k", "_held", "_hpos", "loc", "scale")
 
     def __init__(self, compiled: _Compiled) -> None:
         c = self._c = compiled
         nrel = len(c.rel_idx)
-        self._means = np.zeros((c.cfg.buckets, nrel), dtype=np.float64)
-        self._stds = np.zeros((c.cfg.buckets, nrel), dtype=np.float64)
+        # Bucket statistics, float32, grown as buckets close (a short-lived instance stays small).
+        self._means = np.zeros((0, nrel), dtype=np.float32)
+        self._stds = np.zeros((0, nrel), dtype=np.float32)
         self._n = 0  # closed buckets kept
         self._next = 0  # ring position of the next closed bucket
         self._acc = np.zeros(nrel, dtype=np.float64)
         self._acc2 = np.zeros(nrel, dtype=np.float64)
         self._k = 0
-        self._held = [np.zeros(h, dtype=np.float32) for _, h in c.hold]
+        self._held = [[0.0] * h for _, h in c.hold]
+        self._hpos = 0
         self.loc = c.abs_loc.copy()
         self.scale = c.abs_scale.copy()
 
@@ -136,10 +138,12 @@ class InstanceBaseline:
     def push(self, raw: np.ndarray, *, gap: bool = False) -> np.ndarray:
         c = self._c
         t = c.transform(raw)
-        for (i, _), ring in zip(c.hold, self._held, strict=True):
-            ring[:-1] = ring[1:]
-            ring[-1] = t[i]
-            t[i] = ring.max()
+        if c.hold:
+            pos = self._hpos
+            self._hpos += 1
+            for (i, h), ring in zip(c.hold, self._held, strict=True):
+                ring[pos % h] = float(t[i])
+                t[i] = max(ring)
         if gap:
             return t  # a held row (missed scrape) says nothing new about the baseline
         v = t[c.rel_idx].astype(np.float64)
@@ -155,6 +159,10 @@ class InstanceBaseline:
         k = self._k
         mean = self._acc / k
         var = np.maximum(self._acc2 / k - mean * mean, 0.0)
+        if self._next >= len(self._means):
+            grow = min(c.cfg.buckets, max(8, 2 * len(self._means)))
+            self._means = np.resize(self._means, (grow, self._means.shape[1]))
+            self._stds = np.resize(self._stds, (grow, self._stds.shape[1]))
         self._means[self._next] = mean
         self._stds[self._next] = np.sqrt(var)
         self._next = (self._next + 1) % c.cfg.buckets
@@ -167,8 +175,8 @@ class InstanceBaseline:
         between = 1.4826 * np.median(np.abs(means - loc), axis=0)
         within = np.median(stds, axis=0)
         rel = c.rel_idx
-        self.loc[rel] = loc.astype(np.float32)
-        self.scale[rel] = np.maximum(np.sqrt(between * between + within * within), c.floor[rel]).astype(np.float32)
+        self.loc[rel] = loc
+        self.scale[rel] = np.maximum(np.sqrt(between * between + within * within), c.floor[rel])
 
 
 def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:
