@@ -200,6 +200,9 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
     spans = _truth_spans(name, truth) + [
         Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
         for i, lb in enumerate(labels) if lb.dataset in ("*", name)]
+    if truth.get("ended_ms"):
+        # A lab run stops its load at `ended_ms` and records a few more scrapes: not traffic to judge.
+        spans += [Span(key, int(truth["ended_ms"]), 2**62, "", "", judged=False) for key in series]
     lanes = {}
     for inst in truth.get("instances", []):
         key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)

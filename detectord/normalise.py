@@ -29,6 +29,9 @@ class BaselineConfig:
     bucket_steps: int = 16
     buckets: int = 128
     min_buckets: int = 2
+    # A spread learned from few buckets is uncertain: it is widened by sqrt(1 + young / buckets),
+    # so a young baseline errs towards quiet (×1.7 at 2 buckets, ×1.1 at 16).
+    young: float = 4.0
     # Model inputs are clipped to ±clip (a feature 1,000 spreads out says no more than one 20 out).
     clip: float = 20.0
 
@@ -39,6 +42,8 @@ class BaselineConfig:
             raise ValueError(f"min_buckets must be in [1, buckets={self.buckets}], got {self.min_buckets}")
         if not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if not self.young >= 0:
+            raise ValueError(f"young must be >= 0, got {self.young}")
 
     @property
     def warm_steps(self) -> int:
@@ -176,7 +181,8 @@ class InstanceBaseline:
         within = np.median(stds, axis=0)
         rel = c.rel_idx
         self.loc[rel] = loc
-        self.scale[rel] = np.maximum(np.sqrt(between * between + within * within), c.floor[rel])
+        spread = np.sqrt((between * between + within * within) * (1.0 + c.cfg.young / self._n))
+        self.scale[rel] = np.maximum(spread, c.floor[rel])
 
 
 def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:

@@ -18,7 +18,7 @@ class IsolationForestBaseline:
     n_estimators: int = 200
     seed: int = 0
     target_per_day: float = 0.5
-    margin: float = 1.05
+    margin: float = 1.0
     threshold: float = 1.0
     _forest: Any = field(default=None, repr=False)
 

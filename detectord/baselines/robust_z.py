@@ -21,7 +21,7 @@ class RobustZ:
     trailing_steps: int = 720
     min_steps: int = 32
     target_per_day: float = 0.5
-    margin: float = 1.2
+    margin: float = 1.0
     threshold: float = 1.0
 
     def raw(self, bs: BaselineSeries, floor: np.ndarray) -> np.ndarray:

@@ -80,6 +80,9 @@ class Detector(ABC):
     kind: ClassVar[str]
     supervised: ClassVar[bool] = False
     config_class: ClassVar[type[DetectorConfig]]
+    # The threshold is this many times the lowest that meets the false-alert target on validation
+    # data: headroom for fleets whose normal the validation data never showed.
+    calibration_margin: ClassVar[float] = 1.2
 
     def __init__(
         self,
@@ -211,10 +214,12 @@ class Detector(ABC):
         out = self.score(data)
         return window_metrics(out.scores > 1.0, data.label, out.looks_like, classes=self.classes)
 
-    def calibrate(self, data: WindowSet, *, target_per_day: float = 0.5, margin: float = 1.2,
+    def calibrate(self, data: WindowSet, *, target_per_day: float = 0.5, margin: float | None = None,
                   floor: float = 0.0) -> float:
         """Set the threshold so that the normal windows of `data` (validation data) raise at most
-        `target_per_day` alerts per instance-day, times `margin`; returns it (raw units)."""
+        `target_per_day` alerts per instance-day, times `margin` (default: the kind's
+        `calibration_margin`); returns it (raw units)."""
+        margin = self.calibration_margin if margin is None else margin
         from ..evaluation import threshold_for_rate
 
         normal = data.subset(data.label == "")

@@ -36,6 +36,9 @@ class ConvAutoencoderConfig(DetectorConfig):
     # Each squared error counts at most this much, so one feature cannot carry the score alone
     # unless it stays far off.
     residual_cap: float = 100.0
+    # Errors within this many spreads cost nothing: a fleet's own noise (three times the lab's at a
+    # tenth of its load) must not add up across features into an alert.
+    tolerance: float = 1.0
     noise: float = 0.1
 
     def validate(self, window: int) -> None:
@@ -50,13 +53,16 @@ class ConvAutoencoderConfig(DetectorConfig):
             raise ValueError("filters, kernel_size and latent must be >= 1")
         if self.score not in ("reconstruction", "latent"):
             raise ValueError(f"score must be 'reconstruction' or 'latent', got {self.score!r}")
-        if not self.residual_cap > 0:
-            raise ValueError("residual_cap must be > 0")
+        if not self.residual_cap > 0 or self.tolerance < 0:
+            raise ValueError("residual_cap must be > 0 and tolerance >= 0")
 
 
 class ConvAutoencoder(Detector):
     kind = "conv_autoencoder"
     config_class = ConvAutoencoderConfig
+    # A reconstruction error sums every feature's noise, and a fleet's noise is its own (a tenth
+    # of the load is three times noisier): more headroom than a classifier's probability needs.
+    calibration_margin = 1.5
 
     def build_network(self) -> Any:
         import keras
@@ -124,6 +130,7 @@ class ConvAutoencoder(Detector):
             mu = np.asarray(self.meta.state["latent_mean"], dtype=np.float32)
             flat = ops.reshape(code, (ops.shape(code)[0], -1))
             return ops.sqrt(ops.sum(ops.square(flat - mu), axis=-1)), dev
-        rows = ops.mean(ops.minimum(ops.square(r), cfg.residual_cap), axis=-1)
+        excess = ops.maximum(ops.abs(r) - cfg.tolerance, 0.0)
+        rows = ops.mean(ops.minimum(ops.square(excess), cfg.residual_cap), axis=-1)
         kept = ops.sort(rows, axis=-1)[:, : k - cfg.trim]
         return ops.mean(kept, axis=-1), dev
