@@ -69,6 +69,15 @@ def test_for_zero_fires_at_once() -> None:
     assert alert.starts_at == 100
 
 
+def test_description_says_what_the_incident_looks_like() -> None:
+    s = states(for_=Duration(0))
+    [alert] = s.observe(KEY, LABELS, 0, 3.0, 0.042, TOP, "upstream_timeout")
+    assert "Looks like upstream timeout." in alert.annotations["description"]
+    assert alert.annotations["looks_like"] == "upstream_timeout"
+    s.observe(KEY, LABELS, 5, 3.0, 0.042, TOP, None)  # a model without classes, or after a reload
+    assert "Looks like" not in alert.annotations["description"] and "looks_like" not in alert.annotations
+
+
 def test_blip_while_pending_never_fires() -> None:
     s = states()
     for ts in (0, 15, 30, 45):

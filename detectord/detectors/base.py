@@ -227,6 +227,7 @@ class Detector(ABC):
             raise ValueError("calibration needs normal windows")
         raw = self.raw_scores_batched(normal.x)[0]
         t, achieved = threshold_for_rate(raw, normal.series_id, normal.end_ms, self.step_seconds, target_per_day)
+        floor = max(floor, self.threshold_floor())
         self.threshold = max(t * margin, floor, 1e-6)
         self.meta.calibration = {
             "target_false_alerts_per_instance_day": target_per_day, "margin": margin, "floor": floor,
@@ -342,6 +343,10 @@ class Detector(ABC):
 
     def _ready(self) -> bool:
         return True
+
+    def threshold_floor(self) -> float:
+        """The lowest threshold that makes sense whatever the validation data (raw units)."""
+        return 0.0
 
     @abstractmethod
     def _forward(self, x: Any, apply: Callable[[Any], Any]) -> tuple[Any, ...]:

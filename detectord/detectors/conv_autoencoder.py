@@ -39,6 +39,9 @@ class ConvAutoencoderConfig(DetectorConfig):
     # Errors within this many spreads cost nothing: a fleet's own noise (three times the lab's at a
     # tenth of its load) must not add up across features into an alert.
     tolerance: float = 1.0
+    # The threshold is never below what one feature `min_excess` spreads beyond the tolerance in
+    # every scored row gives: quiet validation data must not make a hair trigger.
+    min_excess: float = 2.0
     noise: float = 0.1
 
     def validate(self, window: int) -> None:
@@ -117,6 +120,12 @@ class ConvAutoencoder(Detector):
 
     def _ready(self) -> bool:
         return "latent_mean" in self.meta.state
+
+    def threshold_floor(self) -> float:
+        cfg: ConvAutoencoderConfig = self.config
+        if cfg.score == "latent":
+            return 0.0
+        return min(cfg.min_excess ** 2, cfg.residual_cap) / self.nfeatures
 
     def _forward(self, x: Any, apply: Callable[[Any], Any]) -> tuple[Any, ...]:
         from keras import ops
