@@ -4,6 +4,7 @@ dnsperf, Prometheus, `detectord record`) records a fault that shows on the fault
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -138,9 +139,15 @@ def test_interrupted_run_leaves_no_process_and_keeps_the_truth_so_far(tmp_path: 
     proc = subprocess.Popen([str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.stdout is not None
+    # Interrupt mid-fault once Prometheus has delivered at least twice (a cold Prometheus may take
+    # longer than the fault's start to send its first batch).
+    seen: set[str] = set()
     for line in proc.stdout:
-        if "fault edge_crash" in line:
-            break
+        m = re.search(r"samples (\d+) .*faults: .*edge_crash", line)
+        if m and int(m.group(1)) > 0:
+            seen.add(m.group(1))
+            if len(seen) >= 2:
+                break
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, rest
