@@ -87,6 +87,25 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class Resemblance:
+    """The incident class an alert names: the one its anomalous steps resembled most often so far
+    (ties go to the latest). A window that has just turned anomalous is mostly healthy rows and
+    its class is a guess; the tally settles within a few steps."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._best: str | None = None
+
+    def add(self, name: str | None) -> str | None:
+        """Count one anomalous step's class; None (a model that names none) names nothing."""
+        if not name:
+            return None
+        n = self._counts[name] = self._counts.get(name, 0) + 1
+        if self._best is None or n >= self._counts[self._best]:
+            self._best = name
+        return self._best
+
+
 @dataclass(slots=True)
 class _Track:
     """An instance whose alert is pending or firing."""
@@ -96,6 +115,7 @@ class _Track:
     last_ts: float
     alert: Alert | None = None  # set while firing
     keep_firing_since: float | None = None
+    resemblance: Resemblance = field(default_factory=Resemblance)
 
 
 class AlertStates:
@@ -125,6 +145,8 @@ class AlertStates:
                 return changed
             tr = self._tracks[instance] = _Track(dict(labels), active_at=step_ts, last_ts=step_ts)
         tr.last_ts = step_ts
+        if anomalous:
+            looks_like = tr.resemblance.add(looks_like)
         if tr.alert is None:
             if not anomalous:
                 del self._tracks[instance]
@@ -180,7 +202,9 @@ class AlertStates:
         new._retired = list(self._retired)
         for instance, tr in self._tracks.items():
             old = tr.alert
-            moved = _Track(tr.labels, tr.active_at, tr.last_ts, None, tr.keep_firing_since)
+            # Another model's classes are not this one's.
+            moved = _Track(tr.labels, tr.active_at, tr.last_ts, None, tr.keep_firing_since,
+                           tr.resemblance if model_name == self.model_name else Resemblance())
             if old is not None:
                 alert = new._new_alert(tr.labels, old.starts_at, old.score, old.threshold, ())
                 if alert.key == old.key:

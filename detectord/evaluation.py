@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .alerting import Resemblance
+
 if TYPE_CHECKING:
     from .dataset import Data
 
@@ -149,7 +151,8 @@ def prf(tp: int, fp: int, fn: int) -> dict[str, float | None]:
 class _Caught:
     fired: bool = False
     delay_steps: int | None = None
-    looks_like: str | None = None
+    looks_like: str | None = None  # what the alert named when it began firing
+    looks_like_end: str | None = None  # what it named at the incident's last firing step
 
 
 @dataclass
@@ -197,6 +200,7 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         like = _aligned_like(tl, ts)
         anomalous = np.nan_to_num(scores, nan=0.0) > 1.0
         fire = firing(anomalous, rule)
+        shown = alert_names(anomalous, fire, like)
         role_ok = np.array([r == role for r in info.role], dtype=bool)
         scored = info.scored & ~np.isnan(scores)
         sel = role_ok & scored
@@ -221,7 +225,7 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
                 delay = int(hits[0] - first)
                 if not c.fired or (c.delay_steps is not None and delay < c.delay_steps):
                     c.delay_steps = delay
-                    c.looks_like = like[hits[0]] if like[hits[0]] is not None else None
+                    c.looks_like, c.looks_like_end = shown[hits[0]], shown[hits[-1]]
                 c.fired = True
         for i in episode_starts(fire & sel):
             if info.label[i] == "":
@@ -256,10 +260,11 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
     for c in sorted({ev["class"] for ev in events.values()}):
         evs = [e for e in events if events[e]["class"] == c]
         g = group(evs, 0, 0.0)
-        named = [caught[e].looks_like for e in evs if caught[e].fired and caught[e].looks_like is not None]
+        named = [caught[e] for e in evs if caught[e].fired and caught[e].looks_like is not None]
         classes[c] = {"events": g["events"], "caught": g["caught"], "recall": g["recall"],
                       "delay_steps_median": g["delay_steps_median"], "heldout": c in data.heldout,
-                      **({"named_right": sum(n == c for n in named), "named": len(named)} if named else {})}
+                      **({"named": len(named), "named_right": sum(n.looks_like == c for n in named),
+                          "named_right_at_end": sum(n.looks_like_end == c for n in named)} if named else {})}
     recordings = {}
     for rec in sorted({ev["recording"] for ev in events.values()} | set(days)):
         evs = [e for e in events if events[e]["recording"] == rec]
@@ -267,7 +272,8 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         recordings[rec] = group(evs, fa, days.get(rec, 0.0))
     ev_rows = [{"id": e, "class": events[e]["class"], "severity": events[e]["severity"],
                 "recording": events[e]["recording"], "caught": caught[e].fired, "delay_steps": caught[e].delay_steps,
-                "looks_like": caught[e].looks_like} for e in sorted(events)]
+                "looks_like": caught[e].looks_like, "looks_like_at_end": caught[e].looks_like_end}
+               for e in sorted(events)]
     return Evaluation(name, window, ev_all, groups, classes, recordings,
                       {"for_steps": rule.for_steps, "keep_firing_steps": rule.keep_steps, "step_seconds": step_s},
                       ev_rows, false)
@@ -288,6 +294,26 @@ def _aligned_like(tl: Timeline, ts: np.ndarray) -> np.ndarray:
     idx = np.searchsorted(ts, tl.timestamps_ms)
     ok = (idx < len(ts)) & (ts[np.minimum(idx, len(ts) - 1)] == tl.timestamps_ms)
     out[idx[ok]] = np.asarray(tl.looks_like, dtype=object)[ok]
+    return out
+
+
+def alert_names(anomalous: np.ndarray, fire: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The class a serving alert names at each firing step (None elsewhere): its `Resemblance`
+    over the anomalous steps since it became pending."""
+    out = np.full(len(fire), None, dtype=object)
+    if not any(x is not None for x in like):
+        return out
+    tally: Resemblance | None = None
+    name = None
+    for t in range(len(fire)):
+        if not fire[t] and not anomalous[t]:
+            tally = name = None
+            continue
+        tally = tally or Resemblance()
+        if anomalous[t]:  # normal steps while the alert keeps firing leave its description as it was
+            name = tally.add(like[t])
+        if fire[t]:
+            out[t] = name
     return out
 
 

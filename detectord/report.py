@@ -63,7 +63,7 @@ def per_class(evals: Mapping[str, Evaluation]) -> list[str]:
             if r["delay_steps_median"] is not None:
                 cell += f", {r['delay_steps_median']:.0f} st"
             if r.get("named"):
-                cell += f", named {r['named_right']}/{r['named']}"
+                cell += f", named {r['named_right']}→{r['named_right_at_end']}/{r['named']}"
             cells.append(cell)
         lines.append(f"| {c}{' (held out)' if held else ''} | " + " | ".join(cells) + " |")
     return lines
@@ -258,6 +258,9 @@ def write_report(out: Path, evals: Mapping[str, Evaluation], data: Data,
               "the false alerts (they have no class). Window F1 judges each test window's verdict.", "",
               "## Per class (incidents caught / incidents, median delay in steps, class named right)", ""]
     lines += per_class(evals)
+    lines += ["", "\"named a→b/n\": of n caught incidents, the alert named the right class in a when it began "
+              "firing and in b at the incident's last firing step (an alert names the class its anomalous steps "
+              "resembled most often; held-out classes cannot be named)."]
     lines += ["", "## Per recording", ""] + by_recording(evals)
     lines += ["", "## Data", ""] + data_summary(data)
     lines += ["", "## Plots", "", "![precision-recall](precision_recall.png)", "",

@@ -78,6 +78,21 @@ def test_description_says_what_the_incident_looks_like() -> None:
     assert "Looks like" not in alert.annotations["description"] and "looks_like" not in alert.annotations
 
 
+def test_the_class_named_is_the_one_the_incident_resembled_most_often() -> None:
+    # A window that has just turned anomalous is mostly healthy rows: its class is a guess.
+    s = states(for_=Duration(0))
+    [alert] = s.observe(KEY, LABELS, 0, 3.0, 0.042, TOP, "upstream_timeout")
+    s.observe(KEY, LABELS, 5, 3.0, 0.042, TOP, "upstream_servfail")
+    assert alert.annotations["looks_like"] == "upstream_servfail"  # a tie goes to the latest
+    s.observe(KEY, LABELS, 10, 3.0, 0.042, TOP, "upstream_servfail")
+    s.observe(KEY, LABELS, 15, 3.0, 0.042, TOP, "upstream_servfail")
+    s.observe(KEY, LABELS, 20, 3.0, 0.042, TOP, "upstream_timeout")
+    assert alert.annotations["looks_like"] == "upstream_servfail"  # one odd step does not flip it
+    assert "Looks like upstream servfail." in alert.annotations["description"]
+    s.observe(KEY, LABELS, 25, 0.5, 0.042, TOP, "upstream_down")  # normal steps count for nothing
+    assert alert.annotations["looks_like"] == "upstream_servfail"
+
+
 def test_blip_while_pending_never_fires() -> None:
     s = states()
     for ts in (0, 15, 30, 45):

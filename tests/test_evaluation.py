@@ -77,6 +77,23 @@ def test_incidents_caught_delays_and_false_alerts() -> None:
     assert (w["tp"], w["fn"], w["fp"]) == (7, 17, 3)
 
 
+def test_the_class_named_when_the_alert_fires_and_at_the_incident_end() -> None:
+    labels: list[object] = [""] * 200
+    for i in range(100, 112):
+        labels[i] = "upstream_timeout"
+    data = _data(labels, {"r#0": [100, 112]})
+    scores = np.full(200, 0.5, np.float32)
+    scores[101:110] = 3.0
+    like = np.full(200, None, dtype=object)
+    like[101:103] = "upstream_down"
+    like[103:110] = "upstream_timeout"
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores, like)}, data,
+                  rule=AlertRule(for_steps=0, keep_steps=12))
+    c = ev.classes["upstream_timeout"]
+    assert (c["named"], c["named_right"], c["named_right_at_end"]) == (1, 0, 1)
+    assert ev.events[0]["looks_like"] == "upstream_down" and ev.events[0]["looks_like_at_end"] == "upstream_timeout"
+
+
 def test_steps_outside_the_role_are_not_judged() -> None:
     labels: list[object] = [""] * 300
     data = _data(labels, {}, roles="train")
