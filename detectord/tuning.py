@@ -60,8 +60,9 @@ def tune(kind: str, base: Settings, *, trials: int, storage: str, study_name: st
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=base.seed))
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True, direction="maximize")
+    # Seeded by how far the study got: a resumed study draws new points, not its first ones again.
+    study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     log(f"study {study_name} in {storage}: {done} trials done, {max(0, trials - done)} to go")
     cache: dict[int, Data] = {}

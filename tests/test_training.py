@@ -91,5 +91,8 @@ def test_tune_resumes_its_study(data_dir: Path, tmp_path: Path) -> None:
     assert "0 trials done, 2 to go" in first.stdout
     second = _run(*args, "--trials", "3")
     assert "2 trials done, 1 to go" in second.stdout
+    tried = [line.split(":", 1)[1].split(";")[0] for line in (first.stdout + second.stdout).splitlines()
+             if line.startswith("trial ")]
+    assert len(tried) == 3 and tried[2] not in tried[:2], tried  # resuming explores, it does not repeat
     best = json.loads((tmp_path / "best-conv_autoencoder.json").read_text())
     assert best["trials"] == 3 and best["window"] in (16, 32, 64) and "filters" in best["config"]["conv_autoencoder"]
