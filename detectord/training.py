@@ -70,6 +70,33 @@ def load_data(settings: Settings, *, inputs: InputPlan | None = None, log: Log |
                          heldout=settings.heldout, labels=labels, seed=settings.seed, log=log)
 
 
+@dataclass(frozen=True)
+class Hyperparameters:
+    configs: dict[str, dict[str, Any]]  # per kind
+    learning_rate: float | None = None
+    window: int | None = None
+
+
+def read_hyperparameters(path: Path) -> Hyperparameters:
+    """`train --config FILE`: per-kind settings ({"conv_classifier": {...}}), or a `detectord tune`
+    result, whose learning rate and window come with it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot read hyperparameters: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: hyperparameters are a JSON object")
+    tuned = "config" in raw and "kind" in raw
+    configs = raw["config"] if tuned else raw
+    unknown = sorted(k for k in configs if k not in DETECTORS)
+    if unknown or not all(isinstance(v, dict) for v in configs.values()):
+        raise DatasetError(f"{path}: keys must be detector kinds ({', '.join(DETECTORS)}) with their settings; "
+                           f"got {unknown or sorted(configs)}")
+    if not tuned:
+        return Hyperparameters(configs)
+    return Hyperparameters(configs, float(raw["learning_rate"]), int(raw["window"]))
+
+
 def new_detector(kind: str, settings: Settings, *, name: str | None = None) -> Detector:
     cls = DETECTORS.get(kind)
     if cls is None:
@@ -352,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models"), help="where the artifacts go (default: models)")
     p.add_argument("--kinds", default=",".join(DETECTORS), help=f"comma-separated (default: {','.join(DETECTORS)})")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every kind (default: per kind)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    p.add_argument("--window", type=int, default=None, help=f"steps (default: a tuned config's, else {DEFAULT_WINDOW})")
     p.add_argument("--step", type=float, default=DEFAULT_STEP_SECONDS, help="seconds per feature row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default=None, help="engineers' labels (YAML/JSON) to add to the ground truth")
@@ -363,15 +390,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)
-    settings = Settings(data=args.data, kinds=[k for k in args.kinds.split(",") if k], window=args.window,
+    try:
+        hp = read_hyperparameters(Path(args.config)) if args.config else Hyperparameters({})
+    except DatasetError as exc:
+        print(f"detectord train: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings(data=args.data, kinds=[k for k in args.kinds.split(",") if k],
+                        window=args.window or hp.window or DEFAULT_WINDOW, configs=hp.configs,
                         step_s=args.step, seed=args.seed, labels=args.labels,
                         heldout=[c for c in args.heldout.split(",") if c], tensorboard=args.tensorboard or None)
     if args.no_phases:
         settings.phases = []
     if args.epochs:
         settings.epochs = {k: args.epochs for k in settings.kinds}
-    if args.config:
-        settings.configs = json.loads(Path(args.config).read_text())
+    if hp.learning_rate is not None:
+        settings.learning_rate = hp.learning_rate
     unknown = [k for k in settings.kinds if k not in DETECTORS]
     if unknown:
         print(f"detectord train: unknown kinds {unknown}; known: {', '.join(DETECTORS)}", file=sys.stderr)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from detectord.dataset import DatasetError
+from detectord.training import Hyperparameters, read_hyperparameters
 from tests.lab_data import REPO, small_data
 
 pytestmark = [pytest.mark.slow]
@@ -96,3 +98,13 @@ def test_tune_resumes_its_study(data_dir: Path, tmp_path: Path) -> None:
     assert len(tried) == 3 and tried[2] not in tried[:2], tried  # resuming explores, it does not repeat
     best = json.loads((tmp_path / "best-conv_autoencoder.json").read_text())
     assert best["trials"] == 3 and best["window"] in (16, 32, 64) and "filters" in best["config"]["conv_autoencoder"]
+    # What tune writes is what `train --config` takes: the settings, learning rate and window.
+    hp = read_hyperparameters(tmp_path / "best-conv_autoencoder.json")
+    assert hp == Hyperparameters(best["config"], best["learning_rate"], best["window"])
+
+
+def test_a_config_of_unknown_kinds_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "hp.json"
+    path.write_text(json.dumps({"conv_autoencodr": {"latent": 4}}))
+    with pytest.raises(DatasetError, match="conv_autoencodr"):
+        read_hyperparameters(path)
