@@ -66,8 +66,8 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 def results(recording: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> dict[str, RuleResult]:
     binary = prometheus_binary()
     workdir = tmp_path_factory.mktemp("prometheus")
-    out = {name: evaluate_rules(recording[0], ruleset=name, step_s=STEP_S, prometheus=binary, workdir=workdir)
-           for name in RULESETS}
+    out = evaluate_rules(recording[0], rulesets=tuple(RULESETS), step_s=STEP_S, prometheus=binary, workdir=workdir)
+    assert list(out) == list(RULESETS)
     assert list(workdir.iterdir()) == [], "the temporary Prometheus directory was left behind"
     return out
 

@@ -204,23 +204,25 @@ def sample_span(recording: str | Path) -> tuple[int, int]:
     return first, last
 
 
-def evaluate_rules(recording: str | Path, *, ruleset: str, step_s: float, selector: str = DEFAULT_SELECTOR,
-                   prometheus: str | None = None, workdir: Path | None = None) -> RuleResult:
-    """Which rules of `ruleset` fire for which instance at each step of `recording`."""
-    return asyncio.run(evaluate_rules_async(recording, ruleset=ruleset, step_s=step_s, selector=selector,
+def evaluate_rules(recording: str | Path, *, rulesets: Sequence[str] = tuple(RULESETS), step_s: float,
+                   selector: str = DEFAULT_SELECTOR, prometheus: str | None = None,
+                   workdir: Path | None = None) -> dict[str, RuleResult]:
+    """Which rules of each of `rulesets` fire for which instance at each step of `recording`
+    (one temporary Prometheus takes the recording once and answers them all)."""
+    return asyncio.run(evaluate_rules_async(recording, rulesets=rulesets, step_s=step_s, selector=selector,
                                             prometheus=prometheus, workdir=workdir))
 
 
-async def evaluate_rules_async(recording: str | Path, *, ruleset: str, step_s: float,
+async def evaluate_rules_async(recording: str | Path, *, rulesets: Sequence[str] = tuple(RULESETS), step_s: float,
                                selector: str = DEFAULT_SELECTOR, prometheus: str | None = None,
-                               workdir: Path | None = None) -> RuleResult:
-    if ruleset not in RULESETS:
-        raise ValueError(f"unknown ruleset {ruleset!r}: choose one of {', '.join(RULESETS)}")
+                               workdir: Path | None = None) -> dict[str, RuleResult]:
+    unknown = [r for r in rulesets if r not in RULESETS]
+    if unknown:
+        raise ValueError(f"unknown rulesets {unknown}: choose from {', '.join(RULESETS)}")
     step_ms = round(step_s * 1000)
     if step_ms <= 0 or abs(step_ms - step_s * 1000) > 1e-6:
         raise ValueError(f"step must be a positive whole number of milliseconds, got {step_s}s")
     binary = prometheus_binary(prometheus)
-    rules = RULESETS[ruleset]
     loop = asyncio.get_running_loop()
     first_ms, last_ms = await loop.run_in_executor(None, sample_span, recording)
     grid = step_grid(first_ms, last_ms, step_ms)
@@ -229,22 +231,26 @@ async def evaluate_rules_async(recording: str | Path, *, ruleset: str, step_s: f
         stats = await replay(recording, f"{url}/api/v1/write", speed=0)
         if stats.refused or stats.failed:
             raise RuleEvaluationError("replay", f"Prometheus did not take the whole recording: {summary(stats)}")
-        t0 = time.monotonic()
         span = (first_ms, last_ms)
         instances = sorted({_instance(s) for s in await _series(session, url, f"up{{{selector}}}", span)})
         servers: dict[str, set[InstanceKey]] = {}
         for s in await _series(session, url, f"coredns_dns_requests_total{{{selector}}}", span):
             if "server" in s:
                 servers.setdefault(s["server"], set()).add(_instance(s))
-        by_rule = {k: {rule.key: np.zeros(len(grid), dtype=bool) for rule in rules} for k in instances}
-        for rule in rules:
-            for labels, active in (await _active(session, url, rule.promql(selector), grid)).items():
-                firing = hold_for(active, grid, rule.for_seconds)
-                for k in _covered(dict(labels), instances, servers):
-                    by_rule[k][rule.key] |= firing
-        query_seconds = time.monotonic() - t0
-    per_instance = {k: InstanceAlerts(grid, np.logical_or.reduce(list(rs.values())), rs) for k, rs in by_rule.items()}
-    return RuleResult(ruleset, step_ms, grid, per_instance, stats.seconds, query_seconds)
+        out = {}
+        for ruleset in rulesets:
+            t0 = time.monotonic()
+            rules = RULESETS[ruleset]
+            by_rule = {k: {rule.key: np.zeros(len(grid), dtype=bool) for rule in rules} for k in instances}
+            for rule in rules:
+                for labels, active in (await _active(session, url, rule.promql(selector), grid)).items():
+                    firing = hold_for(active, grid, rule.for_seconds)
+                    for k in _covered(dict(labels), instances, servers):
+                        by_rule[k][rule.key] |= firing
+            per_instance = {k: InstanceAlerts(grid, np.logical_or.reduce(list(rs.values())), rs)
+                            for k, rs in by_rule.items()}
+            out[ruleset] = RuleResult(ruleset, step_ms, grid, per_instance, stats.seconds, time.monotonic() - t0)
+    return out
 
 
 def prometheus_binary(path: str | None = None) -> str:

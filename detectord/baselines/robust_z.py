@@ -36,11 +36,11 @@ class RobustZ:
             out[i] = float(np.max(np.abs(x[i] - med) / np.maximum(mad, floor)))
         return out
 
-    def fit(self, data: Data, series: dict[str, BaselineSeries], floor: np.ndarray) -> None:
-        """Calibrate the threshold on the validation role's normal steps."""
+    def fit(self, data: Data, raws_by_series: dict[str, np.ndarray]) -> None:
+        """Calibrate the threshold on the validation role's normal steps (`raw` of every series)."""
         raws, sids, ends = [], [], []
         for sid, info in enumerate(data.series):
-            r = self.raw(series[info.name], floor)
+            r = raws_by_series[info.name]
             m = np.array([ro == "validation" for ro in info.role], dtype=bool) & (info.label == "") & ~np.isnan(r)
             raws.append(r[m])
             sids.append(np.full(int(m.sum()), sid))
@@ -49,9 +49,6 @@ class RobustZ:
                                   self.target_per_day)
         self.threshold = t * self.margin
 
-    def timelines(self, data: Data, series: dict[str, BaselineSeries], floor: np.ndarray) -> dict[str, Timeline]:
-        out = {}
-        for info in data.series:
-            r = self.raw(series[info.name], floor)
-            out[info.name] = Timeline(info.timestamps_ms, (r / self.threshold).astype(np.float32))
-        return out
+    def timelines(self, data: Data, raws_by_series: dict[str, np.ndarray]) -> dict[str, Timeline]:
+        return {info.name: Timeline(info.timestamps_ms, (raws_by_series[info.name] / self.threshold).astype(np.float32))
+                for info in data.series}
