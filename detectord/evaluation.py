@@ -196,7 +196,7 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         if tl is None:
             continue
         ts = info.timestamps_ms
-        scores = _aligned(tl, ts)
+        scores = aligned(tl, ts)
         like = _aligned_like(tl, ts)
         anomalous = np.nan_to_num(scores, nan=0.0) > 1.0
         fire = firing(anomalous, rule)
@@ -279,11 +279,18 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
                       ev_rows, false)
 
 
-def _aligned(tl: Timeline, ts: np.ndarray) -> np.ndarray:
-    out = np.full(len(ts), np.nan, dtype=np.float32)
+def _steps_of(tl: Timeline, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of the timeline's points falls among the steps `ts`, and which points fall on one."""
     idx = np.searchsorted(ts, tl.timestamps_ms)
     ok = (idx < len(ts)) & (ts[np.minimum(idx, len(ts) - 1)] == tl.timestamps_ms)
-    out[idx[ok]] = tl.scores[ok]
+    return idx[ok], ok
+
+
+def aligned(tl: Timeline, ts: np.ndarray) -> np.ndarray:
+    """The timeline's scores on the steps `ts` (NaN where it has none)."""
+    out = np.full(len(ts), np.nan, dtype=np.float32)
+    idx, ok = _steps_of(tl, ts)
+    out[idx] = tl.scores[ok]
     return out
 
 
@@ -291,10 +298,17 @@ def _aligned_like(tl: Timeline, ts: np.ndarray) -> np.ndarray:
     out = np.full(len(ts), None, dtype=object)
     if tl.looks_like is None:
         return out
-    idx = np.searchsorted(ts, tl.timestamps_ms)
-    ok = (idx < len(ts)) & (ts[np.minimum(idx, len(ts) - 1)] == tl.timestamps_ms)
-    out[idx[ok]] = np.asarray(tl.looks_like, dtype=object)[ok]
+    idx, ok = _steps_of(tl, ts)
+    out[idx] = np.asarray(tl.looks_like, dtype=object)[ok]
     return out
+
+
+def precision_recall(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision and recall at every cut of `scores` (highest first), and which cuts add a true positive."""
+    order = np.argsort(-scores)
+    hit = truth[order]
+    tp = np.cumsum(hit)
+    return tp / np.arange(1, len(tp) + 1), tp / max(1, int(truth.sum())), hit
 
 
 def alert_names(anomalous: np.ndarray, fire: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -322,9 +336,10 @@ def timelines_from_windows(data: Data, scores: np.ndarray, looks_like: list[str]
     """Per-window scores of `data.all` as a Timeline per series."""
     out = {}
     sid = data.all.series_id
+    likes = np.asarray(looks_like, dtype=object) if looks_like is not None else None
     for i, info in enumerate(data.series):
         m = sid == i
-        like = np.asarray(looks_like, dtype=object)[m] if looks_like is not None else None
+        like = likes[m] if likes is not None else None
         out[info.name] = Timeline(data.all.end_ms[m], scores[m].astype(np.float32), like)
     return out
 
@@ -336,7 +351,7 @@ def aligned_scores(timelines: Mapping[str, Timeline], data: Data, role: str = "t
         tl = timelines.get(info.name)
         if tl is None:
             continue
-        s = _aligned(tl, info.timestamps_ms)
+        s = aligned(tl, info.timestamps_ms)
         m = (np.array([r == role for r in info.role], dtype=bool) & info.scored & ~np.isnan(s)
              & np.array([lb is not None for lb in info.label], dtype=bool))
         scores.append(s[m])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dataset import Data
-from .evaluation import Evaluation, Timeline, aligned_scores
+from .evaluation import Evaluation, Timeline, aligned, aligned_scores, precision_recall
 
 if TYPE_CHECKING:
     from .detectors import Detector
@@ -126,10 +126,7 @@ def plot_pr(path: Path, timelines: Mapping[str, Mapping[str, Timeline]], data: D
         scores, truth = aligned_scores(tl, data, role)
         if not len(scores) or not truth.any():
             continue
-        order = np.argsort(-scores)
-        tp = np.cumsum(truth[order])
-        fp = np.cumsum(~truth[order])
-        precision, recall = tp / (tp + fp), tp / truth.sum()
+        precision, recall, _ = precision_recall(scores, truth)
         if len(np.unique(scores)) <= 3:
             k = int((scores > 1.0).sum())
             ax.plot([recall[k - 1] if k else 0.0], [precision[k - 1] if k else 1.0], "o", label=name)
@@ -197,11 +194,7 @@ def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data:
     for ax, info in zip(axes[:, 0], infos, strict=True):
         t = (info.timestamps_ms - t0) / 60000.0
         timeline = tl.get(info.name)
-        s = np.full(len(t), np.nan)
-        if timeline is not None:
-            idx = np.searchsorted(info.timestamps_ms, timeline.timestamps_ms)
-            ok = idx < len(t)
-            s[idx[ok]] = timeline.scores[ok]
+        s = aligned(timeline, info.timestamps_ms) if timeline is not None else np.full(len(t), np.nan)
         for ev_id in sorted({e for e in info.event if e}):
             ev = data.events[ev_id]
             a, b = (ev["start_ms"] - t0) / 60000.0, (ev["end_ms"] - t0) / 60000.0

@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .dataset import Data, DatasetError
 from .detectors import DETECTORS
-from .evaluation import aligned_scores
+from .evaluation import aligned_scores, precision_recall
 from .training import Settings, alert_rule, detector_timelines, judge, load_data, train_detector
 
 
@@ -48,10 +46,8 @@ def objective_value(data: Data, timelines: Any) -> float:
     scores, truth = aligned_scores(timelines, data, "validation")
     ap = 0.0
     if truth.any():
-        order = np.argsort(-scores)
-        tp = np.cumsum(truth[order])
-        precision = tp / np.arange(1, len(tp) + 1)
-        ap = float((precision * truth[order]).sum() / truth.sum())
+        precision, _, hit = precision_recall(scores, truth)
+        ap = float((precision * hit).sum() / truth.sum())
     return float(f1) + 0.1 * ap
 
 
