@@ -203,9 +203,7 @@ class Detector(ABC):
 
     def score(self, data: WindowSet | np.ndarray, batch_size: int = 1024) -> ScoreBatch:
         """Normalised scores of any number of windows, in fixed-size batches."""
-        x = _windows(data)
-        raw, dev, like = self.raw_scores_batched(x, batch_size)
-        return ScoreBatch((raw / np.float32(self.threshold)).astype(np.float32, copy=False), dev, like)
+        return self._normalised(*self.raw_scores_batched(_windows(data), batch_size))
 
     def evaluate(self, data: WindowSet) -> dict[str, Any]:
         """Window-level precision, recall, F1 and confusion matrix on labelled windows."""
@@ -239,7 +237,9 @@ class Detector(ABC):
     # ---- serving ---------------------------------------------------------------------------
 
     def score_batch(self, windows: np.ndarray) -> ScoreBatch:
-        raw, dev, like = self.raw_scores(windows)
+        return self._normalised(*self.raw_scores(windows))
+
+    def _normalised(self, raw: np.ndarray, dev: np.ndarray, like: list[str] | None) -> ScoreBatch:
         return ScoreBatch((raw / np.float32(self.threshold)).astype(np.float32, copy=False), dev, like)
 
     def raw_scores(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -358,11 +358,26 @@ def _windows(data: WindowSet | np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def early_stopping(patience: int = 6) -> Any:
-    """Stop when the validation loss has not improved for `patience` epochs; keep the best weights."""
+def fit_callbacks(log: Log, epochs: int, what: str, *, learning_rate: float, validated: bool,
+                  extra: Sequence[Any] = (), patience: int = 6) -> list[Any]:
+    """What `Model.fit` runs with: the learning rate halved on a plateau (down to a sixteenth), with
+    validation data a stop after `patience` epochs without improvement (best weights kept), a
+    line per epoch, then the caller's callbacks."""
     import keras
 
-    return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    monitor = "val_loss" if validated else "loss"
+    stop = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
+    return [keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=3, min_lr=learning_rate / 16),
+            *(stop if validated else []), epoch_logger(log, epochs, what), *extra]
+
+
+def fit_stats(history: Any, **more: float) -> dict[str, float]:
+    """The last losses and the epochs run, from `Model.fit`'s history, with `more`."""
+    h = history.history
+    out = {"loss": float(h["loss"][-1]), "epochs": float(len(h["loss"])), **more}
+    if "val_loss" in h:
+        out["val_loss"] = float(h["val_loss"][-1])
+    return out
 
 
 def epoch_logger(log: Log, epochs: int, what: str = "") -> Any:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .base import Detector, DetectorConfig, Log, early_stopping, epoch_logger
+from .base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
 
 if TYPE_CHECKING:
     from ..dataset import WindowSet
@@ -100,16 +100,11 @@ class ConvAutoencoder(Detector):
         if validation is not None and validation.clean_normal.any():
             xv = validation.x[validation.clean_normal]
             val = (xv, xv)
-        cbs = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if val else "loss", factor=0.5, patience=3,
-                                                 min_lr=learning_rate / 16),
-               *([early_stopping()] if val else []), epoch_logger(log, epochs, "autoencoder "), *callbacks]
+        cbs = fit_callbacks(log, epochs, "autoencoder ", learning_rate=learning_rate, validated=val is not None,
+                            extra=callbacks)
         hist = trainer.fit(x, x, validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
                            callbacks=cbs)
-        out = {"loss": float(hist.history["loss"][-1]), "epochs": float(len(hist.history["loss"])),
-               "train_windows": float(len(x))}
-        if val is not None:
-            out["val_loss"] = float(hist.history["val_loss"][-1])
-        return out
+        return fit_stats(hist, train_windows=float(len(x)))
 
     def _after_fit(self, data: WindowSet) -> None:
         x = data.x[data.clean_normal]

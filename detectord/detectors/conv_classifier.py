@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Detector, DetectorConfig, Log, early_stopping, epoch_logger
+from .base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
 
 if TYPE_CHECKING:
     from ..dataset import WindowSet
@@ -77,6 +77,18 @@ def synthetic_incidents(normal: np.ndarray, n: int, absolute: np.ndarray, clip: 
     return out
 
 
+def synthetic_for(det: Detector, data: WindowSet, share: float) -> np.ndarray:
+    """`share` × the anomalous windows of `data`, as synthetic incidents made from its clean normal
+    windows in `det`'s inputs (none when either is missing)."""
+    n = int(share * data.anomalous.sum())
+    normal = data.x[data.clean_normal]
+    if not n or not len(normal):
+        return data.x[:0]
+    plan = det.inputs
+    absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
+    return synthetic_incidents(normal, n, absolute, plan.baseline.clip, np.random.default_rng(len(data)))
+
+
 def balanced_weights(anomalous: np.ndarray) -> np.ndarray:
     """Sample weights giving normal and anomalous windows equal total weight."""
     n_a = max(1, int(anomalous.sum()))
@@ -137,13 +149,9 @@ class ConvClassifier(Detector):
             self.network = self.build_network()
         self.network.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=self._loss)
         x, y = data.x, self._targets(data)
-        n_syn = int(self.config.synthetic * data.anomalous.sum())
-        normal = data.x[data.clean_normal]
-        if n_syn and len(normal):
-            plan = self.inputs
-            absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
-            syn = synthetic_incidents(normal, n_syn, absolute, plan.baseline.clip,
-                                      np.random.default_rng(len(data)))
+        syn = synthetic_for(self, data, self.config.synthetic)
+        n_syn = len(syn)
+        if n_syn:
             y_syn = np.zeros((n_syn, y.shape[1]), dtype=np.float32)
             y_syn[:, 0] = 1.0
             x, y = np.concatenate([x, syn]), np.concatenate([y, y_syn])
@@ -152,18 +160,13 @@ class ConvClassifier(Detector):
             v = validation.labelled(classes)
             if len(v):
                 val = (v.x, self._targets(v), balanced_weights(v.anomalous))
-        cbs = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss" if val else "loss", factor=0.5, patience=3,
-                                                 min_lr=learning_rate / 16),
-               *([early_stopping()] if val else []), epoch_logger(log, epochs, "classifier "), *callbacks]
+        cbs = fit_callbacks(log, epochs, "classifier ", learning_rate=learning_rate, validated=val is not None,
+                            extra=callbacks)
         hist = self.network.fit(x, y, sample_weight=balanced_weights(y[:, 0] > 0),
                                 validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
                                 callbacks=cbs)
-        out = {"loss": float(hist.history["loss"][-1]), "epochs": float(len(hist.history["loss"])),
-               "train_windows": float(len(data)), "train_anomalous": float(data.anomalous.sum()),
-               "synthetic_incidents": float(n_syn)}
-        if val is not None:
-            out["val_loss"] = float(hist.history["val_loss"][-1])
-        return out
+        return fit_stats(hist, train_windows=float(len(data)), train_anomalous=float(data.anomalous.sum()),
+                         synthetic_incidents=float(n_syn))
 
     def _ready(self) -> bool:
         return bool(self.classes)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .base import Detector, DetectorConfig, Log, epoch_logger
-from .conv_classifier import conv_trunk, synthetic_incidents
+from .conv_classifier import conv_trunk, synthetic_for
 
 if TYPE_CHECKING:
     from ..dataset import WindowSet
@@ -96,18 +96,17 @@ class Siamese(Detector):
         if not classes:
             raise ValueError("the siamese network needs anomalous windows with classes in its training data")
         self.meta.classes = list(classes)
-        kinds = np.array([0 if not lb else 1 + classes.index(lb) for lb in data.label])
+
+        def kinds_of(labels: np.ndarray) -> np.ndarray:
+            return np.array([0 if not lb else 1 + classes.index(lb) for lb in labels])
+
+        kinds = kinds_of(data.label)
         x = data.x
-        self._synthetic = None
-        n_syn = int(cfg.synthetic * data.anomalous.sum())
-        normal = data.x[data.clean_normal]
-        if n_syn and len(normal):
-            plan = self.inputs
-            absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
-            self._synthetic = synthetic_incidents(normal, n_syn, absolute, plan.baseline.clip,
-                                                  np.random.default_rng(len(data)))
-            x = np.concatenate([x, self._synthetic])
-            kinds = np.concatenate([kinds, np.full(n_syn, 1 + len(classes))])
+        syn = synthetic_for(self, data, cfg.synthetic)
+        self._synthetic = syn if len(syn) else None
+        if len(syn):
+            x = np.concatenate([x, syn])
+            kinds = np.concatenate([kinds, np.full(len(syn), 1 + len(classes))])
         a_in = keras.Input((self.window, self.nfeatures), name="a")
         b_in = keras.Input((self.window, self.nfeatures), name="b")
         ea, eb = self.network(a_in), self.network(b_in)
@@ -127,7 +126,7 @@ class Siamese(Detector):
         val_pairs = None
         if validation is not None:
             v = validation.labelled(classes)
-            vk = np.array([0 if not lb else 1 + classes.index(lb) for lb in v.label])
+            vk = kinds_of(v.label)
             if len(np.unique(vk)) > 1:
                 va, vb, vy = draw_pairs(vk, min(cfg.pairs_per_epoch // 4, 5000), np.random.default_rng(7))
                 val_pairs = ([v.x[va], v.x[vb]], vy[:, None])
