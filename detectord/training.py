@@ -64,8 +64,10 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def load_data(settings: Settings, *, inputs: InputPlan | None = None, log: Log | None = None) -> Data:
-    labels: list[Label] = load_labels(settings.labels) if settings.labels else []
+def load_data(settings: Settings, *, inputs: InputPlan | None = None, labels: Sequence[Label] | None = None,
+              log: Log | None = None) -> Data:
+    if labels is None:
+        labels = load_labels(settings.labels) if settings.labels else []
     return load_datasets(settings.data, window=settings.window, step_s=settings.step_s, inputs=inputs,
                          heldout=settings.heldout, labels=labels, seed=settings.seed, log=log)
 
@@ -148,9 +150,14 @@ SCORE_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def variant_name(det: Detector, primary: bool) -> str:
+    """A detector's name in reports: its kind, or for the other ways to score its weights, which."""
+    return det.kind if primary else f"{det.kind} ({det.config.score.replace('_', ' ')} score)"
+
+
 def variants(det: Detector, data: Data, settings: Settings) -> list[tuple[str, Detector]]:
     """The detector as saved, and the same weights scored the other way (calibrated alike)."""
-    out: list[tuple[str, Detector]] = [(det.kind, det)]
+    out: list[tuple[str, Detector]] = [(variant_name(det, True), det)]
     for score in SCORE_CHOICES.get(det.kind, ()):
         if score == det.config.score:
             continue
@@ -159,22 +166,26 @@ def variants(det: Detector, data: Data, settings: Settings) -> list[tuple[str, D
                          meta=dataclasses.replace(det.meta, state=dict(det.meta.state)))
         twin.network = det.network
         twin.calibrate(data.validation, target_per_day=settings.target_per_day, margin=settings.margin)
-        out.append((f"{det.kind} ({score.replace('_', ' ')} score)", twin))
+        out.append((variant_name(twin, False), twin))
     return out
 
 
-def pick_score(det: Detector, data: Data, settings: Settings, log: Log) -> Detector:
-    """Of the ways to score a detector's weights, the one with the best event-level F1 on
-    validation data (window-level F1 breaks ties)."""
+def pick_score(det: Detector, data: Data, settings: Settings, log: Log
+               ) -> list[tuple[str, Detector, dict[str, Timeline]]]:
+    """The ways to score a detector's weights, each calibrated, with its timelines on `data`: first
+    the one with the best event-level F1 on validation data (window-level F1 breaks ties), named
+    by the kind, then the others."""
     options = variants(det, data, settings)
+    timelines = {name: detector_timelines(d, data) for name, d in options}
     if len(options) == 1:
-        return det
-    evs = judge({name: detector_timelines(d, data) for name, d in options}, data, "validation")
-    name, best = max(options, key=lambda o: (_f1(evs[o[0]]), evs[o[0]].window.get("f1") or 0.0))
+        return [(options[0][0], det, timelines[options[0][0]])]
+    evs = judge(timelines, data, "validation")
+    ranked = sorted(options, key=lambda o: (_f1(evs[o[0]]), evs[o[0]].window.get("f1") or 0.0), reverse=True)
+    best = ranked[0][1]
     log(f"{det.kind}: scored by {best.config.score} (validation F1 "
         + ", ".join(f"{n} {_f1(e):.3f}" for n, e in evs.items()) + ")")
     best.meta.config = best.config.to_dict()
-    return best
+    return [(variant_name(d, d is best), d, timelines[name]) for name, d in ranked]
 
 
 def detector_timelines(det: Detector, data: Data) -> dict[str, Timeline]:
@@ -213,7 +224,8 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
 
     t0 = time.perf_counter()
     log(f"data: {', '.join(settings.data)} at {settings.step_s:g}s steps, window {settings.window}")
-    data = load_data(settings, log=log)
+    labels = load_labels(settings.labels) if settings.labels else []
+    data = load_data(settings, labels=labels, log=log)
     c = data.description["counts"]
     log("windows: " + ", ".join(f"{r} {c[r]['windows']:,} ({c[r]['anomalous']:,} anomalous, {c[r]['incidents']} "
                                 f"incidents)" for r in c) + f"; held out: {', '.join(data.heldout)}")
@@ -221,20 +233,20 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
     if settings.phases:
         extra = phase_windows(settings.data, data, window=settings.window, step_s=settings.step_s,
                               inputs=InputPlan.default(FEATURE_NAMES), phases=settings.phases,
-                              labels=load_labels(settings.labels) if settings.labels else ())
+                              labels=labels)
         # Held-out classes stay out of training in every phase.
         extra = extra.subset(np.array([lb is not None and lb not in data.heldout for lb in extra.label], dtype=bool))
         log(f"phase-shifted training windows: {len(extra):,} (phases {settings.phases} s)")
     data_s = time.perf_counter() - t0
     _device(log)
     trained: dict[str, Detector] = {}
-    for kind in settings.kinds:
-        trained[kind] = pick_score(train_detector(kind, data, settings, extra=extra, log=log), data, settings, log)
     models: dict[str, Detector] = {}
-    for det in trained.values():
-        for name, d in variants(det, data, settings):
-            models[name] = d
-    timelines = {name: detector_timelines(d, data) for name, d in models.items()}
+    timelines: dict[str, dict[str, Timeline]] = {}
+    for kind in settings.kinds:
+        options = pick_score(train_detector(kind, data, settings, extra=extra, log=log), data, settings, log)
+        trained[kind] = options[0][1]
+        for name, d, tl in options:
+            models[name], timelines[name] = d, tl
     timelines.update(baseline_timelines(data, baselines, settings, log))
     test = judge(timelines, data, "test")
     validation = judge({k: timelines[k] for k in trained}, data, "validation")
