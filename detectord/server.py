@@ -284,7 +284,7 @@ class Server:
             labels = dict(zip(self.cfg.ingest.instance_labels, key))
             was_firing = self.alerts.is_firing(key)
             changed.extend(self.alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top,
-                                               r.looks_like if anomalous else None))
+                                               r.looks_like))
             if self.alerts.is_firing(key):
                 if not was_firing:
                     m.clear_features(key, features)
