@@ -140,7 +140,7 @@ class Recording:
     series: dict[InstanceKey, BaselineSeries]
     spans: list[Span]
     lanes: dict[InstanceKey, str]  # instances that share a fault domain (an upstream and its edges)
-    test_only: bool
+    test_only: bool  # the truth says so (a lab scenario's `test_only`): every window is test data
     read: ReadStats
     truth: dict[str, Any]
 
@@ -209,8 +209,7 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
         lanes[key] = inst.get("upstream") or inst.get("instance", "")
     for key in series:
         lanes.setdefault(key, key[-1])
-    return Recording(name, path, step_s, inputs, series, spans, lanes, bool(truth.get("test_only")) or name.startswith("unseen"),
-                     stats, truth)
+    return Recording(name, path, step_s, inputs, series, spans, lanes, bool(truth.get("test_only")), stats, truth)
 
 
 def _truth_spans(name: str, truth: dict[str, Any]) -> list[Span]:
@@ -524,7 +523,7 @@ def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str]
     all_ = WindowSet.concat(sets) if sets else empty
     role_all = np.concatenate(roles) if roles else np.zeros(0, dtype=object)
     data = Data(all_, role_all, infos, events, heldout, seen, list(recs))
-    data.description = describe(recs, data, blocks, window=window, seed=seed)
+    data.description = describe(recs, data, blocks, window=window, seed=seed, recovery_s=recovery_s)
     return data
 
 
@@ -554,8 +553,8 @@ def _step_roles(role: np.ndarray, ends: np.ndarray, win_role: np.ndarray, n: int
     return out
 
 
-def describe(recs: Sequence[Recording], data: Data, blocks: Sequence[Block], *, window: int, seed: int
-             ) -> dict[str, Any]:
+def describe(recs: Sequence[Recording], data: Data, blocks: Sequence[Block], *, window: int, seed: int,
+             recovery_s: float = RECOVERY_S) -> dict[str, Any]:
     """What a model card says about the data: sources, split, held-out classes, counts."""
     counts: dict[str, dict[str, int]] = {}
     for role in ROLES:
@@ -575,7 +574,7 @@ def describe(recs: Sequence[Recording], data: Data, blocks: Sequence[Block], *, 
                   "target": SPLIT, "blocks": [{"recording": b.recording, "lane": b.lane, "role": b.role,
                                                "classes": sorted(b.classes)} for b in blocks]},
         "heldout_classes": list(data.heldout), "seen_classes": list(data.seen), "counts": counts,
-        "recovery_seconds": RECOVERY_S,
+        "recovery_seconds": recovery_s,
     }
 
 

@@ -266,10 +266,11 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
                       **({"named": len(named), "named_right": sum(n.looks_like == c for n in named),
                           "named_right_at_end": sum(n.looks_like_end == c for n in named)} if named else {})}
     recordings = {}
+    test_only = {r.name for r in data.recordings if r.test_only}
     for rec in sorted({ev["recording"] for ev in events.values()} | set(days)):
         evs = [e for e in events if events[e]["recording"] == rec]
         fa = sum(1 for f in false if f["series"].split("/")[0] == rec)
-        recordings[rec] = group(evs, fa, days.get(rec, 0.0))
+        recordings[rec] = {**group(evs, fa, days.get(rec, 0.0)), "test_only": rec in test_only}
     ev_rows = [{"id": e, "class": events[e]["class"], "severity": events[e]["severity"],
                 "recording": events[e]["recording"], "caught": caught[e].fired, "delay_steps": caught[e].delay_steps,
                 "looks_like": caught[e].looks_like, "looks_like_at_end": caught[e].looks_like_end}

@@ -16,15 +16,13 @@ from .evaluation import Evaluation, Timeline, aligned, aligned_scores, precision
 if TYPE_CHECKING:
     from .detectors import Detector
 
-UNSEEN_PREFIX = "unseen"
-
-
 def _f(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def _fa(ev: Evaluation, unseen: bool) -> str:
-    recs = {k: v for k, v in ev.recordings.items() if k.startswith(UNSEEN_PREFIX) == unseen}
+def _fa(ev: Evaluation, test_only: bool) -> str:
+    """False alerts per instance-day on the recordings that are (or are not) test only."""
+    recs = {k: v for k, v in ev.recordings.items() if v.get("test_only", False) == test_only}
     fa = sum(v["false_alerts"] for v in recs.values())
     days = sum(v["normal_instance_days"] for v in recs.values())
     return f"{fa / days:.2f} ({fa} in {days * 24:.1f} h)" if days > 0 else "–"
@@ -34,7 +32,7 @@ def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
     """One row per detector or baseline: event-level precision/recall/F1 on seen and held-out
     classes, window-level F1, detection delay, false alerts per instance-day."""
     lines = ["| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
-             "| delay median / p90 (steps) | false alerts / instance-day, lab | …, unseen-load fleets |",
+             "| delay median / p90 (steps) | false alerts / instance-day, lab | …, test-only fleets |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ev in evals.items():
         s, h, a = ev.groups["seen"], ev.groups["heldout"], ev.event

@@ -116,7 +116,8 @@ runs, unseen-high alone) and rewrites this file.
   upstream outage 20–60 s) with 90 s of recovery between; severities rotate over the runs.
 - `unseen-low`, `unseen-high`: fleets at load levels and cache sizes the others never have (a tenth,
   and over ten times, the rate), healthy for 12 minutes, then six faults on one lane while the
-  other stays healthy. Test data only: no model trains or calibrates on them.
+  other stays healthy. Test data only (their scenarios say `test_only: true`, and so does their
+  truth): no model trains or calibrates on them.
 
 {classes}
 

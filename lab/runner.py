@@ -202,7 +202,7 @@ class Run:
         sc = self.scenario
         fleet = self.fleet
         truth = {
-            "scenario": sc.name, "description": sc.description,
+            "scenario": sc.name, "description": sc.description, "test_only": sc.test_only,
             "source": str(self.source) if self.source else None,
             "recording": RECORDING, "started_ms": self.started_ms, "ended_ms": self.ended_ms,
             "interrupted": self.interrupted, "step_seconds": sc.step, "instance_labels": list(INSTANCE_LABELS),

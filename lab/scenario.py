@@ -78,6 +78,8 @@ class Scenario:
     topology: Topology
     load: LoadSpec
     faults: tuple[Fault, ...] = field(default=())
+    # A run no model trains or calibrates on (detectord's data sets put all of it in the test role).
+    test_only: bool = False
 
     def node_names(self) -> list[str]:
         t = self.topology
@@ -98,7 +100,7 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
 
     if not isinstance(raw, Mapping):
         raise ConfigError("<top level>", "a scenario must be a mapping")
-    known = {"name", "description", "duration", "step", "seed", "topology", "load", "faults"}
+    known = {"name", "description", "duration", "step", "seed", "topology", "load", "faults", "test_only"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -118,9 +120,13 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         raise ConfigError("load.modulation_depth", "must be in [0, 1)")
     if not 0 <= load.spread < 1:
         raise ConfigError("load.spread", "must be in [0, 1)")
+    test_only = raw.get("test_only", False)
+    if not isinstance(test_only, bool):
+        raise ConfigError("test_only", f"must be true or false, got {test_only!r}")
     scenario = Scenario(
         name=str(raw.get("name", default_name)), description=str(raw.get("description", "")),
-        duration=duration, step=step, seed=_int(raw.get("seed", 0), "seed"), topology=topology, load=load)
+        duration=duration, step=step, seed=_int(raw.get("seed", 0), "seed"), topology=topology, load=load,
+        test_only=test_only)
     nodes = set(scenario.node_names())
     faults = []
     raw_faults = raw.get("faults") or []

@@ -3,6 +3,7 @@ blocks that no window straddles, held-out classes kept out of training, engineer
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,19 @@ def test_split_by_blocks_no_window_straddles_roles(data_dir: Path) -> None:
     # No window end is in two roles.
     for ends in train_series.values():
         assert len({e for _, e in ends}) == len(ends)
+
+
+def test_a_test_only_recording_is_all_test_data(data_dir: Path, tmp_path: Path) -> None:
+    for f in data_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    truth = tmp_path / "faults-1.truth.json"
+    truth.write_text(json.dumps({**json.loads(truth.read_text()), "test_only": True}))
+    data = load_datasets([tmp_path], window=W, step_s=5.0)
+    by_rec = {r.name: r.test_only for r in data.recordings}
+    assert by_rec == {"faults-1": True, "normal": False}
+    faults = np.array([data.series[i].recording == "faults-1" for i in data.all.series_id], dtype=bool)
+    assert set(data.role[faults]) <= {"test", None} and "test" in set(data.role[faults])
+    assert "train" in set(data.role[~faults])  # the other recording is still split
 
 
 def test_heldout_class_never_reaches_training_or_validation(data_dir: Path) -> None:

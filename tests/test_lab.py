@@ -54,6 +54,7 @@ def _fault(**action: Any) -> dict[str, Any]:
     (_base(load={"qps": 0}), "load.qps", "must be > 0"),
     (_base(topology={"edgez": 3}), "topology.edgez", "unknown key"),
     ({"topology": {"edges": 1}}, "duration", "is required"),
+    (_base(test_only="yes"), "test_only", "must be true or false"),
 ])
 def test_scenario_errors_name_the_key(raw: dict[str, Any], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -70,6 +71,8 @@ def test_shipped_scenarios_are_valid() -> None:
         sc = load_scenario(path)
         for f in sc.faults:
             classes.setdefault(f.cls, set()).add(f.severity)
+    # The fleets at load levels no training data has are test data only.
+    assert {p.stem for p in files if load_scenario(p).test_only} == {"unseen-low", "unseen-high"}
     # The data sets' fault runs cover every class at three severities.
     assert len(classes) >= 11
     for c, sev in classes.items():
