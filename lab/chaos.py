@@ -70,6 +70,10 @@ class Relay(asyncio.DatagramProtocol):
         self._loop = asyncio.get_running_loop()
         self._expiry: asyncio.TimerHandle | None = None
 
+    def counts(self) -> dict[str, int]:
+        """What the relay did with the edge's queries (the lab writes it into the truth)."""
+        return {"queries": self.queries, "answers": self.answers, "dropped": self.dropped, "failed": self.failed}
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._expiry = self._loop.call_later(_EXPIRE_EVERY_S, self._expire_periodically)

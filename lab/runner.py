@@ -206,7 +206,8 @@ class Run:
             "source": str(self.source) if self.source else None,
             "recording": RECORDING, "started_ms": self.started_ms, "ended_ms": self.ended_ms,
             "interrupted": self.interrupted, "step_seconds": sc.step, "instance_labels": list(INSTANCE_LABELS),
-            "instances": [{**n.labels, "role": n.role, **({"upstream": n.upstream} if n.upstream else {})}
+            "instances": [{**n.labels, "role": n.role, **({"upstream": n.upstream} if n.upstream else {}),
+                           **({"relay": n.relay.counts()} if n.relay else {})}
                           for n in (fleet.nodes.values() if fleet else [])],
             "events": [ev.to_json(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
         }

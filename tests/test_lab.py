@@ -104,7 +104,11 @@ def test_smoke_scenario_records_the_fault_on_the_faulted_instances_only(tmp_path
     assert "samples" in proc.stdout and "qps" in proc.stdout  # progress lines
 
     truth = json.loads((out / "truth.json").read_text())
-    assert truth["interrupted"] is False
+    assert truth["interrupted"] is False and truth["test_only"] is False
+    # Every edge's relay accounts for its queries; none was lost for want of a socket.
+    relays = {i["instance"]: i["relay"] for i in truth["instances"] if i["role"] == "edge"}
+    assert set(relays) == {"edge-0", "edge-1"}
+    assert all(r["queries"] > 0 and r["answers"] > 0 and r["failed"] == 0 for r in relays.values()), relays
     [event] = truth["events"]
     assert event["class"] == "upstream_servfail"
     assert {i["instance"] for i in event["instances"]} == {"upstream-0", "edge-0"}
