@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,25 @@ def test_supervised_detectors_name_the_class(data: Data, trained: dict[str, tupl
     assert trained["conv_autoencoder"][0].score(incident).looks_like is None
 
 
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_a_window_scores_the_same_in_any_batch(batch: int, data: Data,
+                                               trained: dict[str, tuple[Detector, Path]]) -> None:
+    x = data.all.x[:batch]
+    for det, _ in trained.values():
+        out = det.score_batch(x)
+        assert out.scores.shape == (batch,) and out.scores.dtype == np.float32
+        assert out.feature_deviation.shape == (batch, len(FEATURE_NAMES))
+        assert np.isfinite(out.scores).all() and np.isfinite(out.feature_deviation).all()
+        alone = np.array([det.score_batch(x[i : i + 1]).scores[0] for i in range(batch)])
+        np.testing.assert_allclose(out.scores, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_importing_detectors_does_not_import_keras() -> None:
+    code = "import sys, detectord.detectors; print('keras' in sys.modules, 'tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["False", "False"]
+
+
 def test_initialize_new_weights_forgets_training(trained: dict[str, tuple[Detector, Path]], data: Data) -> None:
     det = Detector.load(trained["conv_autoencoder"][1])
     det.initialize_new_weights(seed=1)
@@ -155,9 +176,19 @@ def test_mismatched_artifacts_are_refused(trained: dict[str, tuple[Detector, Pat
     _edit(p, config={"filters": [8]})  # another architecture than the weights were saved from
     with pytest.raises(ArtifactInvalid, match="does not fit"):
         load_detector(p)
+    _edit(p, config=json.loads((path / META_FILE).read_text())["config"], threshold=-1)
+    with pytest.raises(ArtifactInvalid, match="'threshold' must be a positive number"):
+        load_detector(p)
+    (p / META_FILE).write_text("{not json")
+    with pytest.raises(ArtifactInvalid, match="not readable JSON"):
+        load_detector(p)
     (p / WEIGHTS_FILE).unlink()
     with pytest.raises(ArtifactMissing, match=WEIGHTS_FILE):
         load_detector(p)
+    with pytest.raises(ArtifactMissing, match="no such directory"):
+        load_detector(tmp_path / "nope")
+    with pytest.raises(ArtifactMissing, match=META_FILE):
+        load_detector(tmp_path)
 
 
 def test_training_needs_what_the_kind_learns_from(data: Data) -> None:

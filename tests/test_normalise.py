@@ -89,6 +89,22 @@ def test_a_short_incident_hardly_moves_the_baseline() -> None:
     assert windows_at(bs, np.array([1150]), 32, 20.0)[0, -1, IDX["latency_p99_seconds"]] > 10
 
 
+def test_garbage_values_make_finite_inputs() -> None:
+    """NaN, ±Inf and negative values (a broken exporter) never reach a model as anything but finite
+    inputs within ±clip."""
+    fs = fleet_rows(100, 80, seed=5)
+    v = fs.values
+    v[70, IDX["request_rate"]] = np.nan
+    v[71, IDX["request_rate"]] = np.inf
+    v[72, IDX["latency_p99_seconds"]] = np.inf
+    v[73, IDX["cache_hit_ratio"]] = -1.0
+    v[74, IDX["upstream_request_rate"]] = -np.inf
+    v[75, IDX["rcode_servfail_share"]] = 7.0
+    bs = baseline_series(fs, PLAN, 5.0)
+    x = windows_at(bs, np.arange(40, 80), 16, PLAN.baseline.clip)
+    assert np.isfinite(x).all() and np.abs(x).max() <= PLAN.baseline.clip
+
+
 def test_instance_warms_until_its_baseline_has_min_buckets() -> None:
     plan = InputPlan.default(FEATURE_NAMES, BaselineConfig(bucket_steps=8, min_buckets=4))
     bs = baseline_series(fleet_rows(100, 40, seed=7), plan, 5.0)
