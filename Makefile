@@ -27,7 +27,7 @@ test-e2e: venv-dev system-deps coredns
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: pyproject.toml setup.py detectord/_fastdecode.c
+$(VENV)/.installed: pyproject.toml setup.py detectord/ingest/_fastdecode.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[tf]'
@@ -43,7 +43,7 @@ system-deps:
 coredns:
 	scripts/build-coredns.sh
 
-# Regenerate detectord/_proto from proto/ (tests/test_proto.py fails when it is stale).
+# Regenerate detectord/ingest/_proto from proto/ (tests/test_proto.py fails when it is stale).
 proto: venv-dev
 	PATH=$(BIN):$$PATH scripts/gen-proto.sh
 

@@ -4,7 +4,7 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("detectord._fastdecode", ["detectord/_fastdecode.c"], optional=True,
+        Extension("detectord.ingest._fastdecode", ["detectord/ingest/_fastdecode.c"], optional=True,
                   extra_compile_args=["-O2", "-std=c11", "-Wall"]),
     ],
 )

@@ -27,8 +27,8 @@ import snappy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from detectord._proto import remote_write_v1_pb2 as pb1  # noqa: E402
-from detectord.synthetic import Fleet  # noqa: E402
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1  # noqa: E402
+from lab.synthetic import Fleet  # noqa: E402
 from lab.peers import free_port, wait_http_ok  # noqa: E402
 
 HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
@@ -129,9 +129,9 @@ async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> l
 def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:
     """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
     from detectord.config import ModelConfig
-    from detectord.inference import InferenceWorker, ScoreRequest
-    from detectord.metrics import DaemonMetrics
-    from detectord.model_loader import load_model
+    from detectord.serve.inference import InferenceWorker, ScoreRequest
+    from detectord.serve.metrics import DaemonMetrics
+    from detectord.serve.model_loader import load_model
     from prometheus_client import CollectorRegistry
 
     model = load_model(ModelConfig(path=path))

@@ -9,9 +9,9 @@ import argparse
 import asyncio
 import sys
 
-from . import __version__
-from .config import ByteSize, Config, Duration, load_config, with_listen_address
-from .errors import ConfigError, DetectordError
+from detectord import __version__
+from detectord.config import ByteSize, Config, Duration, load_config, with_listen_address
+from detectord.errors import ConfigError, DetectordError
 
 EXIT_CONFIG = 2
 
@@ -73,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         # training.py and tuning.py own their flags (`detectord train --help`).
-        from .training import main as train_main
+        from detectord.offline.training import main as train_main
 
         return train_main(argv[1:])
     if argv[:1] == ["evaluate"]:
-        from .training import evaluate_main
+        from detectord.offline.training import evaluate_main
 
         return evaluate_main(argv[1:])
     if argv[:1] == ["tune"]:
-        from .tuning import main as tune_main
+        from detectord.offline.tuning import main as tune_main
 
         return tune_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"detectord: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from .logs import configure
+    from detectord.logs import configure
 
     configure(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
-    from .server import serve
+    from detectord.serve.server import serve
 
     return asyncio.run(serve(cfg, config_path=args.config_file, listen_override=args.listen_address))
 
@@ -123,8 +123,8 @@ def _duration(text: str) -> float:
 def _record(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .logs import configure
-    from .record import RecorderOptions, record
+    from detectord.logs import configure
+    from detectord.recordings.recorder import RecorderOptions, record
 
     configure("console", "info")
     opts = RecorderOptions(out=Path(args.out), listen_address=args.listen_address,
@@ -137,7 +137,7 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .replay import replay, summary
+    from detectord.recordings.replay import replay, summary
 
     if args.speed < 0:
         print("detectord replay: --speed must be >= 0", file=sys.stderr)
@@ -157,9 +157,9 @@ def _score(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .config import IngestConfig, ModelConfig
-    from .model_loader import load_model
-    from .scoring import iter_rows, recording_windows, score_windows
+    from detectord.config import IngestConfig, ModelConfig
+    from detectord.serve.model_loader import load_model
+    from detectord.recordings.scoring import iter_rows, recording_windows, score_windows
 
     try:
         model = load_model(ModelConfig(path=Path(args.model)))
@@ -194,8 +194,8 @@ def _check_config(path: str, *, skip_model: bool) -> int:
         print(f"detectord: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if not skip_model:
-        from .errors import ModelError
-        from .model_loader import load_model
+        from detectord.errors import ModelError
+        from detectord.serve.model_loader import load_model
 
         try:
             model = load_model(cfg.model)

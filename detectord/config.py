@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .errors import ConfigError
+from detectord.errors import ConfigError
 
 
 class Duration(float):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detectord.recording import ReadStats, read_records
+from detectord.recordings.format import ReadStats, read_records
 from lab.runner import RECORDING, TRUTH
 
 SUFFIX = ".drec.xz"

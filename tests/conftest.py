@@ -38,7 +38,7 @@ test_config.__test__ = False  # type: ignore[attr-defined]
 
 @contextlib.asynccontextmanager
 async def running_server(cfg: Any) -> AsyncIterator[Any]:
-    from detectord.server import Server
+    from detectord.serve.server import Server
 
     srv = Server(cfg)
     await srv.startup()

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from detectord.dataset import truth_path
-from detectord.recording import RecordingWriter, read_records
+from detectord.offline.dataset import truth_path
+from detectord.recordings.format import RecordingWriter, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 # Tests may be pointed at other recordings (NAME.drec[.xz] beside NAME.truth.json).

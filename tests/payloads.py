@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from detectord._proto import remote_write_v1_pb2 as pb1
-from detectord._proto import remote_write_v2_pb2 as pb2
-from detectord.remote_write import encode_v1, encode_v2
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v2_pb2 as pb2
+from detectord.ingest.remote_write import encode_v1, encode_v2
 
 V1_HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
               "X-Prometheus-Remote-Write-Version": "0.1.0"}

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from detectord.alerting import Alert, AlertmanagerNotifier, AlertStates, rfc3339
+from detectord.alerting.states import Alert, AlertmanagerNotifier, AlertStates, rfc3339
 from detectord.config import AlertingConfig, AlertmanagerConfig, Duration
 from lab.peers import free_port
 from lab.peers.alertmanager import Alertmanager, run_alertmanager

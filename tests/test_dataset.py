@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectord.dataset import DatasetError, Label, load_datasets, load_labels
+from detectord.offline.dataset import DatasetError, Label, load_datasets, load_labels
 from tests.lab_data import small_data
 
 W = 16

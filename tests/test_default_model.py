@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectord.dataset import Data, load_datasets
+from detectord.offline.dataset import Data, load_datasets
 from detectord.detectors import Detector, ScoreBatch, load_detector
 from detectord.detectors.artifact import WEIGHTS_FILE
-from detectord.features import FEATURE_NAMES
+from detectord.ingest.features import FEATURE_NAMES
 from tests.lab_data import DATA, REPO, slice_recording
 
 DEFAULT = REPO / "models" / "default"

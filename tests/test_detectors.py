@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectord.dataset import Data, WindowSet, load_datasets
+from detectord.offline.dataset import Data, WindowSet, load_datasets
 from detectord.detectors import (
     DETECTORS,
     ArtifactInvalid,
@@ -28,8 +28,8 @@ from detectord.detectors import (
     load_detector,
 )
 from detectord.detectors.artifact import META_FILE, WEIGHTS_FILE
-from detectord.features import FEATURE_NAMES
-from detectord.normalise import BaselineConfig, InputPlan
+from detectord.ingest.features import FEATURE_NAMES
+from detectord.ingest.normalise import BaselineConfig, InputPlan
 from tests.lab_data import small_data
 
 W = 16

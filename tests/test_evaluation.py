@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectord.dataset import Data, SeriesInfo, WindowSet, step_labels, Span
-from detectord.evaluation import AlertRule, Timeline, evaluate, firing, threshold_for_rate
+from detectord.offline.dataset import Data, SeriesInfo, WindowSet, step_labels, Span
+from detectord.offline.evaluation import AlertRule, Timeline, evaluate, firing, threshold_for_rate
 
 STEP_MS = 5000
 

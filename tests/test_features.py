@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from detectord.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
-from detectord.remote_write import STALE_NAN, DecodedWrite, LabelCache
+from detectord.ingest.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
+from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 

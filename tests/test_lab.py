@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from detectord.errors import ConfigError
-from detectord.features import FEATURE_NAMES, FeatureSeries, extract
-from detectord.recording import ReadStats, read_writes
-from detectord.remote_write import LabelCache
+from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
+from detectord.recordings.format import ReadStats, read_writes
+from detectord.ingest.remote_write import LabelCache
 from lab.peers import REPO
 from lab.peers.coredns import coredns_binary
 from lab.peers.dnsperf import dnsperf_binary

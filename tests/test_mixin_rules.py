@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectord.baselines.mixin import RULESETS, RuleResult, evaluate_rules, hold_for
-from detectord.recording import RecordingWriter
+from detectord.offline.comparisons.mixin import RULESETS, RuleResult, evaluate_rules, hold_for
+from detectord.recordings.format import RecordingWriter
 from lab.peers.prometheus import prometheus_binary
 from tests.payloads import Series, v1_body
 

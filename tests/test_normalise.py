@@ -8,11 +8,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from detectord.config import IngestConfig
-from detectord.features import FEATURE_NAMES, FeatureSeries, extract
-from detectord.ingest import Ingestor
-from detectord.metrics import DaemonMetrics
-from detectord.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
-from detectord.synthetic import Fleet
+from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
+from detectord.ingest.pipeline import Ingestor
+from detectord.serve.metrics import DaemonMetrics
+from detectord.ingest.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
+from lab.synthetic import Fleet
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 PLAN = InputPlan.default(FEATURE_NAMES)
@@ -136,7 +136,7 @@ def test_training_windows_are_the_windows_serve_scores() -> None:
     ing = Ingestor(step_ms=step_ms, instance_labels=IngestConfig.instance_labels, window=window, inputs=PLAN,
                    max_instances=100, max_gap_steps=5, max_decoded=1 << 30, max_future_s=1e9, worker=Sink(),
                    metrics=DaemonMetrics(CollectorRegistry(), IngestConfig.instance_labels))
-    from detectord.remote_write import encode_v1
+    from detectord.ingest.remote_write import encode_v1
 
     try:
         for req in requests:

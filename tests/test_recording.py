@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 import snappy
 
-from detectord._proto import remote_write_v1_pb2 as pb1
-from detectord.record import Recorder, RecorderOptions
-from detectord.recording import MAGIC, ReadStats, RecordingError, RecordingWriter, read_records
-from detectord.replay import replay
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.recordings.recorder import Recorder, RecorderOptions
+from detectord.recordings.format import MAGIC, ReadStats, RecordingError, RecordingWriter, read_records
+from detectord.recordings.replay import replay
 from lab.peers import REPO, free_port, run_process, wait_http_ok
 from tests.payloads import V1_HEADERS as V1
 from tests.payloads import V2_HEADERS, v1_body, v2_body

@@ -8,10 +8,10 @@ import struct
 import pytest
 import snappy
 
-from detectord._proto import remote_write_v1_pb2 as pb1
-from detectord._proto import remote_write_v2_pb2 as pb2
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v2_pb2 as pb2
 from detectord.errors import RemoteWriteError
-from detectord.remote_write import (
+from detectord.ingest.remote_write import (
     STALE_NAN,
     LabelCache,
     decode,
@@ -154,11 +154,11 @@ def test_v1_body_sent_as_v2_is_a_400_or_empty() -> None:
 
 
 def test_c_and_python_decoders_agree() -> None:
-    from detectord import remote_write
+    from detectord.ingest import remote_write
 
     if remote_write._fastdecode is None:
         pytest.skip("the C decoder is not built here (no compiler at install time)")
-    from detectord.remote_write import decode_v1_bytes
+    from detectord.ingest.remote_write import decode_v1_bytes
 
     req = pb1.WriteRequest()
     for i in range(50):

@@ -12,9 +12,9 @@ import aiohttp
 import numpy as np
 
 from detectord.config import ModelConfig
-from detectord.model_loader import load_model
-from detectord.replay import replay
-from detectord.scoring import recording_windows, score_windows
+from detectord.serve.model_loader import load_model
+from detectord.recordings.replay import replay
+from detectord.recordings.scoring import recording_windows, score_windows
 from lab.peers import REPO
 from lab.peers.detectord import run_detectord
 

@@ -11,8 +11,8 @@ import aiohttp
 import snappy
 from prometheus_client.parser import text_string_to_metric_families
 
-from detectord._proto import remote_write_v1_pb2 as pb1
-from detectord.remote_write import encode_v1
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest.remote_write import encode_v1
 from tests.payloads import V1_HEADERS, V2_HEADERS, coredns_scrape, v1_body, v2_body
 
 NOW = int(time.time() * 1000)

@@ -9,9 +9,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from detectord._proto import remote_write_v1_pb2 as pb1
-from detectord.features import FEATURE_NAMES, extract
-from detectord.synthetic import MAX_SAMPLES_PER_SEND, STALE_NAN_BITS, TIME_BUCKETS, Fleet, generate
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest.features import FEATURE_NAMES, extract
+from lab.synthetic import MAX_SAMPLES_PER_SEND, STALE_NAN_BITS, TIME_BUCKETS, Fleet, generate
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 

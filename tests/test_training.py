@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from detectord.dataset import DatasetError
-from detectord.training import Hyperparameters, read_hyperparameters
+from detectord.offline.dataset import DatasetError
+from detectord.offline.training import Hyperparameters, read_hyperparameters
 from tests.lab_data import REPO, small_data
 
 pytestmark = [pytest.mark.slow]
@@ -67,7 +67,7 @@ def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path
 def test_labels_feed_the_supervised_models(data_dir: Path, tmp_path: Path) -> None:
     """An engineer marks a stretch of a healthy edge as an incident of a new class: the classifier
     learns the class and the data description counts it."""
-    from detectord.dataset import load_datasets
+    from detectord.offline.dataset import load_datasets
 
     base = load_datasets([data_dir], window=16, step_s=5.0, heldout=())
     # A healthy edge in a training block (the split is by blocks; labels elsewhere validate or test).

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .artifact import (
+from detectord.detectors.artifact import (
     FORMAT_VERSION,
     ArtifactError,
     ArtifactInvalid,
@@ -23,10 +23,10 @@ from .artifact import (
     check_compatible,
     read_meta,
 )
-from .base import Detector, DetectorConfig, ScoreBatch
-from .conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
-from .conv_classifier import ConvClassifier, ConvClassifierConfig
-from .siamese import Siamese, SiameseConfig
+from detectord.detectors.base import Detector, DetectorConfig, ScoreBatch
+from detectord.detectors.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
+from detectord.detectors.conv_classifier import ConvClassifier, ConvClassifierConfig
+from detectord.detectors.siamese import Siamese, SiameseConfig
 
 DETECTORS: dict[str, type[Detector]] = {
     "conv_autoencoder": ConvAutoencoder,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from detectord.errors import ModelError
 
 FORMAT_VERSION = 2
 META_FILE = "detectord-model.json"
@@ -147,7 +147,7 @@ def read_meta(path: Path | str) -> ModelMeta:
             raise ArtifactInvalid(path, f"{META_FILE}: {key!r} has the wrong type ({type(raw[key]).__name__})")
     if not all(isinstance(f, str) for f in raw["features"]) or not raw["features"]:
         raise ArtifactInvalid(path, f"{META_FILE}: 'features' must be a non-empty list of names")
-    from ..normalise import InputPlan
+    from detectord.ingest.normalise import InputPlan
 
     try:
         plan = InputPlan.from_dict(raw["inputs"])

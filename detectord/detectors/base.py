@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..normalise import InputPlan
-from .artifact import WEIGHTS_FILE, ArtifactInvalid, ModelMeta, write_meta
-from .compiled import Compiled, compile_forward
+from detectord.ingest.normalise import InputPlan
+from detectord.detectors.artifact import WEIGHTS_FILE, ArtifactInvalid, ModelMeta, write_meta
+from detectord.detectors.compiled import Compiled, compile_forward
 
 if TYPE_CHECKING:
-    from ..dataset import WindowSet
+    from detectord.offline.dataset import WindowSet
 
 Log = Callable[[str], None]
 
@@ -59,7 +59,7 @@ class Detector(ABC):
 
     Retraining a model needs no Keras, only this API and the data set loader::
 
-        from detectord.dataset import load_datasets
+        from detectord.offline.dataset import load_datasets
         from detectord.detectors import ConvClassifier, load_detector
 
         shipped = load_detector("models/default")
@@ -207,7 +207,7 @@ class Detector(ABC):
 
     def evaluate(self, data: WindowSet) -> dict[str, Any]:
         """Window-level precision, recall, F1 and confusion matrix on labelled windows."""
-        from ..evaluation import window_metrics
+        from detectord.offline.evaluation import window_metrics
 
         out = self.score(data)
         return window_metrics(out.scores > 1.0, data.label, out.looks_like, classes=self.classes)
@@ -218,7 +218,7 @@ class Detector(ABC):
         `target_per_day` alerts per instance-day, times `margin` (default: the kind's
         `calibration_margin`); returns it (raw units)."""
         margin = self.calibration_margin if margin is None else margin
-        from ..evaluation import threshold_for_rate
+        from detectord.offline.evaluation import threshold_for_rate
 
         normal = data.subset(data.label == "")
         if not len(normal):
@@ -307,7 +307,7 @@ class Detector(ABC):
     @classmethod
     def load(cls, path: Path | str) -> Detector:
         """Load an artifact directory (any kind: the metadata says which)."""
-        from . import load_detector
+        from detectord.detectors import load_detector
 
         return load_detector(path)
 

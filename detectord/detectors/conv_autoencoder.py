@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
+from detectord.detectors.base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
 
 if TYPE_CHECKING:
-    from ..dataset import WindowSet
+    from detectord.offline.dataset import WindowSet
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
+from detectord.detectors.base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
 
 if TYPE_CHECKING:
-    from ..dataset import WindowSet
+    from detectord.offline.dataset import WindowSet
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .base import Detector, DetectorConfig, Log, epoch_logger
-from .conv_classifier import conv_trunk, synthetic_for
+from detectord.detectors.base import Detector, DetectorConfig, Log, epoch_logger
+from detectord.detectors.conv_classifier import conv_trunk, synthetic_for
 
 if TYPE_CHECKING:
-    from ..dataset import WindowSet
+    from detectord.offline.dataset import WindowSet
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from . import free_port, run_process, wait_http_ok
+from lab.peers import free_port, run_process, wait_http_ok
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from .config import IngestConfig
-from .features import InstanceKey
-from .inference import ScoreRequest, Scorer
-from .ingest import Ingestor
-from .metrics import DaemonMetrics
-from .normalise import InputPlan
-from .recording import ReadStats, read_records
+from detectord.config import IngestConfig
+from detectord.ingest.features import InstanceKey
+from detectord.serve.inference import ScoreRequest, Scorer
+from detectord.ingest.pipeline import Ingestor
+from detectord.serve.metrics import DaemonMetrics
+from detectord.ingest.normalise import InputPlan
+from detectord.recordings.format import ReadStats, read_records
 
 _NO_LIMIT = 1 << 30
 

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dataset import Data
-from .evaluation import Evaluation, Timeline, aligned, aligned_scores, precision_recall
+from detectord.offline.dataset import Data
+from detectord.offline.evaluation import Evaluation, Timeline, aligned, aligned_scores, precision_recall
 
 if TYPE_CHECKING:
-    from .detectors import Detector
+    from detectord.detectors import Detector
 
 def _f(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)

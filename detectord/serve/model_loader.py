@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelConfig
-from .errors import ModelError
-from .features import FEATURE_NAMES
-from .inference import Scorer
-from .normalise import InputPlan
+from detectord.config import ModelConfig
+from detectord.errors import ModelError
+from detectord.ingest.features import FEATURE_NAMES
+from detectord.serve.inference import Scorer
+from detectord.ingest.normalise import InputPlan
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class LoadedModel:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load, check and (with a threshold override) adjust the model `cfg` names. Raises ModelError."""
-    from .detectors import load_detector  # Keras is imported only here, never by the network layer
+    from detectord.detectors import load_detector  # Keras is imported only here, never by the network layer
 
     try:
         det = load_detector(cfg.path)

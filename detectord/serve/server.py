@@ -22,16 +22,16 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import __version__
-from .alerting import AlertmanagerNotifier, AlertStates
-from .config import Config, listen_host_port, load_config, step_seconds
-from .errors import ConfigError, DetectordError, ModelError, RemoteWriteError
-from .features import FEATURE_NAMES, InstanceKey
-from .inference import InferenceWorker, ScoreResult, bucket_sizes, warm_up
-from .ingest import Ingestor
-from .metrics import DaemonMetrics
-from .model_loader import LoadedModel, load_model
-from .remote_write import check_encoding, declared_length, protocol_of
+from detectord import __version__
+from detectord.alerting.states import AlertmanagerNotifier, AlertStates
+from detectord.config import Config, listen_host_port, load_config, step_seconds
+from detectord.errors import ConfigError, DetectordError, ModelError, RemoteWriteError
+from detectord.ingest.features import FEATURE_NAMES, InstanceKey
+from detectord.serve.inference import InferenceWorker, ScoreResult, bucket_sizes, warm_up
+from detectord.ingest.pipeline import Ingestor
+from detectord.serve.metrics import DaemonMetrics
+from detectord.serve.model_loader import LoadedModel, load_model
+from detectord.ingest.remote_write import check_encoding, declared_length, protocol_of
 
 log = structlog.get_logger(__name__)
 
@@ -198,7 +198,7 @@ class Server:
                     raise ConfigError("--config.file", "no config file to reload (started without one)")
                 cfg = await loop.run_in_executor(None, load_config, path)
                 if self.listen_override:
-                    from .config import with_listen_address
+                    from detectord.config import with_listen_address
                     cfg = with_listen_address(cfg, self.listen_override)
                 self._check_reloadable(cfg)
                 model = await loop.run_in_executor(None, load_model, cfg.model)

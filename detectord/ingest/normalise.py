@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .features import FEATURES, FeatureSeries, Input, InstanceKey
+from detectord.ingest.features import FEATURES, FeatureSeries, Input, InstanceKey
 
 _BY_NAME: dict[str, Input] = {f.name: f.input for f in FEATURES}
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .alerting import Resemblance
+from detectord.alerting.states import Resemblance
 
 if TYPE_CHECKING:
-    from .dataset import Data
+    from detectord.offline.dataset import Data
 
 
 @dataclass

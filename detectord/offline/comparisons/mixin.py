@@ -23,12 +23,12 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from ..config import Duration
-from ..errors import DetectordError
-from ..features import InstanceKey
-from ..recording import read_writes
-from ..remote_write import LabelCache
-from ..replay import replay, summary
+from detectord.config import Duration
+from detectord.errors import DetectordError
+from detectord.ingest.features import InstanceKey
+from detectord.recordings.format import read_writes
+from detectord.ingest.remote_write import LabelCache
+from detectord.recordings.replay import replay, summary
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]

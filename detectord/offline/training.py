@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, WindowSet, load_datasets, load_labels, phase_windows
-from .detectors import DETECTORS, Detector
-from .errors import DetectordError
-from .evaluation import AlertRule, Evaluation, Timeline, evaluate, timelines_from_windows
-from .features import FEATURE_NAMES
-from .normalise import InputPlan
+from detectord.offline.dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, WindowSet, load_datasets, load_labels, phase_windows
+from detectord.detectors import DETECTORS, Detector
+from detectord.errors import DetectordError
+from detectord.offline.evaluation import AlertRule, Evaluation, Timeline, evaluate, timelines_from_windows
+from detectord.ingest.features import FEATURE_NAMES
+from detectord.ingest.normalise import InputPlan
 
 Log = Callable[[str], None]
 
@@ -201,7 +201,7 @@ def baseline_timelines(data: Data, names: Sequence[str], settings: Settings, log
                        ) -> dict[str, dict[str, Timeline]]:
     """Each baseline's timelines on `data`, fitted on its training role and calibrated on its
     validation role like the models."""
-    from .baselines import BASELINES
+    from detectord.offline.comparisons import BASELINES
 
     out = {}
     for name in names:
@@ -220,7 +220,7 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
               "isolation_forest"), command: str = "", log: Log = print) -> dict[str, Any]:
     """Train every kind in `settings`, evaluate each beside the baselines, write the artifacts, the
     report and models/default (the best on validation data)."""
-    from .report import write_model_card, write_report
+    from detectord.offline.report import write_model_card, write_report
 
     t0 = time.perf_counter()
     log(f"data: {', '.join(settings.data)} at {settings.step_s:g}s steps, window {settings.window}")
@@ -331,8 +331,8 @@ def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path,
                     command: str = "", log: Log = print) -> dict[str, Evaluation]:
     """`detectord evaluate`: the models (with their score variants) and the baselines on the test role
     of `data_paths`, split as the first model was trained; a report in `out`."""
-    from .detectors import load_detector
-    from .report import write_report
+    from detectord.detectors import load_detector
+    from detectord.offline.report import write_report
 
     dets = [load_detector(p) for p in paths]
     first = dets[0]
@@ -357,7 +357,7 @@ def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path,
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    from .report import side_by_side
+    from detectord.offline.report import side_by_side
 
     p = argparse.ArgumentParser(prog="detectord evaluate",
                                 description="Evaluate models beside the baselines; writes a report and JSON.")

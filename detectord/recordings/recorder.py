@@ -19,11 +19,11 @@ from aiohttp import web
 from google.protobuf.message import DecodeError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from ._proto import remote_write_v1_pb2 as pb1
-from ._proto import remote_write_v2_pb2 as pb2
-from .errors import RemoteWriteError
-from .recording import RecordingWriter
-from .remote_write import Version, check_encoding, declared_length, protocol_of
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v2_pb2 as pb2
+from detectord.errors import RemoteWriteError
+from detectord.recordings.format import RecordingWriter
+from detectord.ingest.remote_write import Version, check_encoding, declared_length, protocol_of
 
 log = structlog.get_logger(__name__)
 

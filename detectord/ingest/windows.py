@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .features import InstanceKey
+from detectord.ingest.features import InstanceKey
 
 
 class _Ring:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from .features import InstanceKey
+from detectord.ingest.features import InstanceKey
 
 log = structlog.get_logger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dataset import Data
-from ..evaluation import Timeline, threshold_for_rate, timelines_from_windows
+from detectord.offline.dataset import Data
+from detectord.offline.evaluation import Timeline, threshold_for_rate, timelines_from_windows
 
 
 @dataclass

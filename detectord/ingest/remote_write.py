@@ -14,13 +14,13 @@ from typing import Literal
 import snappy
 from google.protobuf.message import DecodeError
 
-from ._proto import remote_write_v1_pb2 as pb1
-from ._proto import remote_write_v1_view_pb2 as pbv
-from ._proto import remote_write_v2_pb2 as pb2
-from .errors import RemoteWriteError
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v1_view_pb2 as pbv
+from detectord.ingest._proto import remote_write_v2_pb2 as pb2
+from detectord.errors import RemoteWriteError
 
 try:
-    from . import _fastdecode  # type: ignore[attr-defined]
+    from detectord.ingest import _fastdecode  # type: ignore[attr-defined]
 except ImportError:  # built from C at install when a compiler is there; pure Python otherwise
     _fastdecode = None
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import DetectordError, RemoteWriteError
-from .remote_write import PROTO_V1, PROTO_V2, DecodedWrite, LabelCache, Version, decode
+from detectord.errors import DetectordError, RemoteWriteError
+from detectord.ingest.remote_write import PROTO_V1, PROTO_V2, DecodedWrite, LabelCache, Version, decode
 
 MAGIC = b"DRECv001"
 _HEADER = struct.Struct("<IIqB3x")  # body length, crc32, arrival ns, version code

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..dataset import Data
-from ..evaluation import Timeline
+from detectord.offline.dataset import Data
+from detectord.offline.evaluation import Timeline
 
 if TYPE_CHECKING:
-    from .mixin import RuleResult
+    from detectord.offline.comparisons.mixin import RuleResult
 
 Baseline = Callable[[Data, float], dict[str, Timeline]]
 
 
 def robust_z(data: Data, target_per_day: float) -> dict[str, Timeline]:
-    from .robust_z import RobustZ
+    from detectord.offline.comparisons.robust_z import RobustZ
 
     series = data.baseline_series()
     floor = np.array([s.floor for s in data.recordings[0].inputs.specs], dtype=np.float64)
@@ -32,7 +32,7 @@ def robust_z(data: Data, target_per_day: float) -> dict[str, Timeline]:
 
 
 def isolation_forest(data: Data, target_per_day: float) -> dict[str, Timeline]:
-    from .isolation_forest import IsolationForestBaseline
+    from detectord.offline.comparisons.isolation_forest import IsolationForestBaseline
 
     b = IsolationForestBaseline(target_per_day=target_per_day)
     b.fit(data)
@@ -42,7 +42,7 @@ def isolation_forest(data: Data, target_per_day: float) -> dict[str, Timeline]:
 @functools.lru_cache(maxsize=32)
 def _rule_results(path: str, step_s: float, mtime_ns: int) -> dict[str, RuleResult]:
     """Every rule set on one recording: replaying it into Prometheus is the slow part, done once."""
-    from .mixin import evaluate_rules
+    from detectord.offline.comparisons.mixin import evaluate_rules
 
     return evaluate_rules(path, step_s=step_s)
 

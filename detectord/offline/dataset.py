@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
-from .normalise import BaselineSeries, InputPlan, baseline_series, windows_at
-from .recording import ReadStats, read_writes
-from .remote_write import DecodedWrite, LabelCache
+from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
+from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series, windows_at
+from detectord.recordings.format import ReadStats, read_writes
+from detectord.ingest.remote_write import DecodedWrite, LabelCache
 
 Role = Literal["train", "validation", "test"]
 ROLES: tuple[Role, ...] = ("train", "validation", "test")

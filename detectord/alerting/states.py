@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .config import AlertingConfig, AlertmanagerConfig
+from detectord.config import AlertingConfig, AlertmanagerConfig
 
 log = structlog.get_logger(__name__)
 

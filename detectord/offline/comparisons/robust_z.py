@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dataset import Data
-from ..evaluation import Timeline, threshold_for_rate
-from ..normalise import BaselineSeries
+from detectord.offline.dataset import Data
+from detectord.offline.evaluation import Timeline, threshold_for_rate
+from detectord.ingest.normalise import BaselineSeries
 
 
 @dataclass

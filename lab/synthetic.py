@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from ._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 
 FaultClass = Literal[
     "upstream_slow",

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from .remote_write import DecodedWrite, LabelCache, SeriesKey, decode_v1_message, is_stale_marker
+from detectord.ingest.remote_write import DecodedWrite, LabelCache, SeriesKey, decode_v1_message, is_stale_marker
 
 InstanceKey = tuple[str, ...]
 

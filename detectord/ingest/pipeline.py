@@ -14,12 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from .features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
-from .inference import ScoreRequest
-from .metrics import DaemonMetrics
-from .normalise import InputPlan, Normaliser
-from .remote_write import Version, decode
-from .windows import WindowStore
+from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
+from detectord.serve.inference import ScoreRequest
+from detectord.serve.metrics import DaemonMetrics
+from detectord.ingest.normalise import InputPlan, Normaliser
+from detectord.ingest.remote_write import Version, decode
+from detectord.ingest.windows import WindowStore
 
 
 FREEZE_AFTER_NEW_SERIES = 10_000

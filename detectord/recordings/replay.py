@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-from . import __version__
-from .recording import ReadStats, Record, read_records
+from detectord import __version__
+from detectord.recordings.format import ReadStats, Record, read_records
 
 RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 
