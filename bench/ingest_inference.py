@@ -129,9 +129,10 @@ async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> l
 def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:
     """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
     from detectord.config import ModelConfig
-    from detectord.serve.inference import InferenceWorker, ScoreRequest
+    from detectord.ingest.pipeline import ScoreRequest
+    from detectord.serve.inference import InferenceWorker
     from detectord.serve.metrics import DaemonMetrics
-    from detectord.serve.model_loader import load_model
+    from detectord.detectors import load_model
     from prometheus_client import CollectorRegistry
 
     model = load_model(ModelConfig(path=path))
@@ -139,7 +140,7 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
     windows = rng.random((4096, model.window, len(model.features)), dtype=np.float32)
 
     # Raw forward passes of full batches.
-    det = model.detector
+    det = model
     det.score_batch(windows[:max_batch])
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

@@ -158,7 +158,7 @@ def _score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from detectord.config import IngestConfig, ModelConfig
-    from detectord.serve.model_loader import load_model
+    from detectord.detectors import load_model
     from detectord.recordings.scoring import iter_rows, recording_windows, score_windows
 
     try:
@@ -168,7 +168,7 @@ def _score(args: argparse.Namespace) -> int:
     except (DetectordError, OSError) as exc:
         print(f"detectord score: {exc}", file=sys.stderr)
         return 1
-    scores = score_windows(got.requests, model.detector)
+    scores = score_windows(got.requests, model)
     names = IngestConfig.instance_labels
     print(f"{args.file}: {got.read.records} requests, {len(got.requests)} windows scored by {model.name} "
           f"(window {model.window}, step {args.step or model.step_seconds:g}s)"
@@ -195,7 +195,7 @@ def _check_config(path: str, *, skip_model: bool) -> int:
         return EXIT_CONFIG
     if not skip_model:
         from detectord.errors import ModelError
-        from detectord.serve.model_loader import load_model
+        from detectord.detectors import load_model
 
         try:
             model = load_model(cfg.model)

@@ -17,11 +17,13 @@ class ConfigError(DetectordError):
 
 
 class RemoteWriteError(DetectordError):
-    """A remote-write request that will not be accepted; `status` is the HTTP answer."""
+    """A remote-write request that will not be accepted; `status` is the HTTP answer, `version`
+    the protocol its headers asked for where that much was understood."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, version: str | None = None) -> None:
         self.status = status
         self.reason = reason
+        self.version = version
         super().__init__(f"{status}: {reason}")
 
 

@@ -6,18 +6,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectord.offline.dataset import Data, SeriesInfo, WindowSet, step_labels, Span
-from detectord.offline.evaluation import AlertRule, Timeline, evaluate, firing, threshold_for_rate
+from detectord.alerting.timing import AlertRule, firing
+from detectord.detectors.quality import threshold_for_rate
+from detectord.detectors.windowset import WindowSet
+from detectord.offline.dataset import Data, SeriesInfo, Span, step_labels
+from detectord.offline.evaluation import Timeline, evaluate
 
 STEP_MS = 5000
 
 
 def test_alert_fires_after_for_and_resolves_after_keep_firing() -> None:
     a = np.array([0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0], dtype=bool)
-    assert firing(a, AlertRule(for_steps=0, keep_steps=0)).tolist() == a.tolist()
-    assert firing(a, AlertRule(for_steps=3, keep_steps=0)).astype(int).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
-    # keep_firing merges the flap at step 6 into one alert, then resolves after 2 quiet steps.
-    assert firing(a, AlertRule(for_steps=1, keep_steps=2)).astype(int).tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    ts = np.arange(len(a)) * STEP_MS
+    assert firing(ts, a, AlertRule(0, 0)).tolist() == a.tolist()
+    # As in Prometheus: pending at the first anomalous step, firing once `for` has passed since it:
+    # at `for: 10s` and 5 s steps, the third; at `for: 15s` this run of three never fires.
+    assert firing(ts, a, AlertRule(10, 0)).astype(int).tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert not firing(ts, a, AlertRule(15, 0)).any()
+    # keep_firing_for merges the flap at step 6 into one alert, then resolves 10 s into the quiet.
+    assert firing(ts, a, AlertRule(0, 10)).astype(int).tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
 
 
 def test_step_labels_mark_incident_and_recovery() -> None:
@@ -66,7 +73,7 @@ def test_incidents_caught_delays_and_false_alerts() -> None:
     scores[2002] = 1.5  # the same alert, kept firing over the gap
     scores[9000] = 2.0  # another
     ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data,
-                  rule=AlertRule(for_steps=0, keep_steps=12))
+                  rule=AlertRule(0, 60))
     assert ev.event["events"] == 2 and ev.event["caught"] == 1 and ev.event["false_alerts"] == 2
     assert ev.event["delay_steps_median"] == 3.0
     assert ev.event["false_alerts_per_instance_day"] == pytest.approx(2 / (n - 24) * 17280, rel=1e-6)
@@ -88,7 +95,7 @@ def test_the_class_named_when_the_alert_fires_and_at_the_incident_end() -> None:
     like[101:103] = "upstream_down"
     like[103:110] = "upstream_timeout"
     ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores, like)}, data,
-                  rule=AlertRule(for_steps=0, keep_steps=12))
+                  rule=AlertRule(0, 60))
     c = ev.classes["upstream_timeout"]
     assert (c["named"], c["named_right"], c["named_right_at_end"]) == (1, 0, 1)
     assert ev.events[0]["looks_like"] == "upstream_down" and ev.events[0]["looks_like_at_end"] == "upstream_timeout"

@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 
 from detectord.config import ModelConfig
-from detectord.serve.model_loader import load_model
+from detectord.detectors import load_model
 from detectord.recordings.replay import replay
 from detectord.recordings.scoring import recording_windows, score_windows
 from lab.peers import REPO
@@ -39,7 +39,7 @@ async def test_replay_into_serve_scores_like_offline(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     got = await loop.run_in_executor(None, lambda: recording_windows(
         RECORDING, step_seconds=STEP_S, window=model.window, inputs=model.inputs))
-    offline = score_windows(got.requests, model.detector)
+    offline = score_windows(got.requests, model)
     assert got.read.torn_bytes == 0 and got.bad_requests == 0
     assert len(offline) >= 4 and all(len(s.scores) > 20 for s in offline.values())
 

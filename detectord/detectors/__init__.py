@@ -23,10 +23,12 @@ from detectord.detectors.artifact import (
     check_compatible,
     read_meta,
 )
-from detectord.detectors.base import Detector, DetectorConfig, ScoreBatch
+from detectord.config import ModelConfig
+from detectord.detectors.base import Detector, DetectorConfig, ScoreBatch, Scorer
 from detectord.detectors.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
 from detectord.detectors.conv_classifier import ConvClassifier, ConvClassifierConfig
 from detectord.detectors.siamese import Siamese, SiameseConfig
+from detectord.ingest.features import FEATURE_NAMES
 
 DETECTORS: dict[str, type[Detector]] = {
     "conv_autoencoder": ConvAutoencoder,
@@ -48,9 +50,22 @@ def load_detector(path: Path | str, *, features: Sequence[str] | None = None, wi
     return cls.from_artifact(path, meta)
 
 
+def load_model(cfg: ModelConfig) -> Detector:
+    """The model `serve` and `score` run: the artifact `cfg.path` names, refused unless it reads
+    the features this detectord extracts and meets the config's guards (`model.window`,
+    `model.features`); `model.threshold` overrides its own threshold."""
+    det = load_detector(cfg.path, features=FEATURE_NAMES, window=cfg.window)
+    if cfg.features is not None:
+        check_compatible(cfg.path, det.meta, features=cfg.features)
+    if cfg.threshold is not None:
+        det.threshold = float(cfg.threshold)
+    return det
+
+
 __all__ = [
     "DETECTORS", "FORMAT_VERSION", "ArtifactError", "ArtifactInvalid", "ArtifactMissing", "ConvAutoencoder",
     "ConvAutoencoderConfig", "ConvClassifier", "ConvClassifierConfig", "Detector", "DetectorConfig",
-    "FeatureMismatch", "InputsMismatch", "ModelMeta", "ScoreBatch", "Siamese", "SiameseConfig",
-    "UnknownFormatVersion", "UnknownKind", "WindowMismatch", "check_compatible", "load_detector", "read_meta",
+    "FeatureMismatch", "InputsMismatch", "ModelMeta", "ScoreBatch", "Scorer", "Siamese", "SiameseConfig",
+    "UnknownFormatVersion", "UnknownKind", "WindowMismatch", "check_compatible", "load_detector", "load_model",
+    "read_meta",
 ]

@@ -11,18 +11,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from detectord.ingest.normalise import InputPlan
 from detectord.detectors.artifact import WEIGHTS_FILE, ArtifactInvalid, ModelMeta, write_meta
 from detectord.detectors.compiled import Compiled, compile_forward
+from detectord.detectors.fitting import Log
+from detectord.detectors.quality import threshold_for_rate, window_metrics
+from detectord.ingest.normalise import InputPlan
 
 if TYPE_CHECKING:
-    from detectord.offline.dataset import WindowSet
-
-Log = Callable[[str], None]
+    from detectord.detectors.windowset import WindowSet
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,12 @@ class ScoreBatch:
     feature_deviation: np.ndarray
     # The anomaly class each window looks most like (supervised models), else None.
     looks_like: list[str] | None = None
+
+
+class Scorer(Protocol):
+    """What serving needs of a detector: one batched forward pass."""
+
+    def score_batch(self, windows: np.ndarray) -> ScoreBatch: ...
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,24 @@ class Detector(ABC):
             name=name, kind=self.kind, version=version, trained_at="", features=list(features), window=window,
             step_seconds=float(step_seconds), threshold=1.0, inputs=inputs.to_dict(), config=self.config.to_dict())
         self.network: Any = None
+        # The artifact directory it was loaded from (None until saved or loaded).
+        self.path: Path | None = None
         self._compiled: Compiled | None = None
         self._lock = threading.Lock()
 
     # ---- properties ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.version)
+
+    @property
+    def trained_at(self) -> str:
+        return str(self.meta.trained_at)
 
     @property
     def threshold(self) -> float:
@@ -207,8 +227,6 @@ class Detector(ABC):
 
     def evaluate(self, data: WindowSet) -> dict[str, Any]:
         """Window-level precision, recall, F1 and confusion matrix on labelled windows."""
-        from detectord.offline.evaluation import window_metrics
-
         out = self.score(data)
         return window_metrics(out.scores > 1.0, data.label, out.looks_like, classes=self.classes)
 
@@ -218,8 +236,6 @@ class Detector(ABC):
         `target_per_day` alerts per instance-day, times `margin` (default: the kind's
         `calibration_margin`); returns it (raw units)."""
         margin = self.calibration_margin if margin is None else margin
-        from detectord.offline.evaluation import threshold_for_rate
-
         normal = data.subset(data.label == "")
         if not len(normal):
             raise ValueError("calibration needs normal windows")
@@ -303,6 +319,7 @@ class Detector(ABC):
         self.meta.framework = {"keras": keras.__version__, "backend": keras.backend.backend()}
         self.network.save_weights(str(path / WEIGHTS_FILE))
         write_meta(path, self.meta)
+        self.path = path
 
     @classmethod
     def load(cls, path: Path | str) -> Detector:
@@ -322,6 +339,7 @@ class Detector(ABC):
         except (ValueError, TypeError, KeyError) as exc:
             raise ArtifactInvalid(path, f"bad model settings: {exc}") from None
         det.import_weights(path)
+        det.path = path
         return det
 
     # ---- what each detector defines ----------------------------------------------------------
@@ -356,42 +374,3 @@ class Detector(ABC):
 def _windows(data: WindowSet | np.ndarray) -> np.ndarray:
     x = data if isinstance(data, np.ndarray) else data.x
     return np.asarray(x, dtype=np.float32)
-
-
-def fit_callbacks(log: Log, epochs: int, what: str, *, learning_rate: float, validated: bool,
-                  extra: Sequence[Any] = (), patience: int = 6) -> list[Any]:
-    """What `Model.fit` runs with: the learning rate halved on a plateau (down to a sixteenth), with
-    validation data a stop after `patience` epochs without improvement (best weights kept), a
-    line per epoch, then the caller's callbacks."""
-    import keras
-
-    monitor = "val_loss" if validated else "loss"
-    stop = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
-    return [keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=3, min_lr=learning_rate / 16),
-            *(stop if validated else []), epoch_logger(log, epochs, what), *extra]
-
-
-def fit_stats(history: Any, **more: float) -> dict[str, float]:
-    """The last losses and the epochs run, from `Model.fit`'s history, with `more`."""
-    h = history.history
-    out = {"loss": float(h["loss"][-1]), "epochs": float(len(h["loss"])), **more}
-    if "val_loss" in h:
-        out["val_loss"] = float(h["val_loss"][-1])
-    return out
-
-
-def epoch_logger(log: Log, epochs: int, what: str = "") -> Any:
-    """A Keras callback printing one line per epoch (Keras' own progress bar is off)."""
-    import time
-
-    import keras
-
-    t0 = time.perf_counter()
-
-    class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = logs or {}
-            parts = " ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()) if k.endswith("loss"))
-            log(f"  {what}epoch {epoch + 1}/{epochs}: {parts} ({time.perf_counter() - t0:.0f}s)")
-
-    return EpochLog()

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from detectord.detectors.base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
+from detectord.detectors.base import Detector, DetectorConfig
+from detectord.detectors.fitting import Log, fit_callbacks, fit_stats
 
 if TYPE_CHECKING:
-    from detectord.offline.dataset import WindowSet
+    from detectord.detectors.windowset import WindowSet
 
 
 @dataclass(frozen=True)

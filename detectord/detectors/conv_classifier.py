@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detectord.detectors.base import Detector, DetectorConfig, Log, fit_callbacks, fit_stats
+from detectord.detectors.base import Detector, DetectorConfig
+from detectord.detectors.fitting import Log, balanced_weights, fit_callbacks, fit_stats, synthetic_for
 
 if TYPE_CHECKING:
-    from detectord.offline.dataset import WindowSet
+    from detectord.detectors.windowset import WindowSet
 
 
 @dataclass(frozen=True)
@@ -59,41 +60,6 @@ def conv_trunk(window: int, nfeatures: int, filters: tuple[int, ...], kernel_siz
         x = layers.Conv1D(f, kernel_size, strides=2 if i < len(filters) - 1 else 1, padding="same",
                           activation="relu", name=f"conv{i}")(x)
     return inp, layers.Concatenate(name="pool")([layers.GlobalMaxPooling1D()(x), layers.GlobalAveragePooling1D()(x)])
-
-
-def synthetic_incidents(normal: np.ndarray, n: int, absolute: np.ndarray, clip: float,
-                        rng: np.random.Generator) -> np.ndarray:
-    """`n` copies of random normal windows with 1-3 features moved 4-12 spreads in their newest
-    4..W/2 rows (absolute features only up: they are 0 when healthy)."""
-    out = normal[rng.integers(0, len(normal), n)].copy()
-    w, f = out.shape[1:]
-    for i in range(n):
-        feats = rng.choice(f, rng.integers(1, 4), replace=False)
-        rows = rng.integers(4, w // 2 + 1)
-        sign = np.where(absolute[feats], 1.0, rng.choice([-1.0, 1.0], len(feats)))
-        tail = out[i, w - rows:]  # a view: (rows, F)
-        tail[:, feats] += sign * rng.uniform(4.0, 12.0, len(feats))
-    np.clip(out, -clip, clip, out=out)
-    return out
-
-
-def synthetic_for(det: Detector, data: WindowSet, share: float) -> np.ndarray:
-    """`share` × the anomalous windows of `data`, as synthetic incidents made from its clean normal
-    windows in `det`'s inputs (none when either is missing)."""
-    n = int(share * data.anomalous.sum())
-    normal = data.x[data.clean_normal]
-    if not n or not len(normal):
-        return data.x[:0]
-    plan = det.inputs
-    absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
-    return synthetic_incidents(normal, n, absolute, plan.baseline.clip, np.random.default_rng(len(data)))
-
-
-def balanced_weights(anomalous: np.ndarray) -> np.ndarray:
-    """Sample weights giving normal and anomalous windows equal total weight."""
-    n_a = max(1, int(anomalous.sum()))
-    n_n = max(1, int((~anomalous).sum()))
-    return np.where(anomalous, 0.5 * len(anomalous) / n_a, 0.5 * len(anomalous) / n_n).astype(np.float32)
 
 
 class ConvClassifier(Detector):

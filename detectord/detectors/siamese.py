@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from detectord.detectors.base import Detector, DetectorConfig, Log, epoch_logger
-from detectord.detectors.conv_classifier import conv_trunk, synthetic_for
+from detectord.detectors.base import Detector, DetectorConfig
+from detectord.detectors.conv_classifier import conv_trunk
+from detectord.detectors.fitting import Log, epoch_logger, synthetic_for
 
 if TYPE_CHECKING:
-    from detectord.offline.dataset import WindowSet
+    from detectord.detectors.windowset import WindowSet
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
-from detectord.serve.inference import ScoreRequest
-from detectord.serve.metrics import DaemonMetrics
+from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
 from detectord.ingest.remote_write import Version, decode
 from detectord.ingest.windows import WindowStore
@@ -33,6 +34,14 @@ class WriteResult:
     # Why some series were refused (the rest was still ingested): answer 400 with it.
     error: str | None
     stats: IngestStats
+
+
+@dataclass(slots=True)
+class ScoreRequest:
+    instance: InstanceKey
+    step_ts_ms: int
+    window: np.ndarray  # (W, F) float32 model inputs, oldest row first
+    latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
 
 
 class ScoreSink(Protocol):
@@ -54,7 +63,7 @@ class Ingestor:
         max_decoded: int,
         max_future_s: float,
         worker: ScoreSink,
-        metrics: DaemonMetrics,
+        metrics: IngestMetrics,
     ) -> None:
         self.extractor = FeatureExtractor(step_ms, instance_labels, max_instances=max_instances,
                                           max_gap_steps=max_gap_steps)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import cramjam
 import snappy
 from google.protobuf.message import DecodeError
 
@@ -201,17 +202,22 @@ def declared_length(body: bytes) -> int:
     raise RemoteWriteError(400, "snappy: corrupt input (bad length header)")
 
 
-def decompress(body: bytes, *, max_decoded: int) -> bytes:
+def decompress(body: bytes, *, max_decoded: int) -> memoryview:
     if not body:
         raise RemoteWriteError(400, "empty body")
     n = declared_length(body)
     if n > max_decoded:
         raise RemoteWriteError(413, f"decompressed body of {n} bytes exceeds the limit of {max_decoded} bytes")
+    # cramjam allocates and decompresses with the GIL released; python-snappy's uncompress()
+    # then copies the result into bytes holding it, tens of milliseconds for a big body, during
+    # which the event loop cannot run. The decoders read the buffer as it is.
     try:
-        data = snappy.uncompress(body)
-    except Exception as exc:  # python-snappy raises several unrelated types for corrupt input
+        data = memoryview(cramjam.snappy.decompress_raw(body))
+    except Exception as exc:  # cramjam raises several unrelated types for corrupt input
         raise RemoteWriteError(400, f"snappy: corrupt input ({exc.__class__.__name__})") from None
-    return bytes(data)
+    if len(data) != n:
+        raise RemoteWriteError(400, f"snappy: corrupt input (declared {n} bytes, decoded {len(data)})")
+    return data
 
 
 def decode(body: bytes, version: Version, cache: LabelCache, *, max_decoded: int,
@@ -234,7 +240,7 @@ C_CHUNK_SERIES = 2000
 _WHY = {"no_samples": "has no samples", "future": "sample timestamp too far in the future"}
 
 
-def decode_v1_bytes(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = None,
+def decode_v1_bytes(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None,
                     use_c: bool = True) -> DecodedWrite:
     if _fastdecode is not None and use_c:
         limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
@@ -260,7 +266,7 @@ def decode_v1_bytes(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = N
     return _decode_v1_python(data, cache, max_ts_ms=max_ts_ms)
 
 
-def _decode_v1_python(data: bytes, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
+def _decode_v1_python(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
     msg = pbv.WriteRequestView.FromString(data)
     out = DecodedWrite("1.0", metadata=len(msg.metadata))
     append = out.add

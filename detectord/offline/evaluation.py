@@ -8,14 +8,14 @@ lasts; an alert that starts on a normal step is a false alert.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detectord.alerting.states import Resemblance
+from detectord.alerting.timing import FIRING, AlertRule, Resemblance, phases
+from detectord.detectors.quality import EVALUATION_RULE, episode_starts, prf, window_metrics
 
 if TYPE_CHECKING:
     from detectord.offline.dataset import Data
@@ -28,123 +28,6 @@ class Timeline:
     timestamps_ms: np.ndarray  # int64 (T,)
     scores: np.ndarray  # float32 (T,)
     looks_like: np.ndarray | None = None  # object (T,): class guesses, where the detector makes them
-
-
-@dataclass(frozen=True)
-class AlertRule:
-    for_steps: int = 0  # anomalous steps in a row before an alert fires (0 and 1: at the first)
-    keep_steps: int = 12  # steps without an anomalous one before a firing alert resolves
-
-    @classmethod
-    def from_seconds(cls, for_s: float, keep_firing_s: float, step_s: float) -> AlertRule:
-        return cls(max(0, math.ceil(for_s / step_s - 1e-9)), max(0, math.ceil(keep_firing_s / step_s - 1e-9)))
-
-
-def firing(anomalous: np.ndarray, rule: AlertRule) -> np.ndarray:
-    """Per step: an alert is firing (anomalous steps in order; NaN scores count as not anomalous)."""
-    out = np.zeros(len(anomalous), dtype=bool)
-    run = quiet = 0
-    on = False
-    need = max(1, rule.for_steps)
-    for i, a in enumerate(anomalous):
-        if a:
-            run += 1
-            quiet = 0
-            if run >= need:
-                on = True
-        else:
-            run = 0
-            if on:
-                quiet += 1
-                if quiet > rule.keep_steps:
-                    on = False
-        out[i] = on
-    return out
-
-
-def episode_starts(fire: np.ndarray) -> np.ndarray:
-    """Indexes where a firing alert starts."""
-    prev = np.concatenate([[False], fire[:-1]])
-    return np.flatnonzero(fire & ~prev)
-
-
-def _breaks(end_ms: np.ndarray, series: np.ndarray, step_ms: int) -> np.ndarray:
-    """True where a window does not directly follow the previous one of its series."""
-    first = np.ones(len(end_ms), dtype=bool)
-    first[1:] = (series[1:] != series[:-1]) | (end_ms[1:] - end_ms[:-1] > step_ms)
-    return first
-
-
-def threshold_for_rate(raw: np.ndarray, series: np.ndarray, end_ms: np.ndarray, step_s: float,
-                       target_per_day: float, rule: AlertRule | None = None) -> tuple[float, float]:
-    """The lowest raw threshold at which normal windows raise at most `target_per_day` alerts per
-    instance-day (alerting with `rule`), and the rate achieved there. Windows are taken in
-    (series, time) order."""
-    rule = rule or AlertRule()
-    order = np.lexsort((end_ms, series))
-    raw, series, end_ms = raw[order], series[order], end_ms[order]
-    days = len(raw) * step_s / 86400.0
-    brk = _breaks(end_ms, series, int(round(step_s * 1000)))
-    segments = np.split(np.arange(len(raw)), np.flatnonzero(brk)[1:])
-
-    def rate(t: float) -> float:
-        n = sum(len(episode_starts(firing(raw[seg] > t, rule))) for seg in segments)
-        return n / days if days > 0 else 0.0
-
-    cands = np.unique(raw)[::-1][:4000]
-    lo, hi = 0, len(cands) - 1  # cands[lo] satisfies (the max: nothing above it); find the last that does
-    if rate(float(cands[hi])) <= target_per_day:
-        return float(cands[hi]), rate(float(cands[hi]))
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if rate(float(cands[mid])) <= target_per_day:
-            lo = mid
-        else:
-            hi = mid
-    return float(cands[lo]), rate(float(cands[lo]))
-
-
-def window_metrics(predicted: np.ndarray, label: np.ndarray, looks_like: Sequence[str] | None = None,
-                   classes: Sequence[str] = ()) -> dict[str, Any]:
-    """Precision, recall, F1 and the confusion matrix of window verdicts (unlabelled windows skipped);
-    recall per class; with class guesses, how often an anomalous window's class was named right."""
-    known = np.array([lb is not None for lb in label], dtype=bool)
-    truth = np.array([bool(lb) for lb in label], dtype=bool)
-    p, t = predicted[known], truth[known]
-    tp, fp = int((p & t).sum()), int((p & ~t).sum())
-    fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
-    out: dict[str, Any] = {"windows": int(known.sum()), "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-                           **prf(tp, fp, fn)}
-    per: dict[str, Any] = {}
-    for c in sorted({str(lb) for lb in label if lb}):
-        m = np.array([lb == c for lb in label], dtype=bool)
-        per[c] = {"windows": int(m.sum()), "recall": float(predicted[m].mean())}
-    out["classes"] = per
-    if looks_like is not None and classes:
-        ll = np.asarray(looks_like, dtype=object)
-        hit = predicted & truth
-        named = np.array([lb in classes for lb in label], dtype=bool) & hit
-        if named.any():
-            out["class_accuracy"] = float((ll[named] == label[named]).mean())
-            out["class_confusion"] = _class_confusion(label[named], ll[named])
-    return out
-
-
-def _class_confusion(truth: np.ndarray, guess: np.ndarray) -> dict[str, dict[str, int]]:
-    out: dict[str, dict[str, int]] = {}
-    for a, b in zip(truth.tolist(), guess.tolist(), strict=True):
-        row = out.setdefault(str(a), {})
-        row[str(b)] = row.get(str(b), 0) + 1
-    return out
-
-
-def prf(tp: int, fp: int, fn: int) -> dict[str, float | None]:
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / (tp + fn) if tp + fn else None
-    f1 = (2 * precision * recall / (precision + recall)
-          if precision is not None and recall is not None and precision + recall > 0 else
-          (0.0 if precision is not None and recall is not None else None))
-    return {"precision": precision, "recall": recall, "f1": f1}
 
 
 @dataclass
@@ -176,12 +59,10 @@ class Evaluation:
 
 
 def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: str = "test",
-             rule: AlertRule | None = None, step_s: float | None = None) -> Evaluation:
+             rule: AlertRule = EVALUATION_RULE, step_s: float | None = None) -> Evaluation:
     """Judge `timelines` (by series name) on the steps of `data` that have `role`. Incidents that
     began before an instance's first scored window (while it warmed) are not judged on it."""
     step_s = step_s or data.all.step_s
-    step_ms = int(round(step_s * 1000))
-    rule = rule or AlertRule.from_seconds(0.0, 60.0, step_s)
     pred_w: list[np.ndarray] = []
     lab_w: list[np.ndarray] = []
     like_w: list[np.ndarray] = []
@@ -199,7 +80,7 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         scores = aligned(tl, ts)
         like = _aligned_like(tl, ts)
         anomalous = np.nan_to_num(scores, nan=0.0) > 1.0
-        fire = firing(anomalous, rule)
+        fire = alert_phases(scores, ts, rule) == FIRING
         shown = alert_names(anomalous, fire, like)
         role_ok = np.array([r == role for r in info.role], dtype=bool)
         scored = info.scored & ~np.isnan(scores)
@@ -276,8 +157,15 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
                 "looks_like": caught[e].looks_like, "looks_like_at_end": caught[e].looks_like_end}
                for e in sorted(events)]
     return Evaluation(name, window, ev_all, groups, classes, recordings,
-                      {"for_steps": rule.for_steps, "keep_firing_steps": rule.keep_steps, "step_seconds": step_s},
+                      {"for_seconds": rule.for_s, "keep_firing_for_seconds": rule.keep_firing_for_s,
+                       "step_seconds": step_s},
                       ev_rows, false)
+
+
+def alert_phases(scores: np.ndarray, timestamps_ms: np.ndarray, rule: AlertRule) -> np.ndarray:
+    """The alert's phase after each step of one instance's scores (NaN: not scored, as while it
+    warms), exactly as serving's `AlertStates` would have it."""
+    return phases(timestamps_ms, np.nan_to_num(scores, nan=0.0) > 1.0, rule, observed=~np.isnan(scores))
 
 
 def _steps_of(tl: Timeline, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -98,9 +98,10 @@ def data_summary(data: Data) -> list[str]:
 
 def rule_text(ev: Evaluation) -> str:
     r = ev.rule
-    return (f"An alert fires at the first step scored above 1 (`for` {r['for_steps']} steps) and resolves after "
-            f"{r['keep_firing_steps']} steps without one; an incident is caught if an alert fires on one of its "
-            f"instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
+    return (f"Alerts are timed as serving times them: pending at the first step scored above 1, firing once "
+            f"`for` ({r['for_seconds']:g} s) has passed, resolved after `keep_firing_for` "
+            f"({r['keep_firing_for_seconds']:g} s) without one; an incident is caught if an alert fires on one "
+            f"of its instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
             f"{r['step_seconds']:g} s.")
 
 

@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from detectord.offline.dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, WindowSet, load_datasets, load_labels, phase_windows
+from detectord.detectors.windowset import WindowSet
+from detectord.offline.dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, load_datasets, load_labels, phase_windows
 from detectord.detectors import DETECTORS, Detector
 from detectord.errors import DetectordError
-from detectord.offline.evaluation import AlertRule, Evaluation, Timeline, evaluate, timelines_from_windows
+from detectord.detectors.quality import EVALUATION_RULE
+from detectord.offline.evaluation import Evaluation, Timeline, evaluate, timelines_from_windows
 from detectord.ingest.features import FEATURE_NAMES
 from detectord.ingest.normalise import InputPlan
 
@@ -33,9 +35,6 @@ Log = Callable[[str], None]
 
 DEFAULT_WINDOW = 32
 DEFAULT_STEP_SECONDS = 5.0
-# Alerts in every evaluation: fire at the first anomalous step, resolve after a minute without one.
-EVAL_FOR_S = 0.0
-EVAL_KEEP_FIRING_S = 60.0
 
 
 @dataclass
@@ -193,10 +192,6 @@ def detector_timelines(det: Detector, data: Data) -> dict[str, Timeline]:
     return timelines_from_windows(data, out.scores, out.looks_like)
 
 
-def alert_rule(step_s: float) -> AlertRule:
-    return AlertRule.from_seconds(EVAL_FOR_S, EVAL_KEEP_FIRING_S, step_s)
-
-
 def baseline_timelines(data: Data, names: Sequence[str], settings: Settings, log: Log
                        ) -> dict[str, dict[str, Timeline]]:
     """Each baseline's timelines on `data`, fitted on its training role and calibrated on its
@@ -212,8 +207,7 @@ def baseline_timelines(data: Data, names: Sequence[str], settings: Settings, log
 
 
 def judge(named: dict[str, dict[str, Timeline]], data: Data, role: str = "test") -> dict[str, Evaluation]:
-    rule = alert_rule(data.all.step_s)
-    return {name: evaluate(name, tl, data, role=role, rule=rule) for name, tl in named.items()}
+    return {name: evaluate(name, tl, data, role=role, rule=EVALUATION_RULE) for name, tl in named.items()}
 
 
 def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = ("mixin", "mixin_tuned", "robust_z",
@@ -263,7 +257,8 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
                             "validation_event_f1": _f1(validation[kind]),
                             "baselines": {name: _summary(test[name]) for name in test if name not in models},
                             "others": {name: _summary(test[name]) for name in models if not name.startswith(kind)},
-                            "evaluation": {"alert_for_seconds": EVAL_FOR_S, "keep_firing_seconds": EVAL_KEEP_FIRING_S,
+                            "evaluation": {"alert_for_seconds": EVALUATION_RULE.for_s,
+                                           "keep_firing_seconds": EVALUATION_RULE.keep_firing_for_s,
                                            "role": "test"}}
         det.meta.training_data["command"] = command
         det.meta.training_data["data_seconds"] = round(data_s, 1)

@@ -18,7 +18,7 @@ from typing import Any
 from detectord.offline.dataset import Data, DatasetError
 from detectord.detectors import DETECTORS
 from detectord.offline.evaluation import aligned_scores, precision_recall
-from detectord.offline.training import Settings, alert_rule, detector_timelines, judge, load_data, train_detector
+from detectord.offline.training import Settings, detector_timelines, judge, load_data, train_detector
 
 
 def suggest(trial: Any, kind: str) -> tuple[int, dict[str, Any], float]:

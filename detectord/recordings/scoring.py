@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from detectord.config import IngestConfig
 from detectord.ingest.features import InstanceKey
-from detectord.serve.inference import ScoreRequest, Scorer
-from detectord.ingest.pipeline import Ingestor
-from detectord.serve.metrics import DaemonMetrics
+from detectord.detectors.base import Scorer
+from detectord.ingest.pipeline import Ingestor, ScoreRequest
+from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan
 from detectord.recordings.format import ReadStats, read_records
 
@@ -56,7 +56,7 @@ def recording_windows(
     ing = Ingestor(step_ms=int(round(step_seconds * 1000)), instance_labels=tuple(instance_labels),
                    window=window, inputs=inputs, max_instances=_NO_LIMIT, max_gap_steps=max_gap_steps,
                    max_decoded=_NO_LIMIT, max_future_s=float(IngestConfig.max_future), worker=sink,
-                   metrics=DaemonMetrics(CollectorRegistry(), instance_labels))
+                   metrics=IngestMetrics(CollectorRegistry()))
     stats = ReadStats()
     bad = 0
     try:

@@ -18,34 +18,11 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from detectord.detectors.base import Scorer
 from detectord.ingest.features import InstanceKey
+from detectord.ingest.pipeline import ScoreRequest
 
 log = structlog.get_logger(__name__)
-
-
-class ScoreOutput(Protocol):
-    @property
-    def scores(self) -> np.ndarray: ...  # (B,), > 1.0 means anomalous
-
-    @property
-    def feature_deviation(self) -> np.ndarray: ...  # (B, F)
-
-    @property
-    def looks_like(self) -> list[str] | None: ...  # (B,) the anomaly class each window resembles
-
-
-class Scorer(Protocol):
-    """What the worker needs of a detector."""
-
-    def score_batch(self, windows: np.ndarray) -> ScoreOutput: ...
-
-
-@dataclass(slots=True)
-class ScoreRequest:
-    instance: InstanceKey
-    step_ts_ms: int
-    window: np.ndarray  # (W, F) float32 model inputs, oldest row first
-    latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
-"""detectord's own metrics (served on /metrics): ingestion, instances, inference and scores.
-
-Alert delivery metrics live with the notifier in alerting.py, on the same registry.
+"""detectord's own metrics (served on /metrics): requests, inference, scores, alerts and the model,
+beside the ingest path's (`ingest.metrics`). Alert delivery metrics live with the notifier, on the
+same registry.
 """
 
 from __future__ import annotations
@@ -9,57 +9,32 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from detectord.ingest.features import IngestStats, InstanceKey
+from detectord.ingest.features import InstanceKey
+from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class DaemonMetrics:
+class DaemonMetrics(IngestMetrics):
+    """Every metric of the daemon, on one registry; the inference worker and the ingest thread
+    update theirs from their own threads (prometheus_client is thread-safe)."""
+
     def __init__(self, registry: CollectorRegistry, instance_labels: Sequence[str]) -> None:
+        super().__init__(registry)
         self.instance_labels = tuple(instance_labels)
         il = list(self.instance_labels)
-        self.samples = Counter(
-            "detectord_samples_total",
-            "Remote-write samples by outcome: accepted, ignored (not read by any feature), duplicate "
-            "(re-sent), stale (stale markers), non_finite, instance_limit, late, rejected (invalid series).",
-            ["outcome"], registry=registry)
-        self.rejected = Counter(
-            "detectord_samples_rejected_total", "Samples in series refused as invalid, by reason.",
-            ["reason"], registry=registry)
         self.requests = Counter(
             "detectord_remote_write_requests_total", "Remote-write requests by HTTP status and protocol.",
             ["code", "protocol"], registry=registry)
         self.request_bytes = Counter(
             "detectord_remote_write_bytes_total", "Compressed remote-write body bytes received.",
             ["protocol"], registry=registry)
-        self.decode_seconds = Histogram(
-            "detectord_remote_write_decode_seconds",
-            "Time to decompress, decode and ingest one remote-write request.",
-            buckets=_LATENCY_BUCKETS, registry=registry)
-        self.ignored_other = Counter(
-            "detectord_ignored_total",
-            "Parts of remote-write requests not used: native histograms, exemplars, metadata.",
-            ["kind"], registry=registry)
-        self.instances = Gauge(
-            "detectord_instances", "CoreDNS instances tracked, by state (warming or scoring).",
-            ["state"], registry=registry)
-        self.instances_evicted = Counter(
-            "detectord_instances_evicted_total", "Instances forgotten after instance_ttl without samples.",
-            registry=registry)
-        self.gap_rows = Counter(
-            "detectord_gap_steps_total",
-            "Steps without samples (missed scrapes) filled by holding the instance's last row.",
-            registry=registry)
-        self.window_restarts = Counter(
-            "detectord_window_restarts_total",
-            "Windows started over after a gap longer than ingest.max_gap_steps.", registry=registry)
         self.batch_size = Histogram(
             "detectord_inference_batch_size", "Windows scored per inference batch.",
             buckets=_SIZE_BUCKETS, registry=registry)
         self.batch_seconds = Histogram(
             "detectord_inference_batch_seconds", "Time of one batched forward pass.",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.windows_scored = Counter(
             "detectord_windows_scored_total", "Windows scored by the model.", registry=registry)
         self.windows_dropped = Counter(
@@ -90,12 +65,6 @@ class DaemonMetrics:
         self.reloads = Counter(
             "detectord_reloads_total", "Config and model reloads by result.", ["result"], registry=registry)
         self.ready = Gauge("detectord_ready", "1 when the model is loaded and warmed up.", registry=registry)
-
-    def count_ingest(self, stats: IngestStats) -> None:
-        for outcome in ("accepted", "ignored", "duplicate", "stale", "non_finite", "instance_limit", "late"):
-            n = getattr(stats, outcome)
-            if n:
-                self.samples.labels(outcome).inc(n)
 
     # InferenceMetrics, called from the inference thread.
     def observe_batch(self, size: int, padded: int, seconds: float) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from detectord.offline.dataset import Data
-from detectord.offline.evaluation import Timeline, threshold_for_rate, timelines_from_windows
+from detectord.detectors.quality import threshold_for_rate
+from detectord.offline.evaluation import Timeline, timelines_from_windows
 
 
 @dataclass

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from detectord.offline.dataset import Data
-from detectord.offline.evaluation import Timeline, threshold_for_rate
+from detectord.detectors.quality import threshold_for_rate
+from detectord.offline.evaluation import Timeline
 from detectord.ingest.normalise import BaselineSeries
 
 

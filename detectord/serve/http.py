@@ -1,0 +1,123 @@
+"""The daemon's HTTP endpoints: remote write, `/metrics`, the JSON APIs and the lifecycle
+endpoints. Handlers read the `Server` from the application and never do CPU work on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from detectord import __version__
+from detectord.errors import DetectordError, RemoteWriteError
+from detectord.ingest import intake
+from detectord.ingest.features import InstanceKey
+from detectord.ingest.remote_write import Version
+
+if TYPE_CHECKING:
+    from detectord.serve.server import Server
+
+SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
+
+
+def application(srv: Server) -> web.Application:
+    # Content-Encoding is ours to judge (only snappy is allowed): aiohttp must not inflate gzip bodies.
+    app = web.Application(client_max_size=srv.cfg.web.max_body_size + 1, handler_args={"auto_decompress": False})
+    app[SERVER_KEY] = srv
+    app.router.add_post("/api/v1/write", handle_write)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/-/healthy", handle_healthy)
+    app.router.add_get("/-/ready", handle_ready)
+    app.router.add_post("/-/reload", handle_reload)
+    app.router.add_put("/-/reload", handle_reload)
+    app.router.add_get("/api/v1/instances", handle_instances)
+    app.router.add_get("/api/v1/scores", handle_scores)
+    app.router.add_get("/", handle_index)
+    return app
+
+
+async def handle_write(request: web.Request) -> web.StreamResponse:
+    srv = request.app[SERVER_KEY]
+    m = srv.metrics
+    version: Version | None = None
+    try:
+        web_cfg = srv.cfg.web
+        version, body = await intake.read_request(
+            request, intake.Limits(web_cfg.max_body_size, web_cfg.max_decoded_body_size))
+        if not srv.ready or srv.ingestor is None:
+            raise RemoteWriteError(503, "not ready: the model is loading")
+        m.request_bytes.labels(version).inc(len(body))
+        result = await srv.ingestor.write(body, version)
+    except RemoteWriteError as exc:
+        exc.version = exc.version or version
+        m.requests.labels(str(exc.status), exc.version or "unknown").inc()
+        if exc.status in (400, 413):
+            m.rejected.labels(f"http_{exc.status}").inc()
+        return intake.refused(exc)
+    written = intake.Written(result.samples_written, result.histograms_written, result.exemplars_written)
+    response = intake.accepted(version, written, result.error)
+    m.requests.labels(str(response.status), version).inc()
+    return response
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    srv = request.app[SERVER_KEY]
+    if srv.pipeline is not None:
+        srv.metrics.queue_depth.set(srv.pipeline.worker.depth())
+    # Rendering tens of thousands of per-instance series is CPU work: not on the event loop.
+    body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, srv.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def handle_healthy(request: web.Request) -> web.Response:
+    return web.Response(text="detectord is Healthy.\n")
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    if request.app[SERVER_KEY].ready:
+        return web.Response(text="detectord is Ready.\n")
+    return web.Response(status=503, text="detectord is not ready: the model is loading.\n")
+
+
+async def handle_reload(request: web.Request) -> web.Response:
+    srv = request.app[SERVER_KEY]
+    try:
+        await srv.reload("http")
+    except DetectordError as exc:
+        return web.Response(status=500, text=f"failed to reload config: {exc}\n")
+    return web.Response(text="reloaded\n")
+
+
+async def handle_instances(request: web.Request) -> web.Response:
+    """JSON view of tracked instances: warming or scored, latest score, alert state."""
+    srv = request.app[SERVER_KEY]
+    if srv.ingestor is None or srv.sink is None:
+        return web.json_response({"status": "error", "error": "not ready"}, status=503)
+    ing, alerts = srv.ingestor, srv.sink.alerts
+    keys: list[InstanceKey] = await ing.call(ing.extractor.instance_keys)  # type: ignore[assignment]
+    want = request.query.get("instance")
+    names = srv.cfg.ingest.instance_labels
+    out = [{"labels": dict(zip(names, key, strict=True)), "warming": ing.is_warming(key),
+            "alert": alerts.state_of(key)}
+           for key in keys if want is None or want in key]
+    return web.json_response({"status": "success", "data": out})
+
+
+async def handle_scores(request: web.Request) -> web.Response:
+    """The latest scores of each instance (or of those whose label values include ?instance=),
+    oldest first, as [step timestamp in ms, score] pairs."""
+    srv = request.app[SERVER_KEY]
+    if srv.sink is None:
+        return web.json_response({"status": "error", "error": "not ready"}, status=503)
+    want = request.query.get("instance")
+    names = srv.cfg.ingest.instance_labels
+    out = [{"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in hist]}
+           for key, hist in list(srv.sink.history.items()) if want is None or want in key]
+    return web.json_response({"status": "success", "data": out})
+
+
+async def handle_index(request: web.Request) -> web.Response:
+    return web.Response(text=f"detectord {__version__}: POST remote-write to /api/v1/write; see /metrics, "
+                             "/api/v1/instances, /api/v1/scores, /-/ready.\n")

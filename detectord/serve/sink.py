@@ -1,0 +1,94 @@
+"""The score sink: every scored batch, on the event loop, into each instance's score history and
+gauges and through its alert state; the alerts that began firing or resolved go to the notifier.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from detectord.alerting.notifier import AlertmanagerNotifier
+from detectord.alerting.states import Alert, AlertStates
+from detectord.config import AlertingConfig
+from detectord.detectors import Detector
+from detectord.ingest.features import FEATURE_NAMES, InstanceKey
+from detectord.serve.inference import ScoreResult
+from detectord.serve.metrics import DaemonMetrics
+
+
+class ScoreSink:
+    """Owns what serving learns from scores: the latest `history` scores per instance (for
+    `/api/v1/scores`), the score and feature gauges, and the alert states. Runs on the event loop
+    only, so none of it needs a lock."""
+
+    def __init__(self, model: Detector, cfg: AlertingConfig, *, instance_labels: Sequence[str],
+                 metrics: DaemonMetrics, notifier: AlertmanagerNotifier, external_url: str, history: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.instance_labels = tuple(instance_labels)
+        self.metrics = metrics
+        self.notifier = notifier
+        self.history_len = history
+        self.alerts = AlertStates(cfg, model_name=model.name, external_url=external_url)
+        self.history: dict[InstanceKey, deque[tuple[int, float]]] = {}
+
+    def deliver(self, results: list[ScoreResult]) -> None:
+        """Take one scored batch (the inference worker hands it to the event loop)."""
+        features = self.model.features
+        threshold = self.model.threshold
+        k = self.cfg.top_features
+        m, alerts, keep = self.metrics, self.alerts, self.history_len
+        changed: list[Alert] = []
+        for r in results:
+            key = r.instance
+            m.score.labels(*key).set(r.score)
+            if keep:
+                hist = self.history.get(key)
+                if hist is None:
+                    hist = self.history[key] = deque(maxlen=keep)
+                hist.append((r.step_ts_ms, r.score))
+            m.anomaly.labels(*key).set(1.0 if r.score > 1.0 else 0.0)
+            dev = np.nan_to_num(r.feature_deviation, nan=0.0)
+            order = np.argsort(-np.abs(dev))[:k]
+            top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
+            labels = dict(zip(self.instance_labels, key, strict=True))
+            was_firing = alerts.is_firing(key)
+            changed.extend(alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like))
+            if alerts.is_firing(key):
+                if not was_firing:
+                    m.clear_features(key, features)
+                for name, d, v in top:
+                    m.feature_value.labels(*key, name).set(v)
+                    m.feature_deviation.labels(*key, name).set(d)
+            elif was_firing:
+                m.clear_features(key, features)
+        if changed:
+            self.notifier.submit(changed)
+        self._count_alerts()
+
+    def forget(self, keys: Iterable[InstanceKey]) -> None:
+        """Instances evicted by the ingest path: their firing alerts resolve, their series go."""
+        resolved: list[Alert] = []
+        for key in keys:
+            self.history.pop(key, None)
+            resolved.extend(self.alerts.forget(key))
+            self.metrics.forget_instance(key, FEATURE_NAMES)
+        if resolved:
+            self.notifier.submit(resolved)
+        self._count_alerts()
+
+    def use(self, model: Detector, cfg: AlertingConfig, notifier: AlertmanagerNotifier, *, history: int) -> None:
+        """After a reload: alert states carry over (replaced where their labels change), and a new
+        notifier is told of every firing alert."""
+        if cfg != self.cfg or model.name != self.model.name:
+            self.alerts = self.alerts.reconfigured(cfg, model_name=model.name)
+        if notifier is not self.notifier:
+            self.notifier = notifier
+            notifier.submit(self.alerts.firing())
+        self.model, self.cfg, self.history_len = model, cfg, history
+
+    def _count_alerts(self) -> None:
+        for state, n in self.alerts.counts().items():
+            self.metrics.alerts.labels(state).set(n)
