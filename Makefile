@@ -47,7 +47,7 @@ coredns:
 proto: venv-dev
 	PATH=$(BIN):$$PATH scripts/gen-proto.sh
 
-# Train the three detectors on the committed lab data, evaluate them beside the baselines and
+# Train the three detectors on the committed lab data, evaluate them beside the comparisons and
 # make the best the default: models/{conv_autoencoder,conv_classifier,siamese,default,report}.
 models: venv-dev system-deps
 	$(BIN)/detectord train --data data --out models

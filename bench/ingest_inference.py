@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1  # noqa: E402
-from lab.synthetic import Fleet  # noqa: E402
-from lab.peers import free_port, wait_http_ok  # noqa: E402
+from lab.synthetic import SyntheticFleet  # noqa: E402
+from lab.peers.detectord import run_detectord  # noqa: E402
+from lab.peers.prometheus import run_prometheus  # noqa: E402
 
 HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
            "X-Prometheus-Remote-Write-Version": "0.1.0"}
@@ -44,7 +45,7 @@ class Rounds:
 
 def make_rounds(instances: int, rounds: int, seed: int = 1) -> Rounds:
     start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
-    fleet = Fleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
+    fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
     bodies, samples = [], []
     for _ in range(rounds):
         payloads = fleet.scrape_payloads()
@@ -86,44 +87,15 @@ def rate(rounds: Rounds, times: list[float]) -> tuple[float, float]:
 
 async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path,
                           model: Path) -> list[float]:
-    port = free_port()
-    cfg = workdir / "detectord.yml"
-    cfg.write_text(f"""
-web: {{listen_address: "127.0.0.1:{port}", max_body_size: 64MiB, max_decoded_body_size: 256MiB}}
-ingest: {{step: {STEP_S:g}s, max_instances: {instances + 100}}}
-model: {{path: {model}}}
-logging: {{level: warning}}
-""")
-    log = workdir / "detectord.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "detectord", "serve", "--config.file", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=180, proc=proc, log=log)
-        return await send(f"http://127.0.0.1:{port}/api/v1/write", rounds, concurrency)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    config = {"web": {"max_body_size": "64MiB", "max_decoded_body_size": "256MiB"},
+              "ingest": {"step": f"{STEP_S:g}s", "max_instances": instances + 100}, "logging": {"level": "warning"}}
+    async with run_detectord(config, workdir=workdir, model=model, ready_timeout=180) as det:
+        return await send(det.write_url, rounds, concurrency)
 
 
 async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> list[float]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        raise RuntimeError("prometheus not installed (make system-deps)")
-    port = free_port()
-    (workdir / "prometheus.yml").write_text("global: {scrape_interval: 15s}\n")
-    log = workdir / "prometheus.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver"],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=60, proc=proc, log=log)
-        return await send(f"http://127.0.0.1:{port}/api/v1/write", rounds, concurrency)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    async with run_prometheus({}, workdir=workdir, enable_receiver=True) as prom:
+        return await send(f"{prom.url}/api/v1/write", rounds, concurrency)
 
 
 def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default=None, help="write every score as CSV (instance labels, timestamp_ms, score)")
 
     sub.add_parser("train", help="train the detectors on labelled recordings (see train --help)")
-    sub.add_parser("evaluate", help="evaluate models beside the baselines (see evaluate --help)")
+    sub.add_parser("evaluate", help="evaluate models beside the comparisons (see evaluate --help)")
     sub.add_parser("tune", help="search a detector's hyperparameters with Optuna (see tune --help)")
     return p
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from detectord.recordings.format import ReadStats, read_records
+from detectord.recordings.truth import TRUTH_SUFFIX, read_truth, recording_name, truth_path
 from lab.runner import RECORDING, TRUTH
 
 SUFFIX = ".drec.xz"
@@ -25,19 +26,19 @@ SUFFIX = ".drec.xz"
 
 def publish(run: Path, to: Path, name: str | None = None) -> Path:
     """Copy run/recording.drec (compressed) and run/truth.json into `to` as NAME.drec.xz and NAME.truth.json."""
-    truth: dict[str, Any] = json.loads((run / TRUTH).read_text())
-    if truth.get("interrupted"):
+    truth = read_truth(run / TRUTH)
+    if truth.interrupted:
         raise SystemExit(f"{run}: the run was interrupted; not publishing it")
-    name = name or str(truth["scenario"])
+    name = name or truth.scenario
     to.mkdir(parents=True, exist_ok=True)
     src = run / RECORDING
     dst = to / f"{name}{SUFFIX}"
     with open(src, "rb") as f, lzma.open(dst, "wb", preset=9 | lzma.PRESET_EXTREME) as out:
         shutil.copyfileobj(f, out, 1 << 20)
-    truth["recording"] = dst.name
-    if truth.get("source"):
-        truth["source"] = str(Path(truth["source"]).resolve().relative_to(Path.cwd().resolve()))
-    (to / f"{name}.truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    truth.recording = dst.name
+    if truth.source:
+        truth.source = str(Path(truth.source).resolve().relative_to(Path.cwd().resolve()))
+    truth.write(truth_path(dst))
     return dst
 
 
@@ -53,17 +54,16 @@ class Summary:
 
 
 def summarise(recording: Path) -> Summary:
-    truth = json.loads(recording.with_name(recording.name.removesuffix(SUFFIX) + ".truth.json").read_text())
+    truth = read_truth(truth_path(recording))
     stats = ReadStats()
     for _ in read_records(recording, stats):
         pass
-    events: Counter[str] = Counter(e["class"] for e in truth["events"])
+    events: Counter[str] = Counter(e.cls for e in truth.events)
     sev: dict[str, Counter[str]] = {}
-    for e in truth["events"]:
-        sev.setdefault(e["class"], Counter())[e["severity"] or "-"] += 1
-    return Summary(recording.name.removesuffix(SUFFIX), recording.stat().st_size / 1e6,
-                   (truth["ended_ms"] - truth["started_ms"]) / 60000, stats.records, len(truth["instances"]),
-                   events, sev)
+    for e in truth.events:
+        sev.setdefault(e.cls, Counter())[e.severity or "-"] += 1
+    return Summary(recording_name(recording), recording.stat().st_size / 1e6,
+                   (truth.ended_ms - truth.started_ms) / 60000, stats.records, len(truth.instances), events, sev)
 
 
 def summary_table(directory: Path) -> str:
@@ -136,8 +136,8 @@ def write_readme(directory: Path) -> Path:
     files, classes = table.split("\n\n", 1)
     coredns = "?"
     for r in rows:
-        truth = json.loads((directory / f"{r.name}.truth.json").read_text())
-        coredns = str(truth.get("coredns_version") or coredns)
+        extra = read_truth(directory / f"{r.name}{TRUTH_SUFFIX}").extra
+        coredns = str(extra.get("coredns_version") or coredns)
     coredns = coredns if coredns != "?" else "v1.12.4"
     out = directory / "README.md"
     out.write_text(_README.format(coredns=coredns, files=files, classes=classes))

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from detectord.children import ChildError
 from lab.chaos import Relay, start_relay
 from lab.load import DnsperfLoop, Modulation, RateFn
 from lab.peers.coredns import CoreDNS, Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
 from lab.peers.dnsperf import query_file
-from lab.scenario import LoadSpec, Topology
+from lab.topology import LoadSpec, Topology
 
 Role = Literal["edge", "upstream"]
 JOBS: dict[Role, str] = {"edge": "coredns-edge", "upstream": "coredns-upstream"}
@@ -113,7 +114,7 @@ class Fleet:
             try:
                 await self.start_node(node)
                 return
-            except RuntimeError:
+            except ChildError:
                 if attempt == attempts - 1:
                     raise
                 node.ports = Ports()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.peers import _die_with_parent
+from detectord import children
 from lab.peers.dnsperf import dnsperf_binary
 
 RateFn = Callable[[float], float]
@@ -53,7 +53,7 @@ class DnsperfLoop:
         self.max_outstanding = max_outstanding
         self.timeout_s = timeout_s
         self.current_qps = 0.0
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[children.Child] = []
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
 
@@ -73,17 +73,14 @@ class DnsperfLoop:
                 argv = [binary, "-s", "127.0.0.1", "-p", str(self.port), "-d", str(self.queries[self.segments % len(self.queries)]),
                         "-l", f"{self.segment_s:g}", "-Q", str(int(qps)), "-q", str(self.max_outstanding),
                         "-c", "2", "-t", f"{self.timeout_s:g}"]
-                with open(self.log, "ab") as out:
-                    self._procs.append(subprocess.Popen(
-                        argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                        preexec_fn=_die_with_parent))
+                self._procs.append(children.spawn(argv, log=self.log, name=f"dnsperf {self.name}"))
                 self.segments += 1
             # The next segment starts when this one stops sending; the last one may still be
             # waiting out its outstanding queries.
             await asyncio.sleep(self.segment_s - (loop.time() - self._t0 - t))
 
     def _reap(self) -> None:
-        self._procs = [p for p in self._procs if p.poll() is None]
+        self._procs = [p for p in self._procs if p.alive]
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -91,9 +88,8 @@ class DnsperfLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for p in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
+            p.signal(signal.SIGKILL)
         for p in self._procs:
-            await asyncio.get_running_loop().run_in_executor(None, p.wait)
+            await p.stop()
         self._procs.clear()
         self.current_qps = 0.0

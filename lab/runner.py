@@ -24,15 +24,15 @@ from typing import Any
 import aiohttp
 
 from detectord.errors import ConfigError
+from detectord.recordings.truth import Truth, TruthEvent, TruthInstance
 from lab.faults import PRIMITIVES, Primitive
 from lab.fleet import LAB_KEEP, Fleet, Node
-from lab.peers import REPO, free_port, run_process, wait_http_ok
+from lab.peers.detectord import run_recorder
 from lab.peers.prometheus import Prometheus, run_prometheus
 from lab.scenario import Fault, Scenario, load_scenario
 
 RECORDING = "recording.drec"
 TRUTH = "truth.json"
-INSTANCE_LABELS = ("job", "instance")
 
 
 @dataclass
@@ -43,15 +43,12 @@ class EventRecord:
     end_ms: int | None = None
     error: str | None = None
 
-    def to_json(self, i: int) -> dict[str, Any]:
-        return {
-            "id": i, "class": self.fault.cls, "severity": self.fault.severity,
-            "start_ms": self.start_ms, "end_ms": self.end_ms, "instances": self.instances,
-            **({"error": self.error} if self.error else {}),
-            "actions": [{"primitive": a.primitive, "targets": list(a.targets),
-                         "params": {k: (float(v) if isinstance(v, float) else v) for k, v in a.params.items()}}
-                        for a in self.fault.actions],
-        }
+    def to_truth(self, i: int) -> TruthEvent:
+        return TruthEvent(
+            i, self.fault.cls, self.fault.severity, self.start_ms, self.end_ms, self.instances,
+            [{"primitive": a.primitive, "targets": list(a.targets),
+              "params": {k: (float(v) if isinstance(v, float) else v) for k, v in a.params.items()}}
+             for a in self.fault.actions], self.error)
 
 
 def _now_ms() -> int:
@@ -82,13 +79,8 @@ class Run:
         sc = self.scenario
         try:
             async with contextlib.AsyncExitStack() as stack:
-                port = free_port()
-                log = work / "record.log"
-                proc = await stack.enter_async_context(run_process(
-                    [sys.executable, "-m", "detectord", "record", "--out", str(out / RECORDING),
-                     "--web.listen-address", f"127.0.0.1:{port}"], log=log, cwd=REPO))
-                self.record_url = f"http://127.0.0.1:{port}"
-                await wait_http_ok(f"{self.record_url}/-/ready", timeout=60, proc=proc, log=log)
+                recorder = await stack.enter_async_context(run_recorder(out / RECORDING, log=work / "record.log"))
+                self.record_url = recorder.url
                 self.fleet = fleet = Fleet(sc.topology, sc.load, workdir=work, seed=sc.seed)
                 stack.push_async_callback(fleet.stop)
                 await fleet.start()
@@ -201,19 +193,14 @@ class Run:
     def write_truth(self) -> Path:
         sc = self.scenario
         fleet = self.fleet
-        truth = {
-            "scenario": sc.name, "description": sc.description, "test_only": sc.test_only,
-            "source": str(self.source) if self.source else None,
-            "recording": RECORDING, "started_ms": self.started_ms, "ended_ms": self.ended_ms,
-            "interrupted": self.interrupted, "step_seconds": sc.step, "instance_labels": list(INSTANCE_LABELS),
-            "instances": [{**n.labels, "role": n.role, **({"upstream": n.upstream} if n.upstream else {}),
-                           **({"relay": n.relay.counts()} if n.relay else {})}
-                          for n in (fleet.nodes.values() if fleet else [])],
-            "events": [ev.to_json(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
-        }
-        path = self.out / TRUTH
-        path.write_text(json.dumps(truth, indent=1) + "\n")
-        return path
+        truth = Truth(
+            scenario=sc.name, description=sc.description, test_only=sc.test_only,
+            source=str(self.source) if self.source else None, recording=RECORDING, started_ms=self.started_ms,
+            ended_ms=self.ended_ms, interrupted=self.interrupted, step_seconds=sc.step,
+            instances=[TruthInstance(n.job, n.name, n.role, n.upstream, n.relay.counts() if n.relay else None)
+                       for n in (fleet.nodes.values() if fleet else [])],
+            events=[ev.to_truth(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error])
+        return truth.write(self.out / TRUTH)
 
 
 def _metric(text: str, name: str) -> str:

@@ -16,33 +16,8 @@ import yaml
 
 from detectord.config import Duration, from_mapping
 from detectord.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Topology:
-    edges: int = 4
-    upstreams: int = 2
-    # The edges' cache: TTL cap in seconds and capacity (entries, success and denial each).
-    cache_ttl: int = 30
-    cache_capacity: int = 9984
-    # Names in the upstreams' zone that the load asks for.
-    zone_names: int = 2000
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    # Mean queries a second per edge; edges differ by ±spread around it.
-    qps: float = 150.0
-    spread: float = 0.3
-    # The rate breathes: qps * (1 + depth * sin(2 pi t / period)), out of phase across edges.
-    modulation_period: Duration = Duration(600.0)
-    modulation_depth: float = 0.3
-    # Search-path lookups (name.<ns>.svc.cluster.local.) that end in NXDOMAIN.
-    nxdomain_share: float = 0.15
-    # Popularity skew of names (Zipf exponent).
-    zipf: float = 1.0
-    # Length of one dnsperf run (a new rate is set at each).
-    segment: Duration = Duration(10.0)
+from lab.faults import PRIMITIVES
+from lab.topology import LoadSpec, Topology
 
 
 @dataclass(frozen=True)
@@ -96,8 +71,6 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
-    from lab.faults import PRIMITIVES  # the table of primitives, and their parameters
-
     if not isinstance(raw, Mapping):
         raise ConfigError("<top level>", "a scenario must be a mapping")
     known = {"name", "description", "duration", "step", "seed", "topology", "load", "faults", "test_only"}

@@ -1,7 +1,10 @@
-"""Synthetic CoreDNS fleets: raw /metrics series as Prometheus scrapes and remote-writes them.
+"""Synthetic CoreDNS fleets: raw /metrics series as Prometheus scrapes and remote-writes them,
+for benchmarks and tests that need thousands of instances no lab could run.
 
 Owns the simulation of a fleet (traffic, cache, upstreams, process) with injectable faults and
-their ground-truth spans; output is remote-write 1.0 bytes or messages, never features.
+their ground-truth spans; output is remote-write 1.0 bytes or messages, never features. Fault
+classes share the lab's names where they mean the same incident (lab/scenarios); memory_leak and
+panics are the simulator's own. Not shipped: the real fleet is lab/fleet.py.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import numpy as np
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 
 FaultClass = Literal[
-    "upstream_slow",
+    "upstream_latency",
     "upstream_down",
     "upstream_servfail",
     "query_flood",
-    "nxdomain_flood",
-    "max_concurrent",
+    "random_subdomain_flood",
+    "forward_saturation",
     "memory_leak",
     "panics",
 ]
@@ -238,7 +241,7 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size: int) -> n
     return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
 
 
-class Fleet:
+class SyntheticFleet:
     """N CoreDNS instances scraped every `scrape_interval_s`; deterministic from `seed`.
 
     Call `inject` (or `inject_random`) before generating, then `scrape_payloads()` once per
@@ -377,7 +380,7 @@ class Fleet:
         rng = self.rng
         f = _Fault(instance, cls, (start_ms - self.start_ms) / 1000.0, (end_ms - self.start_ms) / 1000.0,
                    severity)
-        if cls in ("upstream_slow", "max_concurrent", "upstream_down"):
+        if cls in ("upstream_latency", "forward_saturation", "upstream_down"):
             # Open-loop clients keep (or raise, retrying) their rate; closed-loop ones slow down.
             f.rate_mult = float(_log_uniform(rng, 0.05, 1.5, 1)[0])
         f.blackhole = bool(rng.random() < 0.3)
@@ -462,7 +465,7 @@ class Fleet:
             if not f.start_s <= t < f.end_s:
                 continue
             i, s = f.index, f.severity
-            if f.cls == "upstream_slow":
+            if f.cls == "upstream_latency":
                 target = math.exp(math.log(0.2) + s * (math.log(4.0) - math.log(0.2)))
                 up_med[i] = np.maximum(up_med[i], target)
                 up_sig[i] = np.maximum(up_sig[i], 0.6)
@@ -476,10 +479,10 @@ class Fleet:
                 sf_extra[i] = 0.05 + 0.95 * s
             elif f.cls == "query_flood":
                 rate_mult[i] *= 1.0 + 20.0 * s
-            elif f.cls == "nxdomain_flood":
+            elif f.cls == "random_subdomain_flood":
                 nx_extra[i] = (self.q0[i] + 20.0) * 10.0 * s
                 up_med[i] *= 1.0 + 2.0 * s
-            elif f.cls == "max_concurrent":
+            elif f.cls == "forward_saturation":
                 p_rej[i] = 0.05 + 0.75 * s
                 up_med[i] *= 3.0 + 10.0 * s
                 g_extra[i] += 1000.0
@@ -743,7 +746,7 @@ class _Encoder:
     each scrape only writes its values and timestamps into a copy of the template.
     """
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: SyntheticFleet) -> None:
         cat = _CAT
         self.n = fleet.n
         job_lb = _label_bytes("job", fleet.job)
@@ -847,7 +850,7 @@ class _Encoder:
         return out, p, p + 9
 
 
-def _encoder(fleet: Fleet) -> _Encoder:
+def _encoder(fleet: SyntheticFleet) -> _Encoder:
     if fleet._enc is None:
         fleet._enc = _Encoder(fleet)
     return fleet._enc
@@ -857,7 +860,7 @@ def _encoder(fleet: Fleet) -> _Encoder:
 class Synthetic:
     """A generated recording: its WriteRequests (lazily), the injected spans and the restarts."""
 
-    fleet: Fleet
+    fleet: SyntheticFleet
     duration_s: float
     spans: list[Span] = field(default_factory=list)
 
@@ -883,7 +886,7 @@ def generate(
     **fleet_kwargs: object,
 ) -> Synthetic:
     """A fleet of `n_instances`, the first `faulty` of which get random faults."""
-    fleet = Fleet(n_instances, seed=seed, scrape_interval_s=scrape_interval_s, **fleet_kwargs)  # type: ignore[arg-type]
+    fleet = SyntheticFleet(n_instances, seed=seed, scrape_interval_s=scrape_interval_s, **fleet_kwargs)  # type: ignore[arg-type]
     spans = fleet.inject_random(range(faulty), duration_s=duration_s, per_instance=faults_per_instance,
                                 classes=classes, min_len_s=fault_len_s[0], max_len_s=fault_len_s[1],
                                 severity=severity, margin_s=min(0.2 * duration_s, 64 * scrape_interval_s))

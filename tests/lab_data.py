@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from detectord.offline.dataset import truth_path
+from detectord.recordings.truth import read_truth, truth_path
 from detectord.recordings.format import RecordingWriter, read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ DATA = Path(os.environ.get("DETECTORD_TEST_DATA", REPO / "data"))
 def slice_recording(src: Path, dst: Path, minutes: float, skip_minutes: float = 0.0) -> Path:
     """The records of `src` that arrived in [skip, skip + minutes) after its first, and its truth
     file with the events that start in that span."""
-    truth = json.loads(truth_path(src).read_text())
+    truth = read_truth(truth_path(src))
     start = None
     with RecordingWriter(dst) as w:
         for rec in read_records(src):
@@ -31,8 +31,8 @@ def slice_recording(src: Path, dst: Path, minutes: float, skip_minutes: float = 
     assert start is not None
     lo = start // 1_000_000 + int(skip_minutes * 60_000)
     hi = lo + int(minutes * 60_000)
-    truth["events"] = [e for e in truth["events"] if e.get("start_ms") and lo <= e["start_ms"] and e["end_ms"] < hi]
-    truth_path(dst).write_text(json.dumps(truth))
+    truth.events = [e for e in truth.events if e.start_ms and e.end_ms and lo <= e.start_ms and e.end_ms < hi]
+    truth.write(truth_path(dst))
     return dst
 
 

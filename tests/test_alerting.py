@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.alerting.states import Alert, AlertStates, rfc3339
 from detectord.config import AlertingConfig, AlertmanagerConfig, Duration
-from lab.peers import free_port
+from detectord.children import free_port
 from lab.peers.alertmanager import Alertmanager, run_alertmanager
 
 T = TypeVar("T")

@@ -56,7 +56,7 @@ def test_counter_rate_with_reset_and_aggregation_over_servers() -> None:
         for t, v in enumerate(values)
     ]
     rows = feed(ext, scrapes)
-    # The first step only sets baselines; after it every step is one row.
+    # The first step only sets the counters' starting values; after it every step is one row.
     assert col(rows, "request_rate") == [110.0, 110.0, 110.0, 110.0, 55.0, 110.0, 110.0]
     assert [r.step_ts_ms for r in rows] == [2000, 3000, 4000, 5000, 6000, 7000, 8000]
 

@@ -16,50 +16,33 @@ import aiohttp
 import pytest
 
 from tests.payloads import V1_HEADERS, coredns_scrape, v1_body
-from lab.peers import free_port, wait_http_ok
+from lab.peers.detectord import Detectord, run_detectord
 from tests.test_server import metric
 
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-
-def write_config(path: Path, port: int, model: Path, extra: str = "") -> None:
-    path.write_text(f"""
+CONFIG = """
 web:
-  listen_address: 127.0.0.1:{port}
   max_body_size: 64MiB
   max_decoded_body_size: 256MiB
 ingest:
   step: 1s
-model:
-  path: {model}
 inference:
   max_batch: 64
 logging:
   format: json
-{extra}""")
+"""
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path) -> AsyncIterator[tuple[subprocess.Popen[bytes], str, Path, Path]]:
+async def daemon(tmp_path: Path) -> AsyncIterator[Detectord]:
+    """`detectord serve` on a copy of the default model (the tests break it), run from elsewhere."""
     model = tmp_path / "model"
     shutil.copytree(REPO / "models/default", model)
-    cfg = tmp_path / "detectord.yml"
-    port = free_port()
-    write_config(cfg, port, model)
-    log = tmp_path / "detectord.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "detectord", "serve", "--config.file", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_http_ok(base + "/-/ready", timeout=120, proc=proc, log=log)
-        yield proc, base, cfg, model
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    async with run_detectord(CONFIG, workdir=tmp_path, model=model, cwd=tmp_path) as det:
+        yield det
 
 
 async def _get(base: str, path: str) -> tuple[int, str]:
@@ -76,8 +59,8 @@ async def _wait_metric(base: str, name: str, value: float, timeout: float = 60, 
         await asyncio.sleep(0.1)
 
 
-async def test_sighup_with_broken_model_keeps_the_old_one(daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
-    proc, base, cfg, model = daemon
+async def test_sighup_with_broken_model_keeps_the_old_one(daemon: Detectord) -> None:
+    proc, base, model = daemon.child.proc, daemon.url, daemon.model
     (model / "model.weights.h5").write_bytes(b"this is not an HDF5 file")
     proc.send_signal(signal.SIGHUP)
     text = await _wait_metric(base, "detectord_reloads_total", 1, result="failure")
@@ -91,16 +74,14 @@ async def test_sighup_with_broken_model_keeps_the_old_one(daemon: tuple[subproce
             assert r.status == 204
 
 
-async def test_reload_endpoint_refuses_a_bad_config_then_applies_a_good_one(
-        daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
-    proc, base, cfg, model = daemon
-    port = int(base.rsplit(":", 1)[1])
-    write_config(cfg, port, model, "alerting:\n  sevrity: page\n")
+async def test_reload_endpoint_refuses_a_bad_config_then_applies_a_good_one(daemon: Detectord) -> None:
+    proc, base = daemon.child.proc, daemon.url
+    daemon.write_config(CONFIG + "alerting:\n  sevrity: page\n")
     async with aiohttp.ClientSession() as s:
         async with s.post(base + "/-/reload") as r:
             assert r.status == 500
             assert "alerting.sevrity" in await r.text()
-        write_config(cfg, port, model, "alerting:\n  severity: page\n")
+        daemon.write_config(CONFIG + "alerting:\n  severity: page\n")
         async with s.post(base + "/-/reload") as r:
             assert r.status == 200, await r.text()
     text = await _wait_metric(base, "detectord_reloads_total", 1, result="success")
@@ -108,9 +89,8 @@ async def test_reload_endpoint_refuses_a_bad_config_then_applies_a_good_one(
     assert proc.poll() is None
 
 
-async def test_sigterm_finishes_in_flight_requests_and_exits_0(
-        daemon: tuple[subprocess.Popen[bytes], str, Path, Path]) -> None:
-    proc, base, _, _ = daemon
+async def test_sigterm_finishes_in_flight_requests_and_exits_0(daemon: Detectord) -> None:
+    proc, base = daemon.child.proc, daemon.url
     now = int(time.time() * 1000)
     series = []
     for i in range(20000):

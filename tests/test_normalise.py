@@ -12,7 +12,7 @@ from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
 from detectord.ingest.pipeline import Ingestor
 from detectord.serve.metrics import DaemonMetrics
 from detectord.ingest.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
-from lab.synthetic import Fleet
+from lab.synthetic import SyntheticFleet
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 PLAN = InputPlan.default(FEATURE_NAMES)
@@ -124,7 +124,7 @@ def test_input_plan_round_trips_and_refuses_unknown_keys() -> None:
 def test_training_windows_are_the_windows_serve_scores() -> None:
     """The offline path (extract → baseline_series → windows_at) and the Ingestor give the same bytes."""
     step_ms, window = 15_000, 16
-    fleet = Fleet(3, seed=3, scrape_interval_s=15.0)
+    fleet = SyntheticFleet(3, seed=3, scrape_interval_s=15.0)
     requests = list(fleet.write_requests(3 * 3600))
     sink: list = []
 

@@ -21,7 +21,8 @@ from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.recordings.recorder import Recorder, RecorderOptions
 from detectord.recordings.format import MAGIC, ReadStats, RecordingError, RecordingWriter, read_records
 from detectord.recordings.replay import replay
-from lab.peers import REPO, free_port, run_process, wait_http_ok
+from detectord.children import free_port
+from lab.peers.detectord import run_recorder
 from tests.payloads import V1_HEADERS as V1
 from tests.payloads import V2_HEADERS, v1_body, v2_body
 
@@ -155,12 +156,9 @@ async def test_recording_survives_kill_9_mid_write(tmp_path: Path) -> None:
     seen_torn = 0
     acked_all: list[bytes] = []
     for round_ in range(4):
-        port = free_port()
-        log = tmp_path / f"record.{round_}.log"
-        argv = [sys.executable, "-m", "detectord", "record", "--out", str(out),
-                "--web.listen-address", f"127.0.0.1:{port}", "--web.max-body-size", "64MiB"]
-        async with run_process(argv, log=log, cwd=REPO) as proc:
-            await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", proc=proc, log=log)
+        async with run_recorder(out, log=tmp_path / f"record.{round_}.log",
+                                args=["--web.max-body-size", "64MiB"]) as recorder:
+            url = recorder.write_url
             acked: list[tuple[int, bytes]] = []
             stop = time.monotonic() + 1.0 + random.random()
             killed = False
@@ -172,7 +170,7 @@ async def test_recording_survives_kill_9_mid_write(tmp_path: Path) -> None:
                         body = _big_body(k * 10_000 + i, 16 * 1024 * 1024)
                         i += 1
                         try:
-                            async with s.post(f"http://127.0.0.1:{port}/api/v1/write", data=io.BytesIO(body),
+                            async with s.post(url, data=io.BytesIO(body),
                                               headers=V1) as r:
                                 if r.status == 204:
                                     acked.append((k, body))
@@ -182,7 +180,7 @@ async def test_recording_survives_kill_9_mid_write(tmp_path: Path) -> None:
             senders = [asyncio.ensure_future(sender(k)) for k in range(3)]
             await asyncio.sleep(stop - time.monotonic())
             # Kill the moment the file starts growing: the recorder is inside a write.
-            await asyncio.get_running_loop().run_in_executor(None, _kill_when_growing, out, proc.pid)
+            await asyncio.get_running_loop().run_in_executor(None, _kill_when_growing, out, recorder.child.proc.pid)
             killed = True
             await asyncio.gather(*senders)
         stats = ReadStats()

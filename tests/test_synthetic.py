@@ -11,12 +11,12 @@ import pytest
 
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.features import FEATURE_NAMES, extract
-from lab.synthetic import MAX_SAMPLES_PER_SEND, STALE_NAN_BITS, TIME_BUCKETS, Fleet, generate
+from lab.synthetic import MAX_SAMPLES_PER_SEND, STALE_NAN_BITS, TIME_BUCKETS, SyntheticFleet, generate
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
 
-def scrapes(fleet: Fleet, n: int) -> list[list[pb1.WriteRequest]]:
+def scrapes(fleet: SyntheticFleet, n: int) -> list[list[pb1.WriteRequest]]:
     return [[pb1.WriteRequest.FromString(p) for p in fleet.scrape_payloads()] for _ in range(n)]
 
 
@@ -25,7 +25,7 @@ def is_counter(name: str) -> bool:
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
-    a, b, c = Fleet(5, seed=7), Fleet(5, seed=7), Fleet(5, seed=8)
+    a, b, c = SyntheticFleet(5, seed=7), SyntheticFleet(5, seed=7), SyntheticFleet(5, seed=8)
     for _ in range(3):
         pa, pb, pc = a.scrape_payloads(), b.scrape_payloads(), c.scrape_payloads()
         assert pa == pb
@@ -33,7 +33,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
 
 
 def test_write_requests_are_shaped_like_prometheus_2_42_sends_them() -> None:
-    fleet = Fleet(12, seed=1, scrape_interval_s=15)
+    fleet = SyntheticFleet(12, seed=1, scrape_interval_s=15)
     msgs = [m for batch in scrapes(fleet, 2) for m in batch]
     assert len(msgs) > 2
     per_instance: dict[str, set[str]] = defaultdict(set)
@@ -62,7 +62,7 @@ def test_write_requests_are_shaped_like_prometheus_2_42_sends_them() -> None:
 
 
 def test_smaller_messages_on_request_and_request_duration_buckets_are_timebuckets() -> None:
-    fleet = Fleet(2, seed=2)
+    fleet = SyntheticFleet(2, seed=2)
     payloads = fleet.scrape_payloads(max_samples=37)
     msgs = [pb1.WriteRequest.FromString(p) for p in payloads]
     assert all(len(m.timeseries) <= 37 for m in msgs[:-1]) and len(msgs[-1].timeseries) <= 37
@@ -72,7 +72,7 @@ def test_smaller_messages_on_request_and_request_duration_buckets_are_timebucket
 
 
 def test_counters_only_fall_at_injected_restarts() -> None:
-    fleet = Fleet(6, seed=3, scrape_interval_s=15, restarts_per_hour=30.0)
+    fleet = SyntheticFleet(6, seed=3, scrape_interval_s=15, restarts_per_hour=30.0)
     last: dict[tuple[tuple[str, str], ...], tuple[int, float]] = {}
     falls = 0
     stale = 0
@@ -102,7 +102,7 @@ def test_counters_only_fall_at_injected_restarts() -> None:
 
 
 def test_histogram_buckets_are_cumulative() -> None:
-    fleet = Fleet(3, seed=4)
+    fleet = SyntheticFleet(3, seed=4)
     by_series: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = defaultdict(list)
     for m in scrapes(fleet, 1)[0]:
         for ts in m.timeseries:
@@ -125,10 +125,10 @@ def test_generate_labels_fault_spans_and_is_deterministic() -> None:
 
 
 def test_faults_show_in_the_shared_features() -> None:
-    fleet = Fleet(2, seed=6, scrape_interval_s=15, restarts_per_hour=0, traffic_shifts_per_hour=0,
+    fleet = SyntheticFleet(2, seed=6, scrape_interval_s=15, restarts_per_hour=0, traffic_shifts_per_hour=0,
                   qps_range=(500.0, 2000.0), low_qps_fraction=0.0)
     start = fleet.start_ms + 30 * 60_000
-    slow = fleet.inject(0, "upstream_slow", start, start + 20 * 60_000, severity=1.0)
+    slow = fleet.inject(0, "upstream_latency", start, start + 20 * 60_000, severity=1.0)
     panics = fleet.inject(1, "panics", start, start + 20 * 60_000, severity=0.5)
     series = extract(fleet.write_requests(3600), 15_000)
     for key, fs in series.items():
@@ -149,7 +149,7 @@ def test_faults_show_in_the_shared_features() -> None:
 
 
 def test_inject_refuses_bad_arguments() -> None:
-    fleet = Fleet(2, seed=0)
+    fleet = SyntheticFleet(2, seed=0)
     with pytest.raises(ValueError, match="unknown fault class"):
         fleet.inject(0, "meteor", fleet.start_ms, fleet.start_ms + 1000)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="severity"):
@@ -161,7 +161,7 @@ def test_inject_refuses_bad_arguments() -> None:
 def test_a_thousand_instances_scrape_quickly() -> None:
     import time
 
-    fleet = Fleet(1000, seed=0, lazy_series=False, restarts_per_hour=0)
+    fleet = SyntheticFleet(1000, seed=0, lazy_series=False, restarts_per_hour=0)
     fleet.scrape_payloads()
     t0 = time.perf_counter()
     payloads = fleet.scrape_payloads()

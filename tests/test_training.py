@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _card_rows(card: str) -> dict[str, str]:
     """The side-by-side rows of a model card's comparison section, by detector."""
-    section = card.split("## Beside the baselines and the other models", 1)[1]
+    section = card.split("## Beside the comparisons and the other models", 1)[1]
     return {m.group(1): m.group(0) for m in re.finditer(r"^\| ([^|]+?) \|.*$", section, re.MULTILINE)
             if m.group(1) not in ("detector", "---")}
 
@@ -41,7 +41,7 @@ def _card_rows(card: str) -> dict[str, str]:
 def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "models"
     proc = _run("train", "--data", str(data_dir), "--out", str(out), "--epochs", "3", "--window", "16",
-                "--heldout", "cpu_starvation", "--baselines", "robust_z,isolation_forest",
+                "--heldout", "cpu_starvation", "--compare", "robust_z,isolation_forest",
                 "--tensorboard", str(tmp_path / "tb"))
     assert "epoch 3/3" in proc.stdout and "default:" in proc.stdout  # progress, and the choice
     assert any((tmp_path / "tb" / "conv_autoencoder").rglob("*tfevents*"))
@@ -57,7 +57,7 @@ def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path
 
     card = (out / "conv_classifier" / "MODEL_CARD.md").read_text()
     ev = _run("evaluate", str(out / "conv_classifier"), str(data_dir), "--out", str(tmp_path / "eval"),
-              "--baselines", "robust_z,isolation_forest")
+              "--compare", "robust_z,isolation_forest")
     printed = {m.group(1): m.group(0) for m in re.finditer(r"^\| ([^|]+?) \|.*$", ev.stdout, re.MULTILINE)}
     rows = _card_rows(card)
     for name in ("conv_classifier", "robust_z", "isolation_forest"):
@@ -79,7 +79,7 @@ def test_labels_feed_the_supervised_models(data_dir: Path, tmp_path: Path) -> No
                       f"  start: {int(t[150])}\n  end: {int(t[210])}\n  verdict: anomaly\n  class: engineer_says\n")
     out = tmp_path / "models"
     _run("train", "--data", str(data_dir), "--out", str(out), "--epochs", "2", "--window", "16", "--kinds",
-         "conv_classifier", "--labels", str(labels), "--heldout", "", "--baselines", "", "--tensorboard", "")
+         "conv_classifier", "--labels", str(labels), "--heldout", "", "--compare", "", "--tensorboard", "")
     meta = json.loads((out / "conv_classifier" / "detectord-model.json").read_text())
     assert "engineer_says" in meta["classes"]
     assert meta["training_data"]["settings"]["labels"] == str(labels)

@@ -131,7 +131,8 @@ Expr = Rate | Value | Share | Quantile
 
 
 Transform = Literal["log1p", "asin_sqrt"]
-Baseline = Literal["relative", "absolute"]
+# How a feature is measured: against the instance's own baseline, or from 0 (see normalise.py).
+Measure = Literal["relative", "absolute"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Input:
 
     transform: Transform
     prescale: float
-    baseline: Baseline
+    baseline: Measure
     floor: float
     hold_s: float = 0.0
 
@@ -534,7 +535,8 @@ class FeatureExtractor:
 
     @staticmethod
     def _restart(inst: _Instance) -> None:
-        # The first step after a long gap only sets baselines again: its increases span the gap.
+        # The first step after a long gap only sets the counters' starting values again: its increases
+        # span the gap.
         if inst.last_row is not None:
             inst.restart = True
         inst.primed = False

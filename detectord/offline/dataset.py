@@ -21,14 +21,14 @@ import numpy as np
 from detectord.detectors.windowset import WindowSet
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
 from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series, windows_at
+from detectord.recordings import truth
 from detectord.recordings.format import ReadStats, read_writes
+from detectord.recordings.truth import INSTANCE_LABELS, Truth, TruthError, recording_name, truth_of
 from detectord.ingest.remote_write import DecodedWrite, LabelCache
 
 Role = Literal["train", "validation", "test"]
 ROLES: tuple[Role, ...] = ("train", "validation", "test")
 SPLIT = {"train": 0.70, "validation": 0.15, "test": 0.15}
-RECORDING_SUFFIXES = (".drec.xz", ".drec")
-INSTANCE_LABELS = ("job", "instance")
 # After an incident ends, a server takes a while to look normal again (forward marks its upstream
 # healthy, caches refill after the restart or reload that ended it): steps in this span are
 # neither normal nor anomalous.
@@ -143,33 +143,14 @@ class Recording:
     lanes: dict[InstanceKey, str]  # instances that share a fault domain (an upstream and its edges)
     test_only: bool  # the truth says so (a lab scenario's `test_only`): every window is test data
     read: ReadStats
-    truth: dict[str, Any]
-
-
-def recording_name(path: Path) -> str:
-    for suf in RECORDING_SUFFIXES:
-        if path.name.endswith(suf):
-            return path.name[: -len(suf)]
-    return path.stem
+    truth: Truth
 
 
 def find_recordings(paths: Iterable[Path | str]) -> list[Path]:
-    """Recordings named by `paths`: files, or directories holding NAME.drec[.xz] files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.iterdir() if any(q.name.endswith(s) for s in RECORDING_SUFFIXES)))
-        elif p.exists():
-            out.append(p)
-        else:
-            raise DatasetError(f"{p}: no such recording or directory")
-    if not out:
-        raise DatasetError(f"no recordings (NAME.drec or NAME.drec.xz) in {', '.join(map(str, paths))}")
-    return out
-
-
-def truth_path(recording: Path) -> Path:
-    return recording.with_name(recording_name(recording) + ".truth.json")
+    try:
+        return truth.find_recordings(paths)
+    except FileNotFoundError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _shifted(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[DecodedWrite]:
@@ -187,8 +168,10 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
     another phase); 0 is the grid `serve` uses."""
     path = Path(path)
     name = recording_name(path)
-    tp = truth_path(path)
-    truth: dict[str, Any] = json.loads(tp.read_text()) if tp.exists() else {}
+    try:
+        tr = truth_of(path) or Truth()
+    except TruthError as exc:
+        raise DatasetError(str(exc)) from None
     stats = ReadStats()
     offset = int(round(phase_s * 1000))
     writes = _shifted((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
@@ -198,38 +181,33 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
         if offset:
             fs.timestamps_ms = fs.timestamps_ms - offset
         series[key] = baseline_series(fs, inputs, step_s)
-    spans = _truth_spans(name, truth) + [
+    spans = _truth_spans(name, tr) + [
         Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
         for i, lb in enumerate(labels) if lb.dataset in ("*", name)]
-    if truth.get("ended_ms"):
+    if tr.ended_ms:
         # A lab run stops its load at `ended_ms` and records a few more scrapes: not traffic to judge.
-        spans += [Span(key, int(truth["ended_ms"]), 2**62, "", "", judged=False) for key in series]
-    lanes = {}
-    for inst in truth.get("instances", []):
-        key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
-        lanes[key] = inst.get("upstream") or inst.get("instance", "")
+        spans += [Span(key, int(tr.ended_ms), 2**62, "", "", judged=False) for key in series]
+    lanes = {inst.key: inst.upstream or inst.instance for inst in tr.instances}
     for key in series:
         lanes.setdefault(key, key[-1])
-    return Recording(name, path, step_s, inputs, series, spans, lanes, bool(truth.get("test_only")), stats, truth)
+    return Recording(name, path, step_s, inputs, series, spans, lanes, tr.test_only, stats, tr)
 
 
-def _truth_spans(name: str, truth: dict[str, Any]) -> list[Span]:
+def _truth_spans(name: str, tr: Truth) -> list[Span]:
     """The incidents on their instances, and unjudged spans on the upstreams of affected edges."""
     spans = []
-    upstream_of = {inst.get("instance"): inst for inst in truth.get("instances", []) if inst.get("upstream")}
-    by_name = {inst.get("instance"): inst for inst in truth.get("instances", [])}
-    for ev in truth.get("events", []):
-        if ev.get("start_ms") is None or ev.get("end_ms") is None:
+    for ev in tr.events:
+        if ev.start_ms is None or ev.end_ms is None:
             continue
-        start, end, eid = int(ev["start_ms"]), int(ev["end_ms"]), f"{name}#{ev['id']}"
-        affected = {inst.get("instance") for inst in ev.get("instances", [])}
-        for inst in ev.get("instances", []):
+        start, end, eid = int(ev.start_ms), int(ev.end_ms), f"{name}#{ev.id}"
+        affected = {inst.get("instance") for inst in ev.instances}
+        for inst in ev.instances:
             key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
-            spans.append(Span(key, start, end, str(ev["class"]), eid, str(ev.get("severity", ""))))
-            up = upstream_of.get(inst.get("instance"), {}).get("upstream")
-            if up and up not in affected and up in by_name:
-                spans.append(Span(tuple(by_name[up].get(k, "") for k in INSTANCE_LABELS), start, end, "", eid,
-                                  judged=False))
+            spans.append(Span(key, start, end, ev.cls, eid, ev.severity))
+            edge = tr.instance(inst.get("instance", ""))
+            up = tr.instance(edge.upstream) if edge is not None and edge.upstream else None
+            if up is not None and up.instance not in affected:
+                spans.append(Span(up.key, start, end, "", eid, judged=False))
     return spans
 
 

@@ -1,6 +1,6 @@
 """Evaluation: score timelines against the ground truth, at window level and at event level.
 
-Every detector and baseline is judged the same way: its per-step scores (> 1.0 anomalous) on each
+Every detector and comparison is judged the same way: its per-step scores (> 1.0 anomalous) on each
 instance become alerts as detectord raises them (fire after `for`, resolve after
 `keep_firing_for`); an incident is caught when an alert fires on one of its instances while it
 lasts; an alert that starts on a normal step is a false alert.

@@ -29,7 +29,7 @@ def _fa(ev: Evaluation, test_only: bool) -> str:
 
 
 def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
-    """One row per detector or baseline: event-level precision/recall/F1 on seen and held-out
+    """One row per detector or comparison: event-level precision/recall/F1 on seen and held-out
     classes, window-level F1, detection delay, false alerts per instance-day."""
     lines = ["| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
              "| delay median / p90 (steps) | false alerts / instance-day, lab | …, test-only fleets |",
@@ -244,7 +244,7 @@ def write_report(out: Path, evals: Mapping[str, Evaluation], data: Data,
     lines = [f"# {title}", ""]
     if command:
         lines += [f"Made by `{command}`.", ""]
-    lines += ["## Every detector and baseline, side by side", "", rule_text(first), ""]
+    lines += ["## Every detector and comparison, side by side", "", rule_text(first), ""]
     lines += side_by_side(evals)
     lines += ["", "P and R are event-level precision and recall; F1 their harmonic mean. Seen and held-out rows share "
               "the false alerts (they have no class). Window F1 judges each test window's verdict.", "",
@@ -292,7 +292,7 @@ def write_model_card(path: Path, det: Detector, evals: Mapping[str, Evaluation],
               "## Results on the test data", "", rule_text(next(iter(evals.values()))), ""]
     lines += side_by_side(mine)
     lines += ["", "Per class:", ""] + per_class(mine)
-    lines += ["", "## Beside the baselines and the other models", ""] + side_by_side(evals)
+    lines += ["", "## Beside the comparisons and the other models", ""] + side_by_side(evals)
     lines += ["", "## Limits", "",
               "- Trained and tested on a lab fleet (real CoreDNS, real dnsperf load, scripted faults), not on "
               "production traffic; the unseen-load fleets test other rates and cache sizes, not other topologies.",

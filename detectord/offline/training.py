@@ -1,5 +1,5 @@
 """Training and judging the detectors: recordings → labelled, split windows (dataset.py) → the three
-detectors → thresholds calibrated on validation data → evaluation beside the baselines on test data
+detectors → thresholds calibrated on validation data → evaluation beside the comparisons on test data
 → artifacts with model cards; the best (by event-level F1 on validation data) becomes the default.
 
     detectord train --data data --out models            # all three, then models/default
@@ -192,17 +192,17 @@ def detector_timelines(det: Detector, data: Data) -> dict[str, Timeline]:
     return timelines_from_windows(data, out.scores, out.looks_like)
 
 
-def baseline_timelines(data: Data, names: Sequence[str], settings: Settings, log: Log
+def comparison_timelines(data: Data, names: Sequence[str], settings: Settings, log: Log
                        ) -> dict[str, dict[str, Timeline]]:
-    """Each baseline's timelines on `data`, fitted on its training role and calibrated on its
+    """Each comparison's timelines on `data`, fitted on its training role and calibrated on its
     validation role like the models."""
-    from detectord.offline.comparisons import BASELINES
+    from detectord.offline.comparisons import COMPARISONS
 
     out = {}
     for name in names:
         t0 = time.perf_counter()
-        out[name] = BASELINES[name](data, settings.target_per_day)
-        log(f"baseline {name}: {time.perf_counter() - t0:.0f}s")
+        out[name] = COMPARISONS[name](data, settings.target_per_day)
+        log(f"comparison {name}: {time.perf_counter() - t0:.0f}s")
     return out
 
 
@@ -210,9 +210,9 @@ def judge(named: dict[str, dict[str, Timeline]], data: Data, role: str = "test")
     return {name: evaluate(name, tl, data, role=role, rule=EVALUATION_RULE) for name, tl in named.items()}
 
 
-def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = ("mixin", "mixin_tuned", "robust_z",
+def train_all(settings: Settings, out_dir: Path, *, comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z",
               "isolation_forest"), command: str = "", log: Log = print) -> dict[str, Any]:
-    """Train every kind in `settings`, evaluate each beside the baselines, write the artifacts, the
+    """Train every kind in `settings`, evaluate each beside the comparisons, write the artifacts, the
     report and models/default (the best on validation data)."""
     from detectord.offline.report import write_model_card, write_report
 
@@ -241,7 +241,7 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
         trained[kind] = options[0][1]
         for name, d, tl in options:
             models[name], timelines[name] = d, tl
-    timelines.update(baseline_timelines(data, baselines, settings, log))
+    timelines.update(comparison_timelines(data, comparisons, settings, log))
     test = judge(timelines, data, "test")
     validation = judge({k: timelines[k] for k in trained}, data, "validation")
     best = max(trained, key=lambda k: (_f1(validation[k]), validation[k].window.get("f1") or 0.0))
@@ -249,13 +249,13 @@ def train_all(settings: Settings, out_dir: Path, *, baselines: Sequence[str] = (
         + ", ".join(f"{k} {_f1(v):.3f}" for k, v in validation.items()) + ")")
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dir = out_dir / "report"
-    write_report(report_dir, test, data, timelines, primary=best, title="Detectors and baselines on the test data",
+    write_report(report_dir, test, data, timelines, primary=best, title="Detectors and comparisons on the test data",
                  command=command)
     for kind, det in trained.items():
         det.meta.metrics = {"test": {name: test[name].to_json() for name in test
                                      if name == kind or name.startswith(kind + " ")},
                             "validation_event_f1": _f1(validation[kind]),
-                            "baselines": {name: _summary(test[name]) for name in test if name not in models},
+                            "comparisons": {name: _summary(test[name]) for name in test if name not in models},
                             "others": {name: _summary(test[name]) for name in models if not name.startswith(kind)},
                             "evaluation": {"alert_for_seconds": EVALUATION_RULE.for_s,
                                            "keep_firing_seconds": EVALUATION_RULE.keep_firing_for_s,
@@ -322,9 +322,9 @@ def settings_from_model(det: Detector, data: Sequence[str] | None = None) -> Set
 
 
 def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path, *,
-                    baselines: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+                    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
                     command: str = "", log: Log = print) -> dict[str, Evaluation]:
-    """`detectord evaluate`: the models (with their score variants) and the baselines on the test role
+    """`detectord evaluate`: the models (with their score variants) and the comparisons on the test role
     of `data_paths`, split as the first model was trained; a report in `out`."""
     from detectord.detectors import load_detector
     from detectord.offline.report import write_report
@@ -344,7 +344,7 @@ def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path,
                 label = f"default: {name}"
             models[label] = v
     timelines = {name: detector_timelines(d, data) for name, d in models.items()}
-    timelines.update(baseline_timelines(data, baselines, settings, log))
+    timelines.update(comparison_timelines(data, comparisons, settings, log))
     evals = judge(timelines, data, "test")
     write_report(out, evals, data, timelines, primary=next(iter(models)), title="Evaluation on the test data",
                  command=command)
@@ -355,12 +355,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from detectord.offline.report import side_by_side
 
     p = argparse.ArgumentParser(prog="detectord evaluate",
-                                description="Evaluate models beside the baselines; writes a report and JSON.")
+                                description="Evaluate models beside the comparisons; writes a report and JSON.")
     p.add_argument("paths", nargs="+", metavar="MODEL... DATA",
                    help="model directories, then the data (a directory of recordings, or one recording)")
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory (default: evaluation)")
-    p.add_argument("--baselines", default="mixin,mixin_tuned,robust_z,isolation_forest",
-                   help="comma-separated; '' for none")
+    p.add_argument("--compare", default="mixin,mixin_tuned,robust_z,isolation_forest",
+                   help="comparison rule sets and detectors, comma-separated; '' for none")
     args = p.parse_args(argv)
     if len(args.paths) < 2:
         p.error("give at least one model and the data")
@@ -368,7 +368,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     command = "detectord evaluate " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
         evals = evaluate_models([Path(m) for m in models], [data], args.out,
-                                baselines=[b for b in args.baselines.split(",") if b], command=command)
+                                comparisons=[b for b in args.compare.split(",") if b], command=command)
     except (DatasetError, ValueError) as exc:
         print(f"detectord evaluate: {exc}", file=sys.stderr)
         return 2
@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", default=",".join(DEFAULT_HELDOUT),
                    help="classes kept out of training and validation (comma-separated; '' for none)")
     p.add_argument("--no-phases", action="store_true", help="no phase-shifted training windows")
-    p.add_argument("--baselines", default="mixin,mixin_tuned,robust_z,isolation_forest")
+    p.add_argument("--compare", default="mixin,mixin_tuned,robust_z,isolation_forest",
+                   help="comparison rule sets and detectors, comma-separated; '' for none")
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "detectord train " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        train_all(settings, args.out, baselines=[b for b in args.baselines.split(",") if b], command=command)
+        train_all(settings, args.out, comparisons=[b for b in args.compare.split(",") if b], command=command)
     except (DatasetError, ValueError) as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2

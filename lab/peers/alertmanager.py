@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from lab.peers import free_port, run_process, wait_http_ok
+from detectord import children
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 
@@ -53,7 +53,7 @@ class Alertmanager:
 @contextlib.asynccontextmanager
 async def run_alertmanager(workdir: Path, *, port: int | None = None) -> AsyncIterator[Alertmanager]:
     """Start Alertmanager on 127.0.0.1:`port` (a free one if None) and wait until it is ready."""
-    port = port if port is not None else free_port()
+    port = port if port is not None else children.free_port()
     home = workdir / f"alertmanager-{port}"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "alertmanager.yml"
@@ -69,6 +69,6 @@ async def run_alertmanager(workdir: Path, *, port: int | None = None) -> AsyncIt
         "--log.level=debug",
     ]
     url = f"http://127.0.0.1:{port}"
-    async with run_process(argv, log=log, cwd=home) as proc:
-        await wait_http_ok(f"{url}/-/ready", timeout=20.0, proc=proc, log=log)
-        yield Alertmanager(url=url, port=port, proc=proc, log=log)
+    async with children.run(argv, log=log, cwd=home, name="alertmanager", ready_url=f"{url}/-/ready",
+                            ready_timeout=20.0) as child:
+        yield Alertmanager(url=url, port=port, proc=child.proc, log=log)

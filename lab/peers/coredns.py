@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lab.peers import REPO, free_port, missing_peer, run_process, wait_http_ok
+from detectord import children
+from detectord.children import free_port
+from lab.peers import REPO, missing_peer
 
 ZONE = "example.test."
 NAMES = [f"host{i}" for i in range(200)]
@@ -178,8 +180,8 @@ class CoreDNS:
         if outcome != "Reloading complete":
             raise RuntimeError(f"CoreDNS {self.name} did not reload: {outcome}")
         if wait_ready:
-            await wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=timeout, proc=self.proc,
-                               log=self.log)
+            await children.wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=timeout,
+                                        child=children.Child(self.name, self.proc, self.log))
 
     def pause(self) -> None:
         """SIGSTOP: the server holds its sockets but answers nothing, like a hung process."""
@@ -211,6 +213,6 @@ async def run_coredns(corefile: str, ports: Ports, *, workdir: Path, name: str) 
     path = workdir / f"Corefile.{name}"
     path.write_text(corefile)
     log = workdir / f"coredns.{name}.log"
-    async with run_process([str(binary), "-conf", str(path)], log=log, cwd=workdir) as proc:
-        await wait_http_ok(f"http://127.0.0.1:{ports.ready}/ready", timeout=30, proc=proc, log=log)
-        yield CoreDNS(name, ports, path, proc, log)
+    async with children.run([str(binary), "-conf", str(path)], log=log, cwd=workdir, name=f"coredns {name}",
+                            ready_url=f"http://127.0.0.1:{ports.ready}/ready", ready_timeout=30) as child:
+        yield CoreDNS(name, ports, path, child.proc, log)

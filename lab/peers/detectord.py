@@ -1,30 +1,43 @@
-"""`detectord serve` itself as a process, the way users run it, for end-to-end tests."""
+"""detectord itself as a process, the way users run it: `detectord serve` and `detectord record`.
+The one way every test, benchmark and lab run starts the daemon."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import subprocess
+import yaml
 
-from lab.peers import REPO, free_port, run_process, wait_http_ok
+from detectord import children
+from lab.peers import REPO
+
+DEFAULT_MODEL = REPO / "models/default"
 
 
 @dataclass
 class Detectord:
     url: str
+    port: int
     config: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
+    child: children.Child
+    model: Path
 
     @property
     def write_url(self) -> str:
         return f"{self.url}/api/v1/write"
+
+    @property
+    def log(self) -> Path:
+        return self.child.log
+
+    def write_config(self, config: str | Mapping[str, Any]) -> None:
+        """Replace the config file (keeping the listen address and the model), e.g. before a reload."""
+        write_config(self.config, config, port=self.port, model=self.model)
 
     async def instances(self) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as s, s.get(f"{self.url}/api/v1/instances") as r:
@@ -37,16 +50,49 @@ class Detectord:
             return await r.text()
 
 
+def write_config(path: Path, config: str | Mapping[str, Any], *, port: int, model: Path) -> None:
+    """`config` (YAML text or a mapping) with web.listen_address set to 127.0.0.1:`port` and
+    model.path defaulting to `model`."""
+    raw: dict[str, Any] = dict(yaml.safe_load(config) or {}) if isinstance(config, str) else dict(config)
+    raw["web"] = {**(raw.get("web") or {}), "listen_address": f"127.0.0.1:{port}"}
+    raw["model"] = {"path": str(model), **(raw.get("model") or {})}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 @contextlib.asynccontextmanager
-async def run_detectord(config: str, *, workdir: Path) -> AsyncIterator[Detectord]:
-    """Start `detectord serve` with `config` (YAML; its web.listen_address is set here)."""
+async def run_detectord(config: str | Mapping[str, Any] = "", *, workdir: Path, model: Path = DEFAULT_MODEL,
+                        cwd: Path = REPO, ready_timeout: float = 120.0,
+                        args: Sequence[str] = ()) -> AsyncIterator[Detectord]:
+    """`detectord serve` on a free port with `config`, until it is ready; stopped on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = children.free_port()
     path = workdir / "detectord.yml"
-    model = "" if "\nmodel:" in f"\n{config}" else f"model:\n  path: {REPO / 'models/default'}\n"
-    path.write_text(f"web:\n  listen_address: 127.0.0.1:{port}\n{model}{config}")
-    log = workdir / "detectord.log"
-    argv = [sys.executable, "-m", "detectord", "serve", "--config.file", str(path)]
-    async with run_process(argv, log=log, cwd=REPO) as proc:
-        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=120, proc=proc, log=log)
-        yield Detectord(f"http://127.0.0.1:{port}", path, proc, log)
+    write_config(path, config, port=port, model=model)
+    argv = [sys.executable, "-m", "detectord", "serve", "--config.file", str(path), *args]
+    url = f"http://127.0.0.1:{port}"
+    async with children.run(argv, log=workdir / "detectord.log", cwd=cwd, name="detectord serve",
+                            ready_url=f"{url}/-/ready", ready_timeout=ready_timeout) as child:
+        yield Detectord(url, port, path, child, model)
+
+
+@dataclass
+class Recorder:
+    url: str
+    out: Path
+    child: children.Child
+
+    @property
+    def write_url(self) -> str:
+        return f"{self.url}/api/v1/write"
+
+
+@contextlib.asynccontextmanager
+async def run_recorder(out: Path, *, log: Path, args: Sequence[str] = ()) -> AsyncIterator[Recorder]:
+    """`detectord record --out OUT` on a free port, until it is ready; stopped on exit."""
+    port = children.free_port()
+    argv = [sys.executable, "-m", "detectord", "record", "--out", str(out), "--web.listen-address",
+            f"127.0.0.1:{port}", *args]
+    url = f"http://127.0.0.1:{port}"
+    async with children.run(argv, log=log, cwd=REPO, name="detectord record", ready_url=f"{url}/-/ready",
+                            ready_timeout=60) as child:
+        yield Recorder(url, out, child)

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.peers import missing_peer, run_process
+from detectord import children
+from lab.peers import missing_peer
 from lab.peers.coredns import NAMES, ZONE, names
 
 QTYPES = {"A": 50, "AAAA": 25, "TXT": 8, "MX": 5, "SRV": 7, "PTR": 5}
@@ -93,5 +94,5 @@ async def run_dnsperf(port: int, *, qps: int, duration_s: float, workdir: Path, 
     argv = [binary, "-s", "127.0.0.1", "-p", str(port), "-d", str(path), "-l", f"{duration_s:g}",
             "-Q", str(qps), "-q", str(max_outstanding), "-c", "2", "-t", "5"]
     log = workdir / f"dnsperf.{name}.log"
-    async with run_process(argv, log=log, cwd=workdir) as proc:
-        yield DNSPerf(proc, path, log)
+    async with children.run(argv, log=log, cwd=workdir, name=f"dnsperf {name}") as child:
+        yield DNSPerf(child.proc, path, log)

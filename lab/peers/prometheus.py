@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from lab.peers import free_port, missing_peer, run_process, wait_http_ok
+from detectord import children
+from lab.peers import missing_peer
 
 # What detectord needs; the README's remote_write example keeps the same.
 KEEP = "coredns_.*|process_.*|go_goroutines"
@@ -93,7 +94,7 @@ async def run_prometheus(
     `targets` maps a job to host:port addresses, or to {instance name: host:port} to set the
     `instance` label (stable names instead of ephemeral ports)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = children.free_port()
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                    "evaluation_interval": scrape_interval},
@@ -114,6 +115,6 @@ async def run_prometheus(
     if enable_receiver:
         argv.append("--web.enable-remote-write-receiver")
     log = workdir / "prometheus.log"
-    async with run_process(argv, log=log, cwd=workdir) as proc:
-        await wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=60, proc=proc, log=log)
+    async with children.run(argv, log=log, cwd=workdir, name="prometheus",
+                            ready_url=f"http://127.0.0.1:{port}/-/ready", ready_timeout=60):
         yield Prometheus(f"http://127.0.0.1:{port}", port, cfg, log)

@@ -1,7 +1,7 @@
-"""The baselines every detector is measured against, on the same data and the same evaluation:
+"""The comparisons: what every detector is measured against, on the same data and the same evaluation:
 the CoreDNS mixin's alert rules, a per-feature robust z-score, and an IsolationForest. Their
 thresholds are calibrated for the same false-alert target as the models', with no margin added
-(the models add 20 to 50 %): where that favours anyone, it favours the baselines."""
+(the models add 20 to 50 %): where that favours anyone, it favours the comparisons."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from detectord.offline.evaluation import Timeline
 if TYPE_CHECKING:
     from detectord.offline.comparisons.mixin import RuleResult
 
-Baseline = Callable[[Data, float], dict[str, Timeline]]
+Comparison = Callable[[Data, float], dict[str, Timeline]]
 
 
 def robust_z(data: Data, target_per_day: float) -> dict[str, Timeline]:
@@ -32,9 +32,9 @@ def robust_z(data: Data, target_per_day: float) -> dict[str, Timeline]:
 
 
 def isolation_forest(data: Data, target_per_day: float) -> dict[str, Timeline]:
-    from detectord.offline.comparisons.isolation_forest import IsolationForestBaseline
+    from detectord.offline.comparisons.isolation_forest import IsolationForestComparison
 
-    b = IsolationForestBaseline(target_per_day=target_per_day)
+    b = IsolationForestComparison(target_per_day=target_per_day)
     b.fit(data)
     return b.timelines(data)
 
@@ -47,7 +47,7 @@ def _rule_results(path: str, step_s: float, mtime_ns: int) -> dict[str, RuleResu
     return evaluate_rules(path, step_s=step_s)
 
 
-def _rules(ruleset: str) -> Baseline:
+def _rules(ruleset: str) -> Comparison:
     def run(data: Data, target_per_day: float) -> dict[str, Timeline]:
         """Alert rules have no threshold to calibrate: they fire or they do not (score 2 or 0)."""
         out = {}
@@ -61,7 +61,7 @@ def _rules(ruleset: str) -> Baseline:
     return run
 
 
-BASELINES: dict[str, Baseline] = {
+COMPARISONS: dict[str, Comparison] = {
     "mixin": _rules("mixin"),
     "mixin_tuned": _rules("mixin_tuned"),
     "robust_z": robust_z,

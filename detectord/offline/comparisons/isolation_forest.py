@@ -14,7 +14,7 @@ from detectord.offline.evaluation import Timeline, timelines_from_windows
 
 
 @dataclass
-class IsolationForestBaseline:
+class IsolationForestComparison:
     name: str = "isolation_forest"
     n_estimators: int = 200
     seed: int = 0

@@ -1,16 +1,12 @@
-"""The CoreDNS mixin's alert rules as a baseline: a temporary real Prometheus takes a recording and
-answers each rule's range query; Prometheus's `for` is applied here, per alert series and instance."""
+"""The CoreDNS mixin's alert rules as a comparison: a temporary real Prometheus takes a recording
+and answers each rule's range query; Prometheus's `for` is applied here, per alert series and
+instance, by the same timing serving uses."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +19,8 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
+from detectord import children
+from detectord.alerting.timing import AlertRule, firing
 from detectord.config import Duration
 from detectord.errors import DetectordError
 from detectord.ingest.features import InstanceKey
@@ -176,14 +174,10 @@ class RuleResult:
 
 
 def hold_for(active: BoolArray, timestamps_ms: IntArray, for_seconds: float) -> BoolArray:
-    """Prometheus's `for`: an alert series returned at consecutive steps is pending from the first
-    and fires once `for` has passed since then; a step without it starts it over."""
-    idx = np.arange(len(active))
-    starts = active & ~np.concatenate(([False], active[:-1]))
-    run_start = np.maximum.accumulate(np.where(starts, idx, 0)) if len(active) else idx
-    held_ms = timestamps_ms - timestamps_ms[run_start]
-    firing: BoolArray = active & (held_ms >= for_seconds * 1000.0)
-    return firing
+    """Prometheus's `for` on one alert series: returned at consecutive steps it is pending from the
+    first and fires once `for` has passed since then; a step without it ends the alert. The
+    timing is serving's own (`detectord.alerting.timing`), with no keep_firing_for."""
+    return firing(timestamps_ms, active, AlertRule(for_seconds, 0.0))
 
 
 def step_grid(first_ms: int, last_ms: int, step_ms: int) -> IntArray:
@@ -323,67 +317,16 @@ async def _temporary_prometheus(binary: str, workdir: Path | None) -> AsyncItera
     try:
         config = tmp / "prometheus.yml"
         config.write_text("scrape_configs: []\n")
-        log = tmp / "prometheus.log"
-        port = _free_port()
+        port = children.free_port()
+        url = f"http://127.0.0.1:{port}"
         argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
         try:
-            url = f"http://127.0.0.1:{port}"
-            await _wait_ready(url, proc, log)
-            yield url
-        finally:
-            await _stop(proc)
+            async with children.run(argv, log=tmp / "prometheus.log", cwd=tmp, name="prometheus",
+                                    ready_url=f"{url}/-/ready", ready_timeout=READY_TIMEOUT_S,
+                                    stop_timeout=STOP_TIMEOUT_S):
+                yield url
+        except children.ChildError as exc:
+            raise RuleEvaluationError("prometheus", f"{exc.reason}: {exc.log_tail}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # In the child before exec: the kernel kills Prometheus if the thread that started it dies,
-    # so even a `kill -9` of the evaluation leaves no Prometheus behind.
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuleEvaluationError("prometheus", f"exited with {proc.returncode}: {_tail(log)}")
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with session.get(f"{url}/-/ready") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuleEvaluationError("prometheus", f"not ready after {READY_TIMEOUT_S:g}s: {_tail(log)}")
-
-
-async def _stop(proc: subprocess.Popen[bytes]) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            await loop.run_in_executor(None, proc.wait, STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(log: Path, n: int = 2000) -> str:
-    return log.read_bytes()[-n:].decode(errors="replace") if log.exists() else "<no log>"
