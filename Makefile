@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= detectord.example.yml
 
-.PHONY: run test test-fast test-e2e venv venv-dev system-deps coredns proto bench models data clean
+.PHONY: run test test-fast test-e2e check format venv venv-dev system-deps coredns proto bench models data clean
 
 # Install the package (with the TensorFlow backend) and serve the shipped default model.
 run: venv
@@ -22,6 +22,19 @@ test-fast: venv-dev
 
 test-e2e: venv-dev system-deps coredns
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
+
+# Formatting, lint, types (mypy --strict on the package, the lab, the tests and bench) and the
+# layering contracts (import-linter, see pyproject.toml). CI runs it before the tests.
+check: venv-dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+# Rewrite the tree as `make check` wants it (ruff format, then the lint fixes ruff can make).
+format: venv-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # The daemon alone (`make run`), or with what training, evaluation and the tests need.
 venv: $(VENV)/.installed

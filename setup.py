@@ -4,7 +4,11 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("detectord.ingest._fastdecode", ["detectord/ingest/_fastdecode.c"], optional=True,
-                  extra_compile_args=["-O2", "-std=c11", "-Wall"]),
+        Extension(
+            "detectord.ingest._fastdecode",
+            ["detectord/ingest/_fastdecode.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
     ],
 )

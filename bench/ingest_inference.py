@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +25,16 @@ import snappy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from detectord.ingest._proto import remote_write_v1_pb2 as pb1  # noqa: E402
-from lab.synthetic import SyntheticFleet  # noqa: E402
-from lab.peers.detectord import run_detectord  # noqa: E402
-from lab.peers.prometheus import run_prometheus  # noqa: E402
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from lab.peers.detectord import run_detectord
+from lab.peers.prometheus import run_prometheus
+from lab.synthetic import SyntheticFleet
 
-HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
-           "X-Prometheus-Remote-Write-Version": "0.1.0"}
+HEADERS = {
+    "Content-Type": "application/x-protobuf",
+    "Content-Encoding": "snappy",
+    "X-Prometheus-Remote-Write-Version": "0.1.0",
+}
 STEP_S = 15.0
 
 
@@ -63,7 +64,7 @@ async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
             queue = list(reversed(bodies))
             failures: list[str] = []
 
-            async def worker() -> None:
+            async def worker(queue: list[bytes], failures: list[str]) -> None:
                 while queue:
                     body = queue.pop()
                     async with session.post(url, data=body, headers=HEADERS) as r:
@@ -71,7 +72,7 @@ async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
                             failures.append(f"{r.status} {await r.text()}")
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(queue, failures) for _ in range(concurrency)))
             times.append(time.perf_counter() - t0)
             if failures:
                 raise RuntimeError(f"{url}: {len(failures)} requests failed, first: {failures[0][:300]}")
@@ -85,10 +86,12 @@ def rate(rounds: Rounds, times: list[float]) -> tuple[float, float]:
     return cold, steady
 
 
-async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path,
-                          model: Path) -> list[float]:
-    config = {"web": {"max_body_size": "64MiB", "max_decoded_body_size": "256MiB"},
-              "ingest": {"step": f"{STEP_S:g}s", "max_instances": instances + 100}, "logging": {"level": "warning"}}
+async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, workdir: Path, model: Path) -> list[float]:
+    config = {
+        "web": {"max_body_size": "64MiB", "max_decoded_body_size": "256MiB"},
+        "ingest": {"step": f"{STEP_S:g}s", "max_instances": instances + 100},
+        "logging": {"level": "warning"},
+    }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=180) as det:
         return await send(det.write_url, rounds, concurrency)
 
@@ -100,12 +103,13 @@ async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> l
 
 def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:
     """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
+    from prometheus_client import CollectorRegistry
+
     from detectord.config import ModelConfig
+    from detectord.detectors import load_model
     from detectord.ingest.pipeline import ScoreRequest
     from detectord.serve.inference import InferenceWorker
     from detectord.serve.metrics import DaemonMetrics
-    from detectord.detectors import load_model
-    from prometheus_client import CollectorRegistry
 
     model = load_model(ModelConfig(path=path))
     rng = np.random.default_rng(0)
@@ -124,16 +128,23 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
     done = [0]
     total = int(raw * seconds)
     worker = InferenceWorker(
-        det, window=model.window, nfeatures=len(model.features), max_batch=max_batch, max_wait=0.01,
-        queue_size=total, deliver=lambda rs: done.__setitem__(0, done[0] + len(rs)), loop=loop,
-        metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")))
+        det,
+        window=model.window,
+        nfeatures=len(model.features),
+        max_batch=max_batch,
+        max_wait=0.01,
+        queue_size=total,
+        deliver=lambda rs: done.__setitem__(0, done[0] + len(rs)),
+        loop=loop,
+        metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")),
+    )
     worker.warm_up()
     worker.start()
     latest = np.zeros(len(model.features), dtype=np.float32)
     reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096], latest) for i in range(total)]
     t0 = time.perf_counter()
     for i in range(0, total, 1000):  # as the ingest thread hands over one request's windows
-        worker.submit_many(reqs[i:i + 1000])
+        worker.submit_many(reqs[i : i + 1000])
     while done[0] < total:
         loop.run_until_complete(asyncio.sleep(0.005))
     through_worker = total / (time.perf_counter() - t0)
@@ -161,8 +172,10 @@ def main() -> int:
         t0 = time.perf_counter()
         rounds = make_rounds(n, args.rounds)
         per_round = rounds.samples[0]
-        print(f"\n== {n} CoreDNS instances: {per_round} samples per scrape round, "
-              f"{len(rounds.bodies[0])} requests per round (payloads made in {time.perf_counter() - t0:.1f}s)")
+        print(
+            f"\n== {n} CoreDNS instances: {per_round} samples per scrape round, "
+            f"{len(rounds.bodies[0])} requests per round (payloads made in {time.perf_counter() - t0:.1f}s)"
+        )
         with tempfile.TemporaryDirectory() as d:
             cold, steady = rate(rounds, asyncio.run(bench_detectord(rounds, n, args.concurrency, Path(d), args.model)))
         print(f"detectord   ingest: {steady / 1e6:.3f} M samples/s steady ({cold / 1e6:.3f} M/s first round)")
@@ -172,8 +185,10 @@ def main() -> int:
             print(f"prometheus  ingest: {psteady / 1e6:.3f} M samples/s steady ({pcold / 1e6:.3f} M/s first round)")
             print(f"ratio detectord/prometheus: {steady / psteady:.2f} steady, {cold / pcold:.2f} first round")
     raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
-    print(f"\ninference ({backend}, batch {args.max_batch}): {raw / 1e3:.1f} k windows/s forward pass, "
-          f"{worker / 1e3:.1f} k windows/s through the worker")
+    print(
+        f"\ninference ({backend}, batch {args.max_batch}): {raw / 1e3:.1f} k windows/s forward pass, "
+        f"{worker / 1e3:.1f} k windows/s through the worker"
+    )
     return 0
 
 

@@ -83,21 +83,42 @@ def _die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def spawn(argv: Sequence[str], *, log: Path, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-          name: str | None = None) -> Child:
+def spawn(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> Child:
     """Start `argv` in its own process group, stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                                env={**os.environ, **(env or {})}, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     return Child(name or Path(argv[0]).name, proc, log)
 
 
 @contextlib.asynccontextmanager
-async def run(argv: Sequence[str], *, log: Path, cwd: Path | None = None, env: Mapping[str, str] | None = None,
-              name: str | None = None, ready_url: str | None = None, ready_timeout: float = 30.0,
-              stop_timeout: float = STOP_TIMEOUT_S) -> AsyncIterator[Child]:
+async def run(
+    argv: Sequence[str],
+    *,
+    log: Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    name: str | None = None,
+    ready_url: str | None = None,
+    ready_timeout: float = 30.0,
+    stop_timeout: float = STOP_TIMEOUT_S,
+) -> AsyncIterator[Child]:
     """A child for the duration of the block: started, ready once `ready_url` answers 200 (if
     given), stopped on exit however the block ends."""
     child = spawn(argv, log=log, cwd=cwd, env=env, name=name)
@@ -123,11 +144,12 @@ async def wait_http_ok(url: str, *, timeout: float = 30.0, child: Child | None =
                     if resp.status == 200:
                         return
                     last = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 last = exc
             await asyncio.sleep(0.1)
-    raise ChildError(name, f"{url} not ready after {timeout:g}s (last: {last!r})",
-                     child.tail() if child is not None else "<no log>")
+    raise ChildError(
+        name, f"{url} not ready after {timeout:g}s (last: {last!r})", child.tail() if child is not None else "<no log>"
+    )
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -22,10 +22,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="receive remote-write, score instances, send alerts")
-    s.add_argument("--config.file", dest="config_file", default=None,
-                   help="YAML config file (default: built-in defaults)")
-    s.add_argument("--web.listen-address", dest="listen_address", default=None,
-                   help="HOST:PORT to listen on; overrides web.listen_address")
+    s.add_argument(
+        "--config.file", dest="config_file", default=None, help="YAML config file (default: built-in defaults)"
+    )
+    s.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=None,
+        help="HOST:PORT to listen on; overrides web.listen_address",
+    )
     s.add_argument("--log.format", dest="log_format", choices=["json", "console"], default=None)
     s.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"], default=None)
 
@@ -37,18 +42,36 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("record", help="receive remote-write and append every request to a recording")
     r.add_argument("--out", required=True, help="recording file (appended to if it exists)")
-    r.add_argument("--web.listen-address", dest="listen_address", default="0.0.0.0:9465",
-                   help="HOST:PORT to listen on (default 0.0.0.0:9465)")
-    r.add_argument("--web.max-body-size", dest="max_body_size", default="16MiB", type=_size,
-                   help="compressed request body limit (default 16MiB)")
-    r.add_argument("--fsync-interval", dest="fsync_interval", default="1s", type=_duration,
-                   help="how often appended records are fsynced (default 1s)")
+    r.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default="0.0.0.0:9465",
+        help="HOST:PORT to listen on (default 0.0.0.0:9465)",
+    )
+    r.add_argument(
+        "--web.max-body-size",
+        dest="max_body_size",
+        default="16MiB",
+        type=_size,
+        help="compressed request body limit (default 16MiB)",
+    )
+    r.add_argument(
+        "--fsync-interval",
+        dest="fsync_interval",
+        default="1s",
+        type=_duration,
+        help="how often appended records are fsynced (default 1s)",
+    )
 
     p2 = sub.add_parser("replay", help="re-send a recording to a remote-write endpoint")
     p2.add_argument("file", help="recording (.drec, or .drec.xz)")
     p2.add_argument("--to", required=True, help="remote-write URL, e.g. http://localhost:9464/api/v1/write")
-    p2.add_argument("--speed", type=float, default=1.0,
-                    help="1 keeps the recorded pace, 10 is ten times faster, 0 as fast as possible")
+    p2.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 keeps the recorded pace, 10 is ten times faster, 0 as fast as possible",
+    )
 
     sc = sub.add_parser("score", help="score a recording offline, exactly as serve would score it live")
     sc.add_argument("file", help="recording (.drec, or .drec.xz)")
@@ -127,8 +150,12 @@ def _record(args: argparse.Namespace) -> int:
     from detectord.recordings.recorder import RecorderOptions, record
 
     configure("console", "info")
-    opts = RecorderOptions(out=Path(args.out), listen_address=args.listen_address,
-                           max_body_size=args.max_body_size, fsync_interval=args.fsync_interval)
+    opts = RecorderOptions(
+        out=Path(args.out),
+        listen_address=args.listen_address,
+        max_body_size=args.max_body_size,
+        fsync_interval=args.fsync_interval,
+    )
     try:
         return asyncio.run(record(opts))
     except (DetectordError, OSError) as exc:
@@ -163,21 +190,26 @@ def _score(args: argparse.Namespace) -> int:
 
     try:
         model = load_model(ModelConfig(path=Path(args.model)))
-        got = recording_windows(args.file, step_seconds=args.step or model.step_seconds, window=model.window,
-                                inputs=model.inputs)
+        got = recording_windows(
+            args.file, step_seconds=args.step or model.step_seconds, window=model.window, inputs=model.inputs
+        )
     except (DetectordError, OSError) as exc:
         print(f"detectord score: {exc}", file=sys.stderr)
         return 1
     scores = score_windows(got.requests, model)
     names = IngestConfig.instance_labels
-    print(f"{args.file}: {got.read.records} requests, {len(got.requests)} windows scored by {model.name} "
-          f"(window {model.window}, step {args.step or model.step_seconds:g}s)"
-          + (f"; ignored a torn tail of {got.read.torn_bytes} bytes" if got.read.torn_bytes else "")
-          + (f"; {got.bad_requests} requests had refused series" if got.bad_requests else ""))
+    print(
+        f"{args.file}: {got.read.records} requests, {len(got.requests)} windows scored by {model.name} "
+        f"(window {model.window}, step {args.step or model.step_seconds:g}s)"
+        + (f"; ignored a torn tail of {got.read.torn_bytes} bytes" if got.read.torn_bytes else "")
+        + (f"; {got.bad_requests} requests had refused series" if got.bad_requests else "")
+    )
     for key in sorted(scores):
         s = scores[key].scores
-        print(f"  {dict(zip(names, key))}: {len(s)} windows, max score {float(np.max(s)):.2f}, "
-              f"{int(np.sum(s > 1.0))} anomalous")
+        print(
+            f"  {dict(zip(names, key, strict=True))}: {len(s)} windows, max score {float(np.max(s)):.2f}, "
+            f"{int(np.sum(s > 1.0))} anomalous"
+        )
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
@@ -194,16 +226,18 @@ def _check_config(path: str, *, skip_model: bool) -> int:
         print(f"detectord: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if not skip_model:
-        from detectord.errors import ModelError
         from detectord.detectors import load_model
+        from detectord.errors import ModelError
 
         try:
             model = load_model(cfg.model)
         except ModelError as exc:
             print(f"detectord: model error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        print(f"model {model.name} {model.version}: window {model.window}, step {model.step_seconds:g}s, "
-              f"{len(model.features)} features")
+        print(
+            f"model {model.name} {model.version}: window {model.window}, step {model.step_seconds:g}s, "
+            f"{len(model.features)} features"
+        )
     print(f"{path}: OK")
     return 0
 

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -23,7 +23,15 @@ from detectord.errors import ConfigError
 class Duration(float):
     """Seconds, written in YAML the Prometheus way: `15s`, `1m30s`, `500ms`, `2h`."""
 
-    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31536000.0}
+    _UNITS: ClassVar[dict[str, float]] = {
+        "ms": 0.001,
+        "s": 1.0,
+        "m": 60.0,
+        "h": 3600.0,
+        "d": 86400.0,
+        "w": 604800.0,
+        "y": 31536000.0,
+    }
     _RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)")
 
     @classmethod
@@ -46,8 +54,16 @@ class Duration(float):
 class ByteSize(int):
     """Bytes, written as `512KiB`, `32MiB`, `1GB` or a plain integer."""
 
-    _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-              "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    _UNITS: ClassVar[dict[str, int]] = {
+        "": 1,
+        "b": 1,
+        "kb": 1000,
+        "mb": 1000**2,
+        "gb": 1000**3,
+        "kib": 1024,
+        "mib": 1024**2,
+        "gib": 1024**3,
+    }
     _RE = re.compile(r"(\d+)\s*([a-zA-Z]*)")
 
     @classmethod
@@ -183,8 +199,11 @@ def _check(cfg: Config) -> None:
 
     _split_hostport(cfg.web.listen_address, "web.listen_address")
     need(cfg.web.max_body_size > 0, "web.max_body_size", "must be > 0")
-    need(cfg.web.max_decoded_body_size >= cfg.web.max_body_size, "web.max_decoded_body_size",
-         "must be >= web.max_body_size")
+    need(
+        cfg.web.max_decoded_body_size >= cfg.web.max_body_size,
+        "web.max_decoded_body_size",
+        "must be >= web.max_body_size",
+    )
     if cfg.ingest.step is not None:
         need(cfg.ingest.step >= 0.1, "ingest.step", f"must be >= 100ms, got {cfg.ingest.step}")
     need(len(cfg.ingest.instance_labels) > 0, "ingest.instance_labels", "must name at least one label")
@@ -194,11 +213,13 @@ def _check(cfg: Config) -> None:
     if cfg.model.window is not None:
         need(cfg.model.window >= 8, "model.window", f"must be >= 8 steps, got {cfg.model.window}")
     if cfg.model.threshold is not None:
-        need(math.isfinite(cfg.model.threshold) and cfg.model.threshold > 0, "model.threshold",
-             "must be a positive number")
+        need(
+            math.isfinite(cfg.model.threshold) and cfg.model.threshold > 0,
+            "model.threshold",
+            "must be a positive number",
+        )
     need(1 <= cfg.inference.max_batch <= 65536, "inference.max_batch", "must be in 1..65536")
-    need(cfg.inference.queue_size >= cfg.inference.max_batch, "inference.queue_size",
-         "must be >= inference.max_batch")
+    need(cfg.inference.queue_size >= cfg.inference.max_batch, "inference.queue_size", "must be >= inference.max_batch")
     need(cfg.inference.score_history >= 0, "inference.score_history", "must be >= 0")
     need(cfg.alerting.resend_interval > 0, "alerting.resend_interval", "must be > 0")
     need(cfg.alerting.queue_capacity >= 1, "alerting.queue_capacity", "must be >= 1")
@@ -209,8 +230,11 @@ def _check(cfg: Config) -> None:
     for name in cfg.ingest.instance_labels:
         need(bool(label_re.fullmatch(name)), "ingest.instance_labels", f"{name!r} is not a valid label name")
     for i, am in enumerate(cfg.alerting.alertmanagers):
-        need(re.match(r"https?://[^/]+", am.url) is not None, f"alerting.alertmanagers[{i}].url",
-             f"must be an http(s) URL, got {am.url!r}")
+        need(
+            re.match(r"https?://[^/]+", am.url) is not None,
+            f"alerting.alertmanagers[{i}].url",
+            f"must be an http(s) URL, got {am.url!r}",
+        )
 
 
 def _split_hostport(value: str, key: str) -> tuple[str, int]:

@@ -25,5 +25,6 @@ def configure(fmt: str = "json", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     # Libraries that log through the standard library (aiohttp, TensorFlow) go to the same stream.
-    logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(
+        level=max(lvl, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True
+    )

@@ -120,7 +120,8 @@ class Relay(asyncio.DatagramProtocol):
     async def _connect(self, client: tuple[str, int]) -> None:
         try:
             _, up = await self._loop.create_datagram_endpoint(
-                lambda: _Upstream(self, client), remote_addr=self.upstream)
+                lambda: _Upstream(self, client), remote_addr=self.upstream
+            )
         except OSError:
             self.failed += len(self._connecting.pop(client, []))
             return
@@ -155,6 +156,5 @@ class Relay(asyncio.DatagramProtocol):
 
 async def start_relay(port: int, upstream: tuple[str, int], *, seed: int = 0) -> Relay:
     loop = asyncio.get_running_loop()
-    _, relay = await loop.create_datagram_endpoint(lambda: Relay(upstream, seed=seed),
-                                                   local_addr=("127.0.0.1", port))
+    _, relay = await loop.create_datagram_endpoint(lambda: Relay(upstream, seed=seed), local_addr=("127.0.0.1", port))
     return relay

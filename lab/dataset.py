@@ -8,14 +8,12 @@ and summarised (size, duration, instances, fault classes and events) into data/R
 from __future__ import annotations
 
 import argparse
-import json
 import lzma
 import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from detectord.recordings.format import ReadStats, read_records
 from detectord.recordings.truth import TRUTH_SUFFIX, read_truth, recording_name, truth_path
@@ -62,14 +60,23 @@ def summarise(recording: Path) -> Summary:
     sev: dict[str, Counter[str]] = {}
     for e in truth.events:
         sev.setdefault(e.cls, Counter())[e.severity or "-"] += 1
-    return Summary(recording_name(recording), recording.stat().st_size / 1e6,
-                   (truth.ended_ms - truth.started_ms) / 60000, stats.records, len(truth.instances), events, sev)
+    return Summary(
+        recording_name(recording),
+        recording.stat().st_size / 1e6,
+        (truth.ended_ms - truth.started_ms) / 60000,
+        stats.records,
+        len(truth.instances),
+        events,
+        sev,
+    )
 
 
 def summary_table(directory: Path) -> str:
     rows = [summarise(p) for p in sorted(directory.glob(f"*{SUFFIX}"))]
-    lines = ["| data set | size (MB) | duration (min) | requests | instances | fault events | classes (events each) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| data set | size (MB) | duration (min) | requests | instances | fault events | classes (events each) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     total: Counter[str] = Counter()
     per_sev: dict[str, Counter[str]] = {}
     for r in rows:
@@ -77,12 +84,21 @@ def summary_table(directory: Path) -> str:
         for c, s in r.severities.items():
             per_sev.setdefault(c, Counter()).update(s)
         counts = set(r.events.values())
-        each = ("–" if not r.events else f"all {len(r.events)} × {counts.pop()}" if len(counts) == 1 else
-                ", ".join(f"{c} {n}" for c, n in sorted(r.events.items())))
-        lines.append(f"| {r.name} | {r.megabytes:.1f} | {r.minutes:.1f} | {r.requests} | {r.instances} | "
-                     f"{sum(r.events.values()) or 'none (normal)'} | {each} |")
-    lines.append(f"| **all** | {sum(r.megabytes for r in rows):.1f} | {sum(r.minutes for r in rows):.1f} | "
-                 f"{sum(r.requests for r in rows)} | | {sum(total.values())} | {len(total)} classes |")
+        each = (
+            "–"
+            if not r.events
+            else f"all {len(r.events)} × {counts.pop()}"
+            if len(counts) == 1
+            else ", ".join(f"{c} {n}" for c, n in sorted(r.events.items()))
+        )
+        lines.append(
+            f"| {r.name} | {r.megabytes:.1f} | {r.minutes:.1f} | {r.requests} | {r.instances} | "
+            f"{sum(r.events.values()) or 'none (normal)'} | {each} |"
+        )
+    lines.append(
+        f"| **all** | {sum(r.megabytes for r in rows):.1f} | {sum(r.minutes for r in rows):.1f} | "
+        f"{sum(r.requests for r in rows)} | | {sum(total.values())} | {len(total)} classes |"
+    )
     lines += ["", "| fault class | events | low | medium | high |", "|---|---|---|---|---|"]
     for c in sorted(total):
         s = per_sev[c]

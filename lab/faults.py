@@ -27,6 +27,11 @@ from lab.peers.dnsperf import random_subdomain_file
 
 @dataclass
 class Primitive:
+    """One thing the lab can do to a node for a span of time; its parameters are its dataclass
+    fields, checked when the scenario loads. `apply` at the span's start, `during` until its end
+    (repeating faults such as a crash loop), `revert` after it; `affected` is the ground truth:
+    the instances whose metrics it moves."""
+
     roles: ClassVar[tuple[str, ...]] = ("edge", "upstream")
 
     async def apply(self, fleet: Fleet, node: Node) -> None:
@@ -162,10 +167,14 @@ class QueryFlood(Primitive):
         if self.factor <= 1:
             raise ValueError(f"factor must be > 1, got {self.factor}")
         t0 = asyncio.get_running_loop().time() - fleet.elapsed()
-        self._extra = DnsperfLoop(f"{node.name}-flood", node.ports.dns, node.queries,
-                                  lambda t: fleet.base_rate(node, t) * (self.factor - 1),
-                                  log=fleet.workdir / f"dnsperf.{node.name}.flood.log",
-                                  segment_s=float(fleet.load_spec.segment))
+        self._extra = DnsperfLoop(
+            f"{node.name}-flood",
+            node.ports.dns,
+            node.queries,
+            lambda t: fleet.base_rate(node, t) * (self.factor - 1),
+            log=fleet.workdir / f"dnsperf.{node.name}.flood.log",
+            segment_s=float(fleet.load_spec.segment),
+        )
         self._extra.start(t0)
 
     async def revert(self, fleet: Fleet, node: Node) -> None:
@@ -187,9 +196,16 @@ class RandomSubdomainFlood(Primitive):
         # Two minutes of unique names (dnsperf then loops over them, by when they have left the
         # denial cache); more would only delay the fault's start while the file is written.
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: random_subdomain_file(path, n=int(self.qps * 120) + 1, seed=random.randrange(10**9)))
-        self._flood = DnsperfLoop(f"{node.name}-random", node.ports.dns, [path], lambda t: self.qps,
-                                  log=fleet.workdir / f"dnsperf.{node.name}.random.log", segment_s=span)
+            None, lambda: random_subdomain_file(path, n=int(self.qps * 120) + 1, seed=random.randrange(10**9))
+        )
+        self._flood = DnsperfLoop(
+            f"{node.name}-random",
+            node.ports.dns,
+            [path],
+            lambda t: self.qps,
+            log=fleet.workdir / f"dnsperf.{node.name}.random.log",
+            segment_s=span,
+        )
         self._flood.start(asyncio.get_running_loop().time())
 
     async def revert(self, fleet: Fleet, node: Node) -> None:
@@ -290,4 +306,3 @@ async def _reload_edge(fleet: Fleet, node: Node, text: str) -> None:
     if node.coredns.corefile.read_text() == text:
         return
     await node.coredns.reconfigure(text)
-

@@ -69,6 +69,11 @@ def _modulated(qps: float, mod: Modulation) -> RateFn:
 
 
 class Fleet:
+    """A real CoreDNS fleet on loopback: `topology.upstreams` upstreams, `topology.edges` edges, each
+    edge forwarding through its own fault-injecting relay to upstream i mod U, and dnsperf load on
+    every edge. `start`, `start_load`, `stop`; nodes can be killed, restarted, reconfigured,
+    paused and throttled by the fault primitives."""
+
     def __init__(self, topology: Topology, load: LoadSpec, *, workdir: Path, seed: int) -> None:
         self.topology = topology
         self.load_spec = load
@@ -87,9 +92,15 @@ class Fleet:
             return upstream_corefile(node.ports, self.zone)
         assert node.relay is not None and node.relay.transport is not None
         relay_port = node.relay.transport.get_extra_info("sockname")[1]
-        return edge_corefile(node.ports, [f"127.0.0.1:{relay_port}"], cache_ttl=t.cache_ttl,
-                             cache_capacity=t.cache_capacity, max_concurrent=max_concurrent, loop=True,
-                             extra=extra)
+        return edge_corefile(
+            node.ports,
+            [f"127.0.0.1:{relay_port}"],
+            cache_ttl=t.cache_ttl,
+            cache_capacity=t.cache_capacity,
+            max_concurrent=max_concurrent,
+            loop=True,
+            extra=extra,
+        )
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -123,7 +134,8 @@ class Fleet:
         await node.stack.aclose()
         node.stack = contextlib.AsyncExitStack()
         node.coredns = await node.stack.enter_async_context(
-            run_coredns(self.corefile(node), node.ports, workdir=node.workdir, name=node.name))
+            run_coredns(self.corefile(node), node.ports, workdir=node.workdir, name=node.name)
+        )
 
     async def kill_node(self, node: Node) -> None:
         """SIGKILL, as the OOM killer or a fatal error would end it."""
@@ -143,19 +155,32 @@ class Fleet:
             # Edges differ in size, and breathe out of step with each other.
             spread = 1.0 + spec.spread * ((i / max(1, len(edges) - 1)) * 2 - 1) if len(edges) > 1 else 1.0
             node.base_qps = spec.qps * spread
-            mod = Modulation(float(spec.modulation_period), spec.modulation_depth,
-                             phase=2 * math.pi * i / max(1, len(edges)))
-            node.load = DnsperfLoop(node.name, node.ports.dns, node.queries,
-                                    _modulated(node.base_qps, mod),
-                                    log=self.workdir / f"dnsperf.{node.name}.log", segment_s=float(spec.segment))
+            mod = Modulation(
+                float(spec.modulation_period), spec.modulation_depth, phase=2 * math.pi * i / max(1, len(edges))
+            )
+            node.load = DnsperfLoop(
+                node.name,
+                node.ports.dns,
+                node.queries,
+                _modulated(node.base_qps, mod),
+                log=self.workdir / f"dnsperf.{node.name}.log",
+                segment_s=float(spec.segment),
+            )
             node.load.start(self._t0)
 
     def _query_files(self, node: Node, i: int) -> list[Path]:
         spec = self.load_spec
-        return [query_file(self.workdir / f"queries.{node.name}.{k}.txt", seed=self.seed * 100 + i * 10 + k,
-                           n=QUERIES_PER_FILE, nxdomain_share=spec.nxdomain_share, n_names=self.topology.zone_names,
-                           zipf=spec.zipf)
-                for k in range(QUERY_FILES_PER_EDGE)]
+        return [
+            query_file(
+                self.workdir / f"queries.{node.name}.{k}.txt",
+                seed=self.seed * 100 + i * 10 + k,
+                n=QUERIES_PER_FILE,
+                nxdomain_share=spec.nxdomain_share,
+                n_names=self.topology.zone_names,
+                zipf=spec.zipf,
+            )
+            for k in range(QUERY_FILES_PER_EDGE)
+        ]
 
     def elapsed(self) -> float:
         return asyncio.get_running_loop().time() - self._t0

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import signal
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +39,18 @@ class DnsperfLoop:
     """Runs dnsperf against 127.0.0.1:`port` at `rate(t)` queries a second. Each segment reads
     the next of the `queries` files (dnsperf always starts at a file's first line)."""
 
-    def __init__(self, name: str, port: int, queries: Sequence[Path], rate: RateFn, *, log: Path,
-                 segment_s: float = 10.0, max_outstanding: int = 2000, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        queries: Sequence[Path],
+        rate: RateFn,
+        *,
+        log: Path,
+        segment_s: float = 10.0,
+        max_outstanding: int = 2000,
+        timeout_s: float = 5.0,
+    ) -> None:
         self.name = name
         self.port = port
         self.queries = list(queries)
@@ -70,9 +78,25 @@ class DnsperfLoop:
             self.current_qps = qps
             self._reap()
             if qps >= 1:
-                argv = [binary, "-s", "127.0.0.1", "-p", str(self.port), "-d", str(self.queries[self.segments % len(self.queries)]),
-                        "-l", f"{self.segment_s:g}", "-Q", str(int(qps)), "-q", str(self.max_outstanding),
-                        "-c", "2", "-t", f"{self.timeout_s:g}"]
+                argv = [
+                    binary,
+                    "-s",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-d",
+                    str(self.queries[self.segments % len(self.queries)]),
+                    "-l",
+                    f"{self.segment_s:g}",
+                    "-Q",
+                    str(int(qps)),
+                    "-q",
+                    str(self.max_outstanding),
+                    "-c",
+                    "2",
+                    "-t",
+                    f"{self.timeout_s:g}",
+                ]
                 self._procs.append(children.spawn(argv, log=self.log, name=f"dnsperf {self.name}"))
                 self.segments += 1
             # The next segment starts when this one stops sending; the last one may still be

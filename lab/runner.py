@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import re
 import shutil
 import signal
@@ -19,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -45,10 +43,22 @@ class EventRecord:
 
     def to_truth(self, i: int) -> TruthEvent:
         return TruthEvent(
-            i, self.fault.cls, self.fault.severity, self.start_ms, self.end_ms, self.instances,
-            [{"primitive": a.primitive, "targets": list(a.targets),
-              "params": {k: (float(v) if isinstance(v, float) else v) for k, v in a.params.items()}}
-             for a in self.fault.actions], self.error)
+            i,
+            self.fault.cls,
+            self.fault.severity,
+            self.start_ms,
+            self.end_ms,
+            self.instances,
+            [
+                {
+                    "primitive": a.primitive,
+                    "targets": list(a.targets),
+                    "params": {k: (float(v) if isinstance(v, float) else v) for k, v in a.params.items()},
+                }
+                for a in self.fault.actions
+            ],
+            self.error,
+        )
 
 
 def _now_ms() -> int:
@@ -56,8 +66,15 @@ def _now_ms() -> int:
 
 
 class Run:
-    def __init__(self, scenario: Scenario, out: Path, *, source: Path | None = None,
-                 progress_interval: float = 10.0, say: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        out: Path,
+        *,
+        source: Path | None = None,
+        progress_interval: float = 10.0,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.scenario = scenario
         self.out = out.resolve()
         self.source = source
@@ -84,15 +101,23 @@ class Run:
                 self.fleet = fleet = Fleet(sc.topology, sc.load, workdir=work, seed=sc.seed)
                 stack.push_async_callback(fleet.stop)
                 await fleet.start()
-                self.prometheus = await stack.enter_async_context(run_prometheus(
-                    fleet.metrics_targets(), workdir=work / "prometheus",
-                    remote_write_url=f"{self.record_url}/api/v1/write", scrape_interval=f"{sc.step:g}s", keep=LAB_KEEP,
-                    extra_remote_write_config={"queue_config": {"batch_send_deadline": "1s", "max_backoff": "5s"}}))
+                self.prometheus = await stack.enter_async_context(
+                    run_prometheus(
+                        fleet.metrics_targets(),
+                        workdir=work / "prometheus",
+                        remote_write_url=f"{self.record_url}/api/v1/write",
+                        scrape_interval=f"{sc.step:g}s",
+                        keep=LAB_KEEP,
+                        extra_remote_write_config={"queue_config": {"batch_send_deadline": "1s", "max_backoff": "5s"}},
+                    )
+                )
                 await fleet.start_load()
                 self.started_ms = _now_ms()
-                self.say(f"lab: {sc.name}: {sc.topology.edges} edges, {sc.topology.upstreams} upstreams, "
-                         f"{sc.load.qps:g} qps per edge, {len(sc.faults)} faults, {sc.duration:g}s; recording to "
-                         f"{out / RECORDING}")
+                self.say(
+                    f"lab: {sc.name}: {sc.topology.edges} edges, {sc.topology.upstreams} upstreams, "
+                    f"{sc.load.qps:g} qps per edge, {len(sc.faults)} faults, {sc.duration:g}s; recording to "
+                    f"{out / RECORDING}"
+                )
                 t0 = asyncio.get_running_loop().time()
                 tasks = [asyncio.ensure_future(self._fault(ev, t0)) for ev in self.events]
                 progress = asyncio.ensure_future(self._progress(t0))
@@ -185,21 +210,35 @@ class Run:
             samples = _metric(text, "detectord_record_samples_total")
             size = f"{float(_metric(text, 'detectord_record_file_bytes')) / 1e6:.1f}MB"
         now = _now_ms()
-        active = [f"{e.fault.cls}@{','.join(i['instance'] for i in e.instances)}"
-                  for e in self.events if e.start_ms is not None and e.end_ms is None and e.start_ms <= now]
-        return (f"lab: {elapsed:6.0f}/{self.scenario.duration:.0f}s  qps {qps} (target {self.fleet.qps():.0f})  "
-                f"samples {samples}  recording {size}  faults: {' '.join(active) or 'none'}")
+        active = [
+            f"{e.fault.cls}@{','.join(i['instance'] for i in e.instances)}"
+            for e in self.events
+            if e.start_ms is not None and e.end_ms is None and e.start_ms <= now
+        ]
+        return (
+            f"lab: {elapsed:6.0f}/{self.scenario.duration:.0f}s  qps {qps} (target {self.fleet.qps():.0f})  "
+            f"samples {samples}  recording {size}  faults: {' '.join(active) or 'none'}"
+        )
 
     def write_truth(self) -> Path:
         sc = self.scenario
         fleet = self.fleet
         truth = Truth(
-            scenario=sc.name, description=sc.description, test_only=sc.test_only,
-            source=str(self.source) if self.source else None, recording=RECORDING, started_ms=self.started_ms,
-            ended_ms=self.ended_ms, interrupted=self.interrupted, step_seconds=sc.step,
-            instances=[TruthInstance(n.job, n.name, n.role, n.upstream, n.relay.counts() if n.relay else None)
-                       for n in (fleet.nodes.values() if fleet else [])],
-            events=[ev.to_truth(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error])
+            scenario=sc.name,
+            description=sc.description,
+            test_only=sc.test_only,
+            source=str(self.source) if self.source else None,
+            recording=RECORDING,
+            started_ms=self.started_ms,
+            ended_ms=self.ended_ms,
+            interrupted=self.interrupted,
+            step_seconds=sc.step,
+            instances=[
+                TruthInstance(n.job, n.name, n.role, n.upstream, n.relay.counts() if n.relay else None)
+                for n in (fleet.nodes.values() if fleet else [])
+            ],
+            events=[ev.to_truth(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
+        )
         return truth.write(self.out / TRUTH)
 
 

@@ -97,9 +97,15 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
     if not isinstance(test_only, bool):
         raise ConfigError("test_only", f"must be true or false, got {test_only!r}")
     scenario = Scenario(
-        name=str(raw.get("name", default_name)), description=str(raw.get("description", "")),
-        duration=duration, step=step, seed=_int(raw.get("seed", 0), "seed"), topology=topology, load=load,
-        test_only=test_only)
+        name=str(raw.get("name", default_name)),
+        description=str(raw.get("description", "")),
+        duration=duration,
+        step=step,
+        seed=_int(raw.get("seed", 0), "seed"),
+        topology=topology,
+        load=load,
+        test_only=test_only,
+    )
     nodes = set(scenario.node_names())
     faults = []
     raw_faults = raw.get("faults") or []
@@ -127,8 +133,10 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
                 raise ConfigError(akey, "must be a mapping with a `primitive` key")
             prim = PRIMITIVES.get(str(ra["primitive"]))
             if prim is None:
-                raise ConfigError(f"{akey}.primitive",
-                                  f"unknown primitive {ra['primitive']!r} (known: {', '.join(sorted(PRIMITIVES))})")
+                raise ConfigError(
+                    f"{akey}.primitive",
+                    f"unknown primitive {ra['primitive']!r} (known: {', '.join(sorted(PRIMITIVES))})",
+                )
             targets = ra.get("targets")
             if isinstance(targets, str):
                 targets = [targets]
@@ -139,14 +147,21 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
                     raise ConfigError(f"{akey}.targets", f"no node {t!r} (nodes: {', '.join(sorted(nodes))})")
                 role = str(t).split("-")[0]
                 if role not in prim.roles:
-                    raise ConfigError(f"{akey}.targets", f"{ra['primitive']} applies to {' or '.join(prim.roles)} "
-                                                          f"nodes, not {t!r}")
+                    raise ConfigError(
+                        f"{akey}.targets", f"{ra['primitive']} applies to {' or '.join(prim.roles)} nodes, not {t!r}"
+                    )
             params = {k: v for k, v in ra.items() if k not in ("primitive", "targets")}
             parsed = from_mapping(prim, params, akey)  # validates the parameters now, not mid-run
-            actions.append(Action(str(ra["primitive"]), tuple(map(str, targets)),
-                                  {f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed) if f.init}))
-        faults.append(Fault(str(rf["class"]), float(timing.start), float(timing.duration), timing.severity,
-                            tuple(actions)))
+            actions.append(
+                Action(
+                    str(ra["primitive"]),
+                    tuple(map(str, targets)),
+                    {f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed) if f.init},
+                )
+            )
+        faults.append(
+            Fault(str(rf["class"]), float(timing.start), float(timing.duration), timing.severity, tuple(actions))
+        )
     return dataclasses.replace(scenario, faults=tuple(sorted(faults, key=lambda f: f.start)))
 
 

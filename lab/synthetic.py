@@ -37,7 +37,7 @@ STALE_NAN_BITS = 0x7FF0000000000002
 # plugin.TimeBuckets: ExponentialBuckets(0.00025, 2, 16), then +Inf.
 TIME_BUCKETS: tuple[float, ...] = tuple(0.00025 * 2**k for k in range(16))
 _NB = len(TIME_BUCKETS) + 1
-_LE_TEXT = tuple(repr(b) for b in TIME_BUCKETS) + ("+Inf",)
+_LE_TEXT = (*tuple(repr(b) for b in TIME_BUCKETS), "+Inf")
 _BOUNDS = np.array(TIME_BUCKETS)
 _LOG_BOUNDS = np.log(_BOUNDS)
 # A value to stand for each bucket in _sum: its geometric middle (the +Inf bucket: 10 s).
@@ -106,28 +106,57 @@ class _Catalogue:
         self.req = np.zeros((len(_QTYPES), len(_PROTOS)), dtype=np.int64)
         for ti, t in enumerate(_QTYPES):
             for pi, p in enumerate(_PROTOS):
-                self.req[ti, pi] = self._add("coredns_dns_requests_total", True, "self",
-                                             server=_SERVER, zone=_ZONE, proto=p, family="1", type=t)
-        resp = [("NOERROR", "cache"), ("NXDOMAIN", "cache"), ("NOERROR", "forward"), ("NXDOMAIN", "forward"),
-                ("SERVFAIL", "forward"), ("SERVFAIL", ""), ("REFUSED", "")]
-        self.resp = {k: self._add("coredns_dns_responses_total", True, "self", server=_SERVER, zone=_ZONE,
-                                  rcode=k[0], plugin=k[1]) for k in resp}
-        self.dur_count = self._add("coredns_dns_request_duration_seconds_count", True, "self",
-                                   server=_SERVER, zone=_ZONE)
-        self.dur_sum = self._add("coredns_dns_request_duration_seconds_sum", True, self.dur_count,
-                                 server=_SERVER, zone=_ZONE)
-        self.dur_b = np.array([self._add("coredns_dns_request_duration_seconds_bucket", True, self.dur_count,
-                                         server=_SERVER, zone=_ZONE, le=le) for le in _LE_TEXT])
+                self.req[ti, pi] = self._add(
+                    "coredns_dns_requests_total", True, "self", server=_SERVER, zone=_ZONE, proto=p, family="1", type=t
+                )
+        resp = [
+            ("NOERROR", "cache"),
+            ("NXDOMAIN", "cache"),
+            ("NOERROR", "forward"),
+            ("NXDOMAIN", "forward"),
+            ("SERVFAIL", "forward"),
+            ("SERVFAIL", ""),
+            ("REFUSED", ""),
+        ]
+        self.resp = {
+            k: self._add(
+                "coredns_dns_responses_total", True, "self", server=_SERVER, zone=_ZONE, rcode=k[0], plugin=k[1]
+            )
+            for k in resp
+        }
+        self.dur_count = self._add(
+            "coredns_dns_request_duration_seconds_count", True, "self", server=_SERVER, zone=_ZONE
+        )
+        self.dur_sum = self._add(
+            "coredns_dns_request_duration_seconds_sum", True, self.dur_count, server=_SERVER, zone=_ZONE
+        )
+        self.dur_b = np.array(
+            [
+                self._add(
+                    "coredns_dns_request_duration_seconds_bucket",
+                    True,
+                    self.dur_count,
+                    server=_SERVER,
+                    zone=_ZONE,
+                    le=le,
+                )
+                for le in _LE_TEXT
+            ]
+        )
         self.cache_req = self._add("coredns_cache_requests_total", True, "self", server=_SERVER, zones=_ZONE)
-        self.cache_hit_s = self._add("coredns_cache_hits_total", True, "self", server=_SERVER, zones=_ZONE,
-                                     type="success")
-        self.cache_hit_d = self._add("coredns_cache_hits_total", True, "self", server=_SERVER, zones=_ZONE,
-                                     type="denial")
+        self.cache_hit_s = self._add(
+            "coredns_cache_hits_total", True, "self", server=_SERVER, zones=_ZONE, type="success"
+        )
+        self.cache_hit_d = self._add(
+            "coredns_cache_hits_total", True, "self", server=_SERVER, zones=_ZONE, type="denial"
+        )
         self.cache_miss = self._add("coredns_cache_misses_total", True, "self", server=_SERVER, zones=_ZONE)
-        self.cache_ent_s = self._add("coredns_cache_entries", False, self.cache_req, server=_SERVER,
-                                     zones=_ZONE, type="success")
-        self.cache_ent_d = self._add("coredns_cache_entries", False, self.cache_req, server=_SERVER,
-                                     zones=_ZONE, type="denial")
+        self.cache_ent_s = self._add(
+            "coredns_cache_entries", False, self.cache_req, server=_SERVER, zones=_ZONE, type="success"
+        )
+        self.cache_ent_d = self._add(
+            "coredns_cache_entries", False, self.cache_req, server=_SERVER, zones=_ZONE, type="denial"
+        )
         nu, nr = _MAX_UPSTREAMS, len(_RCODES_UP)
         self.px_cnt = np.zeros((nu, nr), dtype=np.int64)
         self.px_sum = np.zeros((nu, nr), dtype=np.int64)
@@ -136,16 +165,39 @@ class _Catalogue:
         for u in range(nu):
             to = f"@upstream{u}"  # replaced per instance by its upstream address
             for r, rc in enumerate(_RCODES_UP):
-                cnt = self._add("coredns_proxy_request_duration_seconds_count", True, "self", upstream=u,
-                                proxy_name="forward", to=to, rcode=rc)
+                cnt = self._add(
+                    "coredns_proxy_request_duration_seconds_count",
+                    True,
+                    "self",
+                    upstream=u,
+                    proxy_name="forward",
+                    to=to,
+                    rcode=rc,
+                )
                 self.px_cnt[u, r] = cnt
-                self.px_sum[u, r] = self._add("coredns_proxy_request_duration_seconds_sum", True, cnt,
-                                              upstream=u, proxy_name="forward", to=to, rcode=rc)
+                self.px_sum[u, r] = self._add(
+                    "coredns_proxy_request_duration_seconds_sum",
+                    True,
+                    cnt,
+                    upstream=u,
+                    proxy_name="forward",
+                    to=to,
+                    rcode=rc,
+                )
                 for b, le in enumerate(_LE_TEXT):
-                    self.px_b[u, r, b] = self._add("coredns_proxy_request_duration_seconds_bucket", True, cnt,
-                                                   upstream=u, proxy_name="forward", to=to, rcode=rc, le=le)
-            self.hc[u] = self._add("coredns_proxy_healthcheck_failures_total", True, "self", upstream=u,
-                                   proxy_name="forward", to=to)
+                    self.px_b[u, r, b] = self._add(
+                        "coredns_proxy_request_duration_seconds_bucket",
+                        True,
+                        cnt,
+                        upstream=u,
+                        proxy_name="forward",
+                        to=to,
+                        rcode=rc,
+                        le=le,
+                    )
+            self.hc[u] = self._add(
+                "coredns_proxy_healthcheck_failures_total", True, "self", upstream=u, proxy_name="forward", to=to
+            )
         self.rejects = self._add("coredns_forward_max_concurrent_rejects_total", True, -1)
         self.broken = self._add("coredns_forward_healthcheck_broken_total", True, -1)
         self.panics = self._add("coredns_panics_total", True, -1)
@@ -156,21 +208,31 @@ class _Catalogue:
         self.threads = self._add("go_threads", False, -1)
         self.alloc = self._add("go_memstats_alloc_bytes", False, -1)
         self.heap = self._add("go_memstats_heap_inuse_bytes", False, -1)
-        self.gc_q = np.array([self._add("go_gc_duration_seconds", False, -1, quantile=q)
-                              for q in ("0", "0.25", "0.5", "0.75", "1")])
+        self.gc_q = np.array(
+            [self._add("go_gc_duration_seconds", False, -1, quantile=q) for q in ("0", "0.25", "0.5", "0.75", "1")]
+        )
         self.gc_sum = self._add("go_gc_duration_seconds_sum", True, -1)
         self.gc_count = self._add("go_gc_duration_seconds_count", True, -1)
         self.fds = self._add("process_open_fds", False, -1)
         self.max_fds = self._add("process_max_fds", False, -1)
         self.start_time = self._add("process_start_time_seconds", False, -1)
-        self.build = self._add("coredns_build_info", False, -1, version="1.12.0", revision="51e11f1",
-                               goversion="go1.23.3")
-        self.plugins = np.array([self._add("coredns_plugin_enabled", False, -1, server=_SERVER, zone=_ZONE,
-                                           name=n) for n in ("cache", "errors", "forward", "prometheus")])
+        self.build = self._add(
+            "coredns_build_info", False, -1, version="1.12.0", revision="51e11f1", goversion="go1.23.3"
+        )
+        self.plugins = np.array(
+            [
+                self._add("coredns_plugin_enabled", False, -1, server=_SERVER, zone=_ZONE, name=n)
+                for n in ("cache", "errors", "forward", "prometheus")
+            ]
+        )
         self.health_count = self._add("coredns_health_request_duration_seconds_count", True, -1)
         self.health_sum = self._add("coredns_health_request_duration_seconds_sum", True, -1)
-        self.health_b = np.array([self._add("coredns_health_request_duration_seconds_bucket", True, -1, le=le)
-                                  for le in ("0.00025", "0.0025", "0.025", "0.25", "2.5", "+Inf")])
+        self.health_b = np.array(
+            [
+                self._add("coredns_health_request_duration_seconds_bucket", True, -1, le=le)
+                for le in ("0.00025", "0.0025", "0.025", "0.25", "2.5", "+Inf")
+            ]
+        )
         self.reload_failed = self._add("coredns_reload_failed_total", True, -1)
         # Prometheus's own per-target series: still written while the target is down.
         self.up = self._add("up", False, -1)
@@ -279,7 +341,7 @@ class SyntheticFleet:
         self.keys: list[tuple[str, str]] = [(job, inst) for inst in self.instances]
         n = self.n = len(self.instances)
         self.interval_s = float(scrape_interval_s)
-        self.interval_ms = int(round(scrape_interval_s * 1000))
+        self.interval_ms = round(scrape_interval_s * 1000)
         self.start_ms = int(start_ms)
         self.rng = rng = np.random.default_rng(seed)
         self.spans: list[Span] = []
@@ -302,17 +364,22 @@ class SyntheticFleet:
         # Some clients only ask for names that exist, some caches never hit (unique names, a
         # cache too small for the working set): the edges are normal too.
         r = rng.random(n)
-        self.nx_share = np.where(r < 0.1, 0.0, np.where(r < 0.2, rng.uniform(0.15, 0.5, n),
-                                                         _log_uniform(rng, 0.002, 0.15, n)))
+        self.nx_share = np.where(
+            r < 0.1, 0.0, np.where(r < 0.2, rng.uniform(0.15, 0.5, n), _log_uniform(rng, 0.002, 0.15, n))
+        )
         self.sf_share = np.where(rng.random(n) < 0.15, 0.0, _log_uniform(rng, 1e-6, 3e-3, n))
         # REFUSED: mostly none, sometimes a trickle, and on a few servers a steady few percent
         # (an acl, a zone the upstream does not serve).
         r = rng.random(n)
-        self.refused_share = np.where(r < 0.2, _log_uniform(rng, 1e-6, 1e-3, n),
-                                      np.where(r < 0.3, _log_uniform(rng, 1e-3, 0.05, n), 0.0))
+        self.refused_share = np.where(
+            r < 0.2, _log_uniform(rng, 1e-6, 1e-3, n), np.where(r < 0.3, _log_uniform(rng, 1e-3, 0.05, n), 0.0)
+        )
         r = rng.random(n)
-        self.hit_ratio = np.where(r < 0.15, rng.uniform(0.0, 0.3, n),
-                                  np.where(r < 0.4, rng.uniform(0.95, 0.999, n), rng.uniform(0.3, 0.95, n)))
+        self.hit_ratio = np.where(
+            r < 0.15,
+            rng.uniform(0.0, 0.3, n),
+            np.where(r < 0.4, rng.uniform(0.95, 0.999, n), rng.uniform(0.3, 0.95, n)),
+        )
         self.cache_target = _log_uniform(rng, 50.0, 9984.0, n)
         self.cache_tau = _log_uniform(rng, 30.0, 1200.0, n)
         self.hit_median = _log_uniform(rng, 40e-6, 300e-6, n)
@@ -339,8 +406,7 @@ class SyntheticFleet:
         self.upstream_names = [[_UPSTREAM_POOL[j] for j in perm] for perm in upstreams]
         self.offset_ms = rng.integers(0, self.interval_ms, n) if self.interval_ms > 1 else np.zeros(n, np.int64)
         # Some instances get no queries until their clients start (a new deployment, a load test).
-        self.load_start = np.where(rng.random(n) < load_start_fraction,
-                                   rng.uniform(0.0, load_start_within_s, n), 0.0)
+        self.load_start = np.where(rng.random(n) < load_start_fraction, rng.uniform(0.0, load_start_within_s, n), 0.0)
         self.lazy_series = lazy_series
 
         # Dynamic state.
@@ -378,8 +444,7 @@ class SyntheticFleet:
         if end_ms <= start_ms:
             raise ValueError(f"end_ms must be after start_ms, got [{start_ms}, {end_ms})")
         rng = self.rng
-        f = _Fault(instance, cls, (start_ms - self.start_ms) / 1000.0, (end_ms - self.start_ms) / 1000.0,
-                   severity)
+        f = _Fault(instance, cls, (start_ms - self.start_ms) / 1000.0, (end_ms - self.start_ms) / 1000.0, severity)
         if cls in ("upstream_latency", "forward_saturation", "upstream_down"):
             # Open-loop clients keep (or raise, retrying) their rate; closed-loop ones slow down.
             f.rate_mult = float(_log_uniform(rng, 0.05, 1.5, 1)[0])
@@ -471,7 +536,7 @@ class SyntheticFleet:
                 up_sig[i] = np.maximum(up_sig[i], 0.6)
                 rate_mult[i] *= f.rate_mult
             elif f.cls == "upstream_down":
-                n_down = max(1, int(math.ceil(s * self.n_up[i])))
+                n_down = max(1, math.ceil(s * self.n_up[i]))
                 down[i, :n_down] = True
                 blackhole[i] = f.blackhole
                 rate_mult[i] *= f.rate_mult
@@ -502,8 +567,7 @@ class SyntheticFleet:
         phi = np.exp(-dt / self.ar_tau)
         self.ar = self.ar * phi + np.sqrt(1 - phi**2) * rng.standard_normal(n)
         shifting = rng.random(n) < 1.0 - np.exp(-self.shift_rate * dt / 3600.0)
-        self.shift = np.where(shifting, np.clip(self.shift * np.exp(rng.uniform(-1.4, 1.4, n)), 0.2, 5.0),
-                              self.shift)
+        self.shift = np.where(shifting, np.clip(self.shift * np.exp(rng.uniform(-1.4, 1.4, n)), 0.2, 5.0), self.shift)
         diurnal = 1.0 + self.diurnal_amp * np.sin(2 * math.pi * t / self.diurnal_period + self.diurnal_phase)
         lam = self.q0 * diurnal * np.exp(self.ar_sigma * self.ar - self.ar_sigma**2 / 2) * self.shift * rate_mult
         lam = np.where(t < self.load_start, 0.0, lam)
@@ -533,7 +597,7 @@ class SyntheticFleet:
         p_ok = p_rtt.copy()
         p_ok[..., 14:] = 0.0
         p_ok[..., 13] = np.maximum(cdf_timeout - _norm_cdf((_LOG_BOUNDS[12] - np.log(up_med)) / up_sig), 0.0)
-        p_ok *= (1.0 - self.loss[:, None, None])
+        p_ok *= 1.0 - self.loss[:, None, None]
         lam_fast = np.where(all_down, lam_fwd, 0.0)
         lam_try = np.where(all_down, 0.0, lam_fwd)
         p_to = np.where(all_down, 0.0, (w * p_to_u).sum(axis=1))
@@ -547,8 +611,12 @@ class SyntheticFleet:
         # Answers observed by the proxy histogram: first tries plus successful second tries.
         sf_up = np.clip(self.sf_share + sf_extra, 0.0, 1.0)
         p_rc = np.stack([(1.0 - nx_fwd) * (1.0 - sf_up), nx_fwd * (1.0 - sf_up), sf_up], axis=1)  # (n, 3)
-        lam_px = (lam_try * (1.0 + p_retry))[:, None, None, None] * w[:, :, None, None] * p_rc[:, None, :, None] \
+        lam_px = (
+            (lam_try * (1.0 + p_retry))[:, None, None, None]
+            * w[:, :, None, None]
+            * p_rc[:, None, :, None]
             * p_ok[:, :, None, :]
+        )
         px = rng.poisson(lam_px * dt).astype(float)  # (n, U, 3, 17)
         px_by_b = px.sum(axis=(1, 2))
         n_replies = px_by_b.sum(axis=1)
@@ -564,8 +632,9 @@ class SyntheticFleet:
         n_hits = hits.sum(axis=1)
         n_hit_d = rng.binomial(n_hits.astype(np.int64), self.nx_share).astype(float)
         fast = rng.poisson((lam_fast * dt)[:, None] * _bucket_probs(3e-4 * slow, 0.5)).astype(float)
-        rej = rng.poisson(((lam_rej + lam * self.refused_share) * dt)[:, None]
-                          * _bucket_probs(50e-6 * slow, 0.5)).astype(float)
+        rej = rng.poisson(
+            ((lam_rej + lam * self.refused_share) * dt)[:, None] * _bucket_probs(50e-6 * slow, 0.5)
+        ).astype(float)
         panics = rng.poisson((panic_rate * dt)[:, None] * _bucket_probs(1e-4 * slow, 0.5)).astype(float)
         n_deadline = rng.poisson(lam_deadline * dt).astype(float)
         req_b = hits + req_fwd + fast + rej + panics
@@ -573,9 +642,14 @@ class SyntheticFleet:
         req_b[np.arange(n), b_fail] += n_deadline
         n_req = req_b.sum(axis=1)
         n_rej_total = rej.sum(axis=1)
-        n_rejects = rng.binomial(n_rej_total.astype(np.int64), np.where(
-            lam_rej + lam * self.refused_share > 0,
-            lam_rej / np.maximum(lam_rej + lam * self.refused_share, 1e-12), 0.0)).astype(float)
+        n_rejects = rng.binomial(
+            n_rej_total.astype(np.int64),
+            np.where(
+                lam_rej + lam * self.refused_share > 0,
+                lam_rej / np.maximum(lam_rej + lam * self.refused_share, 1e-12),
+                0.0,
+            ),
+        ).astype(float)
         n_panic = panics.sum(axis=1)
         n_fast = fast.sum(axis=1)
 
@@ -610,7 +684,8 @@ class SyntheticFleet:
         inc[:, cat.px_sum.reshape(-1)] = (px * _MIDS).sum(axis=3).reshape(n, -1)
         # Health checks run every 0.5 s while an upstream fails; a slow one fails each 1 s check.
         hc_rate = np.where(down, 2.0, 0.0) + np.where(
-            healthy & (p_to_u > 0.01), 0.8 * np.clip(3.0 * (1.0 - _norm_cdf(-np.log(up_med) / up_sig)), 0, 1), 0.0)
+            healthy & (p_to_u > 0.01), 0.8 * np.clip(3.0 * (1.0 - _norm_cdf(-np.log(up_med) / up_sig)), 0, 1), 0.0
+        )
         hc_rate = np.where(bh, 0.8, hc_rate)
         inc[:, cat.hc] = rng.poisson(hc_rate * dt)
         inc[:, cat.rejects] = n_rejects
@@ -642,11 +717,21 @@ class SyntheticFleet:
         ent_d = np.round(self.ent_d * np.exp(0.05 * rng.standard_normal(n)))
         phi_m = np.exp(-dt / 300.0)
         self.ar_mem = self.ar_mem * phi_m + np.sqrt(1 - phi_m**2) * rng.standard_normal(n)
-        rss = (self.rss_base + (ent_s + ent_d) * self.rss_per_entry + np.minimum(lam, 50_000) * self.rss_per_qps
-               + self.leak_bytes) * np.exp(0.02 * self.ar_mem + 0.003 * rng.standard_normal(n))
+        rss = (
+            self.rss_base
+            + (ent_s + ent_d) * self.rss_per_entry
+            + np.minimum(lam, 50_000) * self.rss_per_qps
+            + self.leak_bytes
+        ) * np.exp(0.02 * self.ar_mem + 0.003 * rng.standard_normal(n))
         in_flight = (req_b * _MIDS).sum(axis=1) / dt + n_deadline * (t_fail - _MIDS[b_fail]) / dt
-        gor = self.g_base + 2 * self.n_up + rng.poisson(np.minimum(in_flight, 1e6)) + g_extra \
-            + self.leak_goroutines + rng.poisson(3.0, n)
+        gor = (
+            self.g_base
+            + 2 * self.n_up
+            + rng.poisson(np.minimum(in_flight, 1e6))
+            + g_extra
+            + self.leak_goroutines
+            + rng.poisson(3.0, n)
+        )
         self._gauges = {
             cat.cache_ent_s: ent_s,
             cat.cache_ent_d: ent_d,
@@ -681,7 +766,7 @@ class SyntheticFleet:
         self.leak_goroutines[i] = 0.0
         self.process_start[i] = self.start_ms / 1000.0 + t
         # Stamped with the scrape that first sees the new process (or its absence).
-        self.restarts.append(Restart(self.keys[i], self.start_ms + int(self.offset_ms[i]) + int(round(t * 1000))))
+        self.restarts.append(Restart(self.keys[i], self.start_ms + int(self.offset_ms[i]) + round(t * 1000)))
 
     # ---- output -------------------------------------------------------------------------------
 
@@ -718,10 +803,9 @@ class SyntheticFleet:
         ts, values, mask = self.scrape()
         return _encoder(self).encode(ts, values, mask, max_samples)
 
-    def write_requests(self, duration_s: float,
-                       max_samples: int = MAX_SAMPLES_PER_SEND) -> Iterator[pb1.WriteRequest]:
+    def write_requests(self, duration_s: float, max_samples: int = MAX_SAMPLES_PER_SEND) -> Iterator[pb1.WriteRequest]:
         """Scrape for `duration_s` seconds, yielding the WriteRequests Prometheus would send."""
-        for _ in range(int(round(duration_s / self.interval_s))):
+        for _ in range(round(duration_s / self.interval_s)):
             for payload in self.scrape_payloads(max_samples):
                 yield pb1.WriteRequest.FromString(payload)
 
@@ -729,10 +813,18 @@ class SyntheticFleet:
 class _Layout:
     """Where each record of one scrape's payload goes: a byte template plus value/timestamp slots."""
 
-    __slots__ = ("template", "rec_inst", "rec_col", "val_off", "ts_off", "ts_len", "bounds")
+    __slots__ = ("bounds", "rec_col", "rec_inst", "template", "ts_len", "ts_off", "val_off")
 
-    def __init__(self, template: np.ndarray, rec_inst: np.ndarray, rec_col: np.ndarray, val_off: np.ndarray,
-                 ts_off: np.ndarray, ts_len: int, bounds: list[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        template: np.ndarray,
+        rec_inst: np.ndarray,
+        rec_col: np.ndarray,
+        val_off: np.ndarray,
+        ts_off: np.ndarray,
+        ts_len: int,
+        bounds: list[tuple[int, int]],
+    ) -> None:
         self.template, self.rec_inst, self.rec_col = template, rec_inst, rec_col
         self.val_off, self.ts_off, self.ts_len, self.bounds = val_off, ts_off, ts_len, bounds
 
@@ -825,10 +917,18 @@ class _Encoder:
             return _Layout(np.zeros(0, dtype=np.uint8), empty, empty, empty, empty, tl, [])
         first = np.concatenate(rec_start)
         cuts = range(0, first.size, max_samples)
-        bounds = [(int(first[a]), int(first[a + max_samples]) if a + max_samples < first.size else offset)
-                  for a in cuts]
-        return _Layout(np.concatenate(blocks), np.concatenate(rec_inst), np.concatenate(rec_col),
-                       np.concatenate(val_off), np.concatenate(ts_off), tl, bounds)
+        bounds = [
+            (int(first[a]), int(first[a + max_samples]) if a + max_samples < first.size else offset) for a in cuts
+        ]
+        return _Layout(
+            np.concatenate(blocks),
+            np.concatenate(rec_inst),
+            np.concatenate(rec_col),
+            np.concatenate(val_off),
+            np.concatenate(ts_off),
+            tl,
+            bounds,
+        )
 
     def _block(self, c: int, sel: np.ndarray, il: int, tl: int, to: bytes) -> tuple[np.ndarray, int, int]:
         pre, post = self.pre[c], self.post[c] + to
@@ -887,7 +987,14 @@ def generate(
 ) -> Synthetic:
     """A fleet of `n_instances`, the first `faulty` of which get random faults."""
     fleet = SyntheticFleet(n_instances, seed=seed, scrape_interval_s=scrape_interval_s, **fleet_kwargs)  # type: ignore[arg-type]
-    spans = fleet.inject_random(range(faulty), duration_s=duration_s, per_instance=faults_per_instance,
-                                classes=classes, min_len_s=fault_len_s[0], max_len_s=fault_len_s[1],
-                                severity=severity, margin_s=min(0.2 * duration_s, 64 * scrape_interval_s))
+    spans = fleet.inject_random(
+        range(faulty),
+        duration_s=duration_s,
+        per_instance=faults_per_instance,
+        classes=classes,
+        min_len_s=fault_len_s[0],
+        max_len_s=fault_len_s[1],
+        severity=severity,
+        margin_s=min(0.2 * duration_s, 64 * scrape_interval_s),
+    )
     return Synthetic(fleet, duration_s, spans)

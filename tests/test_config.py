@@ -12,8 +12,8 @@ import yaml
 
 from detectord.config import Config, Duration, load_config, parse_config
 from detectord.errors import ConfigError
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "detectord.example.yml"
 
 
@@ -66,8 +66,9 @@ def test_durations_and_sizes() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "detectord", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "detectord", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def test_check_config_cli(tmp_path: Path) -> None:

@@ -62,15 +62,19 @@ class Watch:
         return {inst: {a["annotations"]["description"] for a in alerts[:3]} for inst, alerts in self.seen.items()}
 
     async def active(self, instance: str) -> list[dict[str, Any]]:
-        return [a for a in await self.am.alerts()
-                if a["labels"].get("alertname") == "CoreDNSAnomaly" and a["labels"].get("instance") == instance]
+        return [
+            a
+            for a in await self.am.alerts()
+            if a["labels"].get("alertname") == "CoreDNSAnomaly" and a["labels"].get("instance") == instance
+        ]
 
     async def until(self, what: str, cond: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not await cond():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; detectord log: "
-                                     f"{self.det.log.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; detectord log: {self.det.log.read_text()[-3000:]}"
+                )
             await asyncio.sleep(0.5)
 
     def __enter__(self) -> Watch:
@@ -94,11 +98,15 @@ async def test_upstream_timeouts_alert_then_resolve(tmp_path: Path) -> None:
         run_dnsperf(edge_a.dns, qps=300, duration_s=600, workdir=tmp_path, name="a", seed=1),
         run_dnsperf(edge_b.dns, qps=300, duration_s=600, workdir=tmp_path, name="b", seed=2),
         run_detectord(CONFIG.format(am=am.url), workdir=tmp_path / "detectord") as det,
-        run_prometheus({"coredns": [edge_a.metrics_target, edge_b.metrics_target]}, workdir=tmp_path / "prom",
-                       remote_write_url=det.write_url),
+        run_prometheus(
+            {"coredns": [edge_a.metrics_target, edge_b.metrics_target]},
+            workdir=tmp_path / "prom",
+            remote_write_url=det.write_url,
+        ),
     ):
         healthy, faulty = edge_a.metrics_target, edge_b.metrics_target
         with Watch(am, det) as watch:
+
             async def both_scoring() -> bool:
                 return {healthy, faulty} <= watch.scoring
 

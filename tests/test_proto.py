@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -18,4 +18,5 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     assert generated == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix != ".pyc")
     for name in generated:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), (
-            f"detectord/ingest/_proto/{name} is stale: run `make proto`")
+            f"detectord/ingest/_proto/{name} is stale: run `make proto`"
+        )

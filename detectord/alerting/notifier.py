@@ -33,22 +33,31 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class _NotifierMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         am = ["alertmanager"]
-        self.sent = Counter(
-            "detectord_alerts_sent_total", "Alerts Alertmanager accepted.", am, registry=registry)
+        self.sent = Counter("detectord_alerts_sent_total", "Alerts Alertmanager accepted.", am, registry=registry)
         self.failures = Counter(
             "detectord_alert_send_failures_total",
             "Alerts in posts to Alertmanager that failed, by reason (connection, timeout, http_<code>); "
-            "all but 4xx answers are retried.", [*am, "reason"], registry=registry)
+            "all but 4xx answers are retried.",
+            [*am, "reason"],
+            registry=registry,
+        )
         self.dropped = Counter(
             "detectord_alerts_dropped_total",
             "Alerts given up on, by reason: queue_full (oldest dropped while Alertmanager was unreachable) or "
-            "rejected (a 4xx answer).", [*am, "reason"], registry=registry)
+            "rejected (a 4xx answer).",
+            [*am, "reason"],
+            registry=registry,
+        )
         self.queue_length = Gauge(
-            "detectord_notification_queue_length", "Alerts waiting to be sent to Alertmanager.", am,
-            registry=registry)
+            "detectord_notification_queue_length", "Alerts waiting to be sent to Alertmanager.", am, registry=registry
+        )
         self.latency = Histogram(
-            "detectord_notification_latency_seconds", "Time of one post to Alertmanager, failed ones included.",
-            am, buckets=_LATENCY_BUCKETS, registry=registry)
+            "detectord_notification_latency_seconds",
+            "Time of one post to Alertmanager, failed ones included.",
+            am,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
 
 
 # A notifier is replaced on reload; its successor keeps counting on the same series.
@@ -78,9 +87,16 @@ class AlertmanagerNotifier:
     for `resolved_resend_for`.
     """
 
-    def __init__(self, cfg: AlertingConfig, *, registry: CollectorRegistry,
-                 session: aiohttp.ClientSession | None = None, external_url: str,
-                 min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF) -> None:
+    def __init__(
+        self,
+        cfg: AlertingConfig,
+        *,
+        registry: CollectorRegistry,
+        session: aiohttp.ClientSession | None = None,
+        external_url: str,
+        min_backoff: float = MIN_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+    ) -> None:
         if not 0 < min_backoff <= max_backoff:
             raise ValueError(f"backoff must satisfy 0 < min_backoff <= max_backoff, got {min_backoff}, {max_backoff}")
         self.cfg = cfg
@@ -108,8 +124,9 @@ class AlertmanagerNotifier:
         log.info("alert notifier started", alertmanagers=[t.url for t in self._targets])
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -193,8 +210,9 @@ _Outcome = Literal["ok", "retry", "rejected"]
 class _Target:
     """One Alertmanager: its queue, its sender task's state and its backoff."""
 
-    def __init__(self, am: AlertmanagerConfig, owner: AlertmanagerNotifier, min_backoff: float,
-                 max_backoff: float) -> None:
+    def __init__(
+        self, am: AlertmanagerConfig, owner: AlertmanagerNotifier, min_backoff: float, max_backoff: float
+    ) -> None:
         self.url = am.url.rstrip("/")
         self.endpoint = f"{self.url}/api/v2/alerts"
         self.timeout = aiohttp.ClientTimeout(total=float(am.timeout))
@@ -238,8 +256,9 @@ class _Target:
             for _ in range(over):
                 self.queue.popitem(last=False)
             self.owner.metrics.dropped.labels(self.url, "queue_full").inc(over)
-            log.warning("alert queue full; oldest alerts dropped", alertmanager=self.url, dropped=over,
-                        capacity=self.capacity)
+            log.warning(
+                "alert queue full; oldest alerts dropped", alertmanager=self.url, dropped=over, capacity=self.capacity
+            )
         self._queue_length.set(len(self.queue))
 
     async def run(self) -> None:
@@ -269,17 +288,14 @@ class _Target:
         try:
             await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.001))
         except TimeoutError:
-            log.warning("alerts still queued at the end of the flush", alertmanager=self.url,
-                        count=len(self.queue))
+            log.warning("alerts still queued at the end of the flush", alertmanager=self.url, count=len(self.queue))
 
     async def _sleep_backoff(self) -> None:
         delay = random.uniform(self.backoff / 2, self.backoff)
         self.backoff = min(self.backoff * 2, self.max_backoff)
         self._retry_now.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._retry_now.wait(), delay)
-        except TimeoutError:
-            pass
 
     async def _post(self, batch: list[Alert]) -> _Outcome:
         owner = self.owner
@@ -306,8 +322,12 @@ class _Target:
         if reason == "" and 200 <= status < 300:
             self._sent.inc(len(batch))
             if self._failed_attempts:
-                log.info("alertmanager reachable again", alertmanager=self.url, failed_attempts=self._failed_attempts,
-                         down_for=round(time.monotonic() - self._failing_since, 3))
+                log.info(
+                    "alertmanager reachable again",
+                    alertmanager=self.url,
+                    failed_attempts=self._failed_attempts,
+                    down_for=round(time.monotonic() - self._failing_since, 3),
+                )
                 self._failed_attempts = 0
             return "ok"
         reason = reason or f"http_{status}"
@@ -315,16 +335,27 @@ class _Target:
         detail = _error_detail(body)
         if 400 <= status < 500 and status not in (408, 429):
             owner.metrics.dropped.labels(self.url, "rejected").inc(len(batch))
-            log.error("alertmanager refused alerts; not retrying", alertmanager=self.url, status=status,
-                      reason=detail, alerts=len(batch))
+            log.error(
+                "alertmanager refused alerts; not retrying",
+                alertmanager=self.url,
+                status=status,
+                reason=detail,
+                alerts=len(batch),
+            )
             return "rejected"
         if self._failed_attempts == 0:
             self._failing_since = start
-            log.warning("cannot send alerts; retrying", alertmanager=self.url, reason=reason, detail=detail,
-                        alerts=len(batch))
+            log.warning(
+                "cannot send alerts; retrying", alertmanager=self.url, reason=reason, detail=detail, alerts=len(batch)
+            )
         else:
-            log.debug("cannot send alerts; retrying", alertmanager=self.url, reason=reason, detail=detail,
-                      attempt=self._failed_attempts + 1)
+            log.debug(
+                "cannot send alerts; retrying",
+                alertmanager=self.url,
+                reason=reason,
+                detail=detail,
+                attempt=self._failed_attempts + 1,
+            )
         self._failed_attempts += 1
         return "retry"
 

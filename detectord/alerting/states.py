@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -65,7 +65,7 @@ class Alert:
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -100,8 +100,16 @@ class AlertStates:
         # Firing alerts whose identity changed on reconfiguration; returned, resolved, by the next call.
         self._retired: list[Alert] = []
 
-    def observe(self, instance: InstanceKey, labels: Mapping[str, str], step_ts: float, score: float,
-                threshold: float, top_features: TopFeatures, looks_like: str | None = None) -> list[Alert]:
+    def observe(
+        self,
+        instance: InstanceKey,
+        labels: Mapping[str, str],
+        step_ts: float,
+        score: float,
+        threshold: float,
+        top_features: TopFeatures,
+        looks_like: str | None = None,
+    ) -> list[Alert]:
         """Advance `instance` by one step; return the alerts that began firing or resolved."""
         changed, self._retired = self._retired, []
         anomalous = score > 1.0
@@ -164,9 +172,13 @@ class AlertStates:
             old = tr.alert
             # Another model's classes are not this one's.
             timer = tr.timer
-            moved = _Track(tr.labels, AlertTimer(new.rule, timer.phase, timer.active_at, timer.fired_at,
-                                                 timer.quiet_since), tr.last_ts, None,
-                           tr.resemblance if model_name == self.model_name else Resemblance())
+            moved = _Track(
+                tr.labels,
+                AlertTimer(new.rule, timer.phase, timer.active_at, timer.fired_at, timer.quiet_since),
+                tr.last_ts,
+                None,
+                tr.resemblance if model_name == self.model_name else Resemblance(),
+            )
             if old is not None:
                 alert = new._new_alert(tr.labels, old.starts_at, old.score, old.threshold, ())
                 if alert.key == old.key:
@@ -180,24 +192,39 @@ class AlertStates:
             new._tracks[instance] = moved
         return new
 
-    def _new_alert(self, instance_labels: Mapping[str, str], starts_at: float, score: float, threshold: float,
-                   top_features: TopFeatures, looks_like: str | None = None) -> Alert:
+    def _new_alert(
+        self,
+        instance_labels: Mapping[str, str],
+        starts_at: float,
+        score: float,
+        threshold: float,
+        top_features: TopFeatures,
+        looks_like: str | None = None,
+    ) -> Alert:
         # Identity labels first: configured extras may add labels but never merge two instances' alerts.
         labels = {"alertname": ALERTNAME, **instance_labels}
         labels.setdefault("severity", self.cfg.severity)
         labels.setdefault("model", self.model_name)
         for name, value in self.cfg.labels.items():
             labels.setdefault(name, value)
-        alert = Alert(labels=labels, annotations={"summary": _summary(instance_labels)}, starts_at=starts_at,
-                      score=score, threshold=threshold, generator_url=self._generator_url(instance_labels))
+        alert = Alert(
+            labels=labels,
+            annotations={"summary": _summary(instance_labels)},
+            starts_at=starts_at,
+            score=score,
+            threshold=threshold,
+            generator_url=self._generator_url(instance_labels),
+        )
         self._describe(alert, score, threshold, top_features, looks_like)
         return alert
 
-    def _describe(self, alert: Alert, score: float, threshold: float, top_features: TopFeatures,
-                  looks_like: str | None = None) -> None:
+    def _describe(
+        self, alert: Alert, score: float, threshold: float, top_features: TopFeatures, looks_like: str | None = None
+    ) -> None:
         alert.score, alert.threshold = score, threshold
-        top = ", ".join(f"{name} {dev:+.1f}σ ({_num(value)})"
-                        for name, dev, value in top_features[: self.cfg.top_features])
+        top = ", ".join(
+            f"{name} {dev:+.1f}σ ({_num(value)})" for name, dev, value in top_features[: self.cfg.top_features]
+        )
         text = f"Anomaly score {score:.2f} (above 1 is anomalous; model threshold {threshold:g})."
         if looks_like:
             text += f" Looks like {looks_like.replace('_', ' ')}."

@@ -92,8 +92,9 @@ class Resemblance:
         return self._best
 
 
-def phases(timestamps_ms: npt.ArrayLike, anomalous: npt.ArrayLike, rule: AlertRule,
-           observed: npt.ArrayLike | None = None) -> npt.NDArray[np.int8]:
+def phases(
+    timestamps_ms: npt.ArrayLike, anomalous: npt.ArrayLike, rule: AlertRule, observed: npt.ArrayLike | None = None
+) -> npt.NDArray[np.int8]:
     """The phase (INACTIVE, PENDING or FIRING) after each step of one series, steps in time
     order; where `observed` is False the step is skipped and the phase carries over."""
     ts = np.asarray(timestamps_ms, dtype=np.int64)
@@ -110,8 +111,9 @@ def phases(timestamps_ms: npt.ArrayLike, anomalous: npt.ArrayLike, rule: AlertRu
     return out
 
 
-def firing(timestamps_ms: npt.ArrayLike, anomalous: npt.ArrayLike, rule: AlertRule,
-           observed: npt.ArrayLike | None = None) -> npt.NDArray[np.bool_]:
+def firing(
+    timestamps_ms: npt.ArrayLike, anomalous: npt.ArrayLike, rule: AlertRule, observed: npt.ArrayLike | None = None
+) -> npt.NDArray[np.bool_]:
     """Per step: the alert is firing (see `phases`)."""
     out: npt.NDArray[np.bool_] = phases(timestamps_ms, anomalous, rule, observed) == FIRING
     return out

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from detectord.config import ModelConfig
 from detectord.detectors.artifact import (
     FORMAT_VERSION,
     ArtifactError,
@@ -23,7 +24,6 @@ from detectord.detectors.artifact import (
     check_compatible,
     read_meta,
 )
-from detectord.config import ModelConfig
 from detectord.detectors.base import Detector, DetectorConfig, ScoreBatch, Scorer
 from detectord.detectors.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
 from detectord.detectors.conv_classifier import ConvClassifier, ConvClassifierConfig
@@ -37,8 +37,13 @@ DETECTORS: dict[str, type[Detector]] = {
 }
 
 
-def load_detector(path: Path | str, *, features: Sequence[str] | None = None, window: int | None = None,
-                  inputs: dict[str, Any] | None = None) -> Detector:
+def load_detector(
+    path: Path | str,
+    *,
+    features: Sequence[str] | None = None,
+    window: int | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> Detector:
     """Load the artifact directory `path`; refuse it if its features, window or input plan differ
     from the given ones."""
     path = Path(path)
@@ -63,9 +68,29 @@ def load_model(cfg: ModelConfig) -> Detector:
 
 
 __all__ = [
-    "DETECTORS", "FORMAT_VERSION", "ArtifactError", "ArtifactInvalid", "ArtifactMissing", "ConvAutoencoder",
-    "ConvAutoencoderConfig", "ConvClassifier", "ConvClassifierConfig", "Detector", "DetectorConfig",
-    "FeatureMismatch", "InputsMismatch", "ModelMeta", "ScoreBatch", "Scorer", "Siamese", "SiameseConfig",
-    "UnknownFormatVersion", "UnknownKind", "WindowMismatch", "check_compatible", "load_detector", "load_model",
+    "DETECTORS",
+    "FORMAT_VERSION",
+    "ArtifactError",
+    "ArtifactInvalid",
+    "ArtifactMissing",
+    "ConvAutoencoder",
+    "ConvAutoencoderConfig",
+    "ConvClassifier",
+    "ConvClassifierConfig",
+    "Detector",
+    "DetectorConfig",
+    "FeatureMismatch",
+    "InputsMismatch",
+    "ModelMeta",
+    "ScoreBatch",
+    "Scorer",
+    "Siamese",
+    "SiameseConfig",
+    "UnknownFormatVersion",
+    "UnknownKind",
+    "WindowMismatch",
+    "check_compatible",
+    "load_detector",
+    "load_model",
     "read_meta",
 ]

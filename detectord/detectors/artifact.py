@@ -33,8 +33,11 @@ class ArtifactError(ModelError):
 class ArtifactMissing(ArtifactError):
     def __init__(self, path: Path | str, missing: str) -> None:
         self.missing = missing
-        super().__init__(path, f"no {missing} (a model directory holds {META_FILE} and {WEIGHTS_FILE}; "
-                               f"create one with `detectord train --out DIR`)")
+        super().__init__(
+            path,
+            f"no {missing} (a model directory holds {META_FILE} and {WEIGHTS_FILE}; "
+            f"create one with `detectord train --out DIR`)",
+        )
 
 
 class ArtifactInvalid(ArtifactError):
@@ -44,9 +47,12 @@ class ArtifactInvalid(ArtifactError):
 class UnknownFormatVersion(ArtifactError):
     def __init__(self, path: Path | str, version: object) -> None:
         self.version = version
-        super().__init__(path, f"format_version {version!r} is not supported (this detectord reads "
-                               f"format_version {FORMAT_VERSION}); use a detectord that matches the model "
-                               f"or retrain it with `detectord train`")
+        super().__init__(
+            path,
+            f"format_version {version!r} is not supported (this detectord reads "
+            f"format_version {FORMAT_VERSION}); use a detectord that matches the model "
+            f"or retrain it with `detectord train`",
+        )
 
 
 class UnknownKind(ArtifactError):
@@ -65,22 +71,31 @@ class FeatureMismatch(ArtifactError):
             detail = f"missing {missing}, unexpected {extra}"
         else:
             detail = "same features in another order"
-        super().__init__(path, f"model features do not match the features this detectord extracts "
-                               f"({detail}); retrain the model with `detectord train`")
+        super().__init__(
+            path,
+            f"model features do not match the features this detectord extracts "
+            f"({detail}); retrain the model with `detectord train`",
+        )
 
 
 class WindowMismatch(ArtifactError):
     def __init__(self, path: Path | str, model: int, expected: int) -> None:
         self.model_window = model
         self.expected = expected
-        super().__init__(path, f"model window is {model} steps but {expected} were expected; "
-                               f"set model.window to {model} or use a model trained with window {expected}")
+        super().__init__(
+            path,
+            f"model window is {model} steps but {expected} were expected; "
+            f"set model.window to {model} or use a model trained with window {expected}",
+        )
 
 
 class InputsMismatch(ArtifactError):
     def __init__(self, path: Path | str, detail: str) -> None:
-        super().__init__(path, f"model inputs were made differently from what was expected ({detail}); "
-                               f"retrain the model with `detectord train`")
+        super().__init__(
+            path,
+            f"model inputs were made differently from what was expected ({detail}); "
+            f"retrain the model with `detectord train`",
+        )
 
 
 @dataclass
@@ -116,8 +131,15 @@ class ModelMeta:
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "name": str, "kind": str, "version": str, "trained_at": str, "features": list, "window": int,
-    "step_seconds": (int, float), "threshold": (int, float), "inputs": dict,
+    "name": str,
+    "kind": str,
+    "version": str,
+    "trained_at": str,
+    "features": list,
+    "window": int,
+    "step_seconds": (int, float),
+    "threshold": (int, float),
+    "inputs": dict,
 }
 
 
@@ -154,8 +176,9 @@ def read_meta(path: Path | str) -> ModelMeta:
     except ValueError as exc:
         raise ArtifactInvalid(path, f"{META_FILE}: 'inputs': {exc}") from None
     if list(plan.features) != raw["features"]:
-        raise ArtifactInvalid(path, f"{META_FILE}: 'inputs' describes features {list(plan.features)}, "
-                                    f"not the model's {raw['features']}")
+        raise ArtifactInvalid(
+            path, f"{META_FILE}: 'inputs' describes features {list(plan.features)}, not the model's {raw['features']}"
+        )
     if raw["window"] < 1:
         raise ArtifactInvalid(path, f"{META_FILE}: 'window' must be >= 1, got {raw['window']}")
     for key in ("threshold", "step_seconds"):
@@ -168,16 +191,25 @@ def read_meta(path: Path | str) -> ModelMeta:
     return ModelMeta(**raw)
 
 
-def check_compatible(path: Path | str, meta: ModelMeta, *, features: Sequence[str] | None = None,
-                     window: int | None = None, inputs: dict[str, Any] | None = None) -> None:
+def check_compatible(
+    path: Path | str,
+    meta: ModelMeta,
+    *,
+    features: Sequence[str] | None = None,
+    window: int | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> None:
     """Refuse a model whose features, window or input plan differ from what the caller will feed it."""
     if features is not None and list(features) != list(meta.features):
         raise FeatureMismatch(path, meta.features, features)
     if window is not None and window != meta.window:
         raise WindowMismatch(path, meta.window, window)
     if inputs is not None and inputs != meta.inputs:
-        differ = sorted(k for k in set(inputs.get("features", {})) | set(meta.inputs.get("features", {}))
-                        if inputs.get("features", {}).get(k) != meta.inputs.get("features", {}).get(k))
+        differ = sorted(
+            k
+            for k in set(inputs.get("features", {})) | set(meta.inputs.get("features", {}))
+            if inputs.get("features", {}).get(k) != meta.inputs.get("features", {}).get(k)
+        )
         detail = f"features {differ} differ" if differ else "baseline settings differ"
         raise InputsMismatch(path, detail)
 

@@ -112,8 +112,17 @@ class Detector(ABC):
         if list(inputs.features) != list(features):
             raise ValueError("the input plan's features differ from the model's")
         self.meta = meta or ModelMeta(
-            name=name, kind=self.kind, version=version, trained_at="", features=list(features), window=window,
-            step_seconds=float(step_seconds), threshold=1.0, inputs=inputs.to_dict(), config=self.config.to_dict())
+            name=name,
+            kind=self.kind,
+            version=version,
+            trained_at="",
+            features=list(features),
+            window=window,
+            step_seconds=float(step_seconds),
+            threshold=1.0,
+            inputs=inputs.to_dict(),
+            config=self.config.to_dict(),
+        )
         self.network: Any = None
         # The artifact directory it was loaded from (None until saved or loaded).
         self.path: Path | None = None
@@ -191,13 +200,23 @@ class Detector(ABC):
         try:
             self.network.load_weights(str(file))
         except Exception as exc:  # h5py and Keras raise many types for a corrupt or mismatched file
-            raise ArtifactInvalid(path, f"{file.name} does not fit this {self.kind} "
-                                        f"({exc.__class__.__name__}: {exc})") from None
+            raise ArtifactInvalid(
+                path, f"{file.name} does not fit this {self.kind} ({exc.__class__.__name__}: {exc})"
+            ) from None
         self._forget_compiled()
 
-    def train(self, number_of_iterations: int, batch_size: int, data: WindowSet, *,
-              validation: WindowSet | None = None, learning_rate: float = 2e-3, seed: int = 0,
-              callbacks: Sequence[Any] = (), log: Log | None = None) -> dict[str, float]:
+    def train(
+        self,
+        number_of_iterations: int,
+        batch_size: int,
+        data: WindowSet,
+        *,
+        validation: WindowSet | None = None,
+        learning_rate: float = 2e-3,
+        seed: int = 0,
+        callbacks: Sequence[Any] = (),
+        log: Log | None = None,
+    ) -> dict[str, float]:
         """Fit the network on `data` for `number_of_iterations` epochs; returns training statistics.
 
         An unsupervised detector uses the normal windows only; a supervised one learns the
@@ -210,8 +229,15 @@ class Detector(ABC):
         import keras
 
         keras.utils.set_random_seed(seed)
-        stats = self._fit(data, validation=validation, epochs=number_of_iterations, batch_size=batch_size,
-                          learning_rate=learning_rate, callbacks=list(callbacks), log=log or (lambda _: None))
+        stats = self._fit(
+            data,
+            validation=validation,
+            epochs=number_of_iterations,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            callbacks=list(callbacks),
+            log=log or (lambda _: None),
+        )
         self._forget_compiled()
         self._after_fit(data)
         self.meta.trained_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
@@ -230,8 +256,9 @@ class Detector(ABC):
         out = self.score(data)
         return window_metrics(out.scores > 1.0, data.label, out.looks_like, classes=self.classes)
 
-    def calibrate(self, data: WindowSet, *, target_per_day: float = 0.5, margin: float | None = None,
-                  floor: float = 0.0) -> float:
+    def calibrate(
+        self, data: WindowSet, *, target_per_day: float = 0.5, margin: float | None = None, floor: float = 0.0
+    ) -> float:
         """Set the threshold so that the normal windows of `data` (validation data) raise at most
         `target_per_day` alerts per instance-day, times `margin` (default: the kind's
         `calibration_margin`); returns it (raw units)."""
@@ -244,9 +271,13 @@ class Detector(ABC):
         floor = max(floor, self.threshold_floor())
         self.threshold = max(t * margin, floor, 1e-6)
         self.meta.calibration = {
-            "target_false_alerts_per_instance_day": target_per_day, "margin": margin, "floor": floor,
-            "normal_windows": int(len(normal)), "instance_days": round(normal.instance_days(self.step_seconds), 4),
-            "raw_threshold_before_margin": float(t), "false_alerts_per_instance_day_at_it": achieved,
+            "target_false_alerts_per_instance_day": target_per_day,
+            "margin": margin,
+            "floor": floor,
+            "normal_windows": len(normal),
+            "instance_days": round(normal.instance_days(self.step_seconds), 4),
+            "raw_threshold_before_margin": float(t),
+            "false_alerts_per_instance_day_at_it": achieved,
         }
         return self.threshold
 
@@ -278,8 +309,9 @@ class Detector(ABC):
             like = [names[i] for i in np.asarray(out[2]).astype(np.int64).tolist()]
         return raw, dev, like
 
-    def raw_scores_batched(self, windows: np.ndarray, batch_size: int = 1024
-                           ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    def raw_scores_batched(
+        self, windows: np.ndarray, batch_size: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         """`raw_scores` of many windows in fixed-size batches (the last one padded)."""
         n = len(windows)
         raw = np.empty(n, dtype=np.float32)
@@ -298,8 +330,9 @@ class Detector(ABC):
 
     def _check_shape(self, windows: np.ndarray) -> None:
         if windows.ndim != 3 or windows.shape[1:] != (self.window, self.nfeatures):
-            raise ValueError(f"windows must have shape (batch, {self.window}, {self.nfeatures}), "
-                             f"got {tuple(windows.shape)}")
+            raise ValueError(
+                f"windows must have shape (batch, {self.window}, {self.nfeatures}), got {tuple(windows.shape)}"
+            )
 
     def _forget_compiled(self) -> None:
         with self._lock:
@@ -333,8 +366,14 @@ class Detector(ABC):
         """Rebuild from an artifact directory whose metadata has been read and checked."""
         try:
             config = cls.config_class.from_dict(meta.config)
-            det = cls(meta.features, window=meta.window, step_seconds=meta.step_seconds,
-                      inputs=InputPlan.from_dict(meta.inputs), config=config, meta=meta)
+            det = cls(
+                meta.features,
+                window=meta.window,
+                step_seconds=meta.step_seconds,
+                inputs=InputPlan.from_dict(meta.inputs),
+                config=config,
+                meta=meta,
+            )
             det._restore_state()
         except (ValueError, TypeError, KeyError) as exc:
             raise ArtifactInvalid(path, f"bad model settings: {exc}") from None
@@ -349,8 +388,17 @@ class Detector(ABC):
         """A fresh Keras model."""
 
     @abstractmethod
-    def _fit(self, data: WindowSet, *, validation: WindowSet | None, epochs: int, batch_size: int,
-             learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
+    def _fit(
+        self,
+        data: WindowSet,
+        *,
+        validation: WindowSet | None,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        callbacks: list[Any],
+        log: Log,
+    ) -> dict[str, float]:
         """Train `self.network`."""
 
     def _after_fit(self, data: WindowSet) -> None:

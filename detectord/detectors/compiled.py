@@ -23,8 +23,7 @@ def _tensorflow(model: Any, fn: Forward, window: int, nfeatures: int) -> Compile
         return fn(x, lambda z: model(z, training=False))
 
     # A fixed signature with an unknown batch size: one trace serves every batch size.
-    run = tf.function(forward, input_signature=[tf.TensorSpec([None, window, nfeatures], tf.float32)],
-                      autograph=False)
+    run = tf.function(forward, input_signature=[tf.TensorSpec([None, window, nfeatures], tf.float32)], autograph=False)
 
     def call(x: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(t.numpy() for t in run(x))
@@ -84,6 +83,7 @@ def compile_forward(model: Any, fn: Forward, window: int, nfeatures: int) -> Com
     try:
         compiler = COMPILERS[backend]
     except KeyError:
-        raise RuntimeError(f"Keras backend {backend!r} is not supported for serving; "
-                           f"use one of {', '.join(COMPILERS)}") from None
+        raise RuntimeError(
+            f"Keras backend {backend!r} is not supported for serving; use one of {', '.join(COMPILERS)}"
+        ) from None
     return compiler(model, fn, window, nfeatures)

@@ -47,8 +47,10 @@ class ConvAutoencoderConfig(DetectorConfig):
 
     def validate(self, window: int) -> None:
         if window % 2 ** len(self.filters):
-            raise ValueError(f"window must be a multiple of {2 ** len(self.filters)} for {len(self.filters)} "
-                             f"strided layers, got {window}")
+            raise ValueError(
+                f"window must be a multiple of {2 ** len(self.filters)} for {len(self.filters)} "
+                f"strided layers, got {window}"
+            )
         if not 1 <= self.score_steps <= window:
             raise ValueError(f"score_steps must be in [1, window={window}], got {self.score_steps}")
         if not 0 <= self.trim < self.score_steps:
@@ -62,6 +64,10 @@ class ConvAutoencoderConfig(DetectorConfig):
 
 
 class ConvAutoencoder(Detector):
+    """1-D convolutional autoencoder, trained on clean normal windows only: a window is anomalous
+    when its newest rows reconstruct badly (or, scored "latent", when its code lies far from the
+    mean normal code). Names the features that moved; no incident classes."""
+
     kind = "conv_autoencoder"
     config_class = ConvAutoencoderConfig
     # A reconstruction error sums every feature's noise, and a fleet's noise is its own (a tenth
@@ -87,8 +93,17 @@ class ConvAutoencoder(Detector):
         out = layers.Conv1D(self.nfeatures, 3, padding="same", name="reconstruction")(x)
         return keras.Model(inp, [out, code], name="conv_autoencoder")
 
-    def _fit(self, data: WindowSet, *, validation: WindowSet | None, epochs: int, batch_size: int,
-             learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
+    def _fit(
+        self,
+        data: WindowSet,
+        *,
+        validation: WindowSet | None,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        callbacks: list[Any],
+        log: Log,
+    ) -> dict[str, float]:
         import keras
 
         x = data.x[data.clean_normal]
@@ -101,10 +116,12 @@ class ConvAutoencoder(Detector):
         if validation is not None and validation.clean_normal.any():
             xv = validation.x[validation.clean_normal]
             val = (xv, xv)
-        cbs = fit_callbacks(log, epochs, "autoencoder ", learning_rate=learning_rate, validated=val is not None,
-                            extra=callbacks)
-        hist = trainer.fit(x, x, validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-                           callbacks=cbs)
+        cbs = fit_callbacks(
+            log, epochs, "autoencoder ", learning_rate=learning_rate, validated=val is not None, extra=callbacks
+        )
+        hist = trainer.fit(
+            x, x, validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0, callbacks=cbs
+        )
         return fit_stats(hist, train_windows=float(len(x)))
 
     def _after_fit(self, data: WindowSet) -> None:
@@ -121,7 +138,7 @@ class ConvAutoencoder(Detector):
         cfg: ConvAutoencoderConfig = self.config
         if cfg.score == "latent":
             return 0.0
-        return min(cfg.min_excess ** 2, cfg.residual_cap) / self.nfeatures
+        return min(cfg.min_excess**2, cfg.residual_cap) / self.nfeatures
 
     def _forward(self, x: Any, apply: Callable[[Any], Any]) -> tuple[Any, ...]:
         from keras import ops

@@ -47,8 +47,9 @@ class ConvClassifierConfig(DetectorConfig):
             raise ValueError(f"explain_steps must be in [1, window={window}]")
 
 
-def conv_trunk(window: int, nfeatures: int, filters: tuple[int, ...], kernel_size: int, noise: float
-               ) -> tuple[Any, Any]:
+def conv_trunk(
+    window: int, nfeatures: int, filters: tuple[int, ...], kernel_size: int, noise: float
+) -> tuple[Any, Any]:
     """The input, then strided convolutions, then max and mean over time: what the supervised
     detectors share. Gaussian noise on the inputs while training only."""
     import keras
@@ -57,12 +58,16 @@ def conv_trunk(window: int, nfeatures: int, filters: tuple[int, ...], kernel_siz
     inp = keras.Input((window, nfeatures), name="window")
     x = layers.GaussianNoise(noise, name="noise")(inp) if noise > 0 else inp
     for i, f in enumerate(filters):
-        x = layers.Conv1D(f, kernel_size, strides=2 if i < len(filters) - 1 else 1, padding="same",
-                          activation="relu", name=f"conv{i}")(x)
+        x = layers.Conv1D(
+            f, kernel_size, strides=2 if i < len(filters) - 1 else 1, padding="same", activation="relu", name=f"conv{i}"
+        )(x)
     return inp, layers.Concatenate(name="pool")([layers.GlobalMaxPooling1D()(x), layers.GlobalAveragePooling1D()(x)])
 
 
 class ConvClassifier(Detector):
+    """1-D convolutional classifier with two heads: anomalous or not, and which incident class
+    (of those seen in training) the window looks like."""
+
     kind = "conv_classifier"
     supervised = True
     config_class = ConvClassifierConfig
@@ -101,8 +106,17 @@ class ConvClassifier(Detector):
                 y[i, 1 + index[lb]] = 1.0
         return y
 
-    def _fit(self, data: WindowSet, *, validation: WindowSet | None, epochs: int, batch_size: int,
-             learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
+    def _fit(
+        self,
+        data: WindowSet,
+        *,
+        validation: WindowSet | None,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        callbacks: list[Any],
+        log: Log,
+    ) -> dict[str, float]:
         import keras
 
         data = data.labelled()
@@ -126,13 +140,26 @@ class ConvClassifier(Detector):
             v = validation.labelled(classes)
             if len(v):
                 val = (v.x, self._targets(v), balanced_weights(v.anomalous))
-        cbs = fit_callbacks(log, epochs, "classifier ", learning_rate=learning_rate, validated=val is not None,
-                            extra=callbacks)
-        hist = self.network.fit(x, y, sample_weight=balanced_weights(y[:, 0] > 0),
-                                validation_data=val, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-                                callbacks=cbs)
-        return fit_stats(hist, train_windows=float(len(data)), train_anomalous=float(data.anomalous.sum()),
-                         synthetic_incidents=float(n_syn))
+        cbs = fit_callbacks(
+            log, epochs, "classifier ", learning_rate=learning_rate, validated=val is not None, extra=callbacks
+        )
+        hist = self.network.fit(
+            x,
+            y,
+            sample_weight=balanced_weights(y[:, 0] > 0),
+            validation_data=val,
+            epochs=epochs,
+            batch_size=batch_size,
+            shuffle=True,
+            verbose=0,
+            callbacks=cbs,
+        )
+        return fit_stats(
+            hist,
+            train_windows=float(len(data)),
+            train_anomalous=float(data.anomalous.sum()),
+            synthetic_incidents=float(n_syn),
+        )
 
     def _ready(self) -> bool:
         return bool(self.classes)
@@ -141,7 +168,7 @@ class ConvClassifier(Detector):
         from keras import ops
 
         out = apply(x)
-        dev = ops.mean(x[:, -self.config.explain_steps:, :], axis=1)
+        dev = ops.mean(x[:, -self.config.explain_steps :, :], axis=1)
         raw = ops.softplus(out[:, 0])
         if len(self.classes) < 2:
             return raw, dev, ops.zeros_like(raw, dtype="int32")

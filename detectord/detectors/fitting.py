@@ -18,8 +18,16 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-def fit_callbacks(log: Log, epochs: int, what: str, *, learning_rate: float, validated: bool,
-                  extra: Sequence[Any] = (), patience: int = 6) -> list[Any]:
+def fit_callbacks(
+    log: Log,
+    epochs: int,
+    what: str,
+    *,
+    learning_rate: float,
+    validated: bool,
+    extra: Sequence[Any] = (),
+    patience: int = 6,
+) -> list[Any]:
     """What `Model.fit` runs with: the learning rate halved on a plateau (down to a sixteenth), with
     validation data a stop after `patience` epochs without improvement (best weights kept), a
     line per epoch, then the caller's callbacks."""
@@ -27,8 +35,12 @@ def fit_callbacks(log: Log, epochs: int, what: str, *, learning_rate: float, val
 
     monitor = "val_loss" if validated else "loss"
     stop = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
-    return [keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=3, min_lr=learning_rate / 16),
-            *(stop if validated else []), epoch_logger(log, epochs, what), *extra]
+    return [
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=3, min_lr=learning_rate / 16),
+        *(stop if validated else []),
+        epoch_logger(log, epochs, what),
+        *extra,
+    ]
 
 
 def fit_stats(history: Any, **more: float) -> dict[str, float]:
@@ -57,8 +69,9 @@ def epoch_logger(log: Log, epochs: int, what: str = "") -> Any:
     return EpochLog()
 
 
-def synthetic_incidents(normal: np.ndarray, n: int, absolute: np.ndarray, clip: float,
-                        rng: np.random.Generator) -> np.ndarray:
+def synthetic_incidents(
+    normal: np.ndarray, n: int, absolute: np.ndarray, clip: float, rng: np.random.Generator
+) -> np.ndarray:
     """`n` copies of random normal windows with 1-3 features moved 4-12 spreads in their newest
     4..W/2 rows (absolute features only up: they are 0 when healthy)."""
     out = normal[rng.integers(0, len(normal), n)].copy()
@@ -67,7 +80,7 @@ def synthetic_incidents(normal: np.ndarray, n: int, absolute: np.ndarray, clip: 
         feats = rng.choice(f, rng.integers(1, 4), replace=False)
         rows = rng.integers(4, w // 2 + 1)
         sign = np.where(absolute[feats], 1.0, rng.choice([-1.0, 1.0], len(feats)))
-        tail = out[i, w - rows:]  # a view: (rows, F)
+        tail = out[i, w - rows :]  # a view: (rows, F)
         tail[:, feats] += sign * rng.uniform(4.0, 12.0, len(feats))
     np.clip(out, -clip, clip, out=out)
     return out

@@ -30,15 +30,21 @@ def _breaks(end_ms: np.ndarray, series: np.ndarray, step_ms: int) -> np.ndarray:
     return first
 
 
-def threshold_for_rate(raw: np.ndarray, series: np.ndarray, end_ms: np.ndarray, step_s: float,
-                       target_per_day: float, rule: AlertRule = EVALUATION_RULE) -> tuple[float, float]:
+def threshold_for_rate(
+    raw: np.ndarray,
+    series: np.ndarray,
+    end_ms: np.ndarray,
+    step_s: float,
+    target_per_day: float,
+    rule: AlertRule = EVALUATION_RULE,
+) -> tuple[float, float]:
     """The lowest raw threshold at which normal windows raise at most `target_per_day` alerts per
     instance-day (alerting with `rule`), and the rate achieved there. Windows are taken in
     (series, time) order."""
     order = np.lexsort((end_ms, series))
     raw, series, end_ms = raw[order], series[order], end_ms[order]
     days = len(raw) * step_s / 86400.0
-    brk = _breaks(end_ms, series, int(round(step_s * 1000)))
+    brk = _breaks(end_ms, series, round(step_s * 1000))
     segments = np.split(np.arange(len(raw)), np.flatnonzero(brk)[1:])
 
     def rate(t: float) -> float:
@@ -58,8 +64,9 @@ def threshold_for_rate(raw: np.ndarray, series: np.ndarray, end_ms: np.ndarray, 
     return float(cands[lo]), rate(float(cands[lo]))
 
 
-def window_metrics(predicted: np.ndarray, label: np.ndarray, looks_like: Sequence[str] | None = None,
-                   classes: Sequence[str] = ()) -> dict[str, Any]:
+def window_metrics(
+    predicted: np.ndarray, label: np.ndarray, looks_like: Sequence[str] | None = None, classes: Sequence[str] = ()
+) -> dict[str, Any]:
     """Precision, recall, F1 and the confusion matrix of window verdicts (unlabelled windows skipped);
     recall per class; with class guesses, how often an anomalous window's class was named right."""
     known = np.array([lb is not None for lb in label], dtype=bool)
@@ -67,8 +74,11 @@ def window_metrics(predicted: np.ndarray, label: np.ndarray, looks_like: Sequenc
     p, t = predicted[known], truth[known]
     tp, fp = int((p & t).sum()), int((p & ~t).sum())
     fn, tn = int((~p & t).sum()), int((~p & ~t).sum())
-    out: dict[str, Any] = {"windows": int(known.sum()), "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-                           **prf(tp, fp, fn)}
+    out: dict[str, Any] = {
+        "windows": int(known.sum()),
+        "confusion": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        **prf(tp, fp, fn),
+    }
     per: dict[str, Any] = {}
     for c in sorted({str(lb) for lb in label if lb}):
         m = np.array([lb == c for lb in label], dtype=bool)
@@ -95,9 +105,9 @@ def _class_confusion(truth: np.ndarray, guess: np.ndarray) -> dict[str, dict[str
 def prf(tp: int, fp: int, fn: int) -> dict[str, float | None]:
     precision = tp / (tp + fp) if tp + fp else None
     recall = tp / (tp + fn) if tp + fn else None
-    f1 = (2 * precision * recall / (precision + recall)
-          if precision is not None and recall is not None and precision + recall > 0 else
-          (0.0 if precision is not None and recall is not None else None))
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall > 0
+        else (0.0 if precision is not None and recall is not None else None)
+    )
     return {"precision": precision, "recall": recall, "f1": f1}
-
-

@@ -72,6 +72,9 @@ SYNTHETIC = "~synthetic"
 
 
 class Siamese(Detector):
+    """Siamese network: windows embedded by a contrastive loss and classed by their distances to
+    the normal and per-class centroids (see the module docstring for its two scores)."""
+
     kind = "siamese"
     supervised = True
     config_class = SiameseConfig
@@ -86,8 +89,17 @@ class Siamese(Detector):
         emb = layers.Dense(cfg.embedding, name="embedding")(h)
         return keras.Model(inp, emb, name="siamese_embedding")
 
-    def _fit(self, data: WindowSet, *, validation: WindowSet | None, epochs: int, batch_size: int,
-             learning_rate: float, callbacks: list[Any], log: Log) -> dict[str, float]:
+    def _fit(
+        self,
+        data: WindowSet,
+        *,
+        validation: WindowSet | None,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        callbacks: list[Any],
+        log: Log,
+    ) -> dict[str, float]:
         import keras
         from keras import layers, ops
 
@@ -111,8 +123,9 @@ class Siamese(Detector):
         a_in = keras.Input((self.window, self.nfeatures), name="a")
         b_in = keras.Input((self.window, self.nfeatures), name="b")
         ea, eb = self.network(a_in), self.network(b_in)
-        d = layers.Lambda(lambda t: ops.sqrt(ops.sum(ops.square(t[0] - t[1]), axis=-1, keepdims=True) + 1e-9),
-                          name="distance")([ea, eb])
+        d = layers.Lambda(
+            lambda t: ops.sqrt(ops.sum(ops.square(t[0] - t[1]), axis=-1, keepdims=True) + 1e-9), name="distance"
+        )([ea, eb])
         pair_model = keras.Model([a_in, b_in], d)
         margin = cfg.margin
 
@@ -138,8 +151,15 @@ class Siamese(Detector):
             cb.on_train_begin()
         for epoch in range(epochs):
             ia, ib, y = draw_pairs(kinds, cfg.pairs_per_epoch, rng)
-            h = pair_model.fit([x[ia], x[ib]], y[:, None], batch_size=batch_size, epochs=1, verbose=0,
-                               validation_data=val_pairs, shuffle=True)
+            h = pair_model.fit(
+                [x[ia], x[ib]],
+                y[:, None],
+                batch_size=batch_size,
+                epochs=1,
+                verbose=0,
+                validation_data=val_pairs,
+                shuffle=True,
+            )
             logs = {k: float(v[-1]) for k, v in h.history.items()}
             losses.append(logs["loss"])
             for cb in cbs:
@@ -154,15 +174,20 @@ class Siamese(Detector):
             cb.on_train_end()
         if best is not None:
             self.network.set_weights(best[1])
-        out = {"loss": losses[-1], "epochs": float(len(losses)), "train_windows": float(len(data)),
-               "train_anomalous": float(data.anomalous.sum())}
+        out = {
+            "loss": losses[-1],
+            "epochs": float(len(losses)),
+            "train_windows": float(len(data)),
+            "train_anomalous": float(data.anomalous.sum()),
+        }
         if val_losses:
             out["val_loss"] = val_losses[-1]
         return out
 
     def embed(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        return np.concatenate([np.asarray(self.network(x[a : a + batch_size], training=False))
-                               for a in range(0, len(x), batch_size)])
+        return np.concatenate(
+            [np.asarray(self.network(x[a : a + batch_size], training=False)) for a in range(0, len(x), batch_size)]
+        )
 
     def _after_fit(self, data: WindowSet) -> None:
         data = data.labelled()
@@ -192,5 +217,5 @@ class Siamese(Detector):
         d_c = ops.sqrt(ops.sum(ops.square(e[:, None, :] - c_anom[None, :, :]), axis=-1) + 1e-9)
         d_a = ops.min(d_c, axis=-1)
         raw = d_n if cfg.score == "normal_distance" else d_n / (d_n + d_a)
-        dev = ops.mean(x[:, -cfg.explain_steps:, :], axis=1)
+        dev = ops.mean(x[:, -cfg.explain_steps :, :], axis=1)
         return raw, dev, ops.argmin(d_c[:, : len(named)], axis=-1)

@@ -25,8 +25,15 @@ class WindowSet:
         return len(self.x)
 
     def subset(self, mask: np.ndarray) -> WindowSet:
-        return WindowSet(self.x[mask], self.label[mask], self.series_id[mask], self.end_ms[mask], self.series,
-                         self.step_s, None if self.clean is None else self.clean[mask])
+        return WindowSet(
+            self.x[mask],
+            self.label[mask],
+            self.series_id[mask],
+            self.end_ms[mask],
+            self.series,
+            self.step_s,
+            None if self.clean is None else self.clean[mask],
+        )
 
     @property
     def clean_normal(self) -> np.ndarray:
@@ -67,6 +74,12 @@ class WindowSet:
                     names.append(n)
                 mapping.append(index[n])
             ids.append(np.asarray(mapping, dtype=np.int64)[s.series_id] if len(s) else s.series_id)
-        return WindowSet(np.concatenate([s.x for s in sets]), np.concatenate([s.label for s in sets]),
-                         np.concatenate(ids), np.concatenate([s.end_ms for s in sets]), names, sets[0].step_s,
-                         np.concatenate([s.clean if s.clean is not None else np.ones(len(s), bool) for s in sets]))
+        return WindowSet(
+            np.concatenate([s.x for s in sets]),
+            np.concatenate([s.label for s in sets]),
+            np.concatenate(ids),
+            np.concatenate([s.end_ms for s in sets]),
+            names,
+            sets[0].step_s,
+            np.concatenate([s.clean if s.clean is not None else np.ones(len(s), bool) for s in sets]),
+        )

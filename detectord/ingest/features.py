@@ -180,35 +180,56 @@ _PER_MIN = 60.0
 # SERVFAIL and REFUSED: 2·asin(√0.03) / 0.05 ≈ 7, so the CoreDNS mixin's 3 % is seven floors out.
 FEATURES: tuple[Feature, ...] = (
     Feature("request_rate", Rate(_REQ), _rel("log1p", 1.0, 0.05)),
-    Feature("rcode_noerror_share", Share(counter("coredns_dns_responses_total", rcode="NOERROR"), _RESP),
-            _rel("asin_sqrt", 1.0, 0.02)),
-    Feature("rcode_nxdomain_share", Share(counter("coredns_dns_responses_total", rcode="NXDOMAIN"), _RESP),
-            _rel("asin_sqrt", 1.0, 0.02)),
-    Feature("rcode_servfail_share", Share(counter("coredns_dns_responses_total", rcode="SERVFAIL"), _RESP),
-            _abs("asin_sqrt", 1.0, 0.05)),
-    Feature("rcode_refused_share", Share(counter("coredns_dns_responses_total", rcode="REFUSED"), _RESP),
-            _abs("asin_sqrt", 1.0, 0.05)),
+    Feature(
+        "rcode_noerror_share",
+        Share(counter("coredns_dns_responses_total", rcode="NOERROR"), _RESP),
+        _rel("asin_sqrt", 1.0, 0.02),
+    ),
+    Feature(
+        "rcode_nxdomain_share",
+        Share(counter("coredns_dns_responses_total", rcode="NXDOMAIN"), _RESP),
+        _rel("asin_sqrt", 1.0, 0.02),
+    ),
+    Feature(
+        "rcode_servfail_share",
+        Share(counter("coredns_dns_responses_total", rcode="SERVFAIL"), _RESP),
+        _abs("asin_sqrt", 1.0, 0.05),
+    ),
+    Feature(
+        "rcode_refused_share",
+        Share(counter("coredns_dns_responses_total", rcode="REFUSED"), _RESP),
+        _abs("asin_sqrt", 1.0, 0.05),
+    ),
     Feature("latency_p50_seconds", Quantile(0.5, _DUR), _rel("log1p", _MS, 0.05)),
     Feature("latency_p99_seconds", Quantile(0.99, _DUR), _rel("log1p", _MS, 0.1)),
-    Feature("cache_hit_ratio",
-            Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")),
-            _rel("asin_sqrt", 1.0, 0.02)),
+    Feature(
+        "cache_hit_ratio",
+        Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")),
+        _rel("asin_sqrt", 1.0, 0.02),
+    ),
     # Every restart and config reload empties the cache: a wide floor, or each would look like an incident.
     Feature("cache_entries", Value(gauge("coredns_cache_entries")), _rel("log1p", 1.0, 0.5)),
-    Feature("upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")),
-            _rel("log1p", 1.0, 0.05)),
+    Feature(
+        "upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")), _rel("log1p", 1.0, 0.05)
+    ),
     Feature("upstream_latency_p99_seconds", Quantile(0.99, _PROXY), _rel("log1p", _MS, 0.1)),
-    Feature("upstream_healthcheck_failure_rate", Rate(counter("coredns_proxy_healthcheck_failures_total")),
-            _abs("log1p", _PER_MIN, 0.5)),
-    Feature("forward_max_concurrent_reject_rate", Rate(counter("coredns_forward_max_concurrent_rejects_total")),
-            _abs("log1p", _PER_MIN, 0.5)),
+    Feature(
+        "upstream_healthcheck_failure_rate",
+        Rate(counter("coredns_proxy_healthcheck_failures_total")),
+        _abs("log1p", _PER_MIN, 0.5),
+    ),
+    Feature(
+        "forward_max_concurrent_reject_rate",
+        Rate(counter("coredns_forward_max_concurrent_rejects_total")),
+        _abs("log1p", _PER_MIN, 0.5),
+    ),
     Feature("panic_rate", Rate(counter("coredns_panics_total")), _abs("log1p", _PER_MIN, 0.5, hold_s=120.0)),
-    Feature("reload_failure_rate", Rate(counter("coredns_reload_failed_total")),
-            _abs("log1p", _PER_MIN, 0.5, hold_s=120.0)),
+    Feature(
+        "reload_failure_rate", Rate(counter("coredns_reload_failed_total")), _abs("log1p", _PER_MIN, 0.5, hold_s=120.0)
+    ),
     Feature("cpu_seconds_rate", Rate(counter("process_cpu_seconds_total")), _rel("log1p", 100.0, 0.05)),
     # Go returns memory slowly: a burst leaves the heap up for minutes; 20 % more is one floor.
-    Feature("resident_memory_bytes", Value(gauge("process_resident_memory_bytes")),
-            _rel("log1p", 1.0 / 2**20, 0.2)),
+    Feature("resident_memory_bytes", Value(gauge("process_resident_memory_bytes")), _rel("log1p", 1.0 / 2**20, 0.2)),
     Feature("goroutines", Value(gauge("go_goroutines")), _rel("log1p", 1.0, 0.05)),
 )
 
@@ -266,7 +287,7 @@ _NO_VALUE = math.nan
 
 
 class _Series:
-    __slots__ = ("inst", "slots", "gauge_source", "last_ts", "last_v", "gauge_bins", "held")
+    __slots__ = ("gauge_bins", "gauge_source", "held", "inst", "last_ts", "last_v", "slots")
 
     def __init__(self, inst: _Instance, slots: tuple[int, ...], gauge_source: int) -> None:
         self.inst = inst
@@ -281,8 +302,24 @@ class _Series:
 
 
 class _Instance:
-    __slots__ = ("key", "cur", "acc", "seen", "max_ts", "last_close_ts", "primed", "last_row", "gap",
-                 "restart", "series", "gauges", "bucket_slots", "bucket_order", "last_seen", "nslots")
+    __slots__ = (
+        "acc",
+        "bucket_order",
+        "bucket_slots",
+        "cur",
+        "gap",
+        "gauges",
+        "key",
+        "last_close_ts",
+        "last_row",
+        "last_seen",
+        "max_ts",
+        "nslots",
+        "primed",
+        "restart",
+        "seen",
+        "series",
+    )
 
     def __init__(self, key: InstanceKey, nslots: int, ngauges: int, nhist: int) -> None:
         self.key = key
@@ -375,15 +412,16 @@ class FeatureExtractor:
     def instance_keys(self) -> list[InstanceKey]:
         return list(self._instances)
 
-    def ingest(self, write: DecodedWrite, stats: IngestStats | None = None,
-               now: float | None = None) -> list[FeatureRow]:
+    def ingest(
+        self, write: DecodedWrite, stats: IngestStats | None = None, now: float | None = None
+    ) -> list[FeatureRow]:
         stats = stats if stats is not None else IngestStats()
         now = time.monotonic() if now is None else now
         rows: list[FeatureRow] = []
         step_ms = self.step_ms
         tss, vals = write.timestamps, write.values
         j = 0
-        for key, n in zip(write.keys, write.counts):
+        for key, n in zip(write.keys, write.counts, strict=True):
             first = j
             j += n
             s = key.state
@@ -485,8 +523,9 @@ class FeatureExtractor:
         if inst is None:
             if len(self._instances) >= self.max_instances:
                 return None
-            inst = _Instance(key, len(self._table.counter_slot), len(self._table.gauge_index),
-                             len(self._table.hist_index))
+            inst = _Instance(
+                key, len(self._table.counter_slot), len(self._table.gauge_index), len(self._table.hist_index)
+            )
             inst.last_seen = now
             self._instances[key] = inst
         table = self._table

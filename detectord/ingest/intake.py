@@ -12,8 +12,11 @@ from aiohttp import web
 from detectord.errors import RemoteWriteError
 from detectord.ingest.remote_write import Version, check_encoding, declared_length, protocol_of
 
-WRITTEN_HEADERS = ("X-Prometheus-Remote-Write-Samples-Written", "X-Prometheus-Remote-Write-Histograms-Written",
-                   "X-Prometheus-Remote-Write-Exemplars-Written")
+WRITTEN_HEADERS = (
+    "X-Prometheus-Remote-Write-Samples-Written",
+    "X-Prometheus-Remote-Write-Histograms-Written",
+    "X-Prometheus-Remote-Write-Exemplars-Written",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +61,9 @@ async def _read_body(request: web.Request, limits: Limits) -> bytes:
         raise RemoteWriteError(400, "empty body")
     declared = declared_length(body)
     if declared > limits.max_decoded:
-        raise RemoteWriteError(413, f"declared decompressed length {declared} exceeds the limit of "
-                                    f"{limits.max_decoded} bytes")
+        raise RemoteWriteError(
+            413, f"declared decompressed length {declared} exceeds the limit of {limits.max_decoded} bytes"
+        )
     return body
 
 

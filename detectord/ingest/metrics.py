@@ -19,31 +19,48 @@ class IngestMetrics:
             "detectord_samples_total",
             "Remote-write samples by outcome: accepted, ignored (not read by any feature), duplicate "
             "(re-sent), stale (stale markers), non_finite, instance_limit, late, rejected (invalid series).",
-            ["outcome"], registry=registry)
+            ["outcome"],
+            registry=registry,
+        )
         self.rejected = Counter(
-            "detectord_samples_rejected_total", "Samples in series refused as invalid, by reason.",
-            ["reason"], registry=registry)
+            "detectord_samples_rejected_total",
+            "Samples in series refused as invalid, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self.decode_seconds = Histogram(
             "detectord_remote_write_decode_seconds",
             "Time to decompress, decode and ingest one remote-write request.",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.ignored_other = Counter(
             "detectord_ignored_total",
             "Parts of remote-write requests not used: native histograms, exemplars, metadata.",
-            ["kind"], registry=registry)
+            ["kind"],
+            registry=registry,
+        )
         self.instances = Gauge(
-            "detectord_instances", "CoreDNS instances tracked, by state (warming or scoring).",
-            ["state"], registry=registry)
+            "detectord_instances",
+            "CoreDNS instances tracked, by state (warming or scoring).",
+            ["state"],
+            registry=registry,
+        )
         self.instances_evicted = Counter(
-            "detectord_instances_evicted_total", "Instances forgotten after instance_ttl without samples.",
-            registry=registry)
+            "detectord_instances_evicted_total",
+            "Instances forgotten after instance_ttl without samples.",
+            registry=registry,
+        )
         self.gap_rows = Counter(
             "detectord_gap_steps_total",
             "Steps without samples (missed scrapes) filled by holding the instance's last row.",
-            registry=registry)
+            registry=registry,
+        )
         self.window_restarts = Counter(
             "detectord_window_restarts_total",
-            "Windows started over after a gap longer than ingest.max_gap_steps.", registry=registry)
+            "Windows started over after a gap longer than ingest.max_gap_steps.",
+            registry=registry,
+        )
 
     def count_ingest(self, stats: IngestStats) -> None:
         for outcome in ("accepted", "ignored", "duplicate", "stale", "non_finite", "instance_limit", "late"):

@@ -67,8 +67,10 @@ class InputPlan:
         return cls(tuple(features), tuple(_BY_NAME[f] for f in features), baseline or BaselineConfig())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"baseline": asdict(self.baseline),
-                "features": {n: asdict(s) for n, s in zip(self.features, self.specs, strict=True)}}
+        return {
+            "baseline": asdict(self.baseline),
+            "features": {n: asdict(s) for n, s in zip(self.features, self.specs, strict=True)},
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InputPlan:
@@ -118,7 +120,7 @@ class InstanceBaseline:
     """One instance's baseline. `push` takes each raw feature row in step order and returns it
     transformed; `loc` and `scale` are then what a window ending at that row is measured with."""
 
-    __slots__ = ("_c", "_means", "_stds", "_n", "_next", "_acc", "_acc2", "_k", "_held", "_hpos", "loc", "scale")
+    __slots__ = ("_acc", "_acc2", "_c", "_held", "_hpos", "_k", "_means", "_n", "_next", "_stds", "loc", "scale")
 
     def __init__(self, compiled: _Compiled) -> None:
         c = self._c = compiled

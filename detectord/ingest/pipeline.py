@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -22,8 +23,8 @@ from detectord.ingest.normalise import InputPlan, Normaliser
 from detectord.ingest.remote_write import Version, decode
 from detectord.ingest.windows import WindowStore
 
-
 FREEZE_AFTER_NEW_SERIES = 10_000
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -51,6 +52,14 @@ class ScoreSink(Protocol):
 
 
 class Ingestor:
+    """The ingest path of one daemon (or of one offline scoring run): remote-write bodies through
+    decoding, features, per-instance baselines and windows, full windows out to a `ScoreSink`.
+
+    `write` runs a body on the one ingest thread, which owns all per-instance state (one writer,
+    no locks); `call` runs anything else that touches it there. `write_sync` is the same work on
+    the caller's thread, for offline use.
+    """
+
     def __init__(
         self,
         *,
@@ -65,8 +74,9 @@ class Ingestor:
         worker: ScoreSink,
         metrics: IngestMetrics,
     ) -> None:
-        self.extractor = FeatureExtractor(step_ms, instance_labels, max_instances=max_instances,
-                                          max_gap_steps=max_gap_steps)
+        self.extractor = FeatureExtractor(
+            step_ms, instance_labels, max_instances=max_instances, max_gap_steps=max_gap_steps
+        )
         self.step_s = step_ms / 1000.0
         self.normaliser = Normaliser(inputs, self.step_s)
         self.windows = WindowStore(window, len(inputs.features))
@@ -82,10 +92,10 @@ class Ingestor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.write_sync, body, version)
 
-    async def call(self, fn: object, *args: object) -> object:
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -95,8 +105,9 @@ class Ingestor:
         ingest thread when serving; the caller's own when scoring a recording offline)."""
         t0 = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        decoded = decode(body, version, self.extractor.labels, max_decoded=self.max_decoded,
-                         max_ts_ms=now_ms + self.max_future_ms)
+        decoded = decode(
+            body, version, self.extractor.labels, max_decoded=self.max_decoded, max_ts_ms=now_ms + self.max_future_ms
+        )
         stats = IngestStats()
         bound = self.extractor.series_bound
         rows = self.extractor.ingest(decoded, stats)
@@ -112,8 +123,11 @@ class Ingestor:
         if decoded.invalid_samples:
             m.samples.labels("rejected").inc(decoded.invalid_samples)
             m.rejected.labels("invalid_series").inc(decoded.invalid_samples)
-        for kind, n in (("native_histogram", decoded.histograms), ("exemplar", decoded.exemplars),
-                        ("metadata", decoded.metadata)):
+        for kind, n in (
+            ("native_histogram", decoded.histograms),
+            ("exemplar", decoded.exemplars),
+            ("metadata", decoded.metadata),
+        ):
             if n:
                 m.ignored_other.labels(kind).inc(n)
         m.decode_seconds.observe(time.perf_counter() - t0)

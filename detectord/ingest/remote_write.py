@@ -15,10 +15,10 @@ import cramjam
 import snappy
 from google.protobuf.message import DecodeError
 
+from detectord.errors import RemoteWriteError
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v1_view_pb2 as pbv
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
-from detectord.errors import RemoteWriteError
 
 try:
     from detectord.ingest import _fastdecode  # type: ignore[attr-defined]
@@ -147,8 +147,8 @@ class DecodedWrite:
     def series(self) -> Iterator[tuple[SeriesKey, list[tuple[int, float]]]]:
         """(key, samples) pairs; for tests and tools, not the hot path."""
         j = 0
-        for key, n in zip(self.keys, self.counts):
-            yield key, list(zip(self.timestamps[j:j + n], self.values[j:j + n]))
+        for key, n in zip(self.keys, self.counts, strict=True):
+            yield key, list(zip(self.timestamps[j : j + n], self.values[j : j + n], strict=True))
             j += n
 
     def reject(self, reason: str, samples: int) -> None:
@@ -220,8 +220,9 @@ def decompress(body: bytes, *, max_decoded: int) -> memoryview:
     return data
 
 
-def decode(body: bytes, version: Version, cache: LabelCache, *, max_decoded: int,
-           max_ts_ms: int | None = None) -> DecodedWrite:
+def decode(
+    body: bytes, version: Version, cache: LabelCache, *, max_decoded: int, max_ts_ms: int | None = None
+) -> DecodedWrite:
     """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413)."""
     data = decompress(body, max_decoded=max_decoded)
     try:
@@ -240,8 +241,9 @@ C_CHUNK_SERIES = 2000
 _WHY = {"no_samples": "has no samples", "future": "sample timestamp too far in the future"}
 
 
-def decode_v1_bytes(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None,
-                    use_c: bool = True) -> DecodedWrite:
+def decode_v1_bytes(
+    data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, use_c: bool = True
+) -> DecodedWrite:
     if _fastdecode is not None and use_c:
         limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
         out = DecodedWrite("1.0")
@@ -250,8 +252,17 @@ def decode_v1_bytes(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: i
             try:
                 # In chunks: C code holds the GIL, and the event loop's thread needs it too.
                 n, hist, ex, meta, rejects, pos = _fastdecode.decode_v1(
-                    data, cache._raw, cache.from_label_fields, limit, pos, C_CHUNK_SERIES,
-                    out.keys, out.counts, out.timestamps, out.values)
+                    data,
+                    cache._raw,
+                    cache.from_label_fields,
+                    limit,
+                    pos,
+                    C_CHUNK_SERIES,
+                    out.keys,
+                    out.counts,
+                    out.timestamps,
+                    out.values,
+                )
             except ValueError as exc:
                 raise DecodeError(str(exc)) from None
             out.samples += n

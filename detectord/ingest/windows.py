@@ -13,7 +13,7 @@ from detectord.ingest.features import InstanceKey
 
 
 class _Ring:
-    __slots__ = ("buf", "pos", "count", "last_ts")
+    __slots__ = ("buf", "count", "last_ts", "pos")
 
     def __init__(self, window: int, nfeatures: int) -> None:
         self.buf = np.zeros((window, nfeatures), dtype=np.float32)
@@ -40,8 +40,9 @@ class WindowStore:
     def __contains__(self, key: InstanceKey) -> bool:
         return key in self._rings
 
-    def push(self, key: InstanceKey, step_ts_ms: int, values: np.ndarray, *, restart: bool = False,
-             gap: bool = False) -> np.ndarray | None:
+    def push(
+        self, key: InstanceKey, step_ts_ms: int, values: np.ndarray, *, restart: bool = False, gap: bool = False
+    ) -> np.ndarray | None:
         """Append a row; return the instance's full window (oldest first, a copy) or None while warming."""
         ring = self._rings.get(key)
         if ring is None:
@@ -61,7 +62,7 @@ class WindowStore:
         if ring.pos == 0:
             full: np.ndarray = ring.buf.copy()
             return full
-        out: np.ndarray = np.concatenate((ring.buf[ring.pos:], ring.buf[:ring.pos]))
+        out: np.ndarray = np.concatenate((ring.buf[ring.pos :], ring.buf[: ring.pos]))
         return out
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:

@@ -10,7 +10,7 @@ test, or None where a window would straddle two roles).
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,10 @@ import numpy as np
 from detectord.detectors.windowset import WindowSet
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
 from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series, windows_at
+from detectord.ingest.remote_write import DecodedWrite, LabelCache
 from detectord.recordings import truth
 from detectord.recordings.format import ReadStats, read_writes
 from detectord.recordings.truth import INSTANCE_LABELS, Truth, TruthError, recording_name, truth_of
-from detectord.ingest.remote_write import DecodedWrite, LabelCache
 
 Role = Literal["train", "validation", "test"]
 ROLES: tuple[Role, ...] = ("train", "validation", "test")
@@ -94,8 +94,14 @@ class Label:
         klass = str(d.get("class", "") or "")
         if verdict == "anomaly" and not klass:
             klass = "labelled_anomaly"
-        return cls(str(d.get("dataset", "*")), tuple(str(labels[k]) for k in INSTANCE_LABELS), start, end,
-                   verdict == "anomaly", klass if verdict == "anomaly" else "")
+        return cls(
+            str(d.get("dataset", "*")),
+            tuple(str(labels[k]) for k in INSTANCE_LABELS),
+            start,
+            end,
+            verdict == "anomaly",
+            klass if verdict == "anomaly" else "",
+        )
 
 
 def load_labels(path: Path | str) -> list[Label]:
@@ -160,8 +166,9 @@ def _shifted(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[Decoded
         yield w
 
 
-def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_s: float = 0.0,
-                   labels: Sequence[Label] = ()) -> Recording:
+def read_recording(
+    path: Path | str, *, step_s: float, inputs: InputPlan, phase_s: float = 0.0, labels: Sequence[Label] = ()
+) -> Recording:
     """A recording's feature rows and baselines per instance, and its spans.
 
     `phase_s` shifts the step grid (training augmentation: the same traffic cut into steps at
@@ -173,9 +180,9 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
     except TruthError as exc:
         raise DatasetError(str(exc)) from None
     stats = ReadStats()
-    offset = int(round(phase_s * 1000))
+    offset = round(phase_s * 1000)
     writes = _shifted((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
-    feats: dict[InstanceKey, FeatureSeries] = extract(writes, int(round(step_s * 1000)), INSTANCE_LABELS)
+    feats: dict[InstanceKey, FeatureSeries] = extract(writes, round(step_s * 1000), INSTANCE_LABELS)
     series = {}
     for key, fs in sorted(feats.items()):
         if offset:
@@ -183,7 +190,9 @@ def read_recording(path: Path | str, *, step_s: float, inputs: InputPlan, phase_
         series[key] = baseline_series(fs, inputs, step_s)
     spans = _truth_spans(name, tr) + [
         Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
-        for i, lb in enumerate(labels) if lb.dataset in ("*", name)]
+        for i, lb in enumerate(labels)
+        if lb.dataset in ("*", name)
+    ]
     if tr.ended_ms:
         # A lab run stops its load at `ended_ms` and records a few more scrapes: not traffic to judge.
         spans += [Span(key, int(tr.ended_ms), 2**62, "", "", judged=False) for key in series]
@@ -214,8 +223,9 @@ def _truth_spans(name: str, tr: Truth) -> list[Span]:
 # ---- labels and roles per step -------------------------------------------------------------------
 
 
-def step_labels(ts: np.ndarray, step_ms: int, spans: Sequence[Span], recovery_s: float = RECOVERY_S
-                ) -> tuple[np.ndarray, np.ndarray]:
+def step_labels(
+    ts: np.ndarray, step_ms: int, spans: Sequence[Span], recovery_s: float = RECOVERY_S
+) -> tuple[np.ndarray, np.ndarray]:
     """Per step: its label ("" normal, a class, None recovering) and the event it belongs to ("" none).
 
     A step (T - step, T] belongs to an incident it overlaps; the `recovery_s` after an incident
@@ -265,10 +275,11 @@ def _blocks(rec: Recording, normal_block_s: float) -> list[Block]:
         else:
             n = max(1, round((t1 - t0) / 1000 / normal_block_s))
             cuts = [t0 + (t1 - t0) * i // n for i in range(n + 1)]
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        for a, b in itertools.pairwise(cuts):
             classes = frozenset(s.cls for s in spans if a <= s.start_ms < b)
-            steps = sum(int(((rec.series[k].timestamps_ms >= a) & (rec.series[k].timestamps_ms < b)).sum())
-                        for k in keys)
+            steps = sum(
+                int(((rec.series[k].timestamps_ms >= a) & (rec.series[k].timestamps_ms < b)).sum()) for k in keys
+            )
             out.append(Block(rec.name, lane, a, b, classes, steps))
     return out
 
@@ -365,14 +376,24 @@ def load_datasets(
     recs = [read_recording(p, step_s=step_s, inputs=inputs, labels=labels) for p in find_recordings(paths)]
     if log:
         for r in recs:
-            log(f"  {r.name}: {len(r.series)} instances, {sum(len(s.x) for s in r.series.values()):,} steps, "
-                f"{len({s.event for s in r.spans if s.cls})} incidents{' (test only)' if r.test_only else ''}")
-    return build_data(recs, window=window, heldout=heldout, seed=seed, normal_block_s=normal_block_s,
-                      recovery_s=recovery_s)
+            log(
+                f"  {r.name}: {len(r.series)} instances, {sum(len(s.x) for s in r.series.values()):,} steps, "
+                f"{len({s.event for s in r.spans if s.cls})} incidents{' (test only)' if r.test_only else ''}"
+            )
+    return build_data(
+        recs, window=window, heldout=heldout, seed=seed, normal_block_s=normal_block_s, recovery_s=recovery_s
+    )
 
 
-def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str] = DEFAULT_HELDOUT, seed: int = 0,
-               normal_block_s: float = 1200.0, recovery_s: float = RECOVERY_S) -> Data:
+def build_data(
+    recs: Sequence[Recording],
+    *,
+    window: int,
+    heldout: Sequence[str] = DEFAULT_HELDOUT,
+    seed: int = 0,
+    normal_block_s: float = 1200.0,
+    recovery_s: float = RECOVERY_S,
+) -> Data:
     heldout = tuple(heldout)
     all_classes = sorted({s.cls for r in recs for s in r.spans if s.cls})
     seen = tuple(c for c in all_classes if c not in heldout)
@@ -386,12 +407,21 @@ def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str]
     infos: list[SeriesInfo] = []
     events: dict[str, dict[str, Any]] = {}
     for r in recs:
-        step_ms = int(round(r.step_s * 1000))
+        step_ms = round(r.step_s * 1000)
         for sp in r.spans:
             if not sp.cls:
                 continue
-            ev = events.setdefault(sp.event, {"class": sp.cls, "severity": sp.severity, "recording": r.name,
-                                              "start_ms": sp.start_ms, "end_ms": sp.end_ms, "instances": []})
+            ev = events.setdefault(
+                sp.event,
+                {
+                    "class": sp.cls,
+                    "severity": sp.severity,
+                    "recording": r.name,
+                    "start_ms": sp.start_ms,
+                    "end_ms": sp.end_ms,
+                    "instances": [],
+                },
+            )
             ev["instances"].append("/".join((r.name, *sp.instance)))
         for key, bs in r.series.items():
             name = "/".join((r.name, *key))
@@ -411,30 +441,37 @@ def build_data(recs: Sequence[Recording], *, window: int, heldout: Sequence[str]
                 if sp.labelled:
                     # An engineer's verdicts: incidents teach the supervised models, false alarms
                     # called normal raise the threshold (calibrated on validation data).
-                    role[max(0, first - window + 1): last] = "train" if sp.cls else "validation"
+                    role[max(0, first - window + 1) : last] = "train" if sp.cls else "validation"
                 elif sp.cls in heldout:
                     # A held-out incident is test data wherever it happened, with the window before it.
-                    role[max(0, first - window + 1): last] = "test"
+                    role[max(0, first - window + 1) : last] = "test"
             ends = _window_ends(bs, window)
             scored = np.zeros(len(ts), dtype=bool)
             scored[ends] = True
             # A window keeps its end step's role only if every step in it has that role.
-            win_role = np.array([role[e] if all(role[e - window + 1: e + 1] == role[e]) else None for e in ends],
-                                dtype=object)
+            win_role = np.array(
+                [role[e] if all(role[e - window + 1 : e + 1] == role[e]) else None for e in ends], dtype=object
+            )
             win_label, clean = _window_labels(label, ends, window)
             x = windows_at(bs, ends, window, clip)
             sid = len(infos)
-            infos.append(SeriesInfo(name, r.name, key, ts, label, event,
-                                    _step_roles(role, ends, win_role, len(ts)), scored))
-            sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s,
-                                  clean))
+            infos.append(
+                SeriesInfo(name, r.name, key, ts, label, event, _step_roles(role, ends, win_role, len(ts)), scored)
+            )
+            sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s, clean))
             roles.append(win_role)
     names = [i.name for i in infos]
     for s in sets:
         s.series = names
     nf = recs[0].series[next(iter(recs[0].series))].x.shape[1] if recs and recs[0].series else len(FEATURE_NAMES)
-    empty = WindowSet(np.zeros((0, window, nf), np.float32), np.zeros(0, dtype=object), np.zeros(0, np.int64),
-                      np.zeros(0, np.int64), names, recs[0].step_s if recs else 1.0)
+    empty = WindowSet(
+        np.zeros((0, window, nf), np.float32),
+        np.zeros(0, dtype=object),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        names,
+        recs[0].step_s if recs else 1.0,
+    )
     all_ = WindowSet.concat(sets) if sets else empty
     role_all = np.concatenate(roles) if roles else np.zeros(0, dtype=object)
     data = Data(all_, role_all, infos, events, heldout, seen, list(recs))
@@ -448,7 +485,7 @@ def _window_ends(bs: BaselineSeries, window: int) -> np.ndarray:
     ok = bs.ready.copy()
     ok[: window - 1] = False
     for r in bs.restarts:
-        ok[r: min(n, r + window - 1)] = False
+        ok[r : min(n, r + window - 1)] = False
     return np.flatnonzero(ok)
 
 
@@ -468,33 +505,66 @@ def _step_roles(role: np.ndarray, ends: np.ndarray, win_role: np.ndarray, n: int
     return out
 
 
-def describe(recs: Sequence[Recording], data: Data, blocks: Sequence[Block], *, window: int, seed: int,
-             recovery_s: float = RECOVERY_S) -> dict[str, Any]:
+def describe(
+    recs: Sequence[Recording],
+    data: Data,
+    blocks: Sequence[Block],
+    *,
+    window: int,
+    seed: int,
+    recovery_s: float = RECOVERY_S,
+) -> dict[str, Any]:
     """What a model card says about the data: sources, split, held-out classes, counts."""
     counts: dict[str, dict[str, int]] = {}
     for role in ROLES:
         m = data.role == role
         lab = data.all.label[m]
-        counts[role] = {"windows": int(m.sum()), "normal": int(sum(1 for x in lab if x == "")),
-                        "anomalous": int(sum(1 for x in lab if x)),
-                        "incidents": len({e for i in data.series for e in i.event[i.role == role] if e})}
+        counts[role] = {
+            "windows": int(m.sum()),
+            "normal": int(sum(1 for x in lab if x == "")),
+            "anomalous": int(sum(1 for x in lab if x)),
+            "incidents": len({e for i in data.series for e in i.event[i.role == role] if e}),
+        }
     return {
-        "recordings": [{"name": r.name, "file": r.path.name, "instances": len(r.series),
-                        "steps": int(sum(len(s.x) for s in r.series.values())),
-                        "incidents": len({s.event for s in r.spans if s.cls}), "test_only": r.test_only}
-                       for r in recs],
-        "step_seconds": recs[0].step_s if recs else None, "window": window, "split_seed": seed,
-        "split": {"method": "contiguous time blocks per fault domain (an upstream and its edges); fault runs "
-                            "in halves, normal runs in 20-minute blocks; windows straddling two roles dropped",
-                  "target": SPLIT, "blocks": [{"recording": b.recording, "lane": b.lane, "role": b.role,
-                                               "classes": sorted(b.classes)} for b in blocks]},
-        "heldout_classes": list(data.heldout), "seen_classes": list(data.seen), "counts": counts,
+        "recordings": [
+            {
+                "name": r.name,
+                "file": r.path.name,
+                "instances": len(r.series),
+                "steps": int(sum(len(s.x) for s in r.series.values())),
+                "incidents": len({s.event for s in r.spans if s.cls}),
+                "test_only": r.test_only,
+            }
+            for r in recs
+        ],
+        "step_seconds": recs[0].step_s if recs else None,
+        "window": window,
+        "split_seed": seed,
+        "split": {
+            "method": "contiguous time blocks per fault domain (an upstream and its edges); fault runs "
+            "in halves, normal runs in 20-minute blocks; windows straddling two roles dropped",
+            "target": SPLIT,
+            "blocks": [
+                {"recording": b.recording, "lane": b.lane, "role": b.role, "classes": sorted(b.classes)} for b in blocks
+            ],
+        },
+        "heldout_classes": list(data.heldout),
+        "seen_classes": list(data.seen),
+        "counts": counts,
         "recovery_seconds": recovery_s,
     }
 
 
-def phase_windows(paths: Iterable[Path | str], data: Data, *, window: int, step_s: float, inputs: InputPlan,
-                  phases: Sequence[float], labels: Sequence[Label] = ()) -> WindowSet:
+def phase_windows(
+    paths: Iterable[Path | str],
+    data: Data,
+    *,
+    window: int,
+    step_s: float,
+    inputs: InputPlan,
+    phases: Sequence[float],
+    labels: Sequence[Label] = (),
+) -> WindowSet:
     """More training windows: the training blocks' traffic cut into steps at other phases.
 
     Each window keeps the role and label its end time has in `data` (the phase-0 cut)."""
@@ -505,7 +575,7 @@ def phase_windows(paths: Iterable[Path | str], data: Data, *, window: int, step_
             rec = read_recording(p, step_s=step_s, inputs=inputs, phase_s=ph, labels=labels)
             if rec.test_only:
                 continue
-            step_ms = int(round(step_s * 1000))
+            step_ms = round(step_s * 1000)
             for key, bs in rec.series.items():
                 info = by_name.get("/".join((rec.name, *key)))
                 if info is None:
@@ -522,7 +592,15 @@ def phase_windows(paths: Iterable[Path | str], data: Data, *, window: int, step_
                 if not len(ends):
                     continue
                 wl, clean = _window_labels(label, ends, window)
-                extra.append(WindowSet(windows_at(bs, ends, window, inputs.baseline.clip), wl,
-                                       np.zeros(len(ends), np.int64), bs.timestamps_ms[ends],
-                                       [info.name], step_s, clean))
+                extra.append(
+                    WindowSet(
+                        windows_at(bs, ends, window, inputs.baseline.clip),
+                        wl,
+                        np.zeros(len(ends), np.int64),
+                        bs.timestamps_ms[ends],
+                        [info.name],
+                        step_s,
+                        clean,
+                    )
+                )
     return WindowSet.concat(extra) if extra else data.train.subset(np.zeros(len(data.train), dtype=bool))

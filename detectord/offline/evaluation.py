@@ -8,7 +8,7 @@ lasts; an alert that starts on a normal step is a false alert.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,13 +53,28 @@ class Evaluation:
     false_alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "alert_rule": self.rule, "window": self.window, "event": self.event,
-                "groups": self.groups, "classes": self.classes, "recordings": self.recordings,
-                "events": self.events, "false_alerts": self.false_alerts}
+        return {
+            "name": self.name,
+            "alert_rule": self.rule,
+            "window": self.window,
+            "event": self.event,
+            "groups": self.groups,
+            "classes": self.classes,
+            "recordings": self.recordings,
+            "events": self.events,
+            "false_alerts": self.false_alerts,
+        }
 
 
-def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: str = "test",
-             rule: AlertRule = EVALUATION_RULE, step_s: float | None = None) -> Evaluation:
+def evaluate(
+    name: str,
+    timelines: Mapping[str, Timeline],
+    data: Data,
+    *,
+    role: str = "test",
+    rule: AlertRule = EVALUATION_RULE,
+    step_s: float | None = None,
+) -> Evaluation:
     """Judge `timelines` (by series name) on the steps of `data` that have `role`. Incidents that
     began before an instance's first scored window (while it warmed) are not judged on it."""
     step_s = step_s or data.all.step_s
@@ -89,7 +104,8 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         lab_w.append(info.label[sel])
         like_w.append(like[sel])
         normal_steps[info.recording] = normal_steps.get(info.recording, 0) + int(
-            sum(1 for lb in info.label[sel] if lb == ""))
+            sum(1 for lb in info.label[sel] if lb == "")
+        )
         # Incidents: the steps of each event on this instance.
         first_scored = int(np.argmax(info.scored)) if info.scored.any() else len(ts)
         for ev in {e for e in info.event[sel] if e}:
@@ -118,18 +134,24 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
     lab = np.concatenate(lab_w) if lab_w else np.zeros(0, object)
     lk = np.concatenate(like_w) if like_w else np.zeros(0, object)
     has_like = any(x is not None for x in lk)
-    window = window_metrics(pred, lab, lk.tolist() if has_like else None,
-                            classes=sorted({str(x) for x in lk if x is not None}))
+    window = window_metrics(
+        pred, lab, lk.tolist() if has_like else None, classes=sorted({str(x) for x in lk if x is not None})
+    )
 
     def group(evs: Iterable[str], fa: int, days_: float) -> dict[str, Any]:
         evs = list(evs)
         tp = sum(caught[e].fired for e in evs)
         delays = [d for e in evs if caught[e].fired and (d := caught[e].delay_steps) is not None]
-        return {"events": len(evs), "caught": tp, "false_alerts": fa, **prf(tp, fa, len(evs) - tp),
-                "delay_steps_median": float(np.median(delays)) if delays else None,
-                "delay_steps_p90": float(np.quantile(delays, 0.9)) if delays else None,
-                "false_alerts_per_instance_day": fa / days_ if days_ > 0 else None,
-                "normal_instance_days": round(days_, 4)}
+        return {
+            "events": len(evs),
+            "caught": tp,
+            "false_alerts": fa,
+            **prf(tp, fa, len(evs) - tp),
+            "delay_steps_median": float(np.median(delays)) if delays else None,
+            "delay_steps_p90": float(np.quantile(delays, 0.9)) if delays else None,
+            "false_alerts_per_instance_day": fa / days_ if days_ > 0 else None,
+            "normal_instance_days": round(days_, 4),
+        }
 
     fa_all = len(false)
     ev_all = group(events, fa_all, total_days)
@@ -142,24 +164,52 @@ def evaluate(name: str, timelines: Mapping[str, Timeline], data: Data, *, role: 
         evs = [e for e in events if events[e]["class"] == c]
         g = group(evs, 0, 0.0)
         named = [caught[e] for e in evs if caught[e].fired and caught[e].looks_like is not None]
-        classes[c] = {"events": g["events"], "caught": g["caught"], "recall": g["recall"],
-                      "delay_steps_median": g["delay_steps_median"], "heldout": c in data.heldout,
-                      **({"named": len(named), "named_right": sum(n.looks_like == c for n in named),
-                          "named_right_at_end": sum(n.looks_like_end == c for n in named)} if named else {})}
+        classes[c] = {
+            "events": g["events"],
+            "caught": g["caught"],
+            "recall": g["recall"],
+            "delay_steps_median": g["delay_steps_median"],
+            "heldout": c in data.heldout,
+            **(
+                {
+                    "named": len(named),
+                    "named_right": sum(n.looks_like == c for n in named),
+                    "named_right_at_end": sum(n.looks_like_end == c for n in named),
+                }
+                if named
+                else {}
+            ),
+        }
     recordings = {}
     test_only = {r.name for r in data.recordings if r.test_only}
     for rec in sorted({ev["recording"] for ev in events.values()} | set(days)):
         evs = [e for e in events if events[e]["recording"] == rec]
         fa = sum(1 for f in false if f["series"].split("/")[0] == rec)
         recordings[rec] = {**group(evs, fa, days.get(rec, 0.0)), "test_only": rec in test_only}
-    ev_rows = [{"id": e, "class": events[e]["class"], "severity": events[e]["severity"],
-                "recording": events[e]["recording"], "caught": caught[e].fired, "delay_steps": caught[e].delay_steps,
-                "looks_like": caught[e].looks_like, "looks_like_at_end": caught[e].looks_like_end}
-               for e in sorted(events)]
-    return Evaluation(name, window, ev_all, groups, classes, recordings,
-                      {"for_seconds": rule.for_s, "keep_firing_for_seconds": rule.keep_firing_for_s,
-                       "step_seconds": step_s},
-                      ev_rows, false)
+    ev_rows = [
+        {
+            "id": e,
+            "class": events[e]["class"],
+            "severity": events[e]["severity"],
+            "recording": events[e]["recording"],
+            "caught": caught[e].fired,
+            "delay_steps": caught[e].delay_steps,
+            "looks_like": caught[e].looks_like,
+            "looks_like_at_end": caught[e].looks_like_end,
+        }
+        for e in sorted(events)
+    ]
+    return Evaluation(
+        name,
+        window,
+        ev_all,
+        groups,
+        classes,
+        recordings,
+        {"for_seconds": rule.for_s, "keep_firing_for_seconds": rule.keep_firing_for_s, "step_seconds": step_s},
+        ev_rows,
+        false,
+    )
 
 
 def alert_phases(scores: np.ndarray, timestamps_ms: np.ndarray, rule: AlertRule) -> np.ndarray:
@@ -220,8 +270,7 @@ def alert_names(anomalous: np.ndarray, fire: np.ndarray, like: np.ndarray) -> np
     return out
 
 
-def timelines_from_windows(data: Data, scores: np.ndarray, looks_like: list[str] | None = None
-                           ) -> dict[str, Timeline]:
+def timelines_from_windows(data: Data, scores: np.ndarray, looks_like: list[str] | None = None) -> dict[str, Timeline]:
     """Per-window scores of `data.all` as a Timeline per series."""
     out = {}
     sid = data.all.series_id
@@ -241,8 +290,12 @@ def aligned_scores(timelines: Mapping[str, Timeline], data: Data, role: str = "t
         if tl is None:
             continue
         s = aligned(tl, info.timestamps_ms)
-        m = (np.array([r == role for r in info.role], dtype=bool) & info.scored & ~np.isnan(s)
-             & np.array([lb is not None for lb in info.label], dtype=bool))
+        m = (
+            np.array([r == role for r in info.role], dtype=bool)
+            & info.scored
+            & ~np.isnan(s)
+            & np.array([lb is not None for lb in info.label], dtype=bool)
+        )
         scores.append(s[m])
         truth.append(np.array([bool(lb) for lb in info.label[m]], dtype=bool))
     if not scores:

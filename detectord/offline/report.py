@@ -16,6 +16,7 @@ from detectord.offline.evaluation import Evaluation, Timeline, aligned, aligned_
 if TYPE_CHECKING:
     from detectord.detectors import Detector
 
+
 def _f(v: Any, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
@@ -31,22 +32,27 @@ def _fa(ev: Evaluation, test_only: bool) -> str:
 def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
     """One row per detector or comparison: event-level precision/recall/F1 on seen and held-out
     classes, window-level F1, detection delay, false alerts per instance-day."""
-    lines = ["| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
-             "| delay median / p90 (steps) | false alerts / instance-day, lab | …, test-only fleets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
+        "| delay median / p90 (steps) | false alerts / instance-day, lab | …, test-only fleets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, ev in evals.items():
         s, h, a = ev.groups["seen"], ev.groups["heldout"], ev.event
         lines.append(
             f"| {name} | {_f(s['f1'])} | {_f(s['precision'])} | {_f(s['recall'])} ({s['caught']}/{s['events']}) | "
             f"{_f(h['f1'])} | {_f(h['precision'])} | {_f(h['recall'])} ({h['caught']}/{h['events']}) | "
             f"{_f(a['f1'])} | {_f(ev.window.get('f1'))} | {_f(a['delay_steps_median'], '.1f')} / "
-            f"{_f(a['delay_steps_p90'], '.1f')} | {_fa(ev, False)} | {_fa(ev, True)} |")
+            f"{_f(a['delay_steps_p90'], '.1f')} | {_fa(ev, False)} | {_fa(ev, True)} |"
+        )
     return lines
 
 
 def per_class(evals: Mapping[str, Evaluation]) -> list[str]:
-    classes = sorted({c for ev in evals.values() for c in ev.classes},
-                     key=lambda c: (any(ev.classes.get(c, {}).get("heldout") for ev in evals.values()), c))
+    classes = sorted(
+        {c for ev in evals.values() for c in ev.classes},
+        key=lambda c: (any(ev.classes.get(c, {}).get("heldout") for ev in evals.values()), c),
+    )
     names = list(evals)
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in classes:
@@ -83,26 +89,39 @@ def data_summary(data: Data) -> list[str]:
     d = data.description
     lines = ["| recording | instances | steps | incidents | role |", "|---|---|---|---|---|"]
     for r in d["recordings"]:
-        lines.append(f"| {r['file']} | {r['instances']} | {r['steps']:,} | {r['incidents']} | "
-                     f"{'test only' if r['test_only'] else 'split'} |")
+        lines.append(
+            f"| {r['file']} | {r['instances']} | {r['steps']:,} | {r['incidents']} | "
+            f"{'test only' if r['test_only'] else 'split'} |"
+        )
     c = d["counts"]
-    lines += ["", f"Steps of {d['step_seconds']:g} s, windows of {d['window']} steps. Split: {d['split']['method']} "
-              f"(seed {d['split_seed']}).", "",
-              "| role | windows | normal | anomalous | incidents |", "|---|---|---|---|---|"]
-    lines += [f"| {r} | {c[r]['windows']:,} | {c[r]['normal']:,} | {c[r]['anomalous']:,} | {c[r]['incidents']} |"
-              for r in c]
-    lines += ["", f"Held-out classes (never in training or validation; every one of their incidents is test data): "
-              f"{', '.join(d['heldout_classes'])}. Seen classes: {', '.join(d['seen_classes'])}."]
+    lines += [
+        "",
+        f"Steps of {d['step_seconds']:g} s, windows of {d['window']} steps. Split: {d['split']['method']} "
+        f"(seed {d['split_seed']}).",
+        "",
+        "| role | windows | normal | anomalous | incidents |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r} | {c[r]['windows']:,} | {c[r]['normal']:,} | {c[r]['anomalous']:,} | {c[r]['incidents']} |" for r in c
+    ]
+    lines += [
+        "",
+        f"Held-out classes (never in training or validation; every one of their incidents is test data): "
+        f"{', '.join(d['heldout_classes'])}. Seen classes: {', '.join(d['seen_classes'])}.",
+    ]
     return lines
 
 
 def rule_text(ev: Evaluation) -> str:
     r = ev.rule
-    return (f"Alerts are timed as serving times them: pending at the first step scored above 1, firing once "
-            f"`for` ({r['for_seconds']:g} s) has passed, resolved after `keep_firing_for` "
-            f"({r['keep_firing_for_seconds']:g} s) without one; an incident is caught if an alert fires on one "
-            f"of its instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
-            f"{r['step_seconds']:g} s.")
+    return (
+        f"Alerts are timed as serving times them: pending at the first step scored above 1, firing once "
+        f"`for` ({r['for_seconds']:g} s) has passed, resolved after `keep_firing_for` "
+        f"({r['keep_firing_for_seconds']:g} s) without one; an incident is caught if an alert fires on one "
+        f"of its instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
+        f"{r['step_seconds']:g} s."
+    )
 
 
 # ---- plots ----------------------------------------------------------------------------------------
@@ -197,8 +216,9 @@ def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data:
         for ev_id in sorted({e for e in info.event if e}):
             ev = data.events[ev_id]
             a, b = (ev["start_ms"] - t0) / 60000.0, (ev["end_ms"] - t0) / 60000.0
-            ax.axvspan(a, b, color=color[ev["class"]], alpha=0.35,
-                       label=ev["class"] if ev["class"] not in seen_cls else None)
+            ax.axvspan(
+                a, b, color=color[ev["class"]], alpha=0.35, label=ev["class"] if ev["class"] not in seen_cls else None
+            )
             seen_cls.add(ev["class"])
         test = np.array([r == "test" for r in info.role], dtype=bool)
         ax.plot(t, np.clip(s, 1e-2, None), lw=0.8, color="black")
@@ -216,9 +236,13 @@ def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data:
         labels += lab
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=4)
-    fig.suptitle(f"{name} on {recording}: score (log; > 1 anomalous), incidents shaded"
-                 + ("; grey: test blocks" if any(r != "test" for i in infos for r in i.role if r) else ""),
-                 fontsize=9, x=0.01, ha="left")
+    fig.suptitle(
+        f"{name} on {recording}: score (log; > 1 anomalous), incidents shaded"
+        + ("; grey: test blocks" if any(r != "test" for i in infos for r in i.role if r) else ""),
+        fontsize=9,
+        x=0.01,
+        ha="left",
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -227,9 +251,16 @@ def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data:
 # ---- documents ------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, evals: Mapping[str, Evaluation], data: Data,
-                 timelines: Mapping[str, Mapping[str, Timeline]], *, primary: str, title: str, command: str = ""
-                 ) -> Path:
+def write_report(
+    out: Path,
+    evals: Mapping[str, Evaluation],
+    data: Data,
+    timelines: Mapping[str, Mapping[str, Timeline]],
+    *,
+    primary: str,
+    title: str,
+    command: str = "",
+) -> Path:
     """report.md with its PNGs and evaluation.json in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     plot_pr(out / "precision_recall.png", timelines, data)
@@ -246,21 +277,37 @@ def write_report(out: Path, evals: Mapping[str, Evaluation], data: Data,
         lines += [f"Made by `{command}`.", ""]
     lines += ["## Every detector and comparison, side by side", "", rule_text(first), ""]
     lines += side_by_side(evals)
-    lines += ["", "P and R are event-level precision and recall; F1 their harmonic mean. Seen and held-out rows share "
-              "the false alerts (they have no class). Window F1 judges each test window's verdict.", "",
-              "## Per class (incidents caught / incidents, median delay in steps, class named right)", ""]
+    lines += [
+        "",
+        "P and R are event-level precision and recall; F1 their harmonic mean. Seen and held-out rows share "
+        "the false alerts (they have no class). Window F1 judges each test window's verdict.",
+        "",
+        "## Per class (incidents caught / incidents, median delay in steps, class named right)",
+        "",
+    ]
     lines += per_class(evals)
-    lines += ["", "\"named a→b/n\": of n caught incidents, the alert named the right class in a when it began "
-              "firing and in b at the incident's last firing step (an alert names the class its anomalous steps "
-              "resembled most often; held-out classes cannot be named)."]
-    lines += ["", "## Per recording", ""] + by_recording(evals)
-    lines += ["", "## Data", ""] + data_summary(data)
-    lines += ["", "## Plots", "", "![precision-recall](precision_recall.png)", "",
-              f"![confusion]({'confusion_' + _slug(primary)}.png)", ""]
+    lines += [
+        "",
+        '"named a→b/n": of n caught incidents, the alert named the right class in a when it began '
+        "firing and in b at the incident's last firing step (an alert names the class its anomalous steps "
+        "resembled most often; held-out classes cannot be named).",
+    ]
+    lines += ["", "## Per recording", "", *by_recording(evals)]
+    lines += ["", "## Data", "", *data_summary(data)]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![precision-recall](precision_recall.png)",
+        "",
+        f"![confusion]({'confusion_' + _slug(primary)}.png)",
+        "",
+    ]
     lines += [f"![{rec}](timeline_{_slug(rec)}.png)" for rec in recs]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out / "evaluation.json").write_text(json.dumps({name: ev.to_json() for name, ev in evals.items()}, indent=1,
-                                                    default=_json) + "\n", encoding="utf-8")
+    (out / "evaluation.json").write_text(
+        json.dumps({name: ev.to_json() for name, ev in evals.items()}, indent=1, default=_json) + "\n", encoding="utf-8"
+    )
     return out / "report.md"
 
 
@@ -269,39 +316,61 @@ def write_model_card(path: Path, det: Detector, evals: Mapping[str, Evaluation],
     mine = {n: ev for n, ev in evals.items() if n == det.kind or n.startswith(det.kind + " ")}
     td = meta.training_data
     cal = meta.calibration
-    lines = [f"# {meta.name}: {det.kind} {meta.version}" + (" (the default model)" if default else ""), "",
-             f"Trained {meta.trained_at} with `{td.get('command') or 'detectord train'}`; "
-             f"reproduce every number below with `detectord evaluate {path} data`.", "",
-             "## What it is", "", _what(det), "",
-             f"Windows of {meta.window} steps × {len(meta.features)} features ({', '.join(meta.features)}), "
-             f"{meta.step_seconds:g} s a step. Inputs are scale-free per instance (detectord/normalise.py): "
-             "each instance's features against its own recent median and spread, learned online while it warms "
-             f"({meta.inputs['baseline']['min_buckets'] * meta.inputs['baseline']['bucket_steps']} steps), so a "
-             "fleet's own level is its normal.", "",
-             "## Data", ""]
+    lines = [
+        f"# {meta.name}: {det.kind} {meta.version}" + (" (the default model)" if default else ""),
+        "",
+        f"Trained {meta.trained_at} with `{td.get('command') or 'detectord train'}`; "
+        f"reproduce every number below with `detectord evaluate {path} data`.",
+        "",
+        "## What it is",
+        "",
+        _what(det),
+        "",
+        f"Windows of {meta.window} steps × {len(meta.features)} features ({', '.join(meta.features)}), "
+        f"{meta.step_seconds:g} s a step. Inputs are scale-free per instance (detectord/normalise.py): "
+        "each instance's features against its own recent median and spread, learned online while it warms "
+        f"({meta.inputs['baseline']['min_buckets'] * meta.inputs['baseline']['bucket_steps']} steps), so a "
+        "fleet's own level is its normal.",
+        "",
+        "## Data",
+        "",
+    ]
     lines += data_summary(data)
     fit = td.get("fit", {})
-    lines += ["", f"Trained for {int(fit.get('epochs', 0))} epochs on {int(fit.get('train_windows', 0)):,} windows "
-              f"(including {td.get('augmented_windows', 0):,} cut at other step phases from training blocks) in "
-              f"{td.get('fit_seconds', 0):.0f} s.", "",
-              "## Threshold", "",
-              f"Raw threshold {meta.threshold:.4g}: {cal.get('margin')} × the lowest raw score at which the "
-              f"{cal.get('normal_windows', 0):,} normal validation windows ({cal.get('instance_days', 0) * 24:.1f} "
-              f"instance-hours) raise at most {cal.get('target_false_alerts_per_instance_day')} false alerts per "
-              "instance-day. Scores are divided by it: above 1.0 is anomalous.", "",
-              "## Results on the test data", "", rule_text(next(iter(evals.values()))), ""]
+    lines += [
+        "",
+        f"Trained for {int(fit.get('epochs', 0))} epochs on {int(fit.get('train_windows', 0)):,} windows "
+        f"(including {td.get('augmented_windows', 0):,} cut at other step phases from training blocks) in "
+        f"{td.get('fit_seconds', 0):.0f} s.",
+        "",
+        "## Threshold",
+        "",
+        f"Raw threshold {meta.threshold:.4g}: {cal.get('margin')} × the lowest raw score at which the "
+        f"{cal.get('normal_windows', 0):,} normal validation windows ({cal.get('instance_days', 0) * 24:.1f} "
+        f"instance-hours) raise at most {cal.get('target_false_alerts_per_instance_day')} false alerts per "
+        "instance-day. Scores are divided by it: above 1.0 is anomalous.",
+        "",
+        "## Results on the test data",
+        "",
+        rule_text(next(iter(evals.values()))),
+        "",
+    ]
     lines += side_by_side(mine)
-    lines += ["", "Per class:", ""] + per_class(mine)
-    lines += ["", "## Beside the comparisons and the other models", ""] + side_by_side(evals)
-    lines += ["", "## Limits", "",
-              "- Trained and tested on a lab fleet (real CoreDNS, real dnsperf load, scripted faults), not on "
-              "production traffic; the unseen-load fleets test other rates and cache sizes, not other topologies.",
-              "- Test data holds few incidents per seen class (see the per-class table): each is a handful of "
-              "events, not a rate.",
-              "- False alerts per instance-day rest on hours, not days, of normal test data.",
-              "- An incident that lasts longer than about half the baseline horizon "
-              f"({meta.inputs['baseline']['buckets'] * meta.inputs['baseline']['bucket_steps'] // 2} steps) becomes "
-              "that instance's new normal."]
+    lines += ["", "Per class:", "", *per_class(mine)]
+    lines += ["", "## Beside the comparisons and the other models", "", *side_by_side(evals)]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained and tested on a lab fleet (real CoreDNS, real dnsperf load, scripted faults), not on "
+        "production traffic; the unseen-load fleets test other rates and cache sizes, not other topologies.",
+        "- Test data holds few incidents per seen class (see the per-class table): each is a handful of "
+        "events, not a rate.",
+        "- False alerts per instance-day rest on hours, not days, of normal test data.",
+        "- An incident that lasts longer than about half the baseline horizon "
+        f"({meta.inputs['baseline']['buckets'] * meta.inputs['baseline']['bucket_steps'] // 2} steps) becomes "
+        "that instance's new normal.",
+    ]
     (path / "MODEL_CARD.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -309,11 +378,11 @@ def _what(det: Detector) -> str:
     cfg = det.config.to_dict()
     return {
         "conv_autoencoder": "A 1-D convolutional autoencoder, trained on normal windows only; the score is the "
-                            "reconstruction error of the newest rows (per-feature errors name what moved).",
+        "reconstruction error of the newest rows (per-feature errors name what moved).",
         "conv_classifier": "A 1-D convolutional classifier with two heads: anomalous or not, and which incident "
-                           f"class it looks like ({', '.join(det.classes)}).",
+        f"class it looks like ({', '.join(det.classes)}).",
         "siamese": "A siamese network trained with a contrastive loss on pairs of windows; a window is classed by "
-                   "its distances to the centroids of normal and incident windows in the learned space.",
+        "its distances to the centroids of normal and incident windows in the learned space.",
     }.get(det.kind, det.kind) + f" {det.count_params():,} parameters; settings {json.dumps(cfg)}."
 
 

@@ -22,14 +22,22 @@ from typing import Any
 
 import numpy as np
 
-from detectord.detectors.windowset import WindowSet
-from detectord.offline.dataset import DEFAULT_HELDOUT, Data, DatasetError, Label, load_datasets, load_labels, phase_windows
 from detectord.detectors import DETECTORS, Detector
-from detectord.errors import DetectordError
 from detectord.detectors.quality import EVALUATION_RULE
-from detectord.offline.evaluation import Evaluation, Timeline, evaluate, timelines_from_windows
+from detectord.detectors.windowset import WindowSet
+from detectord.errors import DetectordError
 from detectord.ingest.features import FEATURE_NAMES
 from detectord.ingest.normalise import InputPlan
+from detectord.offline.dataset import (
+    DEFAULT_HELDOUT,
+    Data,
+    DatasetError,
+    Label,
+    load_datasets,
+    load_labels,
+    phase_windows,
+)
+from detectord.offline.evaluation import Evaluation, Timeline, evaluate, timelines_from_windows
 
 Log = Callable[[str], None]
 
@@ -46,8 +54,9 @@ class Settings:
     kinds: list[str] = field(default_factory=lambda: list(DETECTORS))
     window: int = DEFAULT_WINDOW
     step_s: float = DEFAULT_STEP_SECONDS
-    epochs: dict[str, int] = field(default_factory=lambda: {"conv_autoencoder": 40, "conv_classifier": 30,
-                                                            "siamese": 30})
+    epochs: dict[str, int] = field(
+        default_factory=lambda: {"conv_autoencoder": 40, "conv_classifier": 30, "siamese": 30}
+    )
     batch_size: int = 256
     learning_rate: float = 2e-3
     seed: int = 0
@@ -63,12 +72,25 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-def load_data(settings: Settings, *, inputs: InputPlan | None = None, labels: Sequence[Label] | None = None,
-              log: Log | None = None) -> Data:
+def load_data(
+    settings: Settings,
+    *,
+    inputs: InputPlan | None = None,
+    labels: Sequence[Label] | None = None,
+    log: Log | None = None,
+) -> Data:
     if labels is None:
         labels = load_labels(settings.labels) if settings.labels else []
-    return load_datasets(settings.data, window=settings.window, step_s=settings.step_s, inputs=inputs,
-                         heldout=settings.heldout, labels=labels, seed=settings.seed, log=log)
+    return load_datasets(
+        settings.data,
+        window=settings.window,
+        step_s=settings.step_s,
+        inputs=inputs,
+        heldout=settings.heldout,
+        labels=labels,
+        seed=settings.seed,
+        log=log,
+    )
 
 
 @dataclass(frozen=True)
@@ -91,8 +113,10 @@ def read_hyperparameters(path: Path) -> Hyperparameters:
     configs = raw["config"] if tuned else raw
     unknown = sorted(k for k in configs if k not in DETECTORS)
     if unknown or not all(isinstance(v, dict) for v in configs.values()):
-        raise DatasetError(f"{path}: keys must be detector kinds ({', '.join(DETECTORS)}) with their settings; "
-                           f"got {unknown or sorted(configs)}")
+        raise DatasetError(
+            f"{path}: keys must be detector kinds ({', '.join(DETECTORS)}) with their settings; "
+            f"got {unknown or sorted(configs)}"
+        )
     if not tuned:
         return Hyperparameters(configs)
     return Hyperparameters(configs, float(raw["learning_rate"]), int(raw["window"]))
@@ -103,12 +127,19 @@ def new_detector(kind: str, settings: Settings, *, name: str | None = None) -> D
     if cls is None:
         raise ValueError(f"unknown detector kind {kind!r}; known: {', '.join(DETECTORS)}")
     config = cls.config_class.from_dict(settings.configs.get(kind, {}))
-    return cls(FEATURE_NAMES, window=settings.window, step_seconds=settings.step_s, config=config,
-               name=name or kind, version=time.strftime("%Y%m%d", time.gmtime()) + f"-seed{settings.seed}")
+    return cls(
+        FEATURE_NAMES,
+        window=settings.window,
+        step_seconds=settings.step_s,
+        config=config,
+        name=name or kind,
+        version=time.strftime("%Y%m%d", time.gmtime()) + f"-seed{settings.seed}",
+    )
 
 
-def train_detector(kind: str, data: Data, settings: Settings, *, extra: WindowSet | None = None,
-                   log: Log = print) -> Detector:
+def train_detector(
+    kind: str, data: Data, settings: Settings, *, extra: WindowSet | None = None, log: Log = print
+) -> Detector:
     """Train and calibrate one detector on `data` (plus `extra` training windows)."""
     det = new_detector(kind, settings)
     train = data.train if extra is None or not len(extra) else WindowSet.concat([data.train, extra])
@@ -117,15 +148,28 @@ def train_detector(kind: str, data: Data, settings: Settings, *, extra: WindowSe
     if settings.tensorboard:
         callbacks.append(tensorboard_callback(Path(settings.tensorboard) / kind, log))
     t0 = time.perf_counter()
-    stats = det.train(settings.epochs.get(kind, 20), settings.batch_size, train, validation=data.validation,
-                      learning_rate=settings.learning_rate, seed=settings.seed, callbacks=callbacks, log=log)
+    stats = det.train(
+        settings.epochs.get(kind, 20),
+        settings.batch_size,
+        train,
+        validation=data.validation,
+        learning_rate=settings.learning_rate,
+        seed=settings.seed,
+        callbacks=callbacks,
+        log=log,
+    )
     fit_s = time.perf_counter() - t0
     det.calibrate(data.validation, target_per_day=settings.target_per_day, margin=settings.margin)
-    log(f"{kind}: {det.count_params():,} parameters, trained in {fit_s:.0f}s; threshold {det.threshold:.4g} "
-        f"(raw units)")
-    det.meta.training_data = {**data.description, "settings": settings.to_json(), "fit": stats,
-                              "fit_seconds": round(fit_s, 1),
-                              "augmented_windows": int(len(extra)) if extra is not None else 0}
+    log(
+        f"{kind}: {det.count_params():,} parameters, trained in {fit_s:.0f}s; threshold {det.threshold:.4g} (raw units)"
+    )
+    det.meta.training_data = {
+        **data.description,
+        "settings": settings.to_json(),
+        "fit": stats,
+        "fit_seconds": round(fit_s, 1),
+        "augmented_windows": len(extra) if extra is not None else 0,
+    }
     return det
 
 
@@ -160,17 +204,23 @@ def variants(det: Detector, data: Data, settings: Settings) -> list[tuple[str, D
     for score in SCORE_CHOICES.get(det.kind, ()):
         if score == det.config.score:
             continue
-        twin = type(det)(det.features, window=det.window, step_seconds=det.step_seconds, inputs=det.inputs,
-                         config=dataclasses.replace(det.config, score=score),
-                         meta=dataclasses.replace(det.meta, state=dict(det.meta.state)))
+        twin = type(det)(
+            det.features,
+            window=det.window,
+            step_seconds=det.step_seconds,
+            inputs=det.inputs,
+            config=dataclasses.replace(det.config, score=score),
+            meta=dataclasses.replace(det.meta, state=dict(det.meta.state)),
+        )
         twin.network = det.network
         twin.calibrate(data.validation, target_per_day=settings.target_per_day, margin=settings.margin)
         out.append((variant_name(twin, False), twin))
     return out
 
 
-def pick_score(det: Detector, data: Data, settings: Settings, log: Log
-               ) -> list[tuple[str, Detector, dict[str, Timeline]]]:
+def pick_score(
+    det: Detector, data: Data, settings: Settings, log: Log
+) -> list[tuple[str, Detector, dict[str, Timeline]]]:
     """The ways to score a detector's weights, each calibrated, with its timelines on `data`: first
     the one with the best event-level F1 on validation data (window-level F1 breaks ties), named
     by the kind, then the others."""
@@ -181,8 +231,11 @@ def pick_score(det: Detector, data: Data, settings: Settings, log: Log
     evs = judge(timelines, data, "validation")
     ranked = sorted(options, key=lambda o: (_f1(evs[o[0]]), evs[o[0]].window.get("f1") or 0.0), reverse=True)
     best = ranked[0][1]
-    log(f"{det.kind}: scored by {best.config.score} (validation F1 "
-        + ", ".join(f"{n} {_f1(e):.3f}" for n, e in evs.items()) + ")")
+    log(
+        f"{det.kind}: scored by {best.config.score} (validation F1 "
+        + ", ".join(f"{n} {_f1(e):.3f}" for n, e in evs.items())
+        + ")"
+    )
     best.meta.config = best.config.to_dict()
     return [(variant_name(d, d is best), d, timelines[name]) for name, d in ranked]
 
@@ -192,8 +245,9 @@ def detector_timelines(det: Detector, data: Data) -> dict[str, Timeline]:
     return timelines_from_windows(data, out.scores, out.looks_like)
 
 
-def comparison_timelines(data: Data, names: Sequence[str], settings: Settings, log: Log
-                       ) -> dict[str, dict[str, Timeline]]:
+def comparison_timelines(
+    data: Data, names: Sequence[str], settings: Settings, log: Log
+) -> dict[str, dict[str, Timeline]]:
     """Each comparison's timelines on `data`, fitted on its training role and calibrated on its
     validation role like the models."""
     from detectord.offline.comparisons import COMPARISONS
@@ -210,8 +264,14 @@ def judge(named: dict[str, dict[str, Timeline]], data: Data, role: str = "test")
     return {name: evaluate(name, tl, data, role=role, rule=EVALUATION_RULE) for name, tl in named.items()}
 
 
-def train_all(settings: Settings, out_dir: Path, *, comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z",
-              "isolation_forest"), command: str = "", log: Log = print) -> dict[str, Any]:
+def train_all(
+    settings: Settings,
+    out_dir: Path,
+    *,
+    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+    command: str = "",
+    log: Log = print,
+) -> dict[str, Any]:
     """Train every kind in `settings`, evaluate each beside the comparisons, write the artifacts, the
     report and models/default (the best on validation data)."""
     from detectord.offline.report import write_model_card, write_report
@@ -221,13 +281,24 @@ def train_all(settings: Settings, out_dir: Path, *, comparisons: Sequence[str] =
     labels = load_labels(settings.labels) if settings.labels else []
     data = load_data(settings, labels=labels, log=log)
     c = data.description["counts"]
-    log("windows: " + ", ".join(f"{r} {c[r]['windows']:,} ({c[r]['anomalous']:,} anomalous, {c[r]['incidents']} "
-                                f"incidents)" for r in c) + f"; held out: {', '.join(data.heldout)}")
+    log(
+        "windows: "
+        + ", ".join(
+            f"{r} {c[r]['windows']:,} ({c[r]['anomalous']:,} anomalous, {c[r]['incidents']} incidents)" for r in c
+        )
+        + f"; held out: {', '.join(data.heldout)}"
+    )
     extra = None
     if settings.phases:
-        extra = phase_windows(settings.data, data, window=settings.window, step_s=settings.step_s,
-                              inputs=InputPlan.default(FEATURE_NAMES), phases=settings.phases,
-                              labels=labels)
+        extra = phase_windows(
+            settings.data,
+            data,
+            window=settings.window,
+            step_s=settings.step_s,
+            inputs=InputPlan.default(FEATURE_NAMES),
+            phases=settings.phases,
+            labels=labels,
+        )
         # Held-out classes stay out of training in every phase.
         extra = extra.subset(np.array([lb is not None and lb not in data.heldout for lb in extra.label], dtype=bool))
         log(f"phase-shifted training windows: {len(extra):,} (phases {settings.phases} s)")
@@ -245,21 +316,34 @@ def train_all(settings: Settings, out_dir: Path, *, comparisons: Sequence[str] =
     test = judge(timelines, data, "test")
     validation = judge({k: timelines[k] for k in trained}, data, "validation")
     best = max(trained, key=lambda k: (_f1(validation[k]), validation[k].window.get("f1") or 0.0))
-    log(f"default: {best} (event-level F1 on validation data: "
-        + ", ".join(f"{k} {_f1(v):.3f}" for k, v in validation.items()) + ")")
+    log(
+        f"default: {best} (event-level F1 on validation data: "
+        + ", ".join(f"{k} {_f1(v):.3f}" for k, v in validation.items())
+        + ")"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     report_dir = out_dir / "report"
-    write_report(report_dir, test, data, timelines, primary=best, title="Detectors and comparisons on the test data",
-                 command=command)
+    write_report(
+        report_dir,
+        test,
+        data,
+        timelines,
+        primary=best,
+        title="Detectors and comparisons on the test data",
+        command=command,
+    )
     for kind, det in trained.items():
-        det.meta.metrics = {"test": {name: test[name].to_json() for name in test
-                                     if name == kind or name.startswith(kind + " ")},
-                            "validation_event_f1": _f1(validation[kind]),
-                            "comparisons": {name: _summary(test[name]) for name in test if name not in models},
-                            "others": {name: _summary(test[name]) for name in models if not name.startswith(kind)},
-                            "evaluation": {"alert_for_seconds": EVALUATION_RULE.for_s,
-                                           "keep_firing_seconds": EVALUATION_RULE.keep_firing_for_s,
-                                           "role": "test"}}
+        det.meta.metrics = {
+            "test": {name: test[name].to_json() for name in test if name == kind or name.startswith(kind + " ")},
+            "validation_event_f1": _f1(validation[kind]),
+            "comparisons": {name: _summary(test[name]) for name in test if name not in models},
+            "others": {name: _summary(test[name]) for name in models if not name.startswith(kind)},
+            "evaluation": {
+                "alert_for_seconds": EVALUATION_RULE.for_s,
+                "keep_firing_seconds": EVALUATION_RULE.keep_firing_for_s,
+                "role": "test",
+            },
+        }
         det.meta.training_data["command"] = command
         det.meta.training_data["data_seconds"] = round(data_s, 1)
         path = out_dir / kind
@@ -282,10 +366,14 @@ def _f1(ev: Evaluation) -> float:
 
 
 def _summary(ev: Evaluation) -> dict[str, Any]:
-    return {"event": {k: ev.event[k] for k in ("precision", "recall", "f1", "delay_steps_median",
-                                                "false_alerts_per_instance_day")},
-            "seen_f1": ev.groups["seen"]["f1"], "heldout_f1": ev.groups["heldout"]["f1"],
-            "window_f1": ev.window.get("f1")}
+    return {
+        "event": {
+            k: ev.event[k] for k in ("precision", "recall", "f1", "delay_steps_median", "false_alerts_per_instance_day")
+        },
+        "seen_f1": ev.groups["seen"]["f1"],
+        "heldout_f1": ev.groups["heldout"]["f1"],
+        "window_f1": ev.window.get("f1"),
+    }
 
 
 def _device(log: Log) -> None:
@@ -305,8 +393,10 @@ def _device(log: Log) -> None:
         import torch
 
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    log(f"training on {', '.join(gpus) if gpus else f'CPU ({os.cpu_count()} cores)'} with Keras {keras.__version__} "
-        f"({backend})")
+    log(
+        f"training on {', '.join(gpus) if gpus else f'CPU ({os.cpu_count()} cores)'} with Keras {keras.__version__} "
+        f"({backend})"
+    )
 
 
 def settings_from_model(det: Detector, data: Sequence[str] | None = None) -> Settings:
@@ -321,9 +411,15 @@ def settings_from_model(det: Detector, data: Sequence[str] | None = None) -> Set
     return s
 
 
-def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path, *,
-                    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
-                    command: str = "", log: Log = print) -> dict[str, Evaluation]:
+def evaluate_models(
+    paths: Sequence[Path],
+    data_paths: Sequence[str],
+    out: Path,
+    *,
+    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+    command: str = "",
+    log: Log = print,
+) -> dict[str, Evaluation]:
     """`detectord evaluate`: the models (with their score variants) and the comparisons on the test role
     of `data_paths`, split as the first model was trained; a report in `out`."""
     from detectord.detectors import load_detector
@@ -346,29 +442,43 @@ def evaluate_models(paths: Sequence[Path], data_paths: Sequence[str], out: Path,
     timelines = {name: detector_timelines(d, data) for name, d in models.items()}
     timelines.update(comparison_timelines(data, comparisons, settings, log))
     evals = judge(timelines, data, "test")
-    write_report(out, evals, data, timelines, primary=next(iter(models)), title="Evaluation on the test data",
-                 command=command)
+    write_report(
+        out, evals, data, timelines, primary=next(iter(models)), title="Evaluation on the test data", command=command
+    )
     return evals
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     from detectord.offline.report import side_by_side
 
-    p = argparse.ArgumentParser(prog="detectord evaluate",
-                                description="Evaluate models beside the comparisons; writes a report and JSON.")
-    p.add_argument("paths", nargs="+", metavar="MODEL... DATA",
-                   help="model directories, then the data (a directory of recordings, or one recording)")
+    p = argparse.ArgumentParser(
+        prog="detectord evaluate", description="Evaluate models beside the comparisons; writes a report and JSON."
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="MODEL... DATA",
+        help="model directories, then the data (a directory of recordings, or one recording)",
+    )
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory (default: evaluation)")
-    p.add_argument("--compare", default="mixin,mixin_tuned,robust_z,isolation_forest",
-                   help="comparison rule sets and detectors, comma-separated; '' for none")
+    p.add_argument(
+        "--compare",
+        default="mixin,mixin_tuned,robust_z,isolation_forest",
+        help="comparison rule sets and detectors, comma-separated; '' for none",
+    )
     args = p.parse_args(argv)
     if len(args.paths) < 2:
         p.error("give at least one model and the data")
     *models, data = args.paths
     command = "detectord evaluate " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        evals = evaluate_models([Path(m) for m in models], [data], args.out,
-                                comparisons=[b for b in args.compare.split(",") if b], command=command)
+        evals = evaluate_models(
+            [Path(m) for m in models],
+            [data],
+            args.out,
+            comparisons=[b for b in args.compare.split(",") if b],
+            command=command,
+        )
     except (DatasetError, ValueError) as exc:
         print(f"detectord evaluate: {exc}", file=sys.stderr)
         return 2
@@ -390,11 +500,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=float, default=DEFAULT_STEP_SECONDS, help="seconds per feature row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default=None, help="engineers' labels (YAML/JSON) to add to the ground truth")
-    p.add_argument("--heldout", default=",".join(DEFAULT_HELDOUT),
-                   help="classes kept out of training and validation (comma-separated; '' for none)")
+    p.add_argument(
+        "--heldout",
+        default=",".join(DEFAULT_HELDOUT),
+        help="classes kept out of training and validation (comma-separated; '' for none)",
+    )
     p.add_argument("--no-phases", action="store_true", help="no phase-shifted training windows")
-    p.add_argument("--compare", default="mixin,mixin_tuned,robust_z,isolation_forest",
-                   help="comparison rule sets and detectors, comma-separated; '' for none")
+    p.add_argument(
+        "--compare",
+        default="mixin,mixin_tuned,robust_z,isolation_forest",
+        help="comparison rule sets and detectors, comma-separated; '' for none",
+    )
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)
@@ -403,10 +519,17 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2
-    settings = Settings(data=args.data, kinds=[k for k in args.kinds.split(",") if k],
-                        window=args.window or hp.window or DEFAULT_WINDOW, configs=hp.configs,
-                        step_s=args.step, seed=args.seed, labels=args.labels,
-                        heldout=[c for c in args.heldout.split(",") if c], tensorboard=args.tensorboard or None)
+    settings = Settings(
+        data=args.data,
+        kinds=[k for k in args.kinds.split(",") if k],
+        window=args.window or hp.window or DEFAULT_WINDOW,
+        configs=hp.configs,
+        step_s=args.step,
+        seed=args.seed,
+        labels=args.labels,
+        heldout=[c for c in args.heldout.split(",") if c],
+        tensorboard=args.tensorboard or None,
+    )
     if args.no_phases:
         settings.phases = []
     if args.epochs:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detectord.offline.dataset import Data, DatasetError
 from detectord.detectors import DETECTORS
+from detectord.offline.dataset import Data, DatasetError
 from detectord.offline.evaluation import aligned_scores, precision_recall
 from detectord.offline.training import Settings, detector_timelines, judge, load_data, train_detector
 
@@ -27,7 +27,10 @@ def suggest(trial: Any, kind: str) -> tuple[int, dict[str, Any], float]:
     depth = trial.suggest_int("depth", 1, 3)
     filters = trial.suggest_categorical("filters", [8, 16, 32, 64])
     lr = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
-    cfg: dict[str, Any] = {"filters": [filters] * depth, "kernel_size": trial.suggest_categorical("kernel_size", [3, 5, 7])}
+    cfg: dict[str, Any] = {
+        "filters": [filters] * depth,
+        "kernel_size": trial.suggest_categorical("kernel_size", [3, 5, 7]),
+    }
     latent = trial.suggest_categorical("latent", [4, 8, 16, 32])
     if kind == "conv_autoencoder":
         cfg["latent"] = latent
@@ -51,8 +54,9 @@ def objective_value(data: Data, timelines: Any) -> float:
     return float(f1) + 0.1 * ap
 
 
-def tune(kind: str, base: Settings, *, trials: int, storage: str, study_name: str, epochs: int,
-         out: Path, log: Any = print) -> dict[str, Any]:
+def tune(
+    kind: str, base: Settings, *, trials: int, storage: str, study_name: str, epochs: int, out: Path, log: Any = print
+) -> dict[str, Any]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,8 +75,17 @@ def tune(kind: str, base: Settings, *, trials: int, storage: str, study_name: st
             s = Settings(**{**base.to_json(), "window": window})
             cache[window] = load_data(s)
         data = cache[window]
-        s = Settings(**{**base.to_json(), "window": window, "learning_rate": lr, "configs": {kind: cfg},
-                        "epochs": {kind: epochs}, "tensorboard": None, "phases": []})
+        s = Settings(
+            **{
+                **base.to_json(),
+                "window": window,
+                "learning_rate": lr,
+                "configs": {kind: cfg},
+                "epochs": {kind: epochs},
+                "tensorboard": None,
+                "phases": [],
+            }
+        )
         t0 = time.perf_counter()
         det = train_detector(kind, data, s, log=lambda _: None)
         value = objective_value(data, detector_timelines(det, data))
@@ -82,13 +95,22 @@ def tune(kind: str, base: Settings, *, trials: int, storage: str, study_name: st
     study.optimize(objective, n_trials=max(0, trials - done), catch=(ValueError,))
     best = study.best_trial
     window, cfg, lr = suggest(optuna.trial.FixedTrial(best.params), kind)
-    result = {"kind": kind, "value": best.value, "trial": best.number, "window": window, "learning_rate": lr,
-              "config": {kind: cfg}, "trials": len(study.trials)}
+    result = {
+        "kind": kind,
+        "value": best.value,
+        "trial": best.number,
+        "window": window,
+        "learning_rate": lr,
+        "config": {kind: cfg},
+        "trials": len(study.trials),
+    }
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"best-{kind}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"best: trial {best.number}, value {best.value:.4f}: window {window}, {cfg}, learning rate {lr:.3g}; "
-        f"written to {path} (use: detectord train --kinds {kind} --window {window} --config {path})")
+    log(
+        f"best: trial {best.number}, value {best.value:.4f}: window {window}, {cfg}, learning rate {lr:.3g}; "
+        f"written to {path} (use: detectord train --kinds {kind} --window {window} --config {path})"
+    )
     return result
 
 
@@ -108,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     base = Settings(data=args.data, kinds=[args.kind], step_s=args.step, seed=args.seed)
     try:
-        tune(args.kind, base, trials=args.trials, storage=args.storage, study_name=args.study or args.kind,
-             epochs=args.epochs, out=args.out)
+        tune(
+            args.kind,
+            base,
+            trials=args.trials,
+            storage=args.storage,
+            study_name=args.study or args.kind,
+            epochs=args.epochs,
+            out=args.out,
+        )
     except DatasetError as exc:
         print(f"detectord tune: {exc}", file=sys.stderr)
         return 2

@@ -44,12 +44,13 @@ class Recorder:
         self.opts = opts
         self.limits = Limits(opts.max_body_size, opts.max_decoded_body_size)
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.requests = Counter("detectord_record_requests_total", "Remote-write requests by HTTP status.",
-                                ["code"], registry=self.registry)
-        self.samples = Counter("detectord_record_samples_total", "Samples in recorded requests.",
-                               registry=self.registry)
-        self.file_bytes = Gauge("detectord_record_file_bytes", "Size of the recording file.",
-                                registry=self.registry)
+        self.requests = Counter(
+            "detectord_record_requests_total", "Remote-write requests by HTTP status.", ["code"], registry=self.registry
+        )
+        self.samples = Counter(
+            "detectord_record_samples_total", "Samples in recorded requests.", registry=self.registry
+        )
+        self.file_bytes = Gauge("detectord_record_file_bytes", "Size of the recording file.", registry=self.registry)
         self.should_exit = asyncio.Event()
         self.writer: RecordingWriter | None = None
         self.port = 0
@@ -59,7 +60,8 @@ class Recorder:
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
         self.writer = await loop.run_in_executor(
-            self._executor, lambda: RecordingWriter(self.opts.out, fsync_interval=self.opts.fsync_interval))
+            self._executor, lambda: RecordingWriter(self.opts.out, fsync_interval=self.opts.fsync_interval)
+        )
         if self.writer.truncated_bytes:
             log.warning("cut off a torn tail", file=str(self.opts.out), bytes=self.writer.truncated_bytes)
         self.file_bytes.set(self.writer.bytes)
@@ -74,8 +76,12 @@ class Recorder:
         site = web.TCPSite(self._runner, host or "0.0.0.0", int(port), reuse_address=True)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
-        log.info("recording", file=str(self.opts.out), listen=f"{host}:{self.port}",
-                 url=f"http://{host or 'localhost'}:{self.port}/api/v1/write")
+        log.info(
+            "recording",
+            file=str(self.opts.out),
+            listen=f"{host}:{self.port}",
+            url=f"http://{host or 'localhost'}:{self.port}/api/v1/write",
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,8 +100,7 @@ class Recorder:
         loop = asyncio.get_running_loop()
         if self.writer is not None:
             await loop.run_in_executor(self._executor, self.writer.close)
-            log.info("recording closed", file=str(self.opts.out), records=self.writer.records,
-                     bytes=self.writer.bytes)
+            log.info("recording closed", file=str(self.opts.out), records=self.writer.records, bytes=self.writer.bytes)
         self._executor.shutdown(wait=True)
 
     def _append(self, body: bytes, version: Version) -> DecodedWrite:

@@ -44,8 +44,15 @@ def _headers(rec: Record) -> dict[str, str]:
     }
 
 
-async def replay(path: str | Path, url: str, *, speed: float = 1.0, max_retries: int = 10,
-                 timeout: float = 30.0, progress: bool = False) -> ReplayStats:
+async def replay(
+    path: str | Path,
+    url: str,
+    *,
+    speed: float = 1.0,
+    max_retries: int = 10,
+    timeout: float = 30.0,
+    progress: bool = False,
+) -> ReplayStats:
     """Send every record of `path` to `url`. speed 1 keeps the recorded gaps, 10 is ten times
     faster, 0 sends as fast as the receiver answers."""
     if speed < 0:
@@ -70,8 +77,7 @@ async def replay(path: str | Path, url: str, *, speed: float = 1.0, max_retries:
     return stats
 
 
-async def _send(session: aiohttp.ClientSession, url: str, rec: Record, stats: ReplayStats,
-                max_retries: int) -> None:
+async def _send(session: aiohttp.ClientSession, url: str, rec: Record, stats: ReplayStats, max_retries: int) -> None:
     backoff = 0.03
     for attempt in range(max_retries + 1):
         try:
@@ -86,7 +92,7 @@ async def _send(session: aiohttp.ClientSession, url: str, rec: Record, stats: Re
                     stats.refused[resp.status] = stats.refused.get(resp.status, 0) + 1
                     stats.first_refusal = stats.first_refusal or f"{resp.status}: {reason}"
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
         if attempt < max_retries:
             stats.retries += 1
@@ -96,11 +102,17 @@ async def _send(session: aiohttp.ClientSession, url: str, rec: Record, stats: Re
 
 
 def summary(stats: ReplayStats) -> str:
-    parts = [f"sent {stats.sent} requests ({stats.bytes} bytes) in {stats.seconds:.1f}s",
-             f"{stats.retries} retries", f"{stats.failed} failed"]
+    parts = [
+        f"sent {stats.sent} requests ({stats.bytes} bytes) in {stats.seconds:.1f}s",
+        f"{stats.retries} retries",
+        f"{stats.failed} failed",
+    ]
     if stats.refused:
-        parts.append("refused " + ", ".join(f"{n}x{code}" for code, n in sorted(stats.refused.items()))
-                     + f" (first: {stats.first_refusal})")
+        parts.append(
+            "refused "
+            + ", ".join(f"{n}x{code}" for code, n in sorted(stats.refused.items()))
+            + f" (first: {stats.first_refusal})"
+        )
     if stats.read.torn_bytes:
         parts.append(f"ignored a torn tail of {stats.read.torn_bytes} bytes")
     return "; ".join(parts)

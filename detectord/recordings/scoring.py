@@ -12,11 +12,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from detectord.config import IngestConfig
-from detectord.ingest.features import InstanceKey
 from detectord.detectors.base import Scorer
-from detectord.ingest.pipeline import Ingestor, ScoreRequest
+from detectord.ingest.features import InstanceKey
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan
+from detectord.ingest.pipeline import Ingestor, ScoreRequest
 from detectord.recordings.format import ReadStats, read_records
 
 _NO_LIMIT = 1 << 30
@@ -53,10 +53,18 @@ def recording_windows(
 
     Like `serve`, the last steps stay open (no flush): a live receiver never sees them close."""
     sink = _Collect()
-    ing = Ingestor(step_ms=int(round(step_seconds * 1000)), instance_labels=tuple(instance_labels),
-                   window=window, inputs=inputs, max_instances=_NO_LIMIT, max_gap_steps=max_gap_steps,
-                   max_decoded=_NO_LIMIT, max_future_s=float(IngestConfig.max_future), worker=sink,
-                   metrics=IngestMetrics(CollectorRegistry()))
+    ing = Ingestor(
+        step_ms=round(step_seconds * 1000),
+        instance_labels=tuple(instance_labels),
+        window=window,
+        inputs=inputs,
+        max_instances=_NO_LIMIT,
+        max_gap_steps=max_gap_steps,
+        max_decoded=_NO_LIMIT,
+        max_future_s=float(IngestConfig.max_future),
+        worker=sink,
+        metrics=IngestMetrics(CollectorRegistry()),
+    )
     stats = ReadStats()
     bad = 0
     try:
@@ -74,8 +82,9 @@ class InstanceScores:
     scores: np.ndarray  # float32 (N,): > 1.0 is anomalous
 
 
-def score_windows(requests: Sequence[ScoreRequest], scorer: Scorer, *, batch_size: int = 512
-                  ) -> dict[InstanceKey, InstanceScores]:
+def score_windows(
+    requests: Sequence[ScoreRequest], scorer: Scorer, *, batch_size: int = 512
+) -> dict[InstanceKey, InstanceScores]:
     """Scores per instance, in step order."""
     scores = np.empty(len(requests), dtype=np.float32)
     for a in range(0, len(requests), batch_size):
@@ -84,12 +93,14 @@ def score_windows(requests: Sequence[ScoreRequest], scorer: Scorer, *, batch_siz
     by: dict[InstanceKey, list[int]] = {}
     for i, r in enumerate(requests):
         by.setdefault(r.instance, []).append(i)
-    return {k: InstanceScores(np.array([requests[i].step_ts_ms for i in idx], dtype=np.int64), scores[idx])
-            for k, idx in by.items()}
+    return {
+        k: InstanceScores(np.array([requests[i].step_ts_ms for i in idx], dtype=np.int64), scores[idx])
+        for k, idx in by.items()
+    }
 
 
 def iter_rows(scores: dict[InstanceKey, InstanceScores]) -> Iterator[tuple[InstanceKey, int, float]]:
     for key in sorted(scores):
         s = scores[key]
-        for t, v in zip(s.timestamps_ms.tolist(), s.scores.tolist()):
+        for t, v in zip(s.timestamps_ms.tolist(), s.scores.tolist(), strict=True):
             yield key, t, v

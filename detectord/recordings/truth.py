@@ -97,13 +97,17 @@ class Truth:
             raise TruthError(f"{where}: a truth file holds a JSON object")
         known = {f.name for f in fields(cls)} - {"instances", "events", "extra"}
         try:
-            t = cls(**{k: v for k, v in raw.items() if k in known},
-                    extra={k: v for k, v in raw.items() if k not in known | {"instances", "events"}})
-            t.instances = [TruthInstance(**{k: v for k, v in i.items() if k in _INSTANCE_KEYS})
-                           for i in raw.get("instances", [])]
-            t.events = [TruthEvent(int(e["id"]), str(e["class"]),
-                                   **{k: v for k, v in e.items() if k in _EVENT_KEYS})
-                        for e in raw.get("events", [])]
+            t = cls(
+                **{k: v for k, v in raw.items() if k in known},
+                extra={k: v for k, v in raw.items() if k not in known | {"instances", "events"}},
+            )
+            t.instances = [
+                TruthInstance(**{k: v for k, v in i.items() if k in _INSTANCE_KEYS}) for i in raw.get("instances", [])
+            ]
+            t.events = [
+                TruthEvent(int(e["id"]), str(e["class"]), **{k: v for k, v in e.items() if k in _EVENT_KEYS})
+                for e in raw.get("events", [])
+            ]
         except (TypeError, KeyError, ValueError, AttributeError) as exc:
             raise TruthError(f"{where}: malformed ({exc.__class__.__name__}: {exc})") from None
         return t

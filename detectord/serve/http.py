@@ -45,7 +45,8 @@ async def handle_write(request: web.Request) -> web.StreamResponse:
     try:
         web_cfg = srv.cfg.web
         version, body = await intake.read_request(
-            request, intake.Limits(web_cfg.max_body_size, web_cfg.max_decoded_body_size))
+            request, intake.Limits(web_cfg.max_body_size, web_cfg.max_decoded_body_size)
+        )
         if not srv.ready or srv.ingestor is None:
             raise RemoteWriteError(503, "not ready: the model is loading")
         m.request_bytes.labels(version).inc(len(body))
@@ -96,12 +97,14 @@ async def handle_instances(request: web.Request) -> web.Response:
     if srv.ingestor is None or srv.sink is None:
         return web.json_response({"status": "error", "error": "not ready"}, status=503)
     ing, alerts = srv.ingestor, srv.sink.alerts
-    keys: list[InstanceKey] = await ing.call(ing.extractor.instance_keys)  # type: ignore[assignment]
+    keys: list[InstanceKey] = await ing.call(ing.extractor.instance_keys)
     want = request.query.get("instance")
     names = srv.cfg.ingest.instance_labels
-    out = [{"labels": dict(zip(names, key, strict=True)), "warming": ing.is_warming(key),
-            "alert": alerts.state_of(key)}
-           for key in keys if want is None or want in key]
+    out = [
+        {"labels": dict(zip(names, key, strict=True)), "warming": ing.is_warming(key), "alert": alerts.state_of(key)}
+        for key in keys
+        if want is None or want in key
+    ]
     return web.json_response({"status": "success", "data": out})
 
 
@@ -113,11 +116,16 @@ async def handle_scores(request: web.Request) -> web.Response:
         return web.json_response({"status": "error", "error": "not ready"}, status=503)
     want = request.query.get("instance")
     names = srv.cfg.ingest.instance_labels
-    out = [{"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in hist]}
-           for key, hist in list(srv.sink.history.items()) if want is None or want in key]
+    out = [
+        {"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in hist]}
+        for key, hist in list(srv.sink.history.items())
+        if want is None or want in key
+    ]
     return web.json_response({"status": "success", "data": out})
 
 
 async def handle_index(request: web.Request) -> web.Response:
-    return web.Response(text=f"detectord {__version__}: POST remote-write to /api/v1/write; see /metrics, "
-                             "/api/v1/instances, /api/v1/scores, /-/ready.\n")
+    return web.Response(
+        text=f"detectord {__version__}: POST remote-write to /api/v1/write; see /metrics, "
+        "/api/v1/instances, /api/v1/scores, /-/ready.\n"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,13 @@ def bucket_sizes(max_batch: int, smallest: int = 8) -> list[int]:
 
 
 class InferenceWorker:
+    """One thread that owns the model and scores windows from every instance in batches.
+
+    `submit_many` never blocks (a full queue drops and counts); batches are padded to a few fixed
+    sizes so the compiled forward pass is never retraced; each scored batch goes back to the event
+    loop through `deliver`. `swap` changes the model between batches (a reload).
+    """
+
     def __init__(
         self,
         scorer: Scorer,
@@ -96,7 +104,7 @@ class InferenceWorker:
         """Queue what fits, never blocking; the rest is dropped and counted. Returns how many fit."""
         with self._cond:
             room = self._queue_size - len(self._queue)
-            take = reqs if len(reqs) <= room else reqs[:max(room, 0)]
+            take = reqs if len(reqs) <= room else reqs[: max(room, 0)]
             self._queue.extend(take)
             self._cond.notify()
         if len(take) < len(reqs):
@@ -168,14 +176,13 @@ class InferenceWorker:
         self.batches += 1
         like = out.looks_like
         results = [
-            ScoreResult(it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.latest,
-                        like[i] if like is not None else None)
+            ScoreResult(
+                it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.latest, like[i] if like is not None else None
+            )
             for i, it in enumerate(items)
         ]
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
             self._loop.call_soon_threadsafe(self._deliver, results)
-        except RuntimeError:
-            pass  # the loop is closed: shutting down
 
 
 def warm_up(scorer: Scorer, buckets: list[int], window: int, nfeatures: int) -> None:

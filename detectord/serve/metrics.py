@@ -5,6 +5,7 @@ same registry.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -24,46 +25,75 @@ class DaemonMetrics(IngestMetrics):
         self.instance_labels = tuple(instance_labels)
         il = list(self.instance_labels)
         self.requests = Counter(
-            "detectord_remote_write_requests_total", "Remote-write requests by HTTP status and protocol.",
-            ["code", "protocol"], registry=registry)
+            "detectord_remote_write_requests_total",
+            "Remote-write requests by HTTP status and protocol.",
+            ["code", "protocol"],
+            registry=registry,
+        )
         self.request_bytes = Counter(
-            "detectord_remote_write_bytes_total", "Compressed remote-write body bytes received.",
-            ["protocol"], registry=registry)
+            "detectord_remote_write_bytes_total",
+            "Compressed remote-write body bytes received.",
+            ["protocol"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
-            "detectord_inference_batch_size", "Windows scored per inference batch.",
-            buckets=_SIZE_BUCKETS, registry=registry)
+            "detectord_inference_batch_size",
+            "Windows scored per inference batch.",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
+        )
         self.batch_seconds = Histogram(
-            "detectord_inference_batch_seconds", "Time of one batched forward pass.",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            "detectord_inference_batch_seconds",
+            "Time of one batched forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.windows_scored = Counter(
-            "detectord_windows_scored_total", "Windows scored by the model.", registry=registry)
+            "detectord_windows_scored_total", "Windows scored by the model.", registry=registry
+        )
         self.windows_dropped = Counter(
             "detectord_windows_dropped_total",
-            "Full windows not scored, by reason (queue_full, inference_error).", ["reason"], registry=registry)
+            "Full windows not scored, by reason (queue_full, inference_error).",
+            ["reason"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
-            "detectord_inference_queue_depth", "Windows waiting for the inference worker.", registry=registry)
+            "detectord_inference_queue_depth", "Windows waiting for the inference worker.", registry=registry
+        )
         self.score = Gauge(
-            "detectord_anomaly_score", "Latest anomaly score per instance; > 1 is anomalous.", il,
-            registry=registry)
+            "detectord_anomaly_score", "Latest anomaly score per instance; > 1 is anomalous.", il, registry=registry
+        )
         self.anomaly = Gauge(
-            "detectord_anomaly", "1 while the instance's latest score is above the threshold, else 0.", il,
-            registry=registry)
+            "detectord_anomaly",
+            "1 while the instance's latest score is above the threshold, else 0.",
+            il,
+            registry=registry,
+        )
         self.feature_value = Gauge(
             "detectord_feature_value",
             "Current value of the top contributing features of instances whose alert is firing.",
-            [*il, "feature"], registry=registry)
+            [*il, "feature"],
+            registry=registry,
+        )
         self.feature_deviation = Gauge(
             "detectord_feature_deviation",
             "Deviation (standard units) of the top contributing features of firing instances.",
-            [*il, "feature"], registry=registry)
+            [*il, "feature"],
+            registry=registry,
+        )
         self.alerts = Gauge(
-            "detectord_alerts", "Instances whose CoreDNSAnomaly alert is pending or firing.", ["state"],
-            registry=registry)
+            "detectord_alerts",
+            "Instances whose CoreDNSAnomaly alert is pending or firing.",
+            ["state"],
+            registry=registry,
+        )
         self.threshold = Gauge(
-            "detectord_model_threshold", "The model's anomaly threshold in raw model units.", registry=registry)
+            "detectord_model_threshold", "The model's anomaly threshold in raw model units.", registry=registry
+        )
         self.model_info = Info("detectord_model", "The model being served.", registry=registry)
         self.reloads = Counter(
-            "detectord_reloads_total", "Config and model reloads by result.", ["result"], registry=registry)
+            "detectord_reloads_total", "Config and model reloads by result.", ["result"], registry=registry
+        )
         self.ready = Gauge("detectord_ready", "1 when the model is loaded and warmed up.", registry=registry)
 
     # InferenceMetrics, called from the inference thread.
@@ -80,16 +110,12 @@ class DaemonMetrics(IngestMetrics):
 
     def forget_instance(self, key: InstanceKey, features: Sequence[str]) -> None:
         for g in (self.score, self.anomaly):
-            try:
+            with contextlib.suppress(KeyError):
                 g.remove(*key)
-            except KeyError:
-                pass
         self.clear_features(key, features)
 
     def clear_features(self, key: InstanceKey, features: Sequence[str]) -> None:
         for g in (self.feature_value, self.feature_deviation):
             for f in features:
-                try:
+                with contextlib.suppress(KeyError):
                     g.remove(*key, f)
-                except KeyError:
-                    pass

@@ -68,8 +68,14 @@ class Server:
     Signal handlers only set flags; a second SIGTERM or SIGINT exits at once.
     """
 
-    def __init__(self, cfg: Config, *, registry: CollectorRegistry | None = None,
-                 config_path: str | None = None, listen_override: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        config_path: str | None = None,
+        listen_override: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.listen_override = listen_override
@@ -101,9 +107,15 @@ class Server:
         # Alert delivery opens first and closes last, once the final scores have reached it.
         self.notifier = await _open_notifier(cfg.alerting, self.registry, self.external_url())
         stack.push_async_callback(self._close_notifier)
-        self.sink = ScoreSink(model, cfg.alerting, instance_labels=cfg.ingest.instance_labels, metrics=self.metrics,
-                              notifier=self.notifier, external_url=self.external_url(),
-                              history=cfg.inference.score_history)
+        self.sink = ScoreSink(
+            model,
+            cfg.alerting,
+            instance_labels=cfg.ingest.instance_labels,
+            metrics=self.metrics,
+            notifier=self.notifier,
+            external_url=self.external_url(),
+            history=cfg.inference.score_history,
+        )
 
         worker = self._new_worker(model, loop)
         await loop.run_in_executor(None, worker.warm_up)
@@ -112,10 +124,17 @@ class Server:
         stack.push_async_callback(self._stop_worker)
 
         self.ingestor = Ingestor(
-            step_ms=int(round(self.step_s * 1000)), instance_labels=cfg.ingest.instance_labels,
-            window=model.window, inputs=model.inputs, max_instances=cfg.ingest.max_instances,
-            max_gap_steps=cfg.ingest.max_gap_steps, max_decoded=cfg.web.max_decoded_body_size,
-            max_future_s=cfg.ingest.max_future, worker=worker, metrics=self.metrics)
+            step_ms=round(self.step_s * 1000),
+            instance_labels=cfg.ingest.instance_labels,
+            window=model.window,
+            inputs=model.inputs,
+            max_instances=cfg.ingest.max_instances,
+            max_gap_steps=cfg.ingest.max_gap_steps,
+            max_decoded=cfg.web.max_decoded_body_size,
+            max_future_s=cfg.ingest.max_future,
+            worker=worker,
+            metrics=self.metrics,
+        )
         self.ingestor.update_instance_gauges()
         stack.push_async_callback(self._close_ingestor)
         self._publish_model(model)
@@ -123,8 +142,9 @@ class Server:
         stack.push_async_callback(self._cancel_tasks)
         self._spawn(self._evict_loop())
 
-        runner = web.AppRunner(application(self), access_log=None,
-                               shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE)
+        runner = web.AppRunner(
+            application(self), access_log=None, shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE
+        )
         await runner.setup()
         stack.push_async_callback(self._stop_http, runner)
         host, port = listen_host_port(cfg)
@@ -134,8 +154,15 @@ class Server:
         _freeze_heap()
         self.ready = True
         self.metrics.ready.set(1)
-        log.info("detectord started", version=__version__, listen=f"{host}:{self.port}", model=model.name,
-                 model_version=model.version, window=model.window, step=self.step_s)
+        log.info(
+            "detectord started",
+            version=__version__,
+            listen=f"{host}:{self.port}",
+            model=model.name,
+            model_version=model.version,
+            window=model.window,
+            step=self.step_s,
+        )
 
     async def run(self) -> None:
         self.install_signal_handlers()
@@ -207,16 +234,31 @@ class Server:
         inf = self.cfg.inference
         assert self.sink is not None
         return InferenceWorker(
-            model, window=model.window, nfeatures=model.nfeatures, max_batch=inf.max_batch,
-            max_wait=inf.max_wait, queue_size=inf.queue_size, deliver=self.sink.deliver, loop=loop,
-            metrics=self.metrics)
+            model,
+            window=model.window,
+            nfeatures=model.nfeatures,
+            max_batch=inf.max_batch,
+            max_wait=inf.max_wait,
+            queue_size=inf.queue_size,
+            deliver=self.sink.deliver,
+            loop=loop,
+            metrics=self.metrics,
+        )
 
     def _publish_model(self, model: Detector) -> None:
         self.metrics.threshold.set(model.threshold)
-        self.metrics.model_info.info({
-            "name": model.name, "version": model.version, "kind": model.kind, "trained_at": model.trained_at,
-            "features": ",".join(model.features), "window": str(model.window),
-            "step_seconds": f"{model.step_seconds:g}", "path": str(model.path)})
+        self.metrics.model_info.info(
+            {
+                "name": model.name,
+                "version": model.version,
+                "kind": model.kind,
+                "trained_at": model.trained_at,
+                "features": ",".join(model.features),
+                "window": str(model.window),
+                "step_seconds": f"{model.step_seconds:g}",
+                "path": str(model.path),
+            }
+        )
 
     async def _reload_quietly(self, trigger: str) -> None:
         with contextlib.suppress(DetectordError):  # reload() has logged and counted it
@@ -236,17 +278,22 @@ class Server:
                 model = await loop.run_in_executor(None, load_model, cfg.model)
                 if abs(step_seconds(cfg, model.step_seconds) - self.step_s) > 1e-9:
                     raise ConfigError("ingest.step", "the step cannot change on reload; restart detectord")
-                await loop.run_in_executor(None, warm_up, model, bucket_sizes(cfg.inference.max_batch),
-                                           model.window, model.nfeatures)
+                await loop.run_in_executor(
+                    None, warm_up, model, bucket_sizes(cfg.inference.max_batch), model.window, model.nfeatures
+                )
             except DetectordError as exc:
                 self.metrics.reloads.labels("failure").inc()
-                log.error("reload refused; still running the previous config and model", trigger=trigger,
-                          error=str(exc))
+                log.error(
+                    "reload refused; still running the previous config and model", trigger=trigger, error=str(exc)
+                )
                 raise
             assert self.pipeline is not None and self.ingestor is not None and self.sink is not None
             old = self.pipeline
-            same_shape = (model.window == old.model.window and model.features == old.model.features
-                          and model.inputs == old.model.inputs)
+            same_shape = (
+                model.window == old.model.window
+                and model.features == old.model.features
+                and model.inputs == old.model.inputs
+            )
             if same_shape and cfg.inference == self.cfg.inference:
                 old.worker.swap(model)
                 self.pipeline = _Pipeline(model, old.worker)
@@ -283,8 +330,7 @@ class Server:
         while True:
             await asyncio.sleep(max(0.05, min(ttl / 10, 30.0)))
             assert self.ingestor is not None and self.sink is not None
-            gone: list[InstanceKey] = await self.ingestor.call(  # type: ignore[assignment]
-                self.ingestor.evict_idle, time.monotonic() - ttl)
+            gone: list[InstanceKey] = await self.ingestor.call(self.ingestor.evict_idle, time.monotonic() - ttl)
             if gone:
                 self.sink.forget(gone)
                 log.info("instances evicted", count=len(gone))

@@ -23,8 +23,17 @@ class ScoreSink:
     `/api/v1/scores`), the score and feature gauges, and the alert states. Runs on the event loop
     only, so none of it needs a lock."""
 
-    def __init__(self, model: Detector, cfg: AlertingConfig, *, instance_labels: Sequence[str],
-                 metrics: DaemonMetrics, notifier: AlertmanagerNotifier, external_url: str, history: int) -> None:
+    def __init__(
+        self,
+        model: Detector,
+        cfg: AlertingConfig,
+        *,
+        instance_labels: Sequence[str],
+        metrics: DaemonMetrics,
+        notifier: AlertmanagerNotifier,
+        external_url: str,
+        history: int,
+    ) -> None:
         self.model = model
         self.cfg = cfg
         self.instance_labels = tuple(instance_labels)

@@ -32,8 +32,14 @@ class Alertmanager:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    async def alerts(self, *, active: bool | None = None, silenced: bool | None = None,
-                     inhibited: bool | None = None, filter: Sequence[str] = ()) -> list[dict[str, Any]]:
+    async def alerts(
+        self,
+        *,
+        active: bool | None = None,
+        silenced: bool | None = None,
+        inhibited: bool | None = None,
+        filter: Sequence[str] = (),
+    ) -> list[dict[str, Any]]:
         """GET /api/v2/alerts. `filter` holds matchers like 'alertname="CoreDNSAnomaly"'.
 
         Alertmanager leaves out alerts whose endsAt has passed (resolved ones) whatever the flags.
@@ -42,12 +48,13 @@ class Alertmanager:
         for name, value in (("active", active), ("silenced", silenced), ("inhibited", inhibited)):
             if value is not None:
                 params.append((name, "true" if value else "false"))
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{self.url}/api/v2/alerts", params=params,
-                                   timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                resp.raise_for_status()
-                alerts: list[dict[str, Any]] = await resp.json()
-                return alerts
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.url}/api/v2/alerts", params=params, timeout=aiohttp.ClientTimeout(total=5)) as resp,
+        ):
+            resp.raise_for_status()
+            alerts: list[dict[str, Any]] = await resp.json()
+            return alerts
 
 
 @contextlib.asynccontextmanager
@@ -69,6 +76,7 @@ async def run_alertmanager(workdir: Path, *, port: int | None = None) -> AsyncIt
         "--log.level=debug",
     ]
     url = f"http://127.0.0.1:{port}"
-    async with children.run(argv, log=log, cwd=home, name="alertmanager", ready_url=f"{url}/-/ready",
-                            ready_timeout=20.0) as child:
+    async with children.run(
+        argv, log=log, cwd=home, name="alertmanager", ready_url=f"{url}/-/ready", ready_timeout=20.0
+    ) as child:
         yield Alertmanager(url=url, port=port, proc=child.proc, log=log)

@@ -30,11 +30,13 @@ NAMES = [f"host{i}" for i in range(200)]
 def names(n: int = len(NAMES)) -> list[str]:
     return [f"host{i}" for i in range(n)]
 
+
 Fault = Literal["slow", "servfail", "drop"]
 
 _RELOAD_DIRECTIVE = re.compile(r"^\s*reload\b", re.MULTILINE)
 _RELOAD_DONE = re.compile(
-    r"Reloading complete|(Restart failed|reload failed|Corefile parse failed|\[ERROR\] SIGUSR1).*")
+    r"Reloading complete|(Restart failed|reload failed|Corefile parse failed|\[ERROR\] SIGUSR1).*"
+)
 
 
 def coredns_binary() -> Path:
@@ -65,26 +67,45 @@ class Ports:
 
 def zone_file(path: Path, n_names: int = len(NAMES)) -> Path:
     """Write the `example.test.` zone: A, AAAA, TXT, MX and SRV records for each of names(n_names)."""
-    lines = [f"$ORIGIN {ZONE}", "$TTL 30",
-             f"@ IN SOA ns.{ZONE} admin.{ZONE} 1 7200 3600 1209600 30", f"@ IN NS ns.{ZONE}",
-             "ns IN A 192.0.2.1", "@ IN MX 10 mail", "mail IN A 192.0.2.2"]
+    lines = [
+        f"$ORIGIN {ZONE}",
+        "$TTL 30",
+        f"@ IN SOA ns.{ZONE} admin.{ZONE} 1 7200 3600 1209600 30",
+        f"@ IN NS ns.{ZONE}",
+        "ns IN A 192.0.2.1",
+        "@ IN MX 10 mail",
+        "mail IN A 192.0.2.2",
+    ]
     for i, name in enumerate(names(n_names)):
-        lines += [f"{name} IN A 192.0.2.{i % 250 + 1}", f"{name} IN AAAA 2001:db8::{i + 1:x}",
-                  f'{name} IN TXT "v=spf1 -all {i}"', f"_svc.{name} IN SRV 10 5 443 {name}",
-                  f"{name} IN MX 10 mail"]
+        lines += [
+            f"{name} IN A 192.0.2.{i % 250 + 1}",
+            f"{name} IN AAAA 2001:db8::{i + 1:x}",
+            f'{name} IN TXT "v=spf1 -all {i}"',
+            f"_svc.{name} IN SRV 10 5 443 {name}",
+            f"{name} IN MX 10 mail",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5, log: bool = False,
-                  cache_capacity: int | None = None, max_concurrent: int | None = None, loop: bool = False,
-                  extra: str = "") -> str:
+def edge_corefile(
+    ports: Ports,
+    upstreams: Sequence[str],
+    *,
+    cache_ttl: int = 5,
+    log: bool = False,
+    cache_capacity: int | None = None,
+    max_concurrent: int | None = None,
+    loop: bool = False,
+    extra: str = "",
+) -> str:
     """A caching forwarder to `upstreams` (host:port), with metrics, health, ready and reload.
 
     `extra` is appended inside the server block (the lab breaks a reload with it)."""
     logged = "\n    log" if log else ""
-    cache = f"cache {cache_ttl}" + (f" {{\n        success {cache_capacity}\n        denial {cache_capacity}\n    }}"
-                                    if cache_capacity else "")
+    cache = f"cache {cache_ttl}" + (
+        f" {{\n        success {cache_capacity}\n        denial {cache_capacity}\n    }}" if cache_capacity else ""
+    )
     limit = f"\n        max_concurrent {max_concurrent}" if max_concurrent else ""
     looped = "\n    loop" if loop else ""
     return f"""
@@ -95,7 +116,7 @@ def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5,
     ready 127.0.0.1:{ports.ready}
     errors{logged}{looped}
     {cache}
-    forward . {' '.join(upstreams)} {{
+    forward . {" ".join(upstreams)} {{
         max_fails 2
         health_check 0.5s{limit}
     }}
@@ -104,8 +125,9 @@ def edge_corefile(ports: Ports, upstreams: Sequence[str], *, cache_ttl: int = 5,
 """
 
 
-def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, log: bool = False,
-                      servfail_match: str | None = None) -> str:
+def upstream_corefile(
+    ports: Ports, zone: Path, fault: Fault | None = None, *, log: bool = False, servfail_match: str | None = None
+) -> str:
     """The authoritative upstream for `zone` (see zone_file) and PTRs, or one that fails every query.
 
     Faults: "slow" answers after 3 s, beyond forward's 2 s read timeout, so the edge answers
@@ -121,10 +143,15 @@ def upstream_corefile(ports: Ports, zone: Path, fault: Fault | None = None, *, l
         "drop": "erratic {\n        drop 1\n    }",
     }[fault]
     if servfail_match is not None and fault is None:
-        serve = (f"template ANY ANY {{\n        match \"{servfail_match}\"\n        rcode SERVFAIL\n"
-                 f"        fallthrough\n    }}\n    {serve}")
+        serve = (
+            f'template ANY ANY {{\n        match "{servfail_match}"\n        rcode SERVFAIL\n'
+            f"        fallthrough\n    }}\n    {serve}"
+        )
     logged = "\n    log" if log else ""
-    reverse = "" if fault else f"""
+    reverse = (
+        ""
+        if fault
+        else f"""
 in-addr.arpa.:{ports.dns} {{
     bind 127.0.0.1
     prometheus 127.0.0.1:{ports.metrics}{logged}
@@ -133,6 +160,7 @@ in-addr.arpa.:{ports.dns} {{
     }}
 }}
 """
+    )
     return f"""
 .:{ports.dns} {{
     bind 127.0.0.1
@@ -180,8 +208,11 @@ class CoreDNS:
         if outcome != "Reloading complete":
             raise RuntimeError(f"CoreDNS {self.name} did not reload: {outcome}")
         if wait_ready:
-            await children.wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=timeout,
-                                        child=children.Child(self.name, self.proc, self.log))
+            await children.wait_http_ok(
+                f"http://127.0.0.1:{self.ports.ready}/ready",
+                timeout=timeout,
+                child=children.Child(self.name, self.proc, self.log),
+            )
 
     def pause(self) -> None:
         """SIGSTOP: the server holds its sockets but answers nothing, like a hung process."""
@@ -201,8 +232,10 @@ class CoreDNS:
             if self.proc.poll() is not None:
                 break
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"CoreDNS {self.name}: no {pattern.pattern!r} in its log within {timeout}s "
-                           f"(exit code {self.proc.poll()}); log: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"CoreDNS {self.name}: no {pattern.pattern!r} in its log within {timeout}s "
+            f"(exit code {self.proc.poll()}); log: {self.log.read_text()[-2000:]}"
+        )
 
 
 @contextlib.asynccontextmanager
@@ -213,6 +246,12 @@ async def run_coredns(corefile: str, ports: Ports, *, workdir: Path, name: str) 
     path = workdir / f"Corefile.{name}"
     path.write_text(corefile)
     log = workdir / f"coredns.{name}.log"
-    async with children.run([str(binary), "-conf", str(path)], log=log, cwd=workdir, name=f"coredns {name}",
-                            ready_url=f"http://127.0.0.1:{ports.ready}/ready", ready_timeout=30) as child:
+    async with children.run(
+        [str(binary), "-conf", str(path)],
+        log=log,
+        cwd=workdir,
+        name=f"coredns {name}",
+        ready_url=f"http://127.0.0.1:{ports.ready}/ready",
+        ready_timeout=30,
+    ) as child:
         yield CoreDNS(name, ports, path, child.proc, log)

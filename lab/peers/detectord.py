@@ -60,9 +60,15 @@ def write_config(path: Path, config: str | Mapping[str, Any], *, port: int, mode
 
 
 @contextlib.asynccontextmanager
-async def run_detectord(config: str | Mapping[str, Any] = "", *, workdir: Path, model: Path = DEFAULT_MODEL,
-                        cwd: Path = REPO, ready_timeout: float = 120.0,
-                        args: Sequence[str] = ()) -> AsyncIterator[Detectord]:
+async def run_detectord(
+    config: str | Mapping[str, Any] = "",
+    *,
+    workdir: Path,
+    model: Path = DEFAULT_MODEL,
+    cwd: Path = REPO,
+    ready_timeout: float = 120.0,
+    args: Sequence[str] = (),
+) -> AsyncIterator[Detectord]:
     """`detectord serve` on a free port with `config`, until it is ready; stopped on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = children.free_port()
@@ -70,8 +76,14 @@ async def run_detectord(config: str | Mapping[str, Any] = "", *, workdir: Path, 
     write_config(path, config, port=port, model=model)
     argv = [sys.executable, "-m", "detectord", "serve", "--config.file", str(path), *args]
     url = f"http://127.0.0.1:{port}"
-    async with children.run(argv, log=workdir / "detectord.log", cwd=cwd, name="detectord serve",
-                            ready_url=f"{url}/-/ready", ready_timeout=ready_timeout) as child:
+    async with children.run(
+        argv,
+        log=workdir / "detectord.log",
+        cwd=cwd,
+        name="detectord serve",
+        ready_url=f"{url}/-/ready",
+        ready_timeout=ready_timeout,
+    ) as child:
         yield Detectord(url, port, path, child, model)
 
 
@@ -90,9 +102,19 @@ class Recorder:
 async def run_recorder(out: Path, *, log: Path, args: Sequence[str] = ()) -> AsyncIterator[Recorder]:
     """`detectord record --out OUT` on a free port, until it is ready; stopped on exit."""
     port = children.free_port()
-    argv = [sys.executable, "-m", "detectord", "record", "--out", str(out), "--web.listen-address",
-            f"127.0.0.1:{port}", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "detectord",
+        "record",
+        "--out",
+        str(out),
+        "--web.listen-address",
+        f"127.0.0.1:{port}",
+        *args,
+    ]
     url = f"http://127.0.0.1:{port}"
-    async with children.run(argv, log=log, cwd=REPO, name="detectord record", ready_url=f"{url}/-/ready",
-                            ready_timeout=60) as child:
+    async with children.run(
+        argv, log=log, cwd=REPO, name="detectord record", ready_url=f"{url}/-/ready", ready_timeout=60
+    ) as child:
         yield Recorder(url, out, child)

@@ -31,8 +31,16 @@ class DNSPerf:
 SEARCH_DOMAINS = ("default.svc.cluster.local", "svc.cluster.local", "cluster.local")
 
 
-def query_file(path: Path, *, seed: int = 0, n: int = 5000, nxdomain_share: float = 0.1,
-               n_names: int = len(NAMES), qtypes: Mapping[str, float] = QTYPES, zipf: float = 1.0) -> Path:
+def query_file(
+    path: Path,
+    *,
+    seed: int = 0,
+    n: int = 5000,
+    nxdomain_share: float = 0.1,
+    n_names: int = len(NAMES),
+    qtypes: Mapping[str, float] = QTYPES,
+    zipf: float = 1.0,
+) -> Path:
     """dnsperf input over the upstream's zone (coredns.zone_file with n_names) and PTRs;
     `nxdomain_share` of the queries ask for search-path names that do not exist."""
     rng = random.Random(seed)
@@ -76,9 +84,17 @@ def dnsperf_binary() -> str:
 
 
 @contextlib.asynccontextmanager
-async def run_dnsperf(port: int, *, qps: int, duration_s: float, workdir: Path, name: str = "load",
-                      seed: int = 0, queries: Sequence[tuple[str, str]] | None = None,
-                      max_outstanding: int = 100) -> AsyncIterator[DNSPerf]:
+async def run_dnsperf(
+    port: int,
+    *,
+    qps: int,
+    duration_s: float,
+    workdir: Path,
+    name: str = "load",
+    seed: int = 0,
+    queries: Sequence[tuple[str, str]] | None = None,
+    max_outstanding: int = 100,
+) -> AsyncIterator[DNSPerf]:
     """Send `qps` queries a second over UDP to 127.0.0.1:`port` for `duration_s` (stopped on exit).
 
     The queries are `queries` ((name, type) pairs) in a loop, or else query_file's mix. dnsperf
@@ -91,8 +107,25 @@ async def run_dnsperf(port: int, *, qps: int, duration_s: float, workdir: Path, 
         query_file(path, seed=seed)
     else:
         path.write_text("".join(f"{qname} {qtype}\n" for qname, qtype in queries))
-    argv = [binary, "-s", "127.0.0.1", "-p", str(port), "-d", str(path), "-l", f"{duration_s:g}",
-            "-Q", str(qps), "-q", str(max_outstanding), "-c", "2", "-t", "5"]
+    argv = [
+        binary,
+        "-s",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-d",
+        str(path),
+        "-l",
+        f"{duration_s:g}",
+        "-Q",
+        str(qps),
+        "-q",
+        str(max_outstanding),
+        "-c",
+        "2",
+        "-t",
+        "5",
+    ]
     log = workdir / f"dnsperf.{name}.log"
     async with children.run(argv, log=log, cwd=workdir, name=f"dnsperf {name}") as child:
         yield DNSPerf(child.proc, path, log)

@@ -32,8 +32,10 @@ class Prometheus:
 
     async def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query: the `data.result` vector of /api/v1/query."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, \
-                s.get(f"{self.url}/api/v1/query", params={"query": promql}) as r:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+            s.get(f"{self.url}/api/v1/query", params={"query": promql}) as r,
+        ):
             body = await r.json()
         if body.get("status") != "success":
             raise AssertionError(f"{promql}: {body}")
@@ -96,8 +98,11 @@ async def run_prometheus(
     workdir.mkdir(parents=True, exist_ok=True)
     port = children.free_port()
     config: dict[str, Any] = {
-        "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
-                   "evaluation_interval": scrape_interval},
+        "global": {
+            "scrape_interval": scrape_interval,
+            "scrape_timeout": scrape_interval,
+            "evaluation_interval": scrape_interval,
+        },
         "scrape_configs": [{"job_name": job, "static_configs": _static_configs(t)} for job, t in targets.items()],
     }
     if remote_write_url:
@@ -110,11 +115,17 @@ async def run_prometheus(
         config["remote_write"] = [_merge(remote_write, extra_remote_write_config or {})]
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
-    argv = [prometheus_binary(), f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
+    argv = [
+        prometheus_binary(),
+        f"--config.file={cfg}",
+        f"--storage.tsdb.path={workdir / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+    ]
     if enable_receiver:
         argv.append("--web.enable-remote-write-receiver")
     log = workdir / "prometheus.log"
-    async with children.run(argv, log=log, cwd=workdir, name="prometheus",
-                            ready_url=f"http://127.0.0.1:{port}/-/ready", ready_timeout=60):
+    async with children.run(
+        argv, log=log, cwd=workdir, name="prometheus", ready_url=f"http://127.0.0.1:{port}/-/ready", ready_timeout=60
+    ):
         yield Prometheus(f"http://127.0.0.1:{port}", port, cfg, log)

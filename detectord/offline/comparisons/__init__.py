@@ -55,7 +55,8 @@ def _rules(ruleset: str) -> Comparison:
             result = _rule_results(str(rec.path), rec.step_s, rec.path.stat().st_mtime_ns)[ruleset]
             for key, alerts in result.instances.items():
                 out["/".join((rec.name, *key))] = Timeline(
-                    alerts.timestamps_ms, np.where(alerts.firing, 2.0, 0.0).astype(np.float32))
+                    alerts.timestamps_ms, np.where(alerts.firing, 2.0, 0.0).astype(np.float32)
+                )
         return out
 
     return run

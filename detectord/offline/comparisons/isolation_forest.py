@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from detectord.offline.dataset import Data
 from detectord.detectors.quality import threshold_for_rate
+from detectord.offline.dataset import Data
 from detectord.offline.evaluation import Timeline, timelines_from_windows
 
 
@@ -36,8 +36,9 @@ class IsolationForestComparison:
         self._forest.fit(normal.reshape(len(normal), -1))
         val = data.validation
         m = val.normal
-        t, _ = threshold_for_rate(self._raw(val.x[m]), val.series_id[m], val.end_ms[m], data.all.step_s,
-                                  self.target_per_day)
+        t, _ = threshold_for_rate(
+            self._raw(val.x[m]), val.series_id[m], val.end_ms[m], data.all.step_s, self.target_per_day
+        )
         self.threshold = t * self.margin
 
     def timelines(self, data: Data) -> dict[str, Timeline]:

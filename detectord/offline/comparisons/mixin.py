@@ -24,8 +24,8 @@ from detectord.alerting.timing import AlertRule, firing
 from detectord.config import Duration
 from detectord.errors import DetectordError
 from detectord.ingest.features import InstanceKey
-from detectord.recordings.format import read_writes
 from detectord.ingest.remote_write import LabelCache
+from detectord.recordings.format import read_writes
 from detectord.recordings.replay import replay, summary
 
 BoolArray = npt.NDArray[np.bool_]
@@ -98,23 +98,37 @@ sum by (job, instance) (rate(coredns_dns_responses_total{%(corednsSelector)s}[1m
 RULESETS: dict[str, tuple[Rule, ...]] = {
     "mixin": (
         _rule("CoreDNSDown", "absent(up{%(corednsSelector)s} == 1)", "15m", "critical"),
-        _rule("CoreDNSLatencyHigh",
-              "histogram_quantile(0.99, sum(rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
-              " without (instance,pod)) > 4", "10m", "critical"),
+        _rule(
+            "CoreDNSLatencyHigh",
+            "histogram_quantile(0.99, sum(rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
+            " without (instance,pod)) > 4",
+            "10m",
+            "critical",
+        ),
         _rule("CoreDNSErrorsHigh", _ERRORS.strip() + " > 0.03", "10m", "critical"),
         _rule("CoreDNSErrorsHigh", _ERRORS.strip() + " > 0.01", "10m", "warning"),
         # The coredns_forward_* metrics below, but for healthcheck_broken_total, are gone since CoreDNS 1.11.
-        _rule("CoreDNSForwardLatencyHigh",
-              "histogram_quantile(0.99, sum(rate(coredns_forward_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
-              " without (pod, instance, rcode)) > 4", "10m", "critical"),
+        _rule(
+            "CoreDNSForwardLatencyHigh",
+            "histogram_quantile(0.99, sum(rate(coredns_forward_request_duration_seconds_bucket{%(corednsSelector)s}[5m]))"
+            " without (pod, instance, rcode)) > 4",
+            "10m",
+            "critical",
+        ),
         _rule("CoreDNSForwardErrorsHigh", _FORWARD_ERRORS.strip() + " > 0.03", "10m", "critical"),
         _rule("CoreDNSForwardErrorsHigh", _FORWARD_ERRORS.strip() + " > 0.01", "10m", "warning"),
-        _rule("CoreDNSForwardHealthcheckFailureCount",
-              "sum without (pod, instance) (rate(coredns_forward_healthcheck_failures_total{%(corednsSelector)s}[5m])) > 0",
-              "10m", "warning"),
-        _rule("CoreDNSForwardHealthcheckBrokenCount",
-              "sum without (pod, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[5m])) > 0",
-              "10m", "warning"),
+        _rule(
+            "CoreDNSForwardHealthcheckFailureCount",
+            "sum without (pod, instance) (rate(coredns_forward_healthcheck_failures_total{%(corednsSelector)s}[5m])) > 0",
+            "10m",
+            "warning",
+        ),
+        _rule(
+            "CoreDNSForwardHealthcheckBrokenCount",
+            "sum without (pod, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[5m])) > 0",
+            "10m",
+            "warning",
+        ),
         # The common extra (awesome-prometheus-alerts), verbatim: it has no selector.
         _rule("CorednsPanicCount", "increase(coredns_panics_total[1m]) > 0", "0m", "critical"),
     ),
@@ -122,17 +136,27 @@ RULESETS: dict[str, tuple[Rule, ...]] = {
     # forward health on the metric CoreDNS >= 1.11 exports.
     "mixin_tuned": (
         _rule("CoreDNSDown", "up{%(corednsSelector)s} == 0", "0s", "critical"),
-        _rule("CoreDNSLatencyHigh",
-              "histogram_quantile(0.99, sum by (job, instance, server, zone, le)"
-              " (rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[1m]))) > 4", "0s", "critical"),
+        _rule(
+            "CoreDNSLatencyHigh",
+            "histogram_quantile(0.99, sum by (job, instance, server, zone, le)"
+            " (rate(coredns_dns_request_duration_seconds_bucket{%(corednsSelector)s}[1m]))) > 4",
+            "0s",
+            "critical",
+        ),
         _rule("CoreDNSErrorsHigh", _TUNED_ERRORS.strip() + " > 0.03", "0s", "critical"),
         _rule("CoreDNSErrorsHigh", _TUNED_ERRORS.strip() + " > 0.01", "0s", "warning"),
-        _rule("CoreDNSForwardHealthcheckFailureCount",
-              "sum by (job, instance) (rate(coredns_proxy_healthcheck_failures_total{%(corednsSelector)s}[1m])) > 0",
-              "0s", "warning"),
-        _rule("CoreDNSForwardHealthcheckBrokenCount",
-              "sum by (job, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[1m])) > 0",
-              "0s", "warning"),
+        _rule(
+            "CoreDNSForwardHealthcheckFailureCount",
+            "sum by (job, instance) (rate(coredns_proxy_healthcheck_failures_total{%(corednsSelector)s}[1m])) > 0",
+            "0s",
+            "warning",
+        ),
+        _rule(
+            "CoreDNSForwardHealthcheckBrokenCount",
+            "sum by (job, instance) (rate(coredns_forward_healthcheck_broken_total{%(corednsSelector)s}[1m])) > 0",
+            "0s",
+            "warning",
+        ),
         _rule("CorednsPanicCount", "increase(coredns_panics_total{%(corednsSelector)s}[1m]) > 0", "0s", "critical"),
     ),
 }
@@ -167,9 +191,12 @@ class RuleResult:
         out: list[FiringSpan] = []
         ts = self.timestamps_ms
         for key, alerts in sorted(self.instances.items()):
-            for rule, firing in alerts.by_rule.items():
-                edges = np.flatnonzero(np.diff(np.concatenate(([0], firing.astype(np.int8), [0]))))
-                out += [FiringSpan(key, rule, int(ts[a]), int(ts[b - 1])) for a, b in zip(edges[::2], edges[1::2])]
+            for rule, fired in alerts.by_rule.items():
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], fired.astype(np.int8), [0]))))
+                out += [
+                    FiringSpan(key, rule, int(ts[a]), int(ts[b - 1]))
+                    for a, b in zip(edges[::2], edges[1::2], strict=True)
+                ]
         return out
 
 
@@ -182,8 +209,9 @@ def hold_for(active: BoolArray, timestamps_ms: IntArray, for_seconds: float) -> 
 
 def step_grid(first_ms: int, last_ms: int, step_ms: int) -> IntArray:
     """The steps detectord stamps feature rows with: the end of each step holding a sample."""
-    return np.arange((first_ms // step_ms + 1) * step_ms, (last_ms // step_ms + 1) * step_ms + 1, step_ms,
-                     dtype=np.int64)
+    return np.arange(
+        (first_ms // step_ms + 1) * step_ms, (last_ms // step_ms + 1) * step_ms + 1, step_ms, dtype=np.int64
+    )
 
 
 def sample_span(recording: str | Path) -> tuple[int, int]:
@@ -198,18 +226,33 @@ def sample_span(recording: str | Path) -> tuple[int, int]:
     return first, last
 
 
-def evaluate_rules(recording: str | Path, *, rulesets: Sequence[str] = tuple(RULESETS), step_s: float,
-                   selector: str = DEFAULT_SELECTOR, prometheus: str | None = None,
-                   workdir: Path | None = None) -> dict[str, RuleResult]:
+def evaluate_rules(
+    recording: str | Path,
+    *,
+    rulesets: Sequence[str] = tuple(RULESETS),
+    step_s: float,
+    selector: str = DEFAULT_SELECTOR,
+    prometheus: str | None = None,
+    workdir: Path | None = None,
+) -> dict[str, RuleResult]:
     """Which rules of each of `rulesets` fire for which instance at each step of `recording`
     (one temporary Prometheus takes the recording once and answers them all)."""
-    return asyncio.run(evaluate_rules_async(recording, rulesets=rulesets, step_s=step_s, selector=selector,
-                                            prometheus=prometheus, workdir=workdir))
+    return asyncio.run(
+        evaluate_rules_async(
+            recording, rulesets=rulesets, step_s=step_s, selector=selector, prometheus=prometheus, workdir=workdir
+        )
+    )
 
 
-async def evaluate_rules_async(recording: str | Path, *, rulesets: Sequence[str] = tuple(RULESETS), step_s: float,
-                               selector: str = DEFAULT_SELECTOR, prometheus: str | None = None,
-                               workdir: Path | None = None) -> dict[str, RuleResult]:
+async def evaluate_rules_async(
+    recording: str | Path,
+    *,
+    rulesets: Sequence[str] = tuple(RULESETS),
+    step_s: float,
+    selector: str = DEFAULT_SELECTOR,
+    prometheus: str | None = None,
+    workdir: Path | None = None,
+) -> dict[str, RuleResult]:
     unknown = [r for r in rulesets if r not in RULESETS]
     if unknown:
         raise ValueError(f"unknown rulesets {unknown}: choose from {', '.join(RULESETS)}")
@@ -220,8 +263,10 @@ async def evaluate_rules_async(recording: str | Path, *, rulesets: Sequence[str]
     loop = asyncio.get_running_loop()
     first_ms, last_ms = await loop.run_in_executor(None, sample_span, recording)
     grid = step_grid(first_ms, last_ms, step_ms)
-    async with _temporary_prometheus(binary, workdir) as url, \
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+    async with (
+        _temporary_prometheus(binary, workdir) as url,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session,
+    ):
         stats = await replay(recording, f"{url}/api/v1/write", speed=0)
         if stats.refused or stats.failed:
             raise RuleEvaluationError("replay", f"Prometheus did not take the whole recording: {summary(stats)}")
@@ -241,8 +286,9 @@ async def evaluate_rules_async(recording: str | Path, *, rulesets: Sequence[str]
                     firing = hold_for(active, grid, rule.for_seconds)
                     for k in _covered(dict(labels), instances, servers):
                         by_rule[k][rule.key] |= firing
-            per_instance = {k: InstanceAlerts(grid, np.logical_or.reduce(list(rs.values())), rs)
-                            for k, rs in by_rule.items()}
+            per_instance = {
+                k: InstanceAlerts(grid, np.logical_or.reduce(list(rs.values())), rs) for k, rs in by_rule.items()
+            }
             out[ruleset] = RuleResult(ruleset, step_ms, grid, per_instance, stats.seconds, time.monotonic() - t0)
     return out
 
@@ -258,8 +304,9 @@ def _instance(labels: Mapping[str, str]) -> InstanceKey:
     return (labels.get("job", ""), labels.get("instance", ""))
 
 
-def _covered(labels: Mapping[str, str], instances: Sequence[InstanceKey],
-             servers: Mapping[str, set[InstanceKey]]) -> list[InstanceKey]:
+def _covered(
+    labels: Mapping[str, str], instances: Sequence[InstanceKey], servers: Mapping[str, set[InstanceKey]]
+) -> list[InstanceKey]:
     """The instances an alert is about: those its labels single out; all, for a fleet-wide alert."""
     out = [k for k in instances if labels.get("job", k[0]) == k[0] and labels.get("instance", k[1]) == k[1]]
     # In the lab every instance listens on its own port, so `server` names one instance.
@@ -281,23 +328,27 @@ async def _api(session: aiohttp.ClientSession, url: str, path: str, form: Sequen
     return body["data"]
 
 
-async def _series(session: aiohttp.ClientSession, url: str, match: str,
-                  span: tuple[int, int]) -> list[dict[str, str]]:
+async def _series(session: aiohttp.ClientSession, url: str, match: str, span: tuple[int, int]) -> list[dict[str, str]]:
     form = [("match[]", match), ("start", _seconds(span[0])), ("end", _seconds(span[1]))]
     result: list[dict[str, str]] = await _api(session, url, "/api/v1/series", form)
     return result
 
 
-async def _active(session: aiohttp.ClientSession, url: str, promql: str,
-                  grid: IntArray) -> dict[frozenset[tuple[str, str]], BoolArray]:
+async def _active(
+    session: aiohttp.ClientSession, url: str, promql: str, grid: IntArray
+) -> dict[frozenset[tuple[str, str]], BoolArray]:
     """Each alert series `promql` returns (labels without __name__, as Prometheus keys alerts) and
     the steps it is returned at."""
     step_ms = int(grid[1] - grid[0]) if len(grid) > 1 else 1000
     out: dict[frozenset[tuple[str, str]], BoolArray] = {}
     for lo in range(0, len(grid), MAX_POINTS_PER_QUERY):
-        chunk = grid[lo:lo + MAX_POINTS_PER_QUERY]
-        form = [("query", promql), ("start", _seconds(int(chunk[0]))), ("end", _seconds(int(chunk[-1]))),
-                ("step", _seconds(step_ms))]
+        chunk = grid[lo : lo + MAX_POINTS_PER_QUERY]
+        form = [
+            ("query", promql),
+            ("start", _seconds(int(chunk[0]))),
+            ("end", _seconds(int(chunk[-1]))),
+            ("step", _seconds(step_ms)),
+        ]
         data = await _api(session, url, "/api/v1/query_range", form)
         for series in data["result"]:
             labels = frozenset((k, v) for k, v in series["metric"].items() if k != "__name__")
@@ -319,12 +370,23 @@ async def _temporary_prometheus(binary: str, workdir: Path | None) -> AsyncItera
         config.write_text("scrape_configs: []\n")
         port = children.free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver"]
+        argv = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-remote-write-receiver",
+        ]
         try:
-            async with children.run(argv, log=tmp / "prometheus.log", cwd=tmp, name="prometheus",
-                                    ready_url=f"{url}/-/ready", ready_timeout=READY_TIMEOUT_S,
-                                    stop_timeout=STOP_TIMEOUT_S):
+            async with children.run(
+                argv,
+                log=tmp / "prometheus.log",
+                cwd=tmp,
+                name="prometheus",
+                ready_url=f"{url}/-/ready",
+                ready_timeout=READY_TIMEOUT_S,
+                stop_timeout=STOP_TIMEOUT_S,
+            ):
                 yield url
         except children.ChildError as exc:
             raise RuleEvaluationError("prometheus", f"{exc.reason}: {exc.log_tail}") from None

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detectord.offline.dataset import Data
 from detectord.detectors.quality import threshold_for_rate
-from detectord.offline.evaluation import Timeline
 from detectord.ingest.normalise import BaselineSeries
+from detectord.offline.dataset import Data
+from detectord.offline.evaluation import Timeline
 
 
 @dataclass
@@ -31,7 +31,7 @@ class RobustZ:
         n = len(x)
         out = np.full(n, np.nan, dtype=np.float32)
         for i in range(self.min_steps, n):
-            past = x[max(0, i - self.trailing_steps): i]
+            past = x[max(0, i - self.trailing_steps) : i]
             med = np.median(past, axis=0)
             mad = 1.4826 * np.median(np.abs(past - med), axis=0)
             out[i] = float(np.max(np.abs(x[i] - med) / np.maximum(mad, floor)))
@@ -46,10 +46,13 @@ class RobustZ:
             raws.append(r[m])
             sids.append(np.full(int(m.sum()), sid))
             ends.append(info.timestamps_ms[m])
-        t, _ = threshold_for_rate(np.concatenate(raws), np.concatenate(sids), np.concatenate(ends), data.all.step_s,
-                                  self.target_per_day)
+        t, _ = threshold_for_rate(
+            np.concatenate(raws), np.concatenate(sids), np.concatenate(ends), data.all.step_s, self.target_per_day
+        )
         self.threshold = t * self.margin
 
     def timelines(self, data: Data, raws_by_series: dict[str, np.ndarray]) -> dict[str, Timeline]:
-        return {info.name: Timeline(info.timestamps_ms, (raws_by_series[info.name] / self.threshold).astype(np.float32))
-                for info in data.series}
+        return {
+            info.name: Timeline(info.timestamps_ms, (raws_by_series[info.name] / self.threshold).astype(np.float32))
+            for info in data.series
+        }

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detectord.offline.dataset import Data, WindowSet, load_datasets
 from detectord.detectors import (
     DETECTORS,
     ArtifactInvalid,
@@ -28,9 +27,11 @@ from detectord.detectors import (
     load_detector,
 )
 from detectord.detectors.artifact import META_FILE, WEIGHTS_FILE
+from detectord.detectors.windowset import WindowSet
 from detectord.ingest.features import FEATURE_NAMES
 from detectord.ingest.normalise import BaselineConfig, InputPlan
-from tests.lab_data import small_data
+from detectord.offline.dataset import Data, load_datasets
+from tests.support import small_data
 
 W = 16
 STEP_S = 5.0
@@ -70,8 +71,9 @@ def _incident_and_healthy(data: Data) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("kind", list(DETECTORS))
-def test_incident_scores_above_one_and_healthy_traffic_below(kind: str, data: Data,
-                                                             trained: dict[str, tuple[Detector, Path]]) -> None:
+def test_incident_scores_above_one_and_healthy_traffic_below(
+    kind: str, data: Data, trained: dict[str, tuple[Detector, Path]]
+) -> None:
     det, _ = trained[kind]
     incident, healthy = _incident_and_healthy(data)
     assert len(incident) >= 2 and len(healthy) > 50
@@ -85,8 +87,9 @@ def test_incident_scores_above_one_and_healthy_traffic_below(kind: str, data: Da
 
 
 @pytest.mark.parametrize("kind", list(DETECTORS))
-def test_save_load_round_trip_scores_identically(kind: str, data: Data,
-                                                 trained: dict[str, tuple[Detector, Path]]) -> None:
+def test_save_load_round_trip_scores_identically(
+    kind: str, data: Data, trained: dict[str, tuple[Detector, Path]]
+) -> None:
     det, path = trained[kind]
     loaded = Detector.load(path)
     assert type(loaded) is type(det) and loaded.threshold == det.threshold and loaded.classes == det.classes
@@ -115,8 +118,9 @@ def test_supervised_detectors_name_the_class(data: Data, trained: dict[str, tupl
 
 
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_a_window_scores_the_same_in_any_batch(batch: int, data: Data,
-                                               trained: dict[str, tuple[Detector, Path]]) -> None:
+def test_a_window_scores_the_same_in_any_batch(
+    batch: int, data: Data, trained: dict[str, tuple[Detector, Path]]
+) -> None:
     x = data.all.x[:batch]
     for det, _ in trained.values():
         out = det.score_batch(x)

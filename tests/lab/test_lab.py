@@ -16,13 +16,13 @@ import yaml
 
 from detectord.errors import ConfigError
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
-from detectord.recordings.format import ReadStats, read_writes
 from detectord.ingest.remote_write import LabelCache
-from lab.peers import REPO
+from detectord.recordings.format import ReadStats, read_writes
 from lab.peers.coredns import coredns_binary
 from lab.peers.dnsperf import dnsperf_binary
 from lab.peers.prometheus import prometheus_binary
 from lab.scenario import load_scenario, parse_scenario
+from tests.support import REPO
 
 SCENARIOS = REPO / "lab/scenarios"
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -36,26 +36,52 @@ def _fault(**action: Any) -> dict[str, Any]:
     return {"class": "x", "start": "10s", "duration": "20s", "actions": [action]}
 
 
-@pytest.mark.parametrize("raw, key, message", [
-    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-7"])]),
-     "faults[0].actions[0].targets", "no node 'edge-7'"),
-    (_base(faults=[_fault(primitive="teleport", targets=["edge-0"])]),
-     "faults[0].actions[0].primitive", "unknown primitive 'teleport'"),
-    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], dealy="1s")]),
-     "faults[0].actions[0].dealy", "unknown key"),
-    (_base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], delay="soon")]),
-     "faults[0].actions[0].delay", "not a duration"),
-    (_base(faults=[_fault(primitive="query_flood", targets=["upstream-0"])]),
-     "faults[0].actions[0].targets", "applies to edge nodes"),
-    (_base(faults=[{**_fault(primitive="crash", targets=["edge-0"]), "start": "50s"}]),
-     "faults[0]", "after the scenario"),
-    (_base(faults=[{"start": "1s", "duration": "1s", "actions": [{"primitive": "crash", "targets": ["edge-0"]}]}]),
-     "faults[0].class", "is required"),
-    (_base(load={"qps": 0}), "load.qps", "must be > 0"),
-    (_base(topology={"edgez": 3}), "topology.edgez", "unknown key"),
-    ({"topology": {"edges": 1}}, "duration", "is required"),
-    (_base(test_only="yes"), "test_only", "must be true or false"),
-])
+@pytest.mark.parametrize(
+    ("raw", "key", "message"),
+    [
+        (
+            _base(faults=[_fault(primitive="upstream_delay", targets=["edge-7"])]),
+            "faults[0].actions[0].targets",
+            "no node 'edge-7'",
+        ),
+        (
+            _base(faults=[_fault(primitive="teleport", targets=["edge-0"])]),
+            "faults[0].actions[0].primitive",
+            "unknown primitive 'teleport'",
+        ),
+        (
+            _base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], dealy="1s")]),
+            "faults[0].actions[0].dealy",
+            "unknown key",
+        ),
+        (
+            _base(faults=[_fault(primitive="upstream_delay", targets=["edge-0"], delay="soon")]),
+            "faults[0].actions[0].delay",
+            "not a duration",
+        ),
+        (
+            _base(faults=[_fault(primitive="query_flood", targets=["upstream-0"])]),
+            "faults[0].actions[0].targets",
+            "applies to edge nodes",
+        ),
+        (
+            _base(faults=[{**_fault(primitive="crash", targets=["edge-0"]), "start": "50s"}]),
+            "faults[0]",
+            "after the scenario",
+        ),
+        (
+            _base(
+                faults=[{"start": "1s", "duration": "1s", "actions": [{"primitive": "crash", "targets": ["edge-0"]}]}]
+            ),
+            "faults[0].class",
+            "is required",
+        ),
+        (_base(load={"qps": 0}), "load.qps", "must be > 0"),
+        (_base(topology={"edgez": 3}), "topology.edgez", "unknown key"),
+        ({"topology": {"edges": 1}}, "duration", "is required"),
+        (_base(test_only="yes"), "test_only", "must be true or false"),
+    ],
+)
 def test_scenario_errors_name_the_key(raw: dict[str, Any], key: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_scenario(raw)
@@ -97,8 +123,12 @@ def test_smoke_scenario_records_the_fault_on_the_faulted_instances_only(tmp_path
     features show it on upstream-0 and edge-0 (which forwards to it) and nowhere else."""
     _need_peers()
     out = tmp_path / "run"
-    proc = subprocess.run([str(REPO / "lab/run"), str(SCENARIOS / "smoke.yaml"), "--out", str(out),
-                           "--progress-interval", "5"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(REPO / "lab/run"), str(SCENARIOS / "smoke.yaml"), "--out", str(out), "--progress-interval", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fault upstream_servfail (high) on upstream-0" in proc.stdout
     assert "samples" in proc.stdout and "qps" in proc.stdout  # progress lines
@@ -138,13 +168,29 @@ def test_smoke_scenario_records_the_fault_on_the_faulted_instances_only(tmp_path
 def test_interrupted_run_leaves_no_process_and_keeps_the_truth_so_far(tmp_path: Path) -> None:
     _need_peers()
     scenario = tmp_path / "s.yaml"
-    scenario.write_text(yaml.safe_dump(_base(
-        duration="5m", faults=[{"class": "edge_crash", "start": "5s", "duration": "2m",
-                                "actions": [{"primitive": "crash", "targets": ["edge-1"], "down": "2s",
-                                             "every": "5s"}]}])))
+    scenario.write_text(
+        yaml.safe_dump(
+            _base(
+                duration="5m",
+                faults=[
+                    {
+                        "class": "edge_crash",
+                        "start": "5s",
+                        "duration": "2m",
+                        "actions": [{"primitive": "crash", "targets": ["edge-1"], "down": "2s", "every": "5s"}],
+                    }
+                ],
+            )
+        )
+    )
     out = tmp_path / "run"
-    proc = subprocess.Popen([str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     # Interrupt mid-fault once Prometheus has delivered at least twice (a cold Prometheus may take
     # longer than the fault's start to send its first batch).

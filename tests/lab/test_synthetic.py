@@ -50,15 +50,27 @@ def test_write_requests_are_shaped_like_prometheus_2_42_sends_them() -> None:
             per_instance[labels["instance"]].add(labels["__name__"])
     assert sorted(per_instance) == sorted(fleet.instances)
     wanted = {
-        "coredns_dns_requests_total", "coredns_dns_responses_total", "coredns_dns_request_duration_seconds_bucket",
-        "coredns_dns_request_duration_seconds_count", "coredns_cache_requests_total", "coredns_cache_hits_total",
-        "coredns_cache_misses_total", "coredns_cache_entries", "coredns_proxy_request_duration_seconds_bucket",
-        "coredns_proxy_request_duration_seconds_count", "coredns_forward_max_concurrent_rejects_total",
-        "coredns_panics_total", "process_cpu_seconds_total", "process_resident_memory_bytes", "go_goroutines",
-        "coredns_build_info", "go_gc_duration_seconds", "up",
+        "coredns_dns_requests_total",
+        "coredns_dns_responses_total",
+        "coredns_dns_request_duration_seconds_bucket",
+        "coredns_dns_request_duration_seconds_count",
+        "coredns_cache_requests_total",
+        "coredns_cache_hits_total",
+        "coredns_cache_misses_total",
+        "coredns_cache_entries",
+        "coredns_proxy_request_duration_seconds_bucket",
+        "coredns_proxy_request_duration_seconds_count",
+        "coredns_forward_max_concurrent_rejects_total",
+        "coredns_panics_total",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "go_goroutines",
+        "coredns_build_info",
+        "go_gc_duration_seconds",
+        "up",
     }
-    for names in per_instance.values():
-        assert wanted <= names
+    for seen in per_instance.values():
+        assert wanted <= seen
 
 
 def test_smaller_messages_on_request_and_request_duration_buckets_are_timebuckets() -> None:
@@ -66,8 +78,13 @@ def test_smaller_messages_on_request_and_request_duration_buckets_are_timebucket
     payloads = fleet.scrape_payloads(max_samples=37)
     msgs = [pb1.WriteRequest.FromString(p) for p in payloads]
     assert all(len(m.timeseries) <= 37 for m in msgs[:-1]) and len(msgs[-1].timeseries) <= 37
-    les = {lb.value for m in msgs for ts in m.timeseries for lb in ts.labels
-           if lb.name == "le" and ts.labels[0].value == "coredns_dns_request_duration_seconds_bucket"}
+    les = {
+        lb.value
+        for m in msgs
+        for ts in m.timeseries
+        for lb in ts.labels
+        if lb.name == "le" and ts.labels[0].value == "coredns_dns_request_duration_seconds_bucket"
+    }
     assert les == {repr(b) for b in TIME_BUCKETS} | {"+Inf"}
 
 
@@ -94,8 +111,9 @@ def test_counters_only_fall_at_injected_restarts() -> None:
                     continue
                 falls += 1
                 inst = dict(labels)["instance"]
-                assert any(r.instance == ("coredns", inst) and prev[0] < r.ts_ms <= s.timestamp
-                           for r in fleet.restarts), f"{labels} fell from {prev[1]} to {s.value} without a restart"
+                assert any(
+                    r.instance == ("coredns", inst) and prev[0] < r.ts_ms <= s.timestamp for r in fleet.restarts
+                ), f"{labels} fell from {prev[1]} to {s.value} without a restart"
     assert fleet.restarts, "the test needs restarts to happen"
     assert falls > 0
     assert stale > 0, "a failed scrape marks the series it had as stale"
@@ -125,8 +143,15 @@ def test_generate_labels_fault_spans_and_is_deterministic() -> None:
 
 
 def test_faults_show_in_the_shared_features() -> None:
-    fleet = SyntheticFleet(2, seed=6, scrape_interval_s=15, restarts_per_hour=0, traffic_shifts_per_hour=0,
-                  qps_range=(500.0, 2000.0), low_qps_fraction=0.0)
+    fleet = SyntheticFleet(
+        2,
+        seed=6,
+        scrape_interval_s=15,
+        restarts_per_hour=0,
+        traffic_shifts_per_hour=0,
+        qps_range=(500.0, 2000.0),
+        low_qps_fraction=0.0,
+    )
     start = fleet.start_ms + 30 * 60_000
     slow = fleet.inject(0, "upstream_latency", start, start + 20 * 60_000, severity=1.0)
     panics = fleet.inject(1, "panics", start, start + 20 * 60_000, severity=0.5)

@@ -9,25 +9,17 @@ from typing import Any
 
 import aiohttp
 import snappy
-from prometheus_client.parser import text_string_to_metric_families
 
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.remote_write import encode_v1
-from tests.payloads import V1_HEADERS, V2_HEADERS, coredns_scrape, v1_body, v2_body
+from tests.support import V1_HEADERS, V2_HEADERS, coredns_scrape, metric, v1_body, v2_body
 
 NOW = int(time.time() * 1000)
 
 
-def metric(text: str, metric_name: str, **labels: str) -> float:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == metric_name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
-
-
-async def post(session: aiohttp.ClientSession, url: str, body: bytes,
-               headers: dict[str, str] = V1_HEADERS) -> tuple[int, str, Any]:
+async def post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str] = V1_HEADERS
+) -> tuple[int, str, Any]:
     async with session.post(url, data=body, headers=headers) as r:
         return r.status, await r.text(), r.headers
 
@@ -71,8 +63,12 @@ async def test_remote_write_2_written_headers(server_factory: Callable[..., Any]
     async with server_factory() as srv:
         url = f"http://127.0.0.1:{srv.port}/api/v1/write"
         series = coredns_scrape("a:9153", NOW, 1)
-        series.append(({"__name__": "coredns_panics_total", "instance": "a:9153", "job": "coredns"},
-                       [(NOW, float("nan")), (NOW + 1, float("inf")), (NOW + 2, float("-inf"))]))
+        series.append(
+            (
+                {"__name__": "coredns_panics_total", "instance": "a:9153", "job": "coredns"},
+                [(NOW, float("nan")), (NOW + 1, float("inf")), (NOW + 2, float("-inf"))],
+            )
+        )
         async with aiohttp.ClientSession() as s:
             status, _, headers = await post(s, url, v2_body(series), V2_HEADERS)
             assert status == 204
@@ -94,8 +90,11 @@ async def test_resent_requests_and_ignored_series_are_counted(server_factory: Ca
         base = f"http://127.0.0.1:{srv.port}"
         body = v1_body([*coredns_scrape("a:9153", NOW, 1), ({"__name__": "node_load1", "instance": "n"}, [(NOW, 1.0)])])
         meta = pb1.WriteRequest()
-        meta.metadata.add(type=pb1.MetricMetadata.COUNTER, metric_family_name="coredns_dns_requests_total",
-                          help="Counter of DNS requests made per zone, protocol and family.")
+        meta.metadata.add(
+            type=pb1.MetricMetadata.COUNTER,
+            metric_family_name="coredns_dns_requests_total",
+            help="Counter of DNS requests made per zone, protocol and family.",
+        )
         metadata_only = encode_v1(meta)
         async with aiohttp.ClientSession() as s:
             for _ in range(3):  # a 5xx-and-retry would re-send the same bytes
@@ -131,6 +130,7 @@ async def test_instances_warm_then_get_scores(server_factory: Callable[..., Any]
         window = srv.pipeline.model.window
         t0 = NOW - (window + 10) * 1000
         async with aiohttp.ClientSession() as s:
+
             async def scrape(k: int) -> None:
                 series = [*coredns_scrape("a:9153", t0 + k * 1000, k), *coredns_scrape("b:9153", t0 + k * 1000, k)]
                 assert (await post(s, f"{base}/api/v1/write", v1_body(series)))[0] == 204
@@ -153,15 +153,20 @@ async def test_instances_warm_then_get_scores(server_factory: Callable[..., Any]
         assert metric(text, "detectord_instances", state="scoring") == 2
         assert metric(text, "detectord_instances", state="warming") == 0
         for inst in ("a:9153", "b:9153"):
-            assert 'detectord_anomaly_score{instance="%s",job="coredns"}' % inst in text
+            assert f'detectord_anomaly_score{{instance="{inst}",job="coredns"}}' in text
 
 
 async def test_idle_instances_are_evicted_and_the_cap_refuses_new_ones(server_factory: Callable[..., Any]) -> None:
     async with server_factory(ingest={"instance_ttl": 1.0, "max_instances": 2}) as srv:
         base = f"http://127.0.0.1:{srv.port}"
         async with aiohttp.ClientSession() as s:
-            body = v1_body([*coredns_scrape("a:9153", NOW, 1), *coredns_scrape("b:9153", NOW, 1),
-                            *coredns_scrape("c:9153", NOW, 1)])
+            body = v1_body(
+                [
+                    *coredns_scrape("a:9153", NOW, 1),
+                    *coredns_scrape("b:9153", NOW, 1),
+                    *coredns_scrape("c:9153", NOW, 1),
+                ]
+            )
             assert (await post(s, f"{base}/api/v1/write", body))[0] == 204
             async with s.get(f"{base}/api/v1/instances") as r:
                 listed = {i["labels"]["instance"] for i in (await r.json())["data"]}
@@ -169,8 +174,9 @@ async def test_idle_instances_are_evicted_and_the_cap_refuses_new_ones(server_fa
             # Only b keeps sending; a goes quiet and is forgotten after instance_ttl.
             deadline = time.monotonic() + 10
             k = 2
-            while time.monotonic() < deadline and srv.registry.get_sample_value(
-                    "detectord_instances_evicted_total") < 1:
+            while (
+                time.monotonic() < deadline and srv.registry.get_sample_value("detectord_instances_evicted_total") < 1
+            ):
                 assert (await post(s, f"{base}/api/v1/write", v1_body(coredns_scrape("b:9153", NOW + k, k))))[0] == 204
                 k += 1
                 await asyncio.sleep(0.2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from detectord.offline.dataset import DatasetError, Label, load_datasets, load_labels
-from tests.lab_data import small_data
+from tests.support import small_data
 
 W = 16
 
@@ -33,7 +33,7 @@ def test_split_by_blocks_no_window_straddles_roles(data_dir: Path) -> None:
                 # Every step of a window that has a role lies in one block of that role.
                 steps = slice(e - W + 1, e + 1)
                 assert all(r in (role, None) for r in info.role[steps])
-    train_series = {s: set() for s in range(len(data.series))}
+    train_series: dict[int, set[tuple[str, int]]] = {s: set() for s in range(len(data.series))}
     for role in ("train", "validation", "test"):
         m = data.role == role
         for sid, end in zip(data.all.series_id[m], data.all.end_ms[m], strict=True):
@@ -77,7 +77,9 @@ def test_windows_are_labelled_by_their_last_step(data_dir: Path) -> None:
 
 def test_labels_file_errors_name_the_key(tmp_path: Path) -> None:
     f = tmp_path / "labels.yaml"
-    f.write_text("- {labels: {job: coredns-edge, instance: edge-0}, start: 2026-11-23T10:00:00Z, end: 1, verdict: ok}\n")
+    f.write_text(
+        "- {labels: {job: coredns-edge, instance: edge-0}, start: 2026-11-23T10:00:00Z, end: 1, verdict: ok}\n"
+    )
     with pytest.raises(DatasetError, match=r"labels.yaml\[0\].verdict: must be 'anomaly' or 'normal'"):
         load_labels(f)
     f.write_text("- {labels: {job: coredns-edge}, start: 0, end: 1, verdict: normal}\n")
@@ -96,8 +98,10 @@ def test_an_engineers_labels_change_what_is_learned(data_dir: Path) -> None:
     a, b = int(t[200]), int(t[320])
     first = min(base.events.values(), key=lambda e: e["start_ms"])
     inst = tuple(first["instances"][0].split("/")[1:])
-    labels = [Label("normal", ("coredns-edge", "edge-1"), a, b, anomalous=True, cls="cache_poisoning"),
-              Label("*", inst, first["start_ms"] - 1, first["end_ms"] + 1, anomalous=False)]
+    labels = [
+        Label("normal", ("coredns-edge", "edge-1"), a, b, anomalous=True, cls="cache_poisoning"),
+        Label("*", inst, first["start_ms"] - 1, first["end_ms"] + 1, anomalous=False),
+    ]
     data = load_datasets([data_dir], window=W, step_s=5.0, labels=labels)
     info2 = next(i for i in data.series if i.name == info.name)
     assert (info2.label[201:320] == "cache_poisoning").all()

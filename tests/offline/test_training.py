@@ -14,14 +14,20 @@ import pytest
 
 from detectord.offline.dataset import DatasetError
 from detectord.offline.training import Hyperparameters, read_hyperparameters
-from tests.lab_data import REPO, small_data
+from tests.support import REPO, small_data
 
 pytestmark = [pytest.mark.slow]
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "detectord", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "detectord", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -34,15 +40,32 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _card_rows(card: str) -> dict[str, str]:
     """The side-by-side rows of a model card's comparison section, by detector."""
     section = card.split("## Beside the comparisons and the other models", 1)[1]
-    return {m.group(1): m.group(0) for m in re.finditer(r"^\| ([^|]+?) \|.*$", section, re.MULTILINE)
-            if m.group(1) not in ("detector", "---")}
+    return {
+        m.group(1): m.group(0)
+        for m in re.finditer(r"^\| ([^|]+?) \|.*$", section, re.MULTILINE)
+        if m.group(1) not in ("detector", "---")
+    }
 
 
 def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "models"
-    proc = _run("train", "--data", str(data_dir), "--out", str(out), "--epochs", "3", "--window", "16",
-                "--heldout", "cpu_starvation", "--compare", "robust_z,isolation_forest",
-                "--tensorboard", str(tmp_path / "tb"))
+    proc = _run(
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--window",
+        "16",
+        "--heldout",
+        "cpu_starvation",
+        "--compare",
+        "robust_z,isolation_forest",
+        "--tensorboard",
+        str(tmp_path / "tb"),
+    )
     assert "epoch 3/3" in proc.stdout and "default:" in proc.stdout  # progress, and the choice
     assert any((tmp_path / "tb" / "conv_autoencoder").rglob("*tfevents*"))
     for kind in ("conv_autoencoder", "conv_classifier", "siamese", "default"):
@@ -56,8 +79,15 @@ def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path
     assert {"conv_autoencoder", "conv_classifier", "siamese", "robust_z", "isolation_forest"} <= set(report)
 
     card = (out / "conv_classifier" / "MODEL_CARD.md").read_text()
-    ev = _run("evaluate", str(out / "conv_classifier"), str(data_dir), "--out", str(tmp_path / "eval"),
-              "--compare", "robust_z,isolation_forest")
+    ev = _run(
+        "evaluate",
+        str(out / "conv_classifier"),
+        str(data_dir),
+        "--out",
+        str(tmp_path / "eval"),
+        "--compare",
+        "robust_z,isolation_forest",
+    )
     printed = {m.group(1): m.group(0) for m in re.finditer(r"^\| ([^|]+?) \|.*$", ev.stdout, re.MULTILINE)}
     rows = _card_rows(card)
     for name in ("conv_classifier", "robust_z", "isolation_forest"):
@@ -71,15 +101,39 @@ def test_labels_feed_the_supervised_models(data_dir: Path, tmp_path: Path) -> No
 
     base = load_datasets([data_dir], window=16, step_s=5.0, heldout=())
     # A healthy edge in a training block (the split is by blocks; labels elsewhere validate or test).
-    info = next(i for i in base.series if i.recording == "normal" and i.instance[0] == "coredns-edge"
-                and all(r == "train" for r in i.role[150:211]))
+    info = next(
+        i
+        for i in base.series
+        if i.recording == "normal" and i.instance[0] == "coredns-edge" and all(r == "train" for r in i.role[150:211])
+    )
     t = info.timestamps_ms
     labels = tmp_path / "labels.yaml"
-    labels.write_text(f"- dataset: normal\n  labels: {{job: coredns-edge, instance: {info.instance[1]}}}\n"
-                      f"  start: {int(t[150])}\n  end: {int(t[210])}\n  verdict: anomaly\n  class: engineer_says\n")
+    labels.write_text(
+        f"- dataset: normal\n  labels: {{job: coredns-edge, instance: {info.instance[1]}}}\n"
+        f"  start: {int(t[150])}\n  end: {int(t[210])}\n  verdict: anomaly\n  class: engineer_says\n"
+    )
     out = tmp_path / "models"
-    _run("train", "--data", str(data_dir), "--out", str(out), "--epochs", "2", "--window", "16", "--kinds",
-         "conv_classifier", "--labels", str(labels), "--heldout", "", "--compare", "", "--tensorboard", "")
+    _run(
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--window",
+        "16",
+        "--kinds",
+        "conv_classifier",
+        "--labels",
+        str(labels),
+        "--heldout",
+        "",
+        "--compare",
+        "",
+        "--tensorboard",
+        "",
+    )
     meta = json.loads((out / "conv_classifier" / "detectord-model.json").read_text())
     assert "engineer_says" in meta["classes"]
     assert meta["training_data"]["settings"]["labels"] == str(labels)
@@ -87,14 +141,28 @@ def test_labels_feed_the_supervised_models(data_dir: Path, tmp_path: Path) -> No
 
 def test_tune_resumes_its_study(data_dir: Path, tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'tune.db'}"
-    args = ["tune", "--kind", "conv_autoencoder", "--data", str(data_dir), "--epochs", "1", "--storage", storage,
-            "--out", str(tmp_path)]
+    args = [
+        "tune",
+        "--kind",
+        "conv_autoencoder",
+        "--data",
+        str(data_dir),
+        "--epochs",
+        "1",
+        "--storage",
+        storage,
+        "--out",
+        str(tmp_path),
+    ]
     first = _run(*args, "--trials", "2")
     assert "0 trials done, 2 to go" in first.stdout
     second = _run(*args, "--trials", "3")
     assert "2 trials done, 1 to go" in second.stdout
-    tried = [line.split(":", 1)[1].split(";")[0] for line in (first.stdout + second.stdout).splitlines()
-             if line.startswith("trial ")]
+    tried = [
+        line.split(":", 1)[1].split(";")[0]
+        for line in (first.stdout + second.stdout).splitlines()
+        if line.startswith("trial ")
+    ]
     assert len(tried) == 3 and tried[2] not in tried[:2], tried  # resuming explores, it does not repeat
     best = json.loads((tmp_path / "best-conv_autoencoder.json").read_text())
     assert best["trials"] == 3 and best["window"] in (16, 32, 64) and "filters" in best["config"]["conv_autoencoder"]

@@ -15,20 +15,22 @@ from detectord.config import ModelConfig
 from detectord.detectors import load_model
 from detectord.recordings.replay import replay
 from detectord.recordings.scoring import recording_windows, score_windows
-from lab.peers import REPO
 from lab.peers.detectord import run_detectord
+from tests.support import REPO
 
 RECORDING = REPO / "data/faults-1.drec.xz"
 STEP_S = 5
 
 
-async def _live_scores(url: str, want: int, timeout: float = 120.0) -> dict[tuple[str, str], list[list[float]]]:
+async def _live_scores(url: str, want: int, timeout: float = 120.0) -> dict[tuple[str, ...], list[list[float]]]:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while True:
             async with s.get(f"{url}/api/v1/scores") as r:
                 data = (await r.json())["data"]
-            live = {(d["labels"]["job"], d["labels"]["instance"]): d["scores"] for d in data}
+            live: dict[tuple[str, ...], list[list[float]]] = {
+                (d["labels"]["job"], d["labels"]["instance"]): d["scores"] for d in data
+            }
             if sum(map(len, live.values())) >= want or time.monotonic() > deadline:
                 return live
             await asyncio.sleep(0.5)
@@ -37,14 +39,16 @@ async def _live_scores(url: str, want: int, timeout: float = 120.0) -> dict[tupl
 async def test_replay_into_serve_scores_like_offline(tmp_path: Path) -> None:
     model = load_model(ModelConfig(path=REPO / "models/default"))
     loop = asyncio.get_running_loop()
-    got = await loop.run_in_executor(None, lambda: recording_windows(
-        RECORDING, step_seconds=STEP_S, window=model.window, inputs=model.inputs))
+    got = await loop.run_in_executor(
+        None, lambda: recording_windows(RECORDING, step_seconds=STEP_S, window=model.window, inputs=model.inputs)
+    )
     offline = score_windows(got.requests, model)
     assert got.read.torn_bytes == 0 and got.bad_requests == 0
     assert len(offline) >= 4 and all(len(s.scores) > 20 for s in offline.values())
 
-    config = (f"ingest:\n  step: {STEP_S}s\n  instance_ttl: 1h\n"
-              f"inference:\n  score_history: 100000\n  queue_size: 1000000\n")
+    config = (
+        f"ingest:\n  step: {STEP_S}s\n  instance_ttl: 1h\ninference:\n  score_history: 100000\n  queue_size: 1000000\n"
+    )
     async with run_detectord(config, workdir=tmp_path) as d:
         stats = await replay(RECORDING, d.write_url, speed=0)
         assert stats.sent == got.read.records and not stats.refused and not stats.failed
@@ -55,7 +59,7 @@ async def test_replay_into_serve_scores_like_offline(tmp_path: Path) -> None:
 
     assert set(live) == {k for k in offline}
     for key, want in offline.items():
-        pairs = np.array(live[key])
+        pairs: np.ndarray = np.array(live[key])
         np.testing.assert_array_equal(pairs[:, 0].astype(np.int64), want.timestamps_ms, err_msg=str(key))
         # Batches are padded differently live and offline: float32 sums may differ in the last bits.
         np.testing.assert_allclose(pairs[:, 1], want.scores, rtol=1e-4, atol=1e-5, err_msg=str(key))

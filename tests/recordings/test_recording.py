@@ -9,7 +9,6 @@ import lzma
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,20 +16,29 @@ import aiohttp
 import pytest
 import snappy
 
-from detectord.ingest._proto import remote_write_v1_pb2 as pb1
-from detectord.recordings.recorder import Recorder, RecorderOptions
-from detectord.recordings.format import MAGIC, ReadStats, RecordingError, RecordingWriter, read_records
-from detectord.recordings.replay import replay
 from detectord.children import free_port
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.recordings.format import MAGIC, ReadStats, RecordingError, RecordingWriter, read_records
+from detectord.recordings.recorder import Recorder, RecorderOptions
+from detectord.recordings.replay import replay
 from lab.peers.detectord import run_recorder
-from tests.payloads import V1_HEADERS as V1
-from tests.payloads import V2_HEADERS, v1_body, v2_body
+from tests.support import V1_HEADERS as V1
+from tests.support import V2_HEADERS, v1_body, v2_body
 
 
 def _bodies(n: int, seed: int = 0) -> list[bytes]:
     rng = random.Random(seed)
-    return [v1_body([({"__name__": "coredns_dns_requests_total", "instance": f"i{rng.randrange(9)}"},
-                      [(1_700_000_000_000 + i * 1000, float(i))])]) for i in range(n)]
+    return [
+        v1_body(
+            [
+                (
+                    {"__name__": "coredns_dns_requests_total", "instance": f"i{rng.randrange(9)}"},
+                    [(1_700_000_000_000 + i * 1000, float(i))],
+                )
+            ]
+        )
+        for i in range(n)
+    ]
 
 
 def test_round_trip_keeps_bodies_versions_and_arrival_times(tmp_path: Path) -> None:
@@ -156,24 +164,25 @@ async def test_recording_survives_kill_9_mid_write(tmp_path: Path) -> None:
     seen_torn = 0
     acked_all: list[bytes] = []
     for round_ in range(4):
-        async with run_recorder(out, log=tmp_path / f"record.{round_}.log",
-                                args=["--web.max-body-size", "64MiB"]) as recorder:
+        async with run_recorder(
+            out, log=tmp_path / f"record.{round_}.log", args=["--web.max-body-size", "64MiB"]
+        ) as recorder:
             url = recorder.write_url
             acked: list[tuple[int, bytes]] = []
             stop = time.monotonic() + 1.0 + random.random()
             killed = False
 
+            # The senders read `killed` as it is when they look: late binding is the point.
             async def sender(k: int) -> None:
                 i = 0
                 async with aiohttp.ClientSession() as s:
-                    while not killed:
+                    while not killed:  # noqa: B023
                         body = _big_body(k * 10_000 + i, 16 * 1024 * 1024)
                         i += 1
                         try:
-                            async with s.post(url, data=io.BytesIO(body),
-                                              headers=V1) as r:
+                            async with s.post(url, data=io.BytesIO(body), headers=V1) as r:  # noqa: B023
                                 if r.status == 204:
-                                    acked.append((k, body))
+                                    acked.append((k, body))  # noqa: B023
                         except aiohttp.ClientError:
                             return
 

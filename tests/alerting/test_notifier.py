@@ -1,11 +1,11 @@
-"""Alert states step by step, and delivery to real Alertmanagers (fakes only for 5xx and hangs)."""
+"""Delivery to real Alertmanagers (fakes only for 5xx and hangs): resends, retries, queues, flush."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,209 +15,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from detectord.alerting.notifier import AlertmanagerNotifier
-from detectord.alerting.states import Alert, AlertStates, rfc3339
-from detectord.config import AlertingConfig, AlertmanagerConfig, Duration
+from detectord.alerting.states import Alert, AlertStates
 from detectord.children import free_port
+from detectord.config import AlertmanagerConfig, Duration
 from lab.peers.alertmanager import Alertmanager, run_alertmanager
+from tests.support import EXTERNAL, KEY, LABELS, TOP, config, states, step
 
 T = TypeVar("T")
-
-LABELS = {"job": "coredns", "instance": "10.0.0.1:9153"}
-KEY = ("coredns", "10.0.0.1:9153")
-TOP = [("rcode_servfail_share", 12.34, 0.41), ("latency_p99_seconds", 8.1, 2.0512), ("qps", -3.0, 12345.0)]
-EXTERNAL = "http://detectord.example:9464"
-
-
-def config(**kw: Any) -> AlertingConfig:
-    base: dict[str, Any] = {"for_": Duration(60), "keep_firing_for": Duration(120), "resend_interval": Duration(5),
-                            "resolved_resend_for": Duration(1), "labels": {"cluster": "eu1"}}
-    base.update(kw)
-    return AlertingConfig(**base)
-
-
-def states(**kw: Any) -> AlertStates:
-    return AlertStates(config(**kw), model_name="lstm-ae", external_url=EXTERNAL)
-
-
-def step(s: AlertStates, ts: float, score: float, top: Sequence[tuple[str, float, float]] = TOP,
-         key: tuple[str, ...] = KEY, labels: dict[str, str] = LABELS) -> list[Alert]:
-    return s.observe(key, labels, ts, score, 0.042, top)
-
-
-# ---- the state machine ----------------------------------------------------------------------
-
-
-def test_pending_then_firing_after_for() -> None:
-    s = states()
-    for ts in (0, 15, 30, 45):
-        assert step(s, ts, 3.0) == []
-        assert s.state_of(KEY) == "pending"
-    assert s.counts() == {"pending": 1, "firing": 0}
-    [alert] = step(s, 60, 3.0)
-    assert s.state_of(KEY) == "firing" and s.is_firing(KEY)
-    assert s.firing() == [alert]
-    assert s.counts() == {"pending": 0, "firing": 1}
-    assert alert.starts_at == 60 and not alert.resolved
-    assert alert.labels == {"alertname": "CoreDNSAnomaly", "job": "coredns", "instance": "10.0.0.1:9153",
-                            "severity": "warning", "model": "lstm-ae", "cluster": "eu1"}
-    assert alert.annotations["summary"] == "CoreDNS 10.0.0.1:9153 (job coredns) is behaving anomalously"
-    assert step(s, 75, 3.0) == []  # still firing: nothing new to send
-
-
-def test_for_zero_fires_at_once() -> None:
-    s = states(for_=Duration(0))
-    [alert] = step(s, 100, 1.5)
-    assert alert.starts_at == 100
-
-
-def test_description_says_what_the_incident_looks_like() -> None:
-    s = states(for_=Duration(0))
-    [alert] = s.observe(KEY, LABELS, 0, 3.0, 0.042, TOP, "upstream_timeout")
-    assert "Looks like upstream timeout." in alert.annotations["description"]
-    assert alert.annotations["looks_like"] == "upstream_timeout"
-    s.observe(KEY, LABELS, 5, 3.0, 0.042, TOP, None)  # a model without classes, or after a reload
-    assert "Looks like" not in alert.annotations["description"] and "looks_like" not in alert.annotations
-
-
-def test_the_class_named_is_the_one_the_incident_resembled_most_often() -> None:
-    # A window that has just turned anomalous is mostly healthy rows: its class is a guess.
-    s = states(for_=Duration(0))
-    [alert] = s.observe(KEY, LABELS, 0, 3.0, 0.042, TOP, "upstream_timeout")
-    s.observe(KEY, LABELS, 5, 3.0, 0.042, TOP, "upstream_servfail")
-    assert alert.annotations["looks_like"] == "upstream_servfail"  # a tie goes to the latest
-    s.observe(KEY, LABELS, 10, 3.0, 0.042, TOP, "upstream_servfail")
-    s.observe(KEY, LABELS, 15, 3.0, 0.042, TOP, "upstream_servfail")
-    s.observe(KEY, LABELS, 20, 3.0, 0.042, TOP, "upstream_timeout")
-    assert alert.annotations["looks_like"] == "upstream_servfail"  # one odd step does not flip it
-    assert "Looks like upstream servfail." in alert.annotations["description"]
-    s.observe(KEY, LABELS, 25, 0.5, 0.042, TOP, "upstream_down")  # normal steps count for nothing
-    assert alert.annotations["looks_like"] == "upstream_servfail"
-
-
-def test_blip_while_pending_never_fires() -> None:
-    s = states()
-    for ts in (0, 15, 30, 45):
-        assert step(s, ts, 3.0) == []
-    assert step(s, 60, 0.5) == []
-    assert s.state_of(KEY) == "inactive"
-    # Pending starts over: `for` counts from the next anomalous step, not the first one.
-    for ts in (75, 90, 105, 120):
-        assert step(s, ts, 3.0) == []
-    [alert] = step(s, 135, 3.0)
-    assert alert.starts_at == 135
-
-
-def test_keep_firing_for_then_resolved() -> None:
-    s = states(for_=Duration(0))
-    [alert] = step(s, 0, 3.0)
-    for ts in range(15, 135, 15):  # normal from 15 s; keep_firing_for 120 s
-        assert step(s, ts, 0.2) == [], ts
-        assert s.is_firing(KEY)
-    [resolved] = step(s, 135, 0.2)
-    assert resolved is alert and alert.resolved_at == 135
-    assert s.state_of(KEY) == "inactive" and s.firing() == []
-
-
-def test_anomalous_step_during_keep_firing_for_keeps_it_firing() -> None:
-    s = states(for_=Duration(0))
-    [alert] = step(s, 0, 3.0)
-    for ts in (15, 30, 45, 60):
-        assert step(s, ts, 0.2) == []
-    assert step(s, 75, 2.0) == []  # anomalous again: the 120 s count restarts
-    for ts in range(90, 210, 15):
-        assert step(s, ts, 0.2) == [], ts
-    [resolved] = step(s, 210, 0.2)
-    assert resolved.resolved_at == 210 and resolved.starts_at == 0
-
-
-def test_keep_firing_for_zero_resolves_at_first_normal_step() -> None:
-    s = states(for_=Duration(0), keep_firing_for=Duration(0))
-    step(s, 0, 3.0)
-    [resolved] = step(s, 15, 0.9)
-    assert resolved.resolved_at == 15
-
-
-def test_anomalous_again_after_resolution_is_a_new_alert() -> None:
-    s = states(for_=Duration(0), keep_firing_for=Duration(0))
-    [first] = step(s, 0, 3.0)
-    step(s, 15, 0.1)
-    [second] = step(s, 30, 3.0)
-    assert second is not first and second.starts_at == 30 and first.resolved
-
-
-def test_forget_resolves_a_firing_alert() -> None:
-    s = states(for_=Duration(0))
-    [alert] = step(s, 0, 3.0)
-    step(s, 15, 3.0)
-    assert s.forget(KEY) == [alert]
-    assert alert.resolved_at == 15
-    assert s.state_of(KEY) == "inactive"
-    assert s.forget(KEY) == []
-
-
-def test_forget_a_pending_instance_sends_nothing() -> None:
-    s = states()
-    step(s, 0, 3.0)
-    assert s.forget(KEY) == []
-    assert s.counts() == {"pending": 0, "firing": 0}
-
-
-def test_instances_are_independent() -> None:
-    s = states(for_=Duration(30))
-    other_labels = {"job": "coredns", "instance": "10.0.0.2:9153"}
-    other = ("coredns", "10.0.0.2:9153")
-    step(s, 0, 3.0)
-    step(s, 0, 3.0, key=other, labels=other_labels)
-    step(s, 15, 0.1, key=other, labels=other_labels)
-    step(s, 15, 3.0)
-    [alert] = step(s, 30, 3.0)
-    assert alert.labels["instance"] == "10.0.0.1:9153"
-    assert s.state_of(other) == "inactive"
-
-
-def test_description_names_top_features_and_follows_them_while_firing() -> None:
-    s = states(for_=Duration(0), top_features=2)
-    [alert] = step(s, 0, 3.0)
-    desc = alert.annotations["description"]
-    assert "rcode_servfail_share +12.3σ (0.41), latency_p99_seconds +8.1σ (2.05)" in desc
-    assert "qps" not in desc  # only top_features of them
-    assert alert.annotations["score"] == "3" and alert.annotations["threshold"] == "0.042"
-    step(s, 15, 4.5, top=[("qps", -6.25, 12345.0), ("latency_p99_seconds", 5.0, 1.5)])
-    desc = alert.annotations["description"]
-    assert "qps -6.2σ (12345), latency_p99_seconds +5.0σ (1.5)" in desc
-    assert "rcode_servfail_share" not in desc
-    assert alert.score == 4.5
-    # A normal step while kept firing does not overwrite what made it fire.
-    step(s, 30, 0.3, top=[("cache_hit_ratio", 0.1, 0.9)])
-    assert "qps -6.2σ" in alert.annotations["description"]
-
-
-def test_reconfigured_keeps_states_and_resolves_alerts_whose_labels_change() -> None:
-    s = states(for_=Duration(0))
-    [old] = step(s, 0, 3.0)
-    s2 = s.reconfigured(config(for_=Duration(0), severity="critical"), model_name="lstm-ae")
-    [new] = s2.firing()
-    assert new.labels["severity"] == "critical" and new.starts_at == old.starts_at
-    assert s2.observe(KEY, LABELS, 15, 3.0, 0.042, TOP) == [old]
-    assert old.resolved_at == 0
-    assert s2.is_firing(KEY) and not new.resolved
-    same = s2.reconfigured(config(for_=Duration(0), severity="critical"), model_name="lstm-ae")
-    assert same.firing() == [new]
-
-
-def test_to_api_matches_alertmanager_v2() -> None:
-    s = states(for_=Duration(0), keep_firing_for=Duration(0))
-    [alert] = step(s, 1_700_000_000.25, 3.0)
-    body = alert.to_api(now=1_700_000_100.0, resend_interval=60.0)
-    assert body["startsAt"] == "2023-11-14T22:13:20.250Z"
-    assert body["endsAt"] == rfc3339(1_700_000_100.0 + 240.0)
-    assert body["generatorURL"] == f"{EXTERNAL}/api/v1/instances?instance=10.0.0.1%3A9153"
-    assert body["labels"] == alert.labels and body["annotations"] == alert.annotations
-    step(s, 1_700_000_015.0, 0.1)
-    assert alert.to_api(now=1_700_000_100.0, resend_interval=60.0)["endsAt"] == "2023-11-14T22:13:35.000Z"
-
-
-# ---- delivery to real Alertmanagers ---------------------------------------------------------
 
 
 async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0) -> T:
@@ -236,8 +40,9 @@ def sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def firing_now(s: AlertStates, instance: str = "10.0.0.1:9153") -> Alert:
-    [alert] = s.observe(("coredns", instance), {"job": "coredns", "instance": instance}, time.time() - 1, 3.0,
-                        0.042, TOP)
+    [alert] = s.observe(
+        ("coredns", instance), {"job": "coredns", "instance": instance}, time.time() - 1, 3.0, 0.042, TOP
+    )
     return alert
 
 
@@ -318,18 +123,22 @@ async def test_firing_alerts_are_resent_and_resolved_ones_for_a_while(am: Alertm
 
 async def test_every_alertmanager_receives_the_alert(tmp_path: Path) -> None:
     reg = CollectorRegistry()
-    async with run_alertmanager(tmp_path) as am1, run_alertmanager(tmp_path) as am2:
-        async with notifier(reg, am1.url, am2.url) as n:
-            alert = firing_now(states(for_=Duration(0)))
-            n.submit([alert])
-            for am in (am1, am2):
-                [got] = await eventually(ours(am))
-                assert got["labels"] == alert.labels
-                assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
+    async with (
+        run_alertmanager(tmp_path) as am1,
+        run_alertmanager(tmp_path) as am2,
+        notifier(reg, am1.url, am2.url) as n,
+    ):
+        alert = firing_now(states(for_=Duration(0)))
+        n.submit([alert])
+        for am in (am1, am2):
+            [got] = await eventually(ours(am))
+            assert got["labels"] == alert.labels
+            assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
 
 
 async def test_alertmanager_down_then_up_gets_the_alert_and_the_other_is_not_delayed(
-        tmp_path: Path, am: Alertmanager) -> None:
+    tmp_path: Path, am: Alertmanager
+) -> None:
     reg = CollectorRegistry()
     port = free_port()
     down = f"http://127.0.0.1:{port}"
@@ -339,8 +148,9 @@ async def test_alertmanager_down_then_up_gets_the_alert_and_the_other_is_not_del
         n.submit([alert])
         await eventually(ours(am), timeout=1.0)
         assert time.monotonic() - started < 1.0
-        await eventually(lambda: _positive(reg, "detectord_alert_send_failures_total", alertmanager=down,
-                                           reason="connection"))
+        await eventually(
+            lambda: _positive(reg, "detectord_alert_send_failures_total", alertmanager=down, reason="connection")
+        )
         assert sample(reg, "detectord_notification_queue_length", alertmanager=down) == 1
         async with run_alertmanager(tmp_path, port=port) as late:
             [got] = await eventually(ours(late))
@@ -392,11 +202,17 @@ async def test_rejected_alert_is_counted_not_retried(am: Alertmanager) -> None:
     reg = CollectorRegistry()
     async with notifier(reg, am.url) as n:
         good = firing_now(states(for_=Duration(0)))
-        bad = Alert(labels={"alertname": "CoreDNSAnomaly", "bad-label": "x"}, annotations={},
-                    starts_at=time.time(), score=2.0, threshold=0.042)
+        bad = Alert(
+            labels={"alertname": "CoreDNSAnomaly", "bad-label": "x"},
+            annotations={},
+            starts_at=time.time(),
+            score=2.0,
+            threshold=0.042,
+        )
         n.submit([bad])
-        await eventually(lambda: _positive(reg, "detectord_alerts_dropped_total", alertmanager=am.url,
-                                           reason="rejected"))
+        await eventually(
+            lambda: _positive(reg, "detectord_alerts_dropped_total", alertmanager=am.url, reason="rejected")
+        )
         await asyncio.sleep(0.5)  # backoff is 0.05–0.4 s here: a retry would have happened
         assert sample(reg, "detectord_alert_send_failures_total", alertmanager=am.url, reason="http_400") == 1
         assert sample(reg, "detectord_alerts_dropped_total", alertmanager=am.url, reason="rejected") == 1
@@ -421,8 +237,7 @@ async def test_queue_is_bounded_and_keeps_newest_state_per_alert(tmp_path: Path)
         assert n.queued() == {url: 3}
         # Newer states of queued alerts replace them: the queue does not grow.
         for i in instances[2:]:
-            n.submit(s.observe(("coredns", i), {"job": "coredns", "instance": i}, time.time() - 0.5, 0.1, 0.042,
-                               TOP))
+            n.submit(s.observe(("coredns", i), {"job": "coredns", "instance": i}, time.time() - 0.5, 0.1, 0.042, TOP))
         assert n.queued() == {url: 3}
         assert sample(reg, "detectord_alerts_dropped_total", alertmanager=url, reason="queue_full") == 2
         n.submit([firing_now(s, instances[4])])  # firing again: a new alert, older state of it replaced

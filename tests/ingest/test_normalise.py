@@ -3,15 +3,17 @@ keep their meaning, rare events stay visible, and training sees exactly what ser
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from detectord.config import IngestConfig
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
+from detectord.ingest.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
 from detectord.ingest.pipeline import Ingestor
 from detectord.serve.metrics import DaemonMetrics
-from detectord.ingest.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
 from lab.synthetic import SyntheticFleet
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -36,8 +38,10 @@ def fleet_rows(qps: float, steps: int, seed: int, step_s: float = 5.0) -> Featur
     return FeatureSeries(t.astype(np.int64) * int(step_s * 1000), v, np.zeros(steps, bool))
 
 
-@pytest.mark.parametrize("feature", ["request_rate", "upstream_request_rate", "cache_hit_ratio",
-                                     "rcode_nxdomain_share", "latency_p99_seconds"])
+@pytest.mark.parametrize(
+    "feature",
+    ["request_rate", "upstream_request_rate", "cache_hit_ratio", "rcode_nxdomain_share", "latency_p99_seconds"],
+)
 def test_fleets_at_20_and_20000_qps_look_alike(feature: str) -> None:
     small = baseline_series(fleet_rows(20, 800, seed=1), PLAN, 5.0)
     large = baseline_series(fleet_rows(20_000, 800, seed=2), PLAN, 5.0)
@@ -126,16 +130,25 @@ def test_training_windows_are_the_windows_serve_scores() -> None:
     step_ms, window = 15_000, 16
     fleet = SyntheticFleet(3, seed=3, scrape_interval_s=15.0)
     requests = list(fleet.write_requests(3 * 3600))
-    sink: list = []
+    sink: list[Any] = []
 
     class Sink:
-        def submit_many(self, reqs: list) -> int:
+        def submit_many(self, reqs: list[Any]) -> int:
             sink.extend(reqs)
             return len(reqs)
 
-    ing = Ingestor(step_ms=step_ms, instance_labels=IngestConfig.instance_labels, window=window, inputs=PLAN,
-                   max_instances=100, max_gap_steps=5, max_decoded=1 << 30, max_future_s=1e9, worker=Sink(),
-                   metrics=DaemonMetrics(CollectorRegistry(), IngestConfig.instance_labels))
+    ing = Ingestor(
+        step_ms=step_ms,
+        instance_labels=IngestConfig.instance_labels,
+        window=window,
+        inputs=PLAN,
+        max_instances=100,
+        max_gap_steps=5,
+        max_decoded=1 << 30,
+        max_future_s=1e9,
+        worker=Sink(),
+        metrics=DaemonMetrics(CollectorRegistry(), IngestConfig.instance_labels),
+    )
     from detectord.ingest.remote_write import encode_v1
 
     try:
@@ -149,10 +162,10 @@ def test_training_windows_are_the_windows_serve_scores() -> None:
         ok = bs.ready.copy()
         ok[: window - 1] = False
         for r in bs.restarts:
-            ok[r: r + window - 1] = False
+            ok[r : r + window - 1] = False
         ends = np.flatnonzero(ok)
         offline[key] = (bs.timestamps_ms[ends], windows_at(bs, ends, window, PLAN.baseline.clip))
-    live: dict = {}
+    live: dict[Any, Any] = {}
     for r in sink:
         live.setdefault(r.instance, []).append(r)
     assert set(live) == set(offline) and len(live) == 3

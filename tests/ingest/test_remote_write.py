@@ -8,14 +8,15 @@ import struct
 import pytest
 import snappy
 
+from detectord.errors import RemoteWriteError
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
-from detectord.errors import RemoteWriteError
 from detectord.ingest.remote_write import (
     STALE_NAN,
+    DecodedWrite,
     LabelCache,
-    decode,
     declared_length,
+    decode,
     encode_v1,
     encode_v2,
     is_stale_marker,
@@ -76,15 +77,19 @@ def _v1(*series: tuple[dict[str, str], list[tuple[int, float]]]) -> bytes:
         ts = req.timeseries.add()
         for k, v in labels.items():  # deliberately in the caller's order
             ts.labels.add(name=k, value=v)
-        for t, v in samples:
-            ts.samples.add(timestamp=t, value=v)
+        for t, x in samples:
+            ts.samples.add(timestamp=t, value=x)
     return encode_v1(req)
 
 
 def test_v1_repeated_series_and_sorting() -> None:
     name = {"__name__": "coredns_dns_requests_total", "job": "dns", "instance": "a"}
-    w = decode(_v1((name, [(1000, 1.0)]), (name, [(2000, 2.0)]), (dict(reversed(name.items())), [(3000, 3.0)])),
-               "1.0", LabelCache(), max_decoded=MiB)
+    w = decode(
+        _v1((name, [(1000, 1.0)]), (name, [(2000, 2.0)]), (dict(reversed(name.items())), [(3000, 3.0)])),
+        "1.0",
+        LabelCache(),
+        max_decoded=MiB,
+    )
     assert w.samples == 3 and w.invalid_series == 0
     keys = {id(k) for k in w.keys}
     assert len(keys) == 1, "the same label set, in any order, is one series"
@@ -93,14 +98,20 @@ def test_v1_repeated_series_and_sorting() -> None:
 
 def test_v1_invalid_series_refused_rest_kept() -> None:
     good = {"__name__": "go_goroutines", "instance": "a"}
-    w = decode(_v1(({"instance": "a"}, [(1, 1.0)]), (good, [(1, 2.0)]), ({"__name__": "x", "a": "1"}, [])),
-               "1.0", LabelCache(), max_decoded=MiB)
+    w = decode(
+        _v1(({"instance": "a"}, [(1, 1.0)]), (good, [(1, 2.0)]), ({"__name__": "x", "a": "1"}, [])),
+        "1.0",
+        LabelCache(),
+        max_decoded=MiB,
+    )
     assert len(w.keys) == 1 and w.invalid_series == 2
     assert "no __name__" in (w.first_error or "")
 
 
 def test_future_samples_refused() -> None:
-    w = decode(_v1(({"__name__": "go_goroutines"}, [(10_000, 1.0)])), "1.0", LabelCache(), max_decoded=MiB, max_ts_ms=5_000)
+    w = decode(
+        _v1(({"__name__": "go_goroutines"}, [(10_000, 1.0)])), "1.0", LabelCache(), max_decoded=MiB, max_ts_ms=5_000
+    )
     assert w.invalid_series == 1 and "future" in (w.first_error or "")
 
 
@@ -108,20 +119,23 @@ def _v2(symbols: list[str], series: list[tuple[list[int], list[tuple[int, float]
     req = pb2.Request(symbols=symbols)
     for refs, samples in series:
         ts = req.timeseries.add(labels_refs=refs)
-        for t, v in samples:
-            ts.samples.add(timestamp=t, value=v)
+        for t, x in samples:
+            ts.samples.add(timestamp=t, value=x)
     return encode_v2(req)
 
 
 def test_v2_symbols_refs_unsorted_labels_and_special_values() -> None:
     symbols = ["", "job", "dns", "__name__", "coredns_dns_requests_total", "instance", "a:9153", "go_goroutines"]
-    body = _v2(symbols, [
-        ([5, 6, 3, 4, 1, 2], [(1000, 1.0), (2000, math.inf), (3000, -math.inf)]),  # unsorted refs
-        ([3, 7, 5, 6], [(1000, float("nan")), (2000, STALE_NAN)]),
-    ])
+    body = _v2(
+        symbols,
+        [
+            ([5, 6, 3, 4, 1, 2], [(1000, 1.0), (2000, math.inf), (3000, -math.inf)]),  # unsorted refs
+            ([3, 7, 5, 6], [(1000, float("nan")), (2000, STALE_NAN)]),
+        ],
+    )
     w = decode(body, "2.0", LabelCache(), max_decoded=MiB)
     assert w.invalid_series == 0 and w.samples == 5
-    (k1, s1), (k2, s2) = w.series()
+    (k1, s1), (_k2, s2) = w.series()
     assert k1.labels == (("__name__", "coredns_dns_requests_total"), ("instance", "a:9153"), ("job", "dns"))
     assert s1[1][1] == math.inf and s1[2][1] == -math.inf
     assert math.isnan(s2[0][1]) and not is_stale_marker(s2[0][1])
@@ -156,7 +170,7 @@ def test_v1_body_sent_as_v2_is_a_400_or_empty() -> None:
 def test_c_and_python_decoders_agree() -> None:
     from detectord.ingest import remote_write
 
-    if remote_write._fastdecode is None:
+    if remote_write._fastdecode is None:  # type: ignore[attr-defined]
         pytest.skip("the C decoder is not built here (no compiler at install time)")
     from detectord.ingest.remote_write import decode_v1_bytes
 
@@ -176,11 +190,18 @@ def test_c_and_python_decoders_agree() -> None:
     a = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=True)
     b = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=False)
 
-    def norm(w: object) -> tuple[object, ...]:
-        assert hasattr(w, "series")
+    def norm(w: DecodedWrite) -> tuple[object, ...]:
         series = [(k.labels, [(t, repr(v)) for t, v in s]) for k, s in w.series()]  # repr: NaN == NaN
-        return (series, w.samples, w.histograms, w.exemplars, w.metadata, w.invalid_series,  # type: ignore[attr-defined]
-                w.invalid_samples, w.first_error)  # type: ignore[attr-defined]
+        return (
+            series,
+            w.samples,
+            w.histograms,
+            w.exemplars,
+            w.metadata,
+            w.invalid_series,
+            w.invalid_samples,
+            w.first_error,
+        )
 
     assert norm(a) == norm(b)
     assert a.invalid_series > 0 and a.histograms > 0 and a.exemplars > 0 and a.metadata == 1

@@ -51,8 +51,10 @@ def test_counter_rate_with_reset_and_aggregation_over_servers() -> None:
     # Two server blocks of one instance; the process restarts at t=5 (counters back near 0).
     values = [0, 100, 200, 300, 400, 50, 150, 250]
     scrapes = [
-        write((L("coredns_dns_requests_total", server="dns://:53"), [(t * 1000 + 100, v)]),
-              (L("coredns_dns_requests_total", server="dns://:5353"), [(t * 1000 + 100, v / 10)]))
+        write(
+            (L("coredns_dns_requests_total", server="dns://:53"), [(t * 1000 + 100, v)]),
+            (L("coredns_dns_requests_total", server="dns://:5353"), [(t * 1000 + 100, v / 10)]),
+        )
         for t, v in enumerate(values)
     ]
     rows = feed(ext, scrapes)
@@ -82,10 +84,17 @@ def test_latency_quantiles_from_bucket_increases() -> None:
     for t in range(5):
         # Per step: 90 fast (≤1 ms), 9 at ≤10 ms, 1 at ≤100 ms.
         cum = [90 * t, 99 * t, 100 * t, 100 * t]
-        scrapes.append(write(*[
-            (L("coredns_dns_request_duration_seconds_bucket", le=le, server="dns://:53", zone="."), [(t * 1000, float(c))])
-            for le, c in zip(bounds, cum)
-        ]))
+        scrapes.append(
+            write(
+                *[
+                    (
+                        L("coredns_dns_request_duration_seconds_bucket", le=le, server="dns://:53", zone="."),
+                        [(t * 1000, float(c))],
+                    )
+                    for le, c in zip(bounds, cum, strict=True)
+                ]
+            )
+        )
     rows = feed(ext, scrapes)
     assert col(rows, "latency_p50_seconds", 9)[0] == pytest.approx(0.001 * 50 / 90, rel=1e-4)
     assert col(rows, "latency_p99_seconds", 9)[0] == pytest.approx(0.01, rel=1e-4)
@@ -130,7 +139,7 @@ def test_long_gap_restarts_the_window() -> None:
     rows = feed(ext, [write((L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])) for t in ts])
     restarts = [r for r in rows if r.restart]
     assert len(restarts) == 1
-    after = rows[rows.index(restarts[0]):]
+    after = rows[rows.index(restarts[0]) :]
     assert col(after, "request_rate") == [100.0] * len(after)
     assert not any(r.gap for r in after)
 
@@ -161,8 +170,9 @@ def test_instances_are_separate_and_capped() -> None:
     stats = IngestStats()
     rows = []
     for t in range(4):
-        w = write(*[(L("coredns_dns_requests_total", instance=f"i{k}"), [(t * 1000, (k + 1) * 10.0 * t)])
-                    for k in range(3)])
+        w = write(
+            *[(L("coredns_dns_requests_total", instance=f"i{k}"), [(t * 1000, (k + 1) * 10.0 * t)]) for k in range(3)]
+        )
         rows += ext.ingest(w, stats)
     rows += ext.flush()
     assert ext.instances == 2
@@ -194,9 +204,17 @@ def test_samples_of_one_scrape_split_across_late_requests_stay_together() -> Non
 
 def test_process_metrics() -> None:
     ext = FeatureExtractor(15000)
-    rows = feed(ext, [write((L("process_cpu_seconds_total"), [(t * 15000, 1.5 * t)]),
-                           (L("process_resident_memory_bytes"), [(t * 15000, 3e7)]),
-                           (L("go_goroutines"), [(t * 15000, 42.0)])) for t in range(4)])
+    rows = feed(
+        ext,
+        [
+            write(
+                (L("process_cpu_seconds_total"), [(t * 15000, 1.5 * t)]),
+                (L("process_resident_memory_bytes"), [(t * 15000, 3e7)]),
+                (L("go_goroutines"), [(t * 15000, 42.0)]),
+            )
+            for t in range(4)
+        ],
+    )
     assert col(rows, "cpu_seconds_rate") == [0.1] * 3
     assert col(rows, "resident_memory_bytes") == [3e7] * 3
     assert col(rows, "goroutines") == [42.0] * 3
@@ -208,8 +226,10 @@ def test_gauges_belong_to_their_step_and_hold_across_missed_scrapes() -> None:
     mem = {0: 10.0, 1: 11.0, 2: 12.0, 3: 13.0, 5: 15.0, 6: 16.0, 7: 17.0, 8: 18.0}
     rows = []
     for t, v in mem.items():
-        series = [(L("process_resident_memory_bytes"), [(t * 1000, v)]),
-                  (L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)])]
+        series = [
+            (L("process_resident_memory_bytes"), [(t * 1000, v)]),
+            (L("coredns_dns_requests_total"), [(t * 1000, 100.0 * t)]),
+        ]
         rows += ext.ingest(write(*series))
     rows += ext.flush()
     # Row for step [t, t+1) carries that step's gauge, never a later one; the gap row holds.
@@ -222,8 +242,10 @@ def test_stale_gauges_come_back_with_the_restarted_process() -> None:
     rows = []
     for t in range(12):
         if t == 5:  # the scrape failed: Prometheus writes stale markers
-            series = [(L("go_goroutines"), [(t * 1000, STALE_NAN)]),
-                      (L("coredns_dns_requests_total"), [(t * 1000, STALE_NAN)])]
+            series = [
+                (L("go_goroutines"), [(t * 1000, STALE_NAN)]),
+                (L("coredns_dns_requests_total"), [(t * 1000, STALE_NAN)]),
+            ]
         else:
             reqs = 100.0 * t if t < 5 else 100.0 * (t - 5)  # the restarted process counts from 0
             series = [(L("go_goroutines"), [(t * 1000, 40.0)]), (L("coredns_dns_requests_total"), [(t * 1000, reqs)])]

@@ -4,16 +4,14 @@ times out, and saying what moved."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from detectord.offline.dataset import Data, load_datasets
 from detectord.detectors import Detector, ScoreBatch, load_detector
 from detectord.detectors.artifact import WEIGHTS_FILE
 from detectord.ingest.features import FEATURE_NAMES
-from tests.lab_data import DATA, REPO, slice_recording
+from detectord.offline.dataset import Data, load_datasets
+from tests.support import DATA, REPO, slice_recording
 
 DEFAULT = REPO / "models" / "default"
 
@@ -40,8 +38,7 @@ def test_default_artifact_is_small_and_complete() -> None:
     assert meta.metrics["test"] and meta.training_data["heldout_classes"]
 
 
-def test_quiet_on_a_healthy_fleet_at_a_tenth_of_the_training_load(scored: tuple[Detector, Data, ScoreBatch]
-                                                                    ) -> None:
+def test_quiet_on_a_healthy_fleet_at_a_tenth_of_the_training_load(scored: tuple[Detector, Data, ScoreBatch]) -> None:
     _, data, out = scored
     assert set(data.role) == {"test"}  # the recording is test only: nothing was learned from it
     healthy = data.all.normal

@@ -16,8 +16,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from tests.payloads import V1_HEADERS, coredns_scrape, v1_body
-from tests.test_server import metric
+from tests.support import V1_HEADERS, coredns_scrape, metric, v1_body
 
 MAX_LAG = 0.1
 
@@ -70,8 +69,9 @@ async def test_decoding_does_not_block_the_loop(server_factory: Callable[..., An
     # the first one (every series new) is ingested before the probe starts.
     now = int(time.time() * 1000)
     first, second = (scrape_body(range(50000), now - 1000 * (2 - k), k) for k in range(2))
-    async with server_factory(web={"max_body_size": 64 * 2**20, "max_decoded_body_size": 256 * 2**20},
-                              ingest={"max_instances": 60000}) as srv:
+    async with server_factory(
+        web={"max_body_size": 64 * 2**20, "max_decoded_body_size": 256 * 2**20}, ingest={"max_instances": 60000}
+    ) as srv:
         url = f"http://127.0.0.1:{srv.port}/api/v1/write"
         async with aiohttp.ClientSession() as s:
             async with s.post(url, data=io.BytesIO(first), headers=V1_HEADERS) as r:
@@ -106,8 +106,7 @@ async def test_inference_does_not_block_the_loop(server_factory: Callable[..., A
         async with aiohttp.ClientSession() as s:
             with LagProbe() as probe:
                 for body in bodies:
-                    async with s.post(f"http://127.0.0.1:{srv.port}/api/v1/write", data=body,
-                                      headers=V1_HEADERS) as r:
+                    async with s.post(f"http://127.0.0.1:{srv.port}/api/v1/write", data=body, headers=V1_HEADERS) as r:
                         assert r.status == 204
                 deadline = time.monotonic() + 60
                 while srv.registry.get_sample_value("detectord_windows_scored_total") < instances:

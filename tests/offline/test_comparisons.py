@@ -12,7 +12,7 @@ import pytest
 from detectord.offline.comparisons.mixin import RULESETS, RuleResult, evaluate_rules, hold_for
 from detectord.recordings.format import RecordingWriter
 from lab.peers.prometheus import prometheus_binary
-from tests.payloads import Series, v1_body
+from tests.support import Series, v1_body
 
 STEP_S = 5
 DURATION_S = 20 * 60
@@ -31,10 +31,14 @@ def _scrape(key: tuple[str, str], ts_ms: int, requests: float, servfails: float)
     series: list[Series] = [
         ({**base, "__name__": "up"}, [(ts_ms, 1.0)]),
         ({**base, "__name__": "coredns_panics_total"}, [(ts_ms, 0.0)]),
-        ({**dns, "__name__": "coredns_dns_requests_total", "type": "A", "proto": "udp", "family": "1"},
-         [(ts_ms, requests)]),
-        ({**dns, "__name__": "coredns_dns_responses_total", "rcode": "NOERROR", "plugin": "cache"},
-         [(ts_ms, requests - servfails)]),
+        (
+            {**dns, "__name__": "coredns_dns_requests_total", "type": "A", "proto": "udp", "family": "1"},
+            [(ts_ms, requests)],
+        ),
+        (
+            {**dns, "__name__": "coredns_dns_responses_total", "rcode": "NOERROR", "plugin": "cache"},
+            [(ts_ms, requests - servfails)],
+        ),
         ({**dns, "__name__": "coredns_dns_responses_total", "rcode": "SERVFAIL", "plugin": ""}, [(ts_ms, servfails)]),
     ]
     bucket = {**dns, "__name__": "coredns_dns_request_duration_seconds_bucket"}
@@ -79,7 +83,8 @@ def _first_firing(result: RuleResult, key: tuple[str, str], rule: str) -> int | 
 
 @pytest.mark.e2e
 def test_tuned_rules_fire_for_the_faulty_instance_within_two_minutes(
-        results: dict[str, RuleResult], recording: tuple[Path, int]) -> None:
+    results: dict[str, RuleResult], recording: tuple[Path, int]
+) -> None:
     tuned, fault_ms = results["mixin_tuned"], recording[1]
     assert set(tuned.instances) == {HEALTHY, FAULTY}
     assert tuned.timestamps_ms[0] % (STEP_S * 1000) == 0
@@ -92,7 +97,8 @@ def test_tuned_rules_fire_for_the_faulty_instance_within_two_minutes(
 
 @pytest.mark.e2e
 def test_published_rules_fire_fleet_wide_only_after_their_ten_minutes(
-        results: dict[str, RuleResult], recording: tuple[Path, int]) -> None:
+    results: dict[str, RuleResult], recording: tuple[Path, int]
+) -> None:
     published, fault_ms = results["mixin"], recording[1]
     for key in (HEALTHY, FAULTY):
         first = _first_firing(published, key, "CoreDNSErrorsHigh/warning")

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,11 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.payloads import V1_HEADERS, coredns_scrape, v1_body
 from lab.peers.detectord import Detectord, run_detectord
-from tests.test_server import metric
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, V1_HEADERS, coredns_scrape, metric, v1_body
 
 pytestmark = pytest.mark.slow
 

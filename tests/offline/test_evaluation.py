@@ -51,11 +51,23 @@ def _data(labels: list[object], events: dict[str, list[int]], roles: str = "test
     meta = {}
     for e, (a, b) in events.items():
         ev[a:b] = e
-        meta[e] = {"class": lab[a], "severity": "", "recording": "r", "start_ms": int(ts[a] - STEP_MS),
-                   "end_ms": int(ts[b - 1]), "instances": ["r/j/a"]}
+        meta[e] = {
+            "class": lab[a],
+            "severity": "",
+            "recording": "r",
+            "start_ms": int(ts[a] - STEP_MS),
+            "end_ms": int(ts[b - 1]),
+            "instances": ["r/j/a"],
+        }
     info = SeriesInfo("r/j/a", "r", ("j", "a"), ts, lab, ev, np.full(n, roles, dtype=object), np.ones(n, bool))
-    empty = WindowSet(np.zeros((0, 8, 1), np.float32), np.zeros(0, object), np.zeros(0, np.int64),
-                      np.zeros(0, np.int64), ["r/j/a"], STEP_MS / 1000)
+    empty = WindowSet(
+        np.zeros((0, 8, 1), np.float32),
+        np.zeros(0, object),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        ["r/j/a"],
+        STEP_MS / 1000,
+    )
     return Data(empty, np.zeros(0, object), [info], meta, heldout=("cpu_starvation",), seen=("upstream_timeout",))
 
 
@@ -72,8 +84,7 @@ def test_incidents_caught_delays_and_false_alerts() -> None:
     scores[2000] = 1.5  # one false alert
     scores[2002] = 1.5  # the same alert, kept firing over the gap
     scores[9000] = 2.0  # another
-    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data,
-                  rule=AlertRule(0, 60))
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data, rule=AlertRule(0, 60))
     assert ev.event["events"] == 2 and ev.event["caught"] == 1 and ev.event["false_alerts"] == 2
     assert ev.event["delay_steps_median"] == 3.0
     assert ev.event["false_alerts_per_instance_day"] == pytest.approx(2 / (n - 24) * 17280, rel=1e-6)
@@ -94,8 +105,7 @@ def test_the_class_named_when_the_alert_fires_and_at_the_incident_end() -> None:
     like = np.full(200, None, dtype=object)
     like[101:103] = "upstream_down"
     like[103:110] = "upstream_timeout"
-    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores, like)}, data,
-                  rule=AlertRule(0, 60))
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores, like)}, data, rule=AlertRule(0, 60))
     c = ev.classes["upstream_timeout"]
     assert (c["named"], c["named_right"], c["named_right_at_end"]) == (1, 0, 1)
     assert ev.events[0]["looks_like"] == "upstream_down" and ev.events[0]["looks_like_at_end"] == "upstream_timeout"

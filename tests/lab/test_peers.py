@@ -27,8 +27,9 @@ async def test_edge_forwards_and_a_slow_upstream_shows_as_servfail(tmp_path: Pat
         run_dnsperf(edge.dns, qps=200, duration_s=80, workdir=tmp_path),
     ):
         await prom.wait_for("sum(rate(coredns_dns_requests_total[5s]))", lambda v: v > 150)
-        await prom.wait_for('sum(rate(coredns_proxy_request_duration_seconds_count{proxy_name="forward"}[5s]))',
-                            lambda v: v > 1)
+        await prom.wait_for(
+            'sum(rate(coredns_proxy_request_duration_seconds_count{proxy_name="forward"}[5s]))', lambda v: v > 1
+        )
         await prom.wait_for('sum(rate(coredns_dns_responses_total{rcode="NXDOMAIN"}[5s]))', lambda v: v > 5)
         assert await prom.value('sum(rate(coredns_dns_responses_total{rcode="NOERROR"}[5s]))') > 100
         assert await prom.value(SERVFAIL) == 0
@@ -39,6 +40,9 @@ async def test_edge_forwards_and_a_slow_upstream_shows_as_servfail(tmp_path: Pat
 
         await upstream.reconfigure(upstream_corefile(up, zone))
         # Once the cached SERVFAILs (5 s) and the timed-out queries have left the window.
-        await prom.wait_for('sum(increase(coredns_dns_responses_total{rcode="SERVFAIL"}[3s])) or vector(0)',
-                            lambda v: v == 0, timeout=30)
+        await prom.wait_for(
+            'sum(increase(coredns_dns_responses_total{rcode="SERVFAIL"}[3s])) or vector(0)',
+            lambda v: v == 0,
+            timeout=30,
+        )
         assert await prom.value('sum(rate(coredns_dns_responses_total{rcode="NOERROR"}[3s]))') > 100

@@ -1,0 +1,208 @@
+"""What the tests share: remote-write bodies built with the project's own protobuf code, slices
+of the committed lab data, an in-process server's config, alert-state drivers and a parser for
+`/metrics` text."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from detectord.alerting.states import Alert, AlertStates
+from detectord.config import AlertingConfig, Duration
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest._proto import remote_write_v2_pb2 as pb2
+from detectord.ingest.remote_write import encode_v1, encode_v2
+from detectord.recordings.format import RecordingWriter, read_records
+from detectord.recordings.truth import read_truth, truth_path
+
+REPO = Path(__file__).resolve().parents[1]
+# Tests may be pointed at other recordings (NAME.drec[.xz] beside NAME.truth.json).
+DATA = Path(os.environ.get("DETECTORD_TEST_DATA", REPO / "data"))
+
+
+# ---- remote-write bodies ---------------------------------------------------------------------
+
+V1_HEADERS = {
+    "Content-Type": "application/x-protobuf",
+    "Content-Encoding": "snappy",
+    "X-Prometheus-Remote-Write-Version": "0.1.0",
+}
+V2_HEADERS = {
+    "Content-Type": "application/x-protobuf;proto=io.prometheus.write.v2.Request",
+    "Content-Encoding": "snappy",
+    "X-Prometheus-Remote-Write-Version": "2.0.0",
+}
+
+Series = tuple[Mapping[str, str], Iterable[tuple[int, float]]]
+
+
+def v1_request(series: Iterable[Series]) -> pb1.WriteRequest:
+    req = pb1.WriteRequest()
+    for labels, samples in series:
+        ts = req.timeseries.add()
+        for k in sorted(labels):
+            ts.labels.add(name=k, value=labels[k])
+        for t, x in samples:
+            ts.samples.add(timestamp=t, value=x)
+    return req
+
+
+def v1_body(series: Iterable[Series]) -> bytes:
+    return encode_v1(v1_request(series))
+
+
+def v2_body(series: Iterable[Series]) -> bytes:
+    symbols: dict[str, int] = {"": 0}
+    req = pb2.Request()
+
+    def ref(s: str) -> int:
+        return symbols.setdefault(s, len(symbols))
+
+    for labels, samples in series:
+        refs: list[int] = []
+        for k, v in labels.items():  # v2 labels may come unsorted
+            refs += [ref(k), ref(v)]
+        ts = req.timeseries.add(labels_refs=refs)
+        for t, x in samples:
+            ts.samples.add(timestamp=t, value=x)
+    req.symbols.extend(symbols)
+    return encode_v2(req)
+
+
+def coredns_scrape(
+    instance: str, ts_ms: int, step: int, *, qps: float = 100.0, servfail: float = 0.0, job: str = "coredns"
+) -> list[Series]:
+    """One scrape of a minimal CoreDNS at step `step` (counters = rate × step count)."""
+    base = {"job": job, "instance": instance}
+    total = qps * step
+    fail = servfail * step
+    return [
+        ({**base, "__name__": "coredns_dns_requests_total", "server": "dns://:53", "type": "A"}, [(ts_ms, total)]),
+        (
+            {**base, "__name__": "coredns_dns_responses_total", "rcode": "NOERROR", "plugin": "cache"},
+            [(ts_ms, total - fail)],
+        ),
+        ({**base, "__name__": "coredns_dns_responses_total", "rcode": "SERVFAIL", "plugin": ""}, [(ts_ms, fail)]),
+        ({**base, "__name__": "go_goroutines"}, [(ts_ms, 40.0)]),
+        ({**base, "__name__": "process_resident_memory_bytes"}, [(ts_ms, 4e7)]),
+    ]
+
+
+def metric(text: str, metric_name: str, **labels: str) -> float:
+    """The value of the first sample of `metric_name` with `labels` in /metrics text, else 0."""
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == metric_name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+# ---- an in-process server --------------------------------------------------------------------
+
+
+def test_config(**sections: dict[str, Any]) -> Any:
+    """A Config for an in-process server on a free port, with small batches; `sections` override."""
+    from detectord.config import Config
+
+    base = Config()
+    defaults: dict[str, dict[str, Any]] = {
+        "web": {"listen_address": "127.0.0.1:0", "shutdown_timeout": 2.0},
+        "ingest": {"step": 1.0},
+        "model": {"path": REPO / "models/default"},
+        "inference": {"max_batch": 64, "queue_size": 4096},
+    }
+    for name, values in sections.items():
+        defaults.setdefault(name, {}).update(values)
+    kwargs = {name: dataclasses.replace(getattr(base, name), **values) for name, values in defaults.items()}
+    return dataclasses.replace(base, **kwargs)
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def running_server(cfg: Any) -> AsyncIterator[Any]:
+    from detectord.serve.server import Server
+
+    srv = Server(cfg)
+    await srv.startup()
+    try:
+        yield srv
+    finally:
+        await srv.shutdown()
+
+
+# ---- alert states ----------------------------------------------------------------------------
+
+LABELS = {"job": "coredns", "instance": "10.0.0.1:9153"}
+KEY = ("coredns", "10.0.0.1:9153")
+TOP = [("rcode_servfail_share", 12.34, 0.41), ("latency_p99_seconds", 8.1, 2.0512), ("qps", -3.0, 12345.0)]
+EXTERNAL = "http://detectord.example:9464"
+
+
+def config(**kw: Any) -> AlertingConfig:
+    base: dict[str, Any] = {
+        "for_": Duration(60),
+        "keep_firing_for": Duration(120),
+        "resend_interval": Duration(5),
+        "resolved_resend_for": Duration(1),
+        "labels": {"cluster": "eu1"},
+    }
+    base.update(kw)
+    return AlertingConfig(**base)
+
+
+def states(**kw: Any) -> AlertStates:
+    return AlertStates(config(**kw), model_name="lstm-ae", external_url=EXTERNAL)
+
+
+def step(
+    s: AlertStates,
+    ts: float,
+    score: float,
+    top: Sequence[tuple[str, float, float]] = TOP,
+    key: tuple[str, ...] = KEY,
+    labels: dict[str, str] = LABELS,
+) -> list[Alert]:
+    return s.observe(key, labels, ts, score, 0.042, top)
+
+
+# ---- the committed lab data ------------------------------------------------------------------
+
+
+def slice_recording(src: Path, dst: Path, minutes: float, skip_minutes: float = 0.0) -> Path:
+    """The records of `src` that arrived in [skip, skip + minutes) after its first, and its truth
+    file with the events that start in that span."""
+    truth = read_truth(truth_path(src))
+    start = None
+    with RecordingWriter(dst) as w:
+        for rec in read_records(src):
+            start = start if start is not None else rec.arrival_ns
+            t = (rec.arrival_ns - start) / 60e9
+            if t < skip_minutes:
+                continue
+            if t >= skip_minutes + minutes:
+                break
+            w.append(rec.body, rec.version, rec.arrival_ns)
+    assert start is not None
+    lo = start // 1_000_000 + int(skip_minutes * 60_000)
+    hi = lo + int(minutes * 60_000)
+    truth.events = [e for e in truth.events if e.start_ms and e.end_ms and lo <= e.start_ms and e.end_ms < hi]
+    truth.write(truth_path(dst))
+    return dst
+
+
+def small_data(out: Path, *, normal_minutes: float = 30.0, fault_minutes: float = 16.0) -> Path:
+    """A directory with the first minutes of the normal run and of the first fault run."""
+    out.mkdir(parents=True, exist_ok=True)
+    normal = sorted(DATA.glob("normal.drec*"))[0]
+    faults = sorted(DATA.glob("faults-1.drec*"))[0]
+    slice_recording(normal, out / "normal.drec", normal_minutes)
+    slice_recording(faults, out / "faults-1.drec", fault_minutes)
+    return out
