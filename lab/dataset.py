@@ -111,7 +111,7 @@ _README = """# Lab data sets
 Recordings of a real CoreDNS fleet on loopback (CoreDNS {coredns} built from its Go module by
 `scripts/build-coredns.sh`, real `dnsperf` load, scripted faults), exactly as a real Prometheus
 (Debian's 2.42, scraping every second) remote-wrote them to `detectord record`. Each
-`NAME.drec.xz` is a recording (detectord/recording.py's format, xz-compressed; `detectord replay`,
+`NAME.drec.xz` is a recording (detectord/recordings/format.py's format, xz-compressed; `detectord replay`,
 `score`, `train` and `evaluate` read it as it is) and `NAME.truth.json` its ground truth: the
 scenario, the instances, and every fault with its class, severity, affected instances, start and
 end (Unix ms).

@@ -110,7 +110,7 @@ class ModelMeta:
     window: int
     step_seconds: float
     threshold: float
-    # How model inputs are made from feature rows (detectord.normalise.InputPlan.to_dict()).
+    # How model inputs are made from feature rows (detectord.ingest.normalise.InputPlan.to_dict()).
     inputs: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     # Anomaly classes a supervised model tells apart (empty for an unsupervised one).

@@ -61,7 +61,7 @@ class DetectorConfig:
 
 
 class Detector(ABC):
-    """A model over windows (B, W, F) of model inputs (see detectord.normalise), oldest row first.
+    """A model over windows (B, W, F) of model inputs (see detectord.ingest.normalise), oldest row first.
 
     Retraining a model needs no Keras, only this API and the data set loader::
 

@@ -1,7 +1,7 @@
 /*
  * Hot path of remote write 1.0 decoding: walks a decompressed prometheus.WriteRequest and
  * returns its series keyed by their raw label bytes, so a series seen before costs one dict
- * lookup. Optional: detectord/remote_write.py falls back to pure Python when it is not built,
+ * lookup. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built,
  * and the tests check both give the same result.
  *
  * decode_v1(data, cache, resolve, max_ts, start, max_series, keys, counts, timestamps, values)

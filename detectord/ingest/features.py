@@ -137,7 +137,7 @@ Measure = Literal["relative", "absolute"]
 
 @dataclass(frozen=True)
 class Input:
-    """How a model sees a feature (detectord/normalise.py applies it, per instance).
+    """How a model sees a feature (detectord/ingest/normalise.py applies it, per instance).
 
     `transform(prescale * x)` tames the variance: log1p for magnitudes that span decades (latency
     in ms, CPU in % of a core, memory in MiB, rare events per minute), 2·asin(√p) for shares (it

@@ -327,7 +327,7 @@ def write_model_card(path: Path, det: Detector, evals: Mapping[str, Evaluation],
         _what(det),
         "",
         f"Windows of {meta.window} steps × {len(meta.features)} features ({', '.join(meta.features)}), "
-        f"{meta.step_seconds:g} s a step. Inputs are scale-free per instance (detectord/normalise.py): "
+        f"{meta.step_seconds:g} s a step. Inputs are scale-free per instance (detectord/ingest/normalise.py): "
         "each instance's features against its own recent median and spread, learned online while it warms "
         f"({meta.inputs['baseline']['min_buckets'] * meta.inputs['baseline']['bucket_steps']} steps), so a "
         "fleet's own level is its normal.",

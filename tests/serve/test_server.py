@@ -9,10 +9,14 @@ from typing import Any
 
 import aiohttp
 import snappy
+from structlog.testing import capture_logs
 
+from detectord.children import free_port
+from detectord.config import AlertmanagerConfig, Duration
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.remote_write import encode_v1
-from tests.support import V1_HEADERS, V2_HEADERS, coredns_scrape, metric, v1_body, v2_body
+from detectord.serve.server import Server
+from tests.support import V1_HEADERS, V2_HEADERS, coredns_scrape, metric, states, step, test_config, v1_body, v2_body
 
 NOW = int(time.time() * 1000)
 
@@ -187,3 +191,20 @@ async def test_idle_instances_are_evicted_and_the_cap_refuses_new_ones(server_fa
         assert listed == {"b:9153"}
         assert metric(text, "detectord_instances_evicted_total") == 1
         assert metric(text, "detectord_samples_total", outcome="instance_limit") == 5
+
+
+async def test_shutdown_keeps_to_one_budget_and_says_what_it_could_not_deliver() -> None:
+    # An alert queued for an Alertmanager that is down: the flush waits for it only as long as the
+    # shutdown budget has left, and the log says what is lost.
+    down = AlertmanagerConfig(url=f"http://127.0.0.1:{free_port()}", timeout=Duration(0.5))
+    srv = Server(test_config(web={"shutdown_timeout": Duration(2.0)}, alerting={"alertmanagers": (down,)}))
+    await srv.startup()
+    assert srv.notifier is not None
+    srv.notifier.submit(step(states(for_=Duration(0)), time.time(), 5.0))
+    with capture_logs() as logs:
+        t0 = time.monotonic()
+        await srv.shutdown()
+        took = time.monotonic() - t0
+    assert 1.0 < took < 2.0 + 0.5, took
+    lost = [e for e in logs if e["event"] == "alerts not delivered"]
+    assert lost and lost[0]["alertmanager"] == down.url and lost[0]["count"] == 1
