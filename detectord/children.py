@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -152,20 +153,44 @@ async def wait_http_ok(url: str, *, timeout: float = 30.0, child: Child | None =
     )
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of client sockets (Linux; 32768-60999 elsewhere)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+_handed_out: set[int] = set()
+_random = random.SystemRandom()
+LOWEST_PORT = 10000
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free on 127.0.0.1 for TCP (and, for DNS, UDP too) right now."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if kind == socket.SOCK_STREAM:
-            return port
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+    """A port that is free on 127.0.0.1 for TCP (and, for DNS, UDP too) right now.
+
+    It lies below the kernel's ephemeral range, so no client socket can take it while its server
+    restarts (a crashed CoreDNS comes back on its own port), and this process never hands it out
+    twice."""
+    lo = LOWEST_PORT
+    hi = ephemeral_ports()[0] - 1
+    for _ in range(10000):
+        port = _random.randint(lo, hi) if hi > lo else 0
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
+                port = int(s.getsockname()[1])
+            if kind != socket.SOCK_STREAM:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
         return port
+    raise OSError(f"no free port in {lo}-{hi} on 127.0.0.1")
 
 
 def tail(log: Path | None, n: int = 2000) -> str:

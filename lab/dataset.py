@@ -27,6 +27,11 @@ def publish(run: Path, to: Path, name: str | None = None) -> Path:
     truth = read_truth(run / TRUTH)
     if truth.interrupted:
         raise SystemExit(f"{run}: the run was interrupted; not publishing it")
+    if truth.health is not None and not truth.health.get("valid", True):
+        raise SystemExit(
+            f"{run}: its healthy periods were not healthy ({'; '.join(truth.health.get('reasons', []))}); "
+            "not publishing it"
+        )
     name = name or truth.scenario
     to.mkdir(parents=True, exist_ok=True)
     src = run / RECORDING

@@ -14,8 +14,9 @@ import contextlib
 import random
 import re
 import signal
+import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from detectord.config import Duration
 from lab.chaos import PathFault
@@ -33,6 +34,11 @@ class Primitive:
     the instances whose metrics it moves."""
 
     roles: ClassVar[tuple[str, ...]] = ("edge", "upstream")
+    # What really happened, as it happened ({"instance", "down_ms"} / {"instance", "up_ms"}): the truth keeps it.
+    marks: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
+
+    def mark(self, node: Node, what: str) -> None:
+        self.marks.append({"instance": node.name, what: time.time_ns() // 1_000_000})
 
     async def apply(self, fleet: Fleet, node: Node) -> None:
         pass
@@ -136,23 +142,33 @@ class Crash(Primitive):
     every: Duration | None = None
 
     async def apply(self, fleet: Fleet, node: Node) -> None:
-        await fleet.kill_node(node)
+        await self._kill(fleet, node)
 
     async def during(self, fleet: Fleet, node: Node, stop: asyncio.Event) -> None:
         while True:
             if await _wait(stop, float(self.down)):
                 return
-            await fleet.start_node(node)
+            await self._start(fleet, node)
             if self.every is None:
                 await stop.wait()
                 return
             if await _wait(stop, max(0.0, float(self.every) - float(self.down))):
                 return
-            await fleet.kill_node(node)
+            await self._kill(fleet, node)
 
     async def revert(self, fleet: Fleet, node: Node) -> None:
         if not node.running:
-            await fleet.start_node(node)
+            await self._start(fleet, node)
+
+    async def _kill(self, fleet: Fleet, node: Node) -> None:
+        await fleet.kill_node(node)
+        self.mark(node, "down_ms")
+
+    async def _start(self, fleet: Fleet, node: Node) -> None:
+        # On its own ports (below the ephemeral range: no client socket can have taken them); the
+        # mark is when it answered again (start_node waits for /ready).
+        await fleet.start_node(node)
+        self.mark(node, "up_ms")
 
 
 @dataclass

@@ -182,6 +182,11 @@ class Fleet:
             for k in range(QUERY_FILES_PER_EDGE)
         ]
 
+    @property
+    def t0(self) -> float:
+        """When the load started (event-loop time)."""
+        return self._t0
+
     def elapsed(self) -> float:
         return asyncio.get_running_loop().time() - self._t0
 

@@ -61,6 +61,8 @@ class DnsperfLoop:
         self.max_outstanding = max_outstanding
         self.timeout_s = timeout_s
         self.current_qps = 0.0
+        # (segment start, its rate) in seconds of load time: what dnsperf was asked to send.
+        self.history: list[tuple[float, float]] = []
         self._procs: list[children.Child] = []
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
@@ -76,6 +78,7 @@ class DnsperfLoop:
             t = loop.time() - self._t0
             qps = max(0.0, self.rate(t))
             self.current_qps = qps
+            self.history.append((t, float(int(qps)) if qps >= 1 else 0.0))
             self._reap()
             if qps >= 1:
                 argv = [
@@ -102,6 +105,18 @@ class DnsperfLoop:
             # The next segment starts when this one stops sending; the last one may still be
             # waiting out its outstanding queries.
             await asyncio.sleep(self.segment_s - (loop.time() - self._t0 - t))
+
+    def requested(self, t0: float, t1: float) -> float:
+        """The mean query rate dnsperf was asked for over [t0, t1] seconds of load time."""
+        if t1 <= t0 or not self.history:
+            return 0.0
+        total = 0.0
+        for i, (start, qps) in enumerate(self.history):
+            end = min(self.history[i + 1][0] if i + 1 < len(self.history) else t1, start + self.segment_s)
+            overlap = min(end, t1) - max(start, t0)
+            if overlap > 0:
+                total += qps * overlap
+        return total / (t1 - t0)
 
     def _reap(self) -> None:
         self._procs = [p for p in self._procs if p.alive]

@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import os
 import re
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -25,6 +28,7 @@ from detectord.errors import ConfigError
 from detectord.recordings.truth import Truth, TruthEvent, TruthInstance
 from lab.faults import PRIMITIVES, Primitive
 from lab.fleet import LAB_KEEP, Fleet, Node
+from lab.health import HealthMonitor, domain
 from lab.peers.detectord import run_recorder
 from lab.peers.prometheus import Prometheus, run_prometheus
 from lab.scenario import Fault, Scenario, load_scenario
@@ -40,6 +44,8 @@ class EventRecord:
     start_ms: int | None = None
     end_ms: int | None = None
     error: str | None = None
+    marks: list[dict[str, Any]] = field(default_factory=list)
+    scheduled_ms: int | None = None  # when it is due to start
 
     def to_truth(self, i: int) -> TruthEvent:
         return TruthEvent(
@@ -58,6 +64,7 @@ class EventRecord:
                 for a in self.fault.actions
             ],
             self.error,
+            sorted(self.marks, key=lambda m: m.get("down_ms", m.get("up_ms", 0))),
         )
 
 
@@ -87,6 +94,7 @@ class Run:
         self.started_ms = 0
         self.ended_ms = 0
         self.interrupted = False
+        self.health: HealthMonitor | None = None
 
     async def run(self) -> None:
         out = self.out
@@ -121,9 +129,13 @@ class Run:
                 t0 = asyncio.get_running_loop().time()
                 tasks = [asyncio.ensure_future(self._fault(ev, t0)) for ev in self.events]
                 progress = asyncio.ensure_future(self._progress(t0))
+                self.health = HealthMonitor(
+                    fleet, self.prometheus, sc.health, faulted=self._faulted, target=_target_rate, step_s=sc.step
+                )
+                tasks.append(asyncio.ensure_future(self.health.run(fleet.t0)))
                 try:
                     await asyncio.sleep(sc.duration)
-                    await asyncio.gather(*tasks)
+                    await asyncio.gather(*tasks[: len(self.events)])
                 finally:
                     progress.cancel()
                     for t in tasks:
@@ -151,6 +163,7 @@ class Run:
         await asyncio.sleep(max(0.0, t0 + f.start - loop.time()))
         applied: list[tuple[Primitive, Node]] = []
         affected: dict[str, Node] = {}
+        ev.scheduled_ms = self.started_ms + int(f.start * 1000)
         try:
             for action in f.actions:
                 for target in action.targets:
@@ -185,6 +198,8 @@ class Run:
                 if isinstance(r, Exception) and ev.error is None:
                     ev.error = f"{r.__class__.__name__}: {r}"
             await asyncio.shield(asyncio.gather(*(p.revert(fleet, n) for p, n in applied), return_exceptions=True))
+            for p, _ in applied:
+                ev.marks.extend(p.marks)
             if ev.start_ms is not None:
                 ev.end_ms = _now_ms()
                 self.say(f"lab: +{loop.time() - t0:6.0f}s fault {f.cls} over")
@@ -200,8 +215,12 @@ class Run:
         assert self.fleet is not None
         qps = "?"
         if self.prometheus is not None:
+            # A rate needs a few scrapes in its window, whatever the step.
+            window = max(10.0, 4 * self.scenario.step)
             with contextlib.suppress(Exception):
-                v = await self.prometheus.value('sum(rate(coredns_dns_requests_total{job="coredns-edge"}[10s]))')
+                v = await self.prometheus.value(
+                    f'sum(rate(coredns_dns_requests_total{{job="coredns-edge"}}[{window:g}s]))'
+                )
                 qps = f"{v:.0f}"
         samples = size = "?"
         with contextlib.suppress(Exception):
@@ -238,8 +257,26 @@ class Run:
                 for n in (fleet.nodes.values() if fleet else [])
             ],
             events=[ev.to_truth(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
+            health=self.health.verdict().to_json() if self.health is not None else None,
         )
         return truth.write(self.out / TRUTH)
+
+    def _faulted(self, start_ms: int, end_ms: int) -> set[str]:
+        """The fault domains of every fault active (or being applied) between the two times."""
+        assert self.fleet is not None
+        names: set[str] = set()
+        for ev in self.events:
+            began = ev.start_ms if ev.start_ms is not None else ev.scheduled_ms
+            if began is None or began > end_ms or (ev.end_ms is not None and ev.end_ms < start_ms):
+                continue
+            names |= {i["instance"] for i in ev.instances}
+            names |= {t for a in ev.fault.actions for t in a.targets}
+        return domain(self.fleet, sorted(names))
+
+
+def _target_rate(node: Node, t0: float, t1: float) -> float:
+    """An edge's base load over [t0, t1] seconds of load time: what its dnsperf was asked to send."""
+    return node.load.requested(t0, t1) if node.load is not None else 0.0
 
 
 def _metric(text: str, name: str) -> str:
@@ -247,8 +284,45 @@ def _metric(text: str, name: str) -> str:
     return f"{float(m.group(1)):.0f}" if m else "?"
 
 
+# Every lab run holds this lock: shared for an ordinary run, exclusive for one that needs the
+# machine to itself (`exclusive: true`), so neither starts beside the other. Machine-wide, not
+# per clone: runs from two checkouts starve each other just the same.
+LOCK = Path(os.environ.get("DETECTORD_LAB_LOCK", "/tmp/detectord-lab.lock"))
+
+
+class MachineBusy(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def machine_lock(exclusive: bool, path: Path = LOCK) -> Iterator[None]:
+    """Hold the lab's machine lock; raise MachineBusy at once if it cannot be had."""
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MachineBusy(
+                "another lab run is using this machine"
+                + (" (this one needs it to itself: exclusive: true)" if exclusive else " and needs it to itself")
+                + f"; lock {path}"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 async def _main(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
+    try:
+        with machine_lock(scenario.exclusive):
+            return await _run(scenario, args)
+    except MachineBusy as exc:
+        print(f"lab/run: {args.scenario}: not started: {exc}", file=sys.stderr, flush=True)
+        return 3
+
+
+async def _run(scenario: Scenario, args: argparse.Namespace) -> int:
     run = Run(scenario, Path(args.out).resolve(), source=Path(args.scenario), progress_interval=args.progress_interval)
     task = asyncio.current_task()
     assert task is not None
@@ -258,6 +332,19 @@ async def _main(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         print(f"lab: interrupted; stopped everything; truth of what ran in {Path(args.out) / TRUTH}", flush=True)
         return 130
+    verdict = run.health.verdict() if run.health is not None else None
+    if verdict is not None and not verdict.valid:
+        print(
+            f"lab: the healthy periods were not healthy: {'; '.join(verdict.reasons)} (the truth says so; data "
+            "sets refuse this run)",
+            flush=True,
+        )
+    elif verdict is not None:
+        print(
+            f"lab: healthy periods checked: {sum(verdict.judged_windows.values())} instance windows, all within "
+            "the health criteria",
+            flush=True,
+        )
     print(f"lab: done; {len(run.events)} faults; truth in {Path(args.out) / TRUTH}", flush=True)
     return 0
 

@@ -17,6 +17,7 @@ import yaml
 from detectord.config import Duration, from_mapping
 from detectord.errors import ConfigError
 from lab.faults import PRIMITIVES
+from lab.health import HealthCriteria
 from lab.topology import LoadSpec, Topology
 
 
@@ -55,6 +56,10 @@ class Scenario:
     faults: tuple[Fault, ...] = field(default=())
     # A run no model trains or calibrates on (detectord's data sets put all of it in the test role).
     test_only: bool = False
+    # What its healthy periods must show (lab/health.py); the verdict goes into the truth.
+    health: HealthCriteria = HealthCriteria()
+    # It needs the machine to itself: it refuses to start beside another lab run, and they beside it.
+    exclusive: bool = False
 
     def node_names(self) -> list[str]:
         t = self.topology
@@ -73,7 +78,19 @@ def load_scenario(path: str | Path) -> Scenario:
 def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
     if not isinstance(raw, Mapping):
         raise ConfigError("<top level>", "a scenario must be a mapping")
-    known = {"name", "description", "duration", "step", "seed", "topology", "load", "faults", "test_only"}
+    known = {
+        "name",
+        "description",
+        "duration",
+        "step",
+        "seed",
+        "topology",
+        "load",
+        "faults",
+        "test_only",
+        "health",
+        "exclusive",
+    }
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -96,6 +113,12 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
     test_only = raw.get("test_only", False)
     if not isinstance(test_only, bool):
         raise ConfigError("test_only", f"must be true or false, got {test_only!r}")
+    exclusive = raw.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise ConfigError("exclusive", f"must be true or false, got {exclusive!r}")
+    health: HealthCriteria = from_mapping(HealthCriteria, raw.get("health") or {}, "health")
+    if float(health.window) < 1:
+        raise ConfigError("health.window", "must be >= 1s")
     scenario = Scenario(
         name=str(raw.get("name", default_name)),
         description=str(raw.get("description", "")),
@@ -105,6 +128,8 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         topology=topology,
         load=load,
         test_only=test_only,
+        health=health,
+        exclusive=exclusive,
     )
     nodes = set(scenario.node_names())
     faults = []

@@ -167,18 +167,32 @@ def _shifted(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[Decoded
 
 
 def read_recording(
-    path: Path | str, *, step_s: float, inputs: InputPlan, phase_s: float = 0.0, labels: Sequence[Label] = ()
+    path: Path | str,
+    *,
+    step_s: float,
+    inputs: InputPlan,
+    phase_s: float = 0.0,
+    labels: Sequence[Label] = (),
+    allow_invalid: bool = False,
 ) -> Recording:
     """A recording's feature rows and baselines per instance, and its spans.
 
     `phase_s` shifts the step grid (training augmentation: the same traffic cut into steps at
-    another phase); 0 is the grid `serve` uses."""
+    another phase); 0 is the grid `serve` uses. A lab run whose own health check found its healthy
+    periods unhealthy is refused unless `allow_invalid`: its "normal" would teach and judge
+    models on broken traffic."""
     path = Path(path)
     name = recording_name(path)
     try:
         tr = truth_of(path) or Truth()
     except TruthError as exc:
         raise DatasetError(str(exc)) from None
+    if tr.health is not None and not tr.health.get("valid", True) and not allow_invalid:
+        reasons = "; ".join(tr.health.get("reasons") or ["no reason given"])
+        raise DatasetError(
+            f"{path}: the lab run's healthy periods were not healthy ({reasons}); re-record it on a "
+            "machine the run has to itself, or pass --allow-invalid-runs to use it anyway"
+        )
     stats = ReadStats()
     offset = round(phase_s * 1000)
     writes = _shifted((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
@@ -370,10 +384,14 @@ def load_datasets(
     normal_block_s: float = 1200.0,
     recovery_s: float = RECOVERY_S,
     log: Any = None,
+    allow_invalid: bool = False,
 ) -> Data:
     """Recordings (files or directories) → labelled, split windows; see the module docstring."""
     inputs = inputs or InputPlan.default(FEATURE_NAMES)
-    recs = [read_recording(p, step_s=step_s, inputs=inputs, labels=labels) for p in find_recordings(paths)]
+    recs = [
+        read_recording(p, step_s=step_s, inputs=inputs, labels=labels, allow_invalid=allow_invalid)
+        for p in find_recordings(paths)
+    ]
     if log:
         for r in recs:
             log(
@@ -564,6 +582,7 @@ def phase_windows(
     inputs: InputPlan,
     phases: Sequence[float],
     labels: Sequence[Label] = (),
+    allow_invalid: bool = False,
 ) -> WindowSet:
     """More training windows: the training blocks' traffic cut into steps at other phases.
 
@@ -572,7 +591,9 @@ def phase_windows(
     by_name = {i.name: i for i in data.series}
     for p in find_recordings(paths):
         for ph in phases:
-            rec = read_recording(p, step_s=step_s, inputs=inputs, phase_s=ph, labels=labels)
+            rec = read_recording(
+                p, step_s=step_s, inputs=inputs, phase_s=ph, labels=labels, allow_invalid=allow_invalid
+            )
             if rec.test_only:
                 continue
             step_ms = round(step_s * 1000)

@@ -67,6 +67,8 @@ class Settings:
     margin: float | None = None  # None: each kind's own calibration_margin
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     tensorboard: str | None = None
+    # Use lab runs whose own health check failed (data sets refuse them otherwise).
+    allow_invalid_runs: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +92,7 @@ def load_data(
         labels=labels,
         seed=settings.seed,
         log=log,
+        allow_invalid=settings.allow_invalid_runs,
     )
 
 
@@ -298,6 +301,7 @@ def train_all(
             inputs=InputPlan.default(FEATURE_NAMES),
             phases=settings.phases,
             labels=labels,
+            allow_invalid=settings.allow_invalid_runs,
         )
         # Held-out classes stay out of training in every phase.
         extra = extra.subset(np.array([lb is not None and lb not in data.heldout for lb in extra.label], dtype=bool))
@@ -419,6 +423,7 @@ def evaluate_models(
     comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
     command: str = "",
     log: Log = print,
+    allow_invalid_runs: bool = False,
 ) -> dict[str, Evaluation]:
     """`detectord evaluate`: the models (with their score variants) and the comparisons on the test role
     of `data_paths`, split as the first model was trained; a report in `out`."""
@@ -431,6 +436,7 @@ def evaluate_models(
         if (d.window, d.step_seconds, d.meta.inputs) != (first.window, first.step_seconds, first.meta.inputs):
             raise DatasetError(f"{p}: window, step or inputs differ from {paths[0]}'s; evaluate them apart")
     settings = settings_from_model(first, data_paths)
+    settings.allow_invalid_runs = allow_invalid_runs
     data = load_data(settings, inputs=first.inputs, log=log)
     models: dict[str, Detector] = {}
     for p, d in zip(paths, dets, strict=True):
@@ -466,6 +472,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         default="mixin,mixin_tuned,robust_z,isolation_forest",
         help="comparison rule sets and detectors, comma-separated; '' for none",
     )
+    p.add_argument(
+        "--allow-invalid-runs",
+        action="store_true",
+        help="use lab runs whose healthy periods failed the lab's own health check (refused otherwise)",
+    )
     args = p.parse_args(argv)
     if len(args.paths) < 2:
         p.error("give at least one model and the data")
@@ -478,6 +489,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             args.out,
             comparisons=[b for b in args.compare.split(",") if b],
             command=command,
+            allow_invalid_runs=args.allow_invalid_runs,
         )
     except (DatasetError, ValueError) as exc:
         print(f"detectord evaluate: {exc}", file=sys.stderr)
@@ -511,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         default="mixin,mixin_tuned,robust_z,isolation_forest",
         help="comparison rule sets and detectors, comma-separated; '' for none",
     )
+    p.add_argument(
+        "--allow-invalid-runs",
+        action="store_true",
+        help="use lab runs whose healthy periods failed the lab's own health check (refused otherwise)",
+    )
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)
@@ -529,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         labels=args.labels,
         heldout=[c for c in args.heldout.split(",") if c],
         tensorboard=args.tensorboard or None,
+        allow_invalid_runs=args.allow_invalid_runs,
     )
     if args.no_phases:
         settings.phases = []

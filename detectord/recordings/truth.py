@@ -49,6 +49,9 @@ class TruthEvent:
     instances: list[dict[str, str]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    # What happened while it lasted, as it happened: a crashed server's {"instance", "down_ms"} and
+    # {"instance", "up_ms"} (when it answered again).
+    marks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -72,6 +75,9 @@ class Truth:
     instance_labels: list[str] = field(default_factory=lambda: list(INSTANCE_LABELS))
     instances: list[TruthInstance] = field(default_factory=list)
     events: list[TruthEvent] = field(default_factory=list)
+    # The lab's verdict on its healthy periods (lab/health.py): {"valid": bool, "reasons": [...], ...};
+    # None for a run that was not checked (made before the check existed, or not by the lab).
+    health: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this detectord does not know
 
     def instance(self, name: str) -> TruthInstance | None:

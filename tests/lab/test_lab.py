@@ -4,7 +4,9 @@ dnsperf, Prometheus, `detectord record`) records a fault that shows on the fault
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -17,10 +19,12 @@ import yaml
 from detectord.errors import ConfigError
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
 from detectord.ingest.remote_write import LabelCache
+from detectord.offline.dataset import DatasetError, load_datasets
 from detectord.recordings.format import ReadStats, read_writes
 from lab.peers.coredns import coredns_binary
 from lab.peers.dnsperf import dnsperf_binary
 from lab.peers.prometheus import prometheus_binary
+from lab.runner import MachineBusy, machine_lock
 from lab.scenario import load_scenario, parse_scenario
 from tests.support import REPO
 
@@ -139,6 +143,11 @@ def test_smoke_scenario_records_the_fault_on_the_faulted_instances_only(tmp_path
     relays = {i["instance"]: i["relay"] for i in truth["instances"] if i["role"] == "edge"}
     assert set(relays) == {"edge-0", "edge-1"}
     assert all(r["queries"] > 0 and r["answers"] > 0 and r["failed"] == 0 for r in relays.values()), relays
+    # The run checked its own healthy periods (the lane the fault did not touch) and found them healthy.
+    health = truth["health"]
+    assert health["valid"] is True, health
+    assert health["judged_windows"]["load"] >= 1 and health["judged_windows"]["servfail_share"] >= 2, health
+    assert "healthy periods checked" in proc.stdout
     [event] = truth["events"]
     assert event["class"] == "upstream_servfail"
     assert {i["instance"] for i in event["instances"]} == {"upstream-0", "edge-0"}
@@ -212,3 +221,70 @@ def test_interrupted_run_leaves_no_process_and_keeps_the_truth_so_far(tmp_path: 
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"processes left behind: {leftovers}"
     assert list(_features(out)[0])  # what was recorded reads back
+
+
+@pytest.mark.e2e
+def test_an_overloaded_run_is_flagged_invalid_and_refused_by_data_sets(tmp_path: Path) -> None:
+    """One edge asked for far more queries than this machine can send and answer: the lab notices
+    its "healthy" traffic is not what the scenario asked for, says so, and data sets refuse it."""
+    _need_peers()
+    scenario = tmp_path / "overload.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "overload",
+                "duration": "45s",
+                "topology": {"edges": 1, "upstreams": 1},
+                "load": {"qps": 200000, "modulation_depth": 0, "segment": "5s"},
+                "health": {"window": "10s", "settle": "10s"},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "were not healthy" in proc.stdout, proc.stdout
+    health = json.loads((out / "truth.json").read_text())["health"]
+    assert health["valid"] is False and any(r.startswith("load:") for r in health["reasons"]), health
+    bad = [v for v in health["violations"] if v["check"] == "load"]
+    assert bad and all(v["instance"] == "edge-0" and v["value"] < 0.9 * v["limit"] for v in bad), bad
+    # As a data set: refused unless asked for.
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(out / "recording.drec", data / "overload.drec")
+    shutil.copy(out / "truth.json", data / "overload.truth.json")
+    with pytest.raises(DatasetError, match=r"healthy periods were not healthy.*load:"):
+        load_datasets([data], window=8, step_s=5.0)
+    assert load_datasets([data], window=8, step_s=5.0, allow_invalid=True).series
+
+
+def test_a_run_that_needs_the_machine_refuses_to_start_beside_another(tmp_path: Path) -> None:
+    lock = tmp_path / "lab.lock"
+    # Ordinary runs share the machine; one that needs it to itself does not start beside them.
+    with (
+        machine_lock(False, lock),
+        machine_lock(False, lock),
+        pytest.raises(MachineBusy, match="needs it to itself"),
+        machine_lock(True, lock),
+    ):
+        pass
+    with machine_lock(True, lock), pytest.raises(MachineBusy, match="another lab run"), machine_lock(False, lock):
+        pass
+    # lab/run says so and starts nothing.
+    scenario = tmp_path / "big.yaml"
+    scenario.write_text(yaml.safe_dump({"duration": "10s", "exclusive": True}))
+    with machine_lock(False, lock):
+        proc = subprocess.run(
+            [str(REPO / "lab/run"), str(scenario), "--out", str(tmp_path / "run")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "DETECTORD_LAB_LOCK": str(lock)},
+        )
+    assert proc.returncode == 3 and "not started: another lab run" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -3,10 +3,12 @@ dnsperf loads it, and an upstream slower than forward's timeout shows as SERVFAI
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from detectord.children import ephemeral_ports
 from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
 from lab.peers.dnsperf import run_dnsperf
 from lab.peers.prometheus import run_prometheus
@@ -46,3 +48,29 @@ async def test_edge_forwards_and_a_slow_upstream_shows_as_servfail(tmp_path: Pat
             timeout=30,
         )
         assert await prom.value('sum(rate(coredns_dns_responses_total{rcode="NOERROR"}[3s]))') > 100
+
+
+@pytest.mark.timeout(120)
+async def test_a_crashed_server_always_gets_its_ports_back(tmp_path: Path) -> None:
+    """The lab's ports lie below the kernel's ephemeral range: however many client sockets come
+    and go while a server is down, none can take its port, and it restarts on it every time."""
+    zone = zone_file(tmp_path / "example.test.zone")
+    ports = Ports()
+    lo, _ = ephemeral_ports()
+    assert all(p < lo for p in (ports.dns, ports.metrics, ports.ready, ports.health)), (ports, lo)
+    for attempt in range(3):
+        async with run_coredns(upstream_corefile(ports, zone), ports, workdir=tmp_path, name=f"up{attempt}") as dns:
+            dns.proc.kill()  # SIGKILL, as the crash primitive does
+            dns.proc.wait()
+            # Clients churn through ephemeral ports while it is down.
+            clients = []
+            for _ in range(2000):
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    s.bind(("127.0.0.1", 0))
+                    clients.append(s)
+            taken = {s.getsockname()[1] for s in clients}
+            for s in clients:
+                s.close()
+            assert not taken & {ports.dns, ports.metrics, ports.ready, ports.health}
+    # And it came back each time on the same ports (run_coredns waited for /ready on them).
