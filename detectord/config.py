@@ -94,8 +94,13 @@ class IngestConfig:
     instance_labels: tuple[str, ...] = ("job", "instance")
     # Instances tracked at once; new ones beyond are refused (and counted).
     max_instances: int = 10000
-    # Forget an instance not seen for this long.
-    instance_ttl: Duration = Duration(300.0)
+    # An instance that was scoring and whose samples stop for this long while the rest of the
+    # stream goes on is down: its alert fires ("no data for 2m"). Leave null for
+    # max(2m, 3 steps). Failed scrapes (`up == 0`) alert at once.
+    stale_after: Duration | None = None
+    # Forget an instance not seen for this long (its alert resolves), or as soon as its `up`
+    # series goes stale (Prometheus has dropped the target).
+    instance_ttl: Duration = Duration(3600.0)
     # Up to this many consecutive missing steps are filled by holding the last row;
     # a longer gap restarts the instance's window (it warms again).
     max_gap_steps: int = 5

@@ -109,10 +109,14 @@ class AlertStates:
         threshold: float,
         top_features: TopFeatures,
         looks_like: str | None = None,
+        down: tuple[str, str] | None = None,
     ) -> list[Alert]:
-        """Advance `instance` by one step; return the alerts that began firing or resolved."""
+        """Advance `instance` by one step; return the alerts that began firing or resolved.
+
+        `down` (why, description) marks a step of an instance that is down (scrapes failing, no
+        data): anomalous whatever the score, and the alert says so instead of naming features."""
         changed, self._retired = self._retired, []
-        anomalous = score > 1.0
+        anomalous = score > 1.0 or down is not None
         tr = self._tracks.get(instance)
         if tr is None:
             if not anomalous:
@@ -124,6 +128,8 @@ class AlertStates:
         change = tr.timer.step(step_ts, anomalous)
         if change == "fired":
             tr.alert = self._new_alert(tr.labels, step_ts, score, threshold, top_features, looks_like)
+            if down is not None:
+                _describe_down(tr.alert, *down)
             changed.append(tr.alert)
         elif change == "cleared":
             del self._tracks[instance]
@@ -132,6 +138,8 @@ class AlertStates:
             tr.alert.resolved_at = max(step_ts, tr.alert.starts_at)
             changed.append(tr.alert)
             del self._tracks[instance]
+        elif down is not None and tr.alert is not None:
+            _describe_down(tr.alert, *down)
         elif anomalous and tr.alert is not None:
             self._describe(tr.alert, score, threshold, top_features, looks_like)
         return changed
@@ -231,6 +239,7 @@ class AlertStates:
         if top:
             text += f" Top contributing features: {top}."
         alert.annotations.update(description=text, score=f"{score:.4g}", threshold=f"{threshold:g}")
+        alert.annotations.pop("down", None)
         if looks_like:
             alert.annotations["looks_like"] = looks_like
         else:
@@ -241,6 +250,12 @@ class AlertStates:
             return ""
         name = instance_labels.get("instance") or next(iter(instance_labels.values()), "")
         return f"{self.external_url}/api/v1/instances?instance={quote(name, safe='')}"
+
+
+def _describe_down(alert: Alert, why: str, description: str) -> None:
+    alert.annotations.update(description=description, down=why)
+    for key in ("score", "looks_like"):
+        alert.annotations.pop(key, None)
 
 
 def _summary(labels: Mapping[str, str]) -> str:

@@ -284,6 +284,31 @@ class IngestStats:
 
 
 _NO_VALUE = math.nan
+# Prometheus's own series per target: 1 after a successful scrape, 0 after a failed one; a stale
+# marker when the target left service discovery.
+UP = "up"
+
+
+class Liveness(NamedTuple):
+    """What is known of whether an instance is alive, beside its features."""
+
+    up: float  # the latest `up` (1, 0), NaN before any or once it went stale
+    up_ts_ms: int  # its timestamp
+    up_gone: bool  # `up` went stale: the target left service discovery
+    last_data: float  # monotonic time of its latest feature sample
+    has_rows: bool  # it has made feature rows (it is past its first step)
+
+
+class _UpSeries:
+    """An `up` series: it belongs to the CoreDNS instance its labels name, once that instance
+    exists (`up` of every other target is ignored)."""
+
+    __slots__ = ("inst", "key", "last_ts")
+
+    def __init__(self, key: InstanceKey, inst: _Instance | None) -> None:
+        self.key = key
+        self.inst = inst
+        self.last_ts = -(2**62)
 
 
 class _Series:
@@ -311,6 +336,7 @@ class _Instance:
         "gauges",
         "key",
         "last_close_ts",
+        "last_data",
         "last_row",
         "last_seen",
         "max_ts",
@@ -319,6 +345,9 @@ class _Instance:
         "restart",
         "seen",
         "series",
+        "up",
+        "up_gone",
+        "up_ts",
     )
 
     def __init__(self, key: InstanceKey, nslots: int, ngauges: int, nhist: int) -> None:
@@ -338,7 +367,11 @@ class _Instance:
         # Per histogram source: {le: counter slot}, and the same as (le, slot) sorted by le.
         self.bucket_slots: dict[int, dict[float, int]] = {}
         self.bucket_order: list[list[tuple[float, int]]] = [[] for _ in range(nhist)]
-        self.last_seen = 0.0
+        self.last_seen = 0.0  # monotonic time of its latest sample, `up` included
+        self.last_data = 0.0  # of its latest feature sample
+        self.up = _NO_VALUE
+        self.up_ts = 0
+        self.up_gone = False
 
     def add_slot(self) -> int:
         for a in self.acc:
@@ -404,6 +437,8 @@ class FeatureExtractor:
         self.labels = LabelCache()
         self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
         self._instances: dict[InstanceKey, _Instance] = {}
+        # Instances whose `up` arrived in the latest ingest call.
+        self.up_seen: set[InstanceKey] = set()
 
     @property
     def instances(self) -> int:
@@ -412,12 +447,19 @@ class FeatureExtractor:
     def instance_keys(self) -> list[InstanceKey]:
         return list(self._instances)
 
+    def liveness(self, key: InstanceKey) -> Liveness | None:
+        inst = self._instances.get(key)
+        if inst is None:
+            return None
+        return Liveness(inst.up, inst.up_ts, inst.up_gone, inst.last_data, inst.last_row is not None)
+
     def ingest(
         self, write: DecodedWrite, stats: IngestStats | None = None, now: float | None = None
     ) -> list[FeatureRow]:
         stats = stats if stats is not None else IngestStats()
         now = time.monotonic() if now is None else now
         rows: list[FeatureRow] = []
+        self.up_seen = set()
         step_ms = self.step_ms
         tss, vals = write.timestamps, write.values
         j = 0
@@ -434,9 +476,13 @@ class FeatureExtractor:
                 if s is None:
                     stats.instance_limit += n
                     continue
+                if isinstance(s, _UpSeries):
+                    self._up(s, tss[first:j], vals[first:j], stats, now)
+                    continue
             assert isinstance(s, _Series)
             inst = s.inst
             inst.last_seen = now
+            inst.last_data = now
             for k in range(first, j):
                 ts = tss[k]
                 v = vals[k]
@@ -495,8 +541,9 @@ class FeatureExtractor:
         return rows
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
-        """Forget instances whose last sample arrived before `older_than` (monotonic seconds)."""
-        gone = [k for k, inst in self._instances.items() if inst.last_seen < older_than]
+        """Forget instances whose last sample arrived before `older_than` (monotonic seconds), and
+        those whose `up` went stale (the target left service discovery)."""
+        gone = [k for k, inst in self._instances.items() if inst.last_seen < older_than or inst.up_gone]
         for k in gone:
             self.forget(k)
         return gone
@@ -512,7 +559,34 @@ class FeatureExtractor:
             for g in inst.gauges:
                 g.clear()
 
-    def _bind(self, sk: SeriesKey, now: float) -> _Series | object | None:
+    def _up(self, s: _UpSeries, tss: list[int], vals: list[float], stats: IngestStats, now: float) -> None:
+        inst = s.inst
+        if inst is None or self._instances.get(s.key) is not inst:
+            inst = s.inst = self._instances.get(s.key)
+            if inst is None:  # not a CoreDNS instance (yet): its `up` says nothing we use
+                stats.ignored += len(tss)
+                return
+        for ts, v in zip(tss, vals, strict=True):
+            if ts <= s.last_ts:
+                stats.duplicate += 1
+                continue
+            s.last_ts = ts
+            if is_stale_marker(v):
+                stats.stale += 1
+                inst.up, inst.up_gone = _NO_VALUE, True
+            else:
+                stats.accepted += 1
+                inst.up, inst.up_gone = v, False
+            inst.up_ts = ts
+        inst.last_seen = now
+        self.up_seen.add(s.key)
+
+    def _bind(self, sk: SeriesKey, now: float) -> _Series | _UpSeries | object | None:
+        if sk.name == UP:
+            key = tuple(dict(sk.labels).get(k, "") for k in self.instance_labels)
+            up = _UpSeries(key, self._instances.get(key))
+            sk.state = up
+            return up
         sources = self._table.by_series_name.get(sk.name)
         if not sources:
             sk.state = _IGNORED

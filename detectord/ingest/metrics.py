@@ -42,7 +42,7 @@ class IngestMetrics:
         )
         self.instances = Gauge(
             "detectord_instances",
-            "CoreDNS instances tracked, by state (warming or scoring).",
+            "CoreDNS instances tracked, by state: warming, scoring, or down (scrapes failing, or no data).",
             ["state"],
             registry=registry,
         )

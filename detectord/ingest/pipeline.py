@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
+from detectord.ingest.liveness import LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
 from detectord.ingest.remote_write import Version, decode
@@ -73,6 +74,8 @@ class Ingestor:
         max_future_s: float,
         worker: ScoreSink,
         metrics: IngestMetrics,
+        stale_after_s: float = 120.0,
+        on_liveness: Callable[[list[LivenessEvent]], object] | None = None,
     ) -> None:
         self.extractor = FeatureExtractor(
             step_ms, instance_labels, max_instances=max_instances, max_gap_steps=max_gap_steps
@@ -84,6 +87,10 @@ class Ingestor:
         self.metrics = metrics
         # Instances whose window and baseline are both warm (the rest are warming).
         self._scoring: set[InstanceKey] = set()
+        # Which of them are down, and where their liveness events go (called on the ingest thread).
+        self.liveness = LivenessTracker(stale_after_s)
+        self.on_liveness = on_liveness
+        self.last_write = 0.0  # monotonic
         self.max_decoded = max_decoded
         self.max_future_ms = int(max_future_s * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
@@ -110,7 +117,9 @@ class Ingestor:
         )
         stats = IngestStats()
         bound = self.extractor.series_bound
-        rows = self.extractor.ingest(decoded, stats)
+        now = time.monotonic()
+        self.last_write = now
+        rows = self.extractor.ingest(decoded, stats, now)
         if self.extractor.series_bound - bound >= FREEZE_AFTER_NEW_SERIES:
             # Many new long-lived objects: take them out of the cyclic GC's full collections,
             # which would otherwise scan them all, holding the GIL (and stalling the event loop)
@@ -118,6 +127,10 @@ class Ingestor:
             # by hand when an instance is forgotten, so reference counting still frees them.
             gc.freeze()
         self.push_rows(rows)
+        events = self.liveness.after_write(self.extractor, self._scoring, now)
+        if events:
+            self._deliver_liveness(events)
+            self.update_instance_gauges()
         m = self.metrics
         m.count_ingest(stats)
         if decoded.invalid_samples:
@@ -162,17 +175,33 @@ class Ingestor:
             self.metrics.window_restarts.inc(restarts)
         self.update_instance_gauges()
 
+    def check_stale(self) -> list[LivenessEvent]:
+        """Instances that went quiet while the rest of the stream goes on (run it on the ingest thread)."""
+        alive = time.monotonic() - self.last_write <= self.liveness.stale_after_s
+        events = self.liveness.check_stale(self.extractor, self._scoring, stream_alive=alive)
+        if events:
+            self._deliver_liveness(events)
+        self.update_instance_gauges()
+        return events
+
+    def _deliver_liveness(self, events: list[LivenessEvent]) -> None:
+        if self.on_liveness is not None:
+            self.on_liveness(events)
+
     def update_instance_gauges(self) -> None:
         total = self.extractor.instances
-        scoring = len(self._scoring)
-        self.metrics.instances.labels("warming").set(total - scoring)
+        down = len(self.liveness.down)
+        scoring = len(self._scoring - self.liveness.down.keys())
+        self.metrics.instances.labels("warming").set(total - scoring - down)
         self.metrics.instances.labels("scoring").set(scoring)
+        self.metrics.instances.labels("down").set(down)
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         gone = self.extractor.evict_idle(older_than)
         self.windows.forget(gone)
         self.normaliser.forget(gone)
         self._scoring.difference_update(gone)
+        self.liveness.forget(gone)
         if gone:
             self.metrics.instances_evicted.inc(len(gone))
         self.update_instance_gauges()

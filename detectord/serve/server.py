@@ -27,6 +27,7 @@ from detectord.config import AlertingConfig, Config, listen_host_port, load_conf
 from detectord.detectors import Detector, load_model
 from detectord.errors import ConfigError, DetectordError, ModelError
 from detectord.ingest.features import InstanceKey
+from detectord.ingest.liveness import LivenessEvent
 from detectord.ingest.pipeline import Ingestor
 from detectord.serve.http import application
 from detectord.serve.inference import InferenceWorker, bucket_sizes, warm_up
@@ -134,6 +135,8 @@ class Server:
             max_future_s=cfg.ingest.max_future,
             worker=worker,
             metrics=self.metrics,
+            stale_after_s=self.stale_after_s(),
+            on_liveness=lambda events: loop.call_soon_threadsafe(self._deliver_liveness, events),
         )
         self.ingestor.update_instance_gauges()
         stack.push_async_callback(self._close_ingestor)
@@ -141,6 +144,7 @@ class Server:
 
         stack.push_async_callback(self._cancel_tasks)
         self._spawn(self._evict_loop())
+        self._spawn(self._stale_loop())
 
         runner = web.AppRunner(
             application(self), access_log=None, shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE
@@ -324,6 +328,22 @@ class Server:
             raise ConfigError("ingest.instance_labels", "cannot change on reload; restart detectord")
         if cfg.web.listen_address != self.cfg.web.listen_address:
             raise ConfigError("web.listen_address", "cannot change on reload; restart detectord")
+
+    def stale_after_s(self) -> float:
+        if self.cfg.ingest.stale_after is not None:
+            return float(self.cfg.ingest.stale_after)
+        return max(120.0, 3 * self.step_s)
+
+    def _deliver_liveness(self, events: list[LivenessEvent]) -> None:
+        if self.sink is not None:
+            self.sink.liveness(events)
+
+    async def _stale_loop(self) -> None:
+        # Every step: an instance that went quiet alerts within a step of stale_after.
+        while True:
+            await asyncio.sleep(max(0.5, self.step_s))
+            assert self.ingestor is not None
+            await self.ingestor.call(self.ingestor.check_stale)
 
     async def _evict_loop(self) -> None:
         ttl = float(self.cfg.ingest.instance_ttl)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from detectord.alerting.states import Alert, AlertStates
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import FEATURE_NAMES, InstanceKey
+from detectord.ingest.liveness import LivenessEvent
 from detectord.serve.inference import ScoreResult
 from detectord.serve.metrics import DaemonMetrics
 
@@ -77,6 +79,30 @@ class ScoreSink:
             self.notifier.submit(changed)
         self._count_alerts()
 
+    def liveness(self, events: list[LivenessEvent]) -> None:
+        """Steps of instances that are down (their alert fires, saying why), or that came back (a
+        normal step: the alert resolves after keep_firing_for, while the window warms again)."""
+        changed: list[Alert] = []
+        m, alerts = self.metrics, self.alerts
+        for ev in events:
+            key = ev.instance
+            labels = dict(zip(self.instance_labels, key, strict=True))
+            ts = ev.ts_ms / 1000.0
+            if ev.state == "up":
+                changed.extend(alerts.observe(key, labels, ts, 0.0, self.model.threshold, ()))
+                m.anomaly.labels(*key).set(0.0)
+                continue
+            was_firing = alerts.is_firing(key)
+            changed.extend(
+                alerts.observe(key, labels, ts, 0.0, self.model.threshold, (), down=(ev.state, _down_text(ev)))
+            )
+            m.anomaly.labels(*key).set(1.0)
+            if not was_firing:
+                m.clear_features(key, self.model.features)
+        if changed:
+            self.notifier.submit(changed)
+        self._count_alerts()
+
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         """Instances evicted by the ingest path: their firing alerts resolve, their series go."""
         resolved: list[Alert] = []
@@ -101,3 +127,22 @@ class ScoreSink:
     def _count_alerts(self) -> None:
         for state, n in self.alerts.counts().items():
             self.metrics.alerts.labels(state).set(n)
+
+
+def _down_text(ev: LivenessEvent) -> str:
+    since = datetime.fromtimestamp(ev.since_ms / 1000, tz=UTC).strftime("%H:%M:%SZ")
+    if ev.state == "scrape_failing":
+        return f"Scrapes failing since {since} (up == 0): the CoreDNS is down or Prometheus cannot reach it."
+    gone = _duration(max(0.0, (ev.ts_ms - ev.since_ms) / 1000))
+    return (
+        f"No data for {gone} (since {since}): its series stopped while the rest of the fleet's still "
+        "arrive; the CoreDNS may be gone, or its scrapes no longer reach detectord."
+    )
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"

@@ -20,7 +20,7 @@ from detectord import children
 from lab.peers import missing_peer
 
 # What detectord needs; the README's remote_write example keeps the same.
-KEEP = "coredns_.*|process_.*|go_goroutines"
+KEEP = "coredns_.*|process_.*|go_goroutines|up"
 
 
 @dataclass

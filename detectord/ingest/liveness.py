@@ -1,0 +1,84 @@
+"""Dead is an anomaly: an instance that was scoring and whose scrapes now fail (Prometheus writes
+`up == 0`), or whose series stopped while the rest of the fleet's still arrive, is down; it is up
+again when its feature samples return. No model can see this: a dead instance makes no windows.
+
+Owned by the ingest thread, beside the extractor it reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from detectord.ingest.features import FeatureExtractor, InstanceKey
+
+State = Literal["scrape_failing", "no_data", "up"]
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessEvent:
+    """One step of a down instance (or the step it came back at), for its alert."""
+
+    instance: InstanceKey
+    ts_ms: int  # the step's data time: the `up` sample's, or now for no data
+    state: State
+    since_ms: int  # when it went down
+
+
+class LivenessTracker:
+    """Which watched instances are down, and since when. `watched` are those that have scored: an
+    instance that never did has no normal to have left."""
+
+    def __init__(self, stale_after_s: float) -> None:
+        self.stale_after_s = stale_after_s
+        self.down: dict[InstanceKey, tuple[State, int]] = {}
+
+    def after_write(self, ext: FeatureExtractor, watched: set[InstanceKey], write_time: float) -> list[LivenessEvent]:
+        """After one ingest call at monotonic `write_time`: failing scrapes, and data back."""
+        out: list[LivenessEvent] = []
+        for key in ext.up_seen:
+            lv = ext.liveness(key)
+            if lv is None or lv.up != 0.0 or (key not in watched and key not in self.down):
+                continue
+            since = self._went(key, "scrape_failing", lv.up_ts_ms)
+            out.append(LivenessEvent(key, lv.up_ts_ms, "scrape_failing", since))
+        for key, (_, since) in list(self.down.items()):
+            lv = ext.liveness(key)
+            if lv is not None and lv.last_data >= write_time and lv.up != 0.0:
+                del self.down[key]
+                out.append(LivenessEvent(key, _wall_ms(), "up", since))
+        return out
+
+    def check_stale(
+        self, ext: FeatureExtractor, watched: set[InstanceKey], *, stream_alive: bool
+    ) -> list[LivenessEvent]:
+        """Periodically: watched instances without feature samples for `stale_after_s`, while the
+        stream is alive (otherwise it is Prometheus, or the path to us, that is down)."""
+        if not stream_alive:
+            return []
+        now, now_ms = time.monotonic(), _wall_ms()
+        out: list[LivenessEvent] = []
+        for key in watched | set(self.down):
+            lv = ext.liveness(key)
+            if lv is None or lv.up == 0.0 or now - lv.last_data <= self.stale_after_s:
+                continue
+            last_ms = now_ms - int((now - lv.last_data) * 1000)
+            since = self._went(key, "no_data", last_ms)
+            out.append(LivenessEvent(key, now_ms, "no_data", since))
+        return out
+
+    def forget(self, keys: Iterable[InstanceKey]) -> None:
+        for k in keys:
+            self.down.pop(k, None)
+
+    def _went(self, key: InstanceKey, state: State, at_ms: int) -> int:
+        was = self.down.get(key)
+        since = was[1] if was is not None else at_ms
+        self.down[key] = (state, since)
+        return since
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
