@@ -301,7 +301,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (Mapping, dict) or tp is Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
-        return {str(k): _convert(str, v, f"{key}.{k}") for k, v in value.items()}
+        kv = get_args(tp)
+        value_type = kv[1] if len(kv) == 2 else str
+        return {str(k): _convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Duration:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(key, f"must be a duration like 15s, got {value!r}")

@@ -53,10 +53,12 @@ class _Upstream(asyncio.DatagramProtocol):
 
 
 class Relay(asyncio.DatagramProtocol):
-    """Listens on 127.0.0.1:`port`, relays to `upstream` (host, port) through `fault`."""
+    """Listens on 127.0.0.1:`port`, relays to `upstream` (host, port) through `base` (the path's
+    own round-trip time, always) and `fault` (what a fault adds to it, while it lasts)."""
 
-    def __init__(self, upstream: tuple[str, int], *, seed: int = 0) -> None:
+    def __init__(self, upstream: tuple[str, int], *, seed: int = 0, base: PathFault | None = None) -> None:
         self.upstream = upstream
+        self.base = base or PathFault()
         self.fault = PathFault()
         self.transport: asyncio.DatagramTransport | None = None
         self.queries = self.answers = self.dropped = 0
@@ -88,7 +90,7 @@ class Relay(asyncio.DatagramProtocol):
         if f.drop_p > 0 and self._rng.random() < f.drop_p:
             self.dropped += 1
             return
-        delay = f.delay(self._rng)
+        delay = self.base.delay(self._rng) + f.delay(self._rng)
         if delay <= 0:
             self._send(data, addr)
             return
@@ -154,7 +156,9 @@ class Relay(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-async def start_relay(port: int, upstream: tuple[str, int], *, seed: int = 0) -> Relay:
+async def start_relay(port: int, upstream: tuple[str, int], *, seed: int = 0, base: PathFault | None = None) -> Relay:
     loop = asyncio.get_running_loop()
-    _, relay = await loop.create_datagram_endpoint(lambda: Relay(upstream, seed=seed), local_addr=("127.0.0.1", port))
+    _, relay = await loop.create_datagram_endpoint(
+        lambda: Relay(upstream, seed=seed, base=base), local_addr=("127.0.0.1", port)
+    )
     return relay

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from detectord.children import ChildError
-from lab.chaos import Relay, start_relay
+from lab.chaos import PathFault, Relay, start_relay
 from lab.load import DnsperfLoop, Modulation, RateFn
 from lab.peers.coredns import CoreDNS, Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
-from lab.peers.dnsperf import query_file
+from lab.peers.dnsperf import QTYPES, query_file
 from lab.topology import LoadSpec, Topology
 
 Role = Literal["edge", "upstream"]
@@ -114,7 +114,8 @@ class Fleet:
             await self._first_start(node)
         for e in range(t.edges):
             up = self.nodes[f"upstream-{e % t.upstreams}"]
-            relay = await start_relay(0, ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e)
+            base = PathFault(delay_s=float(t.upstream_rtt), jitter_s=float(t.upstream_jitter))
+            relay = await start_relay(0, ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e, base=base)
             node = Node(f"edge-{e}", "edge", Ports(), self.workdir, upstream=up.name, relay=relay)
             self.nodes[node.name] = node
             await self._first_start(node)
@@ -177,6 +178,7 @@ class Fleet:
                 n=QUERIES_PER_FILE,
                 nxdomain_share=spec.nxdomain_share,
                 n_names=self.topology.zone_names,
+                qtypes=spec.qtypes or QTYPES,
                 zipf=spec.zipf,
             )
             for k in range(QUERY_FILES_PER_EDGE)

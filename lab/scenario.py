@@ -18,6 +18,7 @@ from detectord.config import Duration, from_mapping
 from detectord.errors import ConfigError
 from lab.faults import PRIMITIVES
 from lab.health import HealthCriteria
+from lab.peers.dnsperf import QTYPES
 from lab.topology import LoadSpec, Topology
 
 
@@ -110,6 +111,16 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         raise ConfigError("load.modulation_depth", "must be in [0, 1)")
     if not 0 <= load.spread < 1:
         raise ConfigError("load.spread", "must be in [0, 1)")
+    if not 0 <= load.nxdomain_share <= 0.95:
+        raise ConfigError("load.nxdomain_share", "must be in [0, 0.95]")
+    if load.qtypes is not None:
+        unknown = sorted(set(load.qtypes) - set(QTYPES))
+        if unknown or not load.qtypes or any(w < 0 for w in load.qtypes.values()) or not sum(load.qtypes.values()):
+            raise ConfigError("load.qtypes", f"weights >= 0 for some of {', '.join(QTYPES)} (unknown: {unknown})")
+    if not 1 <= topology.cache_capacity <= 10_000_000:
+        raise ConfigError("topology.cache_capacity", "must be in 1..10000000")
+    if not 0 <= topology.upstream_jitter <= topology.upstream_rtt <= 2.0:
+        raise ConfigError("topology.upstream_rtt", "needs 0 <= upstream_jitter <= upstream_rtt <= 2s")
     test_only = raw.get("test_only", False)
     if not isinstance(test_only, bool):
         raise ConfigError("test_only", f"must be true or false, got {test_only!r}")

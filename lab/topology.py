@@ -3,6 +3,7 @@ settings of a scenario file's `topology` and `load` sections, read by lab/fleet.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from detectord.config import Duration
@@ -15,8 +16,13 @@ class Topology:
     # The edges' cache: TTL cap in seconds and capacity (entries, success and denial each).
     cache_ttl: int = 30
     cache_capacity: int = 9984
-    # Names in the upstreams' zone that the load asks for.
+    # Names in the upstreams' zone that the load asks for (more names than cache entries make
+    # a small cache churn).
     zone_names: int = 2000
+    # The path from each edge to its upstream, as a real resolver 5-50 ms away: every query is
+    # delayed by upstream_rtt ± upstream_jitter (faults on the path add to it).
+    upstream_rtt: Duration = Duration(0.0)
+    upstream_jitter: Duration = Duration(0.0)
 
 
 @dataclass(frozen=True)
@@ -33,3 +39,6 @@ class LoadSpec:
     zipf: float = 1.0
     # Length of one dnsperf run (a new rate is set at each).
     segment: Duration = Duration(10.0)
+    # The query types asked for besides the NXDOMAIN search-path lookups, by weight (None: A 50,
+    # AAAA 25, TXT 8, SRV 7, MX 5, PTR 5).
+    qtypes: Mapping[str, float] | None = None

@@ -84,6 +84,13 @@ def _fault(**action: Any) -> dict[str, Any]:
         (_base(topology={"edgez": 3}), "topology.edgez", "unknown key"),
         ({"topology": {"edges": 1}}, "duration", "is required"),
         (_base(test_only="yes"), "test_only", "must be true or false"),
+        (_base(exclusive="yes"), "exclusive", "must be true or false"),
+        (_base(health={"load_tolerance": "lots"}), "health.load_tolerance", "must be a number"),
+        (_base(health={"windw": "10s"}), "health.windw", "unknown key"),
+        (_base(load={"nxdomain_share": 0.99}), "load.nxdomain_share", "must be in [0, 0.95]"),
+        (_base(load={"qtypes": {"A": 1, "HINFO": 1}}), "load.qtypes", "unknown: ['HINFO']"),
+        (_base(load={"qtypes": {"A": "many"}}), "load.qtypes.A", "must be a number"),
+        (_base(topology={"upstream_rtt": "10ms", "upstream_jitter": "20ms"}), "topology.upstream_rtt", "jitter"),
     ],
 )
 def test_scenario_errors_name_the_key(raw: dict[str, Any], key: str, message: str) -> None:
@@ -102,7 +109,14 @@ def test_shipped_scenarios_are_valid() -> None:
         for f in sc.faults:
             classes.setdefault(f.cls, set()).add(f.severity)
     # The fleets at load levels no training data has are test data only.
-    assert {p.stem for p in files if load_scenario(p).test_only} == {"unseen-low", "unseen-high"}
+    assert {p.stem for p in files if load_scenario(p).test_only} == {
+        "unseen-low",
+        "unseen-high",
+        "unseen-rtt",
+        "unseen-nxdomain",
+        "unseen-cache-small",
+        "unseen-cache-large",
+    }
     # The data sets' fault runs cover every class at three severities.
     assert len(classes) >= 11
     for c, sev in classes.items():
