@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,12 +55,11 @@ class Node:
 
     @property
     def running(self) -> bool:
-        return self.coredns is not None and self.coredns.proc.poll() is None
+        return self.coredns is not None and self.coredns.child.alive
 
     def signal(self, sig: signal.Signals) -> None:
         if self.coredns is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.coredns.proc.pid, sig)
+            self.coredns.child.signal(sig)
 
 
 def _modulated(qps: float, mod: Modulation) -> RateFn:

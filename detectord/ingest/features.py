@@ -296,7 +296,6 @@ class Liveness(NamedTuple):
     up_ts_ms: int  # its timestamp
     up_gone: bool  # `up` went stale: the target left service discovery
     last_data: float  # monotonic time of its latest feature sample
-    has_rows: bool  # it has made feature rows (it is past its first step)
 
 
 class _UpSeries:
@@ -451,7 +450,7 @@ class FeatureExtractor:
         inst = self._instances.get(key)
         if inst is None:
             return None
-        return Liveness(inst.up, inst.up_ts, inst.up_gone, inst.last_data, inst.last_row is not None)
+        return Liveness(inst.up, inst.up_ts, inst.up_gone, inst.last_data)
 
     def ingest(
         self, write: DecodedWrite, stats: IngestStats | None = None, now: float | None = None

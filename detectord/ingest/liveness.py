@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal
 
 from detectord.ingest.features import FeatureExtractor, InstanceKey
@@ -60,7 +61,7 @@ class LivenessTracker:
             return []
         now, now_ms = time.monotonic(), _wall_ms()
         out: list[LivenessEvent] = []
-        for key in watched | set(self.down):
+        for key in chain(watched, [k for k in self.down if k not in watched]):
             lv = ext.liveness(key)
             if lv is None or lv.up == 0.0 or now - lv.last_data <= self.stale_after_s:
                 continue

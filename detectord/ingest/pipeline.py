@@ -175,14 +175,13 @@ class Ingestor:
             self.metrics.window_restarts.inc(restarts)
         self.update_instance_gauges()
 
-    def check_stale(self) -> list[LivenessEvent]:
+    def check_stale(self) -> None:
         """Instances that went quiet while the rest of the stream goes on (run it on the ingest thread)."""
         alive = time.monotonic() - self.last_write <= self.liveness.stale_after_s
         events = self.liveness.check_stale(self.extractor, self._scoring, stream_alive=alive)
         if events:
             self._deliver_liveness(events)
-        self.update_instance_gauges()
-        return events
+            self.update_instance_gauges()
 
     def _deliver_liveness(self, events: list[LivenessEvent]) -> None:
         if self.on_liveness is not None:
@@ -191,7 +190,8 @@ class Ingestor:
     def update_instance_gauges(self) -> None:
         total = self.extractor.instances
         down = len(self.liveness.down)
-        scoring = len(self._scoring - self.liveness.down.keys())
+        # Down instances are (almost always) scoring ones: count them without copying the set.
+        scoring = len(self._scoring) - sum(1 for k in self.liveness.down if k in self._scoring)
         self.metrics.instances.labels("warming").set(total - scoring - down)
         self.metrics.instances.labels("scoring").set(scoring)
         self.metrics.instances.labels("down").set(down)

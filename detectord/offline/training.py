@@ -28,6 +28,7 @@ from detectord.detectors.windowset import WindowSet
 from detectord.errors import DetectordError
 from detectord.ingest.features import FEATURE_NAMES
 from detectord.ingest.normalise import InputPlan
+from detectord.offline.comparisons import COMPARISONS
 from detectord.offline.dataset import (
     DEFAULT_HELDOUT,
     Data,
@@ -42,6 +43,8 @@ from detectord.offline.evaluation import Evaluation, Timeline, evaluate, timelin
 Log = Callable[[str], None]
 
 DEFAULT_WINDOW = 32
+# What every model is judged beside: all of them.
+DEFAULT_COMPARISONS = tuple(COMPARISONS)
 DEFAULT_STEP_SECONDS = 5.0
 
 
@@ -253,8 +256,6 @@ def comparison_timelines(
 ) -> dict[str, dict[str, Timeline]]:
     """Each comparison's timelines on `data`, fitted on its training role and calibrated on its
     validation role like the models."""
-    from detectord.offline.comparisons import COMPARISONS
-
     out = {}
     for name in names:
         t0 = time.perf_counter()
@@ -271,7 +272,7 @@ def train_all(
     settings: Settings,
     out_dir: Path,
     *,
-    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+    comparisons: Sequence[str] = DEFAULT_COMPARISONS,
     command: str = "",
     log: Log = print,
 ) -> dict[str, Any]:
@@ -420,7 +421,7 @@ def evaluate_models(
     data_paths: Sequence[str],
     out: Path,
     *,
-    comparisons: Sequence[str] = ("mixin", "mixin_tuned", "robust_z", "isolation_forest"),
+    comparisons: Sequence[str] = DEFAULT_COMPARISONS,
     command: str = "",
     log: Log = print,
     allow_invalid_runs: bool = False,
@@ -454,6 +455,20 @@ def evaluate_models(
     return evals
 
 
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    """What `train` and `evaluate` both take: the comparisons to judge beside, and invalid lab runs."""
+    p.add_argument(
+        "--compare",
+        default=",".join(DEFAULT_COMPARISONS),
+        help="comparison rule sets and detectors, comma-separated; '' for none",
+    )
+    p.add_argument(
+        "--allow-invalid-runs",
+        action="store_true",
+        help="use lab runs whose healthy periods failed the lab's own health check (refused otherwise)",
+    )
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     from detectord.offline.report import side_by_side
 
@@ -467,16 +482,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         help="model directories, then the data (a directory of recordings, or one recording)",
     )
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory (default: evaluation)")
-    p.add_argument(
-        "--compare",
-        default="mixin,mixin_tuned,robust_z,isolation_forest",
-        help="comparison rule sets and detectors, comma-separated; '' for none",
-    )
-    p.add_argument(
-        "--allow-invalid-runs",
-        action="store_true",
-        help="use lab runs whose healthy periods failed the lab's own health check (refused otherwise)",
-    )
+    _data_arguments(p)
     args = p.parse_args(argv)
     if len(args.paths) < 2:
         p.error("give at least one model and the data")
@@ -518,16 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         help="classes kept out of training and validation (comma-separated; '' for none)",
     )
     p.add_argument("--no-phases", action="store_true", help="no phase-shifted training windows")
-    p.add_argument(
-        "--compare",
-        default="mixin,mixin_tuned,robust_z,isolation_forest",
-        help="comparison rule sets and detectors, comma-separated; '' for none",
-    )
-    p.add_argument(
-        "--allow-invalid-runs",
-        action="store_true",
-        help="use lab runs whose healthy periods failed the lab's own health check (refused otherwise)",
-    )
+    _data_arguments(p)
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
     args = p.parse_args(argv)

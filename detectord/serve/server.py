@@ -107,7 +107,7 @@ class Server:
 
         # Alert delivery opens first and closes last, once the final scores have reached it.
         self.notifier = await _open_notifier(cfg.alerting, self.registry, self.external_url())
-        stack.push_async_callback(self._close_notifier)
+        stack.push_async_callback(self._stop_alert_delivery)
         self.sink = ScoreSink(
             model,
             cfg.alerting,
@@ -150,7 +150,8 @@ class Server:
             application(self), access_log=None, shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE
         )
         await runner.setup()
-        stack.push_async_callback(self._stop_http, runner)
+        # Leaving it stops accepting; requests in flight finish within the runner's shutdown_timeout.
+        stack.push_async_callback(runner.cleanup)
         host, port = listen_host_port(cfg)
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self.port = int(runner.addresses[0][1])
@@ -181,10 +182,6 @@ class Server:
         await self._stack.aclose()
         log.info("stopped")
 
-    async def _stop_http(self, runner: web.AppRunner) -> None:
-        # Stop accepting; requests already in flight finish (within the runner's shutdown_timeout).
-        await runner.cleanup()
-
     async def _cancel_tasks(self) -> None:
         for t in list(self._tasks):
             t.cancel()
@@ -199,7 +196,7 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self.pipeline.worker.stop, self._deadline.left())
         await asyncio.sleep(0)  # deliver the scores the worker handed back while stopping
 
-    async def _close_notifier(self) -> None:
+    async def _stop_alert_delivery(self) -> None:
         if self.notifier is not None:
             await _close_notifier(self.notifier, self._deadline.left())
 

@@ -14,7 +14,7 @@ from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.alerting.states import Alert, AlertStates
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
-from detectord.ingest.features import FEATURE_NAMES, InstanceKey
+from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import LivenessEvent
 from detectord.serve.inference import ScoreResult
 from detectord.serve.metrics import DaemonMetrics
@@ -109,7 +109,7 @@ class ScoreSink:
         for key in keys:
             self.history.pop(key, None)
             resolved.extend(self.alerts.forget(key))
-            self.metrics.forget_instance(key, FEATURE_NAMES)
+            self.metrics.forget_instance(key, self.model.features)
         if resolved:
             self.notifier.submit(resolved)
         self._count_alerts()

@@ -177,8 +177,15 @@ class CoreDNS:
     name: str
     ports: Ports
     corefile: Path
-    proc: subprocess.Popen[bytes]
-    log: Path
+    child: children.Child
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
+
+    @property
+    def log(self) -> Path:
+        return self.child.log
 
     @property
     def address(self) -> str:
@@ -203,23 +210,19 @@ class CoreDNS:
         offset = self.log.stat().st_size
         self.corefile.write_text(text)
         if not uses_reload_plugin:
-            os.killpg(self.proc.pid, signal.SIGUSR1)
+            self.child.signal(signal.SIGUSR1)
         outcome = await self._wait_log(_RELOAD_DONE, offset, timeout)
         if outcome != "Reloading complete":
             raise RuntimeError(f"CoreDNS {self.name} did not reload: {outcome}")
         if wait_ready:
-            await children.wait_http_ok(
-                f"http://127.0.0.1:{self.ports.ready}/ready",
-                timeout=timeout,
-                child=children.Child(self.name, self.proc, self.log),
-            )
+            await self.child.wait_http_ok(f"http://127.0.0.1:{self.ports.ready}/ready", timeout=timeout)
 
     def pause(self) -> None:
         """SIGSTOP: the server holds its sockets but answers nothing, like a hung process."""
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        self.child.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        self.child.signal(signal.SIGCONT)
 
     async def _wait_log(self, pattern: re.Pattern[str], offset: int, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -254,4 +257,4 @@ async def run_coredns(corefile: str, ports: Ports, *, workdir: Path, name: str) 
         ready_url=f"http://127.0.0.1:{ports.ready}/ready",
         ready_timeout=30,
     ) as child:
-        yield CoreDNS(name, ports, path, child.proc, log)
+        yield CoreDNS(name, ports, path, child)
