@@ -111,7 +111,7 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
     from detectord.serve.inference import InferenceWorker
     from detectord.serve.metrics import DaemonMetrics
 
-    model = load_model(ModelConfig(path=path))
+    model = load_model(ModelConfig(path=path), STEP_S)
     rng = np.random.default_rng(0)
     windows = rng.random((4096, model.window, len(model.features)), dtype=np.float32)
 

@@ -75,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score a recording offline, exactly as serve would score it live")
     sc.add_argument("file", help="recording (.drec, or .drec.xz)")
-    sc.add_argument("--model", default="models/default", help="model directory (default models/default)")
-    sc.add_argument("--step", type=_duration, default=None, help="feature step (default: the model's)")
+    sc.add_argument("--model", default="models/default", help="model directory or model set (default models/default)")
+    sc.add_argument(
+        "--step", type=_duration, default=None, help="feature step (default: the model's; for a model set, 1m)"
+    )
+    sc.add_argument("--any-step", action="store_true", help="run the model even at a step it was not made for")
     sc.add_argument("--out", default=None, help="write every score as CSV (instance labels, timestamp_ms, score)")
 
     sub.add_parser("train", help="train the detectors on labelled recordings (see train --help)")
@@ -189,7 +192,7 @@ def _score(args: argparse.Namespace) -> int:
     from detectord.recordings.scoring import iter_rows, recording_windows, score_windows
 
     try:
-        model = load_model(ModelConfig(path=Path(args.model)))
+        model = load_model(ModelConfig(path=Path(args.model), any_step=args.any_step), args.step)
         got = recording_windows(
             args.file, step_seconds=args.step or model.step_seconds, window=model.window, inputs=model.inputs
         )
@@ -230,7 +233,7 @@ def _check_config(path: str, *, skip_model: bool) -> int:
         from detectord.errors import ModelError
 
         try:
-            model = load_model(cfg.model)
+            model = load_model(cfg.model, cfg.ingest.step)
         except ModelError as exc:
             print(f"detectord: model error: {exc}", file=sys.stderr)
             return EXIT_CONFIG

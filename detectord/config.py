@@ -87,8 +87,9 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    # Length of one feature row. Leave null to use the model's step; set it to
-    # Prometheus's scrape_interval for the CoreDNS targets.
+    # Length of one feature row: Prometheus's scrape_interval for the CoreDNS targets, or a
+    # multiple of it. The model set runs its model for this step (null: the model's own step;
+    # for a set, 1m, Prometheus's default scrape_interval).
     step: Duration | None = None
     # Labels whose values name one CoreDNS instance. Churny labels (pod) can be left out.
     instance_labels: tuple[str, ...] = ("job", "instance")
@@ -110,7 +111,12 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # A model artifact, or a model set (one artifact per step; detectord runs the one made for
+    # ingest.step and refuses a step the set has no model for).
     path: Path = Path("models/default")
+    # Run a model at an ingest.step it was not made for (a set: its nearest step's). Its card's
+    # numbers do not hold there; for experiments and fast tests.
+    any_step: bool = False
     # Overrides the threshold stored with the model (in raw score units of the model).
     threshold: float | None = None
     # If set, must match the model; a guard against loading the wrong artifact.
@@ -151,6 +157,11 @@ class AlertingConfig:
     max_batch: int = 64
     # Features named in an alert's description.
     top_features: int = 3
+    # Alerts of instances that forward to the same upstreams (the `to` labels of their
+    # coredns_proxy_* series) carry them in this label, so Alertmanager can group them into one
+    # notification (group_by: [alertname, upstream]); the description says how many of those
+    # instances are anomalous. "" leaves the label out.
+    upstream_label: str = "upstream"
 
 
 @dataclass(frozen=True)
@@ -232,6 +243,12 @@ def _check(cfg: Config) -> None:
     label_re = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
     for name in cfg.alerting.labels:
         need(bool(label_re.fullmatch(name)), f"alerting.labels.{name}", "not a valid label name")
+    if cfg.alerting.upstream_label:
+        need(
+            bool(label_re.fullmatch(cfg.alerting.upstream_label)),
+            "alerting.upstream_label",
+            f"{cfg.alerting.upstream_label!r} is not a valid label name",
+        )
     for name in cfg.ingest.instance_labels:
         need(bool(label_re.fullmatch(name)), "ingest.instance_labels", f"{name!r} is not a valid label name")
     for i, am in enumerate(cfg.alerting.alertmanagers):

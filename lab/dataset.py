@@ -126,8 +126,8 @@ Every file is made by one lab run of the scenario of the same name, `lab/scenari
     lab/run lab/scenarios/NAME.yaml --out .cache/lab/NAME
     python -m lab.dataset publish .cache/lab/NAME --to data
 
-`make data` re-records all of them (about 2.5 hours; normal and unseen-low run beside the fault
-runs, unseen-high alone) and rewrites this file.
+`make data` re-records all of them (about 4.5 hours; normal and unseen-low run beside the fault
+runs; unseen-high, durations and benign each alone) and rewrites this file.
 
 {files}
 
@@ -139,6 +139,12 @@ runs, unseen-high alone) and rewrites this file.
   and over ten times, the rate), healthy for 12 minutes, then six faults on one lane while the
   other stays healthy. Test data only (their scenarios say `test_only: true`, and so does their
   truth): no model trains or calibrates on them.
+- `durations`: incidents of every length and ramp at the training load: 30 s, 3, 5 and 30
+  minutes, abrupt and creeping (a latency that grows for 10 minutes, then holds for 20), and a
+  crash loop, in three lanes of four; the fourth stays healthy. Test data only.
+- `benign` (when recorded): 24 low-load edges for an hour with the changes operators make every
+  day (a Corefile rollout, a rolling restart, traffic that doubles): normal, the alerts on them
+  counted apart. Test data only.
 
 {classes}
 

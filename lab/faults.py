@@ -62,15 +62,31 @@ def _paths(fleet: Fleet, node: Node) -> list[Node]:
 
 @dataclass
 class _PathPrimitive(Primitive):
-    """A fault on the network path: the edge's own path, or every edge's path to an upstream."""
+    """A fault on the network path: the edge's own path, or every edge's path to an upstream.
+    With `ramp`, it grows from nothing to its full strength over that long (a latency that
+    creeps up, a loss rate that grows), then holds."""
 
-    def fault(self) -> PathFault:
+    ramp: Duration = Duration(0.0)
+
+    def fault(self, strength: float = 1.0) -> PathFault:
         raise NotImplementedError
 
     async def apply(self, fleet: Fleet, node: Node) -> None:
+        self._set(fleet, node, 0.0 if self.ramp > 0 else 1.0)
+
+    async def during(self, fleet: Fleet, node: Node, stop: asyncio.Event) -> None:
+        t0 = time.monotonic()
+        while self.ramp > 0:
+            strength = min(1.0, (time.monotonic() - t0) / float(self.ramp))
+            self._set(fleet, node, strength)
+            if strength >= 1.0 or await _wait(stop, 1.0):
+                break
+        await stop.wait()
+
+    def _set(self, fleet: Fleet, node: Node, strength: float) -> None:
         for edge in _paths(fleet, node):
             assert edge.relay is not None
-            edge.relay.fault = self.fault()
+            edge.relay.fault = self.fault(strength)
 
     async def revert(self, fleet: Fleet, node: Node) -> None:
         for edge in _paths(fleet, node):
@@ -88,8 +104,8 @@ class UpstreamDelay(_PathPrimitive):
     delay: Duration = Duration(0.5)
     jitter: Duration = Duration(0.0)
 
-    def fault(self) -> PathFault:
-        return PathFault(delay_s=float(self.delay), jitter_s=float(self.jitter))
+    def fault(self, strength: float = 1.0) -> PathFault:
+        return PathFault(delay_s=strength * float(self.delay), jitter_s=strength * float(self.jitter))
 
 
 @dataclass
@@ -98,10 +114,10 @@ class UpstreamDrop(_PathPrimitive):
 
     probability: float = 1.0
 
-    def fault(self) -> PathFault:
+    def fault(self, strength: float = 1.0) -> PathFault:
         if not 0 < self.probability <= 1:
             raise ValueError(f"probability must be in (0, 1], got {self.probability}")
-        return PathFault(drop_p=self.probability)
+        return PathFault(drop_p=strength * self.probability)
 
 
 @dataclass
@@ -173,21 +189,28 @@ class Crash(Primitive):
 
 @dataclass
 class QueryFlood(Primitive):
-    """The edge's clients send `factor` times their usual rate (the same mix of names)."""
+    """The edge's clients send `factor` times their usual rate (the same mix of names). With
+    `ramp`, the extra load grows over that long (traffic that doubles over an hour)."""
 
     roles: ClassVar[tuple[str, ...]] = ("edge",)
     factor: float = 5.0
+    ramp: Duration = Duration(0.0)
     _extra: DnsperfLoop | None = field(default=None, init=False, repr=False)
 
     async def apply(self, fleet: Fleet, node: Node) -> None:
         if self.factor <= 1:
             raise ValueError(f"factor must be > 1, got {self.factor}")
         t0 = asyncio.get_running_loop().time() - fleet.elapsed()
+        begun, ramp = fleet.elapsed(), float(self.ramp)
+
+        def share(t: float) -> float:
+            return 1.0 if ramp <= 0 else min(1.0, max(0.0, (t - begun) / ramp))
+
         self._extra = DnsperfLoop(
             f"{node.name}-flood",
             node.ports.dns,
             node.queries,
-            lambda t: fleet.base_rate(node, t) * (self.factor - 1),
+            lambda t: fleet.base_rate(node, t) * (self.factor - 1) * share(t),
             log=fleet.workdir / f"dnsperf.{node.name}.flood.log",
             segment_s=float(fleet.load_spec.segment),
         )
@@ -227,6 +250,35 @@ class RandomSubdomainFlood(Primitive):
     async def revert(self, fleet: Fleet, node: Node) -> None:
         if self._flood is not None:
             await self._flood.stop()
+
+
+@dataclass
+class Reload(Primitive):
+    """A good Corefile is pushed (the same service, one more hosts entry nobody asks for) and the
+    reload plugin loads it: what a config rollout does. CoreDNS sets its plugins up anew."""
+
+    roles: ClassVar[tuple[str, ...]] = ("edge",)
+
+    async def apply(self, fleet: Fleet, node: Node) -> None:
+        # A real change (the reload plugin ignores comments): a name nobody asks for.
+        rollout = f"rollout-{time.time_ns()}.invalid"
+        hosts = f"\n    hosts {{\n      127.0.0.1 {rollout}\n      fallthrough\n    }}"
+        await _reload_edge(fleet, node, fleet.corefile(node, extra=hosts))
+
+    async def revert(self, fleet: Fleet, node: Node) -> None:
+        await _reload_edge(fleet, node, fleet.corefile(node))
+
+
+@dataclass
+class Restart(Primitive):
+    """SIGTERM, and started again at once on its own ports, as a rolling restart or an upgrade
+    does (counters start from 0, the cache empty)."""
+
+    async def apply(self, fleet: Fleet, node: Node) -> None:
+        await fleet.stop_node(node)
+        self.mark(node, "down_ms")
+        await fleet.start_node(node)
+        self.mark(node, "up_ms")
 
 
 @dataclass
@@ -304,6 +356,8 @@ PRIMITIVES: dict[str, type[Primitive]] = {
     "query_flood": QueryFlood,
     "random_subdomain_flood": RandomSubdomainFlood,
     "reload_failure": ReloadFailure,
+    "reload": Reload,
+    "restart": Restart,
     "max_concurrent": MaxConcurrent,
     "cpu_starvation": CpuStarvation,
 }

@@ -136,6 +136,12 @@ class Fleet:
             run_coredns(self.corefile(node), node.ports, workdir=node.workdir, name=node.name)
         )
 
+    async def stop_node(self, node: Node) -> None:
+        """SIGTERM: CoreDNS drains and exits, as Kubernetes stops a pod."""
+        node.signal(signal.SIGTERM)
+        await node.stack.aclose()
+        node.coredns = None
+
     async def kill_node(self, node: Node) -> None:
         """SIGKILL, as the OOM killer or a fatal error would end it."""
         node.signal(signal.SIGKILL)

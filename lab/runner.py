@@ -65,6 +65,7 @@ class EventRecord:
             ],
             self.error,
             sorted(self.marks, key=lambda m: m.get("down_ms", m.get("up_ms", 0))),
+            self.fault.benign,
         )
 
 

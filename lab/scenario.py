@@ -36,6 +36,9 @@ class Fault:
     duration: float
     severity: str
     actions: tuple[Action, ...]
+    # A change operators make every day (a reload, a rolling restart, traffic growth): the data
+    # sets judge its instances normal, and count the alerts on it apart.
+    benign: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class _FaultYaml:
     start: Duration
     duration: Duration
     severity: str = ""
+    benign: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,14 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
                 )
             )
         faults.append(
-            Fault(str(rf["class"]), float(timing.start), float(timing.duration), timing.severity, tuple(actions))
+            Fault(
+                str(rf["class"]),
+                float(timing.start),
+                float(timing.duration),
+                timing.severity,
+                tuple(actions),
+                bool(timing.benign),
+            )
         )
     return dataclasses.replace(scenario, faults=tuple(sorted(faults, key=lambda f: f.start)))
 

@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CONFIG = """
 ingest:
   step: 1s
+model:
+  any_step: true
 alerting:
   for: 5s
   keep_firing_for: 15s

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from detectord.config import ModelConfig
+from detectord.detectors import model_set
 from detectord.detectors.artifact import (
     FORMAT_VERSION,
     ArtifactError,
@@ -27,6 +28,7 @@ from detectord.detectors.artifact import (
 from detectord.detectors.base import Detector, DetectorConfig, ScoreBatch, Scorer
 from detectord.detectors.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
 from detectord.detectors.conv_classifier import ConvClassifier, ConvClassifierConfig
+from detectord.detectors.model_set import StepNotCovered
 from detectord.detectors.siamese import Siamese, SiameseConfig
 from detectord.ingest.features import FEATURE_NAMES
 
@@ -55,13 +57,17 @@ def load_detector(
     return cls.from_artifact(path, meta)
 
 
-def load_model(cfg: ModelConfig) -> Detector:
-    """The model `serve` and `score` run: the artifact `cfg.path` names, refused unless it reads
-    the features this detectord extracts and meets the config's guards (`model.window`,
-    `model.features`); `model.threshold` overrides its own threshold."""
-    det = load_detector(cfg.path, features=FEATURE_NAMES, window=cfg.window)
+def load_model(cfg: ModelConfig, step_s: float | None = None) -> Detector:
+    """The model `serve` and `score` run at `step_s` (None: the model's own step): the artifact
+    `cfg.path` names, or the member of the model set it names made for that step (see
+    `model_set.pick`); refused unless it is made for that step (or `model.any_step`), reads the
+    features this detectord extracts and meets the config's guards (`model.window`,
+    `model.features`). `model.threshold` overrides its own threshold."""
+    path = model_set.pick(Path(cfg.path), step_s, any_step=cfg.any_step)
+    det = load_detector(path, features=FEATURE_NAMES, window=cfg.window)
+    model_set.check_step(path, det.step_seconds, step_s, any_step=cfg.any_step)
     if cfg.features is not None:
-        check_compatible(cfg.path, det.meta, features=cfg.features)
+        check_compatible(path, det.meta, features=cfg.features)
     if cfg.threshold is not None:
         det.threshold = float(cfg.threshold)
     return det
@@ -86,6 +92,7 @@ __all__ = [
     "Scorer",
     "Siamese",
     "SiameseConfig",
+    "StepNotCovered",
     "UnknownFormatVersion",
     "UnknownKind",
     "WindowMismatch",

@@ -68,7 +68,7 @@ class Detector(ABC):
         from detectord.offline.dataset import load_datasets
         from detectord.detectors import ConvClassifier, load_detector
 
-        shipped = load_detector("models/default")
+        shipped = load_detector("models/default/15s")
         data = load_datasets(["data"], window=shipped.window, step_s=shipped.step_seconds)
         det = ConvClassifier(shipped.features, window=shipped.window, step_seconds=shipped.step_seconds)
         det.initialize_new_weights(seed=1)

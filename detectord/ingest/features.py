@@ -174,6 +174,8 @@ _REQ = counter("coredns_dns_requests_total")
 _RESP = counter("coredns_dns_responses_total")
 _DUR = histogram("coredns_dns_request_duration_seconds")
 _PROXY = histogram("coredns_proxy_request_duration_seconds")
+# Series whose `to` label names an instance's upstream.
+_PROXY_PREFIX = "coredns_proxy_"
 _MS = 1000.0
 _PER_MIN = 60.0
 
@@ -268,6 +270,9 @@ class FeatureRow:
     gap: bool = False
     # The instance came back after a gap too long to fill: windows start over.
     restart: bool = False
+    # What it forwards to: the `to` labels of its coredns_proxy_* series, sorted and comma-joined
+    # ("" when it forwards nowhere). Instances that share it share a fault domain.
+    upstream: str = ""
 
 
 @dataclass
@@ -347,6 +352,8 @@ class _Instance:
         "up",
         "up_gone",
         "up_ts",
+        "upstream",
+        "upstreams",
     )
 
     def __init__(self, key: InstanceKey, nslots: int, ngauges: int, nhist: int) -> None:
@@ -371,6 +378,8 @@ class _Instance:
         self.up = _NO_VALUE
         self.up_ts = 0
         self.up_gone = False
+        self.upstreams: set[str] = set()
+        self.upstream = ""
 
     def add_slot(self) -> int:
         for a in self.acc:
@@ -438,6 +447,8 @@ class FeatureExtractor:
         self._instances: dict[InstanceKey, _Instance] = {}
         # Instances whose `up` arrived in the latest ingest call.
         self.up_seen: set[InstanceKey] = set()
+        # Offline only (`extract`): every failed scrape's timestamp, per instance.
+        self.failed_scrapes: dict[InstanceKey, list[int]] | None = None
 
     @property
     def instances(self) -> int:
@@ -576,6 +587,8 @@ class FeatureExtractor:
             else:
                 stats.accepted += 1
                 inst.up, inst.up_gone = v, False
+                if v == 0.0 and self.failed_scrapes is not None:
+                    self.failed_scrapes.setdefault(inst.key, []).append(ts)
             inst.up_ts = ts
         inst.last_seen = now
         self.up_seen.add(s.key)
@@ -601,6 +614,10 @@ class FeatureExtractor:
             )
             inst.last_seen = now
             self._instances[key] = inst
+        to = d.get("to")
+        if to and sk.name.startswith(_PROXY_PREFIX) and to not in inst.upstreams:
+            inst.upstreams.add(to)
+            inst.upstream = ",".join(sorted(inst.upstreams))
         table = self._table
         slots: list[int] = []
         gauge_source = -1
@@ -664,7 +681,7 @@ class FeatureExtractor:
                     elapsed = self.step_ms / 1000.0
                 step = Step(acc, gauges, [_cumulative(acc, order) for order in inst.bucket_order], elapsed)
                 values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
-                rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart))
+                rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart, upstream=inst.upstream))
                 inst.last_row = values
                 inst.restart = False
             inst.primed = True
@@ -673,7 +690,7 @@ class FeatureExtractor:
         elif inst.last_row is not None and not inst.restart:
             inst.gap += 1
             if inst.gap <= self.max_gap_steps:
-                rows.append(FeatureRow(inst.key, step_ts, inst.last_row, gap=True))
+                rows.append(FeatureRow(inst.key, step_ts, inst.last_row, gap=True, upstream=inst.upstream))
             else:
                 self._restart(inst)
         inst.acc = [inst.acc[1], [0.0] * inst.nslots]
@@ -733,6 +750,8 @@ class FeatureSeries:
     gap: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (T,)
     # Row indexes where the window must start over (a gap too long to fill).
     restarts: list[int] = field(default_factory=list)
+    # Timestamps of its failed scrapes (`up == 0`): serving's liveness alerts on them.
+    failed_scrapes_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def extract(
@@ -744,6 +763,7 @@ def extract(
 ) -> dict[InstanceKey, FeatureSeries]:
     """Features per instance from remote-write 1.0 messages or DecodedWrites, in arrival order."""
     ext = FeatureExtractor(step_ms, instance_labels, max_gap_steps=max_gap_steps)
+    ext.failed_scrapes = {}
     rows: dict[InstanceKey, list[FeatureRow]] = {}
     for row in _iter_rows(ext, requests):
         rows.setdefault(row.instance, []).append(row)
@@ -754,6 +774,7 @@ def extract(
             values=np.stack([r.values for r in rs]).astype(np.float32, copy=False),
             gap=np.array([r.gap for r in rs], dtype=bool),
             restarts=[i for i, r in enumerate(rs) if r.restart],
+            failed_scrapes_ms=np.array(ext.failed_scrapes.get(key, []), dtype=np.int64),
         )
     return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,14 @@ class BaselineConfig:
     young: float = 4.0
     # Model inputs are clipped to ±clip (a feature 1,000 spreads out says no more than one 20 out).
     clip: float = 20.0
+    # A closed bucket whose mean lies more than `hold_z` spreads from the baseline in any feature is
+    # held out of it (0: never): an ongoing incident must not become the instance's normal. Held
+    # buckets are dropped when a bucket within reach closes (the incident is over), and taken in
+    # once they span `hold_max_s` (a level that lasts that long is the new normal). Only a baseline
+    # of at least `hold_after` buckets holds: a young one may not know the instance's normal yet.
+    hold_z: float = 0.0
+    hold_max_s: float = 3600.0
+    hold_after: int = 8
 
     def __post_init__(self) -> None:
         if self.bucket_steps < 1 or self.buckets < 1:
@@ -44,6 +52,8 @@ class BaselineConfig:
             raise ValueError(f"clip must be > 0, got {self.clip}")
         if not self.young >= 0:
             raise ValueError(f"young must be >= 0, got {self.young}")
+        if not self.hold_z >= 0 or not self.hold_max_s > 0 or self.hold_after < 1:
+            raise ValueError("hold_z must be >= 0, hold_max_s > 0 and hold_after >= 1")
 
     @property
     def warm_steps(self) -> int:
@@ -52,25 +62,43 @@ class BaselineConfig:
 
 @dataclass(frozen=True)
 class InputPlan:
-    """What a model's inputs are: the features' input specs (a snapshot, saved with the model)
-    and the baseline settings. `InputPlan.default(features)` reads the feature table."""
+    """What a model's inputs are: the features' input specs (a snapshot, saved with the model),
+    the baseline settings, and how soon a window is scored. `InputPlan.default(features)` reads
+    the feature table."""
 
     features: tuple[str, ...]
     specs: tuple[Input, ...]
     baseline: BaselineConfig = BaselineConfig()
+    # A window is scored once it holds this many rows since the instance appeared or restarted,
+    # its older rows repeating the oldest one (None: only full windows). At coarse steps a full
+    # window takes many minutes; this keeps the first score within minutes of an instance's start.
+    min_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_rows is not None and self.min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {self.min_rows}")
 
     @classmethod
-    def default(cls, features: Sequence[str], baseline: BaselineConfig | None = None) -> InputPlan:
+    def default(
+        cls, features: Sequence[str], baseline: BaselineConfig | None = None, min_rows: int | None = None
+    ) -> InputPlan:
         missing = [f for f in features if f not in _BY_NAME]
         if missing:
             raise ValueError(f"no input spec for features {missing}")
-        return cls(tuple(features), tuple(_BY_NAME[f] for f in features), baseline or BaselineConfig())
+        return cls(tuple(features), tuple(_BY_NAME[f] for f in features), baseline or BaselineConfig(), min_rows)
+
+    def rows_needed(self, window: int) -> int:
+        """Rows after an instance's start or restart before its first window is scored."""
+        return window if self.min_rows is None else min(self.min_rows, window)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "baseline": asdict(self.baseline),
             "features": {n: asdict(s) for n, s in zip(self.features, self.specs, strict=True)},
         }
+        if self.min_rows is not None:  # absent in artifacts made before partial windows
+            out["min_rows"] = self.min_rows
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InputPlan:
@@ -83,7 +111,10 @@ class InputPlan:
                 if unknown:
                     raise ValueError(f"feature {name!r}: unknown input keys {sorted(unknown)}")
                 specs.append(Input(**spec))
-            return cls(tuple(feats), tuple(specs), BaselineConfig(**d.get("baseline", {})))
+            min_rows = d.get("min_rows")
+            if min_rows is not None and not isinstance(min_rows, int):
+                raise ValueError(f"min_rows must be an integer, got {min_rows!r}")
+            return cls(tuple(feats), tuple(specs), BaselineConfig(**d.get("baseline", {})), min_rows)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed input plan: {exc}") from None
 
@@ -104,6 +135,8 @@ class _Compiled:
         self.rel_idx = np.flatnonzero(self.relative)
         self.floor = np.array([s.floor for s in specs], dtype=np.float32)
         self.hold = [(i, max(1, math.ceil(s.hold_s / step_s))) for i, s in enumerate(specs) if s.hold_s > 0]
+        # Buckets an ongoing deviation is held out of the baseline for, at most.
+        self.hold_buckets = max(1, math.ceil(self.cfg.hold_max_s / (self.cfg.bucket_steps * step_s)))
         # Absolute features: fixed location 0 and scale `floor`.
         self.abs_loc = np.zeros(self.nf, dtype=np.float32)
         self.abs_scale = self.floor.copy()
@@ -120,7 +153,23 @@ class InstanceBaseline:
     """One instance's baseline. `push` takes each raw feature row in step order and returns it
     transformed; `loc` and `scale` are then what a window ending at that row is measured with."""
 
-    __slots__ = ("_acc", "_acc2", "_c", "_held", "_hpos", "_k", "_means", "_n", "_next", "_stds", "loc", "scale")
+    __slots__ = (
+        "_acc",
+        "_acc2",
+        "_c",
+        "_held",
+        "_hpos",
+        "_k",
+        "_means",
+        "_n",
+        "_next",
+        "_pending",
+        "_stds",
+        "_taking",
+        "held_buckets",
+        "loc",
+        "scale",
+    )
 
     def __init__(self, compiled: _Compiled) -> None:
         c = self._c = compiled
@@ -135,6 +184,10 @@ class InstanceBaseline:
         self._k = 0
         self._held = [[0.0] * h for _, h in c.hold]
         self._hpos = 0
+        # Closed buckets held out of the baseline while they deviate (see BaselineConfig.hold_z).
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._taking = False  # a deviation outlasted hold_max_s: it is taken in until it ends
+        self.held_buckets = 0  # buckets ever held out and then dropped (an incident's)
         self.loc = c.abs_loc.copy()
         self.scale = c.abs_scale.copy()
 
@@ -161,22 +214,54 @@ class InstanceBaseline:
             self._close_bucket()
         return t
 
+    @property
+    def holding(self) -> bool:
+        """It is holding an ongoing deviation out of the baseline."""
+        return bool(self._pending)
+
     def _close_bucket(self) -> None:
         c = self._c
         k = self._k
         mean = self._acc / k
-        var = np.maximum(self._acc2 / k - mean * mean, 0.0)
+        std = np.sqrt(np.maximum(self._acc2 / k - mean * mean, 0.0))
+        self._acc[:] = 0.0
+        self._acc2[:] = 0.0
+        self._k = 0
+        cfg = c.cfg
+        if cfg.hold_z > 0 and self._n >= max(cfg.min_buckets, cfg.hold_after):
+            rel = c.rel_idx
+            off = bool((np.abs(mean - self.loc[rel]) > cfg.hold_z * self.scale[rel]).any())
+            if off and not self._taking:
+                self._pending.append((mean, std))
+                if len(self._pending) < c.hold_buckets:
+                    return
+                # It has lasted hold_max_s: the new normal, learned from here on as any level is.
+                for m, s in self._pending:
+                    self._add_bucket(m, s)
+                self._pending.clear()
+                self._taking = True
+                self._update()
+                return
+            if not off:
+                self._taking = False
+                self.held_buckets += len(self._pending)
+                self._pending.clear()
+        self._add_bucket(mean, std)
+        self._update()
+
+    def _add_bucket(self, mean: np.ndarray, std: np.ndarray) -> None:
+        c = self._c
         if self._next >= len(self._means):
             grow = min(c.cfg.buckets, max(8, 2 * len(self._means)))
             self._means = np.resize(self._means, (grow, self._means.shape[1]))
             self._stds = np.resize(self._stds, (grow, self._stds.shape[1]))
         self._means[self._next] = mean
-        self._stds[self._next] = np.sqrt(var)
+        self._stds[self._next] = std
         self._next = (self._next + 1) % c.cfg.buckets
         self._n = min(self._n + 1, c.cfg.buckets)
-        self._acc[:] = 0.0
-        self._acc2[:] = 0.0
-        self._k = 0
+
+    def _update(self) -> None:
+        c = self._c
         means, stds = self._means[: self._n], self._stds[: self._n]
         loc = np.median(means, axis=0)
         between = 1.4826 * np.median(np.abs(means - loc), axis=0)
@@ -227,6 +312,7 @@ class BaselineSeries:
     ready: np.ndarray  # bool (T,): the baseline was warm
     restarts: list[int]
     raw: np.ndarray  # float32 (T, F): the feature rows as extracted
+    failed_scrapes_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
@@ -243,11 +329,28 @@ def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> Ba
         loc[i] = b.loc
         scale[i] = b.scale
         ready[i] = b.ready
-    return BaselineSeries(series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values)
+    return BaselineSeries(
+        series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values, series.failed_scrapes_ms
+    )
+
+
+def segment_starts(n: int, restarts: Sequence[int]) -> np.ndarray:
+    """Per row, the first row of its segment: 0, or the latest restart at or before it (serving's
+    window starts again there)."""
+    marks = np.zeros(n, dtype=np.int64)
+    for r in restarts:
+        if 0 <= r < n:
+            marks[r] = r
+    out: np.ndarray = np.maximum.accumulate(marks)
+    return out
 
 
 def windows_at(bs: BaselineSeries, ends: np.ndarray, window: int, clip: float) -> np.ndarray:
-    """Model inputs (N, W, F) of the windows ending at rows `ends` (each >= window - 1)."""
+    """Model inputs (N, W, F) of the windows ending at rows `ends`, as serving's `WindowStore`
+    makes them: rows before the end's segment (the instance's start or latest restart) repeat the
+    segment's first row."""
     idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]
+    starts = segment_starts(len(bs.x), bs.restarts)[ends]
+    idx = np.maximum(idx, starts[:, None])
     out: np.ndarray = model_inputs(bs.x[idx], bs.loc[ends], bs.scale[ends], clip)
     return out

@@ -44,6 +44,7 @@ class ScoreRequest:
     step_ts_ms: int
     window: np.ndarray  # (W, F) float32 model inputs, oldest row first
     latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
+    upstream: str = ""  # what the instance forwards to (FeatureRow.upstream)
 
 
 class ScoreSink(Protocol):
@@ -82,7 +83,7 @@ class Ingestor:
         )
         self.step_s = step_ms / 1000.0
         self.normaliser = Normaliser(inputs, self.step_s)
-        self.windows = WindowStore(window, len(inputs.features))
+        self.windows = WindowStore(window, len(inputs.features), inputs.min_rows)
         self.worker = worker
         self.metrics = metrics
         # Instances whose window and baseline are both warm (the rest are warming).
@@ -164,7 +165,9 @@ class Ingestor:
             w = windows.push(row.instance, row.step_ts_ms, x, restart=row.restart, gap=row.gap)
             if w is not None and baseline.ready:
                 self._scoring.add(row.instance)
-                ready.append(ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values))
+                ready.append(
+                    ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream)
+                )
             elif row.restart:
                 self._scoring.discard(row.instance)
         if ready:
@@ -209,7 +212,7 @@ class Ingestor:
 
     def reset_windows(self, window: int, inputs: InputPlan) -> None:
         """A model with another window or other inputs: every instance warms again."""
-        self.windows = WindowStore(window, len(inputs.features))
+        self.windows = WindowStore(window, len(inputs.features), inputs.min_rows)
         if inputs != self.normaliser.plan:
             self.normaliser = Normaliser(inputs, self.step_s)
         self._scoring.clear()

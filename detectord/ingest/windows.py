@@ -1,6 +1,7 @@
 """Per-instance sliding windows (the FIFO stack): preallocated ring buffers of transformed rows.
 
-An instance is "warming" until its window is full; only full windows are scored.
+An instance is "warming" until its window holds `min_rows` rows (by default: until it is full);
+a window not yet full repeats its oldest row in front, as training cuts windows at a series' start.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ class _Ring:
 class WindowStore:
     """Ring buffers keyed by instance. Owned by the ingest thread."""
 
-    def __init__(self, window: int, nfeatures: int) -> None:
+    def __init__(self, window: int, nfeatures: int, min_rows: int | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 step, got {window}")
         self.window = window
+        self.min_rows = window if min_rows is None else max(1, min(min_rows, window))
         self.nfeatures = nfeatures
         self._rings: dict[InstanceKey, _Ring] = {}
         self.gap_rows = 0
@@ -43,7 +45,7 @@ class WindowStore:
     def push(
         self, key: InstanceKey, step_ts_ms: int, values: np.ndarray, *, restart: bool = False, gap: bool = False
     ) -> np.ndarray | None:
-        """Append a row; return the instance's full window (oldest first, a copy) or None while warming."""
+        """Append a row; return the instance's window (oldest first, a copy) or None while warming."""
         ring = self._rings.get(key)
         if ring is None:
             ring = self._rings[key] = _Ring(self.window, self.nfeatures)
@@ -57,8 +59,11 @@ class WindowStore:
         ring.pos = (ring.pos + 1) % self.window
         ring.count = min(ring.count + 1, self.window)
         ring.last_ts = step_ts_ms
-        if ring.count < self.window:
+        if ring.count < self.min_rows:
             return None
+        if ring.count < self.window:
+            # Not full yet (rows 0..count-1 hold the segment): its oldest row stands in for the rest.
+            return np.concatenate((np.repeat(ring.buf[:1], self.window - ring.count, axis=0), ring.buf[: ring.count]))
         if ring.pos == 0:
             full: np.ndarray = ring.buf.copy()
             return full

@@ -11,7 +11,7 @@ test, or None where a window would straddle two roles).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,9 @@ class Span:
     # False for an instance an incident moves without being its subject (an upstream whose edge is
     # flooded sees the flood too): its steps then are not judged, as neither normal nor anomalous.
     judged: bool = True
+    # A benign change (a reload, a restart, traffic growth): normal, with its aftermath, and its
+    # steps carry its event id ("benign:…") so alerts on them are counted apart.
+    benign: bool = False
 
     @property
     def labelled(self) -> bool:
@@ -202,7 +205,7 @@ def read_recording(
         if offset:
             fs.timestamps_ms = fs.timestamps_ms - offset
         series[key] = baseline_series(fs, inputs, step_s)
-    spans = _truth_spans(name, tr) + [
+    spans = _judge_upstreams(_truth_spans(name, tr), series) + [
         Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
         for i, lb in enumerate(labels)
         if lb.dataset in ("*", name)
@@ -216,13 +219,51 @@ def read_recording(
     return Recording(name, path, step_s, inputs, series, spans, lanes, tr.test_only, stats, tr)
 
 
+# An upstream of an edge an incident hits is part of the incident when its own query rate moved by
+# this factor or more (a flooded edge's misses, the retries of forward timeouts, a saturated edge
+# that stops forwarding); otherwise it is judged normal: an alert there would be a false one.
+UPSTREAM_MOVED = 1.25
+_RATE = FEATURE_NAMES.index("request_rate")
+
+
+def _judge_upstreams(spans: list[Span], series: Mapping[InstanceKey, BaselineSeries]) -> list[Span]:
+    """Every instance is judged: an upstream the truth does not name, beside an edge it names,
+    becomes part of the incident if its query rate moved (by `UPSTREAM_MOVED` against the two
+    minutes before) and is normal if not. The truth says which instances a fault acts on; what it
+    moves further up is measured in the recording."""
+    incident = {sp.event: sp for sp in spans if sp.cls and sp.judged}
+    out = []
+    for sp in spans:
+        bs = series.get(sp.instance)
+        if sp.judged or not sp.event or bs is None:
+            out.append(sp)
+            continue
+        ts, rate = bs.timestamps_ms, bs.raw[:, _RATE]
+        before = rate[(ts >= sp.start_ms - 120_000) & (ts < sp.start_ms)]
+        during = rate[(ts > sp.start_ms) & (ts <= sp.end_ms)]
+        if not len(before) or not len(during):
+            out.append(sp)  # nothing to measure: left unjudged
+            continue
+        ratio = (float(np.median(during)) + 1e-3) / (float(np.median(before)) + 1e-3)
+        ev = incident.get(sp.event)
+        if ev is not None and max(ratio, 1 / ratio) >= UPSTREAM_MOVED:
+            out.append(Span(sp.instance, sp.start_ms, sp.end_ms, ev.cls, sp.event, ev.severity))
+    return out
+
+
 def _truth_spans(name: str, tr: Truth) -> list[Span]:
-    """The incidents on their instances, and unjudged spans on the upstreams of affected edges."""
+    """The incidents on their instances, and unjudged spans on the upstreams of affected edges
+    (`_judge_upstreams` judges them)."""
     spans = []
     for ev in tr.events:
         if ev.start_ms is None or ev.end_ms is None:
             continue
         start, end, eid = int(ev.start_ms), int(ev.end_ms), f"{name}#{ev.id}"
+        if ev.benign:
+            for inst in ev.instances:
+                key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
+                spans.append(Span(key, start, end, "", f"benign:{eid}", ev.severity, benign=True))
+            continue
         affected = {inst.get("instance") for inst in ev.instances}
         for inst in ev.instances:
             key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
@@ -247,9 +288,12 @@ def step_labels(
     label = np.full(len(ts), "", dtype=object)
     event = np.full(len(ts), "", dtype=object)
     starts = ts - step_ms
-    for sp in sorted(spans, key=lambda s: (s.judged, s.cls == "")):
+    for sp in sorted(spans, key=lambda s: (s.judged, not s.benign, s.cls == "")):
         inside = (ts > sp.start_ms) & (starts < sp.end_ms)
-        if not sp.judged:
+        if sp.benign:
+            # Normal, aftermath included (caches refill after a restart); incidents may override it.
+            event[(ts > sp.start_ms) & (starts < sp.end_ms + recovery_s * 1000) & (event == "")] = sp.event
+        elif not sp.judged:
             label[(ts > sp.start_ms) & (starts < sp.end_ms + recovery_s * 1000)] = None
         elif sp.cls:
             after = (starts >= sp.end_ms) & (ts <= sp.end_ms + recovery_s * 1000) & (label == "")
@@ -333,6 +377,8 @@ class SeriesInfo:
     event: np.ndarray  # per step: the event id it belongs to, "" none
     role: np.ndarray  # per step: "train" | "validation" | "test" | None (a window there straddles roles)
     scored: np.ndarray  # per step: a window ends here (warm baseline, full window, no restart inside)
+    # Per step: a scrape of it failed (`up == 0`); serving's liveness alerts there whatever the score.
+    down: np.ndarray | None = None
 
 
 @dataclass
@@ -463,18 +509,28 @@ def build_data(
                 elif sp.cls in heldout:
                     # A held-out incident is test data wherever it happened, with the window before it.
                     role[max(0, first - window + 1) : last] = "test"
-            ends = _window_ends(bs, window)
+            ends = _window_ends(bs, r.inputs.rows_needed(window))
             scored = np.zeros(len(ts), dtype=bool)
             scored[ends] = True
             # A window keeps its end step's role only if every step in it has that role.
             win_role = np.array(
-                [role[e] if all(role[e - window + 1 : e + 1] == role[e]) else None for e in ends], dtype=object
+                [role[e] if all(role[max(0, e - window + 1) : e + 1] == role[e]) else None for e in ends], dtype=object
             )
             win_label, clean = _window_labels(label, ends, window)
             x = windows_at(bs, ends, window, clip)
             sid = len(infos)
             infos.append(
-                SeriesInfo(name, r.name, key, ts, label, event, _step_roles(role, ends, win_role, len(ts)), scored)
+                SeriesInfo(
+                    name,
+                    r.name,
+                    key,
+                    ts,
+                    label,
+                    event,
+                    _step_roles(role, ends, win_role, len(ts)),
+                    scored,
+                    _down_steps(ts, bs.failed_scrapes_ms),
+                )
             )
             sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s, clean))
             roles.append(win_role)
@@ -497,13 +553,24 @@ def build_data(
     return data
 
 
-def _window_ends(bs: BaselineSeries, window: int) -> np.ndarray:
-    """Rows where `serve` scores a window: the baseline is warm and the last `window` rows hold no restart."""
+def _down_steps(ts: np.ndarray, failed_ms: np.ndarray) -> np.ndarray:
+    """Per step (T - step, T]: a failed scrape fell in it (or, the instance's rows having stopped,
+    before it and after the previous row)."""
+    down = np.zeros(len(ts), dtype=bool)
+    if len(ts) and len(failed_ms):
+        idx = np.searchsorted(ts, failed_ms, side="left")
+        down[idx[idx < len(ts)]] = True
+    return down
+
+
+def _window_ends(bs: BaselineSeries, rows: int) -> np.ndarray:
+    """Rows where `serve` scores a window: the baseline is warm and at least `rows` rows have come
+    since the series' start or latest restart (`InputPlan.rows_needed`)."""
     n = len(bs.x)
     ok = bs.ready.copy()
-    ok[: window - 1] = False
+    ok[: rows - 1] = False
     for r in bs.restarts:
-        ok[r : min(n, r + window - 1)] = False
+        ok[r : min(n, r + rows - 1)] = False
     return np.flatnonzero(ok)
 
 
@@ -601,14 +668,14 @@ def phase_windows(
                 info = by_name.get("/".join((rec.name, *key)))
                 if info is None:
                     continue
-                ends = _window_ends(bs, window)
+                ends = _window_ends(bs, inputs.rows_needed(window))
                 # The phase-0 step each of these steps falls in.
                 idx = np.clip(np.searchsorted(info.timestamps_ms, bs.timestamps_ms), 0, len(info.timestamps_ms) - 1)
                 label, _ = step_labels(bs.timestamps_ms, step_ms, [s for s in rec.spans if s.instance == key])
                 train_ok = np.array([info.role[j] == "train" for j in idx], dtype=bool)
                 # Every step of the window inside training blocks.
                 okc = np.concatenate([[0], np.cumsum(~train_ok)])
-                keep = np.array([okc[e + 1] - okc[e - window + 1] == 0 for e in ends], dtype=bool)
+                keep = np.array([okc[e + 1] - okc[max(0, e - window + 1)] == 0 for e in ends], dtype=bool)
                 ends = ends[keep]
                 if not len(ends):
                     continue

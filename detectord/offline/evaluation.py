@@ -36,6 +36,9 @@ class _Caught:
     delay_steps: int | None = None
     looks_like: str | None = None  # what the alert named when it began firing
     looks_like_end: str | None = None  # what it named at the incident's last firing step
+    steps: set[int] = field(default_factory=set)  # the incident's steps (timestamps), on any instance
+    firing: set[int] = field(default_factory=set)  # those with an alert firing on one of its instances
+    resolve_steps: int | None = None  # steps after its end until no alert of its instances fires
 
 
 @dataclass
@@ -87,6 +90,7 @@ def evaluate(
     false: list[dict[str, Any]] = []
     normal_steps: dict[str, int] = {}
     first_step: dict[str, int] = {}
+    benign_changes: set[str] = set()
     for info in data.series:
         tl = timelines.get(info.name)
         if tl is None:
@@ -94,7 +98,11 @@ def evaluate(
         ts = info.timestamps_ms
         scores = aligned(tl, ts)
         like = _aligned_like(tl, ts)
-        anomalous = np.nan_to_num(scores, nan=0.0) > 1.0
+        if info.down is not None and info.down.any() and info.scored.any():
+            # Serving's liveness: a scoring instance whose scrape fails alerts at once (up == 0).
+            down = info.down & (np.arange(len(ts)) >= int(np.argmax(info.scored)))
+            scores = np.where(down, np.inf, scores)
+        anomalous = np.nan_to_num(scores, nan=0.0, posinf=np.inf) > 1.0
         fire = alert_phases(scores, ts, rule) == FIRING
         shown = alert_names(anomalous, fire, like)
         role_ok = np.array([r == role for r in info.role], dtype=bool)
@@ -108,7 +116,7 @@ def evaluate(
         )
         # Incidents: the steps of each event on this instance.
         first_scored = int(np.argmax(info.scored)) if info.scored.any() else len(ts)
-        for ev in {e for e in info.event[sel] if e}:
+        for ev in {e for e in info.event[sel] if e and not e.startswith("benign:")}:
             steps = np.flatnonzero(info.event == ev)
             if steps[0] < first_scored:
                 continue  # it began while the instance was still warming: no detector could judge it
@@ -118,7 +126,13 @@ def evaluate(
             first = int(steps[0])
             first_step[ev] = min(first_step.get(ev, first), first)
             hits = steps[fire[steps] & scored[steps]]
+            c.steps.update(ts[steps].tolist())
+            c.firing.update(ts[hits].tolist())
             if len(hits):
+                after = fire[steps[-1] + 1 :]
+                quiet = np.flatnonzero(~after)
+                n = int(quiet[0]) if len(quiet) else len(after)
+                c.resolve_steps = n if c.resolve_steps is None else max(c.resolve_steps, n)
                 delay = int(hits[0] - first)
                 if not c.fired or (c.delay_steps is not None and delay < c.delay_steps):
                     c.delay_steps = delay
@@ -126,7 +140,10 @@ def evaluate(
                 c.fired = True
         for i in episode_starts(fire & sel):
             if info.label[i] == "":
-                false.append({"series": info.name, "start_ms": int(ts[i])})
+                benign = str(info.event[i]).startswith("benign:")
+                false.append({"series": info.name, "start_ms": int(ts[i]), "benign": benign})
+        for ev in {e for e in info.event[sel] if e and e.startswith("benign:")}:
+            benign_changes.add(ev)
     events = {e: ev for e, ev in data.events.items() if e in caught and in_role.get(e, 0) > 0}
     days = {rec: n * step_s / 86400.0 for rec, n in normal_steps.items()}
     total_days = sum(days.values())
@@ -150,11 +167,16 @@ def evaluate(
             "delay_steps_median": float(np.median(delays)) if delays else None,
             "delay_steps_p90": float(np.quantile(delays, 0.9)) if delays else None,
             "false_alerts_per_instance_day": fa / days_ if days_ > 0 else None,
+            "false_alerts_per_instance_day_upper95": poisson_upper95(fa) / days_ if days_ > 0 else None,
             "normal_instance_days": round(days_, 4),
         }
 
     fa_all = len(false)
     ev_all = group(events, fa_all, total_days)
+    # Benign changes (reloads, restarts, traffic growth) are normal: the alerts on them are false
+    # alerts like any other, counted here apart as well.
+    ev_all["benign_changes"] = len(benign_changes)
+    ev_all["false_alerts_on_benign_changes"] = sum(1 for f in false if f.get("benign"))
     groups = {
         "seen": group([e for e in events if events[e]["class"] in data.seen], fa_all, total_days),
         "heldout": group([e for e in events if events[e]["class"] in data.heldout], fa_all, total_days),
@@ -196,6 +218,9 @@ def evaluate(
             "delay_steps": caught[e].delay_steps,
             "looks_like": caught[e].looks_like,
             "looks_like_at_end": caught[e].looks_like_end,
+            "duration_s": (events[e]["end_ms"] - events[e]["start_ms"]) / 1000.0,
+            "firing_share": len(caught[e].firing) / len(caught[e].steps) if caught[e].steps else None,
+            "resolve_steps": caught[e].resolve_steps,
         }
         for e in sorted(events)
     ]
@@ -210,6 +235,14 @@ def evaluate(
         ev_rows,
         false,
     )
+
+
+def poisson_upper95(k: int) -> float:
+    """The one-sided 95 % upper confidence bound of a Poisson mean after `k` events (Garwood):
+    3.0 after none. A false-alert rate is only as low as its exposure can show."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(0.95, 2 * (k + 1)) / 2)
 
 
 def alert_phases(scores: np.ndarray, timestamps_ms: np.ndarray, rule: AlertRule) -> np.ndarray:

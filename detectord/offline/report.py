@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from detectord.offline.dataset import Data
-from detectord.offline.evaluation import Evaluation, Timeline, aligned, aligned_scores, precision_recall
+from detectord.offline.evaluation import (
+    Evaluation,
+    Timeline,
+    aligned,
+    aligned_scores,
+    poisson_upper95,
+    precision_recall,
+)
 
 if TYPE_CHECKING:
     from detectord.detectors import Detector
@@ -22,11 +29,41 @@ def _f(v: Any, spec: str = ".3f") -> str:
 
 
 def _fa(ev: Evaluation, test_only: bool) -> str:
-    """False alerts per instance-day on the recordings that are (or are not) test only."""
+    """False alerts per instance-day on the recordings that are (or are not) test only, with the
+    rate's 95 % upper bound."""
     recs = {k: v for k, v in ev.recordings.items() if v.get("test_only", False) == test_only}
     fa = sum(v["false_alerts"] for v in recs.values())
     days = sum(v["normal_instance_days"] for v in recs.values())
-    return f"{fa / days:.2f} ({fa} in {days * 24:.1f} h)" if days > 0 else "–"
+    if days <= 0:
+        return "–"
+    return f"{fa / days:.2f} (≤ {poisson_upper95(fa) / days:.2f}; {fa} in {days * 24:.1f} h)"
+
+
+def long_incidents(evals: Mapping[str, Evaluation], min_s: float = 120.0) -> list[str]:
+    """Incidents of `min_s` or longer, per detector: caught, delay, the share of the incident's
+    steps with an alert firing, and steps from its end until the alert resolved."""
+    rows = [e for e in next(iter(evals.values())).events if (e.get("duration_s") or 0) >= min_s] if evals else []
+    if not rows:
+        return []
+    names = list(evals)
+    lines = [
+        "| incident | class | length | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for row in rows:
+        cells = []
+        for n in names:
+            e = next((x for x in evals[n].events if x["id"] == row["id"]), None)
+            if e is None or not e["caught"]:
+                cells.append("missed")
+                continue
+            share = e.get("firing_share")
+            cells.append(
+                f"{e['delay_steps']} st, firing {_f(share * 100 if share is not None else None, '.0f')} %, "
+                f"resolved +{e.get('resolve_steps')} st"
+            )
+        lines.append(f"| {row['id']} | {row['class']} | {row['duration_s'] / 60:g} min | " + " | ".join(cells) + " |")
+    return lines
 
 
 def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
@@ -34,7 +71,7 @@ def side_by_side(evals: Mapping[str, Evaluation]) -> list[str]:
     classes, window-level F1, detection delay, false alerts per instance-day."""
     lines = [
         "| detector | seen F1 | seen P | seen R | held-out F1 | held-out P | held-out R | all F1 | window F1 "
-        "| delay median / p90 (steps) | false alerts / instance-day, lab | …, test-only fleets |",
+        "| delay median / p90 (steps) | false alerts / instance-day (95 % upper bound), lab | …, test-only fleets |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, ev in evals.items():
@@ -119,7 +156,8 @@ def rule_text(ev: Evaluation) -> str:
         f"Alerts are timed as serving times them: pending at the first step scored above 1, firing once "
         f"`for` ({r['for_seconds']:g} s) has passed, resolved after `keep_firing_for` "
         f"({r['keep_firing_for_seconds']:g} s) without one; an incident is caught if an alert fires on one "
-        f"of its instances while it lasts; an alert starting on a normal step is a false alert. Steps of "
+        f"of its instances while it lasts; an alert starting on a normal step is a false alert. A failed "
+        f"scrape (`up == 0`) of a scored instance alerts at once, as serving's liveness does. Steps of "
         f"{r['step_seconds']:g} s."
     )
 
@@ -293,6 +331,27 @@ def write_report(
         "resembled most often; held-out classes cannot be named).",
     ]
     lines += ["", "## Per recording", "", *by_recording(evals)]
+    long = long_incidents(evals)
+    if long:
+        lines += [
+            "",
+            "## Long incidents (2 minutes or more)",
+            "",
+            "Steps to the first firing step, the share of the incident's steps with an alert firing on one of "
+            "its instances, and steps after its end until the last one resolved.",
+            "",
+            *long,
+        ]
+    benign = {n: ev.event for n, ev in evals.items() if ev.event.get("benign_changes")}
+    if benign:
+        lines += [
+            "",
+            "## Benign changes (reloads, restarts, traffic growth: normal, with their aftermath)",
+            "",
+            "| detector | changes | false alerts on them |",
+            "|---|---|---|",
+            *(f"| {n} | {e['benign_changes']} | {e['false_alerts_on_benign_changes']} |" for n, e in benign.items()),
+        ]
     lines += ["", "## Data", "", *data_summary(data)]
     lines += [
         "",
@@ -394,3 +453,29 @@ def _json(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON: {type(o)}")
+
+
+def write_model_set_card(path: Path, results: Mapping[str, Mapping[str, Any]], *, command: str = "") -> None:
+    """The model set's card: which detector serves each step, and how every detector and comparison
+    does at each step (`results`: step name -> what `train_all` returned)."""
+    best = {step: r["evaluations"][r["default"]] for step, r in results.items()}
+    lines = [
+        "# The default model set",
+        "",
+        f"One model per scrape interval, made by `{command or 'detectord train'}`. `detectord serve` picks the one "
+        "whose step is `ingest.step` and refuses a step it has none for. Each directory is a model artifact with "
+        "its own card; `detectord evaluate DIR data` reproduces its numbers.",
+        "",
+        "| step | detector | window | first score after a start (s) |",
+        "|---|---|---|---|",
+    ]
+    for step, r in results.items():
+        lines.append(f"| {step} | {r['default']} | {r['window']} steps | {r['first_score_s']:.0f} |")
+    lines += ["", "## The default at each step, on the test data", ""]
+    lines += side_by_side({f"{step}: {results[step]['default']}": ev for step, ev in best.items()})
+    for step, r in results.items():
+        lines += ["", f"## At {step}: every detector and comparison", ""]
+        lines += side_by_side(r["evaluations"])
+    lines += ["", rule_text(next(iter(best.values()))) if best else "", ""]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "MODEL_CARD.md").write_text("\n".join(lines))

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from detectord.config import Duration
 from detectord.detectors import DETECTORS, Detector
 from detectord.detectors.quality import EVALUATION_RULE
 from detectord.detectors.windowset import WindowSet
 from detectord.errors import DetectordError
 from detectord.ingest.features import FEATURE_NAMES
-from detectord.ingest.normalise import InputPlan
+from detectord.ingest.normalise import BaselineConfig, InputPlan
 from detectord.offline.comparisons import COMPARISONS
 from detectord.offline.dataset import (
     DEFAULT_HELDOUT,
@@ -39,10 +40,11 @@ from detectord.offline.dataset import (
     phase_windows,
 )
 from detectord.offline.evaluation import Evaluation, Timeline, evaluate, timelines_from_windows
+from detectord.offline.recipes import RECIPES, SHIPPED_STEPS, recipe_for, step_name
 
 Log = Callable[[str], None]
 
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = RECIPES[5.0].window
 # What every model is judged beside: all of them.
 DEFAULT_COMPARISONS = tuple(COMPARISONS)
 DEFAULT_STEP_SECONDS = 5.0
@@ -72,6 +74,27 @@ class Settings:
     tensorboard: str | None = None
     # Use lab runs whose own health check failed (data sets refuse them otherwise).
     allow_invalid_runs: bool = False
+    # How inputs are made (BaselineConfig fields) and how soon a window is scored; see recipes.py.
+    baseline: dict[str, Any] = field(default_factory=dict)
+    min_rows: int | None = None
+
+    @classmethod
+    def for_step(cls, data: list[str], step_s: float, **kw: Any) -> Settings:
+        """Settings made by the step's recipe (window, baseline, partial windows, per-kind
+        settings, phases); keyword arguments override them, and `configs` goes over the recipe's."""
+        r = recipe_for(step_s)
+        tuned = kw.pop("configs", {})
+        configs = {k: {**r.configs.get(k, {}), **tuned.get(k, {})} for k in {*r.configs, *tuned}}
+        base: dict[str, Any] = {
+            "window": r.window,
+            "phases": list(r.phases),
+            "baseline": dataclasses.asdict(r.baseline),
+            "min_rows": r.min_rows,
+        }
+        return cls(data=data, step_s=step_s, configs=configs, **{**base, **kw})
+
+    def input_plan(self) -> InputPlan:
+        return InputPlan.default(FEATURE_NAMES, BaselineConfig(**self.baseline), self.min_rows)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +113,7 @@ def load_data(
         settings.data,
         window=settings.window,
         step_s=settings.step_s,
-        inputs=inputs,
+        inputs=inputs or settings.input_plan(),
         heldout=settings.heldout,
         labels=labels,
         seed=settings.seed,
@@ -137,6 +160,7 @@ def new_detector(kind: str, settings: Settings, *, name: str | None = None) -> D
         FEATURE_NAMES,
         window=settings.window,
         step_seconds=settings.step_s,
+        inputs=settings.input_plan(),
         config=config,
         name=name or kind,
         version=time.strftime("%Y%m%d", time.gmtime()) + f"-seed{settings.seed}",
@@ -275,9 +299,10 @@ def train_all(
     comparisons: Sequence[str] = DEFAULT_COMPARISONS,
     command: str = "",
     log: Log = print,
+    default_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train every kind in `settings`, evaluate each beside the comparisons, write the artifacts, the
-    report and models/default (the best on validation data)."""
+    """Train every kind in `settings`, evaluate each beside the comparisons, write the artifacts and
+    the report to `out_dir`, and the best on validation data to `default_dir` (out_dir/default)."""
     from detectord.offline.report import write_model_card, write_report
 
     t0 = time.perf_counter()
@@ -299,7 +324,7 @@ def train_all(
             data,
             window=settings.window,
             step_s=settings.step_s,
-            inputs=InputPlan.default(FEATURE_NAMES),
+            inputs=settings.input_plan(),
             phases=settings.phases,
             labels=labels,
             allow_invalid=settings.allow_invalid_runs,
@@ -355,14 +380,49 @@ def train_all(
         det.save(path)
         write_model_card(path, det, test, data, default=kind == best)
         log(f"wrote {path}")
-    default = out_dir / "default"
+    default = default_dir or out_dir / "default"
     if default.exists():
         shutil.rmtree(default)
     trained[best].meta.name = "default"
     trained[best].save(default)
     write_model_card(default, trained[best], test, data, default=True)
     log(f"wrote {default} ({best}) and {report_dir}/report.md in {time.perf_counter() - t0:.0f}s")
-    return {"default": best, "test": {k: v.to_json() for k, v in test.items()}}
+    return {
+        "default": best,
+        "step_s": settings.step_s,
+        "window": settings.window,
+        "first_score_s": recipe_for(settings.step_s).first_score_s,
+        "evaluations": test,
+    }
+
+
+def train_steps(
+    steps: Sequence[float],
+    out_dir: Path,
+    make_settings: Callable[[float], Settings],
+    *,
+    comparisons: Sequence[str] = DEFAULT_COMPARISONS,
+    command: str = "",
+    log: Log = print,
+) -> dict[str, Any]:
+    """`train_all` at every step: out_dir/STEP/{kinds, report}, and the model set out_dir/default
+    with the best of each step in out_dir/default/STEP (what `serve` picks from by `ingest.step`)."""
+    from detectord.offline.report import write_model_set_card
+
+    results = {}
+    for step in steps:
+        name = step_name(step)
+        log(f"== step {name}")
+        results[name] = train_all(
+            make_settings(step),
+            out_dir / name,
+            comparisons=comparisons,
+            command=command,
+            log=log,
+            default_dir=out_dir / "default" / name,
+        )
+    write_model_set_card(out_dir / "default", results, command=command)
+    return results
 
 
 def _f1(ev: Evaluation) -> float:
@@ -425,9 +485,11 @@ def evaluate_models(
     command: str = "",
     log: Log = print,
     allow_invalid_runs: bool = False,
+    step_s: float | None = None,
 ) -> dict[str, Evaluation]:
     """`detectord evaluate`: the models (with their score variants) and the comparisons on the test role
-    of `data_paths`, split as the first model was trained; a report in `out`."""
+    of `data_paths`, split as the first model was trained; a report in `out`. `step_s` judges them
+    at another step than their own (as `model.any_step` runs them)."""
     from detectord.detectors import load_detector
     from detectord.offline.report import write_report
 
@@ -438,6 +500,8 @@ def evaluate_models(
             raise DatasetError(f"{p}: window, step or inputs differ from {paths[0]}'s; evaluate them apart")
     settings = settings_from_model(first, data_paths)
     settings.allow_invalid_runs = allow_invalid_runs
+    if step_s is not None:
+        settings.step_s = step_s
     data = load_data(settings, inputs=first.inputs, log=log)
     models: dict[str, Detector] = {}
     for p, d in zip(paths, dets, strict=True):
@@ -482,6 +546,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         help="model directories, then the data (a directory of recordings, or one recording)",
     )
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report directory (default: evaluation)")
+    p.add_argument(
+        "--step",
+        default=None,
+        help="judge the models at this step instead of their own (as model.any_step would run them), e.g. 15s",
+    )
     _data_arguments(p)
     args = p.parse_args(argv)
     if len(args.paths) < 2:
@@ -489,23 +558,45 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     *models, data = args.paths
     command = "detectord evaluate " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        evals = evaluate_models(
-            [Path(m) for m in models],
-            [data],
-            args.out,
-            comparisons=[b for b in args.compare.split(",") if b],
-            command=command,
-            allow_invalid_runs=args.allow_invalid_runs,
-        )
+        at = float(Duration.parse(args.step)) if args.step else None
+        by_step = _models_by_step([Path(m) for m in models])
+        if at is not None:
+            by_step = {at: [p for ps in by_step.values() for p in ps]}
+        for step, paths in by_step.items():
+            # One report per step when a model set spans several.
+            out = args.out if len(by_step) == 1 else args.out / step_name(step)
+            evals = evaluate_models(
+                paths,
+                [data],
+                out,
+                comparisons=[b for b in args.compare.split(",") if b],
+                command=command,
+                allow_invalid_runs=args.allow_invalid_runs,
+                step_s=at,
+            )
+            print(f"== {step_name(step)} steps")
+            print("\n".join(side_by_side(evals)))
+            print(f"report: {out / 'report.md'}, numbers: {out / 'evaluation.json'}")
     except (DatasetError, ValueError) as exc:
         print(f"detectord evaluate: {exc}", file=sys.stderr)
         return 2
     except DetectordError as exc:
         print(f"detectord evaluate: {exc}", file=sys.stderr)
         return 1
-    print("\n".join(side_by_side(evals)))
-    print(f"report: {args.out / 'report.md'}, numbers: {args.out / 'evaluation.json'}")
     return 0
+
+
+def _models_by_step(paths: Sequence[Path]) -> dict[float, list[Path]]:
+    """Artifacts to evaluate, grouped by step: a model set counts as each of its members."""
+    from detectord.detectors.artifact import read_meta
+    from detectord.detectors.model_set import model_set
+
+    out: dict[float, list[Path]] = {}
+    for p in paths:
+        members = model_set(p)
+        for step, q in (members or {read_meta(p).step_seconds: p}).items():
+            out.setdefault(step, []).append(q)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,8 +605,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models"), help="where the artifacts go (default: models)")
     p.add_argument("--kinds", default=",".join(DETECTORS), help=f"comma-separated (default: {','.join(DETECTORS)})")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every kind (default: per kind)")
-    p.add_argument("--window", type=int, default=None, help=f"steps (default: a tuned config's, else {DEFAULT_WINDOW})")
-    p.add_argument("--step", type=float, default=DEFAULT_STEP_SECONDS, help="seconds per feature row")
+    p.add_argument("--window", type=int, default=None, help="steps (default: a tuned config's, else the step's recipe)")
+    p.add_argument(
+        "--steps",
+        default=",".join(step_name(s) for s in SHIPPED_STEPS),
+        help="the scrape intervals to make models for, comma-separated durations (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default=None, help="engineers' labels (YAML/JSON) to add to the ground truth")
     p.add_argument(
@@ -533,31 +628,48 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2
-    settings = Settings(
-        data=args.data,
-        kinds=[k for k in args.kinds.split(",") if k],
-        window=args.window or hp.window or DEFAULT_WINDOW,
-        configs=hp.configs,
-        step_s=args.step,
-        seed=args.seed,
-        labels=args.labels,
-        heldout=[c for c in args.heldout.split(",") if c],
-        tensorboard=args.tensorboard or None,
-        allow_invalid_runs=args.allow_invalid_runs,
-    )
-    if args.no_phases:
-        settings.phases = []
-    if args.epochs:
-        settings.epochs = {k: args.epochs for k in settings.kinds}
-    if hp.learning_rate is not None:
-        settings.learning_rate = hp.learning_rate
-    unknown = [k for k in settings.kinds if k not in DETECTORS]
-    if unknown:
+    try:
+        steps = [float(Duration.parse(x)) for x in args.steps.split(",") if x]
+    except ValueError as exc:
+        print(f"detectord train: --steps: {exc}", file=sys.stderr)
+        return 2
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in DETECTORS]
+    if unknown or not kinds:
         print(f"detectord train: unknown kinds {unknown}; known: {', '.join(DETECTORS)}", file=sys.stderr)
         return 2
+    if not steps:
+        print("detectord train: --steps names no step", file=sys.stderr)
+        return 2
+
+    def make_settings(step: float) -> Settings:
+        s = Settings.for_step(
+            args.data,
+            step,
+            kinds=kinds,
+            configs=hp.configs,
+            seed=args.seed,
+            labels=args.labels,
+            heldout=[c for c in args.heldout.split(",") if c],
+            tensorboard=args.tensorboard or None,
+            allow_invalid_runs=args.allow_invalid_runs,
+        )
+        window = args.window or hp.window
+        if window:
+            s.window = int(window)
+        if args.no_phases:
+            s.phases = []
+        if args.epochs:
+            s.epochs = {k: args.epochs for k in s.kinds}
+        if hp.learning_rate is not None:
+            s.learning_rate = hp.learning_rate
+        return s
+
     command = "detectord train " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        train_all(settings, args.out, comparisons=[b for b in args.compare.split(",") if b], command=command)
+        train_steps(
+            steps, args.out, make_settings, comparisons=[b for b in args.compare.split(",") if b], command=command
+        )
     except (DatasetError, ValueError) as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2

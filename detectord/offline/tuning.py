@@ -80,7 +80,7 @@ def tune(
                 **base.to_json(),
                 "window": window,
                 "learning_rate": lr,
-                "configs": {kind: cfg},
+                "configs": {kind: {**base.configs.get(kind, {}), **cfg}},
                 "epochs": {kind: epochs},
                 "tensorboard": None,
                 "phases": [],
@@ -122,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="epochs per trial")
     p.add_argument("--storage", default="sqlite:///.cache/tune/optuna.db", help="Optuna storage URL")
     p.add_argument("--study", default=None, help="study name (default: the kind)")
-    p.add_argument("--step", type=float, default=Settings.step_s)
+    p.add_argument("--step", type=float, default=Settings.step_s, help="seconds per step (its recipe's settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(".cache/tune"))
     args = p.parse_args(argv)
     if args.storage.startswith("sqlite:///"):
         Path(args.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    base = Settings(data=args.data, kinds=[args.kind], step_s=args.step, seed=args.seed)
+    base = Settings.for_step(args.data, args.step, kinds=[args.kind], seed=args.seed)
     try:
         tune(
             args.kind,

@@ -52,12 +52,16 @@ class TruthEvent:
     # What happened while it lasted, as it happened: a crashed server's {"instance", "down_ms"} and
     # {"instance", "up_ms"} (when it answered again).
     marks: list[dict[str, Any]] = field(default_factory=list)
+    # A change operators make every day, not an incident: its instances are normal throughout.
+    benign: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["class"] = out.pop("cls")
         if out["error"] is None:
             del out["error"]
+        if not out["benign"]:
+            del out["benign"]
         return {"id": out.pop("id"), "class": out.pop("class"), **out}
 
 

@@ -34,6 +34,7 @@ class ScoreResult:
     feature_deviation: np.ndarray  # (F,)
     latest: np.ndarray  # (F,) the newest feature row as extracted
     looks_like: str | None = None  # the anomaly class the window resembles, where the model knows classes
+    upstream: str = ""  # what the instance forwards to (FeatureRow.upstream)
 
 
 class InferenceMetrics(Protocol):
@@ -177,7 +178,13 @@ class InferenceWorker:
         like = out.looks_like
         results = [
             ScoreResult(
-                it.instance, it.step_ts_ms, float(scores[i]), dev[i], it.latest, like[i] if like is not None else None
+                it.instance,
+                it.step_ts_ms,
+                float(scores[i]),
+                dev[i],
+                it.latest,
+                like[i] if like is not None else None,
+                it.upstream,
             )
             for i, it in enumerate(items)
         ]

@@ -100,10 +100,14 @@ class Server:
     async def startup(self) -> None:
         cfg, stack = self.cfg, self._stack
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_model, cfg.model)
+        model = await loop.run_in_executor(None, load_model, cfg.model, cfg.ingest.step)
         self.step_s = step_seconds(cfg, model.step_seconds)
         if abs(self.step_s - model.step_seconds) > 1e-9:
-            log.warning("step differs from the model's", step=self.step_s, model_step=model.step_seconds)
+            log.warning(
+                "running a model at a step it was not made for (model.any_step)",
+                step=self.step_s,
+                model_step=model.step_seconds,
+            )
 
         # Alert delivery opens first and closes last, once the final scores have reached it.
         self.notifier = await _open_notifier(cfg.alerting, self.registry, self.external_url())
@@ -276,7 +280,7 @@ class Server:
                 if self.listen_override:
                     cfg = with_listen_address(cfg, self.listen_override)
                 self._check_reloadable(cfg)
-                model = await loop.run_in_executor(None, load_model, cfg.model)
+                model = await loop.run_in_executor(None, load_model, cfg.model, cfg.ingest.step)
                 if abs(step_seconds(cfg, model.step_seconds) - self.step_s) > 1e-9:
                     raise ConfigError("ingest.step", "the step cannot change on reload; restart detectord")
                 await loop.run_in_executor(

@@ -4,7 +4,7 @@ gauges and through its alert state; the alerts that began firing or resolved go 
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
@@ -44,6 +44,47 @@ class ScoreSink:
         self.history_len = history
         self.alerts = AlertStates(cfg, model_name=model.name, external_url=external_url)
         self.history: dict[InstanceKey, deque[tuple[int, float]]] = {}
+        # What each instance forwards to (FeatureRow.upstream), and how many forward to each.
+        self.upstream_of: dict[InstanceKey, str] = {}
+        self.fleet: Counter[str] = Counter()
+
+    def _labels(self, key: InstanceKey) -> dict[str, str]:
+        labels = dict(zip(self.instance_labels, key, strict=True))
+        upstream = self.upstream_of.get(key)
+        if upstream and self.cfg.upstream_label:
+            labels.setdefault(self.cfg.upstream_label, upstream)
+        return labels
+
+    def _see_upstream(self, key: InstanceKey, upstream: str) -> None:
+        old = self.upstream_of.get(key)
+        if old == upstream:
+            return
+        if old:
+            self.fleet[old] -= 1
+        self.upstream_of[key] = upstream
+        if upstream:
+            self.fleet[upstream] += 1
+
+    def _describe_fleet(self) -> None:
+        """Every firing alert of an upstream shared by several instances says how many of them are
+        anomalous (annotation `fleet`, and the description's last sentence)."""
+        name = self.cfg.upstream_label
+        if not name:
+            return
+        firing = [a for a in self.alerts.firing() if a.labels.get(name)]
+        anomalous = Counter(a.labels[name] for a in firing)
+        for a in firing:
+            up = a.labels[name]
+            total = max(self.fleet[up], anomalous[up])
+            text = f"{anomalous[up]} of {total} instances forwarding to {up} are anomalous." if total > 1 else ""
+            desc = a.annotations.get("description", "")
+            old = a.annotations.pop("fleet", "")
+            if old and desc.endswith(" " + old):
+                desc = desc[: -len(old) - 1]
+            if text:
+                a.annotations["fleet"] = text
+                desc = f"{desc} {text}" if desc else text
+            a.annotations["description"] = desc
 
     def deliver(self, results: list[ScoreResult]) -> None:
         """Take one scored batch (the inference worker hands it to the event loop)."""
@@ -64,7 +105,8 @@ class ScoreSink:
             dev = np.nan_to_num(r.feature_deviation, nan=0.0)
             order = np.argsort(-np.abs(dev))[:k]
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
-            labels = dict(zip(self.instance_labels, key, strict=True))
+            self._see_upstream(key, r.upstream)
+            labels = self._labels(key)
             was_firing = alerts.is_firing(key)
             changed.extend(alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like))
             if alerts.is_firing(key):
@@ -75,6 +117,7 @@ class ScoreSink:
                     m.feature_deviation.labels(*key, name).set(d)
             elif was_firing:
                 m.clear_features(key, features)
+        self._describe_fleet()
         if changed:
             self.notifier.submit(changed)
         self._count_alerts()
@@ -86,7 +129,7 @@ class ScoreSink:
         m, alerts = self.metrics, self.alerts
         for ev in events:
             key = ev.instance
-            labels = dict(zip(self.instance_labels, key, strict=True))
+            labels = self._labels(key)
             ts = ev.ts_ms / 1000.0
             if ev.state == "up":
                 changed.extend(alerts.observe(key, labels, ts, 0.0, self.model.threshold, ()))
@@ -99,6 +142,7 @@ class ScoreSink:
             m.anomaly.labels(*key).set(1.0)
             if not was_firing:
                 m.clear_features(key, self.model.features)
+        self._describe_fleet()
         if changed:
             self.notifier.submit(changed)
         self._count_alerts()
@@ -108,8 +152,11 @@ class ScoreSink:
         resolved: list[Alert] = []
         for key in keys:
             self.history.pop(key, None)
+            self._see_upstream(key, "")
+            self.upstream_of.pop(key, None)
             resolved.extend(self.alerts.forget(key))
             self.metrics.forget_instance(key, self.model.features)
+        self._describe_fleet()
         if resolved:
             self.notifier.submit(resolved)
         self._count_alerts()

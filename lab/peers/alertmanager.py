@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from detectord import children
 
@@ -57,14 +58,35 @@ class Alertmanager:
             return alerts
 
 
+def _config(webhook_url: str | None, group_by: Sequence[str] | None, group_wait: str) -> str:
+    if webhook_url is None and group_by is None:
+        return _CONFIG
+    route: dict[str, Any] = {"receiver": "hook", "group_wait": group_wait, "group_interval": "1s"}
+    if group_by is not None:
+        route["group_by"] = list(group_by)
+    receiver: dict[str, Any] = {"name": "hook"}
+    if webhook_url is not None:
+        receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
+    text: str = yaml.safe_dump({"route": route, "receivers": [receiver]})
+    return text
+
+
 @contextlib.asynccontextmanager
-async def run_alertmanager(workdir: Path, *, port: int | None = None) -> AsyncIterator[Alertmanager]:
-    """Start Alertmanager on 127.0.0.1:`port` (a free one if None) and wait until it is ready."""
+async def run_alertmanager(
+    workdir: Path,
+    *,
+    port: int | None = None,
+    webhook_url: str | None = None,
+    group_by: Sequence[str] | None = None,
+    group_wait: str = "1s",
+) -> AsyncIterator[Alertmanager]:
+    """Start Alertmanager on 127.0.0.1:`port` (a free one if None) and wait until it is ready.
+    Notifications go nowhere, or to `webhook_url`, grouped by `group_by` after `group_wait`."""
     port = port if port is not None else children.free_port()
     home = workdir / f"alertmanager-{port}"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "alertmanager.yml"
-    config.write_text(_CONFIG)
+    config.write_text(_config(webhook_url, group_by, group_wait))
     log = home / "alertmanager.log"
     argv = [
         ALERTMANAGER,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from detectord.ingest.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
-from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache
+from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache, decode
+from tests.support import coredns_scrape, v1_body
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
@@ -252,3 +253,33 @@ def test_stale_gauges_come_back_with_the_restarted_process() -> None:
         rows += ext.ingest(write(*series))
     rows += ext.flush()
     assert all(v == 40.0 for v in col(rows, "goroutines")), col(rows, "goroutines")
+
+
+def test_an_instance_forwards_to_the_to_labels_of_its_proxy_series() -> None:
+    """Alerts group by what an instance forwards to: the `to` labels of its coredns_proxy_* series."""
+    ext = FeatureExtractor(1000, ("job", "instance"))
+    rows = []
+    for k in range(4):
+        series = coredns_scrape("a:9153", 1000 * k, k) + coredns_scrape("b:9153", 1000 * k, k)  # b forwards nowhere
+        for to in ("10.0.0.3:53", "10.0.0.2:53"):
+            labels = {"__name__": "coredns_proxy_request_duration_seconds_count", "job": "coredns", "to": to}
+            series.append(({**labels, "instance": "a:9153", "proxy_name": "forward"}, [(1000 * k, 5.0 * k)]))
+        rows += ext.ingest(decode(v1_body(series), "1.0", ext.labels, max_decoded=1 << 26))
+    assert {r.instance[1]: r.upstream for r in rows} == {"a:9153": "10.0.0.2:53,10.0.0.3:53", "b:9153": ""}
+
+
+def test_offline_extraction_keeps_every_failed_scrape() -> None:
+    from detectord.ingest.features import extract
+
+    up = {"__name__": "up", "job": "coredns", "instance": "a:9153"}
+    reqs = [
+        decode(
+            v1_body([*coredns_scrape("a:9153", 1000 * k, k), (up, [(1000 * k, 0.0 if k in (5, 6) else 1.0)])]),
+            "1.0",
+            LabelCache(),
+            max_decoded=1 << 26,
+        )
+        for k in range(10)
+    ]
+    (series,) = extract(reqs, 1000).values()
+    assert series.failed_scrapes_ms.tolist() == [5000, 6000]

@@ -3,6 +3,7 @@ keep their meaning, rare events stay visible, and training sees exactly what ser
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from detectord.config import IngestConfig
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, extract
-from detectord.ingest.normalise import BaselineConfig, InputPlan, baseline_series, windows_at
+from detectord.ingest.normalise import BaselineConfig, BaselineSeries, InputPlan, baseline_series, windows_at
 from detectord.ingest.pipeline import Ingestor
 from detectord.serve.metrics import DaemonMetrics
 from lab.synthetic import SyntheticFleet
@@ -93,6 +94,47 @@ def test_a_short_incident_hardly_moves_the_baseline() -> None:
     assert windows_at(bs, np.array([1150]), 32, 20.0)[0, -1, IDX["latency_p99_seconds"]] > 10
 
 
+@pytest.mark.parametrize("step_s", [5.0, 15.0, 60.0])
+def test_a_long_incident_is_held_out_of_the_baseline_and_a_lasting_level_taken_in(step_s: float) -> None:
+    """Thirty minutes of a tripled query rate stay far out to their end (the baseline holds them
+    out), and a level that lasts beyond `hold_max_s` becomes the normal."""
+    from detectord.offline.recipes import recipe_for
+
+    plan = InputPlan.default(FEATURE_NAMES, recipe_for(step_s).baseline)
+    assert plan.baseline.hold_z > 0
+    per_h = round(3600 / step_s)
+    hours = 12
+    rows = fleet_rows(100, hours * per_h, seed=7, step_s=step_s)
+    rate = IDX["request_rate"]
+    # Without fleet_rows' slow swell: at 60 s steps its 400 steps are a whole day's trend.
+    rng = np.random.default_rng(8)
+    rows.values[:, rate] = 100 * rng.gamma(100 * step_s, 1 / (100 * step_s), len(rows.values))
+    # Half an hour after the instance (or detectord) started, 30 minutes of a flood: as long as
+    # the baseline's history, enough to drag a median of it along.
+    start, end = per_h // 2, per_h
+    rows.values[start:end, rate] *= 3
+    rows.values[5 * per_h :, rate] *= 3  # from 5 h on, for good: the traffic grew
+    held = baseline_series(rows, plan, step_s)
+    unheld = baseline_series(
+        rows, dataclasses.replace(plan, baseline=dataclasses.replace(plan.baseline, hold_z=0.0)), step_s
+    )
+
+    def z(bs: BaselineSeries, row: int) -> float:
+        return float(windows_at(bs, np.array([row]), 8, 20.0)[0, -1, rate])
+
+    assert z(held, start + 2) > 4 and z(held, end - 1) > 4
+    # Where and how wide the baseline is at the flood's end, against just before it: unmoved,
+    # where without the hold both drift towards the flood.
+    before, loc, scale = start - 1, held.loc[:, rate], held.scale[:, rate]
+    assert abs(loc[end - 1] - loc[before]) < 0.02 and scale[end - 1] < 1.1 * scale[before]
+    assert unheld.loc[end - 1, rate] - loc[before] > 0.02 or unheld.scale[end - 1, rate] > 1.5 * scale[before]
+    # After the flood: back within reach at once, the held buckets dropped.
+    assert abs(z(held, end + 10)) < 3
+    # The lasting level: far out at first, then learned: held for hold_max_s, then at the pace of
+    # a median over the baseline's horizon (2.8 h at 5 s, 6.4 h at 1 m).
+    assert z(held, 5 * per_h + 2) > 4 and abs(z(held, hours * per_h - 1)) < 3
+
+
 def test_garbage_values_make_finite_inputs() -> None:
     """NaN, ±Inf and negative values (a broken exporter) never reach a model as anything but finite
     inputs within ±clip."""
@@ -125,11 +167,26 @@ def test_input_plan_round_trips_and_refuses_unknown_keys() -> None:
         BaselineConfig(min_buckets=0)
 
 
-def test_training_windows_are_the_windows_serve_scores() -> None:
-    """The offline path (extract → baseline_series → windows_at) and the Ingestor give the same bytes."""
-    step_ms, window = 15_000, 16
+PARTIAL = InputPlan.default(FEATURE_NAMES, BaselineConfig(bucket_steps=3, min_buckets=1), min_rows=3)
+
+
+@pytest.mark.parametrize(
+    ("plan", "window", "max_gap_steps"),
+    [(PLAN, 16, 5), (PARTIAL, 8, 0)],
+    ids=["full-windows", "partial-windows-and-restarts"],
+)
+def test_training_windows_are_the_windows_serve_scores(plan: InputPlan, window: int, max_gap_steps: int) -> None:
+    """The offline path (extract → baseline_series → windows_at) and the Ingestor give the same bytes,
+    also for windows scored before they are full (after a start, and after each restart)."""
+    from detectord.offline.dataset import _window_ends
+
+    step_ms = 15_000
     fleet = SyntheticFleet(3, seed=3, scrape_interval_s=15.0)
     requests = list(fleet.write_requests(3 * 3600))
+    if plan.min_rows is not None:
+        # Prometheus could not reach us for a while, twice: every instance's window starts again.
+        n = len(requests)
+        requests = requests[: n // 3] + requests[n // 3 + n // 50 : 2 * n // 3] + requests[2 * n // 3 + n // 50 :]
     sink: list[Any] = []
 
     class Sink:
@@ -141,9 +198,9 @@ def test_training_windows_are_the_windows_serve_scores() -> None:
         step_ms=step_ms,
         instance_labels=IngestConfig.instance_labels,
         window=window,
-        inputs=PLAN,
+        inputs=plan,
         max_instances=100,
-        max_gap_steps=5,
+        max_gap_steps=max_gap_steps,
         max_decoded=1 << 30,
         max_future_s=1e9,
         worker=Sink(),
@@ -157,14 +214,14 @@ def test_training_windows_are_the_windows_serve_scores() -> None:
     finally:
         ing.close()
     offline = {}
-    for key, fs in extract(requests, step_ms).items():
-        bs = baseline_series(fs, PLAN, step_ms / 1000)
-        ok = bs.ready.copy()
-        ok[: window - 1] = False
-        for r in bs.restarts:
-            ok[r : r + window - 1] = False
-        ends = np.flatnonzero(ok)
-        offline[key] = (bs.timestamps_ms[ends], windows_at(bs, ends, window, PLAN.baseline.clip))
+    restarts = 0
+    for key, fs in extract(requests, step_ms, max_gap_steps=max_gap_steps).items():
+        bs = baseline_series(fs, plan, step_ms / 1000)
+        restarts += len(bs.restarts)
+        ends = _window_ends(bs, plan.rows_needed(window))
+        offline[key] = (bs.timestamps_ms[ends], windows_at(bs, ends, window, plan.baseline.clip))
+    if plan.min_rows is not None:
+        assert restarts >= 3, "the fleet must restart for this test to mean anything"
     live: dict[Any, Any] = {}
     for r in sink:
         live.setdefault(r.instance, []).append(r)

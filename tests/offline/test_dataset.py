@@ -110,3 +110,31 @@ def test_an_engineers_labels_change_what_is_learned(data_dir: Path) -> None:
     ts = inst_info.timestamps_ms
     inside = (ts > first["start_ms"]) & (ts <= first["end_ms"])
     assert (inst_info.label[inside] == "").all()
+
+
+def test_every_instance_is_judged_an_upstream_by_whether_its_traffic_moved() -> None:
+    """The upstream beside a hit edge is part of the incident when its query rate moved (a flood's
+    misses reach it), normal when it did not (an alert there is false), unjudged only when the
+    recording cannot say."""
+    from detectord.ingest.features import FEATURE_NAMES
+    from detectord.ingest.normalise import BaselineSeries
+    from detectord.offline.dataset import Span, _judge_upstreams
+
+    def upstream(factor: float) -> BaselineSeries:
+        ts = np.arange(0, 600_000, 5_000, dtype=np.int64)
+        raw = np.zeros((len(ts), len(FEATURE_NAMES)), np.float32)
+        raw[:, FEATURE_NAMES.index("request_rate")] = np.where((ts > 300_000) & (ts <= 360_000), 100 * factor, 100)
+        z = np.zeros_like(raw)
+        return BaselineSeries(ts, z, z, z + 1, np.ones(len(ts), bool), [], raw)
+
+    edge = Span(("lab", "edge-0"), 300_000, 360_000, "query_flood", "r#1", "medium")
+    for factor, want in ((2.0, "query_flood"), (0.5, "query_flood"), (1.1, None)):
+        up = Span(("lab", "up-0"), 300_000, 360_000, "", "r#1", judged=False)
+        out = _judge_upstreams([edge, up], {("lab", "up-0"): upstream(factor)})
+        judged = [s for s in out if s.instance == ("lab", "up-0")]
+        if want is None:
+            assert judged == [], factor  # normal: no span at all
+        else:
+            assert [(s.cls, s.judged, s.severity) for s in judged] == [(want, True, "medium")], factor
+    up = Span(("lab", "up-0"), 300_000, 360_000, "", "r#1", judged=False)
+    assert _judge_upstreams([edge, up], {}) == [edge, up]  # no series: left unjudged

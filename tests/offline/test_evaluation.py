@@ -132,3 +132,61 @@ def test_threshold_for_a_target_false_alert_rate() -> None:
     assert achieved <= 0.5 and (raw > t).sum() <= 2 and t > 1.0
     t0, a0 = threshold_for_rate(raw, series, end, 5.0, target_per_day=0.0)
     assert a0 == 0.0 and t0 == raw.max()
+
+
+def test_long_incidents_firing_share_resolve_steps_and_benign_changes() -> None:
+    """A 30-minute incident: the share of its steps with an alert firing, and steps from its end
+    to the resolve; an alert on a benign change is a false alert, counted apart too; every rate
+    comes with its 95 % upper bound."""
+    n = 2000
+    labels: list[object] = [""] * n
+    for i in range(100, 460):  # 30 minutes of 5 s steps
+        labels[i] = "upstream_latency"
+    data = _data(labels, {"r#0": [100, 460]})
+    data.series[0].event[1000:1024] = "benign:r#1"  # a rolling restart and its aftermath: normal
+    scores = np.full(n, 0.5, np.float32)
+    scores[102:424] = 3.0  # fires from the third step, drops out for the last 36
+    scores[1010] = 2.0  # an alert on the benign change
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data, rule=AlertRule(0, 60))
+    (row,) = ev.events
+    assert row["duration_s"] == 1800.0 and row["delay_steps"] == 2
+    # Firing from step 102 to 435 (keep_firing_for 60 s = 12 steps after the last anomalous one).
+    assert row["firing_share"] == pytest.approx((436 - 102) / 360)
+    assert row["resolve_steps"] == 0  # it had resolved before the incident ended
+    assert ev.event["false_alerts"] == 1 and ev.event["false_alerts_on_benign_changes"] == 1
+    assert ev.event["benign_changes"] == 1
+    upper = ev.event["false_alerts_per_instance_day_upper95"]
+    assert upper == pytest.approx(4.7439 / ev.event["normal_instance_days"], rel=1e-3)
+    # Firing to its end: it resolves keep_firing_for (12 steps) after it.
+    scores[424:460] = 3.0
+    ev = evaluate("m", {"r/j/a": Timeline(data.series[0].timestamps_ms, scores)}, data, rule=AlertRule(0, 60))
+    assert ev.events[0]["firing_share"] == pytest.approx(358 / 360) and ev.events[0]["resolve_steps"] == 12
+
+
+def test_a_benign_change_and_its_aftermath_are_normal_steps_marked_as_the_change() -> None:
+    ts = np.arange(1, 41) * STEP_MS
+    restart = Span(("j", "a"), 10 * STEP_MS, 12 * STEP_MS, "", "benign:r#3", benign=True)
+    label, event = step_labels(ts, STEP_MS, [restart], recovery_s=30)
+    assert label.tolist() == [""] * 40
+    assert event[10:18].tolist() == ["benign:r#3"] * 8 and event[18] == "" and event[9] == ""
+    # An incident on the same steps is still an incident.
+    sp = Span(("j", "a"), 11 * STEP_MS, 13 * STEP_MS, "upstream_timeout", "r#4")
+    label, event = step_labels(ts, STEP_MS, [restart, sp], recovery_s=30)
+    assert label[11:13].tolist() == ["upstream_timeout"] * 2 and event[11] == "r#4"
+
+
+def test_a_failed_scrape_alerts_as_serving_s_liveness_does() -> None:
+    """An edge that crashes: its model scores stay low, but `up == 0` alerts at once in serving,
+    and so in the evaluation; a failed scrape before it was ever scored does not."""
+    labels: list[object] = [""] * 300
+    for i in range(200, 212):
+        labels[i] = "edge_crash"
+    data = _data(labels, {"r#0": [200, 212]})
+    info = data.series[0]
+    info.scored[:50] = False
+    info.down = np.zeros(300, bool)
+    info.down[[10, 203]] = True
+    scores = np.full(300, 0.5, np.float32)
+    ev = evaluate("m", {"r/j/a": Timeline(info.timestamps_ms, scores)}, data, rule=AlertRule(0, 60))
+    assert ev.event["caught"] == 1 and ev.event["delay_steps_median"] == 3.0
+    assert ev.event["false_alerts"] == 0

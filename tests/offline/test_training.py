@@ -65,23 +65,28 @@ def test_train_then_evaluate_reproduces_the_model_cards(data_dir: Path, tmp_path
         "robust_z,isolation_forest",
         "--tensorboard",
         str(tmp_path / "tb"),
+        "--steps",
+        "5s",
     )
     assert "epoch 3/3" in proc.stdout and "default:" in proc.stdout  # progress, and the choice
     assert any((tmp_path / "tb" / "conv_autoencoder").rglob("*tfevents*"))
-    for kind in ("conv_autoencoder", "conv_classifier", "siamese", "default"):
-        meta = json.loads((out / kind / "detectord-model.json").read_text())
+    step = out / "5s"
+    for path in [step / k for k in ("conv_autoencoder", "conv_classifier", "siamese")] + [out / "default" / "5s"]:
+        meta = json.loads((path / "detectord-model.json").read_text())
         assert meta["training_data"]["heldout_classes"] == ["cpu_starvation"]
         assert meta["calibration"]["target_false_alerts_per_instance_day"] == 0.5
-        card = (out / kind / "MODEL_CARD.md").read_text()
+        card = (path / "MODEL_CARD.md").read_text()
         assert "held-out" in card and "robust_z" in card and "isolation_forest" in card
-    assert (out / "report" / "report.md").exists() and (out / "report" / "precision_recall.png").exists()
-    report = json.loads((out / "report" / "evaluation.json").read_text())
+    assert (step / "report" / "report.md").exists() and (step / "report" / "precision_recall.png").exists()
+    report = json.loads((step / "report" / "evaluation.json").read_text())
     assert {"conv_autoencoder", "conv_classifier", "siamese", "robust_z", "isolation_forest"} <= set(report)
+    # The model set: one model per step, and its card.
+    assert "| 5s |" in (out / "default" / "MODEL_CARD.md").read_text()
 
-    card = (out / "conv_classifier" / "MODEL_CARD.md").read_text()
+    card = (step / "conv_classifier" / "MODEL_CARD.md").read_text()
     ev = _run(
         "evaluate",
-        str(out / "conv_classifier"),
+        str(step / "conv_classifier"),
         str(data_dir),
         "--out",
         str(tmp_path / "eval"),
@@ -133,8 +138,10 @@ def test_labels_feed_the_supervised_models(data_dir: Path, tmp_path: Path) -> No
         "",
         "--tensorboard",
         "",
+        "--steps",
+        "5s",
     )
-    meta = json.loads((out / "conv_classifier" / "detectord-model.json").read_text())
+    meta = json.loads((out / "5s" / "conv_classifier" / "detectord-model.json").read_text())
     assert "engineer_says" in meta["classes"]
     assert meta["training_data"]["settings"]["labels"] == str(labels)
 

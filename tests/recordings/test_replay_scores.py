@@ -37,7 +37,7 @@ async def _live_scores(url: str, want: int, timeout: float = 120.0) -> dict[tupl
 
 
 async def test_replay_into_serve_scores_like_offline(tmp_path: Path) -> None:
-    model = load_model(ModelConfig(path=REPO / "models/default"))
+    model = load_model(ModelConfig(path=REPO / "models/default"), STEP_S)
     loop = asyncio.get_running_loop()
     got = await loop.run_in_executor(
         None, lambda: recording_windows(RECORDING, step_seconds=STEP_S, window=model.window, inputs=model.inputs)

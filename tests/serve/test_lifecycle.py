@@ -23,6 +23,8 @@ web:
   max_decoded_body_size: 256MiB
 ingest:
   step: 1s
+model:
+  any_step: true
 inference:
   max_batch: 64
 logging:
@@ -34,7 +36,7 @@ logging:
 async def daemon(tmp_path: Path) -> AsyncIterator[Detectord]:
     """`detectord serve` on a copy of the default model (the tests break it), run from elsewhere."""
     model = tmp_path / "model"
-    shutil.copytree(REPO / "models/default", model)
+    shutil.copytree(REPO / "models/default/5s", model)
     async with run_detectord(CONFIG, workdir=tmp_path, model=model, cwd=tmp_path) as det:
         yield det
 
