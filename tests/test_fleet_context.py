@@ -24,7 +24,7 @@ from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefi
 from lab.peers.detectord import run_detectord
 from lab.peers.dnsperf import run_dnsperf
 from lab.peers.prometheus import run_prometheus
-from tests.test_e2e import Watch
+from tests.test_e2e import CONFIG, Watch
 
 
 @asynccontextmanager
@@ -46,22 +46,6 @@ async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         yield f"http://127.0.0.1:{port}/hook", got
     finally:
         await runner.cleanup()
-
-
-CONFIG = """
-ingest:
-  step: 1s
-model:
-  any_step: true
-alerting:
-  for: 5s
-  keep_firing_for: 15s
-  resend_interval: 2s
-  alertmanagers:
-    - url: {am}
-logging:
-  format: console
-"""
 
 
 @pytest.mark.e2e

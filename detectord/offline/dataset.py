@@ -205,7 +205,7 @@ def read_recording(
         if offset:
             fs.timestamps_ms = fs.timestamps_ms - offset
         series[key] = baseline_series(fs, inputs, step_s)
-    spans = _judge_upstreams(_truth_spans(name, tr), series) + [
+    spans = _judge_upstreams(_truth_spans(name, tr), series, inputs) + [
         Span(lb.instance, lb.start_ms, lb.end_ms, lb.cls, f"label:{i}")
         for i, lb in enumerate(labels)
         if lb.dataset in ("*", name)
@@ -219,35 +219,44 @@ def read_recording(
     return Recording(name, path, step_s, inputs, series, spans, lanes, tr.test_only, stats, tr)
 
 
-# An upstream of an edge an incident hits is part of the incident when its own query rate moved by
-# this factor or more (a flooded edge's misses, the retries of forward timeouts, a saturated edge
-# that stops forwarding); otherwise it is judged normal: an alert there would be a false one.
-UPSTREAM_MOVED = 1.25
+# An upstream of an edge an incident hits is judged by what its own metrics did against the two
+# minutes before, each feature in its model transform and in units of its floor (the smallest
+# spread the feature table allows it, whatever the instance): part of the incident when the median
+# of some feature moved by `UPSTREAM_MOVED` floors (a flooded edge's misses, forward's retries
+# and health checks, which an upstream answers REFUSED), normal when nothing did, and left
+# unjudged when only some steps' query rate moved (a crash loop's bursts).
+UPSTREAM_MOVED = 4.0
 _RATE = FEATURE_NAMES.index("request_rate")
+_BURST = float(np.log(1.25))
 
 
-def _judge_upstreams(spans: list[Span], series: Mapping[InstanceKey, BaselineSeries]) -> list[Span]:
-    """Every instance is judged: an upstream the truth does not name, beside an edge it names,
-    becomes part of the incident if its query rate moved (by `UPSTREAM_MOVED` against the two
-    minutes before) and is normal if not. The truth says which instances a fault acts on; what it
-    moves further up is measured in the recording."""
+def _judge_upstreams(spans: list[Span], series: Mapping[InstanceKey, BaselineSeries], inputs: InputPlan) -> list[Span]:
+    """Every instance is judged where the recording can say: an upstream the truth does not name,
+    beside an edge it names, becomes part of the incident if its metrics moved and normal if they
+    did not (see UPSTREAM_MOVED). The truth says which instances a fault acts on; what it moves
+    further up is measured in the recording."""
     incident = {sp.event: sp for sp in spans if sp.cls and sp.judged}
+    floor = np.array([spec.floor for spec in inputs.specs], dtype=np.float64)
     out = []
     for sp in spans:
         bs = series.get(sp.instance)
-        if sp.judged or not sp.event or bs is None:
+        ev = incident.get(sp.event)
+        if sp.judged or ev is None or bs is None:
             out.append(sp)
             continue
-        ts, rate = bs.timestamps_ms, bs.raw[:, _RATE]
-        before = rate[(ts >= sp.start_ms - 120_000) & (ts < sp.start_ms)]
-        during = rate[(ts > sp.start_ms) & (ts <= sp.end_ms)]
-        if not len(before) or not len(during):
+        ts = bs.timestamps_ms
+        before, during = (ts >= sp.start_ms - 120_000) & (ts < sp.start_ms), (ts > sp.start_ms) & (ts <= sp.end_ms)
+        if not before.any() or not during.any():
             out.append(sp)  # nothing to measure: left unjudged
             continue
-        ratio = (float(np.median(during)) + 1e-3) / (float(np.median(before)) + 1e-3)
-        ev = incident.get(sp.event)
-        if ev is not None and max(ratio, 1 / ratio) >= UPSTREAM_MOVED:
+        x0 = np.median(bs.x[before], axis=0)
+        moved = np.abs(np.median(bs.x[during], axis=0) - x0) / floor
+        rate0 = float(np.median(bs.raw[before, _RATE]))
+        bursts = np.abs(np.log((bs.raw[during, _RATE] + 1e-3) / (rate0 + 1e-3)))
+        if float(moved.max()) >= UPSTREAM_MOVED:
             out.append(Span(sp.instance, sp.start_ms, sp.end_ms, ev.cls, sp.event, ev.severity))
+        elif float(np.quantile(bursts, 0.9)) >= _BURST:
+            out.append(sp)  # some steps' traffic moved, most did not: left unjudged
     return out
 
 

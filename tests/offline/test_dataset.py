@@ -114,27 +114,37 @@ def test_an_engineers_labels_change_what_is_learned(data_dir: Path) -> None:
 
 def test_every_instance_is_judged_an_upstream_by_whether_its_traffic_moved() -> None:
     """The upstream beside a hit edge is part of the incident when its query rate moved (a flood's
-    misses reach it), normal when it did not (an alert there is false), unjudged only when the
-    recording cannot say."""
-    from detectord.ingest.features import FEATURE_NAMES
-    from detectord.ingest.normalise import BaselineSeries
+    misses reach it), normal when it did not (an alert there is false), unjudged when only some
+    steps moved (a crash loop's bursts) or the recording cannot say."""
+    from detectord.ingest.features import FEATURE_NAMES, FeatureSeries
+    from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series
     from detectord.offline.dataset import Span, _judge_upstreams
 
-    def upstream(factor: float) -> BaselineSeries:
+    plan = InputPlan.default(FEATURE_NAMES)
+
+    def upstream(factor: float, bursts: bool = False, refused: float = 0.0) -> BaselineSeries:
         ts = np.arange(0, 600_000, 5_000, dtype=np.int64)
         raw = np.zeros((len(ts), len(FEATURE_NAMES)), np.float32)
-        raw[:, FEATURE_NAMES.index("request_rate")] = np.where((ts > 300_000) & (ts <= 360_000), 100 * factor, 100)
-        z = np.zeros_like(raw)
-        return BaselineSeries(ts, z, z, z + 1, np.ones(len(ts), bool), [], raw)
+        during = (ts > 300_000) & (ts <= 360_000)
+        if bursts:  # a crash loop's restarts: a few steps of misses, the rest as before
+            during &= ts % 30_000 == 0
+        raw[:, FEATURE_NAMES.index("request_rate")] = np.where(during, 100 * factor, 100)
+        raw[:, FEATURE_NAMES.index("rcode_refused_share")] = np.where(during, refused, 0.0)
+        return baseline_series(FeatureSeries(ts, raw, np.zeros(len(ts), bool)), plan, 5.0)
 
     edge = Span(("lab", "edge-0"), 300_000, 360_000, "query_flood", "r#1", "medium")
+    up = Span(("lab", "up-0"), 300_000, 360_000, "", "r#1", judged=False)
+    assert _judge_upstreams([edge, up], {("lab", "up-0"): upstream(3.0, bursts=True)}, plan) == [edge, up]
+    # Forward's health checks under loss: the upstream answers some REFUSED, its rate unchanged.
+    out = _judge_upstreams([edge, up], {("lab", "up-0"): upstream(1.0, refused=0.03)}, plan)
+    assert [s.cls for s in out if s.instance == ("lab", "up-0")] == ["query_flood"]
     for factor, want in ((2.0, "query_flood"), (0.5, "query_flood"), (1.1, None)):
         up = Span(("lab", "up-0"), 300_000, 360_000, "", "r#1", judged=False)
-        out = _judge_upstreams([edge, up], {("lab", "up-0"): upstream(factor)})
+        out = _judge_upstreams([edge, up], {("lab", "up-0"): upstream(factor)}, plan)
         judged = [s for s in out if s.instance == ("lab", "up-0")]
         if want is None:
             assert judged == [], factor  # normal: no span at all
         else:
             assert [(s.cls, s.judged, s.severity) for s in judged] == [(want, True, "medium")], factor
     up = Span(("lab", "up-0"), 300_000, 360_000, "", "r#1", judged=False)
-    assert _judge_upstreams([edge, up], {}) == [edge, up]  # no series: left unjudged
+    assert _judge_upstreams([edge, up], {}, plan) == [edge, up]  # no series: left unjudged
