@@ -62,7 +62,7 @@ def long_incidents(evals: Mapping[str, Evaluation], min_s: float = 120.0) -> lis
                 f"{e['delay_steps']} st, firing {_f(share * 100 if share is not None else None, '.0f')} %, "
                 f"resolved +{e.get('resolve_steps')} st"
             )
-        lines.append(f"| {row['id']} | {row['class']} | {row['duration_s'] / 60:g} min | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['id']} | {row['class']} | {row['duration_s'] / 60:.0f} min | " + " | ".join(cells) + " |")
     return lines
 
 

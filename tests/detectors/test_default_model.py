@@ -61,8 +61,14 @@ def test_loud_within_two_steps_of_an_upstream_timeout(scored: tuple[Detector, Da
     det, data, out = scored
     series = np.array(data.all.series, dtype=object)[data.all.series_id]
     incident = np.array([lb == "upstream_timeout" for lb in data.all.label], dtype=bool)
-    edges = sorted(set(series[incident]))
-    assert edges == ["unseen-low/coredns-edge/edge-0", "unseen-low/coredns-edge/edge-2"]
+    hit = sorted(set(series[incident]))
+    # Its upstream is judged with them: forward's retries and health checks moved its metrics too.
+    assert hit == [
+        "unseen-low/coredns-edge/edge-0",
+        "unseen-low/coredns-edge/edge-2",
+        "unseen-low/coredns-upstream/upstream-0",
+    ]
+    edges = hit[:2]
     for name in edges:
         idx = np.flatnonzero(incident & (series == name))
         s = out.scores[idx]
@@ -70,4 +76,11 @@ def test_loud_within_two_steps_of_an_upstream_timeout(scored: tuple[Detector, Da
         assert len(s) >= max(1, 50 / det.step_seconds) and s[:2].max() > 1.0 and (s[2:] > 1.0).all(), (name, s)
         first = idx[np.argmax(s > 1.0)]
         top = {FEATURE_NAMES[i] for i in np.argsort(-np.abs(out.feature_deviation[first]))[:3]}
-        assert "rcode_servfail_share" in top, (name, top)
+        # It says the upstream path went wrong: at 5 s steps by its SERVFAILs; at coarser ones the
+        # first anomalous step may hold only the start, where latency rises before answers fail.
+        named = (
+            {"rcode_servfail_share"}
+            if det.step_seconds == 5
+            else {"rcode_servfail_share", "upstream_latency_p99_seconds"}
+        )
+        assert named & top, (name, top)
