@@ -72,6 +72,12 @@ class Relay(asyncio.DatagramProtocol):
         self._loop = asyncio.get_running_loop()
         self._expiry: asyncio.TimerHandle | None = None
 
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        assert self.transport is not None
+        return int(self.transport.get_extra_info("sockname")[1])
+
     def counts(self) -> dict[str, int]:
         """What the relay did with the edge's queries (the lab writes it into the truth)."""
         return {"queries": self.queries, "answers": self.answers, "dropped": self.dropped, "failed": self.failed}

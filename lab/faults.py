@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import aiohttp
+
 from detectord.config import Duration
 from lab.chaos import PathFault
 from lab.fleet import Fleet, Node
@@ -34,6 +36,8 @@ class Primitive:
     the instances whose metrics it moves."""
 
     roles: ClassVar[tuple[str, ...]] = ("edge", "upstream")
+    # It acts on a standby edge (topology.standby_edges), bringing it into service.
+    standby: ClassVar[bool] = False
     # What really happened, as it happened ({"instance", "down_ms"} / {"instance", "up_ms"}): the truth keeps it.
     marks: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
@@ -282,6 +286,64 @@ class Restart(Primitive):
 
 
 @dataclass
+class CacheFlush(Reload):
+    """The edge's cache is emptied the way operators do it, a Corefile reload (CoreDNS keeps no
+    cache across one); the truth marks how many entries it held before and just after. It is
+    not undone: the cache fills again by itself."""
+
+    # CoreDNS updates its entries gauge only when it next caches an answer.
+    within: Duration = Duration(10.0)
+
+    async def apply(self, fleet: Fleet, node: Node) -> None:
+        before = await _cache_entries(node)
+        await super().apply(fleet, node)
+        after, deadline = before, time.monotonic() + float(self.within)
+        while time.monotonic() < deadline:
+            after = await _cache_entries(node)
+            if after < max(1.0, before / 4):
+                break
+            await asyncio.sleep(0.5)
+        self.marks.append(
+            {
+                "instance": node.name,
+                "flushed_ms": time.time_ns() // 1_000_000,
+                "entries_before": before,
+                "entries_after": after,
+            }
+        )
+        if not after < max(1.0, before / 4):
+            raise RuntimeError(f"{node.name}: the cache still holds {after:.0f} entries (had {before:.0f})")
+
+    async def revert(self, fleet: Fleet, node: Node) -> None:
+        pass
+
+
+@dataclass
+class Join(Primitive):
+    """A standby edge is started and comes into the service discovery with its clients' load, as
+    a new CoreDNS pod does. It stays."""
+
+    roles: ClassVar[tuple[str, ...]] = ("edge",)
+    standby: ClassVar[bool] = True
+
+    async def apply(self, fleet: Fleet, node: Node) -> None:
+        await fleet.join(node)
+        self.mark(node, "up_ms")
+
+
+@dataclass
+class Leave(Primitive):
+    """An edge is taken out of the service discovery and stopped, as a scaled-down pod is. It
+    stays out: its series end without a failed scrape."""
+
+    roles: ClassVar[tuple[str, ...]] = ("edge",)
+
+    async def apply(self, fleet: Fleet, node: Node) -> None:
+        await fleet.leave(node)
+        self.mark(node, "down_ms")
+
+
+@dataclass
 class ReloadFailure(Primitive):
     """A broken Corefile is pushed (again every `every`, as a config loop retries); the reload
     plugin fails to load it and keeps the old config. The good Corefile is restored at the end."""
@@ -358,6 +420,9 @@ PRIMITIVES: dict[str, type[Primitive]] = {
     "reload_failure": ReloadFailure,
     "reload": Reload,
     "restart": Restart,
+    "cache_flush": CacheFlush,
+    "join": Join,
+    "leave": Leave,
     "max_concurrent": MaxConcurrent,
     "cpu_starvation": CpuStarvation,
 }
@@ -368,6 +433,24 @@ async def _wait(stop: asyncio.Event, seconds: float) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
     return stop.is_set()
+
+
+async def _cache_entries(node: Node) -> float:
+    """The edge's cache entries (success and denial) from its own metrics."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
+        s.get(f"http://{node.ports.metrics_target}/metrics") as r,
+    ):
+        text = await r.text()
+    return metric_total(text, "coredns_cache_entries")
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of a metric's samples in a Prometheus text exposition."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.MULTILINE):
+        total += float(m.group(1))
+    return total
 
 
 async def _reload_edge(fleet: Fleet, node: Node, text: str) -> None:

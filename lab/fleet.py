@@ -2,7 +2,8 @@
 forward to, each edge through its own relay (lab/chaos.py), all on loopback; plus the base DNS load.
 
 Edge i forwards to upstream i mod U. Nodes can be killed and started again (same ports, same
-Corefile), reconfigured, paused and throttled.
+Corefile), reconfigured, paused and throttled; standby edges join the service discovery later
+and edges leave it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,6 +47,10 @@ class Node:
     load: DnsperfLoop | None = None
     queries: list[Path] = field(default_factory=list)
     base_qps: float = 0.0
+    # In the service discovery (scraped, judged by the health check): standby edges are not
+    # until they join, an edge that leaves is not any more.
+    in_service: bool = True
+    started: bool = False  # ever: the truth lists the nodes that ran
 
     @property
     def job(self) -> str:
@@ -60,6 +67,10 @@ class Node:
     def signal(self, sig: signal.Signals) -> None:
         if self.coredns is not None:
             self.coredns.child.signal(sig)
+
+
+async def _nothing(targets: dict[str, dict[str, str]]) -> None:
+    pass
 
 
 def _modulated(qps: float, mod: Modulation) -> RateFn:
@@ -80,6 +91,9 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.zone = workdir / "example.test.zone"
         self._t0 = 0.0
+        # Awaited with metrics_targets() when an edge joins or leaves: the runner's Prometheus
+        # rewrites its service discovery files and waits until it scrapes just those.
+        self.on_targets_changed: Callable[[dict[str, dict[str, str]]], Awaitable[None]] = _nothing
 
     # ---- Corefiles --------------------------------------------------------------------------
 
@@ -88,11 +102,10 @@ class Fleet:
         t = self.topology
         if node.role == "upstream":
             return upstream_corefile(node.ports, self.zone)
-        assert node.relay is not None and node.relay.transport is not None
-        relay_port = node.relay.transport.get_extra_info("sockname")[1]
+        assert node.relay is not None
         return edge_corefile(
             node.ports,
-            [f"127.0.0.1:{relay_port}"],
+            [f"127.0.0.1:{node.relay.port}"],
             cache_ttl=t.cache_ttl,
             cache_capacity=t.cache_capacity,
             max_concurrent=max_concurrent,
@@ -110,13 +123,33 @@ class Fleet:
             node = Node(f"upstream-{u}", "upstream", Ports(), self.workdir)
             self.nodes[node.name] = node
             await self._first_start(node)
-        for e in range(t.edges):
+        for e in range(t.edges + t.standby_edges):
             up = self.nodes[f"upstream-{e % t.upstreams}"]
             base = PathFault(delay_s=float(t.upstream_rtt), jitter_s=float(t.upstream_jitter))
             relay = await start_relay(0, ("127.0.0.1", up.ports.dns), seed=self.seed * 1000 + e, base=base)
             node = Node(f"edge-{e}", "edge", Ports(), self.workdir, upstream=up.name, relay=relay)
             self.nodes[node.name] = node
-            await self._first_start(node)
+            if e < t.edges:
+                await self._first_start(node)
+            else:
+                node.in_service = False
+
+    def forward_relabel(self) -> list[dict[str, object]]:
+        """metric_relabel_configs for the edges' job: forward's `to` label names the upstream's
+        address, not the edge's own relay in front of it, so edges that forward to the same
+        upstream share `to` as they do in a cluster (detectord groups their alerts by it)."""
+        out: list[dict[str, object]] = []
+        for edge in self.edges():
+            assert edge.relay is not None and edge.upstream is not None
+            out.append(
+                {
+                    "source_labels": ["to"],
+                    "regex": re.escape(f"127.0.0.1:{edge.relay.port}"),
+                    "target_label": "to",
+                    "replacement": self.nodes[edge.upstream].ports.address,
+                }
+            )
+        return out
 
     async def _first_start(self, node: Node, attempts: int = 3) -> None:
         # A port found free can be taken (by some client's ephemeral port) before CoreDNS binds it.
@@ -135,6 +168,7 @@ class Fleet:
         node.coredns = await node.stack.enter_async_context(
             run_coredns(self.corefile(node), node.ports, workdir=node.workdir, name=node.name)
         )
+        node.started = True
 
     async def stop_node(self, node: Node) -> None:
         """SIGTERM: CoreDNS drains and exits, as Kubernetes stops a pod."""
@@ -149,29 +183,55 @@ class Fleet:
         node.coredns = None
 
     async def start_load(self) -> None:
-        spec = self.load_spec
         loop = asyncio.get_running_loop()
         edges = self.edges()
         for i, node in enumerate(edges):
             # Off the event loop: the relays carry every edge's traffic on it.
             node.queries = await loop.run_in_executor(None, self._query_files, node, i)
         self._t0 = loop.time()
-        for i, node in enumerate(edges):
-            # Edges differ in size, and breathe out of step with each other.
-            spread = 1.0 + spec.spread * ((i / max(1, len(edges) - 1)) * 2 - 1) if len(edges) > 1 else 1.0
-            node.base_qps = spec.qps * spread
-            mod = Modulation(
-                float(spec.modulation_period), spec.modulation_depth, phase=2 * math.pi * i / max(1, len(edges))
-            )
-            node.load = DnsperfLoop(
-                node.name,
-                node.ports.dns,
-                node.queries,
-                _modulated(node.base_qps, mod),
-                log=self.workdir / f"dnsperf.{node.name}.log",
-                segment_s=float(spec.segment),
-            )
-            node.load.start(self._t0)
+        for node in edges:
+            if node.in_service:
+                self._start_edge_load(node)
+
+    def _start_edge_load(self, node: Node) -> None:
+        spec = self.load_spec
+        edges = self.edges()
+        i, n = edges.index(node), len(edges)
+        # Edges differ in size, and breathe out of step with each other.
+        spread = 1.0 + spec.spread * ((i / max(1, n - 1)) * 2 - 1) if n > 1 else 1.0
+        node.base_qps = spec.qps * spread
+        mod = Modulation(float(spec.modulation_period), spec.modulation_depth, phase=2 * math.pi * i / max(1, n))
+        node.load = DnsperfLoop(
+            node.name,
+            node.ports.dns,
+            node.queries,
+            _modulated(node.base_qps, mod),
+            log=self.workdir / f"dnsperf.{node.name}.log",
+            segment_s=float(spec.segment),
+        )
+        node.load.start(self._t0)
+
+    async def join(self, node: Node) -> None:
+        """A new edge: started, found by the service discovery, and its clients' load on it."""
+        if node.in_service:
+            raise ValueError(f"{node.name} is already in service")
+        await self._first_start(node)
+        node.in_service = True
+        await self.on_targets_changed(self.metrics_targets())
+        self._start_edge_load(node)
+
+    async def leave(self, node: Node) -> None:
+        """An edge taken out: its clients stop, the service discovery drops it, and once Prometheus
+        no longer scrapes it, SIGTERM (a scaled-down pod serves on through CoreDNS's lameduck
+        while the endpoints change, so it leaves without a failed scrape)."""
+        if not node.in_service:
+            raise ValueError(f"{node.name} is not in service")
+        if node.load is not None:
+            await node.load.stop()
+            node.load = None
+        node.in_service = False
+        await self.on_targets_changed(self.metrics_targets())
+        await self.stop_node(node)
 
     def _query_files(self, node: Node, i: int) -> list[Path]:
         spec = self.load_spec
@@ -215,12 +275,15 @@ class Fleet:
         return [n for n in self.nodes.values() if n.role == "edge"]
 
     def edges_of(self, upstream: Node) -> list[Node]:
-        return [n for n in self.edges() if n.upstream == upstream.name]
+        """The edges in service that forward to `upstream`."""
+        return [n for n in self.edges() if n.upstream == upstream.name and n.in_service]
 
     def metrics_targets(self) -> dict[str, dict[str, str]]:
-        out: dict[str, dict[str, str]] = {}
+        """What the service discovery lists: every node in service, by job."""
+        out: dict[str, dict[str, str]] = {job: {} for job in JOBS.values()}
         for n in self.nodes.values():
-            out.setdefault(n.job, {})[n.name] = n.ports.metrics_target
+            if n.in_service:
+                out[n.job][n.name] = n.ports.metrics_target
         return out
 
     def qps(self) -> float:

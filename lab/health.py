@@ -126,7 +126,7 @@ class HealthMonitor:
         if elapsed < float(self.c.settle) + w:
             return
         busy = self.faulted(now_ms - int((w + float(self.c.recovery)) * 1000), now_ms)
-        judged = [n for n in self.fleet.nodes.values() if n.name not in busy]
+        judged = [n for n in self.fleet.nodes.values() if n.in_service and n.name not in busy]
         if not judged:
             return
         r = f"[{w:g}s]"

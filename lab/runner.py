@@ -27,7 +27,7 @@ import aiohttp
 from detectord.errors import ConfigError
 from detectord.recordings.truth import Truth, TruthEvent, TruthInstance
 from lab.faults import PRIMITIVES, Primitive
-from lab.fleet import LAB_KEEP, Fleet, Node
+from lab.fleet import JOBS, LAB_KEEP, Fleet, Node
 from lab.health import HealthMonitor, domain
 from lab.peers.detectord import run_recorder
 from lab.peers.prometheus import Prometheus, run_prometheus
@@ -118,8 +118,11 @@ class Run:
                         scrape_interval=f"{sc.step:g}s",
                         keep=LAB_KEEP,
                         extra_remote_write_config={"queue_config": {"batch_send_deadline": "1s", "max_backoff": "5s"}},
+                        file_sd=True,
+                        metric_relabel={JOBS["edge"]: fleet.forward_relabel()},
                     )
                 )
+                fleet.on_targets_changed = self._targets_changed
                 await fleet.start_load()
                 self.started_ms = _now_ms()
                 self.say(
@@ -155,6 +158,11 @@ class Run:
         finally:
             self.write_truth()
             shutil.rmtree(work / "prometheus" / "tsdb", ignore_errors=True)
+
+    async def _targets_changed(self, targets: dict[str, dict[str, str]]) -> None:
+        assert self.prometheus is not None
+        self.prometheus.set_targets(targets)
+        await self.prometheus.wait_targets({name for t in targets.values() for name in t})
 
     async def _fault(self, ev: EventRecord, t0: float) -> None:
         loop = asyncio.get_running_loop()
@@ -256,6 +264,7 @@ class Run:
             instances=[
                 TruthInstance(n.job, n.name, n.role, n.upstream, n.relay.counts() if n.relay else None)
                 for n in (fleet.nodes.values() if fleet else [])
+                if n.started
             ],
             events=[ev.to_truth(i) for i, ev in enumerate(self.events) if ev.start_ms is not None or ev.error],
             health=self.health.verdict().to_json() if self.health is not None else None,

@@ -68,7 +68,8 @@ class Scenario:
 
     def node_names(self) -> list[str]:
         t = self.topology
-        return [f"upstream-{i}" for i in range(t.upstreams)] + [f"edge-{i}" for i in range(t.edges)]
+        edges = [f"edge-{i}" for i in range(t.edges + t.standby_edges)]
+        return [f"upstream-{i}" for i in range(t.upstreams)] + edges
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -108,6 +109,8 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
     topology: Topology = from_mapping(Topology, raw.get("topology") or {}, "topology")
     if topology.edges < 1 or topology.upstreams < 1:
         raise ConfigError("topology", "needs at least one edge and one upstream")
+    if topology.standby_edges < 0:
+        raise ConfigError("topology.standby_edges", "must be >= 0")
     load: LoadSpec = from_mapping(LoadSpec, raw.get("load") or {}, "load")
     if load.qps <= 0:
         raise ConfigError("load.qps", "must be > 0")
@@ -186,6 +189,11 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
                 if t not in nodes:
                     raise ConfigError(f"{akey}.targets", f"no node {t!r} (nodes: {', '.join(sorted(nodes))})")
                 role = str(t).split("-")[0]
+                if prim.standby and not _standby(str(t), topology):
+                    raise ConfigError(
+                        f"{akey}.targets",
+                        f"{ra['primitive']} brings a standby edge into service; {t!r} is in service from the start",
+                    )
                 if role not in prim.roles:
                     raise ConfigError(
                         f"{akey}.targets", f"{ra['primitive']} applies to {' or '.join(prim.roles)} nodes, not {t!r}"
@@ -209,7 +217,23 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
                 bool(timing.benign),
             )
         )
-    return dataclasses.replace(scenario, faults=tuple(sorted(faults, key=lambda f: f.start)))
+    faults.sort(key=lambda f: f.start)
+    joined: dict[str, float] = {}
+    for i, f in enumerate(faults):
+        for a in f.actions:
+            for t in a.targets:
+                if PRIMITIVES[a.primitive].standby:
+                    joined.setdefault(t, f.start)
+                elif _standby(t, topology) and not (t in joined and joined[t] < f.start):
+                    raise ConfigError(
+                        f"faults (by start)[{i}]", f"{t!r} is a standby edge: a `join` must bring it in before {f.cls}"
+                    )
+    return dataclasses.replace(scenario, faults=tuple(faults))
+
+
+def _standby(name: str, topology: Topology) -> bool:
+    role, _, index = name.partition("-")
+    return role == "edge" and int(index) >= topology.edges
 
 
 def _duration(value: Any, key: str) -> float:

@@ -13,6 +13,9 @@ from detectord.config import Duration
 class Topology:
     edges: int = 4
     upstreams: int = 2
+    # Edges made ready but not started or discovered: the `join` primitive brings one into
+    # service (a new pod the service discovery finds). Named after the edges: edge-<edges + i>.
+    standby_edges: int = 0
     # The edges' cache: TTL cap in seconds and capacity (entries, success and denial each).
     cache_ttl: int = 30
     cache_capacity: int = 9984

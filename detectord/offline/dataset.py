@@ -162,7 +162,8 @@ def find_recordings(paths: Iterable[Path | str]) -> list[Path]:
         raise DatasetError(str(exc)) from None
 
 
-def _shifted(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[DecodedWrite]:
+def shift_writes(writes: Iterator[DecodedWrite], offset_ms: int) -> Iterator[DecodedWrite]:
+    """The writes with every timestamp moved by `offset_ms` (a step grid at another phase)."""
     for w in writes:
         if offset_ms:
             w.timestamps = [t + offset_ms for t in w.timestamps]
@@ -198,7 +199,7 @@ def read_recording(
         )
     stats = ReadStats()
     offset = round(phase_s * 1000)
-    writes = _shifted((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
+    writes = shift_writes((w for _, w in read_writes(path, LabelCache(), read_stats=stats)), offset)
     feats: dict[InstanceKey, FeatureSeries] = extract(writes, round(step_s * 1000), INSTANCE_LABELS)
     series = {}
     for key, fs in sorted(feats.items()):
@@ -260,6 +261,13 @@ def _judge_upstreams(spans: list[Span], series: Mapping[InstanceKey, BaselineSer
     return out
 
 
+def benign_class(event_id: str) -> str | None:
+    """The class of a benign change's event id ("benign:CLASS@RECORDING#ID"); None for others."""
+    if not event_id.startswith("benign:"):
+        return None
+    return event_id[len("benign:") :].split("@", 1)[0]
+
+
 def _truth_spans(name: str, tr: Truth) -> list[Span]:
     """The incidents on their instances, and unjudged spans on the upstreams of affected edges
     (`_judge_upstreams` judges them)."""
@@ -271,7 +279,7 @@ def _truth_spans(name: str, tr: Truth) -> list[Span]:
         if ev.benign:
             for inst in ev.instances:
                 key = tuple(inst.get(k, "") for k in INSTANCE_LABELS)
-                spans.append(Span(key, start, end, "", f"benign:{eid}", ev.severity, benign=True))
+                spans.append(Span(key, start, end, "", f"benign:{ev.cls}@{eid}", ev.severity, benign=True))
             continue
         affected = {inst.get("instance") for inst in ev.instances}
         for inst in ev.instances:

@@ -16,6 +16,7 @@ import numpy as np
 
 from detectord.alerting.timing import FIRING, AlertRule, Resemblance, phases
 from detectord.detectors.quality import EVALUATION_RULE, episode_starts, prf, window_metrics
+from detectord.offline.dataset import benign_class
 
 if TYPE_CHECKING:
     from detectord.offline.dataset import Data
@@ -91,6 +92,9 @@ def evaluate(
     normal_steps: dict[str, int] = {}
     first_step: dict[str, int] = {}
     benign_changes: set[str] = set()
+    # Per incident: (notification group, when an alert of it began firing) for each instance.
+    fired_at: dict[str, list[tuple[str, int]]] = {}
+    lanes = {"/".join((r.name, *k)): f"{r.name}/{r.lanes[k]}" for r in data.recordings for k in r.series}
     for info in data.series:
         tl = timelines.get(info.name)
         if tl is None:
@@ -129,6 +133,7 @@ def evaluate(
             c.steps.update(ts[steps].tolist())
             c.firing.update(ts[hits].tolist())
             if len(hits):
+                fired_at.setdefault(ev, []).append((lanes.get(info.name, info.name), int(ts[hits[0]])))
                 after = fire[steps[-1] + 1 :]
                 quiet = np.flatnonzero(~after)
                 n = int(quiet[0]) if len(quiet) else len(after)
@@ -140,8 +145,10 @@ def evaluate(
                 c.fired = True
         for i in episode_starts(fire & sel):
             if info.label[i] == "":
-                benign = str(info.event[i]).startswith("benign:")
-                false.append({"series": info.name, "start_ms": int(ts[i]), "benign": benign})
+                change = benign_class(str(info.event[i]))
+                false.append(
+                    {"series": info.name, "start_ms": int(ts[i]), "benign": change is not None, "change": change}
+                )
         for ev in {e for e in info.event[sel] if e and e.startswith("benign:")}:
             benign_changes.add(ev)
     events = {e: ev for e, ev in data.events.items() if e in caught and in_role.get(e, 0) > 0}
@@ -177,6 +184,17 @@ def evaluate(
     # alerts like any other, counted here apart as well.
     ev_all["benign_changes"] = len(benign_changes)
     ev_all["false_alerts_on_benign_changes"] = sum(1 for f in false if f.get("benign"))
+    ev_all["benign_by_class"] = {
+        c: {
+            "changes": sum(1 for e in benign_changes if benign_class(e) == c),
+            "false_alerts": sum(1 for f in false if f.get("change") == c),
+        }
+        for c in sorted({str(benign_class(e)) for e in benign_changes})
+    }
+    notes = {e: notifications(fired_at.get(e, [])) for e in events}
+    multi = [notes[e] for e in events if len(data.events[e].get("instances") or []) > 1 and caught[e].fired]
+    ev_all["notifications_per_incident"] = float(np.mean(multi)) if multi else None
+    ev_all["notifications_per_incident_max"] = max(multi) if multi else None
     groups = {
         "seen": group([e for e in events if events[e]["class"] in data.seen], fa_all, total_days),
         "heldout": group([e for e in events if events[e]["class"] in data.heldout], fa_all, total_days),
@@ -221,6 +239,7 @@ def evaluate(
             "duration_s": (events[e]["end_ms"] - events[e]["start_ms"]) / 1000.0,
             "firing_share": len(caught[e].firing) / len(caught[e].steps) if caught[e].steps else None,
             "resolve_steps": caught[e].resolve_steps,
+            "notifications": notes[e],
         }
         for e in sorted(events)
     ]
@@ -235,6 +254,27 @@ def evaluate(
         ev_rows,
         false,
     )
+
+
+# Alertmanager's defaults: a new group waits `group_wait` for more alerts before its first
+# notification; alerts that join it later go out at the next `group_interval` tick.
+GROUP_WAIT_MS = 30_000
+GROUP_INTERVAL_MS = 300_000
+
+
+def notifications(alerts: Iterable[tuple[str, int]]) -> int:
+    """How many firing notifications Alertmanager sends for alerts (group key, when it began
+    firing) grouped by that key, the way alerts carrying the same `upstream` label are: each
+    group's first at group_wait, one more at each group_interval tick that brings a new alert."""
+    by_group: dict[str, list[int]] = {}
+    for group, t in alerts:
+        by_group.setdefault(group, []).append(t)
+    total = 0
+    for times in by_group.values():
+        first = min(times) + GROUP_WAIT_MS
+        ticks = {0 if t <= first else -(-(t - first) // GROUP_INTERVAL_MS) for t in times}
+        total += len(ticks)
+    return total
 
 
 def poisson_upper95(k: int) -> float:

@@ -344,13 +344,43 @@ def write_report(
         ]
     benign = {n: ev.event for n, ev in evals.items() if ev.event.get("benign_changes")}
     if benign:
+        kinds = sorted({c for e in benign.values() for c in e.get("benign_by_class", {})})
         lines += [
             "",
-            "## Benign changes (reloads, restarts, traffic growth: normal, with their aftermath)",
+            "## Benign changes (reloads, restarts, joins and leaves, cache flushes, traffic growth)",
             "",
-            "| detector | changes | false alerts on them |",
+            "Normal, with their aftermath: an alert on one is a false alert, counted here by kind of "
+            "change (false alerts / changes).",
+            "",
+            "| detector | all | " + " | ".join(kinds) + " |",
+            "|---|---|" + "---|" * len(kinds),
+            *(
+                f"| {n} | {e['false_alerts_on_benign_changes']} / {e['benign_changes']} | "
+                + " | ".join(
+                    "{false_alerts} / {changes}".format(
+                        **e["benign_by_class"].get(c, {"false_alerts": 0, "changes": 0})
+                    )
+                    for c in kinds
+                )
+                + " |"
+                for n, e in benign.items()
+            ),
+        ]
+    notes = {n: ev.event for n, ev in evals.items() if ev.event.get("notifications_per_incident") is not None}
+    if notes:
+        lines += [
+            "",
+            "## Notifications per incident",
+            "",
+            "Incidents on more than one instance, alerts grouped as Alertmanager groups them by the shared "
+            "`upstream` label (group_wait 30s, group_interval 5m): firing notifications sent.",
+            "",
+            "| detector | mean | most |",
             "|---|---|---|",
-            *(f"| {n} | {e['benign_changes']} | {e['false_alerts_on_benign_changes']} |" for n, e in benign.items()),
+            *(
+                f"| {n} | {e['notifications_per_incident']:.2f} | {e['notifications_per_incident_max']} |"
+                for n, e in notes.items()
+            ),
         ]
     lines += ["", "## Data", "", *data_summary(data)]
     lines += [

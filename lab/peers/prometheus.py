@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -29,6 +31,36 @@ class Prometheus:
     port: int
     config: Path
     log: Path
+    # With file-based service discovery: the directory of one targets file per job.
+    sd_dir: Path | None = None
+
+    def set_targets(self, targets: Mapping[str, Sequence[str] | Mapping[str, str]]) -> None:
+        """Replace the discovered targets (file_sd=True), as a Kubernetes endpoint list changes:
+        a job left out has no targets any more. Prometheus picks the files up within seconds."""
+        if self.sd_dir is None:
+            raise RuntimeError("this Prometheus was started with static targets (file_sd=False)")
+        for f in self.sd_dir.glob("*.json"):
+            if f.stem not in targets:
+                _write_atomic(f, [])
+        for job, t in targets.items():
+            _write_atomic(self.sd_dir / f"{job}.json", _static_configs(t))
+
+    async def wait_targets(self, instances: set[str], *, timeout: float = 60.0) -> None:
+        """Until Prometheus scrapes exactly these `instance`s (a rewritten discovery file is
+        taken in within seconds: Prometheus updates its scrape pools at most every 5 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+                s.get(f"{self.url}/api/v1/targets", params={"state": "active"}) as r,
+            ):
+                body = await r.json()
+            active = {t["labels"].get("instance", "") for t in body["data"]["activeTargets"]}
+            if active == instances:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus scrapes {sorted(active)}, not {sorted(instances)}, after {timeout}s")
+            await asyncio.sleep(0.5)
 
     async def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query: the `data.result` vector of /api/v1/query."""
@@ -72,6 +104,12 @@ def _static_configs(targets: Sequence[str] | Mapping[str, str]) -> list[dict[str
     return [{"targets": list(targets)}]
 
 
+def _write_atomic(path: Path, content: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, path)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -89,21 +127,37 @@ async def run_prometheus(
     extra_remote_write_config: dict[str, Any] | None = None,
     enable_receiver: bool = False,
     keep: str = KEEP,
+    file_sd: bool = False,
+    jobs: Sequence[str] = (),
+    metric_relabel: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> AsyncIterator[Prometheus]:
     """Scrape `targets` every `scrape_interval`, remote-writing the series matching `keep` to
     `remote_write_url`; `extra_remote_write_config` is merged into that entry.
 
     `targets` maps a job to host:port addresses, or to {instance name: host:port} to set the
-    `instance` label (stable names instead of ephemeral ports)."""
+    `instance` label (stable names instead of ephemeral ports). With `file_sd`, the targets are
+    discovered from files that `Prometheus.set_targets` rewrites (targets join and leave); `jobs`
+    names jobs that have no target yet. `metric_relabel` holds a job's metric_relabel_configs."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = children.free_port()
+    sd_dir = workdir / "targets" if file_sd else None
+    scrape_configs = []
+    for job in dict.fromkeys([*targets, *jobs]):
+        sc: dict[str, Any] = {"job_name": job}
+        if sd_dir is not None:
+            sc["file_sd_configs"] = [{"files": [str(sd_dir / f"{job}.json")], "refresh_interval": "5s"}]
+        else:
+            sc["static_configs"] = _static_configs(targets.get(job, []))
+        if metric_relabel and job in metric_relabel:
+            sc["metric_relabel_configs"] = metric_relabel[job]
+        scrape_configs.append(sc)
     config: dict[str, Any] = {
         "global": {
             "scrape_interval": scrape_interval,
             "scrape_timeout": scrape_interval,
             "evaluation_interval": scrape_interval,
         },
-        "scrape_configs": [{"job_name": job, "static_configs": _static_configs(t)} for job, t in targets.items()],
+        "scrape_configs": scrape_configs,
     }
     if remote_write_url:
         remote_write = {
@@ -115,6 +169,10 @@ async def run_prometheus(
         config["remote_write"] = [_merge(remote_write, extra_remote_write_config or {})]
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
+    prom = Prometheus(f"http://127.0.0.1:{port}", port, cfg, workdir / "prometheus.log", sd_dir)
+    if sd_dir is not None:
+        sd_dir.mkdir(exist_ok=True)
+        prom.set_targets(targets)
     argv = [
         prometheus_binary(),
         f"--config.file={cfg}",
@@ -124,8 +182,7 @@ async def run_prometheus(
     ]
     if enable_receiver:
         argv.append("--web.enable-remote-write-receiver")
-    log = workdir / "prometheus.log"
     async with children.run(
-        argv, log=log, cwd=workdir, name="prometheus", ready_url=f"http://127.0.0.1:{port}/-/ready", ready_timeout=60
+        argv, log=prom.log, cwd=workdir, name="prometheus", ready_url=f"{prom.url}/-/ready", ready_timeout=60
     ):
-        yield Prometheus(f"http://127.0.0.1:{port}", port, cfg, log)
+        yield prom

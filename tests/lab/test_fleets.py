@@ -1,0 +1,110 @@
+"""Fleets that change as operators change them, on real parts: a standby edge joins the service
+discovery and an edge leaves it (a real Prometheus following file-based discovery), an edge's
+cache is flushed, and edges that forward to the same upstream share forward's `to` label."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detectord.ingest.remote_write import LabelCache
+from detectord.recordings.format import read_writes
+from tests.lab.test_lab import _features, _need_peers
+from tests.support import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_edges_join_and_leave_the_discovery_and_a_flushed_cache_is_proven(tmp_path: Path) -> None:
+    _need_peers()
+    scenario = tmp_path / "changes.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "changes",
+                "duration": "100s",
+                "topology": {"edges": 3, "upstreams": 1, "standby_edges": 1},
+                "load": {"qps": 40, "segment": "5s"},
+                "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
+                "faults": [
+                    {
+                        "class": "edge_joins",
+                        "benign": True,
+                        "start": "25s",
+                        "duration": "10s",
+                        "actions": [{"primitive": "join", "targets": ["edge-3"]}],
+                    },
+                    {
+                        "class": "cache_flush",
+                        "benign": True,
+                        "start": "40s",
+                        "duration": "10s",
+                        "actions": [{"primitive": "cache_flush", "targets": ["edge-0"]}],
+                    },
+                    {
+                        "class": "edge_leaves",
+                        "benign": True,
+                        "start": "55s",
+                        "duration": "10s",
+                        "actions": [{"primitive": "leave", "targets": ["edge-1"]}],
+                    },
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "10"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["health"]["valid"] is True, truth["health"]
+    events = {e["class"]: e for e in truth["events"]}
+    assert not [e.get("error") for e in events.values() if e.get("error")], events
+    assert {i["instance"] for i in truth["instances"]} == {"upstream-0", "edge-0", "edge-1", "edge-2", "edge-3"}
+
+    # The flush is proven by the edge's own gauge, read before and just after.
+    [flush] = events["cache_flush"]["marks"]
+    assert flush["entries_before"] > 50 and flush["entries_after"] < flush["entries_before"] / 4, flush
+
+    # The new edge's series begin when it joined; the one that left ends when it left, with no
+    # failed scrape (it left the discovery; it did not die).
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    up_zero: set[str] = set()
+    tos: dict[str, set[str]] = {}
+    servers: dict[str, str] = {}
+    for _, w in read_writes(out / "recording.drec", LabelCache()):
+        i = 0
+        for key, n in zip(w.keys, w.counts, strict=True):
+            labels = dict(key.labels)
+            inst = labels.get("instance", "")
+            ts, vs = w.timestamps[i : i + n], w.values[i : i + n]
+            i += n
+            first[inst] = min(first.get(inst, ts[0]), ts[0])
+            last[inst] = max(last.get(inst, ts[-1]), ts[-1])
+            if labels.get("__name__") == "up" and 0.0 in vs:
+                up_zero.add(inst)
+            if labels.get("__name__") == "coredns_dns_requests_total":
+                servers[inst] = labels["server"]
+            if "to" in labels and labels.get("__name__", "").startswith("coredns_"):
+                tos.setdefault(inst, set()).add(labels["to"])
+    join, leave = events["edge_joins"], events["edge_leaves"]
+    assert first["edge-3"] >= join["start_ms"] - 1_000 and first["edge-0"] < join["start_ms"] - 10_000
+    assert last["edge-1"] <= leave["end_ms"] and last["edge-0"] > leave["end_ms"] + 10_000
+    assert "edge-1" not in up_zero, "the edge that left had failing scrapes"
+    # Every edge forwards through its own relay, yet `to` names the upstream they share (its
+    # address: the port its own series name as their server).
+    upstream_port = servers["upstream-0"].rsplit(":", 1)[1]
+    assert {e: t for e, t in tos.items() if e.startswith("edge")} == {
+        e: {f"127.0.0.1:{upstream_port}"} for e in ("edge-0", "edge-1", "edge-2", "edge-3")
+    }
+    series, _ = _features(out)
+    assert {key[1] for key in series} == {"upstream-0", "edge-0", "edge-1", "edge-2", "edge-3"}
