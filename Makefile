@@ -65,19 +65,24 @@ proto: venv-dev
 models: venv-dev system-deps
 	$(BIN)/detectord train --data data --out models
 
-# Re-record the committed data sets (about 4.5 hours): the normal run and the low-load test fleet
-# beside the four fault runs, then the runs that need the machine to themselves, one by one: the
-# high-load test fleet, incidents of every length (durations), benign changes (benign).
+# Re-record the committed data sets (about 6 hours): the normal run and the low-load test fleet
+# beside the four fault runs, the other test-only fleets two at a time (path RTT and NXDOMAIN
+# share, small and large caches, node-local caches and query mix), then the runs that need the
+# machine to themselves, one by one: the high-load test fleet, incidents of every length
+# (durations), benign changes (benign).
 # Each run logs its progress to $(LAB_RUNS)/NAME.log.
 LAB_RUNS ?= .cache/lab
 LAB_FAULT_RUNS := faults-1 faults-2 faults-3 faults-4
+comma := ,
+LAB_PAIRED_RUNS := unseen-rtt,unseen-nxdomain unseen-cache-small,unseen-cache-large unseen-nodelocal,unseen-qtypes
 LAB_ALONE_RUNS := unseen-high durations benign
-LAB_ALL_RUNS := normal $(LAB_FAULT_RUNS) unseen-low $(LAB_ALONE_RUNS)
+LAB_ALL_RUNS := normal $(LAB_FAULT_RUNS) unseen-low $(subst $(comma), ,$(LAB_PAIRED_RUNS)) $(LAB_ALONE_RUNS)
 data: venv-dev system-deps coredns
 	mkdir -p $(LAB_RUNS)
 	set -e; run() { lab/run lab/scenarios/$$1.yaml --out $(LAB_RUNS)/$$1 --progress-interval 60 > $(LAB_RUNS)/$$1.log 2>&1; }; \
 	  run normal & normal=$$!; run unseen-low & low=$$!; \
 	  for r in $(LAB_FAULT_RUNS); do run $$r; done; wait $$normal; wait $$low; \
+	  for pair in $(LAB_PAIRED_RUNS); do run $${pair%,*} & a=$$!; run $${pair#*,}; wait $$a; done; \
 	  for r in $(LAB_ALONE_RUNS); do run $$r; done
 	PYTHONPATH=. $(BIN)/python -m lab.dataset publish $(addprefix $(LAB_RUNS)/,$(LAB_ALL_RUNS)) --to data
 	PYTHONPATH=. $(BIN)/python -m lab.dataset readme data

@@ -115,7 +115,8 @@ _README = """# Lab data sets
 
 Recordings of a real CoreDNS fleet on loopback (CoreDNS {coredns} built from its Go module by
 `scripts/build-coredns.sh`, real `dnsperf` load, scripted faults), exactly as a real Prometheus
-(Debian's 2.42, scraping every second) remote-wrote them to `detectord record`. Each
+(Debian's 2.42, scraping every second; `benign` every 5 seconds) remote-wrote them to
+`detectord record`. Each
 `NAME.drec.xz` is a recording (detectord/recordings/format.py's format, xz-compressed; `detectord replay`,
 `score`, `train` and `evaluate` read it as it is) and `NAME.truth.json` its ground truth: the
 scenario, the instances, and every fault with its class, severity, affected instances, start and
@@ -126,8 +127,10 @@ Every file is made by one lab run of the scenario of the same name, `lab/scenari
     lab/run lab/scenarios/NAME.yaml --out .cache/lab/NAME
     python -m lab.dataset publish .cache/lab/NAME --to data
 
-`make data` re-records all of them (about 4.5 hours; normal and unseen-low run beside the fault
-runs; unseen-high, durations and benign each alone) and rewrites this file.
+`make data` re-records all of them (about 6 hours; normal and unseen-low run beside the fault
+runs, the other test-only fleets two at a time; unseen-high, durations and benign each alone)
+and rewrites this file. The scenarios unseen-rtt, unseen-nxdomain, unseen-cache-small,
+unseen-cache-large, unseen-nodelocal and unseen-qtypes are test-only fleets not recorded here yet.
 
 {files}
 
@@ -142,9 +145,11 @@ runs; unseen-high, durations and benign each alone) and rewrites this file.
 - `durations`: incidents of every length and ramp at the training load: 30 s, 3, 5 and 30
   minutes, abrupt and creeping (a latency that grows for 10 minutes, then holds for 20), and a
   crash loop, in three lanes of four; the fourth stays healthy. Test data only.
-- `benign` (when recorded): 24 low-load edges for an hour with the changes operators make every
-  day (a Corefile rollout, a rolling restart, traffic that doubles): normal, the alerts on them
-  counted apart. Test data only.
+- `benign`: 56 low-load edges (15 qps) and 8 upstreams, scraped every 5 s for 55 minutes (2.3
+  instance-days of healthy time at every step), with the changes operators make every day: a
+  Corefile rollout on one edge and then on four at once, a rolling restart of four edges, an edge
+  joining the service discovery and another leaving it, two cache flushes, traffic on one edge
+  that doubles over 30 minutes. Normal, the alerts on them counted apart by kind. Test data only.
 
 {classes}
 

@@ -212,7 +212,7 @@ class QueryFlood(Primitive):
 
         self._extra = DnsperfLoop(
             f"{node.name}-flood",
-            node.ports.dns,
+            fleet.front(node).ports.dns,
             node.queries,
             lambda t: fleet.base_rate(node, t) * (self.factor - 1) * share(t),
             log=fleet.workdir / f"dnsperf.{node.name}.flood.log",
@@ -243,7 +243,7 @@ class RandomSubdomainFlood(Primitive):
         )
         self._flood = DnsperfLoop(
             f"{node.name}-random",
-            node.ports.dns,
+            fleet.front(node).ports.dns,
             [path],
             lambda t: self.qps,
             log=fleet.workdir / f"dnsperf.{node.name}.random.log",

@@ -21,12 +21,20 @@ from typing import Literal
 from detectord.children import ChildError
 from lab.chaos import PathFault, Relay, start_relay
 from lab.load import DnsperfLoop, Modulation, RateFn
-from lab.peers.coredns import CoreDNS, Ports, edge_corefile, run_coredns, upstream_corefile, zone_file
+from lab.peers.coredns import (
+    CoreDNS,
+    Ports,
+    edge_corefile,
+    nodelocal_corefile,
+    run_coredns,
+    upstream_corefile,
+    zone_file,
+)
 from lab.peers.dnsperf import QTYPES, query_file
 from lab.topology import LoadSpec, Topology
 
-Role = Literal["edge", "upstream"]
-JOBS: dict[Role, str] = {"edge": "coredns-edge", "upstream": "coredns-upstream"}
+Role = Literal["edge", "upstream", "nodelocal"]
+JOBS: dict[Role, str] = {"edge": "coredns-edge", "upstream": "coredns-upstream", "nodelocal": "node-local-dns"}
 # What the lab's Prometheus remote-writes: everything CoreDNS exports, its process and Go runtime
 # gauges, and the series Prometheus adds per target (`up` is what the CoreDNSDown rule reads).
 LAB_KEEP = "coredns_.*|process_.*|go_goroutines|go_threads|go_memstats_heap_inuse_bytes|up|scrape_duration_seconds"
@@ -40,7 +48,8 @@ class Node:
     role: Role
     ports: Ports
     workdir: Path
-    upstream: str | None = None  # edges: the upstream they forward to
+    upstream: str | None = None  # edges: the upstream they forward to (node-local caches: their edge's)
+    edge: str | None = None  # node-local caches: the edge they forward to
     relay: Relay | None = None  # edges: the path to that upstream
     coredns: CoreDNS | None = None
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
@@ -102,6 +111,12 @@ class Fleet:
         t = self.topology
         if node.role == "upstream":
             return upstream_corefile(node.ports, self.zone)
+        if node.role == "nodelocal":
+            assert node.edge is not None
+            edge = self.nodes[node.edge]
+            return nodelocal_corefile(
+                node.ports, edge.ports.address, cache_ttl=t.cache_ttl, cache_capacity=t.cache_capacity
+            )
         assert node.relay is not None
         return edge_corefile(
             node.ports,
@@ -110,6 +125,7 @@ class Fleet:
             cache_capacity=t.cache_capacity,
             max_concurrent=max_concurrent,
             loop=True,
+            prefer_udp=t.node_local,
             extra=extra,
         )
 
@@ -133,6 +149,14 @@ class Fleet:
                 await self._first_start(node)
             else:
                 node.in_service = False
+        if t.node_local:
+            for e in range(t.edges):
+                edge = self.nodes[f"edge-{e}"]
+                node = Node(
+                    f"nodelocal-{e}", "nodelocal", Ports(), self.workdir, upstream=edge.upstream, edge=edge.name
+                )
+                self.nodes[node.name] = node
+                await self._first_start(node)
 
     def forward_relabel(self) -> list[dict[str, object]]:
         """metric_relabel_configs for the edges' job: forward's `to` label names the upstream's
@@ -203,7 +227,7 @@ class Fleet:
         mod = Modulation(float(spec.modulation_period), spec.modulation_depth, phase=2 * math.pi * i / max(1, n))
         node.load = DnsperfLoop(
             node.name,
-            node.ports.dns,
+            self.front(node).ports.dns,
             node.queries,
             _modulated(node.base_qps, mod),
             log=self.workdir / f"dnsperf.{node.name}.log",
@@ -273,6 +297,10 @@ class Fleet:
 
     def edges(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == "edge"]
+
+    def front(self, edge: Node) -> Node:
+        """The node the edge's clients ask: its node-local cache, or the edge itself."""
+        return self.nodes.get(f"nodelocal-{edge.name.removeprefix('edge-')}", edge) if edge.role == "edge" else edge
 
     def edges_of(self, upstream: Node) -> list[Node]:
         """The edges in service that forward to `upstream`."""

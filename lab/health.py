@@ -139,7 +139,7 @@ class HealthMonitor:
             for rcode in ("SERVFAIL", "REFUSED")
         }
         rates = await self._by_instance(
-            f'sum by (instance) (rate(coredns_dns_requests_total{{job="coredns-edge"}}{r}))'
+            f'sum by (instance) (rate(coredns_dns_requests_total{{job=~"coredns-edge|node-local-dns"}}{r}))'
         )
         up = await self._by_instance(f"min by (instance) (min_over_time(up{r}))")
         for node in judged:
@@ -154,8 +154,9 @@ class HealthMonitor:
                     self._check(name, check, v, limit, now_ms, ok=not v > limit)
             if node.role != "edge":
                 continue
+            # Where its clients' load arrives: its node-local cache, when it has one.
             want = self.target(node, elapsed - w, elapsed)
-            got = rates.get(name, 0.0)
+            got = rates.get(self.fleet.front(node).name, 0.0)
             off = abs(got / want - 1.0) if want > 0 else 0.0
             self._check(name, "load", got, want, now_ms, ok=off <= self.c.load_tolerance, badness=off)
             dropped, failed = relays.get(name, (0, 0))
@@ -229,7 +230,8 @@ def _finite(v: float) -> float:
 
 
 def domain(fleet: Fleet, names: Sequence[str]) -> set[str]:
-    """The fault domains of `names`: each instance, its upstream, and that upstream's edges."""
+    """The fault domains of `names`: each instance, its upstream, that upstream's edges and the
+    node-local caches in front of them."""
     out: set[str] = set()
     for name in names:
         node = fleet.nodes.get(name)
@@ -238,6 +240,6 @@ def domain(fleet: Fleet, names: Sequence[str]) -> set[str]:
         up = fleet.nodes.get(node.upstream) if node.upstream else node
         if up is None:
             continue
-        out |= {up.name, *(e.name for e in fleet.edges_of(up))}
+        out |= {up.name, *(n.name for e in fleet.edges_of(up) for n in (e, fleet.front(e)))}
         out.add(name)
     return out

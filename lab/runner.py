@@ -180,7 +180,9 @@ class Run:
                     node = fleet.nodes[target]
                     applied.append((prim, node))
                     for n in prim.affected(fleet, node):
-                        affected[n.name] = n
+                        # A node-local cache in front of an affected edge forwards into the fault.
+                        for m in {n.name: n, fleet.front(n).name: fleet.front(n)}.values():
+                            affected[m.name] = m
         except Exception as exc:
             ev.error = f"{exc.__class__.__name__}: {exc}"
             self.say(f"lab: fault {f.cls} not applied: {ev.error}")
@@ -226,9 +228,10 @@ class Run:
         if self.prometheus is not None:
             # A rate needs a few scrapes in its window, whatever the step.
             window = max(10.0, 4 * self.scenario.step)
+            clients = JOBS["nodelocal" if self.scenario.topology.node_local else "edge"]
             with contextlib.suppress(Exception):
                 v = await self.prometheus.value(
-                    f'sum(rate(coredns_dns_requests_total{{job="coredns-edge"}}[{window:g}s]))'
+                    f'sum(rate(coredns_dns_requests_total{{job="{clients}"}}[{window:g}s]))'
                 )
                 qps = f"{v:.0f}"
         samples = size = "?"

@@ -111,6 +111,8 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         raise ConfigError("topology", "needs at least one edge and one upstream")
     if topology.standby_edges < 0:
         raise ConfigError("topology.standby_edges", "must be >= 0")
+    if topology.node_local and topology.standby_edges:
+        raise ConfigError("topology.node_local", "node-local caches are not made for standby edges (standby_edges: 0)")
     load: LoadSpec = from_mapping(LoadSpec, raw.get("load") or {}, "load")
     if load.qps <= 0:
         raise ConfigError("load.qps", "must be > 0")

@@ -16,6 +16,9 @@ class Topology:
     # Edges made ready but not started or discovered: the `join` primitive brings one into
     # service (a new pod the service discovery finds). Named after the edges: edge-<edges + i>.
     standby_edges: int = 0
+    # A node-local DNS cache (NodeLocal DNSCache) in front of every edge: the clients ask it, it
+    # forwards its misses to the edge over TCP. Named nodelocal-<i>, job node-local-dns.
+    node_local: bool = False
     # The edges' cache: TTL cap in seconds and capacity (entries, success and denial each).
     cache_ttl: int = 30
     cache_capacity: int = 9984

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from detectord.offline.dataset import Data
+from detectord.offline.dataset import Data, SeriesInfo, benign_class
 from detectord.offline.evaluation import (
     Evaluation,
     Timeline,
@@ -235,12 +235,25 @@ def plot_confusion(path: Path, ev: Evaluation) -> None:
     plt.close(fig)
 
 
+MAX_TIMELINE_ROWS = 16
+
+
 def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data: Data, name: str) -> None:
-    """The score of every instance of one recording over time, ground-truth incidents shaded."""
+    """The score of the instances of one recording over time, ground-truth incidents shaded
+    (benign changes hatched); of a large fleet, the MAX_TIMELINE_ROWS with the highest scores."""
     plt = _plt()
     infos = [i for i in data.series if i.recording == recording]
     if not infos:
         return
+    if len(infos) > MAX_TIMELINE_ROWS:
+
+        def peak(info: SeriesInfo) -> float:
+            timeline = tl.get(info.name)
+            s = aligned(timeline, info.timestamps_ms) if timeline is not None else np.zeros(0)
+            return float(np.nanmax(s)) if np.isfinite(s).any() else -1.0
+
+        keep = {i.name for i in sorted(infos, key=peak, reverse=True)[:MAX_TIMELINE_ROWS]}
+        infos = [i for i in infos if i.name in keep]
     cmap = plt.get_cmap("tab20")
     classes = sorted({ev["class"] for ev in data.events.values()})
     color = {c: cmap(i % 20) for i, c in enumerate(classes)}
@@ -252,7 +265,14 @@ def plot_timelines(path: Path, recording: str, tl: Mapping[str, Timeline], data:
         timeline = tl.get(info.name)
         s = aligned(timeline, info.timestamps_ms) if timeline is not None else np.full(len(t), np.nan)
         for ev_id in sorted({e for e in info.event if e}):
-            ev = data.events[ev_id]
+            ev = data.events.get(ev_id)
+            if ev is None:  # a benign change: its steps, with their aftermath
+                steps = info.timestamps_ms[info.event == ev_id]
+                a, b = (steps[0] - t0) / 60000.0, (steps[-1] - t0) / 60000.0
+                label = f"benign: {benign_class(ev_id)}"
+                ax.axvspan(a, b, color="grey", alpha=0.2, hatch="//", label=label if label not in seen_cls else None)
+                seen_cls.add(label)
+                continue
             a, b = (ev["start_ms"] - t0) / 60000.0, (ev["end_ms"] - t0) / 60000.0
             ax.axvspan(
                 a, b, color=color[ev["class"]], alpha=0.35, label=ev["class"] if ev["class"] not in seen_cls else None

@@ -97,16 +97,20 @@ def edge_corefile(
     cache_capacity: int | None = None,
     max_concurrent: int | None = None,
     loop: bool = False,
+    prefer_udp: bool = False,
     extra: str = "",
 ) -> str:
     """A caching forwarder to `upstreams` (host:port), with metrics, health, ready and reload.
 
-    `extra` is appended inside the server block (the lab breaks a reload with it)."""
+    `prefer_udp` forwards queries that came over TCP (from a node-local cache) over UDP, as the
+    lab's relays carry only UDP. `extra` is appended inside the server block (the lab breaks a
+    reload with it)."""
     logged = "\n    log" if log else ""
     cache = f"cache {cache_ttl}" + (
         f" {{\n        success {cache_capacity}\n        denial {cache_capacity}\n    }}" if cache_capacity else ""
     )
     limit = f"\n        max_concurrent {max_concurrent}" if max_concurrent else ""
+    limit += "\n        prefer_udp" if prefer_udp else ""
     looped = "\n    loop" if loop else ""
     return f"""
 .:{ports.dns} {{
@@ -121,6 +125,30 @@ def edge_corefile(
         health_check 0.5s{limit}
     }}
     reload 2s 1s{extra}
+}}
+"""
+
+
+def nodelocal_corefile(ports: Ports, edge: str, *, cache_ttl: int = 30, cache_capacity: int = 9984) -> str:
+    """A node-local DNS cache (Kubernetes' NodeLocal DNSCache: CoreDNS on every node) in front of
+    a cluster DNS edge: it caches, and forwards its misses to the edge over TCP (`force_tcp`), as
+    node-local-dns does to kube-dns."""
+    return f"""
+.:{ports.dns} {{
+    bind 127.0.0.1
+    prometheus 127.0.0.1:{ports.metrics}
+    health 127.0.0.1:{ports.health}
+    ready 127.0.0.1:{ports.ready}
+    errors
+    loop
+    cache {cache_ttl} {{
+        success {cache_capacity}
+        denial {cache_capacity} 5
+    }}
+    forward . {edge} {{
+        force_tcp
+    }}
+    reload 2s 1s
 }}
 """
 

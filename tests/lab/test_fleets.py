@@ -108,3 +108,62 @@ def test_edges_join_and_leave_the_discovery_and_a_flushed_cache_is_proven(tmp_pa
     }
     series, _ = _features(out)
     assert {key[1] for key in series} == {"upstream-0", "edge-0", "edge-1", "edge-2", "edge-3"}
+
+
+def test_node_local_caches_take_the_clients_and_forward_misses_to_their_edge_over_tcp(tmp_path: Path) -> None:
+    _need_peers()
+    scenario = tmp_path / "nodelocal.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "nodelocal",
+                "duration": "80s",
+                "topology": {"edges": 2, "upstreams": 1, "node_local": True},
+                "load": {"qps": 60, "segment": "5s"},
+                "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
+                "faults": [
+                    {
+                        "class": "upstream_latency",
+                        "start": "45s",
+                        "duration": "20s",
+                        "actions": [{"primitive": "upstream_delay", "targets": ["edge-0"], "delay": "300ms"}],
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "10"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    truth = json.loads((out / "truth.json").read_text())
+    # The load check reads the clients' rate where it arrives: at the node-local caches.
+    assert truth["health"]["valid"] is True, truth["health"]
+    assert truth["health"]["judged_windows"]["load"] >= 2, truth["health"]
+    roles = {i["instance"]: (i["job"], i["role"], i.get("upstream")) for i in truth["instances"]}
+    assert roles["nodelocal-0"] == ("node-local-dns", "nodelocal", "upstream-0")
+    assert roles["edge-1"][:2] == ("coredns-edge", "edge")
+    # A fault on an edge's path reaches the cache in front of it, which the truth says.
+    [event] = truth["events"]
+    assert {i["instance"] for i in event["instances"]} == {"edge-0", "nodelocal-0"}
+
+    requests: dict[tuple[str, str], float] = {}
+    for _, w in read_writes(out / "recording.drec", LabelCache()):
+        i = 0
+        for key, n in zip(w.keys, w.counts, strict=True):
+            labels = dict(key.labels)
+            if labels.get("__name__") == "coredns_dns_requests_total" and labels.get("type") != "other":
+                k = (labels["instance"], labels["proto"])
+                requests[k] = max(requests.get(k, 0.0), *w.values[i : i + n])
+            i += n
+    for e in ("0", "1"):
+        # The edge hears only its cache's misses, and only over TCP (force_tcp); the clients ask
+        # the cache over UDP.
+        assert requests.get((f"edge-{e}", "udp"), 0.0) == 0.0, requests
+        assert 0 < requests[(f"edge-{e}", "tcp")] < requests[(f"nodelocal-{e}", "udp")] / 2, requests
+    series, _ = _features(out)
+    assert {key[1] for key in series} >= {"nodelocal-0", "nodelocal-1", "edge-0", "edge-1", "upstream-0"}

@@ -117,6 +117,8 @@ def test_shipped_scenarios_are_valid() -> None:
         "unseen-nxdomain",
         "unseen-cache-small",
         "unseen-cache-large",
+        "unseen-nodelocal",
+        "unseen-qtypes",
         "durations",
         "benign",
     }

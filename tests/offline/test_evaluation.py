@@ -10,7 +10,7 @@ from detectord.alerting.timing import AlertRule, firing
 from detectord.detectors.quality import threshold_for_rate
 from detectord.detectors.windowset import WindowSet
 from detectord.offline.dataset import Data, SeriesInfo, Span, step_labels
-from detectord.offline.evaluation import Timeline, evaluate
+from detectord.offline.evaluation import Timeline, evaluate, notifications
 
 STEP_MS = 5000
 
@@ -143,7 +143,8 @@ def test_long_incidents_firing_share_resolve_steps_and_benign_changes() -> None:
     for i in range(100, 460):  # 30 minutes of 5 s steps
         labels[i] = "upstream_latency"
     data = _data(labels, {"r#0": [100, 460]})
-    data.series[0].event[1000:1024] = "benign:r#1"  # a rolling restart and its aftermath: normal
+    data.series[0].event[1000:1024] = "benign:rolling_restart@r#1"  # a restart and its aftermath: normal
+    data.series[0].event[1500:1524] = "benign:cache_flush@r#2"
     scores = np.full(n, 0.5, np.float32)
     scores[102:424] = 3.0  # fires from the third step, drops out for the last 36
     scores[1010] = 2.0  # an alert on the benign change
@@ -154,7 +155,11 @@ def test_long_incidents_firing_share_resolve_steps_and_benign_changes() -> None:
     assert row["firing_share"] == pytest.approx((436 - 102) / 360)
     assert row["resolve_steps"] == 0  # it had resolved before the incident ended
     assert ev.event["false_alerts"] == 1 and ev.event["false_alerts_on_benign_changes"] == 1
-    assert ev.event["benign_changes"] == 1
+    assert ev.event["benign_changes"] == 2
+    assert ev.event["benign_by_class"] == {
+        "cache_flush": {"changes": 1, "false_alerts": 0},
+        "rolling_restart": {"changes": 1, "false_alerts": 1},
+    }
     upper = ev.event["false_alerts_per_instance_day_upper95"]
     assert upper == pytest.approx(4.7439 / ev.event["normal_instance_days"], rel=1e-3)
     # Firing to its end: it resolves keep_firing_for (12 steps) after it.
@@ -163,12 +168,28 @@ def test_long_incidents_firing_share_resolve_steps_and_benign_changes() -> None:
     assert ev.events[0]["firing_share"] == pytest.approx(358 / 360) and ev.events[0]["resolve_steps"] == 12
 
 
+def test_notifications_are_counted_as_alertmanager_groups_alerts_by_upstream() -> None:
+    """Alerts that share an upstream go out together: one notification after group_wait for all
+    that fired by then, one more per group_interval that brings new ones; other upstreams are
+    other groups."""
+    s = 1000
+    assert notifications([]) == 0
+    # Three edges of one upstream within its 30 s group_wait: one notification.
+    assert notifications([("up-0", 0), ("up-0", 10 * s), ("up-0", 30 * s)]) == 1
+    # A fourth 2 minutes on: at the next group_interval tick; a fifth before that tick joins it.
+    assert notifications([("up-0", 0), ("up-0", 120 * s), ("up-0", 200 * s)]) == 2
+    # And one 6 minutes on needs the tick after.
+    assert notifications([("up-0", 0), ("up-0", 120 * s), ("up-0", 360 * s)]) == 3
+    # Another upstream's edge is another group.
+    assert notifications([("up-0", 0), ("up-1", 5 * s)]) == 2
+
+
 def test_a_benign_change_and_its_aftermath_are_normal_steps_marked_as_the_change() -> None:
     ts = np.arange(1, 41) * STEP_MS
-    restart = Span(("j", "a"), 10 * STEP_MS, 12 * STEP_MS, "", "benign:r#3", benign=True)
+    restart = Span(("j", "a"), 10 * STEP_MS, 12 * STEP_MS, "", "benign:rolling_restart@r#3", benign=True)
     label, event = step_labels(ts, STEP_MS, [restart], recovery_s=30)
     assert label.tolist() == [""] * 40
-    assert event[10:18].tolist() == ["benign:r#3"] * 8 and event[18] == "" and event[9] == ""
+    assert event[10:18].tolist() == ["benign:rolling_restart@r#3"] * 8 and event[18] == "" and event[9] == ""
     # An incident on the same steps is still an incident.
     sp = Span(("j", "a"), 11 * STEP_MS, 13 * STEP_MS, "upstream_timeout", "r#4")
     label, event = step_labels(ts, STEP_MS, [restart, sp], recovery_s=30)
