@@ -129,8 +129,8 @@ Every file is made by one lab run of the scenario of the same name, `lab/scenari
 
 `make data` re-records all of them (about 6 hours; normal and unseen-low run beside the fault
 runs, the other test-only fleets two at a time; unseen-high, durations and benign each alone)
-and rewrites this file. The scenarios unseen-rtt, unseen-nxdomain, unseen-cache-small,
-unseen-cache-large, unseen-nodelocal and unseen-qtypes are test-only fleets not recorded here yet.
+and rewrites this file. The test-only fleets unseen-rtt, unseen-nxdomain, unseen-cache-small and
+unseen-cache-large have scenarios but are not recorded here yet.
 
 {files}
 
@@ -150,6 +150,9 @@ unseen-cache-large, unseen-nodelocal and unseen-qtypes are test-only fleets not 
   Corefile rollout on one edge and then on four at once, a rolling restart of four edges, an edge
   joining the service discovery and another leaving it, two cache flushes, traffic on one edge
   that doubles over 30 minutes. Normal, the alerts on them counted apart by kind. Test data only.
+- `unseen-nodelocal`, `unseen-qtypes`: the training load, with a node-local DNS cache in front of
+  every edge (its misses reach the edge over TCP), and with another query mix (AAAA 40, A 20,
+  SRV 20, PTR 15, TXT 3, MX 2); six faults on one lane after 12 minutes. Test data only.
 
 {classes}
 

@@ -88,6 +88,16 @@ def zone_file(path: Path, n_names: int = len(NAMES)) -> Path:
     return path
 
 
+def _served(ports: Ports) -> str:
+    """The opening of a lab server block: its DNS port, metrics, health and ready on loopback."""
+    return f"""
+.:{ports.dns} {{
+    bind 127.0.0.1
+    prometheus 127.0.0.1:{ports.metrics}
+    health 127.0.0.1:{ports.health}
+    ready 127.0.0.1:{ports.ready}"""
+
+
 def edge_corefile(
     ports: Ports,
     upstreams: Sequence[str],
@@ -112,12 +122,7 @@ def edge_corefile(
     limit = f"\n        max_concurrent {max_concurrent}" if max_concurrent else ""
     limit += "\n        prefer_udp" if prefer_udp else ""
     looped = "\n    loop" if loop else ""
-    return f"""
-.:{ports.dns} {{
-    bind 127.0.0.1
-    prometheus 127.0.0.1:{ports.metrics}
-    health 127.0.0.1:{ports.health}
-    ready 127.0.0.1:{ports.ready}
+    return f"""{_served(ports)}
     errors{logged}{looped}
     {cache}
     forward . {" ".join(upstreams)} {{
@@ -133,12 +138,7 @@ def nodelocal_corefile(ports: Ports, edge: str, *, cache_ttl: int = 30, cache_ca
     """A node-local DNS cache (Kubernetes' NodeLocal DNSCache: CoreDNS on every node) in front of
     a cluster DNS edge: it caches, and forwards its misses to the edge over TCP (`force_tcp`), as
     node-local-dns does to kube-dns."""
-    return f"""
-.:{ports.dns} {{
-    bind 127.0.0.1
-    prometheus 127.0.0.1:{ports.metrics}
-    health 127.0.0.1:{ports.health}
-    ready 127.0.0.1:{ports.ready}
+    return f"""{_served(ports)}
     errors
     loop
     cache {cache_ttl} {{

@@ -5,65 +5,62 @@ cache is flushed, and edges that forward to the same upstream share forward's `t
 from __future__ import annotations
 
 import json
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from detectord.ingest.remote_write import LabelCache
 from detectord.recordings.format import read_writes
-from tests.lab.test_lab import _features, _need_peers
-from tests.support import REPO
+from tests.lab.test_lab import _features, _need_peers, run_scenario
 
 pytestmark = pytest.mark.e2e
 
 
+def _series(out: Path) -> Iterator[tuple[dict[str, str], list[int], list[float]]]:
+    """Every series of the run's recording, request by request: labels, timestamps, values."""
+    for _, w in read_writes(out / "recording.drec", LabelCache()):
+        i = 0
+        for key, n in zip(w.keys, w.counts, strict=True):
+            yield dict(key.labels), w.timestamps[i : i + n], w.values[i : i + n]
+            i += n
+
+
 def test_edges_join_and_leave_the_discovery_and_a_flushed_cache_is_proven(tmp_path: Path) -> None:
     _need_peers()
-    scenario = tmp_path / "changes.yaml"
-    scenario.write_text(
-        yaml.safe_dump(
-            {
-                "name": "changes",
-                "duration": "100s",
-                "topology": {"edges": 3, "upstreams": 1, "standby_edges": 1},
-                "load": {"qps": 40, "segment": "5s"},
-                "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
-                "faults": [
-                    {
-                        "class": "edge_joins",
-                        "benign": True,
-                        "start": "25s",
-                        "duration": "10s",
-                        "actions": [{"primitive": "join", "targets": ["edge-3"]}],
-                    },
-                    {
-                        "class": "cache_flush",
-                        "benign": True,
-                        "start": "40s",
-                        "duration": "10s",
-                        "actions": [{"primitive": "cache_flush", "targets": ["edge-0"]}],
-                    },
-                    {
-                        "class": "edge_leaves",
-                        "benign": True,
-                        "start": "55s",
-                        "duration": "10s",
-                        "actions": [{"primitive": "leave", "targets": ["edge-1"]}],
-                    },
-                ],
-            }
-        )
+    out, _ = run_scenario(
+        {
+            "name": "changes",
+            "duration": "100s",
+            "topology": {"edges": 3, "upstreams": 1, "standby_edges": 1},
+            "load": {"qps": 40, "segment": "5s"},
+            "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
+            "faults": [
+                {
+                    "class": "edge_joins",
+                    "benign": True,
+                    "start": "25s",
+                    "duration": "10s",
+                    "actions": [{"primitive": "join", "targets": ["edge-3"]}],
+                },
+                {
+                    "class": "cache_flush",
+                    "benign": True,
+                    "start": "40s",
+                    "duration": "10s",
+                    "actions": [{"primitive": "cache_flush", "targets": ["edge-0"]}],
+                },
+                {
+                    "class": "edge_leaves",
+                    "benign": True,
+                    "start": "55s",
+                    "duration": "10s",
+                    "actions": [{"primitive": "leave", "targets": ["edge-1"]}],
+                },
+            ],
+        },
+        tmp_path,
     )
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "10"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     truth = json.loads((out / "truth.json").read_text())
     assert truth["health"]["valid"] is True, truth["health"]
     events = {e["class"]: e for e in truth["events"]}
@@ -81,21 +78,16 @@ def test_edges_join_and_leave_the_discovery_and_a_flushed_cache_is_proven(tmp_pa
     up_zero: set[str] = set()
     tos: dict[str, set[str]] = {}
     servers: dict[str, str] = {}
-    for _, w in read_writes(out / "recording.drec", LabelCache()):
-        i = 0
-        for key, n in zip(w.keys, w.counts, strict=True):
-            labels = dict(key.labels)
-            inst = labels.get("instance", "")
-            ts, vs = w.timestamps[i : i + n], w.values[i : i + n]
-            i += n
-            first[inst] = min(first.get(inst, ts[0]), ts[0])
-            last[inst] = max(last.get(inst, ts[-1]), ts[-1])
-            if labels.get("__name__") == "up" and 0.0 in vs:
-                up_zero.add(inst)
-            if labels.get("__name__") == "coredns_dns_requests_total":
-                servers[inst] = labels["server"]
-            if "to" in labels and labels.get("__name__", "").startswith("coredns_"):
-                tos.setdefault(inst, set()).add(labels["to"])
+    for labels, ts, vs in _series(out):
+        inst = labels.get("instance", "")
+        first[inst] = min(first.get(inst, ts[0]), ts[0])
+        last[inst] = max(last.get(inst, ts[-1]), ts[-1])
+        if labels.get("__name__") == "up" and 0.0 in vs:
+            up_zero.add(inst)
+        if labels.get("__name__") == "coredns_dns_requests_total":
+            servers[inst] = labels["server"]
+        if "to" in labels and labels.get("__name__", "").startswith("coredns_"):
+            tos.setdefault(inst, set()).add(labels["to"])
     join, leave = events["edge_joins"], events["edge_leaves"]
     assert first["edge-3"] >= join["start_ms"] - 1_000 and first["edge-0"] < join["start_ms"] - 10_000
     assert last["edge-1"] <= leave["end_ms"] and last["edge-0"] > leave["end_ms"] + 10_000
@@ -112,34 +104,24 @@ def test_edges_join_and_leave_the_discovery_and_a_flushed_cache_is_proven(tmp_pa
 
 def test_node_local_caches_take_the_clients_and_forward_misses_to_their_edge_over_tcp(tmp_path: Path) -> None:
     _need_peers()
-    scenario = tmp_path / "nodelocal.yaml"
-    scenario.write_text(
-        yaml.safe_dump(
-            {
-                "name": "nodelocal",
-                "duration": "80s",
-                "topology": {"edges": 2, "upstreams": 1, "node_local": True},
-                "load": {"qps": 60, "segment": "5s"},
-                "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
-                "faults": [
-                    {
-                        "class": "upstream_latency",
-                        "start": "45s",
-                        "duration": "20s",
-                        "actions": [{"primitive": "upstream_delay", "targets": ["edge-0"], "delay": "300ms"}],
-                    }
-                ],
-            }
-        )
+    out, _ = run_scenario(
+        {
+            "name": "nodelocal",
+            "duration": "80s",
+            "topology": {"edges": 2, "upstreams": 1, "node_local": True},
+            "load": {"qps": 60, "segment": "5s"},
+            "health": {"window": "10s", "settle": "10s", "recovery": "10s"},
+            "faults": [
+                {
+                    "class": "upstream_latency",
+                    "start": "45s",
+                    "duration": "20s",
+                    "actions": [{"primitive": "upstream_delay", "targets": ["edge-0"], "delay": "300ms"}],
+                }
+            ],
+        },
+        tmp_path,
     )
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "10"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     truth = json.loads((out / "truth.json").read_text())
     # The load check reads the clients' rate where it arrives: at the node-local caches.
     assert truth["health"]["valid"] is True, truth["health"]
@@ -152,14 +134,10 @@ def test_node_local_caches_take_the_clients_and_forward_misses_to_their_edge_ove
     assert {i["instance"] for i in event["instances"]} == {"edge-0", "nodelocal-0"}
 
     requests: dict[tuple[str, str], float] = {}
-    for _, w in read_writes(out / "recording.drec", LabelCache()):
-        i = 0
-        for key, n in zip(w.keys, w.counts, strict=True):
-            labels = dict(key.labels)
-            if labels.get("__name__") == "coredns_dns_requests_total" and labels.get("type") != "other":
-                k = (labels["instance"], labels["proto"])
-                requests[k] = max(requests.get(k, 0.0), *w.values[i : i + n])
-            i += n
+    for labels, _, vs in _series(out):
+        if labels.get("__name__") == "coredns_dns_requests_total" and labels.get("type") != "other":
+            k = (labels["instance"], labels["proto"])
+            requests[k] = max(requests.get(k, 0.0), *vs)
     for e in ("0", "1"):
         # The edge hears only its cache's misses, and only over TCP (force_tcp); the clients ask
         # the cache over UDP.

@@ -137,6 +137,21 @@ def _need_peers() -> None:
     dnsperf_binary()
 
 
+def run_scenario(scenario: dict[str, Any], tmp_path: Path, *, timeout: float = 400) -> tuple[Path, str]:
+    """lab/run on `scenario` (written to a file); the run's directory and what it printed."""
+    path = tmp_path / f"{scenario.get('name', 'scenario')}.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(REPO / "lab/run"), str(path), "--out", str(out), "--progress-interval", "5"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
 def _features(run: Path, step_s: float = 5.0) -> tuple[dict[tuple[str, ...], FeatureSeries], ReadStats]:
     stats = ReadStats()
     writes = (w for _, w in read_writes(run / "recording.drec", LabelCache(), read_stats=stats))
@@ -250,27 +265,18 @@ def test_an_overloaded_run_is_flagged_invalid_and_refused_by_data_sets(tmp_path:
     """One edge asked for far more queries than this machine can send and answer: the lab notices
     its "healthy" traffic is not what the scenario asked for, says so, and data sets refuse it."""
     _need_peers()
-    scenario = tmp_path / "overload.yaml"
-    scenario.write_text(
-        yaml.safe_dump(
-            {
-                "name": "overload",
-                "duration": "45s",
-                "topology": {"edges": 1, "upstreams": 1},
-                "load": {"qps": 200000, "modulation_depth": 0, "segment": "5s"},
-                "health": {"window": "10s", "settle": "10s"},
-            }
-        )
-    )
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [str(REPO / "lab/run"), str(scenario), "--out", str(out), "--progress-interval", "5"],
-        capture_output=True,
-        text=True,
+    out, printed = run_scenario(
+        {
+            "name": "overload",
+            "duration": "45s",
+            "topology": {"edges": 1, "upstreams": 1},
+            "load": {"qps": 200000, "modulation_depth": 0, "segment": "5s"},
+            "health": {"window": "10s", "settle": "10s"},
+        },
+        tmp_path,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "were not healthy" in proc.stdout, proc.stdout
+    assert "were not healthy" in printed, printed
     health = json.loads((out / "truth.json").read_text())["health"]
     assert health["valid"] is False and any(r.startswith("load:") for r in health["reasons"]), health
     bad = [v for v in health["violations"] if v["check"] == "load"]
