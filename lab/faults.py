@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from detectord.config import Duration
 from lab.chaos import PathFault
@@ -297,10 +298,11 @@ class CacheFlush(Reload):
     async def apply(self, fleet: Fleet, node: Node) -> None:
         before = await _cache_entries(node)
         await super().apply(fleet, node)
-        after, deadline = before, time.monotonic() + float(self.within)
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + float(self.within)
+        while True:
             after = await _cache_entries(node)
-            if after < max(1.0, before / 4):
+            flushed = after < max(1.0, before / 4)
+            if flushed or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.5)
         self.marks.append(
@@ -311,7 +313,7 @@ class CacheFlush(Reload):
                 "entries_after": after,
             }
         )
-        if not after < max(1.0, before / 4):
+        if not flushed:
             raise RuntimeError(f"{node.name}: the cache still holds {after:.0f} entries (had {before:.0f})")
 
     async def revert(self, fleet: Fleet, node: Node) -> None:
@@ -442,15 +444,12 @@ async def _cache_entries(node: Node) -> float:
         s.get(f"http://{node.ports.metrics_target}/metrics") as r,
     ):
         text = await r.text()
-    return metric_total(text, "coredns_cache_entries")
-
-
-def metric_total(text: str, name: str) -> float:
-    """The sum of a metric's samples in a Prometheus text exposition."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.MULTILINE):
-        total += float(m.group(1))
-    return total
+    return sum(
+        sample.value
+        for fam in text_string_to_metric_families(text)
+        for sample in fam.samples
+        if sample.name == "coredns_cache_entries"
+    )
 
 
 async def _reload_edge(fleet: Fleet, node: Node, text: str) -> None:

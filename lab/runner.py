@@ -181,7 +181,7 @@ class Run:
                     applied.append((prim, node))
                     for n in prim.affected(fleet, node):
                         # A node-local cache in front of an affected edge forwards into the fault.
-                        for m in {n.name: n, fleet.front(n).name: fleet.front(n)}.values():
+                        for m in (n, fleet.front(n)):
                             affected[m.name] = m
         except Exception as exc:
             ev.error = f"{exc.__class__.__name__}: {exc}"
