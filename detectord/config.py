@@ -97,8 +97,11 @@ class IngestConfig:
     max_instances: int = 10000
     # An instance that was scoring and whose samples stop for this long while the rest of the
     # stream goes on is down: its alert fires ("no data for 2m"). Leave null for
-    # max(2m, 3 steps). Failed scrapes (`up == 0`) alert at once.
+    # max(2m, 3 steps).
     stale_after: Duration | None = None
+    # Consecutive failed scrapes (`up == 0`) that make an instance that was scoring down: 2 lets
+    # one timed-out scrape pass without a page.
+    failed_scrapes: int = 2
     # Forget an instance not seen for this long (its alert resolves), or as soon as its `up`
     # series goes stale (Prometheus has dropped the target).
     instance_ttl: Duration = Duration(3600.0)
@@ -225,6 +228,7 @@ def _check(cfg: Config) -> None:
     need(len(cfg.ingest.instance_labels) > 0, "ingest.instance_labels", "must name at least one label")
     need(cfg.ingest.max_instances >= 1, "ingest.max_instances", "must be >= 1")
     need(cfg.ingest.max_gap_steps >= 0, "ingest.max_gap_steps", "must be >= 0")
+    need(cfg.ingest.failed_scrapes >= 1, "ingest.failed_scrapes", "must be >= 1")
     need(cfg.ingest.instance_ttl > 0, "ingest.instance_ttl", "must be > 0")
     if cfg.model.window is not None:
         need(cfg.model.window >= 8, "model.window", f"must be >= 8 steps, got {cfg.model.window}")

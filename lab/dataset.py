@@ -149,7 +149,11 @@ unseen-cache-large have scenarios but are not recorded here yet.
   instance-days of healthy time at every step), with the changes operators make every day: a
   Corefile rollout on one edge and then on four at once, a rolling restart of four edges, an edge
   joining the service discovery and another leaving it, two cache flushes, traffic on one edge
-  that doubles over 30 minutes. Normal, the alerts on them counted apart by kind. Test data only.
+  that doubles over 30 minutes. Normal, the alerts on them counted apart by kind. Never trained
+  on; two of its eight lanes (upstream-3's, where nothing changes, and upstream-4's, with a
+  restart and a reload) are validation data, so a fleet unlike the training fleets sets how
+  quiet a model is (its threshold) and which model is the default; the other six lanes (1.9
+  instance-days, every kind of change) are test data.
 - `unseen-nodelocal`, `unseen-qtypes`: the training load, with a node-local DNS cache in front of
   every edge (its misses reach the edge over TCP), and with another query mix (AAAA 40, A 20,
   SRV 20, PTR 15, TXT 3, MX 2); six faults on one lane after 12 minutes. Test data only.

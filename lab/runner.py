@@ -258,6 +258,7 @@ class Run:
             scenario=sc.name,
             description=sc.description,
             test_only=sc.test_only,
+            validation_lanes=list(sc.validation_lanes),
             source=str(self.source) if self.source else None,
             recording=RECORDING,
             started_ms=self.started_ms,

@@ -61,6 +61,8 @@ class Scenario:
     faults: tuple[Fault, ...] = field(default=())
     # A run no model trains or calibrates on (detectord's data sets put all of it in the test role).
     test_only: bool = False
+    # Of a test-only run, lanes (upstreams, with their edges) held for validation instead.
+    validation_lanes: tuple[str, ...] = ()
     # What its healthy periods must show (lab/health.py); the verdict goes into the truth.
     health: HealthCriteria = HealthCriteria()
     # It needs the machine to itself: it refuses to start beside another lab run, and they beside it.
@@ -94,6 +96,7 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         "load",
         "faults",
         "test_only",
+        "validation_lanes",
         "health",
         "exclusive",
     }
@@ -133,6 +136,9 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
     test_only = raw.get("test_only", False)
     if not isinstance(test_only, bool):
         raise ConfigError("test_only", f"must be true or false, got {test_only!r}")
+    lanes = raw.get("validation_lanes", [])
+    if not isinstance(lanes, list) or not all(isinstance(x, str) for x in lanes) or (lanes and not test_only):
+        raise ConfigError("validation_lanes", f"a list of upstreams of a test_only run, got {lanes!r}")
     exclusive = raw.get("exclusive", False)
     if not isinstance(exclusive, bool):
         raise ConfigError("exclusive", f"must be true or false, got {exclusive!r}")
@@ -148,10 +154,13 @@ def parse_scenario(raw: Any, *, default_name: str = "scenario") -> Scenario:
         topology=topology,
         load=load,
         test_only=test_only,
+        validation_lanes=tuple(lanes),
         health=health,
         exclusive=exclusive,
     )
     nodes = set(scenario.node_names())
+    if not set(lanes) <= {n for n in nodes if n.startswith("upstream-")}:
+        raise ConfigError("validation_lanes", f"names upstreams this scenario does not have: {lanes}")
     faults = []
     raw_faults = raw.get("faults") or []
     if not isinstance(raw_faults, list):

@@ -70,19 +70,20 @@ def epoch_logger(log: Log, epochs: int, what: str = "") -> Any:
 
 
 def synthetic_incidents(
-    normal: np.ndarray, n: int, absolute: np.ndarray, clip: float, rng: np.random.Generator
+    normal: np.ndarray, n: int, low: np.ndarray, clip: float, rng: np.random.Generator
 ) -> np.ndarray:
     """`n` copies of random normal windows with 1-3 features moved 4-12 spreads in their newest
-    4..W/2 rows (absolute features only up: they are 0 when healthy)."""
+    4..W/2 rows, each feature within [low, clip] (see `InputPlan.low`): a feature that cannot go
+    below 0 (absolute ones, 0 when healthy, and those where only a rise counts) only up."""
     out = normal[rng.integers(0, len(normal), n)].copy()
     w, f = out.shape[1:]
     for i in range(n):
         feats = rng.choice(f, rng.integers(1, 4), replace=False)
         rows = rng.integers(4, w // 2 + 1)
-        sign = np.where(absolute[feats], 1.0, rng.choice([-1.0, 1.0], len(feats)))
+        sign = np.where(low[feats] >= 0, 1.0, rng.choice([-1.0, 1.0], len(feats)))
         tail = out[i, w - rows :]  # a view: (rows, F)
         tail[:, feats] += sign * rng.uniform(4.0, 12.0, len(feats))
-    np.clip(out, -clip, clip, out=out)
+    np.clip(out, low, clip, out=out)
     return out
 
 
@@ -94,8 +95,7 @@ def synthetic_for(det: Detector, data: WindowSet, share: float) -> np.ndarray:
     if not n or not len(normal):
         return data.x[:0]
     plan = det.inputs
-    absolute = np.array([sp.baseline == "absolute" for sp in plan.specs])
-    return synthetic_incidents(normal, n, absolute, plan.baseline.clip, np.random.default_rng(len(data)))
+    return synthetic_incidents(normal, n, plan.low, plan.baseline.clip, np.random.default_rng(len(data)))
 
 
 def balanced_weights(anomalous: np.ndarray) -> np.ndarray:

@@ -133,6 +133,8 @@ Expr = Rate | Value | Share | Quantile
 Transform = Literal["log1p", "asin_sqrt"]
 # How a feature is measured: against the instance's own baseline, or from 0 (see normalise.py).
 Measure = Literal["relative", "absolute"]
+# Which moves a model sees: both ways, or only a rise (a fall is measured as no move at all).
+Direction = Literal["both", "rise"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ class Input:
     instance's own baseline (its recent median and spread, never less than `floor`): a fleet's
     level is its own normal. "absolute" features are 0 on a healthy server anywhere (SERVFAILs,
     rejects, failures) and are divided by the fixed `floor` only. `hold_s` keeps a rare event
-    visible that long (the max over the trailing `hold_s`).
+    visible that long (the max over the trailing `hold_s`). `direction` "rise" hides a fall from
+    the model: for a level that routine changes knock down (a reload empties the cache).
     """
 
     transform: Transform
@@ -153,10 +156,11 @@ class Input:
     baseline: Measure
     floor: float
     hold_s: float = 0.0
+    direction: Direction = "both"
 
 
-def _rel(transform: Transform, prescale: float, floor: float) -> Input:
-    return Input(transform, prescale, "relative", floor)
+def _rel(transform: Transform, prescale: float, floor: float, direction: Direction = "both") -> Input:
+    return Input(transform, prescale, "relative", floor, direction=direction)
 
 
 def _abs(transform: Transform, prescale: float, floor: float, hold_s: float = 0.0) -> Input:
@@ -209,8 +213,9 @@ FEATURES: tuple[Feature, ...] = (
         Share(counter("coredns_cache_hits_total"), counter("coredns_cache_requests_total")),
         _rel("asin_sqrt", 1.0, 0.02),
     ),
-    # Every restart and config reload empties the cache: a wide floor, or each would look like an incident.
-    Feature("cache_entries", Value(gauge("coredns_cache_entries")), _rel("log1p", 1.0, 0.5)),
+    # Every restart, Corefile reload and cache flush empties the cache, and it takes many minutes to
+    # refill: only a rise is an incident's (a flood of random names filling it).
+    Feature("cache_entries", Value(gauge("coredns_cache_entries")), _rel("log1p", 1.0, 0.5, "rise")),
     Feature(
         "upstream_request_rate", Rate(counter("coredns_proxy_request_duration_seconds_count")), _rel("log1p", 1.0, 0.05)
     ),
@@ -301,6 +306,8 @@ class Liveness(NamedTuple):
     up_ts_ms: int  # its timestamp
     up_gone: bool  # `up` went stale: the target left service discovery
     last_data: float  # monotonic time of its latest feature sample
+    failing: int  # consecutive failed scrapes (`up == 0`) up to the latest `up`
+    failing_since_ms: int  # the first of them's timestamp
 
 
 class _UpSeries:
@@ -350,6 +357,8 @@ class _Instance:
         "seen",
         "series",
         "up",
+        "up_failing",
+        "up_failing_since",
         "up_gone",
         "up_ts",
         "upstream",
@@ -378,6 +387,8 @@ class _Instance:
         self.up = _NO_VALUE
         self.up_ts = 0
         self.up_gone = False
+        self.up_failing = 0
+        self.up_failing_since = 0
         self.upstreams: set[str] = set()
         self.upstream = ""
 
@@ -447,8 +458,8 @@ class FeatureExtractor:
         self._instances: dict[InstanceKey, _Instance] = {}
         # Instances whose `up` arrived in the latest ingest call.
         self.up_seen: set[InstanceKey] = set()
-        # Offline only (`extract`): every failed scrape's timestamp, per instance.
-        self.failed_scrapes: dict[InstanceKey, list[int]] | None = None
+        # Offline only (`extract`): every `up` sample (timestamp, value), per instance.
+        self.up_samples: dict[InstanceKey, list[tuple[int, float]]] | None = None
 
     @property
     def instances(self) -> int:
@@ -461,7 +472,7 @@ class FeatureExtractor:
         inst = self._instances.get(key)
         if inst is None:
             return None
-        return Liveness(inst.up, inst.up_ts, inst.up_gone, inst.last_data)
+        return Liveness(inst.up, inst.up_ts, inst.up_gone, inst.last_data, inst.up_failing, inst.up_failing_since)
 
     def ingest(
         self, write: DecodedWrite, stats: IngestStats | None = None, now: float | None = None
@@ -583,12 +594,18 @@ class FeatureExtractor:
             s.last_ts = ts
             if is_stale_marker(v):
                 stats.stale += 1
-                inst.up, inst.up_gone = _NO_VALUE, True
+                inst.up, inst.up_gone, inst.up_failing = _NO_VALUE, True, 0
             else:
                 stats.accepted += 1
                 inst.up, inst.up_gone = v, False
-                if v == 0.0 and self.failed_scrapes is not None:
-                    self.failed_scrapes.setdefault(inst.key, []).append(ts)
+                if v != 0.0:
+                    inst.up_failing = 0
+                else:
+                    if not inst.up_failing:
+                        inst.up_failing_since = ts
+                    inst.up_failing += 1
+                if self.up_samples is not None:
+                    self.up_samples.setdefault(inst.key, []).append((ts, v))
             inst.up_ts = ts
         inst.last_seen = now
         self.up_seen.add(s.key)
@@ -750,8 +767,9 @@ class FeatureSeries:
     gap: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (T,)
     # Row indexes where the window must start over (a gap too long to fill).
     restarts: list[int] = field(default_factory=list)
-    # Timestamps of its failed scrapes (`up == 0`): serving's liveness alerts on them.
-    failed_scrapes_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Its `up` samples (timestamps, values): serving's liveness alerts on failed scrapes.
+    up_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    up: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def extract(
@@ -763,7 +781,7 @@ def extract(
 ) -> dict[InstanceKey, FeatureSeries]:
     """Features per instance from remote-write 1.0 messages or DecodedWrites, in arrival order."""
     ext = FeatureExtractor(step_ms, instance_labels, max_gap_steps=max_gap_steps)
-    ext.failed_scrapes = {}
+    ext.up_samples = {}
     rows: dict[InstanceKey, list[FeatureRow]] = {}
     for row in _iter_rows(ext, requests):
         rows.setdefault(row.instance, []).append(row)
@@ -774,7 +792,8 @@ def extract(
             values=np.stack([r.values for r in rs]).astype(np.float32, copy=False),
             gap=np.array([r.gap for r in rs], dtype=bool),
             restarts=[i for i, r in enumerate(rs) if r.restart],
-            failed_scrapes_ms=np.array(ext.failed_scrapes.get(key, []), dtype=np.int64),
+            up_ms=np.array([t for t, _ in ext.up_samples.get(key, [])], dtype=np.int64),
+            up=np.array([v for _, v in ext.up_samples.get(key, [])], dtype=np.float32),
         )
     return out
 

@@ -1,6 +1,7 @@
 """Dead is an anomaly: an instance that was scoring and whose scrapes now fail (Prometheus writes
-`up == 0`), or whose series stopped while the rest of the fleet's still arrive, is down; it is up
-again when its feature samples return. No model can see this: a dead instance makes no windows.
+`up == 0`, `failed_scrapes` times in a row), or whose series stopped while the rest of the
+fleet's still arrive, is down; it is up again when its feature samples return. No model can see
+this: a dead instance makes no windows.
 
 Owned by the ingest thread, beside the extractor it reads.
 """
@@ -32,8 +33,10 @@ class LivenessTracker:
     """Which watched instances are down, and since when. `watched` are those that have scored: an
     instance that never did has no normal to have left."""
 
-    def __init__(self, stale_after_s: float) -> None:
+    def __init__(self, stale_after_s: float, failed_scrapes: int = 2) -> None:
         self.stale_after_s = stale_after_s
+        # Consecutive failed scrapes that make an instance down (one timed-out scrape is no page).
+        self.failed_scrapes = failed_scrapes
         self.down: dict[InstanceKey, tuple[State, int]] = {}
 
     def after_write(self, ext: FeatureExtractor, watched: set[InstanceKey], write_time: float) -> list[LivenessEvent]:
@@ -41,9 +44,11 @@ class LivenessTracker:
         out: list[LivenessEvent] = []
         for key in ext.up_seen:
             lv = ext.liveness(key)
-            if lv is None or lv.up != 0.0 or (key not in watched and key not in self.down):
+            if lv is None or lv.up != 0.0:
                 continue
-            since = self._went(key, "scrape_failing", lv.up_ts_ms)
+            if key not in self.down and (key not in watched or lv.failing < self.failed_scrapes):
+                continue
+            since = self._went(key, "scrape_failing", lv.failing_since_ms)
             out.append(LivenessEvent(key, lv.up_ts_ms, "scrape_failing", since))
         for key, (_, since) in list(self.down.items()):
             lv = ext.liveness(key)

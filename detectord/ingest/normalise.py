@@ -91,6 +91,14 @@ class InputPlan:
         """Rows after an instance's start or restart before its first window is scored."""
         return window if self.min_rows is None else min(self.min_rows, window)
 
+    @property
+    def low(self) -> np.ndarray:
+        """The lowest model input of each feature: 0 where only a rise counts and for absolute
+        features (0 when healthy, never below), -clip for the rest."""
+        clip = self.baseline.clip
+        floor0 = [s.direction == "rise" or s.baseline == "absolute" for s in self.specs]
+        return np.where(floor0, 0.0, -clip).astype(np.float32)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "baseline": asdict(self.baseline),
@@ -272,10 +280,11 @@ class InstanceBaseline:
         self.scale[rel] = np.maximum(spread, c.floor[rel])
 
 
-def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, clip: float) -> np.ndarray:
-    """Transformed rows (…, W, F) measured against a baseline (…, F): what a detector sees."""
+def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, low: np.ndarray, high: float) -> np.ndarray:
+    """Transformed rows (…, W, F) measured against a baseline (…, F), each feature clipped to
+    [low, high] (see `InputPlan.low`): what a detector sees."""
     z = (window - loc[..., None, :]) / scale[..., None, :]
-    out: np.ndarray = np.clip(z, -clip, clip).astype(np.float32, copy=False)
+    out: np.ndarray = np.clip(z, low, high).astype(np.float32, copy=False)
     return out
 
 
@@ -284,6 +293,7 @@ class Normaliser:
 
     def __init__(self, plan: InputPlan, step_s: float) -> None:
         self.plan = plan
+        self._low = plan.low
         self._compiled = _Compiled(plan, step_s)
         self._baselines: dict[InstanceKey, InstanceBaseline] = {}
 
@@ -294,7 +304,7 @@ class Normaliser:
         return b.push(raw, gap=gap), b
 
     def inputs(self, baseline: InstanceBaseline, window: np.ndarray) -> np.ndarray:
-        return model_inputs(window, baseline.loc, baseline.scale, self.plan.baseline.clip)
+        return model_inputs(window, baseline.loc, baseline.scale, self._low, self.plan.baseline.clip)
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:
@@ -312,7 +322,9 @@ class BaselineSeries:
     ready: np.ndarray  # bool (T,): the baseline was warm
     restarts: list[int]
     raw: np.ndarray  # float32 (T, F): the feature rows as extracted
-    failed_scrapes_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Its `up` samples (see FeatureSeries).
+    up_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    up: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
@@ -330,7 +342,7 @@ def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> Ba
         scale[i] = b.scale
         ready[i] = b.ready
     return BaselineSeries(
-        series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values, series.failed_scrapes_ms
+        series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values, series.up_ms, series.up
     )
 
 
@@ -345,12 +357,12 @@ def segment_starts(n: int, restarts: Sequence[int]) -> np.ndarray:
     return out
 
 
-def windows_at(bs: BaselineSeries, ends: np.ndarray, window: int, clip: float) -> np.ndarray:
+def windows_at(bs: BaselineSeries, ends: np.ndarray, window: int, plan: InputPlan) -> np.ndarray:
     """Model inputs (N, W, F) of the windows ending at rows `ends`, as serving's `WindowStore`
     makes them: rows before the end's segment (the instance's start or latest restart) repeat the
     segment's first row."""
     idx = ends[:, None] + np.arange(-window + 1, 1)[None, :]
     starts = segment_starts(len(bs.x), bs.restarts)[ends]
     idx = np.maximum(idx, starts[:, None])
-    out: np.ndarray = model_inputs(bs.x[idx], bs.loc[ends], bs.scale[ends], clip)
+    out: np.ndarray = model_inputs(bs.x[idx], bs.loc[ends], bs.scale[ends], plan.low, plan.baseline.clip)
     return out

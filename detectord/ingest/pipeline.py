@@ -76,6 +76,7 @@ class Ingestor:
         worker: ScoreSink,
         metrics: IngestMetrics,
         stale_after_s: float = 120.0,
+        failed_scrapes: int = 2,
         on_liveness: Callable[[list[LivenessEvent]], object] | None = None,
     ) -> None:
         self.extractor = FeatureExtractor(
@@ -89,7 +90,7 @@ class Ingestor:
         # Instances whose window and baseline are both warm (the rest are warming).
         self._scoring: set[InstanceKey] = set()
         # Which of them are down, and where their liveness events go (called on the ingest thread).
-        self.liveness = LivenessTracker(stale_after_s)
+        self.liveness = LivenessTracker(stale_after_s, failed_scrapes)
         self.on_liveness = on_liveness
         self.last_write = 0.0  # monotonic
         self.max_decoded = max_decoded

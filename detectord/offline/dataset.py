@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from detectord.config import IngestConfig
 from detectord.detectors.windowset import WindowSet
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
 from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series, windows_at
@@ -482,7 +483,6 @@ def build_data(
     assign_roles(blocks, {s.cls for r in recs for s in r.spans if s.cls and not s.labelled} - set(heldout), seed)
     if len({r.inputs for r in recs}) > 1 or len({r.step_s for r in recs}) > 1:
         raise DatasetError("recordings must share one step and one input plan")
-    clip = recs[0].inputs.baseline.clip if recs else 20.0
     sets: list[WindowSet] = []
     roles: list[np.ndarray] = []
     infos: list[SeriesInfo] = []
@@ -511,7 +511,7 @@ def build_data(
             label, event = step_labels(ts, step_ms, spans, recovery_s)
             role = np.full(len(ts), None, dtype=object)
             if r.test_only:
-                role[:] = "test"
+                role[:] = "validation" if r.lanes[key] in r.truth.validation_lanes else "test"
             else:
                 for b in blocks:
                     if b.recording == r.name and b.lane == r.lanes[key]:
@@ -534,7 +534,7 @@ def build_data(
                 [role[e] if all(role[max(0, e - window + 1) : e + 1] == role[e]) else None for e in ends], dtype=object
             )
             win_label, clean = _window_labels(label, ends, window)
-            x = windows_at(bs, ends, window, clip)
+            x = windows_at(bs, ends, window, r.inputs)
             sid = len(infos)
             infos.append(
                 SeriesInfo(
@@ -546,7 +546,7 @@ def build_data(
                     event,
                     _step_roles(role, ends, win_role, len(ts)),
                     scored,
-                    _down_steps(ts, bs.failed_scrapes_ms),
+                    _down_steps(ts, bs.up_ms, bs.up, IngestConfig.failed_scrapes),
                 )
             )
             sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s, clean))
@@ -570,13 +570,23 @@ def build_data(
     return data
 
 
-def _down_steps(ts: np.ndarray, failed_ms: np.ndarray) -> np.ndarray:
-    """Per step (T - step, T]: a failed scrape fell in it (or, the instance's rows having stopped,
-    before it and after the previous row)."""
+def _down_steps(ts: np.ndarray, up_ms: np.ndarray, up: np.ndarray, failed_scrapes: int) -> np.ndarray:
+    """Per step (T - step, T]: serving's liveness calls the instance down there. A Prometheus that
+    scrapes once a step sees the step's last `up` sample (a recording at a finer scrape is cut as
+    the features are); down from the `failed_scrapes`-th consecutive step whose scrape failed.
+    A step without an `up` sample neither counts nor breaks a run."""
     down = np.zeros(len(ts), dtype=bool)
-    if len(ts) and len(failed_ms):
-        idx = np.searchsorted(ts, failed_ms, side="left")
-        down[idx[idx < len(ts)]] = True
+    if not len(ts) or not len(up_ms):
+        return down
+    idx = np.searchsorted(ts, up_ms, side="left")
+    keep = idx < len(ts)
+    idx, up = idx[keep], up[keep]
+    # The last sample of each step: where the step index changes next.
+    last = np.flatnonzero(np.append(idx[1:] != idx[:-1], True)) if len(idx) else idx
+    run = 0
+    for i in last:
+        run = run + 1 if up[i] == 0.0 else 0
+        down[idx[i]] = run >= failed_scrapes
     return down
 
 
@@ -636,6 +646,7 @@ def describe(
                 "steps": int(sum(len(s.x) for s in r.series.values())),
                 "incidents": len({s.event for s in r.spans if s.cls}),
                 "test_only": r.test_only,
+                "validation_lanes": list(r.truth.validation_lanes),
             }
             for r in recs
         ],
@@ -699,7 +710,7 @@ def phase_windows(
                 wl, clean = _window_labels(label, ends, window)
                 extra.append(
                     WindowSet(
-                        windows_at(bs, ends, window, inputs.baseline.clip),
+                        windows_at(bs, ends, window, inputs),
                         wl,
                         np.zeros(len(ends), np.int64),
                         bs.timestamps_ms[ends],

@@ -122,14 +122,18 @@ def by_recording(evals: Mapping[str, Evaluation]) -> list[str]:
     return lines
 
 
+def _role_text(r: Mapping[str, Any]) -> str:
+    if not r["test_only"]:
+        return "split"
+    lanes = r.get("validation_lanes") or []
+    return f"test only, but validation on the lanes of {', '.join(lanes)}" if lanes else "test only"
+
+
 def data_summary(data: Data) -> list[str]:
     d = data.description
     lines = ["| recording | instances | steps | incidents | role |", "|---|---|---|---|---|"]
     for r in d["recordings"]:
-        lines.append(
-            f"| {r['file']} | {r['instances']} | {r['steps']:,} | {r['incidents']} | "
-            f"{'test only' if r['test_only'] else 'split'} |"
-        )
+        lines.append(f"| {r['file']} | {r['instances']} | {r['steps']:,} | {r['incidents']} | {_role_text(r)} |")
     c = d["counts"]
     lines += [
         "",

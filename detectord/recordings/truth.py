@@ -70,6 +70,9 @@ class Truth:
     scenario: str = ""
     description: str = ""
     test_only: bool = False  # no model trains or calibrates on it: every window is test data
+    # Of a test-only run, the lanes (an upstream and its edges) held for validation instead:
+    # thresholds are calibrated and the default picked on them too; never trained on, never test.
+    validation_lanes: list[str] = field(default_factory=list)
     source: str | None = None  # the scenario file
     recording: str = ""
     started_ms: int = 0

@@ -140,6 +140,7 @@ class Server:
             worker=worker,
             metrics=self.metrics,
             stale_after_s=self.stale_after_s(),
+            failed_scrapes=cfg.ingest.failed_scrapes,
             on_liveness=lambda events: loop.call_soon_threadsafe(self._deliver_liveness, events),
         )
         self.ingestor.update_instance_gauges()
@@ -317,6 +318,9 @@ class Server:
             assert self.notifier is not None
             self.sink.use(model, cfg.alerting, self.notifier, history=cfg.inference.score_history)
             self.cfg = cfg
+            # Plain values the ingest thread reads at its next write.
+            self.ingestor.liveness.stale_after_s = self.stale_after_s()
+            self.ingestor.liveness.failed_scrapes = cfg.ingest.failed_scrapes
             self._publish_model(model)
             # The old model is garbage now; collect it once (a short pause) and freeze the new one.
             gc.unfreeze()

@@ -268,7 +268,7 @@ def test_an_instance_forwards_to_the_to_labels_of_its_proxy_series() -> None:
     assert {r.instance[1]: r.upstream for r in rows} == {"a:9153": "10.0.0.2:53,10.0.0.3:53", "b:9153": ""}
 
 
-def test_offline_extraction_keeps_every_failed_scrape() -> None:
+def test_offline_extraction_keeps_every_up_sample() -> None:
     from detectord.ingest.features import extract
 
     up = {"__name__": "up", "job": "coredns", "instance": "a:9153"}
@@ -282,4 +282,5 @@ def test_offline_extraction_keeps_every_failed_scrape() -> None:
         for k in range(10)
     ]
     (series,) = extract(reqs, 1000).values()
-    assert series.failed_scrapes_ms.tolist() == [5000, 6000]
+    assert series.up_ms.tolist() == [1000 * k for k in range(10)]
+    assert np.flatnonzero(series.up == 0).tolist() == [5, 6]

@@ -48,7 +48,7 @@ def test_fleets_at_20_and_20000_qps_look_alike(feature: str) -> None:
     large = baseline_series(fleet_rows(20_000, 800, seed=2), PLAN, 5.0)
     ends = np.arange(200, 800)
     i = IDX[feature]
-    zs, zl = windows_at(small, ends, 32, 20.0)[:, -1, i], windows_at(large, ends, 32, 20.0)[:, -1, i]
+    zs, zl = windows_at(small, ends, 32, PLAN)[:, -1, i], windows_at(large, ends, 32, PLAN)[:, -1, i]
     # Rates three decades apart; the noise of a share ten times larger at 20 qps: the model
     # inputs of both stay within a few spreads of 0, so neither looks anomalous.
     for z in (zs, zl):
@@ -63,7 +63,7 @@ def test_a_flood_stands_out_at_any_level() -> None:
         rows = fleet_rows(qps, 600, seed=3)
         rows.values[500:, IDX["request_rate"]] *= 3
         bs = baseline_series(rows, PLAN, 5.0)
-        z = windows_at(bs, np.array([520]), 32, 20.0)[0, -1, IDX["request_rate"]]
+        z = windows_at(bs, np.array([520]), 32, PLAN)[0, -1, IDX["request_rate"]]
         assert z > 3, qps
 
 
@@ -71,10 +71,31 @@ def test_absolute_features_keep_their_level() -> None:
     rows = fleet_rows(100, 300, seed=4)
     rows.values[250:, IDX["rcode_servfail_share"]] = 0.03
     bs = baseline_series(rows, PLAN, 5.0)
-    z = windows_at(bs, np.array([240, 299]), 32, 20.0)[:, -1, IDX["rcode_servfail_share"]]
+    z = windows_at(bs, np.array([240, 299]), 32, PLAN)[:, -1, IDX["rcode_servfail_share"]]
     assert z[0] == 0.0
     # The CoreDNS mixin's critical level, whatever the instance's history.
     assert z[1] == pytest.approx(2 * np.arcsin(np.sqrt(0.03)) / 0.05, rel=1e-5)
+
+
+def test_an_emptied_cache_is_no_move_and_a_filling_one_is() -> None:
+    """A reload, restart or cache flush empties the cache, which refills over many minutes: the
+    model sees no fall. A flood of random names that fills it is a rise, and is seen."""
+    entries = IDX["cache_entries"]
+    rows = fleet_rows(100, 600, seed=9)
+    rows.values[:, entries] = 2000.0
+    rows.values[400:, entries] = np.linspace(5.0, 2000.0, 200)  # flushed at 400
+    flushed = baseline_series(rows, PLAN, 5.0)
+    z = windows_at(flushed, np.arange(400, 600), 32, PLAN)[:, -1, entries]
+    assert (z == 0.0).all()
+    rows.values[400:, entries] = 20_000.0
+    filled = baseline_series(rows, PLAN, 5.0)
+    assert windows_at(filled, np.array([410]), 32, PLAN)[0, -1, entries] > 3
+    # A model made before `direction` existed still sees both ways.
+    old = PLAN.to_dict()
+    for spec in old["features"].values():
+        del spec["direction"]
+    both = InputPlan.from_dict(old)
+    assert windows_at(flushed, np.array([401]), 32, both)[0, -1, entries] < -3
 
 
 def test_one_reload_failure_stays_visible_for_two_minutes() -> None:
@@ -91,7 +112,7 @@ def test_a_short_incident_hardly_moves_the_baseline() -> None:
     rows.values[1100:1160, IDX["latency_p99_seconds"]] = 2.0  # five minutes of 2 s
     bs = baseline_series(rows, PLAN, 5.0)
     assert abs(bs.loc[1199, IDX["latency_p99_seconds"]] - before) < 0.1
-    assert windows_at(bs, np.array([1150]), 32, 20.0)[0, -1, IDX["latency_p99_seconds"]] > 10
+    assert windows_at(bs, np.array([1150]), 32, PLAN)[0, -1, IDX["latency_p99_seconds"]] > 10
 
 
 @pytest.mark.parametrize("step_s", [5.0, 15.0, 60.0])
@@ -120,7 +141,7 @@ def test_a_long_incident_is_held_out_of_the_baseline_and_a_lasting_level_taken_i
     )
 
     def z(bs: BaselineSeries, row: int) -> float:
-        return float(windows_at(bs, np.array([row]), 8, 20.0)[0, -1, rate])
+        return float(windows_at(bs, np.array([row]), 8, plan)[0, -1, rate])
 
     assert z(held, start + 2) > 4 and z(held, end - 1) > 4
     # Where and how wide the baseline is at the flood's end, against just before it: unmoved,
@@ -147,7 +168,7 @@ def test_garbage_values_make_finite_inputs() -> None:
     v[74, IDX["upstream_request_rate"]] = -np.inf
     v[75, IDX["rcode_servfail_share"]] = 7.0
     bs = baseline_series(fs, PLAN, 5.0)
-    x = windows_at(bs, np.arange(40, 80), 16, PLAN.baseline.clip)
+    x = windows_at(bs, np.arange(40, 80), 16, PLAN)
     assert np.isfinite(x).all() and np.abs(x).max() <= PLAN.baseline.clip
 
 
@@ -219,7 +240,7 @@ def test_training_windows_are_the_windows_serve_scores(plan: InputPlan, window: 
         bs = baseline_series(fs, plan, step_ms / 1000)
         restarts += len(bs.restarts)
         ends = _window_ends(bs, plan.rows_needed(window))
-        offline[key] = (bs.timestamps_ms[ends], windows_at(bs, ends, window, plan.baseline.clip))
+        offline[key] = (bs.timestamps_ms[ends], windows_at(bs, ends, window, plan))
     if plan.min_rows is not None:
         assert restarts >= 3, "the fleet must restart for this test to mean anything"
     live: dict[Any, Any] = {}

@@ -85,6 +85,8 @@ def _fault(**action: Any) -> dict[str, Any]:
         ({"topology": {"edges": 1}}, "duration", "is required"),
         (_base(test_only="yes"), "test_only", "must be true or false"),
         (_base(exclusive="yes"), "exclusive", "must be true or false"),
+        (_base(validation_lanes=["upstream-0"]), "validation_lanes", "of a test_only run"),
+        (_base(test_only=True, validation_lanes=["upstream-9"]), "validation_lanes", "does not have"),
         (_base(health={"load_tolerance": "lots"}), "health.load_tolerance", "must be a number"),
         (_base(health={"windw": "10s"}), "health.windw", "unknown key"),
         (_base(load={"nxdomain_share": 0.99}), "load.nxdomain_share", "must be in [0, 0.95]"),

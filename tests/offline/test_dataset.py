@@ -55,6 +55,20 @@ def test_a_test_only_recording_is_all_test_data(data_dir: Path, tmp_path: Path) 
     assert set(data.role[faults]) <= {"test", None} and "test" in set(data.role[faults])
     assert "train" in set(data.role[~faults])  # the other recording is still split
 
+    # One of its lanes held for validation: validation there (calibration, the default's choice),
+    # never training; the other lanes stay test.
+    truth.write_text(json.dumps({**json.loads(truth.read_text()), "validation_lanes": ["upstream-1"]}))
+    data = load_datasets([tmp_path], window=W, step_s=5.0)
+    rec = next(r for r in data.recordings if r.name == "faults-1")
+    held = {"/".join(("faults-1", *k)) for k, lane in rec.lanes.items() if lane == "upstream-1"}
+    assert held and len(held) < len(rec.series)
+    lane1 = np.array([data.all.series[i] in held for i in data.all.series_id], dtype=bool)
+    # (Held-out classes' incidents stay test data wherever they are.)
+    assert "train" not in set(data.role[faults & lane1]) and "validation" in set(data.role[faults & lane1])
+    assert set(data.role[faults & ~lane1]) <= {"test", None}
+    val = data.validation
+    assert any(s.startswith("faults-1/") for s in val.series)
+
 
 def test_heldout_class_never_reaches_training_or_validation(data_dir: Path) -> None:
     data = load_datasets([data_dir], window=W, step_s=5.0, heldout=("cpu_starvation", "edge_crash"))

@@ -211,3 +211,21 @@ def test_a_failed_scrape_alerts_as_serving_s_liveness_does() -> None:
     ev = evaluate("m", {"r/j/a": Timeline(info.timestamps_ms, scores)}, data, rule=AlertRule(0, 60))
     assert ev.event["caught"] == 1 and ev.event["delay_steps_median"] == 3.0
     assert ev.event["false_alerts"] == 0
+
+
+def test_the_evaluation_sees_the_failed_scrapes_serving_would() -> None:
+    """Offline, as in serving: down from the second failed scrape in a row, and a recording made
+    at a finer scrape is cut as a Prometheus scraping once a step sees it (each step's last `up`):
+    a restart 3 s long that no 5 s scrape caught is no outage."""
+    from detectord.offline.dataset import _down_steps
+
+    ts = np.arange(1, 21) * 5000  # steps (T - 5 s, T]
+    up_ms = np.arange(1, 101) * 1000  # a 1 s scrape: sample i at (i + 1) s
+    up = np.ones(100, np.float32)
+    up[[21, 22, 23]] = 0.0  # 22-24 s: inside the step ending at 25 s, whose last scrape succeeded
+    up[[44, 49]] = 0.0  # the last scrapes of the steps ending at 45 s and 50 s: two in a row
+    up[[64]] = 0.0  # one alone (the step ending at 65 s)
+    up[[79, 84, 89, 94]] = 0.0  # four in a row
+    down = _down_steps(ts, up_ms, up, failed_scrapes=2)
+    assert (np.flatnonzero(down) * 5000 + 5000).tolist() == [50_000, 85_000, 90_000, 95_000]
+    assert _down_steps(ts, up_ms, up, failed_scrapes=1).sum() == 7

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from detectord.offline.dataset import DatasetError
-from detectord.offline.training import Hyperparameters, read_hyperparameters
+from detectord.offline.evaluation import Evaluation
+from detectord.offline.training import Hyperparameters, pick_default, read_hyperparameters
 from tests.support import REPO, small_data
 
 pytestmark = [pytest.mark.slow]
@@ -183,3 +184,23 @@ def test_a_config_of_unknown_kinds_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"conv_autoencodr": {"latent": 4}}))
     with pytest.raises(DatasetError, match="conv_autoencodr"):
         read_hyperparameters(path)
+
+
+def _judged(name: str, caught: int, events: int, false_alerts: int = 0) -> Evaluation:
+    p = caught / (caught + false_alerts) if caught + false_alerts else 0.0
+    r = caught / events
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return Evaluation(name, {}, {"events": events, "caught": caught, "f1": f1}, {}, {}, {}, {})
+
+
+def test_one_validation_incident_does_not_pick_the_default() -> None:
+    """Seven validation incidents: catching one more is noise, not a better model; the classifier
+    (whose alerts name the incident class) is taken among equals, and a clear lead still wins."""
+    near = {
+        "conv_autoencoder": _judged("a", 6, 7),
+        "conv_classifier": _judged("c", 6, 7),
+        "siamese": _judged("s", 7, 7),
+    }
+    assert pick_default(near) == "conv_classifier"
+    clear = {**near, "conv_classifier": _judged("c", 4, 7), "conv_autoencoder": _judged("a", 5, 7, false_alerts=1)}
+    assert pick_default(clear) == "siamese"

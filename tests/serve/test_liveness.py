@@ -1,4 +1,5 @@
-"""Dead is an anomaly: an instance that was scoring alerts when its scrapes fail (`up == 0`) or its
+"""Dead is an anomaly: an instance that was scoring alerts when its scrapes fail (`up == 0`, twice
+in a row) or its
 series stop while the rest of the fleet's still arrive, resolves when its data returns, and is
 forgotten once Prometheus drops the target (its `up` goes stale)."""
 
@@ -83,14 +84,23 @@ async def test_a_dead_instance_alerts_says_why_and_recovers(server_factory: Call
         await fleet.until(lambda: not srv.ingestor.is_warming(A), "ok")
         assert not srv.ingestor.is_warming(A) and fleet.alert() is None
 
-        # Its scrapes fail: alert at the first failed scrape, saying so.
+        # One timed-out scrape between good ones is no page.
+        await fleet.scrape("failing")
+        for _ in range(3):
+            await fleet.scrape()
+        await asyncio.sleep(0.5)
+        assert fleet.alert() is None
+
+        # Its scrapes fail: alert at the second failed scrape in a row, saying since when.
         first_failed = fleet.k
+        first_failed_at = time.strftime("%H:%M:%S", time.gmtime(fleet.ts() / 1000))
         await fleet.scrape("failing")
         await fleet.until(lambda: fleet.alert() is not None, "failing", timeout=5)
         assert fleet.k - first_failed <= 2, "not within 2 steps of the first failed scrape"
         annotations = fleet.alert()
         assert annotations is not None and annotations["down"] == "scrape_failing"
-        assert "Scrapes failing since" in annotations["description"] and "up == 0" in annotations["description"]
+        assert f"Scrapes failing since {first_failed_at}" in annotations["description"]
+        assert "up == 0" in annotations["description"]
         assert metric(await fleet.metrics(), "detectord_instances", state="down") == 1
         # `up` of a target that is no CoreDNS is ignored: it makes no instance.
         await fleet.scrape("failing", extra=[up("node-1:9100", fleet.ts(), 0.0, job="node")])
