@@ -102,6 +102,10 @@ class IngestConfig:
     # Consecutive failed scrapes (`up == 0`) that make an instance that was scoring down: 2 lets
     # one timed-out scrape pass without a page.
     failed_scrapes: int = 2
+    # An instance restarted (its counters reset) crash_loop_restarts times within
+    # crash_loop_within is in a crash loop, even if every scrape finds it up: its alert fires.
+    crash_loop_restarts: int = 3
+    crash_loop_within: Duration = Duration(600.0)
     # Forget an instance not seen for this long (its alert resolves), or as soon as its `up`
     # series goes stale (Prometheus has dropped the target).
     instance_ttl: Duration = Duration(3600.0)
@@ -229,6 +233,8 @@ def _check(cfg: Config) -> None:
     need(cfg.ingest.max_instances >= 1, "ingest.max_instances", "must be >= 1")
     need(cfg.ingest.max_gap_steps >= 0, "ingest.max_gap_steps", "must be >= 0")
     need(cfg.ingest.failed_scrapes >= 1, "ingest.failed_scrapes", "must be >= 1")
+    need(cfg.ingest.crash_loop_restarts >= 2, "ingest.crash_loop_restarts", "must be >= 2")
+    need(cfg.ingest.crash_loop_within > 0, "ingest.crash_loop_within", "must be > 0")
     need(cfg.ingest.instance_ttl > 0, "ingest.instance_ttl", "must be > 0")
     if cfg.model.window is not None:
         need(cfg.model.window >= 8, "model.window", f"must be >= 8 steps, got {cfg.model.window}")

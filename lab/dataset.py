@@ -129,8 +129,7 @@ Every file is made by one lab run of the scenario of the same name, `lab/scenari
 
 `make data` re-records all of them (about 6 hours; normal and unseen-low run beside the fault
 runs, the other test-only fleets two at a time; unseen-high, durations and benign each alone)
-and rewrites this file. The test-only fleets unseen-rtt, unseen-nxdomain, unseen-cache-small and
-unseen-cache-large have scenarios but are not recorded here yet.
+and rewrites this file.
 
 {files}
 
@@ -157,6 +156,12 @@ unseen-cache-large have scenarios but are not recorded here yet.
 - `unseen-nodelocal`, `unseen-qtypes`: the training load, with a node-local DNS cache in front of
   every edge (its misses reach the edge over TCP), and with another query mix (AAAA 40, A 20,
   SRV 20, PTR 15, TXT 3, MX 2); six faults on one lane after 12 minutes. Test data only.
+- `unseen-rtt`, `unseen-nxdomain`, `unseen-cache-small`, `unseen-cache-large`: the training load
+  on fleets that differ from the training fleets on one axis each: upstreams that are real
+  resolvers 25 ms (± 10 ms) away, 70 % NXDOMAIN answers (ndots:5 search paths), a 100-entry
+  cache over 5,000 names (most queries miss), a 100,000-entry cache with a 5-minute TTL cap over
+  20,000 names (nearly everything hits); the same six faults on one lane after 12 minutes. Test
+  data only.
 
 {classes}
 

@@ -40,6 +40,8 @@ def test_example_documents_every_key_with_its_default() -> None:
         ("ingest: {step: fast}", "ingest.step"),
         ("ingest: {max_instances: -1}", "ingest.max_instances"),
         ("ingest: {instance_labels: []}", "ingest.instance_labels"),
+        ("ingest: {crash_loop_restarts: 1}", "ingest.crash_loop_restarts"),
+        ("ingest: {crash_loop_within: 0s}", "ingest.crash_loop_within"),
         ("alerting: {for: 1x}", "alerting.for"),
         ("alerting: {alertmanagers: [{url: 'localhost:9093'}]}", "alerting.alertmanagers[0].url"),
         ("alerting: {alertmanagers: [{timeout: 5s}]}", "alerting.alertmanagers[0].url"),

@@ -275,6 +275,8 @@ class FeatureRow:
     gap: bool = False
     # The instance came back after a gap too long to fill: windows start over.
     restart: bool = False
+    # Its counters were reset since its previous row: the CoreDNS process restarted.
+    process_restart: bool = False
     # What it forwards to: the `to` labels of its coredns_proxy_* series, sorted and comma-joined
     # ("" when it forwards nowhere). Instances that share it share a fault domain.
     upstream: str = ""
@@ -353,6 +355,8 @@ class _Instance:
         "max_ts",
         "nslots",
         "primed",
+        "process_restart",
+        "resets",
         "restart",
         "seen",
         "series",
@@ -377,6 +381,9 @@ class _Instance:
         self.last_row: np.ndarray | None = None
         self.gap = 0
         self.restart = False
+        # A counter reset in each open step, and one of a closed step not yet on a row.
+        self.resets = [False, False]
+        self.process_restart = False
         self.series: list[SeriesKey] = []
         self.gauges: list[list[_Series]] = [[] for _ in range(ngauges)]
         # Per histogram source: {le: counter slot}, and the same as (le, slot) sorted by le.
@@ -513,7 +520,9 @@ class FeatureExtractor:
                 if v - v != 0.0:  # NaN or ±Inf
                     if is_stale_marker(v):
                         stats.stale += 1
-                        s.last_v = _NO_VALUE  # the series is gone; its next sample starts afresh
+                        # A gauge that went stale adds nothing. A counter keeps its last value:
+                        # Prometheus marks every series stale after one failed scrape, and the
+                        # process behind it may well have kept counting (a reset shows it did not).
                         s.held = _NO_VALUE
                     else:
                         stats.non_finite += 1
@@ -533,7 +542,8 @@ class FeatureExtractor:
                     if last == last:
                         d = v - last
                         if d < 0:
-                            d = v  # counter reset
+                            d = v  # counter reset: the process restarted
+                            inst.resets[i] = True
                     else:
                         # A series born after its instance starts from zero (e.g. the first
                         # SERVFAIL); one seen in the instance's first step only sets the baseline.
@@ -691,6 +701,7 @@ class FeatureExtractor:
         acc = inst.acc[0]
         step_ts = (inst.cur + 1) * self.step_ms
         gauges = _close_gauges(inst)
+        inst.process_restart |= inst.resets[0]
         if inst.seen[0]:
             if inst.primed:
                 elapsed = (inst.max_ts[0] - inst.last_close_ts) / 1000.0
@@ -698,9 +709,18 @@ class FeatureExtractor:
                     elapsed = self.step_ms / 1000.0
                 step = Step(acc, gauges, [_cumulative(acc, order) for order in inst.bucket_order], elapsed)
                 values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
-                rows.append(FeatureRow(inst.key, step_ts, values, restart=inst.restart, upstream=inst.upstream))
+                rows.append(
+                    FeatureRow(
+                        inst.key,
+                        step_ts,
+                        values,
+                        restart=inst.restart,
+                        process_restart=inst.process_restart,
+                        upstream=inst.upstream,
+                    )
+                )
                 inst.last_row = values
-                inst.restart = False
+                inst.restart = inst.process_restart = False
             inst.primed = True
             inst.last_close_ts = inst.max_ts[0]
             inst.gap = 0
@@ -712,6 +732,7 @@ class FeatureExtractor:
                 self._restart(inst)
         inst.acc = [inst.acc[1], [0.0] * inst.nslots]
         inst.seen = [inst.seen[1], False]
+        inst.resets = [inst.resets[1], False]
         inst.max_ts = [inst.max_ts[1], 0]
         inst.cur += 1
 
@@ -767,6 +788,8 @@ class FeatureSeries:
     gap: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (T,)
     # Row indexes where the window must start over (a gap too long to fill).
     restarts: list[int] = field(default_factory=list)
+    # Row indexes whose counters were reset (the process restarted): serving's crash-loop alert.
+    process_restarts: list[int] = field(default_factory=list)
     # Its `up` samples (timestamps, values): serving's liveness alerts on failed scrapes.
     up_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     up: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
@@ -792,6 +815,7 @@ def extract(
             values=np.stack([r.values for r in rs]).astype(np.float32, copy=False),
             gap=np.array([r.gap for r in rs], dtype=bool),
             restarts=[i for i, r in enumerate(rs) if r.restart],
+            process_restarts=[i for i, r in enumerate(rs) if r.process_restart],
             up_ms=np.array([t for t, _ in ext.up_samples.get(key, [])], dtype=np.int64),
             up=np.array([v for _, v in ext.up_samples.get(key, [])], dtype=np.float32),
         )

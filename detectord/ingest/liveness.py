@@ -1,7 +1,8 @@
 """Dead is an anomaly: an instance that was scoring and whose scrapes now fail (Prometheus writes
 `up == 0`, `failed_scrapes` times in a row), or whose series stopped while the rest of the
 fleet's still arrive, is down; it is up again when its feature samples return. No model can see
-this: a dead instance makes no windows.
+this: a dead instance makes no windows. Nor one that dies and is restarted between two scrapes,
+over and over: its counters' resets show it (`CrashLoops`).
 
 Owned by the ingest thread, beside the extractor it reads.
 """
@@ -9,9 +10,10 @@ Owned by the ingest thread, beside the extractor it reads.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Literal
 
 from detectord.ingest.features import FeatureExtractor, InstanceKey
@@ -33,7 +35,7 @@ class LivenessTracker:
     """Which watched instances are down, and since when. `watched` are those that have scored: an
     instance that never did has no normal to have left."""
 
-    def __init__(self, stale_after_s: float, failed_scrapes: int = 2) -> None:
+    def __init__(self, stale_after_s: float, failed_scrapes: int) -> None:
         self.stale_after_s = stale_after_s
         # Consecutive failed scrapes that make an instance down (one timed-out scrape is no page).
         self.failed_scrapes = failed_scrapes
@@ -84,6 +86,58 @@ class LivenessTracker:
         since = was[1] if was is not None else at_ms
         self.down[key] = (state, since)
         return since
+
+
+@dataclass(frozen=True, slots=True)
+class CrashLoop:
+    """An instance in a crash loop: `restarts` process restarts within `within_s`, the first at `since_ms`."""
+
+    restarts: int
+    within_s: float
+    since_ms: int
+
+
+class CrashLoops:
+    """Which instances are in a crash loop, Kubernetes' KubePodCrashLooping seen from the metrics:
+    `restarts` process restarts (their counters reset) within `within_s`. The loop is over once the
+    instance has run one and a half times its longest interval between them (at most `within_s`)
+    without another. Stepped with every feature row of an instance, in order; serving and the
+    offline evaluation both use it.
+    """
+
+    def __init__(self, restarts: int, within_s: float) -> None:
+        if restarts < 2:
+            raise ValueError(f"a crash loop needs >= 2 restarts, got {restarts}")
+        # Plain values: a reload may set them.
+        self.restarts = restarts
+        self.within_s = within_s
+        # Recent restarts (row timestamps), only of instances that restarted within `within_s`.
+        self._seen: dict[InstanceKey, deque[int]] = {}
+
+    def step(self, key: InstanceKey, ts_ms: int, restarted: bool) -> CrashLoop | None:
+        seen = self._seen.get(key)
+        if restarted:
+            if seen is None:
+                seen = self._seen[key] = deque()
+            seen.append(ts_ms)
+        if seen is None:
+            return None
+        within_ms = int(self.within_s * 1000)
+        while seen and seen[0] <= ts_ms - within_ms:
+            seen.popleft()
+        if not seen:
+            del self._seen[key]
+            return None
+        if len(seen) < self.restarts:
+            return None
+        longest = max(b - a for a, b in pairwise(seen))
+        if ts_ms - seen[-1] > min(within_ms, 1.5 * longest):
+            return None
+        return CrashLoop(len(seen), self.within_s, seen[0])
+
+    def forget(self, keys: Iterable[InstanceKey]) -> None:
+        for k in keys:
+            self._seen.pop(k, None)
 
 
 def _wall_ms() -> int:

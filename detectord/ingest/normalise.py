@@ -322,9 +322,10 @@ class BaselineSeries:
     ready: np.ndarray  # bool (T,): the baseline was warm
     restarts: list[int]
     raw: np.ndarray  # float32 (T, F): the feature rows as extracted
-    # Its `up` samples (see FeatureSeries).
+    # Its `up` samples and the rows where its process restarted (see FeatureSeries).
     up_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     up: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    process_restarts: list[int] = field(default_factory=list)
 
 
 def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
@@ -342,7 +343,16 @@ def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> Ba
         scale[i] = b.scale
         ready[i] = b.ready
     return BaselineSeries(
-        series.timestamps_ms, x, loc, scale, ready, list(series.restarts), series.values, series.up_ms, series.up
+        series.timestamps_ms,
+        x,
+        loc,
+        scale,
+        ready,
+        list(series.restarts),
+        series.values,
+        series.up_ms,
+        series.up,
+        list(series.process_restarts),
     )
 
 

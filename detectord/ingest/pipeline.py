@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
-from detectord.ingest.liveness import LivenessEvent, LivenessTracker
+from detectord.ingest.liveness import CrashLoop, CrashLoops, LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
 from detectord.ingest.remote_write import Version, decode
@@ -45,6 +45,7 @@ class ScoreRequest:
     window: np.ndarray  # (W, F) float32 model inputs, oldest row first
     latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
     upstream: str = ""  # what the instance forwards to (FeatureRow.upstream)
+    crash_loop: CrashLoop | None = None  # it is in a crash loop: alert whatever the score
 
 
 class ScoreSink(Protocol):
@@ -75,8 +76,10 @@ class Ingestor:
         max_future_s: float,
         worker: ScoreSink,
         metrics: IngestMetrics,
-        stale_after_s: float = 120.0,
-        failed_scrapes: int = 2,
+        stale_after_s: float,
+        failed_scrapes: int,
+        crash_loop_restarts: int,
+        crash_loop_within_s: float,
         on_liveness: Callable[[list[LivenessEvent]], object] | None = None,
     ) -> None:
         self.extractor = FeatureExtractor(
@@ -91,6 +94,7 @@ class Ingestor:
         self._scoring: set[InstanceKey] = set()
         # Which of them are down, and where their liveness events go (called on the ingest thread).
         self.liveness = LivenessTracker(stale_after_s, failed_scrapes)
+        self.crash_loops = CrashLoops(crash_loop_restarts, crash_loop_within_s)
         self.on_liveness = on_liveness
         self.last_write = 0.0  # monotonic
         self.max_decoded = max_decoded
@@ -156,7 +160,7 @@ class Ingestor:
         )
 
     def push_rows(self, rows: list[FeatureRow]) -> None:
-        windows, norm = self.windows, self.normaliser
+        windows, norm, loops = self.windows, self.normaliser, self.crash_loops
         gaps = restarts = 0
         ready = []
         for row in rows:
@@ -164,10 +168,11 @@ class Ingestor:
             restarts += row.restart
             x, baseline = norm.push(row.instance, row.values, gap=row.gap)
             w = windows.push(row.instance, row.step_ts_ms, x, restart=row.restart, gap=row.gap)
+            loop = loops.step(row.instance, row.step_ts_ms, row.process_restart)
             if w is not None and baseline.ready:
                 self._scoring.add(row.instance)
                 ready.append(
-                    ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream)
+                    ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream, loop)
                 )
             elif row.restart:
                 self._scoring.discard(row.instance)
@@ -206,6 +211,7 @@ class Ingestor:
         self.normaliser.forget(gone)
         self._scoring.difference_update(gone)
         self.liveness.forget(gone)
+        self.crash_loops.forget(gone)
         if gone:
             self.metrics.instances_evicted.inc(len(gone))
         self.update_instance_gauges()

@@ -21,6 +21,7 @@ import numpy as np
 from detectord.config import IngestConfig
 from detectord.detectors.windowset import WindowSet
 from detectord.ingest.features import FEATURE_NAMES, FeatureSeries, InstanceKey, extract
+from detectord.ingest.liveness import CrashLoops
 from detectord.ingest.normalise import BaselineSeries, InputPlan, baseline_series, windows_at
 from detectord.ingest.remote_write import DecodedWrite, LabelCache
 from detectord.recordings import truth
@@ -395,7 +396,8 @@ class SeriesInfo:
     event: np.ndarray  # per step: the event id it belongs to, "" none
     role: np.ndarray  # per step: "train" | "validation" | "test" | None (a window there straddles roles)
     scored: np.ndarray  # per step: a window ends here (warm baseline, full window, no restart inside)
-    # Per step: a scrape of it failed (`up == 0`); serving's liveness alerts there whatever the score.
+    # Per step: its scrapes failed (`up == 0`), or it is in a crash loop (on scored steps); serving
+    # alerts there whatever the score.
     down: np.ndarray | None = None
 
 
@@ -546,7 +548,8 @@ def build_data(
                     event,
                     _step_roles(role, ends, win_role, len(ts)),
                     scored,
-                    _down_steps(ts, bs.up_ms, bs.up, IngestConfig.failed_scrapes),
+                    _down_steps(ts, bs.up_ms, bs.up, IngestConfig.failed_scrapes)
+                    | (_crash_loop_steps(key, ts, bs.process_restarts) & scored),
                 )
             )
             sets.append(WindowSet(x, win_label, np.full(len(ends), sid, dtype=np.int64), ts[ends], [], r.step_s, clean))
@@ -588,6 +591,13 @@ def _down_steps(ts: np.ndarray, up_ms: np.ndarray, up: np.ndarray, failed_scrape
         run = run + 1 if up[i] == 0.0 else 0
         down[idx[i]] = run >= failed_scrapes
     return down
+
+
+def _crash_loop_steps(key: InstanceKey, ts: np.ndarray, process_restarts: Sequence[int]) -> np.ndarray:
+    """Per row: serving's crash-loop alert (`CrashLoops`, stepped with every row) holds there."""
+    loops = CrashLoops(IngestConfig.crash_loop_restarts, float(IngestConfig.crash_loop_within))
+    restarted = set(process_restarts)
+    return np.array([loops.step(key, int(t), i in restarted) is not None for i, t in enumerate(ts)], dtype=bool)
 
 
 def _window_ends(bs: BaselineSeries, rows: int) -> np.ndarray:

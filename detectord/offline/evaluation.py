@@ -103,7 +103,8 @@ def evaluate(
         scores = aligned(tl, ts)
         like = _aligned_like(tl, ts)
         if info.down is not None and info.down.any() and info.scored.any():
-            # Serving's liveness: a scoring instance whose scrape fails alerts at once (up == 0).
+            # Serving's liveness: a scoring instance whose scrapes fail (up == 0), or that is in a
+            # crash loop, alerts whatever the score.
             down = info.down & (np.arange(len(ts)) >= int(np.argmax(info.scored)))
             scores = np.where(down, np.inf, scores)
         anomalous = np.nan_to_num(scores, nan=0.0, posinf=np.inf) > 1.0

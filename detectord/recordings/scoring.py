@@ -62,6 +62,10 @@ def recording_windows(
         max_gap_steps=max_gap_steps,
         max_decoded=_NO_LIMIT,
         max_future_s=float(IngestConfig.max_future),
+        stale_after_s=120.0,
+        failed_scrapes=IngestConfig.failed_scrapes,
+        crash_loop_restarts=IngestConfig.crash_loop_restarts,
+        crash_loop_within_s=float(IngestConfig.crash_loop_within),
         worker=sink,
         metrics=IngestMetrics(CollectorRegistry()),
     )

@@ -21,6 +21,7 @@ import structlog
 
 from detectord.detectors.base import Scorer
 from detectord.ingest.features import InstanceKey
+from detectord.ingest.liveness import CrashLoop
 from detectord.ingest.pipeline import ScoreRequest
 
 log = structlog.get_logger(__name__)
@@ -35,6 +36,7 @@ class ScoreResult:
     latest: np.ndarray  # (F,) the newest feature row as extracted
     looks_like: str | None = None  # the anomaly class the window resembles, where the model knows classes
     upstream: str = ""  # what the instance forwards to (FeatureRow.upstream)
+    crash_loop: CrashLoop | None = None  # ScoreRequest.crash_loop
 
 
 class InferenceMetrics(Protocol):
@@ -185,6 +187,7 @@ class InferenceWorker:
                 it.latest,
                 like[i] if like is not None else None,
                 it.upstream,
+                it.crash_loop,
             )
             for i, it in enumerate(items)
         ]

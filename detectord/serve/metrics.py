@@ -65,7 +65,7 @@ class DaemonMetrics(IngestMetrics):
         )
         self.anomaly = Gauge(
             "detectord_anomaly",
-            "1 while the instance's latest score is above the threshold, else 0.",
+            "1 while the instance is anomalous: its latest score above the threshold, down, or in a crash loop.",
             il,
             registry=registry,
         )

@@ -141,6 +141,8 @@ class Server:
             metrics=self.metrics,
             stale_after_s=self.stale_after_s(),
             failed_scrapes=cfg.ingest.failed_scrapes,
+            crash_loop_restarts=cfg.ingest.crash_loop_restarts,
+            crash_loop_within_s=float(cfg.ingest.crash_loop_within),
             on_liveness=lambda events: loop.call_soon_threadsafe(self._deliver_liveness, events),
         )
         self.ingestor.update_instance_gauges()
@@ -321,6 +323,8 @@ class Server:
             # Plain values the ingest thread reads at its next write.
             self.ingestor.liveness.stale_after_s = self.stale_after_s()
             self.ingestor.liveness.failed_scrapes = cfg.ingest.failed_scrapes
+            self.ingestor.crash_loops.restarts = cfg.ingest.crash_loop_restarts
+            self.ingestor.crash_loops.within_s = float(cfg.ingest.crash_loop_within)
             self._publish_model(model)
             # The old model is garbage now; collect it once (a short pause) and freeze the new one.
             gc.unfreeze()

@@ -15,7 +15,7 @@ from detectord.alerting.states import Alert, AlertStates
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
-from detectord.ingest.liveness import LivenessEvent
+from detectord.ingest.liveness import CrashLoop, LivenessEvent
 from detectord.serve.inference import ScoreResult
 from detectord.serve.metrics import DaemonMetrics
 
@@ -101,14 +101,17 @@ class ScoreSink:
                 if hist is None:
                     hist = self.history[key] = deque(maxlen=keep)
                 hist.append((r.step_ts_ms, r.score))
-            m.anomaly.labels(*key).set(1.0 if r.score > 1.0 else 0.0)
+            down = None if r.crash_loop is None else ("crash_looping", _crash_loop_text(r.crash_loop))
+            m.anomaly.labels(*key).set(1.0 if r.score > 1.0 or down is not None else 0.0)
             dev = np.nan_to_num(r.feature_deviation, nan=0.0)
             order = np.argsort(-np.abs(dev))[:k]
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
             self._see_upstream(key, r.upstream)
             labels = self._labels(key)
             was_firing = alerts.is_firing(key)
-            changed.extend(alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like))
+            changed.extend(
+                alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like, down)
+            )
             if alerts.is_firing(key):
                 if not was_firing:
                     m.clear_features(key, features)
@@ -184,6 +187,14 @@ def _down_text(ev: LivenessEvent) -> str:
     return (
         f"No data for {gone} (since {since}): its series stopped while the rest of the fleet's still "
         "arrive; the CoreDNS may be gone, or its scrapes no longer reach detectord."
+    )
+
+
+def _crash_loop_text(loop: CrashLoop) -> str:
+    since = datetime.fromtimestamp(loop.since_ms / 1000, tz=UTC).strftime("%H:%M:%SZ")
+    return (
+        f"Crash loop: restarted {loop.restarts} times in the last {_duration(loop.within_s)} (since {since}; "
+        "its counters reset each time), even where its scrapes succeed."
     )
 
 

@@ -62,6 +62,8 @@ def test_counter_rate_with_reset_and_aggregation_over_servers() -> None:
     # The first step only sets the counters' starting values; after it every step is one row.
     assert col(rows, "request_rate") == [110.0, 110.0, 110.0, 110.0, 55.0, 110.0, 110.0]
     assert [r.step_ts_ms for r in rows] == [2000, 3000, 4000, 5000, 6000, 7000, 8000]
+    # Both servers' counters reset in one step: one process restart, on that step's row.
+    assert [r.step_ts_ms for r in rows if r.process_restart] == [6000]
 
 
 def test_shares_and_new_series_count_from_zero() -> None:
@@ -154,9 +156,21 @@ def test_stale_marker_then_series_returns() -> None:
         rows += ext.ingest(write((L("coredns_dns_requests_total"), [(ts, v)])), stats)
     rows += ext.flush()
     assert stats.stale == 1
-    # After the stale marker the series restarts from its next sample (a new process): no negative rate.
+    # After the stale marker the counter came back lower: a new process, counting from 0. No negative
+    # rate, and the row says the process restarted.
     assert min(col(rows, "request_rate")) >= 0.0
     assert col(rows, "request_rate")[-1] == 100.0
+    assert [r.step_ts_ms for r in rows if r.process_restart] == [5000]
+
+
+def test_a_failed_scrape_of_a_live_process_is_no_spike_and_no_restart() -> None:
+    """One scrape times out (Prometheus marks every series stale) while CoreDNS keeps counting:
+    the next sample's increase spans the gap, it is not a new series' whole value."""
+    ext = FeatureExtractor(1000)
+    seq = [(t * 1000, 100.0 * t) for t in range(3)] + [(3000, STALE_NAN)] + [(t * 1000, 100.0 * t) for t in range(4, 8)]
+    rows = feed(ext, [write((L("coredns_dns_requests_total"), [s])) for s in seq])
+    assert col(rows, "request_rate") == [100.0] * len(rows)
+    assert not any(r.process_restart for r in rows)
 
 
 def test_nan_and_inf_are_counted_not_used() -> None:

@@ -224,6 +224,10 @@ def test_training_windows_are_the_windows_serve_scores(plan: InputPlan, window: 
         max_gap_steps=max_gap_steps,
         max_decoded=1 << 30,
         max_future_s=1e9,
+        stale_after_s=120.0,
+        failed_scrapes=IngestConfig.failed_scrapes,
+        crash_loop_restarts=IngestConfig.crash_loop_restarts,
+        crash_loop_within_s=float(IngestConfig.crash_loop_within),
         worker=Sink(),
         metrics=DaemonMetrics(CollectorRegistry(), IngestConfig.instance_labels),
     )

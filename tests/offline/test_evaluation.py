@@ -229,3 +229,19 @@ def test_the_evaluation_sees_the_failed_scrapes_serving_would() -> None:
     down = _down_steps(ts, up_ms, up, failed_scrapes=2)
     assert (np.flatnonzero(down) * 5000 + 5000).tolist() == [50_000, 85_000, 90_000, 95_000]
     assert _down_steps(ts, up_ms, up, failed_scrapes=1).sum() == 7
+
+
+def test_the_evaluation_sees_the_crash_loops_serving_would() -> None:
+    """A CoreDNS crashing for 10 s once a minute, scraped every 15 s: a scrape may never fail, only
+    its counters reset. Offline, as in serving (`CrashLoops`, ingest.crash_loop_* defaults: 3
+    restarts within 10 minutes): a crash loop from the third restart until it has run 1.5 times
+    its longest interval without one; a rollout and a rollback (two restarts) are none."""
+    from detectord.offline.dataset import _crash_loop_steps
+
+    ts = np.arange(1, 121) * 15_000  # 30 minutes of 15 s steps
+    loop = [20, 24, 28, 32, 36]  # restarts once a minute, from the step ending at 5 min
+    steps = _crash_loop_steps(("coredns", "a"), ts, [*loop, 80])
+    # The third restart is the loop's first step; 90 s (6 steps) after the last of the minute's
+    # restarts it is over, and one more restart 11 minutes on starts none.
+    assert np.flatnonzero(steps).tolist() == list(range(28, 36 + 6 + 1))
+    assert not _crash_loop_steps(("coredns", "a"), ts, [40, 44]).any()

@@ -1,7 +1,7 @@
 """Dead is an anomaly: an instance that was scoring alerts when its scrapes fail (`up == 0`, twice
-in a row) or its
-series stop while the rest of the fleet's still arrive, resolves when its data returns, and is
-forgotten once Prometheus drops the target (its `up` goes stale)."""
+in a row) or its series stop while the rest of the fleet's still arrive, resolves when its data
+returns, and is forgotten once Prometheus drops the target (its `up` goes stale). One that
+restarts over and over between scrapes alerts as a crash loop."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Fleet:
         self.k = 0
         self.t0 = int(time.time() * 1000) - 3_600_000
         self.a_sent = 0.0  # monotonic time a's latest samples were sent (before they arrived)
+        self.a_started = 0  # the step a's process (re)started at: its counters count from there
 
     def ts(self) -> int:
         return self.t0 + self.k * 1000
@@ -43,7 +44,7 @@ class Fleet:
         stale as Prometheus writes them) or absent ("absent")."""
         ts, series = self.ts(), [*coredns_scrape(B[1], self.ts(), self.k), up(B[1], self.ts(), 1.0), *extra]
         if a == "ok":
-            series += [*coredns_scrape(A[1], ts, self.k), up(A[1], ts, 1.0)]
+            series += [*coredns_scrape(A[1], ts, self.k - self.a_started), up(A[1], ts, 1.0)]
             self.a_sent = time.monotonic()
         elif a == "failing":
             series.append(up(A[1], ts, 0.0))
@@ -140,3 +141,45 @@ async def test_when_nothing_arrives_at_all_no_instance_is_called_dead(server_fac
         await asyncio.sleep(3.5)
         assert srv.sink.alerts.firing() == []
         assert metric(await fleet.metrics(), "detectord_instances", state="down") == 0
+
+
+async def test_a_crash_loop_alerts_though_every_scrape_succeeds(server_factory: Callable[..., Any]) -> None:
+    """CoreDNS dies and is restarted between two scrapes, again and again (a 10 s crash at a 15 s
+    scrape): `up` stays 1 and no step is missed, only its counters reset."""
+    async with (
+        server_factory(
+            ingest={"crash_loop_within": Duration(20.0)},
+            alerting={"for_": Duration(0), "keep_firing_for": Duration(0)},
+        ) as srv,
+        aiohttp.ClientSession() as s,
+    ):
+        fleet = Fleet(srv, s)
+        for _ in range(srv.pipeline.model.window + 40):
+            await fleet.scrape()
+        await fleet.until(lambda: not srv.ingestor.is_warming(A), "ok")
+
+        def looping() -> bool:
+            return (fleet.alert() or {}).get("down") == "crash_looping"
+
+        async def restart_and_run(steps: int) -> None:
+            fleet.a_started = fleet.k
+            for _ in range(steps):
+                await fleet.scrape()
+            await asyncio.sleep(0.25)
+
+        # Two restarts (a rollout, then a rollback) are no crash loop.
+        await restart_and_run(4)
+        await restart_and_run(4)
+        assert not looping()
+        # The third within crash_loop_within (20 s of data time) is.
+        await restart_and_run(1)
+        await fleet.until(looping, "ok", timeout=5)
+        annotations = fleet.alert()
+        assert annotations is not None
+        assert annotations["description"].startswith("Crash loop: restarted 3 times in the last 20s")
+        assert metric(await fleet.metrics(), "detectord_anomaly", instance=A[1]) == 1
+        # It stops restarting: the loop is over after 1.5 times its longest interval (6 s), and
+        # the alert no longer says it is one.
+        stopped = fleet.k
+        await fleet.until(lambda: not looping(), "ok", timeout=10)
+        assert fleet.k - stopped <= 8
