@@ -82,9 +82,28 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--any-step", action="store_true", help="run the model even at a step it was not made for")
     sc.add_argument("--out", default=None, help="write every score as CSV (instance labels, timestamp_ms, score)")
 
+    ex = sub.add_parser("export", help="read a time range over Prometheus remote read into a recording")
+    ex.add_argument(
+        "--from", dest="url", required=True, help="remote-read URL, e.g. http://prometheus:9090/api/v1/read"
+    )
+    ex.add_argument("--start", required=True, help="RFC 3339 (2024-05-01T12:00:00Z), Unix seconds, or now-2h")
+    ex.add_argument("--end", default="now", help="as --start (default now); inclusive")
+    ex.add_argument(
+        "--match",
+        action="append",
+        default=None,
+        help='series selector, repeatable (default {__name__=~"coredns_.+|process_.+|go_goroutines|up"})',
+    )
+    ex.add_argument(
+        "--out", required=True, help="recording to write; if it exists, export resumes after its newest sample"
+    )
+    ex.add_argument("--chunk", default="1h", help="time read per remote-read request (default 1h)")
+    ex.add_argument("--timeout", default="5m", help="limit for each remote-read request (default 5m)")
+
     sub.add_parser("train", help="train the detectors on labelled recordings (see train --help)")
     sub.add_parser("evaluate", help="evaluate models beside the comparisons (see evaluate --help)")
     sub.add_parser("tune", help="search a detector's hyperparameters with Optuna (see tune --help)")
+    sub.add_parser("calibrate", help="set a model's threshold from your fleet's own history (see calibrate --help)")
     return p
 
 
@@ -110,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from detectord.offline.tuning import main as tune_main
 
         return tune_main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from detectord.offline.calibration import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check":
         return _check_config(args.file, skip_model=args.skip_model)
@@ -119,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return _replay(args)
     if args.command == "score":
         return _score(args)
+    if args.command == "export":
+        return _export(args)
     try:
         cfg = _load(args.config_file, args.listen_address)
     except ConfigError as exc:
@@ -222,9 +247,39 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from detectord.ingest.remote_read import parse_selector
+    from detectord.recordings.export import DEFAULT_MATCH, ExportOptions, export, parse_time
+
+    try:
+        now = time.time()
+        opts = ExportOptions(
+            url=args.url,
+            start_ms=parse_time(args.start, now),
+            end_ms=parse_time(args.end, now),
+            out=Path(args.out),
+            selectors=tuple(tuple(parse_selector(m)) for m in args.match or [DEFAULT_MATCH]),
+            chunk_ms=round(float(Duration.parse(args.chunk)) * 1000),
+            timeout=float(Duration.parse(args.timeout)),
+        )
+        stats = asyncio.run(export(opts))
+    except (DetectordError, OSError, ValueError) as exc:
+        print(f"detectord export: {exc}", file=sys.stderr)
+        return 1
+    print(f"detectord export: {stats.records} requests, {stats.samples} samples of {stats.series} series to {args.out}")
+    return 0
+
+
 def _check_config(path: str, *, skip_model: bool) -> int:
     try:
         cfg = load_config(path)
+        if cfg.backfill.url:
+            from detectord.serve.backfill import matchers
+
+            matchers(cfg.backfill)
     except ConfigError as exc:
         print(f"detectord: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

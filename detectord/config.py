@@ -172,6 +172,61 @@ class AlertingConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    # Where snapshots of every instance's state go (systemd's StateDirectory, a PVC in
+    # Kubernetes); relative to the working directory. "" keeps nothing across restarts.
+    dir: str = "detectord-state"
+    snapshot_interval: Duration = Duration(60.0)
+    # A snapshot older than this is not restored: what it knew is stale.
+    max_age: Duration = Duration(3600.0)
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    username: str
+    password: str = ""
+    password_file: str = ""
+
+
+@dataclass(frozen=True)
+class AuthorizationConfig:
+    type: str = "Bearer"
+    credentials: str = ""
+    credentials_file: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class HTTPClientConfig:
+    """Prometheus's outbound `http_config`: how detectord authenticates to a server it calls."""
+
+    basic_auth: BasicAuthConfig | None = None
+    authorization: AuthorizationConfig | None = None
+    tls_config: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class BackfillConfig:
+    # Prometheus's remote-read endpoint, e.g. http://prometheus:9090/api/v1/read ("": no backfill).
+    url: str = ""
+    # History read for each instance without restored state: enough for its baseline to be mature.
+    lookback: Duration = Duration(7200.0)
+    # A series selector; "" reads exactly the series the features use (CoreDNS, process and Go
+    # metrics) and `up`.
+    match: str = ""
+    # The whole backfill; past it the daemon starts cold and says so.
+    timeout: Duration = Duration(60.0)
+    http_config: HTTPClientConfig = field(default_factory=HTTPClientConfig)
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -184,6 +239,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    backfill: BackfillConfig = field(default_factory=BackfillConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -261,6 +318,34 @@ def _check(cfg: Config) -> None:
         )
     for name in cfg.ingest.instance_labels:
         need(bool(label_re.fullmatch(name)), "ingest.instance_labels", f"{name!r} is not a valid label name")
+    need(cfg.state.snapshot_interval >= 1, "state.snapshot_interval", "must be >= 1s")
+    need(cfg.state.max_age > 0, "state.max_age", "must be > 0")
+    if cfg.backfill.url:
+        need(
+            re.match(r"https?://[^/]+", cfg.backfill.url) is not None,
+            "backfill.url",
+            f"must be an http(s) URL, got {cfg.backfill.url!r}",
+        )
+    need(cfg.backfill.lookback > 0, "backfill.lookback", "must be > 0")
+    need(cfg.backfill.timeout > 0, "backfill.timeout", "must be > 0")
+    auth = cfg.backfill.http_config
+    need(
+        auth.basic_auth is None or auth.authorization is None,
+        "backfill.http_config",
+        "basic_auth and authorization are mutually exclusive",
+    )
+    if auth.basic_auth is not None:
+        need(
+            not (auth.basic_auth.password and auth.basic_auth.password_file),
+            "backfill.http_config.basic_auth",
+            "password and password_file are mutually exclusive",
+        )
+    if auth.authorization is not None:
+        need(
+            not (auth.authorization.credentials and auth.authorization.credentials_file),
+            "backfill.http_config.authorization",
+            "credentials and credentials_file are mutually exclusive",
+        )
     for i, am in enumerate(cfg.alerting.alertmanagers):
         need(
             re.match(r"https?://[^/]+", am.url) is not None,

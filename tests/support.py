@@ -4,13 +4,16 @@ of the committed lab data, an in-process server's config, alert-state drivers an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from detectord.alerting.states import Alert, AlertStates
@@ -117,6 +120,8 @@ def test_config(**sections: dict[str, Any]) -> Any:
         # Data time runs a step a second: the 5 s model at 1 s steps, as any_step allows.
         "model": {"path": REPO / "models/default", "any_step": True},
         "inference": {"max_batch": 64, "queue_size": 4096},
+        # Nothing kept across tests unless a test gives its own state.dir.
+        "state": {"dir": ""},
     }
     for name, values in sections.items():
         defaults.setdefault(name, {}).update(values)
@@ -207,3 +212,41 @@ def small_data(out: Path, *, normal_minutes: float = 30.0, fault_minutes: float 
     slice_recording(normal, out / "normal.drec", normal_minutes)
     slice_recording(faults, out / "faults-1.drec", fault_minutes)
     return out
+
+
+# ---- peers with faults --------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def slow_proxy(url: str, *, delay_s: float) -> AsyncIterator[str]:
+    """`url` behind a proxy that answers each POST `delay_s` late: a slow Prometheus on demand
+    (a fake only in its delay; every byte is the real server's)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        keep = ("Content-Type", "Content-Encoding", "Accept-Encoding", "X-Prometheus-Remote-Read-Version")
+        headers = {k: request.headers[k] for k in keep if k in request.headers}
+        async with aiohttp.ClientSession(auto_decompress=False) as s, s.post(url, data=body, headers=headers) as r:
+            data, ctype = await r.read(), r.headers.get("Content-Type", "")
+        await asyncio.sleep(delay_s)
+        return web.Response(status=r.status, body=data, headers={"Content-Type": ctype})
+
+    async with remote_read_endpoint(handle) as proxy:
+        yield proxy
+
+
+@contextlib.asynccontextmanager
+async def remote_read_endpoint(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A remote-read endpoint (`POST /api/v1/read` on a free port) answered by `handler`: for
+    faults a real Prometheus cannot be made to produce on demand."""
+    app = web.Application()
+    app.router.add_post("/api/v1/read", handler)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1/read"
+    finally:
+        await runner.cleanup()

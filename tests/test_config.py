@@ -51,6 +51,20 @@ def test_example_documents_every_key_with_its_default() -> None:
         ("inference: {max_batch: 0}", "inference.max_batch"),
         ("bogus: 1", "bogus"),
         ("alerting: {labels: {'bad-name': x}}", "alerting.labels.bad-name"),
+        ("state: {snapshot_interval: 100ms}", "state.snapshot_interval"),
+        ("state: {max_age: 0s}", "state.max_age"),
+        ("state: {directory: /var/lib}", "state.directory"),
+        ("backfill: {url: 'prometheus:9090'}", "backfill.url"),
+        ("backfill: {lookback: 0s}", "backfill.lookback"),
+        ("backfill: {http_config: {basic_auth: {password: x}}}", "backfill.http_config.basic_auth.username"),
+        (
+            "backfill: {http_config: {basic_auth: {username: u}, authorization: {credentials: t}}}",
+            "backfill.http_config",
+        ),
+        (
+            "backfill: {http_config: {authorization: {credentials: t, credentials_file: f}}}",
+            "backfill.http_config.authorization",
+        ),
     ],
 )
 def test_bad_config_names_the_key(text: str, key: str) -> None:
@@ -81,6 +95,10 @@ def test_check_config_cli(tmp_path: Path) -> None:
     res = _cli("check", "config", str(bad), "--skip-model")
     assert res.returncode == 2
     assert "alerting.keep_firing" in res.stderr
+    bad.write_text("backfill:\n  url: http://prometheus:9090/api/v1/read\n  match: '{job=\"coredns\"'\n")
+    res = _cli("check", "config", str(bad), "--skip-model")
+    assert res.returncode == 2
+    assert "backfill.match" in res.stderr
 
 
 def test_serve_exits_2_on_bad_config(tmp_path: Path) -> None:

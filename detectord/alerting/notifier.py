@@ -159,6 +159,25 @@ class AlertmanagerNotifier:
         for t in self._targets:
             t.enqueue(batch)
 
+    def resolved_resending(self) -> list[tuple[Alert, float]]:
+        """Resolved alerts still being re-sent, with the seconds of re-sending left."""
+        now = time.monotonic()
+        return [
+            (tr.alert, tr.expires - now)
+            for tr in self._active.values()
+            if tr.alert.resolved and tr.expires is not None and tr.expires > now
+        ]
+
+    def resume_resolved(self, alerts: Iterable[tuple[Alert, float]]) -> None:
+        """After a restart: send resolved alerts again, each for the re-sending time it had left."""
+        batch = [(a, left) for a, left in alerts if a.resolved and left > 0 and a.key not in self._active]
+        self.submit(a for a, _ in batch)
+        now = time.monotonic()
+        for a, left in batch:
+            tr = self._active.get(a.key)
+            if tr is not None:
+                tr.expires = now + min(left, self.cfg.resolved_resend_for)
+
     def queued(self) -> dict[str, int]:
         """Alerts not yet delivered (queued or in flight) per Alertmanager URL."""
         return {t.url: len(t.queue) + len(t.in_flight) for t in self._targets}

@@ -64,6 +64,31 @@ class Alert:
         return out
 
 
+def alert_state(a: Alert) -> dict[str, Any]:
+    return {
+        "labels": dict(a.labels),
+        "annotations": dict(a.annotations),
+        "starts_at": a.starts_at,
+        "score": a.score,
+        "threshold": a.threshold,
+        "generator_url": a.generator_url,
+        "resolved_at": a.resolved_at,
+    }
+
+
+def alert_from_state(st: Mapping[str, Any]) -> Alert:
+    resolved_at = st["resolved_at"]
+    return Alert(
+        labels={str(k): str(v) for k, v in st["labels"].items()},
+        annotations={str(k): str(v) for k, v in st["annotations"].items()},
+        starts_at=float(st["starts_at"]),
+        score=float(st["score"]),
+        threshold=float(st["threshold"]),
+        generator_url=str(st["generator_url"]),
+        resolved_at=None if resolved_at is None else float(resolved_at),
+    )
+
+
 def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -168,6 +193,49 @@ class AlertStates:
         """Instances by alert state, for a gauge (inactive ones are not tracked and not counted)."""
         firing = sum(1 for tr in self._tracks.values() if tr.alert is not None)
         return {"pending": len(self._tracks) - firing, "firing": firing}
+
+    def state(self) -> list[dict[str, Any]]:
+        """Every pending or firing alert as plain values (see `restore`)."""
+        out = []
+        for instance, tr in self._tracks.items():
+            t = tr.timer
+            out.append(
+                {
+                    "instance": instance,
+                    "labels": dict(tr.labels),
+                    "timer": (t.phase, t.active_at, t.fired_at, t.quiet_since),
+                    "last_ts": tr.last_ts,
+                    "alert": None if tr.alert is None else alert_state(tr.alert),
+                    "resemblance": (dict(tr.resemblance._counts), tr.resemblance._best),
+                }
+            )
+        return out
+
+    def restore(self, states: Sequence[Mapping[str, Any]]) -> int:
+        """Take back `state()`: pending alerts stay pending, firing ones keep firing with the same
+        `startsAt`. Raises ValueError (TypeError, KeyError) on a state that does not fit."""
+        tracks: dict[InstanceKey, _Track] = {}
+        for st in states:
+            phase, active_at, fired_at, quiet_since = st["timer"]
+            if phase not in ("pending", "firing"):
+                raise ValueError(f"an alert state of phase {phase!r}")
+            timer = AlertTimer(
+                self.rule, phase, float(active_at), float(fired_at), None if quiet_since is None else float(quiet_since)
+            )
+            counts, best = st["resemblance"]
+            labels = {str(k): str(v) for k, v in st["labels"].items()}
+            alert = None if st["alert"] is None else alert_from_state(st["alert"])
+            if (alert is None) != (phase == "pending"):
+                raise ValueError("a firing alert state without its alert, or a pending one with one")
+            tracks[tuple(str(v) for v in st["instance"])] = _Track(
+                labels,
+                timer,
+                float(st["last_ts"]),
+                alert,
+                Resemblance({str(k): int(v) for k, v in counts.items()}, None if best is None else str(best)),
+            )
+        self._tracks.update(tracks)
+        return len(tracks)
 
     def reconfigured(self, cfg: AlertingConfig, *, model_name: str) -> AlertStates:
         """The same states under a new config or model; alerts whose labels change are replaced.

@@ -183,12 +183,14 @@ class Detector(ABC):
     # ---- the proposal's API ----------------------------------------------------------------
 
     def initialize_new_weights(self, seed: int = 0) -> None:
-        """Build the network afresh with random weights (the learned statistics are cleared)."""
+        """Build the network afresh with random weights (the learned statistics and classes are
+        cleared). Without it, `train` continues from the weights it has: fine-tuning."""
         import keras
 
         keras.utils.set_random_seed(seed)
-        self.network = self.build_network()
         self.meta.state = {}
+        self.meta.classes = []
+        self.network = self.build_network()
         self._forget_compiled()
 
     def import_weights(self, path: Path | str) -> None:

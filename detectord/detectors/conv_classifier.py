@@ -120,7 +120,11 @@ class ConvClassifier(Detector):
         import keras
 
         data = data.labelled()
-        classes = tuple(data.classes())
+        # A trained classifier is fine-tuned: its class head stays, incidents of classes it does
+        # not know teach the anomaly head only, and normal data alone will do (synthetic incidents,
+        # as many as a share of the normal windows, keep "far from normal" anomalous).
+        fine_tune = self.network is not None and self._ready()
+        classes = self.classes if fine_tune else tuple(data.classes())
         if not classes:
             raise ValueError("the classifier needs anomalous windows with classes in its training data")
         if classes != self.classes:
@@ -129,7 +133,8 @@ class ConvClassifier(Detector):
             self.network = self.build_network()
         self.network.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=self._loss)
         x, y = data.x, self._targets(data)
-        syn = synthetic_for(self, data, self.config.synthetic)
+        at_least = int(data.clean_normal.sum()) if fine_tune else 0
+        syn = synthetic_for(self, data, self.config.synthetic, at_least=at_least)
         n_syn = len(syn)
         if n_syn:
             y_syn = np.zeros((n_syn, y.shape[1]), dtype=np.float32)

@@ -87,10 +87,10 @@ def synthetic_incidents(
     return out
 
 
-def synthetic_for(det: Detector, data: WindowSet, share: float) -> np.ndarray:
-    """`share` × the anomalous windows of `data`, as synthetic incidents made from its clean normal
-    windows in `det`'s inputs (none when either is missing)."""
-    n = int(share * data.anomalous.sum())
+def synthetic_for(det: Detector, data: WindowSet, share: float, *, at_least: int = 0) -> np.ndarray:
+    """`share` × the anomalous windows of `data` (or × `at_least`, if more), as synthetic incidents
+    made from its clean normal windows in `det`'s inputs (none when either is missing)."""
+    n = int(share * max(int(data.anomalous.sum()), at_least))
     normal = data.x[data.clean_normal]
     if not n or not len(normal):
         return data.x[:0]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
@@ -590,6 +590,86 @@ class FeatureExtractor:
             for g in inst.gauges:
                 g.clear()
 
+    # ---- state across restarts (serve.snapshots) ------------------------------------------
+
+    def instance_state(self, key: InstanceKey, now: float) -> dict[str, Any] | None:
+        """One instance's state as plain values: its open steps, its series' last samples (the
+        counters' last values make the next step's rates), its `up` and when it was last seen
+        (seconds before monotonic `now`)."""
+        inst = self._instances.get(key)
+        if inst is None:
+            return None
+        series = []
+        for sk in inst.series:
+            s = sk.state
+            assert isinstance(s, _Series)
+            series.append((sk.labels, s.last_ts, s.last_v, s.held, s.gauge_bins[0], s.gauge_bins[1]))
+        return {
+            "key": key,
+            "series": series,
+            "cur": inst.cur,
+            "acc": (list(inst.acc[0]), list(inst.acc[1])),
+            "seen": tuple(inst.seen),
+            "max_ts": tuple(inst.max_ts),
+            "last_close_ts": inst.last_close_ts,
+            "primed": inst.primed,
+            "last_row": None if inst.last_row is None else inst.last_row.tolist(),
+            "gap": inst.gap,
+            "restart": inst.restart,
+            "resets": tuple(inst.resets),
+            "process_restart": inst.process_restart,
+            "up": (inst.up, inst.up_ts, inst.up_gone, inst.up_failing, inst.up_failing_since),
+            "seen_ago": now - inst.last_seen,
+            "data_ago": now - inst.last_data,
+        }
+
+    def restore_instance(self, state: Mapping[str, Any], now: float) -> None:
+        """Bring back an instance from `instance_state`. Its series are bound again in their
+        original order, so histogram buckets get the same accumulator slots. Raises ValueError
+        (or TypeError, KeyError) on a state that does not fit this extractor."""
+        key = tuple(str(v) for v in state["key"])
+        if len(key) != len(self.instance_labels) or key in self._instances:
+            raise ValueError(f"instance {key} does not fit or is restored twice")
+        bound = []
+        for labels, last_ts, last_v, held, g0, g1 in state["series"]:
+            # Label sets come back as the tuples of strings they were (a snapshot holds plain values).
+            sk = self.labels.intern(labels)
+            s = self._bind(sk, now)
+            if not isinstance(s, _Series) or s.inst.key != key:
+                raise ValueError(f"series {sk} is not one of instance {key}'s features")
+            s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
+            s.gauge_bins = [float(g0), float(g1)]
+            bound.append(s)
+        inst = self._instances.get(key)
+        if inst is None:
+            if bound or len(self._instances) >= self.max_instances:
+                raise ValueError(f"instance {key} has no series or no room")
+            inst = self._instances[key] = _Instance(
+                key, len(self._table.counter_slot), len(self._table.gauge_index), len(self._table.hist_index)
+            )
+        acc = [[float(x) for x in a] for a in state["acc"]]
+        if len(acc) != 2 or any(len(a) != inst.nslots for a in acc):
+            raise ValueError(f"instance {key}: {inst.nslots} accumulator slots, the state has another number")
+        last_row = state["last_row"]
+        if last_row is not None and len(last_row) != len(self.features):
+            raise ValueError(f"instance {key}: the state's rows have {len(last_row)} features")
+        inst.cur = int(state["cur"])
+        inst.acc = acc
+        inst.seen = [bool(x) for x in state["seen"]]
+        inst.max_ts = [int(x) for x in state["max_ts"]]
+        inst.last_close_ts = int(state["last_close_ts"])
+        inst.primed = bool(state["primed"])
+        inst.last_row = None if last_row is None else np.array(last_row, dtype=np.float32)
+        inst.gap = int(state["gap"])
+        inst.restart = bool(state["restart"])
+        inst.resets = [bool(x) for x in state["resets"]]
+        inst.process_restart = bool(state["process_restart"])
+        up, up_ts, up_gone, failing, failing_since = state["up"]
+        inst.up, inst.up_ts, inst.up_gone = float(up), int(up_ts), bool(up_gone)
+        inst.up_failing, inst.up_failing_since = int(failing), int(failing_since)
+        inst.last_seen = now - float(state["seen_ago"])
+        inst.last_data = now - float(state["data_ago"])
+
     def _up(self, s: _UpSeries, tss: list[int], vals: list[float], stats: IngestStats, now: float) -> None:
         inst = s.inst
         if inst is None or self._instances.get(s.key) is not inst:
@@ -623,7 +703,10 @@ class FeatureExtractor:
     def _bind(self, sk: SeriesKey, now: float) -> _Series | _UpSeries | object | None:
         if sk.name == UP:
             key = tuple(dict(sk.labels).get(k, "") for k in self.instance_labels)
-            up = _UpSeries(key, self._instances.get(key))
+            inst = self._instances.get(key)
+            up = _UpSeries(key, inst)
+            if inst is not None and inst.up_ts:
+                up.last_ts = inst.up_ts  # a restored instance: a re-sent old `up` is a duplicate
             sk.state = up
             return up
         sources = self._table.by_series_name.get(sk.name)

@@ -139,6 +139,15 @@ class CrashLoops:
         for k in keys:
             self._seen.pop(k, None)
 
+    def state_of(self, key: InstanceKey) -> list[int] | None:
+        seen = self._seen.get(key)
+        return None if seen is None else list(seen)
+
+    def restore(self, key: InstanceKey, restarts: Iterable[int]) -> None:
+        seen = deque(sorted(int(t) for t in restarts))
+        if seen:
+            self._seen[key] = seen
+
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000

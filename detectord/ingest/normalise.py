@@ -222,6 +222,56 @@ class InstanceBaseline:
             self._close_bucket()
         return t
 
+    def state(self) -> dict[str, Any]:
+        """Everything it learned, as plain values (see `restore`)."""
+        return {
+            "means": _arr(self._means),
+            "stds": _arr(self._stds),
+            "n": self._n,
+            "next": self._next,
+            "acc": _arr(self._acc),
+            "acc2": _arr(self._acc2),
+            "k": self._k,
+            "held": [list(r) for r in self._held],
+            "hpos": self._hpos,
+            "pending": [(_arr(m), _arr(sd)) for m, sd in self._pending],
+            "taking": self._taking,
+            "held_buckets": self.held_buckets,
+            "loc": _arr(self.loc),
+            "scale": _arr(self.scale),
+        }
+
+    def restore(self, st: Mapping[str, Any]) -> None:
+        """Take back a `state()`; ValueError if its shapes are not this plan's."""
+        c, nrel = self._c, len(self._c.rel_idx)
+        means, stds = _unarr(st["means"], np.float32), _unarr(st["stds"], np.float32)
+        n, nxt, k = int(st["n"]), int(st["next"]), int(st["k"])
+        if (
+            means.ndim != 2
+            or means.shape[1] != nrel
+            or stds.shape != means.shape
+            or not 0 <= n <= min(len(means), c.cfg.buckets)
+            or not 0 <= nxt < c.cfg.buckets
+            or not 0 <= k < c.cfg.bucket_steps
+        ):
+            raise ValueError("the baseline's buckets do not fit this model's input plan")
+        held = [[float(x) for x in r] for r in st["held"]]
+        if [len(r) for r in held] != [h for _, h in c.hold]:
+            raise ValueError("the baseline's held rows do not fit this model's input plan")
+        vectors = [_unarr(st[name], np.float64) for name in ("acc", "acc2")]
+        loc, scale = _unarr(st["loc"], np.float32), _unarr(st["scale"], np.float32)
+        pending = [(_unarr(m, np.float64), _unarr(sd, np.float64)) for m, sd in st["pending"]]
+        if any(v.shape != (nrel,) for v in [*vectors, *(x for p in pending for x in p)]) or (
+            loc.shape != (c.nf,) or scale.shape != (c.nf,)
+        ):
+            raise ValueError("the baseline's statistics do not fit this model's input plan")
+        self._means, self._stds, self._n, self._next, self._k = means, stds, n, nxt, k
+        self._acc, self._acc2 = vectors
+        self._held, self._hpos = held, int(st["hpos"])
+        self._pending, self._taking = pending, bool(st["taking"])
+        self.held_buckets = int(st["held_buckets"])
+        self.loc, self.scale = loc, scale
+
     @property
     def holding(self) -> bool:
         """It is holding an ongoing deviation out of the baseline."""
@@ -309,6 +359,27 @@ class Normaliser:
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:
             self._baselines.pop(k, None)
+
+    def state_of(self, key: InstanceKey) -> dict[str, Any] | None:
+        b = self._baselines.get(key)
+        return None if b is None else b.state()
+
+    def restore(self, key: InstanceKey, state: Mapping[str, Any]) -> None:
+        b = InstanceBaseline(self._compiled)
+        b.restore(state)
+        self._baselines[key] = b
+
+
+def _arr(a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """An array as plain values: dtype, shape, bytes (what a snapshot holds)."""
+    return (a.dtype.str, a.shape, a.tobytes())
+
+
+def _unarr(t: Sequence[Any], dtype: type[np.generic]) -> np.ndarray:
+    kind, shape, data = t
+    if np.dtype(kind) != np.dtype(dtype):
+        raise ValueError(f"an array of {kind}, expected {np.dtype(dtype).str}")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(int(x) for x in shape)).copy()
 
 
 @dataclass

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats,
 from detectord.ingest.liveness import CrashLoop, CrashLoops, LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
-from detectord.ingest.remote_write import Version, decode
+from detectord.ingest.remote_write import DecodedWrite, Version, decode
 from detectord.ingest.windows import WindowStore
 
 FREEZE_AFTER_NEW_SERIES = 10_000
@@ -92,6 +92,8 @@ class Ingestor:
         self.metrics = metrics
         # Instances whose window and baseline are both warm (the rest are warming).
         self._scoring: set[InstanceKey] = set()
+        # Restored scoring instances not heard from since the restart.
+        self._unconfirmed: set[InstanceKey] = set()
         # Which of them are down, and where their liveness events go (called on the ingest thread).
         self.liveness = LivenessTracker(stale_after_s, failed_scrapes)
         self.crash_loops = CrashLoops(crash_loop_restarts, crash_loop_within_s)
@@ -159,11 +161,25 @@ class Ingestor:
             stats=stats,
         )
 
-    def push_rows(self, rows: list[FeatureRow]) -> None:
+    def backfill_sync(self, write: DecodedWrite) -> IngestStats:
+        """History read back from Prometheus through the same features, baselines and windows as a
+        live write, but nothing is scored and no liveness event is sent: it only makes state (an
+        incident of an hour ago is not paged now). Samples already taken are duplicates, so
+        history that overlaps restored state or live writes counts once."""
+        stats = IngestStats()
+        rows = self.extractor.ingest(write, stats, time.monotonic())
+        self.push_rows(rows, score=False)
+        self.liveness.after_write(self.extractor, self._scoring, time.monotonic())
+        return stats
+
+    def push_rows(self, rows: list[FeatureRow], *, score: bool = True) -> None:
         windows, norm, loops = self.windows, self.normaliser, self.crash_loops
         gaps = restarts = 0
         ready = []
+        unconfirmed = self._unconfirmed
         for row in rows:
+            if unconfirmed:
+                unconfirmed.discard(row.instance)
             gaps += row.gap
             restarts += row.restart
             x, baseline = norm.push(row.instance, row.values, gap=row.gap)
@@ -171,6 +187,8 @@ class Ingestor:
             loop = loops.step(row.instance, row.step_ts_ms, row.process_restart)
             if w is not None and baseline.ready:
                 self._scoring.add(row.instance)
+                if not score:
+                    continue
                 ready.append(
                     ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream, loop)
                 )
@@ -187,7 +205,8 @@ class Ingestor:
     def check_stale(self) -> None:
         """Instances that went quiet while the rest of the stream goes on (run it on the ingest thread)."""
         alive = time.monotonic() - self.last_write <= self.liveness.stale_after_s
-        events = self.liveness.check_stale(self.extractor, self._scoring, stream_alive=alive)
+        watched = self._scoring - self._unconfirmed if self._unconfirmed else self._scoring
+        events = self.liveness.check_stale(self.extractor, watched, stream_alive=alive)
         if events:
             self._deliver_liveness(events)
             self.update_instance_gauges()
@@ -207,11 +226,7 @@ class Ingestor:
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         gone = self.extractor.evict_idle(older_than)
-        self.windows.forget(gone)
-        self.normaliser.forget(gone)
-        self._scoring.difference_update(gone)
-        self.liveness.forget(gone)
-        self.crash_loops.forget(gone)
+        self._forget_state(gone)
         if gone:
             self.metrics.instances_evicted.inc(len(gone))
         self.update_instance_gauges()
@@ -223,7 +238,71 @@ class Ingestor:
         if inputs != self.normaliser.plan:
             self.normaliser = Normaliser(inputs, self.step_s)
         self._scoring.clear()
+        self._unconfirmed.clear()
         self.update_instance_gauges()
 
     def is_warming(self, key: InstanceKey) -> bool:
         return key not in self._scoring
+
+    # ---- state across restarts (serve.snapshots); on the ingest thread ------------------------
+
+    def instance_states(self, keys: Iterable[InstanceKey]) -> list[dict[str, Any]]:
+        """Each instance's whole state, as plain values: features, baseline, window, liveness."""
+        now = time.monotonic()
+        out = []
+        for key in keys:
+            st = self.extractor.instance_state(key, now)
+            if st is None:  # evicted since the keys were listed
+                continue
+            st["baseline"] = self.normaliser.state_of(key)
+            st["window"] = self.windows.state_of(key)
+            st["scoring"] = key in self._scoring
+            st["down"] = self.liveness.down.get(key)
+            st["restarts"] = self.crash_loops.state_of(key)
+            out.append(st)
+        return out
+
+    def restore_instances(self, states: Iterable[Mapping[str, Any]]) -> int:
+        """Bring instances back from `instance_states`; all or none (ValueError, TypeError or
+        KeyError on a state that does not fit, and nothing is kept)."""
+        now = time.monotonic()
+        keys: list[InstanceKey] = []
+        try:
+            for st in states:
+                self.extractor.restore_instance(st, now)
+                key = tuple(st["key"])
+                keys.append(key)
+                if st["baseline"] is not None:
+                    self.normaliser.restore(key, st["baseline"])
+                if st["window"] is not None:
+                    self.windows.restore(key, st["window"])
+                if st["scoring"]:
+                    self._scoring.add(key)
+                    # It has not said whether it is still there: no "no data" alert until it has.
+                    self._unconfirmed.add(key)
+                if st["down"] is not None:
+                    state, since = st["down"]
+                    if state not in ("scrape_failing", "no_data"):
+                        raise ValueError(f"unknown liveness state {state!r}")
+                    self.liveness.down[key] = (state, int(since))
+                if st["restarts"]:
+                    self.crash_loops.restore(key, st["restarts"])
+        except BaseException:
+            self.forget(keys)
+            raise
+        self.update_instance_gauges()
+        return len(keys)
+
+    def forget(self, keys: list[InstanceKey]) -> None:
+        for key in keys:
+            self.extractor.forget(key)
+        self._forget_state(keys)
+        self.update_instance_gauges()
+
+    def _forget_state(self, keys: list[InstanceKey]) -> None:
+        self.windows.forget(keys)
+        self.normaliser.forget(keys)
+        self._scoring.difference_update(keys)
+        self._unconfirmed.difference_update(keys)
+        self.liveness.forget(keys)
+        self.crash_loops.forget(keys)

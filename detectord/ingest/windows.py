@@ -6,7 +6,8 @@ a window not yet full repeats its oldest row in front, as training cuts windows 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,20 @@ class WindowStore:
             return full
         out: np.ndarray = np.concatenate((ring.buf[ring.pos :], ring.buf[: ring.pos]))
         return out
+
+    def state_of(self, key: InstanceKey) -> tuple[bytes, int, int, int] | None:
+        """The instance's ring as plain values: rows, next position, row count, last step."""
+        ring = self._rings.get(key)
+        return None if ring is None else (ring.buf.tobytes(), ring.pos, ring.count, ring.last_ts)
+
+    def restore(self, key: InstanceKey, state: Sequence[Any]) -> None:
+        data, pos, count, last_ts = state
+        ring = _Ring(self.window, self.nfeatures)
+        if len(data) != ring.buf.nbytes or not 0 <= int(pos) < self.window or not 0 <= int(count) <= self.window:
+            raise ValueError(f"the window does not fit {self.window} steps of {self.nfeatures} features")
+        ring.buf[:] = np.frombuffer(data, dtype=np.float32).reshape(ring.buf.shape)
+        ring.pos, ring.count, ring.last_ts = int(pos), int(count), int(last_ts)
+        self._rings[key] = ring
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:

@@ -4,6 +4,7 @@ detectors → thresholds calibrated on validation data → evaluation beside the
 
     detectord train --data data --out models            # all three, then models/default
     detectord train --data data --out models --kinds conv_classifier --labels my-labels.yaml
+    detectord train --data week.drec --init models/default/15s --out models/ours   # fine-tune a model
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Settings:
     # How inputs are made (BaselineConfig fields) and how soon a window is scored; see recipes.py.
     baseline: dict[str, Any] = field(default_factory=dict)
     min_rows: int | None = None
+    # An artifact to fine-tune instead of training afresh (`train --init`): its kind, window, step
+    # and input plan are kept.
+    init: str | None = None
 
     @classmethod
     def for_step(cls, data: list[str], step_s: float, **kw: Any) -> Settings:
@@ -94,6 +98,10 @@ class Settings:
         return cls(data=data, step_s=step_s, configs=configs, **{**base, **kw})
 
     def input_plan(self) -> InputPlan:
+        if self.init:
+            from detectord.detectors.artifact import read_meta
+
+            return InputPlan.from_dict(read_meta(self.init).inputs)
         return InputPlan.default(FEATURE_NAMES, BaselineConfig(**self.baseline), self.min_rows)
 
     def to_json(self) -> dict[str, Any]:
@@ -167,13 +175,36 @@ def new_detector(kind: str, settings: Settings, *, name: str | None = None) -> D
     )
 
 
+# Fine-tuning (`train --init`) runs this many epochs unless told, at this share of the learning rate.
+FINE_TUNE_EPOCHS = 5
+FINE_TUNE_LEARNING_RATE = 0.1
+
+
+def fine_tuned(path: str, kind: str, settings: Settings) -> Detector:
+    """The artifact `path`, to be trained on from its weights (see `train --init`)."""
+    from detectord.detectors import load_detector
+
+    det = load_detector(path, features=FEATURE_NAMES)
+    if det.kind != kind or det.window != settings.window or det.step_seconds != settings.step_s:
+        raise ValueError(
+            f"{path} is a {det.kind} of window {det.window} at {step_name(det.step_seconds)} steps; "
+            f"fine-tuning keeps them, got {kind}, window {settings.window}, {step_name(settings.step_s)}"
+        )
+    det.meta.name = kind
+    det.meta.version = f"{det.meta.version}+tuned-{time.strftime('%Y%m%d', time.gmtime())}-seed{settings.seed}"
+    return det
+
+
 def train_detector(
     kind: str, data: Data, settings: Settings, *, extra: WindowSet | None = None, log: Log = print
 ) -> Detector:
     """Train and calibrate one detector on `data` (plus `extra` training windows)."""
-    det = new_detector(kind, settings)
     train = data.train if extra is None or not len(extra) else WindowSet.concat([data.train, extra])
-    det.initialize_new_weights(settings.seed)
+    if settings.init:
+        det = fine_tuned(settings.init, kind, settings)
+    else:
+        det = new_detector(kind, settings)
+        det.initialize_new_weights(settings.seed)
     callbacks = []
     if settings.tensorboard:
         callbacks.append(tensorboard_callback(Path(settings.tensorboard) / kind, log))
@@ -604,6 +635,26 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Member:
+    path: Path
+    kind: str
+    window: int
+    inputs: dict[str, Any]
+
+
+def _init_members(path: Path) -> dict[float, _Member]:
+    """`train --init`: the artifact, or each of a model set's, by step."""
+    from detectord.detectors.artifact import read_meta
+    from detectord.detectors.model_set import model_set
+
+    out = {}
+    for step, q in (model_set(path) or {read_meta(path).step_seconds: path}).items():
+        meta = read_meta(q)
+        out[step] = _Member(q, meta.kind, meta.window, meta.inputs)
+    return out
+
+
 def _models_by_step(paths: Sequence[Path]) -> dict[float, list[Path]]:
     """Artifacts to evaluate, grouped by step: a model set counts as each of its members."""
     from detectord.detectors.artifact import read_meta
@@ -626,8 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=None, help="steps (default: a tuned config's, else the step's recipe)")
     p.add_argument(
         "--steps",
-        default=",".join(step_name(s) for s in SHIPPED_STEPS),
-        help="the scrape intervals to make models for, comma-separated durations (default: %(default)s)",
+        default=None,
+        help="the scrape intervals to make models for, comma-separated durations (default: "
+        f"{','.join(step_name(s) for s in SHIPPED_STEPS)}; with --init, the model's)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default=None, help="engineers' labels (YAML/JSON) to add to the ground truth")
@@ -640,14 +692,37 @@ def main(argv: list[str] | None = None) -> int:
     _data_arguments(p)
     p.add_argument("--tensorboard", default=".cache/tensorboard", help="TensorBoard log directory ('' for none)")
     p.add_argument("--config", default=None, help="JSON of per-kind hyperparameters, e.g. from `detectord tune`")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="MODEL",
+        help="fine-tune this model on --data (your recordings, and --labels if any) instead of training afresh: "
+        "an artifact, or a model set (its model for each of --steps; default: every step it has). Its kind, "
+        "window, step and input plan are kept, --kinds and --window are not used; it trains for "
+        f"{FINE_TUNE_EPOCHS} epochs (--epochs) at {FINE_TUNE_LEARNING_RATE:g} × the learning rate, is "
+        "recalibrated on the validation part, and no comparisons run unless --compare names them. A "
+        "classifier keeps its incident classes and learns from normal data alone; a siamese network needs "
+        "labelled incidents",
+    )
+    p.set_defaults(compare=None)
     args = p.parse_args(argv)
+    compare = args.compare if args.compare is not None else ("" if args.init else ",".join(DEFAULT_COMPARISONS))
+    try:
+        init = _init_members(Path(args.init)) if args.init else {}
+    except DetectordError as exc:
+        print(f"detectord train: --init: {exc}", file=sys.stderr)
+        return 2
+    if init and args.steps is None:
+        args.steps = ",".join(step_name(s) for s in init)
     try:
         hp = read_hyperparameters(Path(args.config)) if args.config else Hyperparameters({})
     except DatasetError as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2
     try:
-        steps = [float(Duration.parse(x)) for x in args.steps.split(",") if x]
+        steps = [
+            float(Duration.parse(x)) for x in (args.steps or ",".join(map(step_name, SHIPPED_STEPS))).split(",") if x
+        ]
     except ValueError as exc:
         print(f"detectord train: --steps: {exc}", file=sys.stderr)
         return 2
@@ -658,6 +733,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not steps:
         print("detectord train: --steps names no step", file=sys.stderr)
+        return 2
+    missing = [step_name(s) for s in steps if init and s not in init]
+    if missing:
+        print(f"detectord train: --init {args.init} has no model for {', '.join(missing)} steps", file=sys.stderr)
         return 2
 
     def make_settings(step: float) -> Settings:
@@ -681,13 +760,18 @@ def main(argv: list[str] | None = None) -> int:
             s.epochs = {k: args.epochs for k in s.kinds}
         if hp.learning_rate is not None:
             s.learning_rate = hp.learning_rate
+        if init:
+            meta, plan = init[step], InputPlan.from_dict(init[step].inputs)
+            s.init, s.kinds, s.window = str(init[step].path), [meta.kind], meta.window
+            s.baseline, s.min_rows = dataclasses.asdict(plan.baseline), plan.min_rows
+            s.epochs = {meta.kind: args.epochs or FINE_TUNE_EPOCHS}
+            if hp.learning_rate is None:
+                s.learning_rate *= FINE_TUNE_LEARNING_RATE
         return s
 
     command = "detectord train " + " ".join(sys.argv[2:] if argv is None else argv)
     try:
-        train_steps(
-            steps, args.out, make_settings, comparisons=[b for b in args.compare.split(",") if b], command=command
-        )
+        train_steps(steps, args.out, make_settings, comparisons=[b for b in compare.split(",") if b], command=command)
     except (DatasetError, ValueError) as exc:
         print(f"detectord train: {exc}", file=sys.stderr)
         return 2

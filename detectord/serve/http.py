@@ -48,7 +48,7 @@ async def handle_write(request: web.Request) -> web.StreamResponse:
             request, intake.Limits(web_cfg.max_body_size, web_cfg.max_decoded_body_size)
         )
         if not srv.ready or srv.ingestor is None:
-            raise RemoteWriteError(503, "not ready: the model is loading")
+            raise RemoteWriteError(503, f"not ready: {srv.phase}")
         m.request_bytes.labels(version).inc(len(body))
         result = await srv.ingestor.write(body, version)
     except RemoteWriteError as exc:
@@ -79,7 +79,7 @@ async def handle_healthy(request: web.Request) -> web.Response:
 async def handle_ready(request: web.Request) -> web.Response:
     if request.app[SERVER_KEY].ready:
         return web.Response(text="detectord is Ready.\n")
-    return web.Response(status=503, text="detectord is not ready: the model is loading.\n")
+    return web.Response(status=503, text=f"detectord is not ready: {request.app[SERVER_KEY].phase}.\n")
 
 
 async def handle_reload(request: web.Request) -> web.Response:

@@ -95,6 +95,48 @@ class DaemonMetrics(IngestMetrics):
             "detectord_reloads_total", "Config and model reloads by result.", ["result"], registry=registry
         )
         self.ready = Gauge("detectord_ready", "1 when the model is loaded and warmed up.", registry=registry)
+        self.snapshots = Counter(
+            "detectord_state_snapshots_total", "State snapshots written, by result.", ["result"], registry=registry
+        )
+        self.snapshot_bytes = Gauge(
+            "detectord_state_snapshot_bytes", "Size of the latest state snapshot written.", registry=registry
+        )
+        self.snapshot_seconds = Gauge(
+            "detectord_state_snapshot_duration_seconds",
+            "Time the latest state snapshot took: its instances read in slices between writes, then encoded "
+            "and written to disk.",
+            registry=registry,
+        )
+        self.snapshot_last_success = Gauge(
+            "detectord_state_snapshot_last_success_timestamp_seconds",
+            "When the latest state snapshot was written.",
+            registry=registry,
+        )
+        self.restored = Counter(
+            "detectord_state_restored_total",
+            "What was restored from a state snapshot at start: instances and alerts.",
+            ["what"],
+            registry=registry,
+        )
+        self.restore_refused = Counter(
+            "detectord_state_restore_refused_total",
+            "State snapshots not restored at start, by reason (unreadable, corrupt, truncated, version, model, "
+            "too_old); the daemon starts clean.",
+            ["reason"],
+            registry=registry,
+        )
+        self.backfills = Counter(
+            "detectord_backfill_total",
+            "Start-up backfills from Prometheus's remote-read API, by result (success, failure, timeout).",
+            ["result"],
+            registry=registry,
+        )
+        self.backfill_samples = Counter(
+            "detectord_backfill_samples_total", "Samples read back from Prometheus at start.", registry=registry
+        )
+        self.backfill_seconds = Gauge(
+            "detectord_backfill_duration_seconds", "Time the start-up backfill took.", registry=registry
+        )
 
     # InferenceMetrics, called from the inference thread.
     def observe_batch(self, size: int, padded: int, seconds: float) -> None:

@@ -29,10 +29,14 @@ from detectord.errors import ConfigError, DetectordError, ModelError
 from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import LivenessEvent
 from detectord.ingest.pipeline import Ingestor
+from detectord.serve import snapshots
+from detectord.serve.backfill import backfill
+from detectord.serve.backfill import matchers as backfill_matchers
 from detectord.serve.http import application
 from detectord.serve.inference import InferenceWorker, bucket_sizes, warm_up
 from detectord.serve.metrics import DaemonMetrics
 from detectord.serve.sink import ScoreSink
+from detectord.serve.state import StateKeeper
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +87,12 @@ class Server:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry, cfg.ingest.instance_labels)
         self.ready = False
+        # Set once ready: only a daemon that restored (or had nothing to restore) writes a
+        # snapshot, so one that failed at start never replaces a good snapshot with an empty one.
+        self.ready_once = False
+        # What start-up is doing (for /-/ready while not ready).
+        self.phase = "loading the model"
+        self.state: StateKeeper | None = None
         self.should_exit = asyncio.Event()
         self.pipeline: _Pipeline | None = None
         self.ingestor: Ingestor | None = None
@@ -122,6 +132,12 @@ class Server:
             history=cfg.inference.score_history,
         )
 
+        # Left after the worker has delivered its last scores, before alert delivery stops.
+        self.state = StateKeeper(
+            cfg.state, fingerprint=self._fingerprint(model), model=_model_meta(model), metrics=self.metrics
+        )
+        stack.push_async_callback(self._save_state)
+
         worker = self._new_worker(model, loop)
         await loop.run_in_executor(None, worker.warm_up)
         worker.start()
@@ -153,6 +169,9 @@ class Server:
         self._spawn(self._evict_loop())
         self._spawn(self._stale_loop())
 
+        if cfg.backfill.url:
+            backfill_matchers(cfg.backfill)  # a bad selector is a config error, before listening
+
         runner = web.AppRunner(
             application(self), access_log=None, shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE
         )
@@ -163,8 +182,19 @@ class Server:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
         self.port = int(runner.addresses[0][1])
 
+        # Listening (healthy) but not ready: remote writes are answered 503 and retried by
+        # Prometheus until every known instance has its state back.
+        self.phase = "restoring state"
+        await self.state.restore(self.ingestor, self.sink)
+        if cfg.backfill.url:
+            self.phase = "backfilling from Prometheus"
+            await backfill(cfg.backfill, self.ingestor, self.metrics)
+        if self.state.enabled:
+            self._spawn(self.state.run(self.ingestor, self.sink))
+
         _freeze_heap()
-        self.ready = True
+        self.phase = "ready"
+        self.ready = self.ready_once = True
         self.metrics.ready.set(1)
         log.info(
             "detectord started",
@@ -184,6 +214,7 @@ class Server:
         """Close every stage in reverse order, within `web.shutdown_timeout` in all."""
         log.info("shutting down", budget_seconds=float(self.cfg.web.shutdown_timeout))
         self.ready = False
+        self.phase = "shutting down"
         self.metrics.ready.set(0)
         self._deadline = _Deadline(float(self.cfg.web.shutdown_timeout))
         await self._stack.aclose()
@@ -202,6 +233,13 @@ class Server:
         if self.pipeline is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pipeline.worker.stop, self._deadline.left())
         await asyncio.sleep(0)  # deliver the scores the worker handed back while stopping
+
+    async def _save_state(self) -> None:
+        if self.state is None:
+            return
+        if self.state.enabled and self.ingestor is not None and self.sink is not None and self.ready_once:
+            await self.state.final_snapshot(self.ingestor, self.sink)
+        await asyncio.get_running_loop().run_in_executor(None, self.state.close)
 
     async def _stop_alert_delivery(self) -> None:
         if self.notifier is not None:
@@ -251,6 +289,15 @@ class Server:
             deliver=self.sink.deliver,
             loop=loop,
             metrics=self.metrics,
+        )
+
+    def _fingerprint(self, model: Detector) -> dict[str, Any]:
+        return snapshots.fingerprint(
+            features=model.features,
+            window=model.window,
+            step_s=self.step_s,
+            inputs=model.inputs,
+            instance_labels=self.cfg.ingest.instance_labels,
         )
 
     def _publish_model(self, model: Detector) -> None:
@@ -326,6 +373,8 @@ class Server:
             self.ingestor.crash_loops.restarts = cfg.ingest.crash_loop_restarts
             self.ingestor.crash_loops.within_s = float(cfg.ingest.crash_loop_within)
             self._publish_model(model)
+            assert self.state is not None
+            self.state.use(self._fingerprint(model), _model_meta(model))
             # The old model is garbage now; collect it once (a short pause) and freeze the new one.
             gc.unfreeze()
             await loop.run_in_executor(None, _freeze_heap)
@@ -374,6 +423,10 @@ async def _open_notifier(cfg: AlertingConfig, registry: CollectorRegistry, exter
 async def _close_notifier(notifier: AlertmanagerNotifier, flush_timeout: float) -> None:
     await notifier.flush(flush_timeout)
     await notifier.__aexit__(None, None, None)
+
+
+def _model_meta(model: Detector) -> dict[str, str]:
+    return {"name": model.name, "version": model.version, "kind": model.kind}
 
 
 def _freeze_heap() -> None:

@@ -5,13 +5,14 @@ gauges and through its alert state; the alerts that began firing or resolved go 
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 from detectord.alerting.notifier import AlertmanagerNotifier
-from detectord.alerting.states import Alert, AlertStates
+from detectord.alerting.states import Alert, AlertStates, alert_from_state, alert_state
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
@@ -173,6 +174,32 @@ class ScoreSink:
             self.notifier = notifier
             notifier.submit(self.alerts.firing())
         self.model, self.cfg, self.history_len = model, cfg, history
+
+    def state(self) -> dict[str, Any]:
+        """The alert states, what each instance forwards to, and resolved alerts still re-sent."""
+        return {
+            "alerts": self.alerts.state(),
+            "upstream_of": dict(self.upstream_of),
+            "resolved": [(alert_state(a), left) for a, left in self.notifier.resolved_resending()],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> int:
+        """Take back `state()` after a restart. Firing alerts go to Alertmanager at once with the
+        `startsAt` they had, so they stay active across the restart; returns the alerts restored."""
+        resolved = [(alert_from_state(a), float(left)) for a, left in state["resolved"]]
+        upstreams = {tuple(str(v) for v in k): str(u) for k, u in state["upstream_of"].items()}
+        n = self.alerts.restore(state["alerts"])
+        for key, upstream in upstreams.items():
+            self._see_upstream(key, upstream)
+        firing = self.alerts.firing()
+        for a in firing:
+            instance = tuple(a.labels.get(name, "") for name in self.instance_labels)
+            self.metrics.anomaly.labels(*instance).set(1.0)
+        self._describe_fleet()
+        self.notifier.submit(firing)
+        self.notifier.resume_resolved(resolved)
+        self._count_alerts()
+        return n
 
     def _count_alerts(self) -> None:
         for state, n in self.alerts.counts().items():

@@ -51,11 +51,13 @@ class Detectord:
 
 
 def write_config(path: Path, config: str | Mapping[str, Any], *, port: int, model: Path) -> None:
-    """`config` (YAML text or a mapping) with web.listen_address set to 127.0.0.1:`port` and
-    model.path defaulting to `model`."""
+    """`config` (YAML text or a mapping) with web.listen_address set to 127.0.0.1:`port`,
+    model.path defaulting to `model` and state.dir to `state` beside the file."""
     raw: dict[str, Any] = dict(yaml.safe_load(config) or {}) if isinstance(config, str) else dict(config)
     raw["web"] = {**(raw.get("web") or {}), "listen_address": f"127.0.0.1:{port}"}
     raw["model"] = {"path": str(model), **(raw.get("model") or {})}
+    # Each run remembers only its own state (the default, under the working directory, would be shared).
+    raw["state"] = {"dir": str(path.parent / "state"), **(raw.get("state") or {})}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -68,10 +70,11 @@ async def run_detectord(
     cwd: Path = REPO,
     ready_timeout: float = 120.0,
     args: Sequence[str] = (),
+    port: int | None = None,
 ) -> AsyncIterator[Detectord]:
-    """`detectord serve` on a free port with `config`, until it is ready; stopped on exit."""
+    """`detectord serve` on `port` (a free one if None) with `config`, until it is ready; stopped on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = children.free_port()
+    port = port if port is not None else children.free_port()
     path = workdir / "detectord.yml"
     write_config(path, config, port=port, model=model)
     argv = [sys.executable, "-m", "detectord", "serve", "--config.file", str(path), *args]

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,21 @@ class Prometheus:
     log: Path
     # With file-based service discovery: the directory of one targets file per job.
     sd_dir: Path | None = None
+    child: children.Child | None = None
+
+    def add_remote_write(self, url: str, keep: str = KEEP) -> None:
+        """Send to one more remote-write receiver from now on (the config is reloaded, as on
+        SIGHUP): Prometheus sends it only samples scraped after the reload."""
+        config = yaml.safe_load(self.config.read_text())
+        entry = {
+            "url": url,
+            "write_relabel_configs": [{"source_labels": ["__name__"], "regex": keep, "action": "keep"}],
+            "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
+        }
+        config["remote_write"] = [*config.get("remote_write", []), entry]
+        _write_atomic(self.config, config)
+        assert self.child is not None
+        self.child.signal(signal.SIGHUP)
 
     def set_targets(self, targets: Mapping[str, Sequence[str] | Mapping[str, str]]) -> None:
         """Replace the discovered targets (file_sd=True), as a Kubernetes endpoint list changes:
@@ -184,5 +200,33 @@ async def run_prometheus(
         argv.append("--web.enable-remote-write-receiver")
     async with children.run(
         argv, log=prom.log, cwd=workdir, name="prometheus", ready_url=f"{prom.url}/-/ready", ready_timeout=60
-    ):
+    ) as child:
+        prom.child = child
         yield prom
+
+
+async def write_history(url: str, instances: int, seconds: float, *, step_s: float = 15.0) -> None:
+    """Write the last `seconds` of a synthetic fleet of `instances` CoreDNS into a Prometheus
+    through its remote-write receiver (`url`), a scrape round at a time, oldest first (the TSDB
+    takes a sample only within an hour of the newest it has)."""
+    import snappy
+
+    from lab.synthetic import SyntheticFleet
+
+    rounds = int(seconds // step_s)
+    start = int(time.time() * 1000) - rounds * int(step_s * 1000)
+    fleet = SyntheticFleet(instances, seed=1, scrape_interval_s=step_s, start_ms=start, restarts_per_hour=0.0)
+    headers = {
+        "Content-Type": "application/x-protobuf",
+        "Content-Encoding": "snappy",
+        "X-Prometheus-Remote-Write-Version": "0.1.0",
+    }
+    async with aiohttp.ClientSession() as s:
+
+        async def post(body: bytes) -> None:
+            async with s.post(url, data=snappy.compress(body), headers=headers) as resp:
+                if resp.status >= 300:
+                    raise RuntimeError(f"Prometheus answered {resp.status}: {await resp.text()}")
+
+        for _ in range(rounds):
+            await asyncio.gather(*(post(p) for p in fleet.scrape_payloads()))

@@ -1,0 +1,116 @@
+"""State snapshots at fleet scale: size and time of one snapshot of N CoreDNS-shaped instances
+with mature baselines, the longest the ingest thread waits for a slice of it, and the restore.
+
+    .venv/bin/python bench/state.py --instances 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import snappy
+from prometheus_client import CollectorRegistry
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from detectord.config import ModelConfig
+from detectord.detectors import load_model
+from detectord.ingest.metrics import IngestMetrics
+from detectord.ingest.pipeline import Ingestor, ScoreRequest
+from detectord.serve import snapshots
+from detectord.serve.state import SLICE
+from lab.synthetic import SyntheticFleet
+
+STEP_S = 15.0
+
+
+class _Discard:
+    def submit_many(self, reqs: list[ScoreRequest]) -> int:
+        return len(reqs)
+
+
+def ingestor(model_path: Path) -> tuple[Ingestor, dict[str, object]]:
+    model = load_model(ModelConfig(path=model_path), STEP_S)
+    ing = Ingestor(
+        step_ms=int(STEP_S * 1000),
+        instance_labels=("job", "instance"),
+        window=model.window,
+        inputs=model.inputs,
+        max_instances=10**7,
+        max_gap_steps=5,
+        max_decoded=1 << 30,
+        max_future_s=600.0,
+        stale_after_s=120.0,
+        failed_scrapes=2,
+        crash_loop_restarts=3,
+        crash_loop_within_s=600.0,
+        worker=_Discard(),
+        metrics=IngestMetrics(CollectorRegistry()),
+    )
+    fp = snapshots.fingerprint(
+        features=model.features,
+        window=model.window,
+        step_s=STEP_S,
+        inputs=model.inputs,
+        instance_labels=("job", "instance"),
+    )
+    return ing, fp
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--instances", type=int, nargs="+", default=[10000])
+    p.add_argument("--model", type=Path, default=REPO / "models/default")
+    args = p.parse_args()
+    print(
+        f"{'instances':>9} {'series':>9} {'bytes':>12} {'B/inst':>8} {'read s':>7} {'max slice ms':>12} "
+        f"{'write s':>8} {'restore s':>9}"
+    )
+    for n in args.instances:
+        ing, fp = ingestor(args.model)
+        rounds = ing.windows.window + ing.normaliser.plan.baseline.warm_steps + 3
+        start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
+        fleet = SyntheticFleet(n, seed=1, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
+        for _ in range(rounds):
+            for body in fleet.scrape_payloads():
+                ing.write_sync(snappy.compress(body), "1.0")
+        # Mature baselines: every bucket of the horizon filled, each with its own noise, as after
+        # hours of running (identical buckets would compress far better than real ones).
+        rng = np.random.default_rng(0)
+        for b in ing.normaliser._baselines.values():
+            mean, std = b.loc[b._c.rel_idx].astype(np.float64), b.scale[b._c.rel_idx].astype(np.float64)
+            for _ in range(b._c.cfg.buckets):
+                b._add_bucket(mean + rng.normal(0, 0.1, mean.shape) * std, std * rng.uniform(0.8, 1.2, std.shape))
+        keys = ing.extractor.instance_keys()
+        series = sum(len(ing.extractor._instances[k].series) for k in keys)
+        t0 = time.perf_counter()
+        states, worst = [], 0.0
+        for i in range(0, len(keys), SLICE):
+            t = time.perf_counter()
+            states.extend(ing.instance_states(keys[i : i + SLICE]))
+            worst = max(worst, time.perf_counter() - t)
+        read_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as d:
+            stats = snapshots.write(
+                Path(d), fp, {"name": "bench"}, states, {"alerts": [], "upstream_of": {}, "resolved": []}
+            )
+            t0 = time.perf_counter()
+            snap = snapshots.read(Path(d), fp, max_age_s=3600)
+            assert snap is not None
+            fresh, _ = ingestor(args.model)
+            fresh.restore_instances(snap.instances)
+            restore_s = time.perf_counter() - t0
+        print(
+            f"{n:>9} {series:>9} {stats.bytes:>12} {stats.bytes // n:>8} {read_s:>7.2f} {worst * 1000:>12.1f} "
+            f"{stats.seconds:>8.2f} {restore_s:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""State snapshots: every instance's features, baseline, window, liveness and alert state, written
+crash-safely to `state.dir` and restored at start, so a restart or an upgrade forgets nothing.
+
+A snapshot file is `MAGIC`, a length-prefixed JSON header (format version, the model's input
+fingerprint, when it was written, how many records follow) and records: a length, a CRC-32 and a
+zstd-compressed pickle of plain values (no classes: `_PlainUnpickler` refuses any), one per
+instance and one for the alert states. Records are encoded one at a time, so no encoding step holds the GIL for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import cramjam
+
+from detectord.ingest.normalise import InputPlan
+
+MAGIC = b"DTCDSNAP"
+FORMAT = 1
+FILE_NAME = "snapshot.dsnap"
+_LEN = struct.Struct("<I")
+_RECORD = struct.Struct("<II")  # payload length, CRC-32 of the payload
+# A header or record longer than this is a corrupt length, not data.
+MAX_RECORD_BYTES = 1 << 28
+
+Refusal = Literal["unreadable", "corrupt", "truncated", "version", "model", "too_old"]
+REFUSALS: tuple[Refusal, ...] = ("unreadable", "corrupt", "truncated", "version", "model", "too_old")
+
+
+class SnapshotRefused(Exception):
+    """A snapshot that is not restored: why (a `Refusal`) and what exactly was wrong."""
+
+    def __init__(self, reason: Refusal, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def fingerprint(
+    *, features: Sequence[str], window: int, step_s: float, inputs: InputPlan, instance_labels: Sequence[str]
+) -> dict[str, Any]:
+    """What a model's per-instance state depends on: windows and baselines made for another one
+    mean nothing to it. `digest` is what snapshots compare; the rest says what differs."""
+    what: dict[str, Any] = {
+        "features": list(features),
+        "window": window,
+        "step_ms": round(step_s * 1000),
+        "inputs": inputs.to_dict(),
+        "instance_labels": list(instance_labels),
+    }
+    what["digest"] = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    return what
+
+
+@dataclass
+class Snapshot:
+    header: dict[str, Any]
+    instances: list[dict[str, Any]]
+    alerts: dict[str, Any]
+
+    @property
+    def written_at(self) -> float:
+        return float(self.header["written_at"])
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    bytes: int
+    seconds: float
+    instances: int
+
+
+def write(
+    directory: Path,
+    fp: Mapping[str, Any],
+    model: Mapping[str, str],
+    instances: Sequence[Mapping[str, Any]],
+    alerts: Mapping[str, Any],
+) -> WriteStats:
+    """Write a snapshot crash-safely: a temporary file, fsync, rename over the last one, fsync
+    of the directory. A crash at any point leaves the previous snapshot or the new one whole."""
+    t0 = time.perf_counter()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FILE_NAME
+    tmp = directory / (FILE_NAME + ".tmp")
+    header = {
+        "format": FORMAT,
+        "written_at": time.time(),
+        "fingerprint": dict(fp),
+        "model": dict(model),
+        "instances": len(instances),
+    }
+    try:
+        with open(tmp, "wb", buffering=1 << 20) as f:
+            head = json.dumps(header).encode()
+            f.write(MAGIC + _LEN.pack(len(head)) + head)
+            for rec in (*instances, alerts):
+                # Label sets repeat from series to series: zstd makes a record about 10 times smaller.
+                payload = bytes(cramjam.zstd.compress(pickle.dumps(rec, protocol=5), 1))
+                f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
+                f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return WriteStats(size, time.perf_counter() - t0, len(instances))
+
+
+def read(directory: Path, fp: Mapping[str, Any], *, max_age_s: float, now: float | None = None) -> Snapshot | None:
+    """The snapshot in `directory` if it may be restored; None if there is none. A snapshot of
+    another format or model, a damaged one or one older than `max_age_s` raises SnapshotRefused."""
+    path = directory / FILE_NAME
+    try:
+        f = open(path, "rb")  # noqa: SIM115  # closed below; a missing file is no error
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SnapshotRefused("unreadable", f"{path}: {exc.strerror}") from exc
+    with f:
+        header = _header(f, path)
+        _check_model(header, fp)
+        now = time.time() if now is None else now
+        age = now - float(header["written_at"])
+        if age > max_age_s:
+            raise SnapshotRefused("too_old", f"written {age:.0f}s ago, state.max_age is {max_age_s:g}s")
+        return Snapshot(header, *_records(f, int(header["instances"])))
+
+
+def _header(f: BinaryIO, path: Path) -> dict[str, Any]:
+    head = f.read(len(MAGIC) + _LEN.size)
+    if len(head) < len(MAGIC) + _LEN.size:
+        raise SnapshotRefused("truncated", f"{path} ends within its header")
+    if head[: len(MAGIC)] != MAGIC:
+        raise SnapshotRefused("corrupt", f"{path} is not a detectord snapshot (bad magic)")
+    (n,) = _LEN.unpack_from(head, len(MAGIC))
+    if n > MAX_RECORD_BYTES:
+        raise SnapshotRefused("corrupt", f"{path}: a header of {n} bytes")
+    raw = f.read(n)
+    if len(raw) < n:
+        raise SnapshotRefused("truncated", f"{path} ends within its header")
+    try:
+        header = json.loads(raw)
+        version = header["format"]
+        written_at = float(header["written_at"])
+        int(header["instances"])
+        if not isinstance(header["fingerprint"], dict) or not isinstance(header.get("model", {}), dict):
+            raise TypeError("fingerprint and model must be mappings")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SnapshotRefused("corrupt", f"{path}: unreadable header ({exc})") from exc
+    if version != FORMAT:
+        raise SnapshotRefused("version", f"{path} is snapshot format {version!r}; this detectord reads {FORMAT}")
+    header["written_at"] = written_at
+    return dict(header)
+
+
+def _check_model(header: Mapping[str, Any], fp: Mapping[str, Any]) -> None:
+    theirs = header["fingerprint"]
+    if theirs.get("digest") == fp["digest"]:
+        return
+    differ = [k for k in fp if k != "digest" and theirs.get(k) != fp[k]] or ["digest"]
+    model = header.get("model", {})
+    raise SnapshotRefused(
+        "model",
+        f"made for model {model.get('name', '?')} {model.get('version', '?')}, whose "
+        f"{', '.join(differ)} differ from the loaded model's",
+    )
+
+
+def _records(f: BinaryIO, instances: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    out: list[Any] = []
+    for i, payload in enumerate(_payloads(f, instances + 1)):
+        try:
+            rec = _PlainUnpickler(io.BytesIO(bytes(cramjam.zstd.decompress(payload)))).load()
+        except Exception as exc:  # any failure to decode is damage
+            raise SnapshotRefused("corrupt", f"record {i} does not decode ({exc})") from exc
+        if not isinstance(rec, dict):
+            raise SnapshotRefused("corrupt", f"record {i} is a {type(rec).__name__}, not a mapping")
+        out.append(rec)
+    return out[:-1], out[-1]
+
+
+def _payloads(f: BinaryIO, count: int) -> Iterator[bytes]:
+    for i in range(count):
+        head = f.read(_RECORD.size)
+        if len(head) < _RECORD.size:
+            raise SnapshotRefused("truncated", f"ends after {i} of {count} records")
+        n, crc = _RECORD.unpack(head)
+        if n > MAX_RECORD_BYTES:
+            raise SnapshotRefused("corrupt", f"record {i} claims {n} bytes")
+        payload = f.read(n)
+        if len(payload) < n:
+            raise SnapshotRefused("truncated", f"ends within record {i} of {count}")
+        if zlib.crc32(payload) != crc:
+            raise SnapshotRefused("corrupt", f"record {i} fails its checksum")
+        yield payload
+    if f.read(1):
+        raise SnapshotRefused("corrupt", f"data after its {count} records")
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Plain values only (dicts, lists, tuples, sets, str, bytes, numbers, None): loading a
+    snapshot never imports or calls anything."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a snapshot holds plain values only, not {module}.{name}")
