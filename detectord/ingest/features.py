@@ -630,7 +630,6 @@ class FeatureExtractor:
         key = tuple(str(v) for v in state["key"])
         if len(key) != len(self.instance_labels) or key in self._instances:
             raise ValueError(f"instance {key} does not fit or is restored twice")
-        bound = []
         for labels, last_ts, last_v, held, g0, g1 in state["series"]:
             # Label sets come back as the tuples of strings they were (a snapshot holds plain values).
             sk = self.labels.intern(labels)
@@ -639,14 +638,10 @@ class FeatureExtractor:
                 raise ValueError(f"series {sk} is not one of instance {key}'s features")
             s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
             s.gauge_bins = [float(g0), float(g1)]
-            bound.append(s)
+        # Binding its first series made the instance (an instance exists only through its series).
         inst = self._instances.get(key)
         if inst is None:
-            if bound or len(self._instances) >= self.max_instances:
-                raise ValueError(f"instance {key} has no series or no room")
-            inst = self._instances[key] = _Instance(
-                key, len(self._table.counter_slot), len(self._table.gauge_index), len(self._table.hist_index)
-            )
+            raise ValueError(f"instance {key} has no series, or no room (ingest.max_instances)")
         acc = [[float(x) for x in a] for a in state["acc"]]
         if len(acc) != 2 or any(len(a) != inst.nslots for a in acc):
             raise ValueError(f"instance {key}: {inst.nslots} accumulator slots, the state has another number")

@@ -266,12 +266,13 @@ class Ingestor:
         """Bring instances back from `instance_states`; all or none (ValueError, TypeError or
         KeyError on a state that does not fit, and nothing is kept)."""
         now = time.monotonic()
-        keys: list[InstanceKey] = []
+        before = set(self.extractor.instance_keys())
+        restored = 0
         try:
             for st in states:
                 self.extractor.restore_instance(st, now)
                 key = tuple(st["key"])
-                keys.append(key)
+                restored += 1
                 if st["baseline"] is not None:
                     self.normaliser.restore(key, st["baseline"])
                 if st["window"] is not None:
@@ -288,10 +289,11 @@ class Ingestor:
                 if st["restarts"]:
                     self.crash_loops.restore(key, st["restarts"])
         except BaseException:
-            self.forget(keys)
+            # Every instance made since, even one a state failed halfway through binding.
+            self.forget([k for k in self.extractor.instance_keys() if k not in before])
             raise
         self.update_instance_gauges()
-        return len(keys)
+        return restored
 
     def forget(self, keys: list[InstanceKey]) -> None:
         for key in keys:

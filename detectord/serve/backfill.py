@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
 from itertools import islice
 
 import structlog
@@ -46,19 +45,9 @@ def matchers(cfg: BackfillConfig) -> list[Matcher]:
         raise ConfigError("backfill.match", exc.reason) from exc
 
 
-@dataclass(frozen=True)
-class BackfillResult:
-    series: int
-    samples: int
-    instances: int  # scoring once it was done
-    seconds: float
-    # The oldest part of `lookback` left out to finish within `timeout` (0: all of it was read).
-    skipped_s: float
-
-
-async def backfill(cfg: BackfillConfig, ingestor: Ingestor, metrics: DaemonMetrics) -> BackfillResult | None:
-    """Read and take in the history; None when there was none to be had (the daemon starts
-    cold, and the log says why). Never raises for a Prometheus that is down, slow or broken."""
+async def backfill(cfg: BackfillConfig, ingestor: Ingestor, metrics: DaemonMetrics) -> None:
+    """Read and take in the history, and log what was read; when none was to be had, the daemon
+    starts cold and the log says why. Never raises for a Prometheus that is down, slow or broken."""
     t0 = time.monotonic()
     deadline = t0 + float(cfg.timeout)
     want = matchers(cfg)
@@ -109,10 +98,9 @@ async def backfill(cfg: BackfillConfig, ingestor: Ingestor, metrics: DaemonMetri
     metrics.backfill_samples.inc(samples)
     metrics.backfill_seconds.set(seconds)
     if not complete:
-        return None
+        return
     metrics.backfills.labels("success").inc()
     scoring = await ingestor.call(lambda: sum(not ingestor.is_warming(k) for k in ingestor.extractor.instance_keys()))
-    result = BackfillResult(series, samples, scoring, seconds, skipped_ms / 1000)
     log.info(
         "backfilled from Prometheus",
         url=cfg.url,
@@ -123,7 +111,6 @@ async def backfill(cfg: BackfillConfig, ingestor: Ingestor, metrics: DaemonMetri
         scoring_instances=scoring,
         seconds=round(seconds, 2),
     )
-    return result
 
 
 def _timed_out(cfg: BackfillConfig, metrics: DaemonMetrics) -> None:

@@ -52,11 +52,11 @@ class StateKeeper:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
 
-    async def restore(self, ingestor: Ingestor, sink: ScoreSink) -> set[tuple[str, ...]]:
-        """Restore the latest snapshot if it fits; the instances restored. Never raises: a
+    async def restore(self, ingestor: Ingestor, sink: ScoreSink) -> None:
+        """Restore the latest snapshot if it fits. Never raises: a
         snapshot that cannot be restored is logged, counted and left for the next one to replace."""
         if not self.enabled:
-            return set()
+            return
         loop = asyncio.get_running_loop()
         path = self.dir / snapshots.FILE_NAME
         try:
@@ -66,7 +66,7 @@ class StateKeeper:
             )
             if snap is None:
                 log.info("no state snapshot to restore; starting clean", path=str(path))
-                return set()
+                return
             try:
                 n = await ingestor.call(ingestor.restore_instances, snap.instances)
             except (ValueError, TypeError, KeyError) as exc:
@@ -80,7 +80,7 @@ class StateKeeper:
         except SnapshotRefused as exc:
             self.metrics.restore_refused.labels(exc.reason).inc()
             log.warning("state snapshot refused; starting clean", path=str(path), reason=exc.reason, detail=exc.detail)
-            return set()
+            return
         self.metrics.restored.labels("instances").inc(n)
         self.metrics.restored.labels("alerts").inc(alerts)
         log.info(
@@ -90,7 +90,6 @@ class StateKeeper:
             alerts=alerts,
             age_seconds=round(time.time() - snap.written_at, 1),
         )
-        return {tuple(st["key"]) for st in snap.instances}
 
     async def snapshot(self, ingestor: Ingestor, sink: ScoreSink) -> None:
         """Write a snapshot while the daemon runs: instances are read on the ingest thread a slice

@@ -123,10 +123,17 @@ def good_snapshot(tmp_path_factory: pytest.TempPathFactory, records: list[Record
     return (state / snapshots.FILE_NAME).read_bytes()
 
 
+def _header(data: bytes) -> dict[str, Any]:
+    n = len(snapshots.MAGIC)
+    (size,) = struct.unpack_from("<I", data, n)
+    header: dict[str, Any] = json.loads(data[n + 4 : n + 4 + size])
+    return header
+
+
 def _with_header(data: bytes, **changes: Any) -> bytes:
     n = len(snapshots.MAGIC)
     (size,) = struct.unpack_from("<I", data, n)
-    header = json.loads(data[n + 4 : n + 4 + size])
+    header = _header(data)
     header.update(changes)
     head = json.dumps(header).encode()
     return data[:n] + struct.pack("<I", len(head)) + head + data[n + 4 + size :]
@@ -310,3 +317,24 @@ async def test_a_state_dir_it_cannot_write_is_said_and_counted_and_harms_nothing
     assert metric(text, "detectord_state_restore_refused_total", reason="unreadable") == 1
     assert any(e["event"] == "state snapshot not written" for e in logs)
     assert blocked.read_text() == "a file where the state directory should be"
+
+
+async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
+    tmp_path: Path, good_snapshot: bytes
+) -> None:
+    """Whole and checksummed, but its last instance's state does not fit (an accumulator slot
+    short): refused as corrupt, and none of the instances restored before it is kept."""
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / snapshots.FILE_NAME).write_bytes(good_snapshot)
+    header = _header(good_snapshot)
+    snap = snapshots.read(tmp_path / "good", header["fingerprint"], max_age_s=3600)
+    assert snap is not None and len(snap.instances) > 1
+    snap.instances[-1]["acc"] = (snap.instances[-1]["acc"][0][:-1], snap.instances[-1]["acc"][1])
+    state = tmp_path / "state"
+    snapshots.write(state, header["fingerprint"], header["model"], snap.instances, snap.alerts)
+    with structlog.testing.capture_logs() as logs:
+        async with running_server(_config(state)) as srv:
+            assert srv.ingestor.extractor.instances == 0
+            text = await _metrics(srv)
+    assert metric(text, "detectord_state_restore_refused_total", reason="corrupt") == 1
+    assert any(e["event"] == "state snapshot refused; starting clean" for e in logs)
