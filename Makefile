@@ -6,21 +6,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= detectord.example.yml
 
-.PHONY: run test test-fast test-e2e check format venv venv-dev system-deps coredns proto bench models data clean
+.PHONY: run test test-fast test-e2e check format venv venv-dev system-deps coredns kube-tools container-deps image image-cuda proto bench models data clean
 
-# Install the package (with the TensorFlow backend) and serve the shipped default model.
+# Install the package (with its CPU backend, JAX) and serve the shipped default model.
 run: venv
 	$(BIN)/detectord serve --config.file $(CONFIG)
 
 # Install everything the tests need (Debian packages, CoreDNS, Python packages) and run them all.
-test: venv-dev system-deps coredns
+test: venv-dev system-deps coredns kube-tools container-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit and component tests only (no CoreDNS build, no end-to-end run).
 test-fast: venv-dev
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
-test-e2e: venv-dev system-deps coredns
+test-e2e: venv-dev system-deps coredns kube-tools container-deps
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
 # Formatting, lint, types (mypy --strict on the package, the lab, the tests and bench) and the
@@ -43,7 +43,7 @@ venv-dev: $(VENV)/.installed-dev
 $(VENV)/.installed: pyproject.toml setup.py detectord/ingest/_fastdecode.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[tf]'
+	$(BIN)/pip install --quiet -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -56,6 +56,23 @@ system-deps:
 coredns:
 	scripts/build-coredns.sh
 
+# kustomize, psscheck (the real restricted Pod Security checks), the pinned Kubernetes OpenAPI
+# spec and prometheus-operator CRDs: what tests/deploy validates the manifests with.
+kube-tools:
+	scripts/install-kube-tools.sh
+
+# podman, runc and mmdebstrap from Debian (tests/deploy/test_container.py builds and runs the image).
+container-deps:
+	scripts/install-container-deps.sh
+
+# The container image docker.io/detectord/detectord:VERSION and :latest (podman, a Debian base by
+# mmdebstrap, this checkout's wheel). image-cuda: the JAX-on-CUDA variant, several GB, on request only.
+image: venv container-deps
+	scripts/build-image.sh
+
+image-cuda: venv container-deps
+	scripts/build-image.sh Containerfile.cuda
+
 # Regenerate detectord/ingest/_proto from proto/ (tests/test_proto.py fails when it is stale).
 proto: venv-dev
 	PATH=$(BIN):$$PATH scripts/gen-proto.sh
@@ -63,7 +80,7 @@ proto: venv-dev
 # Train the three detectors on the committed lab data, evaluate them beside the comparisons and
 # make the best the default: models/{conv_autoencoder,conv_classifier,siamese,default,report}.
 models: venv-dev system-deps
-	$(BIN)/detectord train --data data --out models
+	KERAS_BACKEND=tensorflow $(BIN)/detectord train --data data --out models
 
 # Re-record the committed data sets (about 6 hours): the normal run and the low-load test fleet
 # beside the four fault runs, the other test-only fleets two at a time (path RTT and NXDOMAIN

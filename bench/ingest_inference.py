@@ -138,7 +138,7 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
         loop=loop,
         metrics=DaemonMetrics(CollectorRegistry(), ("job", "instance")),
     )
-    worker.warm_up()
+    worker.warm_up(every_size=True)
     worker.start()
     latest = np.zeros(len(model.features), dtype=np.float32)
     reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096], latest) for i in range(total)]

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("score", help="score a recording offline, exactly as serve would score it live")
     sc.add_argument("file", help="recording (.drec, or .drec.xz)")
-    sc.add_argument("--model", default="models/default", help="model directory or model set (default models/default)")
+    sc.add_argument("--model", default=None, help="model directory or model set (default: the shipped default set)")
     sc.add_argument(
         "--step", type=_duration, default=None, help="feature step (default: the model's; for a model set, 1m)"
     )
@@ -99,6 +99,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--chunk", default="1h", help="time read per remote-read request (default 1h)")
     ex.add_argument("--timeout", default="5m", help="limit for each remote-read request (default 5m)")
+
+    rw = sub.add_parser(
+        "remote-write",
+        help="print Prometheus's remote_write for detectord, split into shards (hashmod) and replicas",
+    )
+    rw.add_argument(
+        "--url",
+        default="http://detectord:9464/api/v1/write",
+        help="where each shard listens; may name {shard} and {replica}, e.g. "
+        "http://detectord-{shard}.detectord-headless.detectord.svc:9464/api/v1/write",
+    )
+    rw.add_argument("--shards", type=int, default=1, help="shards the fleet is split into (default 1)")
+    rw.add_argument("--replicas", type=int, default=1, help="replicas of each shard, for high availability")
+    rw.add_argument(
+        "--instance-labels", default="job,instance", help="detectord's ingest.instance_labels (default job,instance)"
+    )
+    rw.add_argument(
+        "--operator", action="store_true", help="the Prometheus Operator's spec.remoteWrite instead of prometheus.yml"
+    )
 
     sub.add_parser("train", help="train the detectors on labelled recordings (see train --help)")
     sub.add_parser("evaluate", help="evaluate models beside the comparisons (see evaluate --help)")
@@ -144,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return _score(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "remote-write":
+        return _remote_write(args)
     try:
         cfg = _load(args.config_file, args.listen_address)
     except ConfigError as exc:
@@ -217,7 +238,10 @@ def _score(args: argparse.Namespace) -> int:
     from detectord.recordings.scoring import iter_rows, recording_windows, score_windows
 
     try:
-        model = load_model(ModelConfig(path=Path(args.model), any_step=args.any_step), args.step)
+        model_cfg = ModelConfig(any_step=args.any_step)
+        if args.model is not None:
+            model_cfg = ModelConfig(path=Path(args.model), any_step=args.any_step)
+        model = load_model(model_cfg, args.step)
         got = recording_windows(
             args.file, step_seconds=args.step or model.step_seconds, window=model.window, inputs=model.inputs
         )
@@ -243,7 +267,28 @@ def _score(args: argparse.Namespace) -> int:
             w = csv.writer(f)
             w.writerow([*names, "timestamp_ms", "score"])
             for key, t, v in iter_rows(scores):
-                w.writerow([*key, t, f"{v:.6g}"])
+                w.writerow([*key, t, repr(float(v))])
+    return 0
+
+
+def _remote_write(args: argparse.Namespace) -> int:
+    import yaml
+
+    from detectord.sharding import remote_writes
+
+    try:
+        entries = remote_writes(
+            args.url,
+            shards=args.shards,
+            replicas=args.replicas,
+            instance_labels=[x.strip() for x in args.instance_labels.split(",") if x.strip()],
+            style="operator" if args.operator else "prometheus",
+        )
+    except ValueError as exc:
+        print(f"detectord remote-write: {exc}", file=sys.stderr)
+        return 2
+    key = "remoteWrite" if args.operator else "remote_write"
+    print(yaml.safe_dump({key: entries}, sort_keys=False), end="")
     return 0
 
 

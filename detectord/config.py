@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import yaml
 
 from detectord.errors import ConfigError
+from detectord.packaged import default_model_path
 
 
 class Duration(float):
@@ -120,7 +121,7 @@ class IngestConfig:
 class ModelConfig:
     # A model artifact, or a model set (one artifact per step; detectord runs the one made for
     # ingest.step and refuses a step the set has no model for).
-    path: Path = Path("models/default")
+    path: Path = field(default_factory=default_model_path)
     # Run a model at an ingest.step it was not made for (a set: its nearest step's). Its card's
     # numbers do not hold there; for experiments and fast tests.
     any_step: bool = False
@@ -265,6 +266,10 @@ def parse_config(text: str, *, base_dir: Path = Path("."), source: str = "<confi
         raise ConfigError(source, f"not valid YAML: {exc}") from exc
     if raw is None:
         raw = {}
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and "path" in model and model["path"] is None:
+        # `model.path: null`, as the example has it: the default set shipped in the package.
+        raw["model"] = {k: v for k, v in model.items() if k != "path"}
     cfg: Config = from_mapping(Config, raw, "")
     if not cfg.model.path.is_absolute():
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=base_dir / cfg.model.path))

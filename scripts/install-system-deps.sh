@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the tests and the lab use, only if missing.
+# Installs Debian packages only if missing: the ones named, or (none named) those the tests and
+# the lab use.
 set -euo pipefail
-pkgs=(prometheus prometheus-alertmanager dnsperf)
+pkgs=("$@")
+[ ${#pkgs[@]} -gt 0 ] || pkgs=(prometheus prometheus-alertmanager dnsperf)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

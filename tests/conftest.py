@@ -8,9 +8,10 @@ import pytest
 
 from tests.support import running_server, test_config
 
-# Keep TensorFlow quiet and on the CPU in tests, whatever the machine has.
+# The backend serving picks by default (detectord.detectors.backend), set before any test imports
+# Keras; tests/detectors/test_backends.py compares it with TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
 @pytest.fixture

@@ -250,3 +250,21 @@ async def remote_read_endpoint(
         yield f"http://127.0.0.1:{runner.addresses[0][1]}/api/v1/read"
     finally:
         await runner.cleanup()
+
+
+# detectord in the end-to-end tests: a 1 s step (the default model set's nearest model), alerts
+# firing after 5 s and resent every 2 s to the Alertmanager at {am}.
+E2E_DETECTORD_CONFIG = """
+ingest:
+  step: 1s
+model:
+  any_step: true
+alerting:
+  for: 5s
+  keep_firing_for: 15s
+  resend_interval: 2s
+  alertmanagers:
+    - url: {am}
+logging:
+  format: console
+"""

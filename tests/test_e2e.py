@@ -19,23 +19,9 @@ from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefi
 from lab.peers.detectord import Detectord, run_detectord
 from lab.peers.dnsperf import run_dnsperf
 from lab.peers.prometheus import run_prometheus
+from tests.support import E2E_DETECTORD_CONFIG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-CONFIG = """
-ingest:
-  step: 1s
-model:
-  any_step: true
-alerting:
-  for: 5s
-  keep_firing_for: 15s
-  resend_interval: 2s
-  alertmanagers:
-    - url: {am}
-logging:
-  format: console
-"""
 
 
 class Watch:
@@ -99,7 +85,7 @@ async def test_upstream_timeouts_alert_then_resolve(tmp_path: Path) -> None:
         run_coredns(edge_corefile(edge_b, [upstream_b.address]), edge_b, workdir=tmp_path, name="edge-b"),
         run_dnsperf(edge_a.dns, qps=300, duration_s=600, workdir=tmp_path, name="a", seed=1),
         run_dnsperf(edge_b.dns, qps=300, duration_s=600, workdir=tmp_path, name="b", seed=2),
-        run_detectord(CONFIG.format(am=am.url), workdir=tmp_path / "detectord") as det,
+        run_detectord(E2E_DETECTORD_CONFIG.format(am=am.url), workdir=tmp_path / "detectord") as det,
         run_prometheus(
             {"coredns": [edge_a.metrics_target, edge_b.metrics_target]},
             workdir=tmp_path / "prom",

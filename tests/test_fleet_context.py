@@ -24,7 +24,8 @@ from lab.peers.coredns import Ports, edge_corefile, run_coredns, upstream_corefi
 from lab.peers.detectord import run_detectord
 from lab.peers.dnsperf import run_dnsperf
 from lab.peers.prometheus import run_prometheus
-from tests.test_e2e import CONFIG, Watch
+from tests.support import E2E_DETECTORD_CONFIG
+from tests.test_e2e import Watch
 
 
 @asynccontextmanager
@@ -67,7 +68,7 @@ async def test_edges_of_a_failing_upstream_alert_as_one_group(tmp_path: Path) ->
         run_dnsperf(edges["a"].dns, qps=200, duration_s=600, workdir=tmp_path, name="a", seed=1),
         run_dnsperf(edges["b"].dns, qps=200, duration_s=600, workdir=tmp_path, name="b", seed=2),
         run_dnsperf(edges["c"].dns, qps=200, duration_s=600, workdir=tmp_path, name="c", seed=3),
-        run_detectord(CONFIG.format(am=am.url), workdir=tmp_path / "detectord") as det,
+        run_detectord(E2E_DETECTORD_CONFIG.format(am=am.url), workdir=tmp_path / "detectord") as det,
         run_prometheus(
             {"coredns": [p.metrics_target for p in edges.values()]},
             workdir=tmp_path / "prom",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from detectord.config import ModelConfig
-from detectord.detectors import model_set
+from detectord.detectors import backend, model_set
 from detectord.detectors.artifact import (
     FORMAT_VERSION,
     ArtifactError,
@@ -50,6 +50,7 @@ def load_detector(
     from the given ones."""
     path = Path(path)
     meta = read_meta(path)
+    backend.choose()
     cls = DETECTORS.get(meta.kind)
     if cls is None:
         raise UnknownKind(path, meta.kind, list(DETECTORS))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from detectord.detectors import backend
 from detectord.detectors.artifact import WEIGHTS_FILE, ArtifactInvalid, ModelMeta, write_meta
 from detectord.detectors.compiled import Compiled, compile_forward
 from detectord.detectors.fitting import Log
@@ -185,6 +186,7 @@ class Detector(ABC):
     def initialize_new_weights(self, seed: int = 0) -> None:
         """Build the network afresh with random weights (the learned statistics and classes are
         cleared). Without it, `train` continues from the weights it has: fine-tuning."""
+        backend.choose()
         import keras
 
         keras.utils.set_random_seed(seed)
@@ -198,7 +200,12 @@ class Detector(ABC):
         path = Path(path)
         file = path / WEIGHTS_FILE if path.is_dir() else path
         if self.network is None:
-            self.network = self.build_network()
+            import keras
+
+            # The weights come from the file: build without drawing random initial ones (on JAX
+            # each draw is compiled, seconds in all). The variables are set by load_weights.
+            with keras.StatelessScope():
+                self.network = self.build_network()
         try:
             self.network.load_weights(str(file))
         except Exception as exc:  # h5py and Keras raise many types for a corrupt or mismatched file

@@ -90,6 +90,7 @@ class Ingestor:
         self.windows = WindowStore(window, len(inputs.features), inputs.min_rows)
         self.worker = worker
         self.metrics = metrics
+        self.instance_counts: dict[str, int] = {"warming": 0, "scoring": 0, "down": 0}
         # Instances whose window and baseline are both warm (the rest are warming).
         self._scoring: set[InstanceKey] = set()
         # Restored scoring instances not heard from since the restart.
@@ -220,9 +221,10 @@ class Ingestor:
         down = len(self.liveness.down)
         # Down instances are (almost always) scoring ones: count them without copying the set.
         scoring = len(self._scoring) - sum(1 for k in self.liveness.down if k in self._scoring)
-        self.metrics.instances.labels("warming").set(total - scoring - down)
-        self.metrics.instances.labels("scoring").set(scoring)
-        self.metrics.instances.labels("down").set(down)
+        # One plain dict, replaced whole: the event loop reads it for systemd's STATUS= line.
+        self.instance_counts = {"warming": total - scoring - down, "scoring": scoring, "down": down}
+        for state, n in self.instance_counts.items():
+            self.metrics.instances.labels(state).set(n)
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         gone = self.extractor.evict_idle(older_than)

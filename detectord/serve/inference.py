@@ -81,6 +81,8 @@ class InferenceWorker:
         self.window, self.nfeatures = window, nfeatures
         self.max_batch, self.max_wait = max_batch, max_wait
         self._buckets = bucket_sizes(max_batch)
+        # Batch sizes not compiled yet: the worker compiles them while it has nothing to score.
+        self._cold = list(self._buckets)
         # A deque under one condition, not queue.Queue: the ingest thread hands over all the
         # windows of a request at once, and the worker takes a whole batch, one lock each.
         self._queue: collections.deque[ScoreRequest] = collections.deque()
@@ -95,9 +97,13 @@ class InferenceWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def warm_up(self) -> None:
-        """Compile every bucket size once, so the first real batches do not pay for tracing."""
-        warm_up(self._scorer, self._buckets, self.window, self.nfeatures)
+    def warm_up(self, *, every_size: bool = False) -> None:
+        """Compile the smallest batch size (or all of them) before the worker starts. The others
+        are compiled by the worker while it has nothing to score, a bucket at a time (on JAX
+        about 0.3 s each), or at their first batch: start-up is not held up by them."""
+        sizes = self._cold if every_size else self._cold[:1]
+        warm_up(self._scorer, sizes, self.window, self.nfeatures)
+        del self._cold[: len(sizes)]
 
     def submit(self, req: ScoreRequest) -> bool:
         """Non-blocking; False (and counted) when the queue is full."""
@@ -137,6 +143,8 @@ class InferenceWorker:
         q, cond = self._queue, self._cond
         with cond:
             while not q and not self._stopping:
+                if self._cold:
+                    return []
                 cond.wait()
             if not q:
                 return None
@@ -151,6 +159,9 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while (items := self._take()) is not None:
+            if not items:
+                self._warm_one()
+                continue
             self._metrics.set_queue_depth(len(self._queue))
             try:
                 self._score(items)
@@ -159,6 +170,15 @@ class InferenceWorker:
                 log.exception("inference batch failed", size=len(items))
                 self._metrics.count_dropped("inference_error", len(items))
 
+    def _warm_one(self) -> None:
+        with self._lock:
+            scorer = self._scorer if self._pending_scorer is None else self._pending_scorer
+        size = self._cold.pop(0)
+        try:
+            warm_up(scorer, [size], self.window, self.nfeatures)
+        except Exception:
+            log.exception("compiling a batch size failed; it is tried again at its first batch", size=size)
+
     def _score(self, items: list[ScoreRequest]) -> None:
         with self._lock:
             if self._pending_scorer is not None:
@@ -166,6 +186,8 @@ class InferenceWorker:
             scorer = self._scorer
         n = len(items)
         size = next(b for b in self._buckets if b >= n)
+        if size in self._cold:  # compiled by this batch
+            self._cold.remove(size)
         batch = self._batch[:size]
         for i, it in enumerate(items):
             batch[i] = it.window

@@ -15,16 +15,17 @@ import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from detectord import __version__
+from detectord import __version__, logs
 from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.config import AlertingConfig, Config, listen_host_port, load_config, step_seconds, with_listen_address
-from detectord.detectors import Detector, load_model
+from detectord.detectors import Detector, backend, load_model
 from detectord.errors import ConfigError, DetectordError, ModelError
 from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import LivenessEvent
@@ -37,6 +38,7 @@ from detectord.serve.inference import InferenceWorker, bucket_sizes, warm_up
 from detectord.serve.metrics import DaemonMetrics
 from detectord.serve.sink import ScoreSink
 from detectord.serve.state import StateKeeper
+from detectord.serve.systemd import Systemd
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +94,7 @@ class Server:
         self.ready_once = False
         # What start-up is doing (for /-/ready while not ready).
         self.phase = "loading the model"
+        self.systemd = Systemd()
         self.state: StateKeeper | None = None
         self.should_exit = asyncio.Event()
         self.pipeline: _Pipeline | None = None
@@ -110,7 +113,11 @@ class Server:
     async def startup(self) -> None:
         cfg, stack = self.cfg, self._stack
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(None, load_model, cfg.model, cfg.ingest.step)
+        self._enter("loading the model")
+        if cfg.state.dir:
+            await loop.run_in_executor(None, _cache_compiled, Path(cfg.state.dir) / "compiled")
+        with logs.backend_noise_held():
+            model = await loop.run_in_executor(None, load_model, cfg.model, cfg.ingest.step)
         self.step_s = step_seconds(cfg, model.step_seconds)
         if abs(self.step_s - model.step_seconds) > 1e-9:
             log.warning(
@@ -139,7 +146,8 @@ class Server:
         stack.push_async_callback(self._save_state)
 
         worker = self._new_worker(model, loop)
-        await loop.run_in_executor(None, worker.warm_up)
+        with logs.backend_noise_held():
+            await loop.run_in_executor(None, worker.warm_up)
         worker.start()
         self.pipeline = _Pipeline(model, worker)
         stack.push_async_callback(self._stop_worker)
@@ -184,10 +192,10 @@ class Server:
 
         # Listening (healthy) but not ready: remote writes are answered 503 and retried by
         # Prometheus until every known instance has its state back.
-        self.phase = "restoring state"
+        self._enter("restoring state")
         await self.state.restore(self.ingestor, self.sink)
         if cfg.backfill.url:
-            self.phase = "backfilling from Prometheus"
+            self._enter("backfilling from Prometheus")
             await backfill(cfg.backfill, self.ingestor, self.metrics)
         if self.state.enabled:
             self._spawn(self.state.run(self.ingestor, self.sink))
@@ -196,6 +204,8 @@ class Server:
         self.phase = "ready"
         self.ready = self.ready_once = True
         self.metrics.ready.set(1)
+        self.systemd.ready(self.status())
+        self._spawn(self.systemd.run(self.status))
         log.info(
             "detectord started",
             version=__version__,
@@ -216,9 +226,26 @@ class Server:
         self.ready = False
         self.phase = "shutting down"
         self.metrics.ready.set(0)
+        self.systemd.stopping()
         self._deadline = _Deadline(float(self.cfg.web.shutdown_timeout))
         await self._stack.aclose()
+        self.systemd.close()
         log.info("stopped")
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.systemd.notify(f"STATUS={phase}")
+
+    def status(self) -> str:
+        """One line on what detectord is doing: systemd's STATUS= (`systemctl status detectord`)."""
+        if self.ingestor is None or self.pipeline is None:
+            return self.phase
+        n = self.ingestor.instance_counts
+        model = self.pipeline.model
+        return (
+            f"{self.phase}: {sum(n.values())} instances tracked ({n['scoring']} scoring, {n['warming']} warming, "
+            f"{n['down']} down); model {model.name} {model.version} at {self.step_s:g}s"
+        )
 
     async def _cancel_tasks(self) -> None:
         for t in list(self._tasks):
@@ -316,8 +343,12 @@ class Server:
         )
 
     async def _reload_quietly(self, trigger: str) -> None:
-        with contextlib.suppress(DetectordError):  # reload() has logged and counted it
-            await self.reload(trigger)
+        self.systemd.reloading()
+        try:
+            with contextlib.suppress(DetectordError):  # reload() has logged and counted it
+                await self.reload(trigger)
+        finally:
+            self.systemd.ready(self.status())
 
     async def reload(self, trigger: str) -> None:
         """Load config and model anew; if either is broken, keep running the old ones."""
@@ -427,6 +458,19 @@ async def _close_notifier(notifier: AlertmanagerNotifier, flush_timeout: float) 
 
 def _model_meta(model: Detector) -> dict[str, str]:
     return {"name": model.name, "version": model.version, "kind": model.kind}
+
+
+def _cache_compiled(directory: Path) -> None:
+    try:
+        backend.choose()
+    except ModelError:
+        return  # load_model says so, with the rest of what is wrong
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("cannot keep compiled models; every start compiles them", dir=str(directory), error=str(exc))
+        return
+    backend.cache_compiled(directory)
 
 
 def _freeze_heap() -> None:

@@ -45,6 +45,15 @@ class Detectord:
         data: list[dict[str, Any]] = body["data"]
         return data
 
+    async def scores(self, instance: str) -> list[tuple[int, float]]:
+        """The latest scores (step timestamp in ms, score) of the instance with label value `instance`."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{self.url}/api/v1/scores", params={"instance": instance}) as r,
+        ):
+            body = await r.json()
+        return [(int(t), float(v)) for d in body["data"] for t, v in d["scores"]]
+
     async def metrics(self) -> str:
         async with aiohttp.ClientSession() as s, s.get(f"{self.url}/metrics") as r:
             return await r.text()
@@ -71,8 +80,10 @@ async def run_detectord(
     ready_timeout: float = 120.0,
     args: Sequence[str] = (),
     port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Detectord]:
-    """`detectord serve` on `port` (a free one if None) with `config`, until it is ready; stopped on exit."""
+    """`detectord serve` on `port` (a free one if None) with `config` and `env` added to the
+    environment, until it is ready; stopped on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port if port is not None else children.free_port()
     path = workdir / "detectord.yml"
@@ -83,6 +94,7 @@ async def run_detectord(
         argv,
         log=workdir / "detectord.log",
         cwd=cwd,
+        env=env,
         name="detectord serve",
         ready_url=f"{url}/-/ready",
         ready_timeout=ready_timeout,

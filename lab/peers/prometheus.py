@@ -146,6 +146,7 @@ async def run_prometheus(
     file_sd: bool = False,
     jobs: Sequence[str] = (),
     metric_relabel: Mapping[str, list[dict[str, Any]]] | None = None,
+    remote_writes: Sequence[dict[str, Any]] = (),
 ) -> AsyncIterator[Prometheus]:
     """Scrape `targets` every `scrape_interval`, remote-writing the series matching `keep` to
     `remote_write_url`; `extra_remote_write_config` is merged into that entry.
@@ -153,7 +154,8 @@ async def run_prometheus(
     `targets` maps a job to host:port addresses, or to {instance name: host:port} to set the
     `instance` label (stable names instead of ephemeral ports). With `file_sd`, the targets are
     discovered from files that `Prometheus.set_targets` rewrites (targets join and leave); `jobs`
-    names jobs that have no target yet. `metric_relabel` holds a job's metric_relabel_configs."""
+    names jobs that have no target yet. `metric_relabel` holds a job's metric_relabel_configs.
+    `remote_writes` are more remote_write entries, as written (`detectord remote-write` makes them)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = children.free_port()
     sd_dir = workdir / "targets" if file_sd else None
@@ -183,6 +185,8 @@ async def run_prometheus(
             "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
         }
         config["remote_write"] = [_merge(remote_write, extra_remote_write_config or {})]
+    if remote_writes:
+        config["remote_write"] = [*config.get("remote_write", []), *remote_writes]
     cfg = workdir / "prometheus.yml"
     cfg.write_text(yaml.safe_dump(config))
     prom = Prometheus(f"http://127.0.0.1:{port}", port, cfg, workdir / "prometheus.log", sd_dir)
