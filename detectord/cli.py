@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="HOST:PORT to listen on; overrides web.listen_address",
     )
+    s.add_argument(
+        "--web.enable-lifecycle",
+        dest="enable_lifecycle",
+        action="store_true",
+        help="allow POST /-/reload (off: 403, as in Prometheus); SIGHUP reloads either way",
+    )
     s.add_argument("--log.format", dest="log_format", choices=["json", "console"], default=None)
     s.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"], default=None)
 
@@ -175,7 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_format or cfg.logging.format, args.log_level or cfg.logging.level)
     from detectord.serve.server import serve
 
-    return asyncio.run(serve(cfg, config_path=args.config_file, listen_override=args.listen_address))
+    return asyncio.run(
+        serve(
+            cfg,
+            config_path=args.config_file,
+            listen_override=args.listen_address,
+            enable_lifecycle=args.enable_lifecycle,
+        )
+    )
 
 
 def _size(text: str) -> int:

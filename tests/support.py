@@ -133,10 +133,11 @@ test_config.__test__ = False  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager
-async def running_server(cfg: Any) -> AsyncIterator[Any]:
+async def running_server(cfg: Any, **server: Any) -> AsyncIterator[Any]:
+    """A started in-process `Server(cfg, **server)`, shut down on exit."""
     from detectord.serve.server import Server
 
-    srv = Server(cfg)
+    srv = Server(cfg, **server)
     await srv.startup()
     try:
         yield srv

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -84,11 +85,24 @@ async def handle_ready(request: web.Request) -> web.Response:
 
 async def handle_reload(request: web.Request) -> web.Response:
     srv = request.app[SERVER_KEY]
+    if not srv.enable_lifecycle:
+        return web.Response(status=403, text="Lifecycle API is not enabled.\n")
+    if _cross_origin(request):
+        # A page in an operator's browser must not be able to make the daemon reload.
+        return web.Response(status=403, text="cross-origin request refused\n")
     try:
         await srv.reload("http")
     except DetectordError as exc:
         return web.Response(status=500, text=f"failed to reload config: {exc}\n")
     return web.Response(text="reloaded\n")
+
+
+def _cross_origin(request: web.Request) -> bool:
+    """A browser's request from another site: its Origin names another host than the one asked."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()
 
 
 async def handle_instances(request: web.Request) -> web.Response:

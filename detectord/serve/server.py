@@ -82,10 +82,13 @@ class Server:
         registry: CollectorRegistry | None = None,
         config_path: str | None = None,
         listen_override: str | None = None,
+        enable_lifecycle: bool = False,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.listen_override = listen_override
+        # POST /-/reload answers 403 without --web.enable-lifecycle, as Prometheus's does.
+        self.enable_lifecycle = enable_lifecycle
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry, cfg.ingest.instance_labels)
         self.ready = False
@@ -481,8 +484,10 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def serve(cfg: Config, *, config_path: str | None, listen_override: str | None) -> int:
-    srv = Server(cfg, config_path=config_path, listen_override=listen_override)
+async def serve(
+    cfg: Config, *, config_path: str | None, listen_override: str | None, enable_lifecycle: bool = False
+) -> int:
+    srv = Server(cfg, config_path=config_path, listen_override=listen_override, enable_lifecycle=enable_lifecycle)
     try:
         await srv.startup()
     except (ModelError, ConfigError) as exc:

@@ -37,7 +37,9 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Detectord]:
     """`detectord serve` on a copy of the default model (the tests break it), run from elsewhere."""
     model = tmp_path / "model"
     shutil.copytree(REPO / "models/default/5s", model)
-    async with run_detectord(CONFIG, workdir=tmp_path, model=model, cwd=tmp_path) as det:
+    async with run_detectord(
+        CONFIG, workdir=tmp_path, model=model, cwd=tmp_path, args=["--web.enable-lifecycle"]
+    ) as det:
         yield det
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import snappy
+from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from detectord.children import free_port
@@ -16,7 +17,18 @@ from detectord.config import AlertmanagerConfig, Duration
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.remote_write import encode_v1
 from detectord.serve.server import Server
-from tests.support import V1_HEADERS, V2_HEADERS, coredns_scrape, metric, states, step, test_config, v1_body, v2_body
+from tests.support import (
+    V1_HEADERS,
+    V2_HEADERS,
+    coredns_scrape,
+    metric,
+    running_server,
+    states,
+    step,
+    test_config,
+    v1_body,
+    v2_body,
+)
 
 NOW = int(time.time() * 1000)
 
@@ -208,3 +220,23 @@ async def test_shutdown_keeps_to_one_budget_and_says_what_it_could_not_deliver()
     assert 1.0 < took < 2.0 + 0.5, took
     lost = [e for e in logs if e["event"] == "alerts not delivered"]
     assert lost and lost[0]["alertmanager"] == down.url and lost[0]["count"] == 1
+
+
+async def test_the_reload_endpoint_is_off_unless_lifecycle_is_enabled_and_refuses_other_sites() -> None:
+    async with running_server(test_config()) as srv, aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{srv.port}/-/reload") as r:
+            assert r.status == 403
+            assert await r.text() == "Lifecycle API is not enabled.\n"
+        assert metric(generate_latest(srv.registry).decode(), "detectord_reloads_total", result="success") == 0
+    async with running_server(test_config(), enable_lifecycle=True) as srv, aiohttp.ClientSession() as s:
+        base = f"http://127.0.0.1:{srv.port}"
+        # A form on another site, posted from an operator's browser.
+        evil = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+        async with s.post(f"{base}/-/reload", data="x", headers=evil) as r:
+            assert r.status == 403
+            assert "cross-origin" in await r.text()
+        async with s.post(f"{base}/-/reload", headers={"Origin": base}) as r:
+            assert r.status == 500  # its own page may; this in-process server has no config file to reload
+            assert "no config file to reload" in await r.text()
+        async with s.post(f"{base}/-/reload") as r:  # curl, Prometheus-style tooling: no Origin
+            assert r.status == 500
