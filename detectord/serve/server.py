@@ -490,7 +490,9 @@ async def serve(
     srv = Server(cfg, config_path=config_path, listen_override=listen_override, enable_lifecycle=enable_lifecycle)
     try:
         await srv.startup()
-    except (ModelError, ConfigError) as exc:
+    except (ModelError, ConfigError, OSError) as exc:
+        # OSError: the listen address is taken or not ours. Shut down what started (the inference
+        # worker, alert delivery) so the process exits with one line, not a traceback.
         log.error("cannot start", error=str(exc))
         await srv.shutdown()
         return 2 if isinstance(exc, ConfigError) else 1

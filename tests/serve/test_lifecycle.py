@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -103,3 +107,23 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(daemon: Detectord
         resp.release()
     rc = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
     assert rc == 0
+
+
+def test_a_taken_listen_address_is_one_log_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "detectord.yml"
+        cfg.write_text(f'web: {{listen_address: "127.0.0.1:{port}"}}\nstate: {{dir: ""}}\n')
+        got = subprocess.run(
+            [sys.executable, "-m", "detectord", "serve", "--config.file", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert got.returncode == 1, got.stderr[-2000:]
+    lines = got.stderr.splitlines()
+    assert all(line.startswith("{") for line in lines), got.stderr[-2000:]  # no traceback
+    (failed,) = [json.loads(line) for line in lines if '"cannot start"' in line]
+    assert "address already in use" in failed["error"]
