@@ -6,21 +6,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= detectord.example.yml
 
-.PHONY: run test test-fast test-e2e check format venv venv-dev system-deps coredns kube-tools container-deps image image-cuda proto bench models data clean
+.PHONY: run test test-fast test-e2e check format venv venv-dev system-deps coredns compliance kube-tools container-deps image image-cuda proto bench models data clean
 
 # Install the package (with its CPU backend, JAX) and serve the shipped default model.
 run: venv
 	$(BIN)/detectord serve --config.file $(CONFIG)
 
 # Install everything the tests need (Debian packages, CoreDNS, Python packages) and run them all.
-test: venv-dev system-deps coredns kube-tools container-deps
+test: venv-dev system-deps coredns compliance kube-tools container-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Unit and component tests only (no CoreDNS build, no end-to-end run).
 test-fast: venv-dev
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
-test-e2e: venv-dev system-deps coredns kube-tools container-deps
+test-e2e: venv-dev system-deps coredns compliance kube-tools container-deps
 	$(BIN)/pytest -m e2e $(PYTEST_ARGS)
 
 # Formatting, lint, types (mypy --strict on the package, the lab, the tests and bench) and the
@@ -55,6 +55,10 @@ system-deps:
 
 coredns:
 	scripts/build-coredns.sh
+
+# The remote-write 2.0 receiver compliance suite (prometheus/compliance), pinned, from the Go module proxy.
+compliance:
+	scripts/build-compliance.sh
 
 # kustomize, psscheck (the real restricted Pod Security checks), the pinned Kubernetes OpenAPI
 # spec and prometheus-operator CRDs: what tests/deploy validates the manifests with.

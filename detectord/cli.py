@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow POST /-/reload (off: 403, as in Prometheus); SIGHUP reloads either way",
     )
+    s.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="exporter-toolkit web config: TLS, client certificates, basic auth, headers (re-read on change)",
+    )
     s.add_argument("--log.format", dest="log_format", choices=["json", "console"], default=None)
     s.add_argument("--log.level", dest="log_level", choices=["debug", "info", "warning", "error"], default=None)
 
@@ -45,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("config", help="validate a config file (and the model it names)")
     cc.add_argument("file")
     cc.add_argument("--skip-model", action="store_true", help="do not load the model")
+    cc.add_argument("--web.config.file", dest="web_config_file", default=None, help="validate this web config too")
+    cw = csub.add_parser("web-config", help="validate web config files (--web.config.file), as promtool's")
+    cw.add_argument("files", nargs="+")
 
     r = sub.add_parser("record", help="receive remote-write and append every request to a recording")
     r.add_argument("--out", required=True, help="recording file (appended to if it exists)")
@@ -160,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return _check_config(args.file, skip_model=args.skip_model)
+        if args.what == "web-config":
+            return max(_check_web_config(f) for f in args.files)
+        status = _check_config(args.file, skip_model=args.skip_model)
+        if args.web_config_file:
+            status = max(status, _check_web_config(args.web_config_file))
+        return status
     if args.command == "record":
         return _record(args)
     if args.command == "replay":
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             config_path=args.config_file,
             listen_override=args.listen_address,
             enable_lifecycle=args.enable_lifecycle,
+            web_config_file=args.web_config_file,
         )
     )
 
@@ -355,6 +370,21 @@ def _check_config(path: str, *, skip_model: bool) -> int:
             f"{len(model.features)} features"
         )
     print(f"{path}: OK")
+    return 0
+
+
+def _check_web_config(path: str) -> int:
+    """Every key, certificate, key and bcrypt hash of a web config file, as serve would load them."""
+    from detectord.serve.webconfig import load_web_config
+
+    try:
+        loaded = load_web_config(path)
+    except ConfigError as exc:
+        print(f"detectord: web config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    cfg = loaded.config
+    tls = f"TLS ({cfg.tls_server_config.client_auth_type or 'NoClientCert'})" if loaded.ssl_context else "no TLS"
+    print(f"{path}: OK: {tls}, {len(cfg.basic_auth_users)} basic auth users")
     return 0
 
 

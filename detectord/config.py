@@ -84,6 +84,22 @@ class WebConfig:
     max_body_size: ByteSize = ByteSize(16 * 1024**2)
     max_decoded_body_size: ByteSize = ByteSize(64 * 1024**2)
     shutdown_timeout: Duration = Duration(10.0)
+    # Open client connections; at the cap the one that has waited longest without finishing its
+    # request is closed to make room. Lowered to fit the open-files limit (LimitNOFILE).
+    max_connections: int = 4096
+    # Requests handled at once (probes aside); beyond, 503 with Retry-After, which Prometheus retries.
+    max_concurrent_requests: int = 256
+    # A connection that has not sent a whole request head within this long is closed.
+    read_header_timeout: Duration = Duration(10.0)
+    # A request body not received within this long is answered 408.
+    read_body_timeout: Duration = Duration(30.0)
+    # Remote-write limits, as Prometheus's scrape limits (0: none). A series beyond a label limit
+    # is refused (400, the rest of the request is taken); a request beyond
+    # remote_write_series_limit is refused whole before any series is decoded.
+    label_name_length_limit: int = 1024
+    label_value_length_limit: int = 4096
+    label_limit: int = 64
+    remote_write_series_limit: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,10 @@ class IngestConfig:
     instance_labels: tuple[str, ...] = ("job", "instance")
     # Instances tracked at once; new ones beyond are refused (and counted).
     max_instances: int = 10000
+    # Bytes the label cache may hold (series seen lately: decoding a known series is a dict lookup).
+    # Past it, and for series not seen for instance_ttl, entries are let go; an instance's own
+    # series stay while it is tracked.
+    label_cache_size: ByteSize = ByteSize(256 * 1024**2)
     # An instance that was scoring and whose samples stop for this long while the rest of the
     # stream goes on is down: its alert fires ("no data for 2m"). Leave null for
     # max(2m, 3 steps).
@@ -143,8 +163,12 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class AlertmanagerConfig:
+    # http:// or https://; alerts are posted to {url}{path_prefix}/api/v2/alerts.
     url: str
     timeout: Duration = Duration(10.0)
+    # Alertmanager's --web.route-prefix (or a reverse proxy's), as Prometheus's path_prefix.
+    path_prefix: str = ""
+    http_config: HTTPClientConfig = field(default_factory=lambda: HTTPClientConfig())
 
 
 @dataclass(frozen=True)
@@ -185,15 +209,20 @@ class StateConfig:
 @dataclass(frozen=True)
 class BasicAuthConfig:
     username: str
-    password: str = ""
     password_file: str = ""
+    # Secrets come only from files (re-read at each request, so a rotated one is picked up): a
+    # secret written in the config file would be shown wherever the file is.
+    _inline_secrets: ClassVar[Mapping[str, str]] = {"password": "password_file"}
 
 
 @dataclass(frozen=True)
 class AuthorizationConfig:
     type: str = "Bearer"
-    credentials: str = ""
     credentials_file: str = ""
+    _inline_secrets: ClassVar[Mapping[str, str]] = {"credentials": "credentials_file"}
+
+
+TLSVersion = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 
 
 @dataclass(frozen=True)
@@ -201,7 +230,10 @@ class TLSConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    # The name the server's certificate must carry, and the SNI sent (default: the URL's host).
+    server_name: str = ""
     insecure_skip_verify: bool = False
+    min_version: TLSVersion = "TLS12"
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,9 @@ class HTTPClientConfig:
     basic_auth: BasicAuthConfig | None = None
     authorization: AuthorizationConfig | None = None
     tls_config: TLSConfig = field(default_factory=TLSConfig)
+    # http:// or https:// proxy; credentials in it are refused, as other secrets in the file are.
+    proxy_url: str = ""
+    follow_redirects: bool = True
 
 
 @dataclass(frozen=True)
@@ -284,6 +319,12 @@ def _check(cfg: Config) -> None:
 
     _split_hostport(cfg.web.listen_address, "web.listen_address")
     need(cfg.web.max_body_size > 0, "web.max_body_size", "must be > 0")
+    need(cfg.web.max_connections >= 16, "web.max_connections", "must be >= 16")
+    need(cfg.web.max_concurrent_requests >= 1, "web.max_concurrent_requests", "must be >= 1")
+    need(cfg.web.read_header_timeout > 0, "web.read_header_timeout", "must be > 0")
+    need(cfg.web.read_body_timeout > 0, "web.read_body_timeout", "must be > 0")
+    for key in ("label_name_length_limit", "label_value_length_limit", "label_limit", "remote_write_series_limit"):
+        need(getattr(cfg.web, key) >= 0, f"web.{key}", "must be >= 0 (0: no limit)")
     need(
         cfg.web.max_decoded_body_size >= cfg.web.max_body_size,
         "web.max_decoded_body_size",
@@ -293,6 +334,7 @@ def _check(cfg: Config) -> None:
         need(cfg.ingest.step >= 0.1, "ingest.step", f"must be >= 100ms, got {cfg.ingest.step}")
     need(len(cfg.ingest.instance_labels) > 0, "ingest.instance_labels", "must name at least one label")
     need(cfg.ingest.max_instances >= 1, "ingest.max_instances", "must be >= 1")
+    need(cfg.ingest.label_cache_size >= 1024**2, "ingest.label_cache_size", "must be >= 1MiB")
     need(cfg.ingest.max_gap_steps >= 0, "ingest.max_gap_steps", "must be >= 0")
     need(cfg.ingest.failed_scrapes >= 1, "ingest.failed_scrapes", "must be >= 1")
     need(cfg.ingest.crash_loop_restarts >= 2, "ingest.crash_loop_restarts", "must be >= 2")
@@ -333,29 +375,48 @@ def _check(cfg: Config) -> None:
         )
     need(cfg.backfill.lookback > 0, "backfill.lookback", "must be > 0")
     need(cfg.backfill.timeout > 0, "backfill.timeout", "must be > 0")
-    auth = cfg.backfill.http_config
-    need(
-        auth.basic_auth is None or auth.authorization is None,
-        "backfill.http_config",
-        "basic_auth and authorization are mutually exclusive",
-    )
-    if auth.basic_auth is not None:
-        need(
-            not (auth.basic_auth.password and auth.basic_auth.password_file),
-            "backfill.http_config.basic_auth",
-            "password and password_file are mutually exclusive",
-        )
-    if auth.authorization is not None:
-        need(
-            not (auth.authorization.credentials and auth.authorization.credentials_file),
-            "backfill.http_config.authorization",
-            "credentials and credentials_file are mutually exclusive",
-        )
+    check_http_config(cfg.backfill.http_config, "backfill.http_config")
     for i, am in enumerate(cfg.alerting.alertmanagers):
+        key = f"alerting.alertmanagers[{i}]"
         need(
-            re.match(r"https?://[^/]+", am.url) is not None,
-            f"alerting.alertmanagers[{i}].url",
-            f"must be an http(s) URL, got {am.url!r}",
+            re.fullmatch(r"https?://[^/@?#]+(/[^?#]*)?", am.url) is not None,
+            f"{key}.url",
+            f"must be an http(s) URL without credentials, query or fragment, got {am.url!r}",
+        )
+        need(
+            am.path_prefix == "" or re.fullmatch(r"(/[^/?#]+)+/?", am.path_prefix) is not None,
+            f"{key}.path_prefix",
+            f"must be a path starting with /, got {am.path_prefix!r}",
+        )
+        need(am.timeout > 0, f"{key}.timeout", "must be > 0")
+        check_http_config(am.http_config, f"{key}.http_config")
+
+
+def check_http_config(h: HTTPClientConfig, key: str) -> None:
+    """Refuse an `http_config` Prometheus would refuse; `key` names where it sits."""
+
+    def need(ok: bool, sub: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}.{sub}" if sub else key, msg)
+
+    need(h.basic_auth is None or h.authorization is None, "", "basic_auth and authorization are mutually exclusive")
+    if h.basic_auth is not None:
+        need(h.basic_auth.username != "", "basic_auth.username", "must not be empty")
+    if h.authorization is not None:
+        a = h.authorization
+        need(
+            re.fullmatch(r"[!-~]+", a.type) is not None and a.type.lower() != "basic",
+            "authorization.type",
+            f"must be one word other than Basic (use basic_auth for that), got {a.type!r}",
+        )
+        need(a.credentials_file != "", "authorization.credentials_file", "is required: the file holding the token")
+    t = h.tls_config
+    need(bool(t.cert_file) == bool(t.key_file), "tls_config", "cert_file and key_file must be given together")
+    if h.proxy_url:
+        need(
+            re.fullmatch(r"https?://[^/@?#]+/?", h.proxy_url) is not None,
+            "proxy_url",
+            f"must be http://HOST:PORT or https://HOST:PORT without credentials, got {h.proxy_url!r}",
         )
 
 
@@ -386,6 +447,9 @@ def from_mapping(cls: type[Any], raw: Any, key: str) -> Any:
     for name, value in raw.items():
         sub = f"{key}.{name}" if key else str(name)
         f = by_yaml.get(name)
+        secret_file = getattr(cls, "_inline_secrets", {}).get(name)
+        if f is None and secret_file is not None:
+            raise ConfigError(sub, f"secrets are not accepted inline; put it in a file and set {secret_file}")
         if f is None:
             raise ConfigError(sub, f"unknown key (known: {', '.join(sorted(by_yaml))})")
         kwargs[f.name] = _convert(hints[f.name], value, sub)

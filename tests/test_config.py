@@ -56,15 +56,35 @@ def test_example_documents_every_key_with_its_default() -> None:
         ("state: {directory: /var/lib}", "state.directory"),
         ("backfill: {url: 'prometheus:9090'}", "backfill.url"),
         ("backfill: {lookback: 0s}", "backfill.lookback"),
-        ("backfill: {http_config: {basic_auth: {password: x}}}", "backfill.http_config.basic_auth.username"),
+        ("backfill: {http_config: {basic_auth: {password_file: x}}}", "backfill.http_config.basic_auth.username"),
         (
-            "backfill: {http_config: {basic_auth: {username: u}, authorization: {credentials: t}}}",
+            "backfill: {http_config: {basic_auth: {username: u}, authorization: {credentials_file: t}}}",
             "backfill.http_config",
         ),
         (
             "backfill: {http_config: {authorization: {credentials: t, credentials_file: f}}}",
-            "backfill.http_config.authorization",
+            "backfill.http_config.authorization.credentials",
         ),
+        *[
+            (f"alerting: {{alertmanagers: [{{url: 'https://am:9093', {am}}}]}}", f"alerting.alertmanagers[0].{key}")
+            for am, key in [
+                ("http_config: {basic_auth: {username: u, password: hunter2}}", "http_config.basic_auth.password"),
+                ("http_config: {basic_auth: {username: u}, authorization: {credentials_file: f}}", "http_config"),
+                ("http_config: {authorization: {type: Basic, credentials_file: f}}", "http_config.authorization.type"),
+                ("http_config: {authorization: {type: Bearer}}", "http_config.authorization.credentials_file"),
+                ("http_config: {tls_config: {cert_file: c.pem}}", "http_config.tls_config"),
+                ("http_config: {tls_config: {key_file: k.pem}}", "http_config.tls_config"),
+                ("http_config: {tls_config: {min_version: TLS14}}", "http_config.tls_config.min_version"),
+                ("http_config: {tls_config: {servername: am}}", "http_config.tls_config.servername"),
+                ("http_config: {proxy_url: 'socks5://proxy:1080'}", "http_config.proxy_url"),
+                ("http_config: {proxy_url: 'http://user:secret@proxy:3128'}", "http_config.proxy_url"),
+                ("http_config: {follow_redirects: maybe}", "http_config.follow_redirects"),
+                ("http_config: {oauth2: {}}", "http_config.oauth2"),
+                ("path_prefix: alertmanager", "path_prefix"),
+                ("timeout: 0s", "timeout"),
+            ]
+        ],
+        ("alerting: {alertmanagers: [{url: 'https://u:p@am:9093'}]}", "alerting.alertmanagers[0].url"),
     ],
 )
 def test_bad_config_names_the_key(text: str, key: str) -> None:
@@ -72,6 +92,60 @@ def test_bad_config_names_the_key(text: str, key: str) -> None:
         parse_config(text)
     assert info.value.key == key
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "secret", "file_key"),
+    [
+        ("basic_auth: {username: u, password: hunter2}", "password", "password_file"),
+        ("authorization: {credentials: hunter2}", "credentials", "credentials_file"),
+    ],
+)
+def test_inline_secrets_are_refused_with_the_file_key_to_use(section: str, secret: str, file_key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"backfill: {{http_config: {{{section}}}}}")
+    assert info.value.key.endswith(f".{secret}")
+    assert file_key in info.value.reason
+    assert "hunter2" not in str(info.value)
+
+
+def test_alertmanager_http_config_the_prometheus_way() -> None:
+    cfg = parse_config(
+        """
+alerting:
+  alertmanagers:
+    - url: https://alertmanager.example:9093
+      path_prefix: /alertmanager
+      http_config:
+        basic_auth: {username: detectord, password_file: /etc/detectord/am-password}
+        tls_config:
+          ca_file: /etc/detectord/ca.pem
+          cert_file: /etc/detectord/client.pem
+          key_file: /etc/detectord/client-key.pem
+          server_name: alertmanager.internal
+          min_version: TLS13
+        proxy_url: http://proxy.example:3128
+        follow_redirects: false
+    - url: http://127.0.0.1:9093
+      http_config:
+        authorization: {credentials_file: /etc/detectord/token}
+"""
+    )
+    first, second = cfg.alerting.alertmanagers
+    assert first.path_prefix == "/alertmanager"
+    h = first.http_config
+    assert h.basic_auth is not None and h.basic_auth.password_file == "/etc/detectord/am-password"
+    assert h.tls_config.server_name == "alertmanager.internal"
+    assert h.tls_config.min_version == "TLS13"
+    assert h.tls_config.insecure_skip_verify is False
+    assert (h.proxy_url, h.follow_redirects) == ("http://proxy.example:3128", False)
+    d = second.http_config
+    assert d.authorization is not None and (d.authorization.type, d.authorization.credentials_file) == (
+        "Bearer",
+        "/etc/detectord/token",
+    )
+    # Prometheus's defaults: verify, TLS 1.2 at least, follow redirects.
+    assert (d.tls_config.min_version, d.follow_redirects, d.proxy_url) == ("TLS12", True, "")
 
 
 def test_durations_and_sizes() -> None:

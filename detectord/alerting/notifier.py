@@ -1,5 +1,5 @@
-"""Delivery of alerts to every configured Alertmanager: a bounded queue and a sender per
-Alertmanager, re-sends of firing and resolved alerts, retries with backoff.
+"""Delivery of alerts to every configured Alertmanager: a bounded queue, a sender and an HTTP
+session (its own `http_config`) per Alertmanager, re-sends of firing and resolved alerts, retries.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from detectord import http_client
 from detectord.alerting.states import Alert, LabelsKey
 from detectord.config import AlertingConfig, AlertmanagerConfig
+from detectord.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +38,8 @@ class _NotifierMetrics:
         self.sent = Counter("detectord_alerts_sent_total", "Alerts Alertmanager accepted.", am, registry=registry)
         self.failures = Counter(
             "detectord_alert_send_failures_total",
-            "Alerts in posts to Alertmanager that failed, by reason (connection, timeout, http_<code>); "
+            "Alerts in posts to Alertmanager that failed, by reason (connection, tls, timeout, credentials "
+            "(a password or token file unreadable), tls_config (certificates unloadable), http_<code>); "
             "all but 4xx answers are retried.",
             [*am, "reason"],
             registry=registry,
@@ -44,7 +47,7 @@ class _NotifierMetrics:
         self.dropped = Counter(
             "detectord_alerts_dropped_total",
             "Alerts given up on, by reason: queue_full (oldest dropped while Alertmanager was unreachable) or "
-            "rejected (a 4xx answer).",
+            "rejected (a 4xx answer, 401 and 403 included).",
             [*am, "reason"],
             registry=registry,
         )
@@ -92,7 +95,6 @@ class AlertmanagerNotifier:
         cfg: AlertingConfig,
         *,
         registry: CollectorRegistry,
-        session: aiohttp.ClientSession | None = None,
         external_url: str,
         min_backoff: float = MIN_BACKOFF,
         max_backoff: float = MAX_BACKOFF,
@@ -102,21 +104,20 @@ class AlertmanagerNotifier:
         self.cfg = cfg
         self.external_url = external_url.rstrip("/")
         self.metrics = _metrics_for(registry)
-        self._session = session
-        self._own_session = session is None
-        self._targets = [_Target(am, self, min_backoff, max_backoff) for am in cfg.alertmanagers]
+        self._targets = [
+            _Target(am, f"alerting.alertmanagers[{i}]", self, min_backoff, max_backoff)
+            for i, am in enumerate(cfg.alertmanagers)
+        ]
         self._active: dict[LabelsKey, _Tracked] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("AlertmanagerNotifier used outside `async with`")
-        return self._session
-
     async def __aenter__(self) -> AlertmanagerNotifier:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
+        """Open each Alertmanager's session and start sending. One whose certificates cannot be
+        loaded is logged and tried again at each send (never raises: a reload has already closed
+        the previous notifier when it opens this one)."""
+        for t in self._targets:
+            with contextlib.suppress(ConfigError):
+                t.open()
         for t in self._targets:
             self._spawn(t.run(), f"alertmanager {t.url}")
         if self._targets:
@@ -134,9 +135,7 @@ class AlertmanagerNotifier:
         for t in self._targets:
             with contextlib.suppress(KeyError):
                 self.metrics.queue_length.remove(t.url)
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        await asyncio.gather(*(t.close() for t in self._targets))
 
     def report_undelivered(self) -> None:
         """Log, per Alertmanager, the alerts still queued or in flight (they are lost on exit)."""
@@ -230,11 +229,15 @@ class _Target:
     """One Alertmanager: its queue, its sender task's state and its backoff."""
 
     def __init__(
-        self, am: AlertmanagerConfig, owner: AlertmanagerNotifier, min_backoff: float, max_backoff: float
+        self, am: AlertmanagerConfig, key: str, owner: AlertmanagerNotifier, min_backoff: float, max_backoff: float
     ) -> None:
-        self.url = am.url.rstrip("/")
+        self.config, self.key = am, key
+        # Names the Alertmanager in metrics and logs; never holds a secret (config refuses them).
+        self.url = am.url.rstrip("/") + am.path_prefix.rstrip("/")
         self.endpoint = f"{self.url}/api/v2/alerts"
         self.timeout = aiohttp.ClientTimeout(total=float(am.timeout))
+        self._session: aiohttp.ClientSession | None = None
+        self._tls_broken = False
         self.owner = owner
         self.capacity = owner.cfg.queue_capacity
         self.max_batch = owner.cfg.max_batch
@@ -254,6 +257,30 @@ class _Target:
         self._latency = m.latency.labels(self.url)
         self._queue_length = m.queue_length.labels(self.url)
         self._queue_length.set(0)
+
+    def open(self) -> aiohttp.ClientSession:
+        """This Alertmanager's session, made now if not yet; ConfigError if its certificates
+        (tls_config) cannot be loaded, logged once until they can."""
+        if self._session is None:
+            try:
+                self._session = http_client.session(
+                    self.config.http_config,
+                    f"{self.key}.http_config",
+                    url=self.config.url,
+                    timeout=float(self.config.timeout),
+                )
+            except ConfigError as exc:
+                if not self._tls_broken:
+                    log.error("cannot load certificates; alerts wait", alertmanager=self.url, error=str(exc))
+                self._tls_broken = True
+                raise
+            self._tls_broken = False
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def enqueue(self, alerts: Iterable[Alert]) -> None:
         for a in alerts:
@@ -327,11 +354,20 @@ class _Target:
         status, body = 0, b""
         reason = ""
         try:
-            async with owner.session.post(self.endpoint, json=payload, timeout=self.timeout) as resp:
+            session = self.open()
+            async with session.post(self.endpoint, json=payload, timeout=self.timeout) as resp:
                 status = resp.status
                 body = await resp.read()
         except TimeoutError:
             reason = "timeout"
+        except ConfigError as exc:
+            reason, body = "tls_config", exc.reason.encode()
+        except http_client.CredentialsError as exc:
+            reason, body = "credentials", str(exc).encode()
+        except http_client.RedirectNotFollowed as exc:
+            status, body = exc.status, exc.message.encode()
+        except aiohttp.ClientSSLError as exc:
+            reason, body = "tls", str(exc).encode()
         except aiohttp.ClientConnectionError as exc:
             reason, body = "connection", str(exc).encode()
         except aiohttp.ClientError as exc:

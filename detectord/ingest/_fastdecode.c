@@ -4,7 +4,7 @@
  * lookup. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built,
  * and the tests check both give the same result.
  *
- * decode_v1(data, cache, resolve, max_ts, start, max_series, keys, counts, timestamps, values)
+ * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values)
  *     -> (samples, histograms, exemplars, metadata, rejects, next)
  *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
  *   samples to the flat lists timestamps and values: no per-sample container objects, so the
@@ -14,8 +14,21 @@
  *   cache:   dict  raw label bytes -> SeriesKey | str (the reason the labels are invalid)
  *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
  *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8
- *   rejects: list of (SeriesKey | str, n_samples, why) with why in {"labels", "no_samples", "future"}
+ *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
+ *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
+ *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
+ *   histograms and exemplars count those of accepted series only.
  * Raises ValueError on a malformed message.
+ *
+ * scan(data, series_field, other_field, max_series) -> (series, first_unknown_field)
+ *   Walks the top-level fields only: how many series a request holds (before any is decoded, so
+ *   the series limit costs a few nanoseconds per series; it stops at max_series + 1) and the
+ *   first field the message its Content-Type names does not have (0 if none).
+ *
+ * Both follow the protobuf library's (upb's) rules exactly, because remote_write.py's pure Python
+ * path uses it and the two must accept and refuse the same bodies: field number 0, tags longer
+ * than 5 bytes or above 2^32, wire types 6 and 7 and unbalanced groups are malformed; unknown
+ * fields (groups included, at most 100 levels deep counting message nesting) are skipped.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,8 +55,27 @@ static int read_varint(cursor *c, uint64_t *out) {
     return -1;
 }
 
-/* Skips one field of wire type wt; 0 on success. */
-static int skip_field(cursor *c, unsigned wt) {
+/* A field's tag as upb reads it: at most 5 bytes, below 2^32, field number not 0. */
+static int read_tag(cursor *c, uint32_t *field, unsigned *wt) {
+    uint64_t v = 0;
+    for (int i = 0; i < 5; i++) {
+        if (c->p >= c->end) return -1;
+        uint8_t b = *c->p++;
+        v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            if (v > 0xFFFFFFFFu || (v >> 3) == 0) return -1;
+            *field = (uint32_t)(v >> 3);
+            *wt = (unsigned)(v & 7);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+#define MAX_DEPTH 100
+
+/* Skips one unknown field of wire type wt; 0 on success. depth: group levels still allowed. */
+static int skip_field(cursor *c, uint32_t field, unsigned wt, int depth) {
     uint64_t n;
     switch (wt) {
     case 0:
@@ -56,6 +88,15 @@ static int skip_field(cursor *c, unsigned wt) {
         if (read_varint(c, &n) || (uint64_t)(c->end - c->p) < n) return -1;
         c->p += n;
         return 0;
+    case 3:
+        if (depth <= 0) return -1;
+        for (;;) {
+            uint32_t f;
+            unsigned w;
+            if (read_tag(c, &f, &w)) return -1;
+            if (w == 4) return f == field ? 0 : -1;
+            if (skip_field(c, f, w, depth - 1)) return -1;
+        }
     case 5:
         if (c->end - c->p < 4) return -1;
         c->p += 4;
@@ -85,9 +126,9 @@ static int parse_sample(cursor s, samplebuf *buf) {
     double value = 0.0;
     int64_t ts = 0;
     while (s.p < s.end) {
-        uint64_t tag;
-        if (read_varint(&s, &tag)) return -1;
-        unsigned field = (unsigned)(tag >> 3), wt = (unsigned)(tag & 7);
+        uint32_t field;
+        unsigned wt;
+        if (read_tag(&s, &field, &wt)) return -1;
         if (field == 1 && wt == 1) {
             if (s.end - s.p < 8) return -1;
             memcpy(&value, s.p, 8); /* little-endian hosts only; checked at import */
@@ -96,7 +137,7 @@ static int parse_sample(cursor s, samplebuf *buf) {
             uint64_t v;
             if (read_varint(&s, &v)) return -1;
             ts = (int64_t)v;
-        } else if (skip_field(&s, wt)) {
+        } else if (skip_field(&s, field, wt, MAX_DEPTH - 2)) {
             return -1;
         }
     }
@@ -129,26 +170,41 @@ static PyObject *label_pairs(const uint8_t *p, const uint8_t *end) {
     if (!pairs) return NULL;
     cursor c = {p, end};
     while (c.p < c.end) {
-        uint64_t tag;
+        uint32_t tf;
+        unsigned tw;
         cursor lab;
-        if (read_varint(&c, &tag)) goto bad;
-        if ((tag >> 3) != 1 || (tag & 7) != 2) {
-            if (skip_field(&c, (unsigned)(tag & 7))) goto bad;
+        if (read_tag(&c, &tf, &tw)) goto bad;
+        if (tf != 1 || tw != 2) {
+            if (skip_field(&c, tf, tw, MAX_DEPTH - 1)) goto bad;
             continue;
         }
         if (read_len(&c, &lab)) goto bad;
         cursor name = {NULL, NULL}, value = {NULL, NULL};
         while (lab.p < lab.end) {
-            uint64_t t;
+            uint32_t lf;
+            unsigned lw;
             cursor str;
-            if (read_varint(&lab, &t)) goto bad;
-            if ((t & 7) != 2) {
-                if (skip_field(&lab, (unsigned)(t & 7))) goto bad;
+            if (read_tag(&lab, &lf, &lw)) goto bad;
+            if ((lf != 1 && lf != 2) || lw != 2) {
+                if (skip_field(&lab, lf, lw, MAX_DEPTH)) goto bad;
                 continue;
             }
             if (read_len(&lab, &str)) goto bad;
-            if ((t >> 3) == 1) name = str;
-            else if ((t >> 3) == 2) value = str;
+            cursor *slot = lf == 1 ? &name : &value;
+            if (slot->p != NULL) {
+                /* A repeated field: the last one counts, but protobuf checks every one's UTF-8. */
+                PyObject *prev = PyUnicode_DecodeUTF8((const char *)slot->p, slot->end - slot->p, "strict");
+                if (!prev) {
+                    if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                        PyErr_Clear();
+                        goto bad;
+                    }
+                    Py_DECREF(pairs);
+                    return NULL;
+                }
+                Py_DECREF(prev);
+            }
+            *slot = str;
         }
         PyObject *n = PyUnicode_DecodeUTF8((const char *)name.p, name.end - name.p, "strict");
         PyObject *v = n ? PyUnicode_DecodeUTF8((const char *)value.p, value.end - value.p, "strict") : NULL;
@@ -178,8 +234,8 @@ bad:
     Py_RETURN_NONE;
 }
 
-static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why) {
-    PyObject *item = Py_BuildValue("(Ons)", key, n, why);
+static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why, PyObject *detail) {
+    PyObject *item = Py_BuildValue("(OnsO)", key, n, why, detail ? detail : Py_None);
     if (!item) return NULL;
     int rc = PyList_Append(rejects, item);
     Py_DECREF(item);
@@ -188,11 +244,11 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve, *keys, *counts, *tss, *vals;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals;
     long long max_ts;
     Py_ssize_t start, max_series;
-    if (!PyArg_ParseTuple(args, "y*O!OLnnO!O!O!O!", &buf, &PyDict_Type, &cache, &resolve, &max_ts, &start,
-                          &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type, &tss,
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!", &buf, &PyDict_Type, &cache, &resolve, &check_hist, &max_ts,
+                          &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type, &tss,
                           &PyList_Type, &vals))
         return NULL;
     if (start < 0 || start > buf.len) {
@@ -201,6 +257,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *rejects = PyList_New(0);
+    PyObject *hists = NULL;
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0;
     char *scratch = NULL;
     size_t scratch_cap = 0;
@@ -211,9 +268,9 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     cursor c = {(const uint8_t *)buf.buf + start, (const uint8_t *)buf.buf + buf.len};
     Py_ssize_t done = 0;
     while (c.p < c.end && done < max_series) {
-        uint64_t tag;
-        if (read_varint(&c, &tag)) { err = "truncated tag"; goto fail; }
-        unsigned field = (unsigned)(tag >> 3), wt = (unsigned)(tag & 7);
+        uint32_t field;
+        unsigned wt;
+        if (read_tag(&c, &field, &wt)) { err = "malformed tag"; goto fail; }
         if (field == 3 && wt == 2) {
             cursor skip;
             if (read_len(&c, &skip)) { err = "truncated metadata"; goto fail; }
@@ -221,7 +278,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             continue;
         }
         if (field != 1 || wt != 2) {
-            if (skip_field(&c, wt)) { err = "malformed field"; goto fail; }
+            if (skip_field(&c, field, wt, MAX_DEPTH)) { err = "malformed field"; goto fail; }
             continue;
         }
         cursor ts;
@@ -232,14 +289,15 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         const uint8_t *lab_start = NULL, *lab_end = NULL;
         int contiguous = 1;
         size_t lab_bytes = 0;
-        Py_ssize_t hist = 0;
+        Py_ssize_t hist = 0, ex = 0;
         int64_t last_ts = INT64_MIN;
         sb.n = 0;
+        Py_CLEAR(hists);
         while (ts.p < ts.end) {
             const uint8_t *field_start = ts.p;
-            uint64_t t2;
-            if (read_varint(&ts, &t2)) { err = "truncated series tag"; goto fail; }
-            unsigned f2 = (unsigned)(t2 >> 3), w2 = (unsigned)(t2 & 7);
+            uint32_t f2;
+            unsigned w2;
+            if (read_tag(&ts, &f2, &w2)) { err = "malformed series tag"; goto fail; }
             cursor sub;
             if (f2 == 1 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated label"; goto fail; }
@@ -255,17 +313,18 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                 if (sb.ts[sb.n - 1] > last_ts) last_ts = sb.ts[sb.n - 1];
             } else if (f2 == 3 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
-                n_ex++;
+                ex++;
             } else if (f2 == 4 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated histogram"; goto fail; }
+                if (!hists && !(hists = PyList_New(0))) goto fail;
+                if (append_new(hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
                 hist++;
-            } else if (skip_field(&ts, w2)) {
+            } else if (skip_field(&ts, f2, w2, MAX_DEPTH - 1)) {
                 err = "malformed series field"; goto fail;
             }
         }
         Py_ssize_t n = sb.n;
         n_samples += n;
-        n_hist += hist;
 
         PyObject *raw;
         if (lab_start == NULL) {
@@ -284,15 +343,16 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             cursor re = {(const uint8_t *)lab_start, ts.end};
             while (re.p < re.end) {
                 const uint8_t *fs = re.p;
-                uint64_t t3;
+                uint32_t f3;
+                unsigned w3;
                 cursor lab;
-                read_varint(&re, &t3);
-                if ((t3 >> 3) == 1 && (t3 & 7) == 2) {
+                read_tag(&re, &f3, &w3); /* already checked above */
+                if (f3 == 1 && w3 == 2) {
                     read_len(&re, &lab);
                     memcpy(scratch + off, fs, (size_t)(re.p - fs));
                     off += (size_t)(re.p - fs);
                 } else {
-                    skip_field(&re, (unsigned)(t3 & 7));
+                    skip_field(&re, f3, w3, MAX_DEPTH - 1);
                 }
             }
             raw = PyBytes_FromStringAndSize(scratch, (Py_ssize_t)off);
@@ -314,25 +374,37 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         }
         Py_DECREF(raw);
 
+        /* The same checks in the same order as remote_write._v1_python_steps. */
         int rc = 0;
+        PyObject *problem = NULL;
         if (PyUnicode_Check(key)) {
-            rc = reject(rejects, key, n, "labels") ? 0 : -1;
-        } else if (n == 0) {
-            if (hist == 0) rc = reject(rejects, key, 0, "no_samples") ? 0 : -1;
-        } else if (last_ts > max_ts) {
-            rc = reject(rejects, key, n, "future") ? 0 : -1;
+            rc = reject(rejects, key, n, "labels", NULL) ? 0 : -1;
+        } else if (hist && !(problem = PyObject_CallFunctionObjArgs(check_hist, hists, NULL))) {
+            rc = -1;
+        } else if (problem && problem != Py_None) {
+            rc = reject(rejects, key, n, "histogram", problem) ? 0 : -1;
+        } else if (n == 0 && hist == 0) {
+            rc = reject(rejects, key, 0, "no_samples", NULL) ? 0 : -1;
+        } else if (n > 0 && last_ts > max_ts) {
+            rc = reject(rejects, key, n, "future", NULL) ? 0 : -1;
         } else {
-            rc = PyList_Append(keys, key);
-            if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
-            for (Py_ssize_t i = 0; i < n && !rc; i++) {
-                rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
-                if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
+            n_hist += hist;
+            n_ex += ex;
+            if (n > 0) {
+                rc = PyList_Append(keys, key);
+                if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
+                for (Py_ssize_t i = 0; i < n && !rc; i++) {
+                    rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
+                    if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
+                }
             }
         }
+        Py_XDECREF(problem);
         Py_DECREF(key);
         if (rc) goto fail;
     }
     Py_ssize_t next = (Py_ssize_t)(c.p - (const uint8_t *)buf.buf);
+    Py_XDECREF(hists);
     PyMem_Free(scratch);
     PyMem_Free(sb.ts);
     PyMem_Free(sb.val);
@@ -340,6 +412,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nnnnNn)", n_samples, n_hist, n_ex, n_meta, rejects, next);
 
 fail:
+    Py_XDECREF(hists);
     PyMem_Free(scratch);
     PyMem_Free(sb.ts);
     PyMem_Free(sb.val);
@@ -349,8 +422,41 @@ fail:
     return NULL;
 }
 
+static PyObject *scan(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    unsigned int series_field, other_field;
+    Py_ssize_t max_series;
+    if (!PyArg_ParseTuple(args, "y*IIn", &buf, &series_field, &other_field, &max_series)) return NULL;
+    cursor c = {(const uint8_t *)buf.buf, (const uint8_t *)buf.buf + buf.len};
+    Py_ssize_t series = 0;
+    uint32_t unknown = 0;
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    while (c.p < c.end) {
+        uint32_t field;
+        unsigned wt;
+        cursor sub;
+        if (read_tag(&c, &field, &wt)) { bad = 1; break; }
+        if (wt == 2 && (field == series_field || field == other_field)) {
+            if (read_len(&c, &sub)) { bad = 1; break; }
+            if (field == series_field && ++series > max_series) break;
+            continue;
+        }
+        if (!unknown) unknown = field;
+        if (skip_field(&c, field, wt, MAX_DEPTH)) { bad = 1; break; }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "malformed top-level field");
+        return NULL;
+    }
+    return Py_BuildValue("(nI)", series, (unsigned int)unknown);
+}
+
 static PyMethodDef methods[] = {
     {"decode_v1", decode_v1, METH_VARARGS, "Decode a decompressed remote write 1.0 request."},
+    {"scan", scan, METH_VARARGS, "Count a request's series and find its first unknown top-level field."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,7 +14,14 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from detectord.ingest.remote_write import DecodedWrite, LabelCache, SeriesKey, decode_v1_message, is_stale_marker
+from detectord.ingest.remote_write import (
+    DEFAULT_CACHE_BYTES,
+    DecodedWrite,
+    LabelCache,
+    SeriesKey,
+    decode_v1_message,
+    is_stale_marker,
+)
 
 InstanceKey = tuple[str, ...]
 
@@ -450,6 +457,7 @@ class FeatureExtractor:
         features: Sequence[Feature] = FEATURES,
         max_instances: int = 1_000_000,
         max_gap_steps: int = 5,
+        label_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         if step_ms <= 0:
             raise ValueError(f"step must be > 0 ms, got {step_ms}")
@@ -459,8 +467,8 @@ class FeatureExtractor:
         self.max_instances = max_instances
         self.max_gap_steps = max_gap_steps
         self._table = _SourceTable(self.features)
-        # Decode with this cache: per-series state lives on its SeriesKeys.
-        self.labels = LabelCache()
+        # Decode with this cache: per-series state lives on its SeriesKeys (pinned while bound).
+        self.labels = LabelCache(label_cache_bytes)
         self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
         self._instances: dict[InstanceKey, _Instance] = {}
         # Instances whose `up` arrived in the latest ingest call.
@@ -584,7 +592,7 @@ class FeatureExtractor:
         if inst is not None:
             for sk in inst.series:
                 sk.state = None
-                self.labels.forget(sk)
+                self.labels.unpin(sk)  # it goes once it is not seen for a while
             # Break the instance ⇄ series cycles so reference counting frees them (see Ingestor).
             inst.series.clear()
             for g in inst.gauges:
@@ -696,6 +704,13 @@ class FeatureExtractor:
         self.up_seen.add(s.key)
 
     def _bind(self, sk: SeriesKey, now: float) -> _Series | _UpSeries | object | None:
+        canon = self.labels.canonical(sk)
+        if canon is not sk:
+            # The label cache let go of this label set while a request that held its old key was
+            # being decoded: the series has one key, the cache's, whatever the request holds.
+            if canon.state is not None:
+                return canon.state
+            sk = canon
         if sk.name == UP:
             key = tuple(dict(sk.labels).get(k, "") for k in self.instance_labels)
             inst = self._instances.get(key)
@@ -753,6 +768,7 @@ class FeatureExtractor:
             inst.gauges[gauge_source].append(s)
         inst.series.append(sk)
         sk.state = s
+        self.labels.pin(sk)
         self.series_bound += 1
         return s
 

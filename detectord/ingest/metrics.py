@@ -62,6 +62,23 @@ class IngestMetrics:
             registry=registry,
         )
 
+        self.label_cache_bytes = Gauge(
+            "detectord_label_cache_bytes",
+            "Estimated bytes of the label cache's series seen lately, bounded by ingest.label_cache_size "
+            "(the series of tracked instances are kept apart, whatever the bound).",
+            registry=registry,
+        )
+        self.label_cache_series = Gauge(
+            "detectord_label_cache_series", "Distinct series the label cache holds.", registry=registry
+        )
+        self.label_cache_forgotten = Counter(
+            "detectord_label_cache_forgotten_total",
+            "Label cache entries let go: not seen for ingest.instance_ttl (idle), or to stay within "
+            "ingest.label_cache_size (size).",
+            ["reason"],
+            registry=registry,
+        )
+
     def count_ingest(self, stats: IngestStats) -> None:
         for outcome in ("accepted", "ignored", "duplicate", "stale", "non_finite", "instance_limit", "late"):
             n = getattr(stats, outcome)

@@ -8,11 +8,14 @@ the event loop never decodes and the per-instance state has a single writer.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -21,10 +24,16 @@ from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats,
 from detectord.ingest.liveness import CrashLoop, CrashLoops, LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
-from detectord.ingest.remote_write import DecodedWrite, Version, decode
+from detectord.ingest.remote_write import DEFAULT_CACHE_BYTES, DecodedWrite, Steps, Version, WriteLimits, decode_steps
 from detectord.ingest.windows import WindowStore
 
 FREEZE_AFTER_NEW_SERIES = 10_000
+# Entries the label cache lets go in one turn past which freed heap is handed back to the system.
+GIVE_BACK_AFTER_FORGETTING = 10_000
+# One request's work in one job on the ingest thread (a decoding step or a slice of series can
+# take a little longer): about the most it delays another request's.
+SLICE_S = 0.1
+INGEST_SLICE_SERIES = 20_000
 T = TypeVar("T")
 
 
@@ -36,6 +45,9 @@ class WriteResult:
     # Why some series were refused (the rest was still ingested): answer 400 with it.
     error: str | None
     stats: IngestStats
+    # Series refused, by reason (remote_write.Reason.kind). The written counts are of the
+    # series accepted only.
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -71,6 +83,7 @@ class Ingestor:
         window: int,
         inputs: InputPlan,
         max_instances: int,
+        label_cache_bytes: int = DEFAULT_CACHE_BYTES,
         max_gap_steps: int,
         max_decoded: int,
         max_future_s: float,
@@ -81,10 +94,17 @@ class Ingestor:
         crash_loop_restarts: int,
         crash_loop_within_s: float,
         on_liveness: Callable[[list[LivenessEvent]], object] | None = None,
+        limits: WriteLimits | None = None,
     ) -> None:
         self.extractor = FeatureExtractor(
-            step_ms, instance_labels, max_instances=max_instances, max_gap_steps=max_gap_steps
+            step_ms,
+            instance_labels,
+            max_instances=max_instances,
+            max_gap_steps=max_gap_steps,
+            label_cache_bytes=label_cache_bytes,
         )
+        if limits is not None:
+            self.extractor.labels.limits = limits
         self.step_s = step_ms / 1000.0
         self.normaliser = Normaliser(inputs, self.step_s)
         self.windows = WindowStore(window, len(inputs.features), inputs.min_rows)
@@ -105,8 +125,14 @@ class Ingestor:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
 
     async def write(self, body: bytes, version: Version) -> WriteResult:
+        """`write_sync` on the ingest thread, in jobs of at most about SLICE_S each: other
+        requests' jobs run between them, so one huge request does not hold up the rest (a usual
+        request is one job)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.write_sync, body, version)
+        w = _Write(self, body, version)
+        while (result := await loop.run_in_executor(self._executor, w.run, SLICE_S)) is None:
+            pass
+        return result
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
@@ -118,13 +144,19 @@ class Ingestor:
 
     def write_sync(self, body: bytes, version: Version) -> WriteResult:
         """One request body through decoding, features and windows, on the calling thread (the
-        ingest thread when serving; the caller's own when scoring a recording offline)."""
-        t0 = time.perf_counter()
+        caller's own when scoring a recording offline)."""
+        result = _Write(self, body, version).run(math.inf)
+        assert result is not None
+        return result
+
+    def decode_steps(self, body: bytes, version: Version) -> Steps:
         now_ms = int(time.time() * 1000)
-        decoded = decode(
+        return decode_steps(
             body, version, self.extractor.labels, max_decoded=self.max_decoded, max_ts_ms=now_ms + self.max_future_ms
         )
-        stats = IngestStats()
+
+    def ingest(self, decoded: DecodedWrite, stats: IngestStats) -> None:
+        """Decoded series through features, baselines and windows; full windows to the worker."""
         bound = self.extractor.series_bound
         now = time.monotonic()
         self.last_write = now
@@ -140,6 +172,10 @@ class Ingestor:
         if events:
             self._deliver_liveness(events)
             self.update_instance_gauges()
+
+    def account(self, decoded: DecodedWrite, stats: IngestStats, seconds: float) -> WriteResult:
+        """Count a whole request (`seconds` of work on the ingest thread) in the metrics and say
+        what was written."""
         m = self.metrics
         m.count_ingest(stats)
         if decoded.invalid_samples:
@@ -152,7 +188,7 @@ class Ingestor:
         ):
             if n:
                 m.ignored_other.labels(kind).inc(n)
-        m.decode_seconds.observe(time.perf_counter() - t0)
+        m.decode_seconds.observe(seconds)
         return WriteResult(
             samples_written=decoded.samples - decoded.invalid_samples,
             # Native histograms are valid input that no feature reads: received, not stored.
@@ -160,6 +196,7 @@ class Ingestor:
             exemplars_written=decoded.exemplars,
             error=decoded.first_error,
             stats=stats,
+            refused=decoded.refused,
         )
 
     def backfill_sync(self, write: DecodedWrite) -> IngestStats:
@@ -227,12 +264,29 @@ class Ingestor:
             self.metrics.instances.labels(state).set(n)
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
+        """Forget instances not heard from since `older_than` (monotonic), and the label cache's
+        series not seen for as long."""
         gone = self.extractor.evict_idle(older_than)
         self._forget_state(gone)
         if gone:
             self.metrics.instances_evicted.inc(len(gone))
         self.update_instance_gauges()
+        now = time.monotonic()
+        cache = self.extractor.labels
+        let_go = sum(cache.forgotten.values())
+        cache.turn_if_idle(now, now - older_than)
+        if gone or sum(cache.forgotten.values()) - let_go >= GIVE_BACK_AFTER_FORGETTING:
+            give_back_memory()
+        self.update_cache_gauges()
         return gone
+
+    def update_cache_gauges(self) -> None:
+        cache, m = self.extractor.labels, self.metrics
+        m.label_cache_bytes.set(cache.size_bytes)
+        m.label_cache_series.set(len(cache))
+        for why, n in cache.forgotten.items():
+            counted = m.label_cache_forgotten.labels(why)
+            counted.inc(n - counted._value.get())
 
     def reset_windows(self, window: int, inputs: InputPlan) -> None:
         """A model with another window or other inputs: every instance warms again."""
@@ -310,3 +364,80 @@ class Ingestor:
         self._unconfirmed.difference_update(keys)
         self.liveness.forget(keys)
         self.crash_loops.forget(keys)
+
+
+class _Write:
+    """One request through the ingest path in jobs: its decoding's steps, then its series in
+    slices, then the account of it. `run` does what fits in a time budget on the ingest thread."""
+
+    def __init__(self, ingestor: Ingestor, body: bytes, version: Version) -> None:
+        self.ingestor = ingestor
+        self.steps = ingestor.decode_steps(body, version)
+        self.interned = ingestor.extractor.labels.interned
+        self.decoded: DecodedWrite | None = None
+        self.parts: Iterator[DecodedWrite] = iter(())
+        self.stats = IngestStats()
+        self.busy = 0.0
+
+    def run(self, budget_s: float) -> WriteResult | None:
+        """Work for about `budget_s` (at least one step): the result once done, else None."""
+        t0 = time.perf_counter()
+        until = t0 + budget_s
+        ing = self.ingestor
+        try:
+            while True:
+                if self.decoded is None:
+                    try:
+                        next(self.steps)
+                    except StopIteration as done:
+                        self.decoded = done.value
+                        self.parts = slices(done.value, INGEST_SLICE_SERIES)
+                    if ing.extractor.labels.interned - self.interned >= FREEZE_AFTER_NEW_SERIES:
+                        # As in Ingestor.ingest: many new long-lived keys, bound or not.
+                        gc.freeze()
+                        self.interned = ing.extractor.labels.interned
+                else:
+                    part = next(self.parts, None)
+                    if part is None:
+                        return ing.account(self.decoded, self.stats, self.busy + time.perf_counter() - t0)
+                    ing.ingest(part, self.stats)
+                if time.perf_counter() >= until:
+                    return None
+        finally:
+            self.busy += time.perf_counter() - t0
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def give_back_memory() -> None:
+    """Hand freed heap back to the system: without it glibc keeps the pages of objects freed in
+    bulk (an expired flood of junk series) and the resident size never comes down."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def slices(decoded: DecodedWrite, n: int) -> Iterator[DecodedWrite]:
+    """`decoded`'s series, `n` at a time (itself when it has no more than `n`)."""
+    if len(decoded.keys) <= n:
+        yield decoded
+        return
+    first = 0
+    for i in range(0, len(decoded.keys), n):
+        counts = decoded.counts[i : i + n]
+        last = first + sum(counts)
+        yield DecodedWrite(
+            decoded.version,
+            decoded.keys[i : i + n],
+            counts,
+            decoded.timestamps[first:last],
+            decoded.values[first:last],
+        )
+        first = last

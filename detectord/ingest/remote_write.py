@@ -6,15 +6,19 @@ Remote write 1.0 (`prometheus.WriteRequest`) and 2.0 (`io.prometheus.write.v2.Re
 
 from __future__ import annotations
 
+import itertools
+import math
 import struct
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import cramjam
 import snappy
 from google.protobuf.message import DecodeError
 
+from detectord.config import WebConfig
 from detectord.errors import RemoteWriteError
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v1_view_pb2 as pbv
@@ -43,6 +47,36 @@ def is_stale_marker(value: float) -> bool:
     return value != value and struct.pack("<d", value) == _STALE_NAN_BYTES
 
 
+@dataclass(frozen=True, slots=True)
+class WriteLimits:
+    """What one request may hold, as Prometheus's `label_name_length_limit`,
+    `label_value_length_limit` and `label_limit` (0: no limit) and a series count; beyond them
+    a series (or, for the series count, the whole request) is refused with 400."""
+
+    label_name_length: int = 1024
+    label_value_length: int = 4096
+    labels: int = 64
+    series: int = 2_000_000
+
+    @classmethod
+    def of(cls, web: WebConfig) -> WriteLimits:
+        return cls(
+            web.label_name_length_limit, web.label_value_length_limit, web.label_limit, web.remote_write_series_limit
+        )
+
+
+class Reason(str):
+    """Why a series or a request was refused, with the short `kind` it is counted under in
+    detectord_remote_write_rejected_*_total{reason}."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str) -> Reason:
+        self = super().__new__(cls, text)
+        self.kind = kind
+        return self
+
+
 class SeriesKey:
     """One series' identity, interned by a LabelCache: equal label sets share one SeriesKey.
 
@@ -60,40 +94,136 @@ class SeriesKey:
         return f"SeriesKey({_show(self.labels)})"
 
 
+# What the label cache may hold, estimated as below: about 500,000 distinct series of a few labels.
+DEFAULT_CACHE_BYTES = 256 * 1024**2
+# Estimated bytes of a cache entry beyond its raw label bytes (dict slot, bytes object), of a
+# SeriesKey beyond its label strings, and of each label pair's objects (tuple, two str headers).
+_ENTRY_BYTES = 120
+_KEY_BYTES = 200
+_LABEL_BYTES = 170
+
+
+def _key_bytes(labels: Labels) -> int:
+    return _KEY_BYTES + sum(len(n) + len(v) + _LABEL_BYTES for n, v in labels)
+
+
+def _entry_bytes(raw: object) -> int:
+    if isinstance(raw, bytes):
+        return _ENTRY_BYTES + len(raw)
+    if isinstance(raw, tuple):  # the pure-Python decoder's Label messages
+        return _ENTRY_BYTES + sum(len(b) + 40 for b in raw)
+    return _ENTRY_BYTES
+
+
 class LabelCache:
     """Interns label sets. A 1.0 series is looked up by its raw label bytes, so a series seen
-    before costs one dict lookup instead of parsing and validating its labels again."""
+    before costs one dict lookup instead of parsing and validating its labels again.
 
-    def __init__(self, max_raw_entries: int = 4_000_000) -> None:
+    Bounded in bytes, and given back. Entries live in two generations: `turn()` drops the older
+    and makes the younger older, and an entry seen again moves back to the younger. So whatever
+    was not seen for a whole period goes, junk series and series nobody reads cost nothing
+    lasting, and a turn costs no walk over the entries. Keys the owner `pin`s (an instance's
+    series: their SeriesKey carries its counters) stay until unpinned. The owner turns it once
+    per idle period (`turn_if_idle`), the decoder whenever it outgrows `max_bytes` (`after_decode`).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, limits: WriteLimits | None = None) -> None:
         # Raw label bytes (a tuple of Label messages, or the label fields as one bytes object
-        # for the C decoder) to what they mean.
+        # for the C decoder) to what they mean, seen since the last turn; and those seen in the
+        # period before.
         self._raw: dict[object, SeriesKey | str] = {}
-        self._canonical: dict[Labels, SeriesKey] = {}
-        self.max_raw_entries = max_raw_entries
+        self._old: dict[object, SeriesKey | str] = {}
+        # Label sets to their one key, in the same two generations, and the pinned ones.
+        self._keys: dict[Labels, SeriesKey] = {}
+        self._old_keys: dict[Labels, SeriesKey] = {}
+        self._pinned: dict[Labels, SeriesKey] = {}
+        self.max_bytes = max_bytes
+        self._limits = limits or WriteLimits()
+        # Estimated bytes of what was made or seen again since the last turn, and of the older generation.
+        self.young_bytes = 0
+        self.old_bytes = 0
+        self.interned = 0  # keys ever made
+        self.turned_at = time.monotonic()
+        # Entries forgotten by turns, by why the turn came ("idle", "size").
+        self.forgotten: dict[str, int] = {"idle": 0, "size": 0}
+
+    @property
+    def limits(self) -> WriteLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: WriteLimits) -> None:
+        if limits != self._limits:
+            self._limits = limits
+            # Their verdicts were made under the old limits.
+            self._raw.clear()
+            self._old.clear()
 
     def __len__(self) -> int:
-        return len(self._canonical)
+        """Distinct series held."""
+        return len(self._keys) + len(self._old_keys) + len(self._pinned)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.young_bytes + self.old_bytes
 
     def intern(self, labels: Labels) -> SeriesKey:
-        key = self._canonical.get(labels)
+        key = self._pinned.get(labels) or self._keys.get(labels)
+        if key is not None:
+            return key
+        key = self._old_keys.pop(labels, None)
         if key is None:
-            key = self._canonical[labels] = SeriesKey(labels)
+            key = SeriesKey(labels)
+            self.interned += 1
+        self._keys[labels] = key
+        self.young_bytes += _key_bytes(labels)
         return key
+
+    def canonical(self, key: SeriesKey) -> SeriesKey:
+        """The cache's key for `key`'s labels: `key` itself, unless a turn let go of it while a
+        request held it and the same labels came again since."""
+        labels = key.labels
+        held = self._pinned.get(labels) or self._keys.get(labels) or self._old_keys.get(labels)
+        if held is not None:
+            return held
+        self._keys[labels] = key
+        self.young_bytes += _key_bytes(labels)
+        return key
+
+    def pin(self, key: SeriesKey) -> None:
+        """Keep `key` whatever the turns, until `unpin`."""
+        labels = key.labels
+        self._pinned[labels] = key
+        if self._keys.pop(labels, None) is None:
+            self._old_keys.pop(labels, None)
+
+    def unpin(self, key: SeriesKey) -> None:
+        """Let `key` go like any other once it is not seen for a while."""
+        if self._pinned.pop(key.labels, None) is not None:
+            self._keys[key.labels] = key
 
     def from_raw(self, raw: tuple[bytes, ...]) -> SeriesKey | str:
         """The SeriesKey of serialized prometheus.Label messages, or why they are invalid."""
         hit = self._raw.get(raw)
         if hit is not None:
             return hit
-        return self._store(raw, raw)
+        return self.from_label_fields(raw, raw)
 
-    def from_label_fields(self, raw: bytes, pairs: list[tuple[str, str]] | None) -> SeriesKey | str:
-        """Like from_raw, for the label fields of a TimeSeries as the C decoder found them."""
-        return self._store(raw, pairs)
+    def from_label_fields(
+        self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | None
+    ) -> SeriesKey | str:
+        """Like from_raw, for the label fields of a TimeSeries as the C decoder found them (it
+        looked in _raw already)."""
+        hit = self._old.pop(raw, None)
+        if hit is None:
+            hit = self._resolve(labels)
+        elif isinstance(hit, SeriesKey):
+            hit = self.canonical(hit)  # seen again: its key moves back to the younger generation too
+        self._raw[raw] = hit
+        self.young_bytes += _entry_bytes(raw)
+        return hit
 
-    def _store(self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | None) -> SeriesKey | str:
-        if len(self._raw) >= self.max_raw_entries:
-            self._raw.clear()  # churn: start over rather than grow without bound
+    def _resolve(self, labels: tuple[bytes, ...] | list[tuple[str, str]] | None) -> SeriesKey | str:
         pairs: list[tuple[str, str]] = []
         try:
             if labels is None:
@@ -105,15 +235,29 @@ class LabelCache:
                 else:
                     pairs.append(lb)
         except (DecodeError, UnicodeDecodeError):
-            result: SeriesKey | str = "a label is not a valid protobuf message with UTF-8 strings"
-        else:
-            checked = check_labels(pairs)
-            result = checked if isinstance(checked, str) else self.intern(checked)
-        self._raw[raw] = result
-        return result
+            return Reason("a label is not a valid protobuf message with UTF-8 strings", "labels")
+        checked = check_labels(pairs, self._limits)
+        return checked if isinstance(checked, str) else self.intern(checked)
 
-    def forget(self, key: SeriesKey) -> None:
-        self._canonical.pop(key.labels, None)
+    def after_decode(self) -> None:
+        """Turn if the cache has outgrown max_bytes."""
+        if self.young_bytes + self.old_bytes > self.max_bytes:
+            self.turn("size")
+
+    def turn_if_idle(self, now: float, idle_s: float) -> None:
+        """Turn every half of `idle_s`: an entry unseen for `idle_s` is gone."""
+        if now - self.turned_at >= idle_s / 2:
+            self.turn("idle")
+
+    def turn(self, why: str = "idle") -> int:
+        """Forget the older generation; the younger becomes the older. Returns how many entries went."""
+        gone = len(self._old) + len(self._old_keys)
+        self._old, self._raw = self._raw, {}
+        self._old_keys, self._keys = self._keys, {}
+        self.old_bytes, self.young_bytes = self.young_bytes, 0
+        self.turned_at = time.monotonic()
+        self.forgotten[why] += gone
+        return gone
 
 
 @dataclass(slots=True)
@@ -133,9 +277,11 @@ class DecodedWrite:
     exemplars: int = 0
     metadata: int = 0
     # Series refused as invalid, with the first reason; the rest of the request is still used.
+    # `histograms` and `exemplars` count those of accepted series only.
     invalid_series: int = 0
     invalid_samples: int = 0
     first_error: str | None = None
+    refused: dict[str, int] = field(default_factory=dict)  # series refused, by Reason.kind
 
     def add(self, key: SeriesKey, samples: Sequence[tuple[int, float]]) -> None:
         self.keys.append(key)
@@ -154,6 +300,8 @@ class DecodedWrite:
     def reject(self, reason: str, samples: int) -> None:
         self.invalid_series += 1
         self.invalid_samples += samples
+        kind = reason.kind if isinstance(reason, Reason) else "invalid"
+        self.refused[kind] = self.refused.get(kind, 0) + 1
         if self.first_error is None:
             self.first_error = reason
 
@@ -221,16 +369,186 @@ def decompress(body: bytes, *, max_decoded: int) -> memoryview:
 
 
 def decode(
-    body: bytes, version: Version, cache: LabelCache, *, max_decoded: int, max_ts_ms: int | None = None
+    body: bytes,
+    version: Version,
+    cache: LabelCache,
+    *,
+    max_decoded: int,
+    max_ts_ms: int | None = None,
+    use_c: bool = True,
 ) -> DecodedWrite:
-    """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413)."""
+    """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413).
+
+    The body must parse as the message its Content-Type names: one that does not (a 2.0 body sent
+    as 1.0 parses as an empty 1.0 request, and the reverse) is refused rather than answered 204
+    with nothing written. The series are counted before any is decoded, so a request beyond the
+    series limit costs only a walk over its top-level fields."""
+    return finish(decode_steps(body, version, cache, max_decoded=max_decoded, max_ts_ms=max_ts_ms, use_c=use_c))
+
+
+def decode_steps(
+    body: bytes,
+    version: Version,
+    cache: LabelCache,
+    *,
+    max_decoded: int,
+    max_ts_ms: int | None = None,
+    use_c: bool = True,
+) -> Steps:
+    """`decode` in steps of about STEP_SERIES series: each `next()` does one, and the last
+    returns the DecodedWrite. The ingest thread runs other requests' steps between them, so a
+    request of a million new series does not hold up everyone else's for seconds."""
     data = decompress(body, max_decoded=max_decoded)
+    c = use_c and _fastdecode is not None
+    check_message(data, version, cache.limits, use_c=c)
+    yield
     try:
         if version == "1.0":
-            return decode_v1_bytes(data, cache, max_ts_ms=max_ts_ms)
-        return decode_v2_message(pb2.Request.FromString(data), cache, max_ts_ms=max_ts_ms)
-    except DecodeError as exc:
-        raise RemoteWriteError(400, f"protobuf: cannot parse {version} request: {exc}") from None
+            if c:
+                return (yield from _v1_c_steps(data, cache, max_ts_ms=max_ts_ms))
+            return (yield from _v1_python_steps(data, cache, max_ts_ms=max_ts_ms))
+        msg = pb2.Request.FromString(data)
+        yield
+        return (yield from _v2_steps(msg, cache, max_ts_ms=max_ts_ms))
+    except DecodeError:
+        raise _malformed(version) from None
+    finally:
+        cache.after_decode()
+
+
+# A decoding in steps: each next() does a slice of the work; StopIteration carries the result.
+Steps = Generator[None, None, DecodedWrite]
+# Series decoded in one step (a few tens of ms when all are new).
+STEP_SERIES = 5_000
+
+
+def finish(steps: Steps) -> DecodedWrite:
+    """Run a decoding's steps to the end."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: DecodedWrite = done.value
+            return result
+
+
+# (field of the series, the message's other field) at the top level of each version's message.
+_TOP_FIELDS: dict[Version, tuple[int, int]] = {"1.0": (1, 3), "2.0": (5, 4)}
+_PROTO = {"1.0": PROTO_V1, "2.0": PROTO_V2}
+_OTHER: dict[Version, Version] = {"1.0": "2.0", "2.0": "1.0"}
+
+
+class RefusedWrite(RemoteWriteError):
+    """A whole request refused, with the `kind` it is counted under."""
+
+    def __init__(self, status: int, reason: str, kind: str) -> None:
+        super().__init__(status, reason)
+        self.kind = kind
+
+
+def _malformed(version: Version) -> RefusedWrite:
+    # One reason whichever decoder found the fault, so both answer alike.
+    return RefusedWrite(400, f"protobuf: body is not a valid {_PROTO[version]} message", "malformed")
+
+
+def check_message(data: bytes | memoryview, version: Version, limits: WriteLimits, *, use_c: bool = True) -> None:
+    """Refuse a body whose top level is not the message `version` names, or that holds more series
+    than `limits.series`."""
+    series_field, other_field = _TOP_FIELDS[version]
+    most = limits.series or 2**62
+    try:
+        if use_c and _fastdecode is not None:
+            series, unknown = _fastdecode.scan(data, series_field, other_field, most)
+        else:
+            series, unknown = _scan_python(bytes(data), series_field, other_field, most)
+    except ValueError:
+        raise _malformed(version) from None
+    if series > most:
+        # Found before the rest of the body was looked at: the walk stops there.
+        raise RefusedWrite(400, f"request has more than {most} series, the limit per request", "series_limit")
+    if unknown:
+        other = _OTHER[version]
+        hint = (
+            f"; a remote-write {other} body sent with the {version} Content-Type?"
+            if unknown in _TOP_FIELDS[other]
+            else ""
+        )
+        raise RefusedWrite(
+            400, f"protobuf: body is not a {_PROTO[version]} message: it has field {unknown}{hint}", "wrong_message"
+        )
+
+
+def _scan_python(data: bytes, series_field: int, other_field: int, most: int) -> tuple[int, int]:
+    """What _fastdecode.scan does, in Python (the reference it is tested against)."""
+    pos, series, unknown = 0, 0, 0
+    while pos < len(data):
+        field_no, wt, pos = _tag(data, pos)
+        if wt == 2 and field_no in (series_field, other_field):
+            n, pos = _varint(data, pos)
+            if n > len(data) - pos:
+                raise ValueError("truncated")
+            pos += n
+            if field_no == series_field:
+                series += 1
+                if series > most:
+                    break
+            continue
+        unknown = unknown or field_no
+        pos = _skip(data, pos, field_no, wt, 100)
+    return series, unknown
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    for i in range(10):
+        if pos >= len(data):
+            break
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            return result & 0xFFFFFFFFFFFFFFFF, pos
+    raise ValueError("malformed varint")
+
+
+def _tag(data: bytes, pos: int) -> tuple[int, int, int]:
+    # As upb reads a tag: at most 5 bytes, below 2^32, field number not 0.
+    v = 0
+    for i in range(5):
+        if pos >= len(data):
+            break
+        b = data[pos]
+        pos += 1
+        v |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            if v > 0xFFFFFFFF or v >> 3 == 0:
+                break
+            return v >> 3, v & 7, pos
+    raise ValueError("malformed tag")
+
+
+def _skip(data: bytes, pos: int, field_no: int, wt: int, depth: int) -> int:
+    if wt == 0:
+        return _varint(data, pos)[1]
+    if wt in (1, 5):
+        pos += 8 if wt == 1 else 4
+        if pos > len(data):
+            raise ValueError("truncated")
+        return pos
+    if wt == 2:
+        n, pos = _varint(data, pos)
+        if n > len(data) - pos:
+            raise ValueError("truncated")
+        return pos + n
+    if wt == 3 and depth > 0:
+        while True:
+            f, w, pos = _tag(data, pos)
+            if w == 4:
+                if f != field_no:
+                    raise ValueError("unbalanced group")
+                return pos
+            pos = _skip(data, pos, f, w, depth - 1)
+    raise ValueError("malformed field")
 
 
 def decode_v1_message(msg: pb1.WriteRequest, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
@@ -238,52 +556,83 @@ def decode_v1_message(msg: pb1.WriteRequest, cache: LabelCache, *, max_ts_ms: in
 
 
 C_CHUNK_SERIES = 2000
-_WHY = {"no_samples": "has no samples", "future": "sample timestamp too far in the future"}
+
+
+def _no_samples(labels: Labels) -> Reason:
+    return Reason(f"series {_show(labels)} has no samples", "no_samples")
+
+
+def _future(labels: Labels) -> Reason:
+    return Reason(f"series {_show(labels)} has a sample timestamp too far in the future", "future")
+
+
+def _bad_histogram(labels: Labels, why: str) -> Reason:
+    return Reason(f"series {_show(labels)} has an invalid native histogram: {why}", "histogram")
 
 
 def decode_v1_bytes(
     data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, use_c: bool = True
 ) -> DecodedWrite:
     if _fastdecode is not None and use_c:
-        limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
-        out = DecodedWrite("1.0")
-        pos = 0
-        while pos < len(data) or pos == 0:
-            try:
-                # In chunks: C code holds the GIL, and the event loop's thread needs it too.
-                n, hist, ex, meta, rejects, pos = _fastdecode.decode_v1(
-                    data,
-                    cache._raw,
-                    cache.from_label_fields,
-                    limit,
-                    pos,
-                    C_CHUNK_SERIES,
-                    out.keys,
-                    out.counts,
-                    out.timestamps,
-                    out.values,
-                )
-            except ValueError as exc:
-                raise DecodeError(str(exc)) from None
-            out.samples += n
-            out.histograms += hist
-            out.exemplars += ex
-            out.metadata += meta
-            for key, count, why in rejects:
-                out.reject(key if why == "labels" else f"series {_show(key.labels)} {_WHY[why]}", count)
-            if not data:
-                break
-        return out
-    return _decode_v1_python(data, cache, max_ts_ms=max_ts_ms)
+        return finish(_v1_c_steps(data, cache, max_ts_ms=max_ts_ms))
+    return finish(_v1_python_steps(data, cache, max_ts_ms=max_ts_ms))
 
 
-def _decode_v1_python(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
+def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
+    assert _fastdecode is not None
+    limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
+    out = DecodedWrite("1.0")
+    pos = 0
+    chunks = 0
+    while pos < len(data) or pos == 0:
+        chunks += 1
+        if chunks % (STEP_SERIES // C_CHUNK_SERIES) == 0:
+            yield
+        try:
+            # In chunks: C code holds the GIL, and the event loop's thread needs it too.
+            n, hist, ex, meta, rejects, pos = _fastdecode.decode_v1(
+                data,
+                cache._raw,
+                cache.from_label_fields,
+                _raw_histograms_problem,
+                limit,
+                pos,
+                C_CHUNK_SERIES,
+                out.keys,
+                out.counts,
+                out.timestamps,
+                out.values,
+            )
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        out.samples += n
+        out.histograms += hist
+        out.exemplars += ex
+        out.metadata += meta
+        for key, count, why, detail in rejects:
+            if why == "labels":
+                out.reject(key, count)
+            elif why == "histogram":
+                out.reject(_bad_histogram(key.labels, detail), count)
+            elif why == "no_samples":
+                out.reject(_no_samples(key.labels), count)
+            else:
+                out.reject(_future(key.labels), count)
+        if not data:
+            break
+    return out
+
+
+def _v1_python_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
     msg = pbv.WriteRequestView.FromString(data)
     out = DecodedWrite("1.0", metadata=len(msg.metadata))
     append = out.add
     from_raw = cache.from_raw
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
-    for ts in msg.timeseries:
+    # The same checks in the same order as _fastdecode.decode_v1.
+    for i, ts in enumerate(msg.timeseries, 1):
+        if i % STEP_SERIES == 0:
+            yield
         sv = ts.samples
         if len(sv) == 1:
             x = sv[0]
@@ -292,69 +641,200 @@ def _decode_v1_python(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms:
             samples = [(x.timestamp, x.value) for x in sv]
         n = len(samples)
         out.samples += n
-        if ts.histograms:
-            out.histograms += len(ts.histograms)
-        if ts.exemplars:
-            out.exemplars += len(ts.exemplars)
         key = from_raw(tuple(ts.labels))
         if isinstance(key, str):
             out.reject(key, n)
             continue
+        if ts.histograms:
+            why = _raw_histograms_problem(list(ts.histograms))
+            if why is not None:
+                out.reject(_bad_histogram(key.labels, why), n)
+                continue
         if not n:
             if not ts.histograms:
-                out.reject(f"series {_show(key.labels)} {_WHY['no_samples']}", 0)
+                out.reject(_no_samples(key.labels), 0)
+                continue
+        elif max(t for t, _ in samples) > limit:
+            out.reject(_future(key.labels), n)
             continue
-        if samples[-1][0] > limit:
-            out.reject(f"series {_show(key.labels)} {_WHY['future']}", n)
-            continue
-        append(key, samples)
+        out.histograms += len(ts.histograms)
+        out.exemplars += len(ts.exemplars)
+        if n:
+            append(key, samples)
     return out
 
 
 def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
+    return finish(_v2_steps(msg, cache, max_ts_ms=max_ts_ms))
+
+
+def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
     out = DecodedWrite("2.0")
     symbols = msg.symbols
     if symbols and symbols[0] != "":
-        raise RemoteWriteError(400, "symbols[0] must be the empty string")
+        raise RefusedWrite(400, "symbols[0] must be the empty string", "symbols")
     nsym = len(symbols)
     append = out.add
-    for ts in msg.timeseries:
+    limits = cache.limits
+    for i, ts in enumerate(msg.timeseries, 1):
+        if i % STEP_SERIES == 0:
+            yield
         samples = [(s.timestamp, s.value) for s in ts.samples]
         n = len(samples)
         out.samples += n
-        out.histograms += len(ts.histograms)
-        out.exemplars += len(ts.exemplars)
         if ts.HasField("metadata"):
             out.metadata += 1
         refs = ts.labels_refs
         if len(refs) % 2:
-            out.reject("labels_refs has an odd length", n)
+            out.reject(Reason("labels_refs has an odd length", "labels"), n)
             continue
         if refs and max(refs) >= nsym:
-            out.reject(f"labels_refs index {max(refs)} out of range of {nsym} symbols", n)
+            out.reject(Reason(f"labels_refs index {max(refs)} out of range of {nsym} symbols", "labels"), n)
             continue
-        checked = check_labels([(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)])
+        checked = check_labels([(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)], limits)
         if isinstance(checked, str):
             out.reject(checked, n)
             continue
         if samples and ts.histograms:
-            out.reject(f"series {_show(checked)} has both samples and histograms", n)
+            out.reject(Reason(f"series {_show(checked)} has both samples and histograms", "histogram"), n)
+            continue
+        bad = next((why for h in ts.histograms if (why := histogram_problem(h)) is not None), None)
+        if bad is not None:
+            out.reject(_bad_histogram(checked, bad), n)
             continue
         if not samples:
             if not ts.histograms:
-                out.reject(f"series {_show(checked)} has no samples", 0)
+                out.reject(_no_samples(checked), 0)
+            else:
+                out.histograms += len(ts.histograms)
+                out.exemplars += len(ts.exemplars)
             continue
         if any(samples[i][0] > samples[i + 1][0] for i in range(n - 1)):
             samples.sort(key=lambda s: s[0])
         if max_ts_ms is not None and samples[-1][0] > max_ts_ms:
-            out.reject(f"series {_show(checked)}: sample timestamp too far in the future", n)
+            out.reject(_future(checked), n)
             continue
+        out.exemplars += len(ts.exemplars)
         append(cache.intern(checked), samples)
     return out
 
 
-def check_labels(pairs: list[tuple[str, str]]) -> Labels | str:
-    """The validated label set, sorted by name, or why it is invalid."""
+class _Span(Protocol):
+    offset: int
+    length: int
+
+
+class _Histogram(Protocol):
+    """The fields histogram_problem reads; 1.0's and 2.0's Histogram messages both have them."""
+
+    sum: float
+    schema: int
+    zero_threshold: float
+
+    def WhichOneof(self, oneof_group: Literal["count", "zero_count"], /) -> str | None: ...
+
+    @property
+    def count_int(self) -> int: ...
+    @property
+    def count_float(self) -> float: ...
+    @property
+    def zero_count_int(self) -> int: ...
+    @property
+    def zero_count_float(self) -> float: ...
+    @property
+    def negative_spans(self) -> Sequence[_Span]: ...
+    @property
+    def positive_spans(self) -> Sequence[_Span]: ...
+    @property
+    def negative_deltas(self) -> Sequence[int]: ...
+    @property
+    def positive_deltas(self) -> Sequence[int]: ...
+    @property
+    def negative_counts(self) -> Sequence[float]: ...
+    @property
+    def positive_counts(self) -> Sequence[float]: ...
+    @property
+    def custom_values(self) -> Sequence[float]: ...
+
+
+CUSTOM_BUCKETS_SCHEMA = -53
+
+
+def _raw_histograms_problem(raws: list[bytes]) -> str | None:
+    """Why one of a 1.0 series' serialized Histogram messages is invalid, or None."""
+    for raw in raws:
+        try:
+            h = pb1.Histogram.FromString(raw)
+        except DecodeError:
+            return "not a valid protobuf message"
+        why = histogram_problem(h)
+        if why is not None:
+            return why
+    return None
+
+
+def histogram_problem(h: _Histogram) -> str | None:
+    """Why a native histogram is invalid, by the checks of Prometheus's receiver
+    (model/histogram's Validate): schema in range, spans that match their buckets, no negative
+    bucket, and a count that equals the sum of its buckets (at least it, when the sum is NaN)."""
+    schema = h.schema
+    custom = schema == CUSTOM_BUCKETS_SCHEMA
+    if not (-4 <= schema <= 8 or custom):
+        return f"schema {schema} is out of range (-4 to 8, or {CUSTOM_BUCKETS_SCHEMA} for custom buckets)"
+    is_float = h.WhichOneof("count") == "count_float"
+    total = 0.0
+    for side in ("negative", "positive"):
+        spans: Sequence[_Span] = getattr(h, f"{side}_spans")
+        buckets: Sequence[float] = getattr(h, f"{side}_counts" if is_float else f"{side}_deltas")
+        if custom and side == "negative" and (spans or buckets):
+            return "a custom-buckets histogram has negative buckets"
+        covered = 0
+        for i, span in enumerate(spans):
+            if i > 0 and span.offset < 0:
+                return f"{side} span {i} has a negative offset {span.offset}"
+            covered += span.length
+        if covered != len(buckets):
+            what = "counts" if is_float else "deltas"
+            return f"{side} spans cover {covered} buckets but {len(buckets)} {what} are given"
+        if is_float:
+            for c in buckets:
+                if not c >= 0:
+                    return f"a {side} bucket count {c} is negative"
+                total += c
+        else:
+            running = 0.0
+            for d in buckets:
+                running += d
+                if running < 0:
+                    return f"a {side} bucket count {running:g} is negative"
+                total += running
+    if custom:
+        bounds = list(h.custom_values)
+        if any(not math.isfinite(b) for b in bounds) or any(a >= b for a, b in itertools.pairwise(bounds)):
+            return "custom bucket bounds are not finite and increasing"
+    if is_float:
+        count: float = h.count_float
+        zero: float = h.zero_count_float if h.WhichOneof("zero_count") == "zero_count_float" else h.zero_count_int
+        if not (count >= 0 and zero >= 0):
+            return "count or zero count is negative"
+    else:
+        count = h.count_int
+        zero = h.zero_count_int if h.WhichOneof("zero_count") != "zero_count_float" else h.zero_count_float
+    total += zero
+    if math.isnan(h.sum):
+        if total > count * (1 + 1e-9) + 1e-9:
+            return f"count {count:g} is less than the {total:g} observations in its buckets"
+    elif abs(total - count) > 1e-9 * max(abs(count), 1.0):
+        return f"count {count:g} does not match the {total:g} observations in its buckets"
+    return None
+
+
+def check_labels(pairs: list[tuple[str, str]], limits: WriteLimits | None = None) -> Labels | str:
+    """The validated label set, sorted by name, or why it is invalid (a Reason)."""
+    if limits is not None:
+        why = _over_limits(pairs, limits)
+        if why is not None:
+            return why
     prev = ""
     in_order = True
     has_name = empty_value = False
@@ -369,19 +849,43 @@ def check_labels(pairs: list[tuple[str, str]]) -> Labels | str:
     if not in_order:
         pairs = sorted(pairs)
         if pairs[0][0] == "":
-            return f"series {_show(tuple(pairs))} has an empty label name"
+            return Reason(f"series {_show(tuple(pairs))} has an empty label name", "labels")
         if any(pairs[i][0] == pairs[i + 1][0] for i in range(len(pairs) - 1)):
-            return f"series {_show(tuple(pairs))} has duplicate label names"
+            return Reason(f"series {_show(tuple(pairs))} has duplicate label names", "labels")
     if not has_name:
-        return f"series {_show(tuple(pairs))} has no __name__ label"
+        return Reason(f"series {_show(tuple(pairs))} has no __name__ label", "labels")
     # An empty label value means the label is absent (Prometheus's data model).
     return tuple(p for p in pairs if p[1]) if empty_value else tuple(pairs)
 
 
+def _over_limits(pairs: list[tuple[str, str]], limits: WriteLimits) -> Reason | None:
+    if limits.labels and len(pairs) > limits.labels:
+        why = f"series {_show(tuple(pairs))} has {len(pairs)} labels, more than label_limit {limits.labels}"
+        return Reason(why, "label_limit")
+    for k, v in pairs:
+        if limits.label_name_length and len(k) > limits.label_name_length:
+            return Reason(
+                f"series {_show(tuple(pairs))} has a label name of {len(k)} characters, longer than "
+                f"label_name_length_limit {limits.label_name_length}",
+                "label_name_length",
+            )
+        if limits.label_value_length and len(v) > limits.label_value_length:
+            return Reason(
+                f"series {_show(tuple(pairs))}: label {_clip(k)} has a value of {len(v)} characters, longer than "
+                f"label_value_length_limit {limits.label_value_length}",
+                "label_value_length",
+            )
+    return None
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _show(labels: Labels) -> str:
     d = dict(labels)
-    name = d.pop("__name__", "")
-    inner = ",".join(f'{k}="{v}"' for k, v in d.items())
+    name = _clip(d.pop("__name__", ""), 200)
+    inner = ",".join(f'{_clip(k)}="{_clip(v)}"' for k, v in d.items())
     text = f"{name}{{{inner}}}"
     return text if len(text) <= 200 else text[:197] + "..."
 

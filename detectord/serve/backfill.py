@@ -63,7 +63,9 @@ async def backfill(cfg: BackfillConfig, ingestor: Ingestor, metrics: DaemonMetri
     skipped_ms = 0
     complete = False
     try:
-        async with http_client.session(cfg.http_config, "backfill.http_config", timeout=float(cfg.timeout)) as s:
+        async with http_client.session(
+            cfg.http_config, "backfill.http_config", url=cfg.url, timeout=float(cfg.timeout)
+        ) as s:
             client = RemoteReadClient(cfg.url, session=s, timeout=float(cfg.timeout))
             i = 0
             while i < chunks:

@@ -6,7 +6,7 @@ same registry.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -14,6 +14,7 @@ from detectord.ingest.features import InstanceKey
 from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_STATUS_REASONS = {413: "too_large", 415: "unsupported_media_type"}
 
 
 class DaemonMetrics(IngestMetrics):
@@ -28,6 +29,21 @@ class DaemonMetrics(IngestMetrics):
             "detectord_remote_write_requests_total",
             "Remote-write requests by HTTP status and protocol.",
             ["code", "protocol"],
+            registry=registry,
+        )
+        self.rejected_requests = Counter(
+            "detectord_remote_write_rejected_requests_total",
+            "Remote-write requests refused whole (4xx), by reason: malformed, wrong_message (a body that is "
+            "not the message its Content-Type names), series_limit, too_large, unsupported_media_type, "
+            "bad_request.",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejected_series = Counter(
+            "detectord_remote_write_rejected_series_total",
+            "Series refused in remote-write requests whose other series were taken (answered 400), by "
+            "reason: labels, label_limit, label_name_length, label_value_length, histogram, no_samples, future.",
+            ["reason"],
             registry=registry,
         )
         self.request_bytes = Counter(
@@ -137,6 +153,14 @@ class DaemonMetrics(IngestMetrics):
         self.backfill_seconds = Gauge(
             "detectord_backfill_duration_seconds", "Time the start-up backfill took.", registry=registry
         )
+
+    def count_refused_request(self, status: int, kind: str | None) -> None:
+        """A remote-write request refused whole: by its `kind`, or what its status says."""
+        self.rejected_requests.labels(kind or _STATUS_REASONS.get(status, "bad_request")).inc()
+
+    def count_refused_series(self, series: Mapping[str, int]) -> None:
+        for reason, n in series.items():
+            self.rejected_series.labels(reason).inc(n)
 
     # InferenceMetrics, called from the inference thread.
     def observe_batch(self, size: int, padded: int, seconds: float) -> None:

@@ -30,7 +30,8 @@ from detectord.errors import ConfigError, DetectordError, ModelError
 from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import LivenessEvent
 from detectord.ingest.pipeline import Ingestor
-from detectord.serve import snapshots
+from detectord.ingest.remote_write import WriteLimits
+from detectord.serve import admission, snapshots
 from detectord.serve.backfill import backfill
 from detectord.serve.backfill import matchers as backfill_matchers
 from detectord.serve.http import application
@@ -39,6 +40,7 @@ from detectord.serve.metrics import DaemonMetrics
 from detectord.serve.sink import ScoreSink
 from detectord.serve.state import StateKeeper
 from detectord.serve.systemd import Systemd
+from detectord.serve.webconfig import WebSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +85,7 @@ class Server:
         config_path: str | None = None,
         listen_override: str | None = None,
         enable_lifecycle: bool = False,
+        web_config_file: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
@@ -91,6 +94,8 @@ class Server:
         self.enable_lifecycle = enable_lifecycle
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry, cfg.ingest.instance_labels)
+        # --web.config.file: TLS, basic auth and headers for every endpoint; a bad file is a ConfigError here.
+        self.web_security = WebSecurity(web_config_file, self.registry)
         self.ready = False
         # Set once ready: only a daemon that restored (or had nothing to restore) writes a
         # snapshot, so one that failed at start never replaces a good snapshot with an empty one.
@@ -104,6 +109,7 @@ class Server:
         self.ingestor: Ingestor | None = None
         self.sink: ScoreSink | None = None
         self.notifier: AlertmanagerNotifier | None = None
+        self.admission: admission.Admission | None = None
         self.port: int = 0
         self.step_s = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -161,6 +167,7 @@ class Server:
             window=model.window,
             inputs=model.inputs,
             max_instances=cfg.ingest.max_instances,
+            label_cache_bytes=cfg.ingest.label_cache_size,
             max_gap_steps=cfg.ingest.max_gap_steps,
             max_decoded=cfg.web.max_decoded_body_size,
             max_future_s=cfg.ingest.max_future,
@@ -171,6 +178,7 @@ class Server:
             crash_loop_restarts=cfg.ingest.crash_loop_restarts,
             crash_loop_within_s=float(cfg.ingest.crash_loop_within),
             on_liveness=lambda events: loop.call_soon_threadsafe(self._deliver_liveness, events),
+            limits=WriteLimits.of(cfg.web),
         )
         self.ingestor.update_instance_gauges()
         stack.push_async_callback(self._close_ingestor)
@@ -183,6 +191,17 @@ class Server:
         if cfg.backfill.url:
             backfill_matchers(cfg.backfill)  # a bad selector is a config error, before listening
 
+        self.admission = admission.Admission(
+            admission.Limits(
+                max_connections=admission.connection_cap(cfg.web.max_connections),
+                max_concurrent_requests=cfg.web.max_concurrent_requests,
+                read_header_timeout=float(cfg.web.read_header_timeout),
+                read_body_timeout=float(cfg.web.read_body_timeout),
+            ),
+            self.registry,
+        )
+        loop.set_exception_handler(self.admission.exception_handler)
+        self._spawn(self.admission.run())
         runner = web.AppRunner(
             application(self), access_log=None, shutdown_timeout=float(cfg.web.shutdown_timeout) * HTTP_DRAIN_SHARE
         )
@@ -190,8 +209,11 @@ class Server:
         # Leaving it stops accepting; requests in flight finish within the runner's shutdown_timeout.
         stack.push_async_callback(runner.cleanup)
         host, port = listen_host_port(cfg)
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        # The SSLContext lives as long as the listener; reloads swap what it serves (webconfig.ListeningContext).
+        await admission.Site(runner, host, port, self.admission, ssl_context=self.web_security.ssl_context).start()
         self.port = int(runner.addresses[0][1])
+        if self.web_security.path is not None:
+            self._spawn(self.web_security.watch())
 
         # Listening (healthy) but not ready: remote writes are answered 503 and retried by
         # Prometheus until every known instance has its state back.
@@ -213,6 +235,8 @@ class Server:
             "detectord started",
             version=__version__,
             listen=f"{host}:{self.port}",
+            tls=self.web_security.ssl_context is not None,
+            basic_auth=bool(self.web_security.config.basic_auth_users),
             model=model.name,
             model_version=model.version,
             window=model.window,
@@ -302,7 +326,8 @@ class Server:
         host, port = listen_host_port(self.cfg)
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostname()
-        return f"http://{host}:{self.port or port}"
+        scheme = "https" if self.web_security.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port or port}"
 
     # ---- model, worker and reload -----------------------------------------------------------
 
@@ -354,9 +379,14 @@ class Server:
             self.systemd.ready(self.status())
 
     async def reload(self, trigger: str) -> None:
-        """Load config and model anew; if either is broken, keep running the old ones."""
+        """Load the web config, config and model anew; whichever is broken, keep running the old one."""
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
+            web_error: ConfigError | None = None
+            try:
+                await self.web_security.reload(trigger)
+            except ConfigError as exc:  # logged and counted; the rest still reloads
+                web_error = exc
             try:
                 if self.config_path is None:
                     raise ConfigError("--config.file", "no config file to reload (started without one)")
@@ -406,6 +436,7 @@ class Server:
             self.ingestor.liveness.failed_scrapes = cfg.ingest.failed_scrapes
             self.ingestor.crash_loops.restarts = cfg.ingest.crash_loop_restarts
             self.ingestor.crash_loops.within_s = float(cfg.ingest.crash_loop_within)
+            await self.ingestor.call(setattr, self.ingestor.extractor.labels, "limits", WriteLimits.of(cfg.web))
             self._publish_model(model)
             assert self.state is not None
             self.state.use(self._fingerprint(model), _model_meta(model))
@@ -414,6 +445,8 @@ class Server:
             await loop.run_in_executor(None, _freeze_heap)
             self.metrics.reloads.labels("success").inc()
             log.info("reloaded", trigger=trigger, model=model.name, model_version=model.version)
+            if web_error is not None:
+                raise web_error
 
     def _check_reloadable(self, cfg: Config) -> None:
         if cfg.ingest.instance_labels != self.cfg.ingest.instance_labels:
@@ -485,9 +518,24 @@ def _freeze_heap() -> None:
 
 
 async def serve(
-    cfg: Config, *, config_path: str | None, listen_override: str | None, enable_lifecycle: bool = False
+    cfg: Config,
+    *,
+    config_path: str | None,
+    listen_override: str | None,
+    enable_lifecycle: bool = False,
+    web_config_file: str | None = None,
 ) -> int:
-    srv = Server(cfg, config_path=config_path, listen_override=listen_override, enable_lifecycle=enable_lifecycle)
+    try:
+        srv = Server(
+            cfg,
+            config_path=config_path,
+            listen_override=listen_override,
+            enable_lifecycle=enable_lifecycle,
+            web_config_file=web_config_file,
+        )
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        return 2
     try:
         await srv.startup()
     except (ModelError, ConfigError, OSError) as exc:

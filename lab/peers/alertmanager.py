@@ -1,9 +1,13 @@
-"""A real Alertmanager (Debian's 0.25) on a loopback port, with gossip off and a blackhole receiver."""
+"""A real Alertmanager (Debian's 0.25) on a loopback port, with gossip off and a blackhole receiver;
+optionally behind its own --web.config.file (TLS, basic auth) and a --web.route-prefix."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,47 @@ receivers:
 """
 
 
+@dataclass(frozen=True)
+class AlertmanagerWeb:
+    """Alertmanager's own web config (exporter-toolkit's schema): TLS and basic_auth_users."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # User name to bcrypt hash.
+    basic_auth_users: dict[str, str] | None = None
+
+    def yaml(self) -> str:
+        doc: dict[str, Any] = {}
+        if self.cert_file is not None and self.key_file is not None:
+            doc["tls_server_config"] = {"cert_file": str(self.cert_file), "key_file": str(self.key_file)}
+        if self.basic_auth_users:
+            doc["basic_auth_users"] = dict(self.basic_auth_users)
+        return str(yaml.safe_dump(doc))
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
 @dataclass
 class Alertmanager:
+    # scheme://127.0.0.1:port, without the route prefix.
     url: str
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    route_prefix: str = ""
+    # How the test itself reaches an Alertmanager behind TLS and basic auth.
+    ssl_context: ssl.SSLContext | None = None
+    # An Authorization header value, e.g. detectord.http_client.basic_auth(user, password).
+    authorization: str | None = None
+
+    @property
+    def api_url(self) -> str:
+        return self.url + self.route_prefix
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self.authorization} if self.authorization else {}
 
     async def alerts(
         self,
@@ -50,8 +89,10 @@ class Alertmanager:
             if value is not None:
                 params.append((name, "true" if value else "false"))
         async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.url}/api/v2/alerts", params=params, timeout=aiohttp.ClientTimeout(total=5)) as resp,
+            aiohttp.ClientSession(
+                headers=self._headers(), connector=aiohttp.TCPConnector(ssl=self.ssl_context or True)
+            ) as session,
+            session.get(f"{self.api_url}/api/v2/alerts", params=params, timeout=aiohttp.ClientTimeout(total=5)) as resp,
         ):
             resp.raise_for_status()
             alerts: list[dict[str, Any]] = await resp.json()
@@ -79,9 +120,17 @@ async def run_alertmanager(
     webhook_url: str | None = None,
     group_by: Sequence[str] | None = None,
     group_wait: str = "1s",
+    web: AlertmanagerWeb | None = None,
+    route_prefix: str = "",
+    client_ssl: ssl.SSLContext | None = None,
+    client_authorization: str | None = None,
 ) -> AsyncIterator[Alertmanager]:
     """Start Alertmanager on 127.0.0.1:`port` (a free one if None) and wait until it is ready.
-    Notifications go nowhere, or to `webhook_url`, grouped by `group_by` after `group_wait`."""
+    Notifications go nowhere, or to `webhook_url`, grouped by `group_by` after `group_wait`.
+
+    With `web`, it serves TLS and asks for basic auth as that web config file says; the readiness
+    check and `alerts()` then use `client_ssl` (trusting its CA) and `client_authorization` (an
+    Authorization header). `route_prefix` moves every path under it, as behind a reverse proxy."""
     port = port if port is not None else children.free_port()
     home = workdir / f"alertmanager-{port}"
     home.mkdir(parents=True, exist_ok=True)
@@ -97,8 +146,44 @@ async def run_alertmanager(
         "--alerts.gc-interval=1s",
         "--log.level=debug",
     ]
-    url = f"http://127.0.0.1:{port}"
-    async with children.run(
-        argv, log=log, cwd=home, name="alertmanager", ready_url=f"{url}/-/ready", ready_timeout=20.0
-    ) as child:
-        yield Alertmanager(url=url, port=port, proc=child.proc, log=log)
+    if web is not None:
+        web_file = home / "web.yml"
+        web_file.write_text(web.yaml())
+        argv.append(f"--web.config.file={web_file}")
+    if route_prefix:
+        argv.append(f"--web.route-prefix={route_prefix}")
+    url = f"{'https' if web is not None and web.tls else 'http'}://127.0.0.1:{port}"
+    am_prefix = route_prefix.rstrip("/")
+    async with children.run(argv, log=log, cwd=home, name="alertmanager") as child:
+        am = Alertmanager(
+            url=url,
+            port=port,
+            proc=child.proc,
+            log=log,
+            route_prefix=am_prefix,
+            ssl_context=client_ssl,
+            authorization=client_authorization,
+        )
+        await _ready(am, child, timeout=20.0)
+        yield am
+
+
+async def _ready(am: Alertmanager, child: children.Child, *, timeout: float) -> None:
+    ready = f"{am.api_url}/-/ready"
+    deadline = time.monotonic() + timeout
+    last: object = None
+    async with aiohttp.ClientSession(
+        headers=am._headers(), connector=aiohttp.TCPConnector(ssl=am.ssl_context or True)
+    ) as session:
+        while time.monotonic() < deadline:
+            if not child.alive:
+                raise children.ChildError(child.name, f"exited before {ready} answered", child.tail())
+            try:
+                async with session.get(ready, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return
+                    last = resp.status
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                last = exc
+            await asyncio.sleep(0.1)
+    raise children.ChildError(child.name, f"{ready} not ready after {timeout:g}s (last: {last!r})", child.tail())

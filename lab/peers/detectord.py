@@ -3,10 +3,13 @@ The one way every test, benchmark and lab run starts the daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,15 @@ class Detectord:
     config: Path
     child: children.Child
     model: Path
+    # With --web.config.file: how a client gets in (TLS context, Authorization header).
+    ssl: ssl.SSLContext | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def session(self) -> aiohttp.ClientSession:
+        """A client session that gets past the web config (if any)."""
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else True), headers=self.headers
+        )
 
     @property
     def write_url(self) -> str:
@@ -40,7 +52,7 @@ class Detectord:
         write_config(self.config, config, port=self.port, model=self.model)
 
     async def instances(self) -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/api/v1/instances") as r:
+        async with self.session() as s, s.get(f"{self.url}/api/v1/instances") as r:
             body = await r.json()
         data: list[dict[str, Any]] = body["data"]
         return data
@@ -48,14 +60,14 @@ class Detectord:
     async def scores(self, instance: str) -> list[tuple[int, float]]:
         """The latest scores (step timestamp in ms, score) of the instance with label value `instance`."""
         async with (
-            aiohttp.ClientSession() as s,
+            self.session() as s,
             s.get(f"{self.url}/api/v1/scores", params={"instance": instance}) as r,
         ):
             body = await r.json()
         return [(int(t), float(v)) for d in body["data"] for t, v in d["scores"]]
 
     async def metrics(self) -> str:
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/metrics") as r:
+        async with self.session() as s, s.get(f"{self.url}/metrics") as r:
             return await r.text()
 
 
@@ -81,25 +93,54 @@ async def run_detectord(
     args: Sequence[str] = (),
     port: int | None = None,
     env: Mapping[str, str] | None = None,
+    web_config: Path | None = None,
+    client_ssl: ssl.SSLContext | None = None,
+    client_headers: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Detectord]:
     """`detectord serve` on `port` (a free one if None) with `config` and `env` added to the
-    environment, until it is ready; stopped on exit."""
+    environment, until it is ready; stopped on exit. With `web_config` (--web.config.file), the
+    daemon is reached over HTTPS with `client_ssl` and `client_headers` (e.g. Authorization)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port if port is not None else children.free_port()
     path = workdir / "detectord.yml"
     write_config(path, config, port=port, model=model)
     argv = [sys.executable, "-m", "detectord", "serve", "--config.file", str(path), *args]
-    url = f"http://127.0.0.1:{port}"
+    if web_config is not None:
+        argv += ["--web.config.file", str(web_config)]
+    url = f"{'https' if client_ssl is not None else 'http'}://127.0.0.1:{port}"
+    secured = web_config is not None
     async with children.run(
         argv,
         log=workdir / "detectord.log",
         cwd=cwd,
         env=env,
         name="detectord serve",
-        ready_url=f"{url}/-/ready",
+        ready_url=None if secured else f"{url}/-/ready",
         ready_timeout=ready_timeout,
     ) as child:
-        yield Detectord(url, port, path, child, model)
+        det = Detectord(url, port, path, child, model, client_ssl, dict(client_headers or {}))
+        if secured:
+            await _wait_ready(det, ready_timeout)
+        yield det
+
+
+async def _wait_ready(det: Detectord, timeout: float) -> None:
+    """children.wait_http_ok through the web config: /-/ready needs its credentials."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    async with det.session() as s:
+        while time.monotonic() < deadline:
+            if not det.child.alive:
+                raise children.ChildError("detectord serve", "exited before it was ready", det.child.tail())
+            try:
+                async with s.get(f"{det.url}/-/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if r.status == 200:
+                        return
+                    last = r.status
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                last = exc
+            await asyncio.sleep(0.1)
+    raise children.ChildError("detectord serve", f"not ready after {timeout:g}s (last: {last!r})", det.child.tail())
 
 
 @dataclass

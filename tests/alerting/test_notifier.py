@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.alerting.states import Alert, AlertStates
 from detectord.children import free_port
-from detectord.config import AlertmanagerConfig, Duration
+from detectord.config import AlertmanagerConfig, Duration, parse_config
 from lab.peers.alertmanager import Alertmanager, run_alertmanager
 from tests.support import EXTERNAL, KEY, LABELS, TOP, config, states, step
 
@@ -279,3 +280,121 @@ async def _fake_alertmanager(handler: Callable[[web.Request], Awaitable[web.Resp
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def _configured(reg: CollectorRegistry, url: str, http_config: str) -> AlertmanagerNotifier:
+    """A notifier for one Alertmanager whose `http_config` is written as in detectord.yml."""
+    parsed = parse_config(f"alerting: {{alertmanagers: [{{url: '{url}', timeout: 2s, http_config: {http_config}}}]}}")
+    return AlertmanagerNotifier(
+        config(alertmanagers=parsed.alerting.alertmanagers),
+        registry=reg,
+        external_url=EXTERNAL,
+        min_backoff=0.05,
+        max_backoff=0.4,
+    )
+
+
+async def test_unreadable_password_file_is_retried_until_it_appears(am: Alertmanager, tmp_path: Path) -> None:
+    reg = CollectorRegistry()
+    password_file = tmp_path / "missing-password"
+    with structlog.testing.capture_logs() as logs:
+        async with _configured(reg, am.url, f"{{basic_auth: {{username: u, password_file: {password_file}}}}}") as n:
+            n.submit([firing_now(states(for_=Duration(0)))])
+            await eventually(
+                lambda: _positive(reg, "detectord_alert_send_failures_total", alertmanager=am.url, reason="credentials")
+            )
+            assert n.queued() == {am.url: 1}
+            assert await ours(am)() == []
+            password_file.write_text("now-there\n")
+            await eventually(ours(am))
+            assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
+    [warning] = [e for e in logs if e["event"] == "cannot send alerts; retrying" and e["log_level"] == "warning"]
+    assert warning["reason"] == "credentials"
+    assert str(password_file) in warning["detail"] and "basic_auth.password_file" in warning["detail"]
+    assert "now-there" not in repr(logs)
+
+
+async def test_bearer_token_is_read_from_its_file_at_each_post(tmp_path: Path) -> None:
+    # Alertmanager checks only basic auth itself; a token is for a proxy in front of it, faked here.
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response()
+
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    s = states(for_=Duration(0))
+    async with _fake_alertmanager(record) as url:
+        reg = CollectorRegistry()
+        async with _configured(reg, url, f"{{authorization: {{credentials_file: {token}}}}}") as n:
+            n.submit([firing_now(s, "10.0.0.1:9153")])
+            await eventually(lambda: _positive(reg, "detectord_alerts_sent_total", alertmanager=url))
+            token.write_text("rotated-token")
+            n.submit([firing_now(s, "10.0.0.2:9153")])
+            await eventually(lambda: _count(reg, "detectord_alerts_sent_total", 2, alertmanager=url))
+    assert seen == ["Bearer first-token", "Bearer rotated-token"]
+
+
+async def _count(reg: CollectorRegistry, name: str, n: float, **labels: str) -> bool:
+    return sample(reg, name, **labels) == n
+
+
+@pytest.mark.parametrize("follow", [True, False])
+async def test_redirects_as_follow_redirects_says_and_credentials_stay_with_the_alertmanager(
+    tmp_path: Path, follow: bool
+) -> None:
+    # Redirects are a fault a real Alertmanager cannot be made to answer with.
+    elsewhere: list[str | None] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.headers.get("Authorization"))
+        return web.Response()
+
+    password_file = tmp_path / "password"
+    password_file.write_text("do-not-leak")
+    async with _fake_alertmanager(other) as other_url:
+
+        async def moved(request: web.Request) -> web.Response:
+            assert request.headers["Authorization"].startswith("Basic ")
+            raise web.HTTPTemporaryRedirect(f"{other_url}/api/v2/alerts")
+
+        async with _fake_alertmanager(moved) as url:
+            reg = CollectorRegistry()
+            auth = f"basic_auth: {{username: u, password_file: {password_file}}}"
+            http_config = f"{{follow_redirects: {str(follow).lower()}, {auth}}}"
+            async with _configured(reg, url, http_config) as n:
+                n.submit([firing_now(states(for_=Duration(0)))])
+                if follow:
+                    await eventually(lambda: _positive(reg, "detectord_alerts_sent_total", alertmanager=url))
+                    # The other origin got the alerts, not the password.
+                    assert elsewhere == [None]
+                else:
+                    await eventually(
+                        lambda: _positive(
+                            reg, "detectord_alert_send_failures_total", alertmanager=url, reason="http_307"
+                        )
+                    )
+                    assert elsewhere == []
+                    assert sample(reg, "detectord_alerts_sent_total", alertmanager=url) == 0
+
+
+async def test_proxy_url_carries_the_alerts(tmp_path: Path) -> None:
+    # No proxy server is installed; this fake one answers in the Alertmanager's place.
+    via_proxy: list[tuple[str, str | None]] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        via_proxy.append((request.headers["Host"], request.headers.get("Authorization")))
+        return web.Response()
+
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    async with _fake_alertmanager(proxy) as proxy_url:
+        reg = CollectorRegistry()
+        # An unresolvable host: only the proxy can deliver.
+        url = "http://alertmanager.invalid:9093"
+        http_config = f"{{proxy_url: '{proxy_url}', authorization: {{credentials_file: {token}}}}}"
+        async with _configured(reg, url, http_config) as n:
+            n.submit([firing_now(states(for_=Duration(0)))])
+            await eventually(lambda: _positive(reg, "detectord_alerts_sent_total", alertmanager=url))
+    assert via_proxy == [("alertmanager.invalid:9093", "Bearer t0ken")]

@@ -182,7 +182,9 @@ def test_c_and_python_decoders_agree() -> None:
         for k in range(i % 3):
             ts.samples.add(timestamp=1000 * k + i, value=float(i * k) if i % 11 else float("nan"))
         if i % 13 == 0:
-            ts.histograms.add(count_int=3)
+            ts.histograms.add(count_int=3, zero_count_int=3)
+        if i % 19 == 0:
+            ts.histograms.add(count_int=3)  # its buckets hold none of the 3: the series is refused
         if i % 17 == 0:
             ts.exemplars.add(value=1.0, timestamp=5)
     req.metadata.add(metric_family_name="x")

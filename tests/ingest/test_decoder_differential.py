@@ -1,0 +1,135 @@
+"""One decoder truth: the C fast path and the pure-Python path accept and refuse exactly the same
+remote-write bodies, with the same reasons, over recorded traffic and seeded mutants of it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import snappy
+
+from detectord.errors import RemoteWriteError
+from detectord.ingest import remote_write
+from detectord.ingest.remote_write import DecodedWrite, LabelCache, Version, WriteLimits, decode
+from detectord.recordings.format import read_records
+from tests.ingest import fuzzbodies
+from tests.support import REPO
+
+pytestmark = pytest.mark.skipif(
+    remote_write._fastdecode is None,  # type: ignore[attr-defined]
+    reason="the C decoder is not built here (no compiler at install time)",
+)
+
+MiB = 1024 * 1024
+MAX_TS_MS = 1_700_000_030_000  # some fuzzed samples are beyond it, most are not
+RECORDINGS = ("faults-1.drec.xz", "unseen-low.drec.xz")
+# Tight enough that mutants cross them, so the limits are compared too.
+TIGHT = WriteLimits(label_name_length=10, label_value_length=12, labels=4, series=4)
+
+
+def _recorded(per_file: int = 150) -> Iterator[tuple[Version, bytes]]:
+    for name in RECORDINGS:
+        for rec in itertools.islice(read_records(REPO / "data" / name), per_file):
+            yield rec.version, rec.body
+
+
+Outcome = tuple[object, ...]
+
+
+def _norm(w: DecodedWrite) -> Outcome:
+    return (
+        [k.labels for k in w.keys],
+        w.counts,
+        w.timestamps,
+        [repr(v) for v in w.values],  # repr: NaN == NaN, and the stale marker's bits show
+        w.samples,
+        w.histograms,
+        w.exemplars,
+        w.metadata,
+        w.invalid_series,
+        w.invalid_samples,
+        w.first_error,
+        sorted(w.refused.items()),
+    )
+
+
+def _outcome(body: bytes, version: Version, cache: LabelCache, *, use_c: bool, max_ts: int | None) -> Outcome:
+    try:
+        w = decode(body, version, cache, max_decoded=16 * MiB, max_ts_ms=max_ts, use_c=use_c)
+    except RemoteWriteError as exc:
+        return ("refused", exc.status, exc.reason)
+    return ("decoded", *_norm(w))
+
+
+class _Pair:
+    """The two decoders, each with its own label caches (hits and misses are both compared)."""
+
+    def __init__(self) -> None:
+        self.caches = {
+            (c, tight): LabelCache(limits=TIGHT if tight else None) for c in (True, False) for tight in (0, 1)
+        }
+        self.seen: dict[str, int] = {}
+
+    def check(self, body: bytes, version: Version, tight: bool, where: str, max_ts: int | None = MAX_TS_MS) -> None:
+        a = _outcome(body, version, self.caches[True, tight], use_c=True, max_ts=max_ts)
+        b = _outcome(body, version, self.caches[False, tight], use_c=False, max_ts=max_ts)
+        assert a == b, f"{where}: the C and Python decoders disagree on {body!r}"
+        kind = str(a[0]) if a[0] == "refused" else ("partial" if a[9] else "decoded")
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+
+
+def test_decoders_agree_on_recorded_traffic() -> None:
+    pair = _Pair()
+    n = 0
+    for i, (version, body) in enumerate(_recorded()):
+        pair.check(body, version, False, f"record {i}", None)
+        pair.check(body, version, True, f"record {i} (tight limits)", None)
+        n += 1
+    assert n == 2 * 150
+    # Recorded Prometheus traffic decodes whole under the default limits.
+    assert pair.seen.get("decoded", 0) >= n
+
+
+@pytest.mark.parametrize(("version", "n"), [("1.0", 14_000), ("2.0", 7_000)])
+def test_decoders_agree_on_mutated_bodies(version: Version, n: int) -> None:
+    bases = [fuzzbodies.trim(snappy.uncompress(body)) for v, body in _recorded(40) if v == version]
+    pair = _Pair()
+    for i, body in enumerate(fuzzbodies.bodies(12, n, version, bases)):
+        pair.check(body, version, bool(i % 3 == 0), f"seed 12, {version} body {i}")
+    # The mutants reach every outcome: whole requests decoded, some series refused, bodies refused.
+    assert pair.seen["decoded"] > n // 100
+    assert pair.seen["partial"] > n // 50
+    assert pair.seen["refused"] > n // 5
+
+
+def test_field_number_zero_is_refused_by_both() -> None:
+    # A TimeSeries whose sample carries a field 0: protobuf calls the message malformed.
+    sample = b"\x09" + b"\x00" * 8 + b"\x10\x01" + b"\x00\x01"
+    raw = b"\x0a" + bytes([len(sample) + 2]) + b"\x12" + bytes([len(sample)]) + sample
+    for use_c in (True, False):
+        with pytest.raises(RemoteWriteError) as info:
+            decode(bytes(snappy.compress(raw)), "1.0", LabelCache(), max_decoded=MiB, use_c=use_c)
+        assert info.value.status == 400
+        assert info.value.reason == "protobuf: body is not a valid prometheus.WriteRequest message"
+
+
+def test_an_earlier_sample_in_the_future_refuses_the_series_in_both() -> None:
+    from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+
+    req = pb1.WriteRequest()
+    ts = req.timeseries.add()
+    ts.labels.add(name="__name__", value="up")
+    ts.samples.add(timestamp=MAX_TS_MS + 3_600_000, value=1.0)
+    ts.samples.add(timestamp=MAX_TS_MS - 1, value=1.0)
+    body = remote_write.encode_v1(req)
+    for use_c in (True, False):
+        w = decode(body, "1.0", LabelCache(), max_decoded=MiB, max_ts_ms=MAX_TS_MS, use_c=use_c)
+        assert w.keys == [] and w.invalid_samples == 2
+        assert w.first_error == "series up{} has a sample timestamp too far in the future"
+
+
+def test_recordings_are_here() -> None:
+    for name in RECORDINGS:
+        assert Path(REPO / "data" / name).stat().st_size > 0
