@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import ssl as ssl_
 import subprocess
 import sys
 import time
@@ -59,8 +60,15 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
 
-    async def wait_http_ok(self, url: str, *, timeout: float = 30.0) -> None:
-        await wait_http_ok(url, timeout=timeout, child=self)
+    async def wait_http_ok(
+        self,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        ssl: ssl_.SSLContext | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        await wait_http_ok(url, timeout=timeout, child=self, ssl=ssl, headers=headers)
 
     async def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM the group (SIGCONT first: a stopped process cannot exit), SIGKILL it if it has
@@ -131,12 +139,21 @@ async def run(
         await child.stop(stop_timeout)
 
 
-async def wait_http_ok(url: str, *, timeout: float = 30.0, child: Child | None = None) -> None:
-    """Poll `url` until it answers 200; fail early if `child` exits, naming its log."""
+async def wait_http_ok(
+    url: str,
+    *,
+    timeout: float = 30.0,
+    child: Child | None = None,
+    ssl: ssl_.SSLContext | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Poll `url` (trusting `ssl`'s CAs, sending `headers`) until it answers 200; fail early if
+    `child` exits, naming its log."""
     deadline = time.monotonic() + timeout
     last: object = None
     name = child.name if child is not None else url
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=ssl if ssl is not None else True)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         while time.monotonic() < deadline:
             if child is not None and not child.alive:
                 raise ChildError(name, f"exited with {child.proc.returncode} before {url} answered", child.tail())

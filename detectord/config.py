@@ -89,6 +89,9 @@ class WebConfig:
     max_connections: int = 4096
     # Requests handled at once (probes aside); beyond, 503 with Retry-After, which Prometheus retries.
     max_concurrent_requests: int = 256
+    # Request body bytes (as their Content-Length declares) read at once; beyond, the slowest body
+    # being read is dropped to make room, or the request gets 503 with Retry-After.
+    max_body_bytes_in_flight: ByteSize = ByteSize(256 * 1024**2)
     # A connection that has not sent a whole request head within this long is closed.
     read_header_timeout: Duration = Duration(10.0)
     # A request body not received within this long is answered 408.
@@ -321,6 +324,11 @@ def _check(cfg: Config) -> None:
     need(cfg.web.max_body_size > 0, "web.max_body_size", "must be > 0")
     need(cfg.web.max_connections >= 16, "web.max_connections", "must be >= 16")
     need(cfg.web.max_concurrent_requests >= 1, "web.max_concurrent_requests", "must be >= 1")
+    need(
+        cfg.web.max_body_bytes_in_flight >= cfg.web.max_body_size,
+        "web.max_body_bytes_in_flight",
+        "must be >= web.max_body_size",
+    )
     need(cfg.web.read_header_timeout > 0, "web.read_header_timeout", "must be > 0")
     need(cfg.web.read_body_timeout > 0, "web.read_body_timeout", "must be > 0")
     for key in ("label_name_length_limit", "label_value_length_limit", "label_limit", "remote_write_series_limit"):

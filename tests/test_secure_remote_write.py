@@ -17,7 +17,7 @@ from aiohttp import web
 
 from lab.peers.detectord import Detectord, run_detectord
 from lab.peers.prometheus import run_prometheus
-from tests.serve.test_web_config import make_pki
+from tests.pki import make_pki
 from tests.support import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -24,7 +24,15 @@ from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats,
 from detectord.ingest.liveness import CrashLoop, CrashLoops, LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
 from detectord.ingest.normalise import InputPlan, Normaliser
-from detectord.ingest.remote_write import DEFAULT_CACHE_BYTES, DecodedWrite, Steps, Version, WriteLimits, decode_steps
+from detectord.ingest.remote_write import (
+    DEFAULT_CACHE_BYTES,
+    DecodedWrite,
+    Steps,
+    Version,
+    WriteLimits,
+    declared_length,
+    decode_steps,
+)
 from detectord.ingest.windows import WindowStore
 
 FREEZE_AFTER_NEW_SERIES = 10_000
@@ -33,6 +41,8 @@ GIVE_BACK_AFTER_FORGETTING = 10_000
 # One request's work in one job on the ingest thread (a decoding step or a slice of series can
 # take a little longer): about the most it delays another request's.
 SLICE_S = 0.1
+# A request whose body decompresses to more than this waits for the big one before it, if any.
+BIG_REQUEST_BYTES = 4 * 1024**2
 INGEST_SLICE_SERIES = 20_000
 T = TypeVar("T")
 
@@ -123,11 +133,20 @@ class Ingestor:
         self.max_decoded = max_decoded
         self.max_future_ms = int(max_future_s * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
+        self._big = asyncio.Semaphore(1)
 
     async def write(self, body: bytes, version: Version) -> WriteResult:
         """`write_sync` on the ingest thread, in jobs of at most about SLICE_S each: other
         requests' jobs run between them, so one huge request does not hold up the rest (a usual
         request is one job)."""
+        if declared_length(body) < BIG_REQUEST_BYTES:
+            return await self._write(body, version)
+        # Big requests one at a time: each holds its decompressed body until it is done, and
+        # taking turns between two of them would only hold both longer.
+        async with self._big:
+            return await self._write(body, version)
+
+    async def _write(self, body: bytes, version: Version) -> WriteResult:
         loop = asyncio.get_running_loop()
         w = _Write(self, body, version)
         while (result := await loop.run_in_executor(self._executor, w.run, SLICE_S)) is None:

@@ -41,6 +41,7 @@ UNCAPPED_PATHS = frozenset({"/-/healthy", "/-/ready"})
 class Limits:
     max_connections: int
     max_concurrent_requests: int
+    max_body_bytes_in_flight: int
     read_header_timeout: float
     read_body_timeout: float
 
@@ -95,7 +96,7 @@ def connection_cap(configured: int) -> int:
 class _Conn:
     """What admission knows of one connection."""
 
-    __slots__ = ("handler", "reading_since", "refuse", "waiting_since")
+    __slots__ = ("body_bytes", "handler", "reading_since", "refuse", "waiting_since")
 
     def __init__(self, handler: RequestHandler, now: float) -> None:
         self.handler = handler
@@ -106,6 +107,8 @@ class _Conn:
         self.reading_since: float | None = None
         # Accepted over the cap with nobody to make room: its request gets a 503.
         self.refuse = False
+        # The declared body bytes of its request in flight.
+        self.body_bytes = 0
 
     def stalled_since(self) -> float | None:
         if self.reading_since is not None:
@@ -154,6 +157,9 @@ class Admission:
         self.metrics = AdmissionMetrics(registry)
         self.metrics.max_open.set(limits.max_connections)
         self.in_flight = 0
+        # Declared body bytes of the requests in flight; a connection closed to make room gives
+        # its share back at once (its handler's own accounting follows when it notices).
+        self.body_bytes = 0
         self._conns: dict[RequestHandler, _Conn] = {}
         self._accept_errors_unlogged = 0
         self._accept_errors_logged_at = 0.0
@@ -189,6 +195,8 @@ class Admission:
 
     def _close(self, conn: _Conn, reason: str) -> None:
         conn.waiting_since = conn.reading_since = None
+        self.body_bytes -= conn.body_bytes
+        conn.body_bytes = 0
         self.metrics.closed.labels(reason).inc()
         conn.handler.force_close()
 
@@ -206,13 +214,24 @@ class Admission:
             return self._busy("connections")
         if self.in_flight >= self.limits.max_concurrent_requests and not self._make_room(reading_only=True):
             return self._busy("concurrent_requests")
+        size = request.content_length or 0
+        while self.body_bytes and self.body_bytes + size > self.limits.max_body_bytes_in_flight:
+            if not self._make_room(reading_only=True):
+                return self._busy("body_bytes")
         self.in_flight += 1
+        self.body_bytes += size
+        if conn is not None:
+            conn.body_bytes = size
         try:
             return await handler(request)
         finally:
             self.in_flight -= 1
-            if conn is not None:
+            if conn is None:
+                self.body_bytes -= size
+            else:
+                self.body_bytes -= conn.body_bytes  # 0 if it was closed to make room
                 conn.reading_since = conn.waiting_since = None
+                conn.body_bytes = 0
 
     def _busy(self, reason: str) -> web.Response:
         self.metrics.refused.labels(reason).inc()

@@ -195,6 +195,7 @@ class Server:
             admission.Limits(
                 max_connections=admission.connection_cap(cfg.web.max_connections),
                 max_concurrent_requests=cfg.web.max_concurrent_requests,
+                max_body_bytes_in_flight=cfg.web.max_body_bytes_in_flight,
                 read_header_timeout=float(cfg.web.read_header_timeout),
                 read_body_timeout=float(cfg.web.read_body_timeout),
             ),

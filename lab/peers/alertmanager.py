@@ -3,11 +3,9 @@ optionally behind its own --web.config.file (TLS, basic auth) and a --web.route-
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
 import subprocess
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,26 +162,5 @@ async def run_alertmanager(
             ssl_context=client_ssl,
             authorization=client_authorization,
         )
-        await _ready(am, child, timeout=20.0)
+        await child.wait_http_ok(f"{am.api_url}/-/ready", timeout=20.0, ssl=client_ssl, headers=am._headers())
         yield am
-
-
-async def _ready(am: Alertmanager, child: children.Child, *, timeout: float) -> None:
-    ready = f"{am.api_url}/-/ready"
-    deadline = time.monotonic() + timeout
-    last: object = None
-    async with aiohttp.ClientSession(
-        headers=am._headers(), connector=aiohttp.TCPConnector(ssl=am.ssl_context or True)
-    ) as session:
-        while time.monotonic() < deadline:
-            if not child.alive:
-                raise children.ChildError(child.name, f"exited before {ready} answered", child.tail())
-            try:
-                async with session.get(ready, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        return
-                    last = resp.status
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                last = exc
-            await asyncio.sleep(0.1)
-    raise children.ChildError(child.name, f"{ready} not ready after {timeout:g}s (last: {last!r})", child.tail())

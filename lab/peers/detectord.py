@@ -3,11 +3,9 @@ The one way every test, benchmark and lab run starts the daemon."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,28 +117,11 @@ async def run_detectord(
         ready_timeout=ready_timeout,
     ) as child:
         det = Detectord(url, port, path, child, model, client_ssl, dict(client_headers or {}))
-        if secured:
-            await _wait_ready(det, ready_timeout)
+        if secured:  # /-/ready needs the web config's credentials
+            await child.wait_http_ok(
+                f"{url}/-/ready", timeout=ready_timeout, ssl=client_ssl, headers=dict(client_headers or {})
+            )
         yield det
-
-
-async def _wait_ready(det: Detectord, timeout: float) -> None:
-    """children.wait_http_ok through the web config: /-/ready needs its credentials."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    async with det.session() as s:
-        while time.monotonic() < deadline:
-            if not det.child.alive:
-                raise children.ChildError("detectord serve", "exited before it was ready", det.child.tail())
-            try:
-                async with s.get(f"{det.url}/-/ready", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-                    last = r.status
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                last = exc
-            await asyncio.sleep(0.1)
-    raise children.ChildError("detectord serve", f"not ready after {timeout:g}s (last: {last!r})", det.child.tail())
 
 
 @dataclass

@@ -4,7 +4,6 @@ auth with a bcrypt hash) and --web.route-prefix, configured as Prometheus's http
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -15,10 +14,6 @@ import aiohttp
 import bcrypt
 import pytest
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import CollectorRegistry
 
 from detectord.alerting.notifier import AlertmanagerNotifier
@@ -26,6 +21,7 @@ from detectord.config import AlertmanagerConfig, Duration, parse_config
 from detectord.http_client import basic_auth
 from lab.peers.alertmanager import Alertmanager, AlertmanagerWeb, run_alertmanager
 from tests.alerting.test_notifier import eventually, firing_now, ours, sample
+from tests.pki import make_pki
 from tests.support import EXTERNAL, config, states
 
 pytestmark = pytest.mark.e2e
@@ -44,66 +40,11 @@ class PKI:
     key: Path
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, am_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("detectord test CA"))
-        .issuer_name(_name("detectord test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    am = (
-        x509.CertificateBuilder()
-        .subject_name(_name(NAME))
-        .issuer_name(ca.subject)
-        .public_key(am_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(am_key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = PKI(ca=d / "ca.pem", cert=d / "am.pem", key=d / "am.key")
-    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.cert.write_bytes(am.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        am_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
+    ca = make_pki(tmp_path_factory.mktemp("pki"))
+    cert, key = ca.issue("alertmanager", server=True, sans=(NAME,))
+    return PKI(ca.ca, cert, key)
 
 
 def _client_ssl(pki: PKI) -> ssl.SSLContext:

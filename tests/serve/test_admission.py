@@ -90,10 +90,33 @@ async def test_at_the_request_cap_the_slowest_body_makes_room_for_a_prompt_write
         assert metric(text, "detectord_http_connections_closed_total", reason="evicted") == 1
 
 
+async def test_body_bytes_in_flight_are_capped_and_a_stalled_upload_makes_room() -> None:
+    size = 16 * 1024**2
+    cfg = test_config(web={"max_body_size": size, "max_body_bytes_in_flight": size, "read_body_timeout": 30.0})
+    async with running_server(cfg) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(
+            b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+            b"Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\n"
+            + f"Content-Length: {size}\r\n\r\n".encode()
+            + b"abc"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # it holds the whole budget
+        assert srv.admission is not None and srv.admission.body_bytes == size
+        assert await _write(base, 0) == 204
+        assert await _closed_by_server(reader, timeout=2)
+        writer.close()
+        text = await _metrics(base)
+        assert metric(text, "detectord_http_connections_closed_total", reason="evicted") == 1
+        assert srv.admission.body_bytes == 0
+
+
 def test_failed_accepts_are_logged_once_per_interval_not_per_attempt() -> None:
     from prometheus_client import CollectorRegistry
 
-    adm = admission.Admission(admission.Limits(64, 8, 10.0, 30.0), CollectorRegistry())
+    adm = admission.Admission(admission.Limits(64, 8, 2**28, 10.0, 30.0), CollectorRegistry())
     loop = asyncio.new_event_loop()
     try:
         with structlog.testing.capture_logs() as logs:
