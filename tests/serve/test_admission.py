@@ -33,6 +33,18 @@ async def _metrics(base: str) -> str:
         return await r.text()
 
 
+async def _stalled_upload(port: int, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A remote write that declares `size` body bytes, sends 3 and stops."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        b"Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\n"
+        + f"Content-Length: {size}\r\n\r\nabc".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
 async def _closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
     with contextlib.suppress(TimeoutError, ConnectionError):
         async with asyncio.timeout(timeout):
@@ -58,13 +70,7 @@ async def test_a_client_that_never_finishes_its_headers_is_closed_after_the_head
 async def test_a_body_that_does_not_arrive_in_time_is_a_408() -> None:
     cfg = test_config(web={"read_body_timeout": 1.0})
     async with running_server(cfg) as srv:
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.write(
-            b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-            b"Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\n"
-            b"Content-Length: 1000\r\n\r\nabc"
-        )
-        await writer.drain()
+        reader, writer = await _stalled_upload(srv.port, 1000)
         async with asyncio.timeout(5):
             status = await reader.readline()
         assert status.startswith(b"HTTP/1.1 408"), status
@@ -75,13 +81,7 @@ async def test_at_the_request_cap_the_slowest_body_makes_room_for_a_prompt_write
     cfg = test_config(web={"max_concurrent_requests": 1, "read_body_timeout": 30.0})
     async with running_server(cfg) as srv:
         base = f"http://127.0.0.1:{srv.port}"
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.write(
-            b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-            b"Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\n"
-            b"Content-Length: 1000\r\n\r\nabc"
-        )
-        await writer.drain()
+        reader, writer = await _stalled_upload(srv.port, 1000)
         await asyncio.sleep(0.3)  # it holds the only request slot
         assert await _write(base, 0) == 204
         assert await _closed_by_server(reader, timeout=2)
@@ -95,14 +95,7 @@ async def test_body_bytes_in_flight_are_capped_and_a_stalled_upload_makes_room()
     cfg = test_config(web={"max_body_size": size, "max_body_bytes_in_flight": size, "read_body_timeout": 30.0})
     async with running_server(cfg) as srv:
         base = f"http://127.0.0.1:{srv.port}"
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.write(
-            b"POST /api/v1/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-            b"Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\n"
-            + f"Content-Length: {size}\r\n\r\n".encode()
-            + b"abc"
-        )
-        await writer.drain()
+        reader, writer = await _stalled_upload(srv.port, size)
         await asyncio.sleep(0.3)  # it holds the whole budget
         assert srv.admission is not None and srv.admission.body_bytes == size
         assert await _write(base, 0) == 204
