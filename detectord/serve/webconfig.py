@@ -15,9 +15,9 @@ import ipaddress
 import os
 import re
 import ssl
-import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -384,13 +384,15 @@ class Unauthorized(Exception):
 
 
 class BasicAuth:
-    """Checks `Authorization: Basic` against bcrypt hashes. Results are cached by (user, hash,
-    password digest) as exporter-toolkit does, so bcrypt's cost is paid once per credential, not
-    per request; bcrypt runs off the event loop, one at a time."""
+    """Checks `Authorization: Basic` against bcrypt hashes. Good credentials are cached by (user,
+    hash, password digest) as exporter-toolkit does, so bcrypt's cost is paid once per credential,
+    not per request. Wrong ones are not cached: a flood of guesses cannot push Prometheus's good
+    credential out and make it pay bcrypt behind them. bcrypt runs on a thread of its own, so the
+    guesses do not hold up other work off the event loop (/metrics rendering)."""
 
     def __init__(self) -> None:
         self._cache: collections.OrderedDict[tuple[str, str, bytes], bool] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-bcrypt")
 
     async def check(self, users: Mapping[str, str], header: str | None) -> str:
         """The user name, or raise Unauthorized with the reason (missing, malformed, bad_credentials)."""
@@ -408,25 +410,22 @@ class BasicAuth:
         known = user in users
         hashed = users[user].encode() if known else _DECOY_HASH
         key = (user, hashed.decode(), hashlib.sha256(password.encode()).digest())
-        ok = self._cache.get(key)
-        if ok is None:
-            ok = await asyncio.get_running_loop().run_in_executor(None, self._bcrypt, hashed, password.encode())
-            ok = ok and known
-            self._cache[key] = ok
-            while len(self._cache) > AUTH_CACHE_SIZE:
-                self._cache.popitem(last=False)
-        else:
+        if key in self._cache:
             self._cache.move_to_end(key)
-        if not ok:
+            return user
+        ok = await asyncio.get_running_loop().run_in_executor(self._executor, self._bcrypt, hashed, password.encode())
+        if not (ok and known):
             raise Unauthorized("bad_credentials")
+        self._cache[key] = True
+        while len(self._cache) > AUTH_CACHE_SIZE:
+            self._cache.popitem(last=False)
         return user
 
     def _bcrypt(self, hashed: bytes, password: bytes) -> bool:
-        with self._lock:
-            try:
-                return bool(bcrypt.checkpw(password, hashed))
-            except ValueError:
-                return False
+        try:
+            return bool(bcrypt.checkpw(password, hashed))
+        except ValueError:
+            return False
 
 
 class RateLimiter:

@@ -159,6 +159,14 @@ async def test_basic_auth_pays_bcrypt_once_per_credential(monkeypatch: pytest.Mo
     # An unknown user is checked against a decoy hash, as long as a known one takes.
     assert calls[-1] == webconfig._DECOY_HASH and len(calls) == 3
 
+    # A flood of guesses does not push the good credential out of the cache.
+    for i in range(2 * webconfig.AUTH_CACHE_SIZE):
+        with pytest.raises(Unauthorized):
+            await auth.check(users, _basic("prometheus", f"guess-{i}"))
+    before = len(calls)
+    assert await auth.check(users, _basic("prometheus", "s3cret")) == "prometheus"
+    assert len(calls) == before
+
     # A changed hash for the same user is checked anew: the old password no longer passes.
     with pytest.raises(Unauthorized):
         await auth.check({"prometheus": bcrypt_hash("rotated")}, _basic("prometheus", "s3cret"))
