@@ -38,7 +38,8 @@ def _recorded(per_file: int = 150) -> Iterator[tuple[Version, bytes]]:
 Outcome = tuple[object, ...]
 
 
-def _norm(w: DecodedWrite) -> Outcome:
+def decoded_outcome(w: DecodedWrite) -> Outcome:
+    """Everything a DecodedWrite says, comparable with ==."""
     return (
         [k.labels for k in w.keys],
         w.counts,
@@ -60,7 +61,7 @@ def _outcome(body: bytes, version: Version, cache: LabelCache, *, use_c: bool, m
         w = decode(body, version, cache, max_decoded=16 * MiB, max_ts_ms=max_ts, use_c=use_c)
     except RemoteWriteError as exc:
         return ("refused", exc.status, exc.reason)
-    return ("decoded", *_norm(w))
+    return ("decoded", *decoded_outcome(w))
 
 
 class _Pair:

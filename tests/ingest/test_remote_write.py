@@ -13,7 +13,6 @@ from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
 from detectord.ingest.remote_write import (
     STALE_NAN,
-    DecodedWrite,
     LabelCache,
     declared_length,
     decode,
@@ -22,6 +21,7 @@ from detectord.ingest.remote_write import (
     is_stale_marker,
     negotiate,
 )
+from tests.ingest.test_decoder_differential import decoded_outcome
 
 MiB = 1024 * 1024
 
@@ -192,20 +192,7 @@ def test_c_and_python_decoders_agree() -> None:
     a = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=True)
     b = decode_v1_bytes(raw, LabelCache(), max_ts_ms=1500, use_c=False)
 
-    def norm(w: DecodedWrite) -> tuple[object, ...]:
-        series = [(k.labels, [(t, repr(v)) for t, v in s]) for k, s in w.series()]  # repr: NaN == NaN
-        return (
-            series,
-            w.samples,
-            w.histograms,
-            w.exemplars,
-            w.metadata,
-            w.invalid_series,
-            w.invalid_samples,
-            w.first_error,
-        )
-
-    assert norm(a) == norm(b)
+    assert decoded_outcome(a) == decoded_outcome(b)
     assert a.invalid_series > 0 and a.histograms > 0 and a.exemplars > 0 and a.metadata == 1
     with pytest.raises(RemoteWriteError):
         decode(snappy.compress(raw[:-3]), "1.0", LabelCache(), max_decoded=MiB)
