@@ -27,8 +27,9 @@ import structlog
 import yaml
 from prometheus_client import CollectorRegistry, Counter
 
-from detectord.config import Duration, from_mapping
+from detectord.config import Duration, TLSVersion, from_mapping
 from detectord.errors import ConfigError
+from detectord.http_client import TLS_VERSIONS
 
 log = structlog.get_logger(__name__)
 
@@ -41,14 +42,6 @@ ClientAuthType = Literal[
     "VerifyClientCertIfGiven",
     "RequireAndVerifyClientCert",
 ]
-TLSVersionName = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
-
-TLS_VERSIONS = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
-}
 
 # Go's tls.CipherSuites() (the ones exporter-toolkit accepts) by their OpenSSL names. TLS 1.3's
 # suites are not configurable in Go either: accepted and left to the library.
@@ -103,8 +96,8 @@ class TLSServerConfig:
     client_auth_type: ClientAuthType = "NoClientCert"
     client_ca_file: str = ""
     client_allowed_sans: tuple[str, ...] | None = None
-    min_version: TLSVersionName = "TLS12"
-    max_version: TLSVersionName = "TLS13"
+    min_version: TLSVersion = "TLS12"
+    max_version: TLSVersion = "TLS13"
     cipher_suites: tuple[str, ...] = ()
     prefer_server_cipher_suites: bool = True
     curve_preferences: tuple[str, ...] = ()
