@@ -17,7 +17,7 @@ import pytest
 
 from lab.peers.detectord import Detectord, run_detectord
 from tests.ingest.junk import junk_requests
-from tests.support import V1_HEADERS, coredns_scrape, v1_body
+from tests.support import V1_HEADERS, coredns_scrape, metric, v1_body
 
 pytestmark = pytest.mark.slow
 
@@ -86,5 +86,7 @@ async def test_twenty_thousand_junk_bodies_leave_no_5xx_no_hang_and_no_memory_be
                 assert r.status == 204
 
         after = await _idle_rss(det)
+        text = await det.metrics()
+        assert metric(text, "detectord_label_cache_forgotten_total", reason="idle") > 0
         print(f"{BODIES} bodies in {took:.1f}s: {dict(statuses)}; RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
         assert after <= before * 1.10, (before, after)

@@ -134,6 +134,8 @@ class Ingestor:
         self.max_future_ms = int(max_future_s * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
         self._big = asyncio.Semaphore(1)
+        # The label cache's forgotten entries already counted in the metric, by reason.
+        self._forgotten_counted: dict[str, int] = {}
 
     async def write(self, body: bytes, version: Version) -> WriteResult:
         """`write_sync` on the ingest thread, in jobs of at most about SLICE_S each: other
@@ -304,8 +306,10 @@ class Ingestor:
         m.label_cache_bytes.set(cache.size_bytes)
         m.label_cache_series.set(len(cache))
         for why, n in cache.forgotten.items():
-            counted = m.label_cache_forgotten.labels(why)
-            counted.inc(n - counted._value.get())
+            new = n - self._forgotten_counted.get(why, 0)
+            if new:
+                m.label_cache_forgotten.labels(why).inc(new)
+                self._forgotten_counted[why] = n
 
     def reset_windows(self, window: int, inputs: InputPlan) -> None:
         """A model with another window or other inputs: every instance warms again."""
