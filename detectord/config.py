@@ -78,7 +78,7 @@ class ByteSize(int):
 @dataclass(frozen=True)
 class WebConfig:
     listen_address: str = "0.0.0.0:9464"
-    # Base URL users reach detectord at; alerts' generatorURL points there.
+    # Base URL users reach detectord at; each alert's generatorURL is its instance's page there.
     external_url: str = ""
     # Compressed request body limit; the declared decompressed length is checked too.
     max_body_size: ByteSize = ByteSize(16 * 1024**2)
@@ -160,7 +160,7 @@ class InferenceConfig:
     max_batch: int = 1024
     max_wait: Duration = Duration(0.01)
     queue_size: int = 100000
-    # Latest scores kept per instance for GET /api/v1/scores.
+    # Latest scores kept per instance (12 bytes each): the instance page's plot, GET /api/v1/scores.
     score_history: int = 240
 
 

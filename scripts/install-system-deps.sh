@@ -3,7 +3,7 @@
 # the lab use.
 set -euo pipefail
 pkgs=("$@")
-[ ${#pkgs[@]} -gt 0 ] || pkgs=(prometheus prometheus-alertmanager dnsperf curl unzip)
+[ ${#pkgs[@]} -gt 0 ] || pkgs=(prometheus prometheus-alertmanager dnsperf curl unzip chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

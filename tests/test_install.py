@@ -94,6 +94,10 @@ async def test_serve_with_no_config_scores_a_fleet_on_the_packaged_model(venv: P
         assert metric(text, "detectord_instances", state="scoring") == len(instances)
         for inst in instances:
             assert f'detectord_anomaly_score{{instance="{inst}",job="coredns"}}' in text
+        # The pages come with the wheel.
+        for path, kind in [("/", "text/html"), ("/ui/status.js", "text/javascript"), ("/ui/style.css", "text/css")]:
+            async with s.get(base + path) as r:
+                assert r.status == 200 and r.content_type == kind, path
     lines = log.read_text().splitlines()
     assert lines, "detectord logged nothing"
     records = [json.loads(line) for line in lines]  # every line is JSON: no backend noise between them

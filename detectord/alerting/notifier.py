@@ -257,6 +257,9 @@ class _Target:
         self._latency = m.latency.labels(self.url)
         self._queue_length = m.queue_length.labels(self.url)
         self._queue_length.set(0)
+        # Both reasons from the start: a rule or a panel on them reads 0, not "no data", until one happens.
+        for reason in ("queue_full", "rejected"):
+            m.dropped.labels(self.url, reason)
 
     def open(self) -> aiohttp.ClientSession:
         """This Alertmanager's session, made now if not yet; ConfigError if its certificates

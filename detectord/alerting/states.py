@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from detectord.alerting.timing import AlertRule, AlertTimer, Phase, Resemblance
 from detectord.config import AlertingConfig
+from detectord.ingest.features import url_key
 
 ALERTNAME = "CoreDNSAnomaly"
 # How far ahead a firing alert's endsAt lies, in resend intervals (as Prometheus does).
@@ -36,6 +36,7 @@ class Alert:
     threshold: float
     generator_url: str = ""
     resolved_at: float | None = None
+    top_features: tuple[str, ...] = ()  # the features the description names, first the one that moved most
     key: LabelsKey = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,7 @@ def alert_state(a: Alert) -> dict[str, Any]:
         "threshold": a.threshold,
         "generator_url": a.generator_url,
         "resolved_at": a.resolved_at,
+        "top_features": list(a.top_features),
     }
 
 
@@ -86,6 +88,7 @@ def alert_from_state(st: Mapping[str, Any]) -> Alert:
         threshold=float(st["threshold"]),
         generator_url=str(st["generator_url"]),
         resolved_at=None if resolved_at is None else float(resolved_at),
+        top_features=tuple(str(f) for f in st.get("top_features", ())),
     )
 
 
@@ -152,7 +155,7 @@ class AlertStates:
             looks_like = tr.resemblance.add(looks_like)
         change = tr.timer.step(step_ts, anomalous)
         if change == "fired":
-            tr.alert = self._new_alert(tr.labels, step_ts, score, threshold, top_features, looks_like)
+            tr.alert = self._new_alert(instance, tr.labels, step_ts, score, threshold, top_features, looks_like)
             if down is not None:
                 _describe_down(tr.alert, *down)
             changed.append(tr.alert)
@@ -178,8 +181,17 @@ class AlertStates:
             changed.append(tr.alert)
         return changed
 
+    def tracked(self) -> list[InstanceKey]:
+        """The instances whose alert is pending or firing."""
+        return list(self._tracks)
+
     def firing(self) -> list[Alert]:
         return [tr.alert for tr in self._tracks.values() if tr.alert is not None]
+
+    def alert_of(self, instance: InstanceKey) -> Alert | None:
+        """The instance's alert while it fires."""
+        tr = self._tracks.get(instance)
+        return None if tr is None else tr.alert
 
     def is_firing(self, instance: InstanceKey) -> bool:
         tr = self._tracks.get(instance)
@@ -188,6 +200,13 @@ class AlertStates:
     def state_of(self, instance: InstanceKey) -> Phase:
         tr = self._tracks.get(instance)
         return "inactive" if tr is None else tr.timer.phase
+
+    def since_of(self, instance: InstanceKey) -> float | None:
+        """When the instance's alert went pending, or began firing (data time, seconds)."""
+        tr = self._tracks.get(instance)
+        if tr is None:
+            return None
+        return tr.alert.starts_at if tr.alert is not None else tr.timer.active_at
 
     def counts(self) -> dict[Phase, int]:
         """Instances by alert state, for a gauge (inactive ones are not tracked and not counted)."""
@@ -256,12 +275,13 @@ class AlertStates:
                 tr.resemblance if model_name == self.model_name else Resemblance(),
             )
             if old is not None:
-                alert = new._new_alert(tr.labels, old.starts_at, old.score, old.threshold, ())
+                alert = new._new_alert(instance, tr.labels, old.starts_at, old.score, old.threshold, ())
                 if alert.key == old.key:
                     old.annotations["summary"] = alert.annotations["summary"]
                     alert = old
                 else:
                     alert.annotations["description"] = old.annotations.get("description", "")
+                    alert.top_features = old.top_features
                     old.resolved_at = max(tr.last_ts, old.starts_at)
                     new._retired.append(old)
                 moved.alert = alert
@@ -270,6 +290,7 @@ class AlertStates:
 
     def _new_alert(
         self,
+        instance: InstanceKey,
         instance_labels: Mapping[str, str],
         starts_at: float,
         score: float,
@@ -289,7 +310,7 @@ class AlertStates:
             starts_at=starts_at,
             score=score,
             threshold=threshold,
-            generator_url=self._generator_url(instance_labels),
+            generator_url=self._generator_url(instance),
         )
         self._describe(alert, score, threshold, top_features, looks_like)
         return alert
@@ -298,9 +319,9 @@ class AlertStates:
         self, alert: Alert, score: float, threshold: float, top_features: TopFeatures, looks_like: str | None = None
     ) -> None:
         alert.score, alert.threshold = score, threshold
-        top = ", ".join(
-            f"{name} {dev:+.1f}σ ({_num(value)})" for name, dev, value in top_features[: self.cfg.top_features]
-        )
+        named = top_features[: self.cfg.top_features]
+        alert.top_features = tuple(name for name, _, _ in named)
+        top = ", ".join(f"{name} {dev:+.1f}σ ({_num(value)})" for name, dev, value in named)
         text = f"Anomaly score {score:.2f} (above 1 is anomalous; model threshold {threshold:g})."
         if looks_like:
             text += f" Looks like {looks_like.replace('_', ' ')}."
@@ -313,15 +334,16 @@ class AlertStates:
         else:
             alert.annotations.pop("looks_like", None)
 
-    def _generator_url(self, instance_labels: Mapping[str, str]) -> str:
+    def _generator_url(self, instance: InstanceKey) -> str:
+        """The instance's page, where its score, window and baseline are (`serve.pages`)."""
         if not self.external_url:
             return ""
-        name = instance_labels.get("instance") or next(iter(instance_labels.values()), "")
-        return f"{self.external_url}/api/v1/instances?instance={quote(name, safe='')}"
+        return f"{self.external_url}/instances/{url_key(instance)}"
 
 
 def _describe_down(alert: Alert, why: str, description: str) -> None:
     alert.annotations.update(description=description, down=why)
+    alert.top_features = ()
     for key in ("score", "looks_like"):
         alert.annotations.pop(key, None)
 

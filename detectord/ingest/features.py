@@ -25,6 +25,40 @@ from detectord.ingest.remote_write import (
 
 InstanceKey = tuple[str, ...]
 
+_COREDNS_PREFIX = "coredns_"
+_KEY_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def url_key(key: InstanceKey) -> str:
+    """An instance's key as one URL path segment: each label value with every byte outside
+    [A-Za-z0-9._:-] written ~XX, joined by ",". Nothing in it is percent-encoded on the way, so
+    it reads as it is (`coredns-edge,10.0.0.1:9153`) and survives any proxy's decoding."""
+    return ",".join("".join(chr(b) if b in _KEY_SAFE else f"~{b:02X}" for b in value.encode()) for value in key)
+
+
+def parse_url_key(text: str) -> InstanceKey:
+    """The inverse of `url_key`; ValueError on text no key encodes to."""
+    out = []
+    for part in text.split(","):
+        raw = bytearray()
+        i = 0
+        while i < len(part):
+            c = part[i]
+            if c == "~":
+                h = part[i + 1 : i + 3]
+                if len(h) != 2 or any(ch not in "0123456789ABCDEF" for ch in h):
+                    raise ValueError(f"bad escape in instance key {text!r}")
+                raw.append(int(h, 16))
+                i += 3
+            elif ord(c) < 128 and ord(c) in _KEY_SAFE:
+                raw.append(ord(c))
+                i += 1
+            else:
+                raise ValueError(f"{c!r} cannot appear in an instance key")
+        out.append(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
+    return tuple(out)
+
+
 Kind = Literal["counter", "gauge", "histogram"]
 
 
@@ -471,6 +505,8 @@ class FeatureExtractor:
         self.labels = LabelCache(label_cache_bytes)
         self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
         self._instances: dict[InstanceKey, _Instance] = {}
+        # Instances refused at max_instances, when last refused (monotonic), as many again at most.
+        self.refused: dict[InstanceKey, float] = {}
         # Instances whose `up` arrived in the latest ingest call.
         self.up_seen: set[InstanceKey] = set()
         # Offline only (`extract`): every `up` sample (timestamp, value), per instance.
@@ -585,6 +621,8 @@ class FeatureExtractor:
         gone = [k for k, inst in self._instances.items() if inst.last_seen < older_than or inst.up_gone]
         for k in gone:
             self.forget(k)
+        if self.refused:
+            self.refused = {k: t for k, t in self.refused.items() if t >= older_than}
         return gone
 
     def forget(self, key: InstanceKey) -> None:
@@ -727,7 +765,13 @@ class FeatureExtractor:
         key = tuple(d.get(k, "") for k in self.instance_labels)
         inst = self._instances.get(key)
         if inst is None:
+            if not sk.name.startswith(_COREDNS_PREFIX):
+                # Every Go target exports process_* and go_goroutines: only CoreDNS's own series
+                # make an instance. Not cached: once it is one, this series binds to it.
+                return None if key in self.refused else _IGNORED
             if len(self._instances) >= self.max_instances:
+                if key in self.refused or len(self.refused) < self.max_instances:
+                    self.refused[key] = now
                 return None
             inst = _Instance(
                 key, len(self._table.counter_slot), len(self._table.gauge_index), len(self._table.hist_index)

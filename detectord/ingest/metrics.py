@@ -46,6 +46,12 @@ class IngestMetrics:
             ["state"],
             registry=registry,
         )
+        self.instances_refused = Gauge(
+            "detectord_instances_refused",
+            "Distinct instances whose samples were refused because ingest.max_instances are tracked, "
+            "seen within instance_ttl.",
+            registry=registry,
+        )
         self.instances_evicted = Counter(
             "detectord_instances_evicted_total",
             "Instances forgotten after instance_ttl without samples.",

@@ -156,6 +156,25 @@ class _Compiled:
         t = np.where(self.asin, 2.0 * np.arcsin(np.sqrt(np.minimum(x, 1.0))), t)
         return t.astype(np.float32, copy=False)
 
+    def untransform(self, t: np.ndarray) -> np.ndarray:
+        """Transformed values (…, F) back in the features' own units."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.where(self.log, np.expm1(t), t)
+            x = np.where(self.asin, np.sin(np.clip(t, 0.0, np.pi) / 2.0) ** 2, x)
+            out: np.ndarray = (x / self.prescale).astype(np.float64)
+        return out
+
+
+@dataclass(frozen=True)
+class BaselineView:
+    """An instance's window against its own baseline, in the features' units (for its page)."""
+
+    values: np.ndarray  # (W, F) the window as the model saw it
+    median: np.ndarray  # (F,) the baseline's location
+    low: np.ndarray  # (F,) location - one spread
+    high: np.ndarray  # (F,) location + one spread
+    deviation: np.ndarray  # (F,) the latest row, in spreads from the location
+
 
 class InstanceBaseline:
     """One instance's baseline. `push` takes each raw feature row in step order and returns it
@@ -359,6 +378,21 @@ class Normaliser:
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:
             self._baselines.pop(k, None)
+
+    def view(self, key: InstanceKey, window: np.ndarray) -> BaselineView | None:
+        """`window` (transformed rows, oldest first) of `key` against its baseline."""
+        b = self._baselines.get(key)
+        if b is None:
+            return None
+        c = self._compiled
+        dev = (window[-1] - b.loc) / b.scale
+        return BaselineView(
+            c.untransform(window),
+            c.untransform(b.loc),
+            np.maximum(c.untransform(b.loc - b.scale), 0.0),  # every feature is >= 0
+            c.untransform(b.loc + b.scale),
+            dev.astype(np.float64),
+        )
 
     def state_of(self, key: InstanceKey) -> dict[str, Any] | None:
         b = self._baselines.get(key)

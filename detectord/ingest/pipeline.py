@@ -23,7 +23,7 @@ import numpy as np
 from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats, InstanceKey
 from detectord.ingest.liveness import CrashLoop, CrashLoops, LivenessEvent, LivenessTracker
 from detectord.ingest.metrics import IngestMetrics
-from detectord.ingest.normalise import InputPlan, Normaliser
+from detectord.ingest.normalise import BaselineView, InputPlan, Normaliser
 from detectord.ingest.remote_write import (
     DEFAULT_CACHE_BYTES,
     DecodedWrite,
@@ -283,6 +283,7 @@ class Ingestor:
         self.instance_counts = {"warming": total - scoring - down, "scoring": scoring, "down": down}
         for state, n in self.instance_counts.items():
             self.metrics.instances.labels(state).set(n)
+        self.metrics.instances_refused.set(len(self.extractor.refused))
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         """Forget instances not heard from since `older_than` (monotonic), and the label cache's
@@ -303,6 +304,7 @@ class Ingestor:
 
     def update_cache_gauges(self) -> None:
         cache, m = self.extractor.labels, self.metrics
+
         m.label_cache_bytes.set(cache.size_bytes)
         m.label_cache_series.set(len(cache))
         for why, n in cache.forgotten.items():
@@ -322,6 +324,27 @@ class Ingestor:
 
     def is_warming(self, key: InstanceKey) -> bool:
         return key not in self._scoring
+
+    # ---- what the pages show (serve.api); on the ingest thread ------------------------------
+
+    def instance_overview(self) -> tuple[list[tuple[InstanceKey, str]], int]:
+        """Every tracked instance with its state (warming, scoring or down), and how many
+        instances were refused at ingest.max_instances."""
+        down, scoring = self.liveness.down, self._scoring
+        out = [
+            (k, "down" if k in down else "scoring" if k in scoring else "warming")
+            for k in self.extractor.instance_keys()
+        ]
+        return out, len(self.extractor.refused)
+
+    def instance_window(self, key: InstanceKey) -> tuple[BaselineView, int] | None:
+        """The instance's current window against its baseline, and the newest row's step."""
+        got = self.windows.rows_of(key)
+        if got is None:
+            return None
+        rows, last_ts = got
+        view = self.normaliser.view(key, rows)
+        return None if view is None else (view, last_ts)
 
     # ---- state across restarts (serve.snapshots); on the ingest thread ------------------------
 

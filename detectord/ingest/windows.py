@@ -71,6 +71,15 @@ class WindowStore:
         out: np.ndarray = np.concatenate((ring.buf[ring.pos :], ring.buf[: ring.pos]))
         return out
 
+    def rows_of(self, key: InstanceKey) -> tuple[np.ndarray, int] | None:
+        """The instance's rows so far (oldest first, at most a window) and the newest one's step."""
+        ring = self._rings.get(key)
+        if ring is None or ring.count == 0:
+            return None
+        if ring.count < self.window:
+            return ring.buf[: ring.count].copy(), ring.last_ts
+        return np.concatenate((ring.buf[ring.pos :], ring.buf[: ring.pos])), ring.last_ts
+
     def state_of(self, key: InstanceKey) -> tuple[bytes, int, int, int] | None:
         """The instance's ring as plain values: rows, next position, row count, last step."""
         ring = self._rings.get(key)

@@ -1,5 +1,6 @@
-"""The daemon's HTTP endpoints: remote write, `/metrics`, the JSON APIs and the lifecycle
-endpoints. Handlers read the `Server` from the application and never do CPU work on the loop.
+"""The daemon's HTTP endpoints: remote write, `/metrics` and the lifecycle endpoints here, the
+JSON API (`api`) and the pages (`pages`) beside. Handlers read the `Server` from the application
+and never do CPU work on the loop.
 """
 
 from __future__ import annotations
@@ -12,17 +13,16 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from detectord import __version__
 from detectord.errors import DetectordError, RemoteWriteError
 from detectord.ingest import intake
-from detectord.ingest.features import InstanceKey
 from detectord.ingest.remote_write import Version
+from detectord.serve import api, pages
+from detectord.serve.appkeys import SERVER_KEY
 from detectord.serve.webconfig import Unauthorized, san_allowed
 
 if TYPE_CHECKING:
     from detectord.serve.server import Server
 
-SERVER_KEY: web.AppKey[Server] = web.AppKey("server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Open without credentials, as Prometheus's: a liveness probe has none.
 OPEN_PATHS = frozenset({"/-/healthy"})
@@ -44,9 +44,14 @@ def application(srv: Server) -> web.Application:
     app.router.add_get("/-/ready", handle_ready)
     app.router.add_post("/-/reload", handle_reload)
     app.router.add_put("/-/reload", handle_reload)
-    app.router.add_get("/api/v1/instances", handle_instances)
-    app.router.add_get("/api/v1/scores", handle_scores)
-    app.router.add_get("/", handle_index)
+    app.router.add_get("/api/v1/status", api.handle_status)
+    app.router.add_get("/api/v1/instances", api.handle_instances)
+    app.router.add_get("/api/v1/instances/{key}", api.handle_instance)
+    app.router.add_get("/api/v1/scores", api.handle_scores)
+    app.router.add_get("/model/card", api.handle_model_card)
+    app.router.add_get("/", pages.handle_index)
+    app.router.add_get("/instances/{key}", pages.handle_instance_page)
+    app.router.add_get("/ui/{name}", pages.handle_ui)
     return app
 
 
@@ -148,43 +153,3 @@ def _cross_origin(request: web.Request) -> bool:
     if origin is None:
         return False
     return origin == "null" or urlsplit(origin).netloc.lower() != request.host.lower()
-
-
-async def handle_instances(request: web.Request) -> web.Response:
-    """JSON view of tracked instances: warming or scored, latest score, alert state."""
-    srv = request.app[SERVER_KEY]
-    if srv.ingestor is None or srv.sink is None:
-        return web.json_response({"status": "error", "error": "not ready"}, status=503)
-    ing, alerts = srv.ingestor, srv.sink.alerts
-    keys: list[InstanceKey] = await ing.call(ing.extractor.instance_keys)
-    want = request.query.get("instance")
-    names = srv.cfg.ingest.instance_labels
-    out = [
-        {"labels": dict(zip(names, key, strict=True)), "warming": ing.is_warming(key), "alert": alerts.state_of(key)}
-        for key in keys
-        if want is None or want in key
-    ]
-    return web.json_response({"status": "success", "data": out})
-
-
-async def handle_scores(request: web.Request) -> web.Response:
-    """The latest scores of each instance (or of those whose label values include ?instance=),
-    oldest first, as [step timestamp in ms, score] pairs."""
-    srv = request.app[SERVER_KEY]
-    if srv.sink is None:
-        return web.json_response({"status": "error", "error": "not ready"}, status=503)
-    want = request.query.get("instance")
-    names = srv.cfg.ingest.instance_labels
-    out = [
-        {"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in hist]}
-        for key, hist in list(srv.sink.history.items())
-        if want is None or want in key
-    ]
-    return web.json_response({"status": "success", "data": out})
-
-
-async def handle_index(request: web.Request) -> web.Response:
-    return web.Response(
-        text=f"detectord {__version__}: POST remote-write to /api/v1/write; see /metrics, "
-        "/api/v1/instances, /api/v1/scores, /-/ready.\n"
-    )

@@ -14,6 +14,8 @@ from detectord.ingest.features import InstanceKey
 from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Scores are in threshold units: 1 is the threshold.
+SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _STATUS_REASONS = {413: "too_large", 415: "unsupported_media_type"}
 
 
@@ -73,11 +75,19 @@ class DaemonMetrics(IngestMetrics):
             ["reason"],
             registry=registry,
         )
+        for reason in ("queue_full", "inference_error"):
+            self.windows_dropped.labels(reason)
         self.queue_depth = Gauge(
             "detectord_inference_queue_depth", "Windows waiting for the inference worker.", registry=registry
         )
         self.score = Gauge(
             "detectord_anomaly_score", "Latest anomaly score per instance; > 1 is anomalous.", il, registry=registry
+        )
+        self.score_distribution = Histogram(
+            "detectord_anomaly_score_distribution",
+            "Scores of every window scored, the fleet's together (a heatmap of the fleet); > 1 is anomalous.",
+            buckets=SCORE_BUCKETS,
+            registry=registry,
         )
         self.anomaly = Gauge(
             "detectord_anomaly",
@@ -97,6 +107,13 @@ class DaemonMetrics(IngestMetrics):
             [*il, "feature"],
             registry=registry,
         )
+        self.alert_state = Gauge(
+            "detectord_alert_state",
+            "1 for each instance whose CoreDNSAnomaly alert is pending or firing, by state (as Prometheus's "
+            "ALERTS{alertstate}); no series while inactive.",
+            [*il, "state"],
+            registry=registry,
+        )
         self.alerts = Gauge(
             "detectord_alerts",
             "Instances whose CoreDNSAnomaly alert is pending or firing.",
@@ -110,6 +127,19 @@ class DaemonMetrics(IngestMetrics):
         self.reloads = Counter(
             "detectord_reloads_total", "Config and model reloads by result.", ["result"], registry=registry
         )
+        # As Prometheus's prometheus_config_last_reload_successful: 1 after the start's load.
+        self.last_reload_successful = Gauge(
+            "detectord_config_last_reload_successful",
+            "1 when the last config and model reload succeeded (or none was tried since the start).",
+            registry=registry,
+        )
+        self.last_reload_successful.set(1)
+        self.last_reload_success_time = Gauge(
+            "detectord_config_last_reload_success_timestamp_seconds",
+            "When the config and model were last loaded successfully (the start counts).",
+            registry=registry,
+        )
+        self.last_reload_success_time.set_to_current_time()
         self.ready = Gauge("detectord_ready", "1 when the model is loaded and warmed up.", registry=registry)
         self.snapshots = Counter(
             "detectord_state_snapshots_total", "State snapshots written, by result.", ["result"], registry=registry
@@ -178,6 +208,9 @@ class DaemonMetrics(IngestMetrics):
         for g in (self.score, self.anomaly):
             with contextlib.suppress(KeyError):
                 g.remove(*key)
+        for state in ("pending", "firing"):
+            with contextlib.suppress(KeyError):
+                self.alert_state.remove(*key, state)
         self.clear_features(key, features)
 
     def clear_features(self, key: InstanceKey, features: Sequence[str]) -> None:

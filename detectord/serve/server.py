@@ -24,7 +24,15 @@ from prometheus_client import CollectorRegistry
 
 from detectord import __version__, logs
 from detectord.alerting.notifier import AlertmanagerNotifier
-from detectord.config import AlertingConfig, Config, listen_host_port, load_config, step_seconds, with_listen_address
+from detectord.config import (
+    AlertingConfig,
+    Config,
+    InferenceConfig,
+    listen_host_port,
+    load_config,
+    step_seconds,
+    with_listen_address,
+)
 from detectord.detectors import Detector, backend, load_model
 from detectord.errors import ConfigError, DetectordError, ModelError
 from detectord.ingest.features import InstanceKey
@@ -154,7 +162,7 @@ class Server:
         )
         stack.push_async_callback(self._save_state)
 
-        worker = self._new_worker(model, loop)
+        worker = self._new_worker(model, cfg.inference, loop)
         with logs.backend_noise_held():
             await loop.run_in_executor(None, worker.warm_up)
         worker.start()
@@ -332,8 +340,7 @@ class Server:
 
     # ---- model, worker and reload -----------------------------------------------------------
 
-    def _new_worker(self, model: Detector, loop: asyncio.AbstractEventLoop) -> InferenceWorker:
-        inf = self.cfg.inference
+    def _new_worker(self, model: Detector, inf: InferenceConfig, loop: asyncio.AbstractEventLoop) -> InferenceWorker:
         assert self.sink is not None
         return InferenceWorker(
             model,
@@ -403,6 +410,7 @@ class Server:
                 )
             except DetectordError as exc:
                 self.metrics.reloads.labels("failure").inc()
+                self.metrics.last_reload_successful.set(0)
                 log.error(
                     "reload refused; still running the previous config and model", trigger=trigger, error=str(exc)
                 )
@@ -418,7 +426,7 @@ class Server:
                 old.worker.swap(model)
                 self.pipeline = _Pipeline(model, old.worker)
             else:
-                worker = self._new_worker(model, loop)
+                worker = self._new_worker(model, cfg.inference, loop)
                 worker.start()
                 self.pipeline = _Pipeline(model, worker)
                 self.ingestor.worker = worker
@@ -445,6 +453,8 @@ class Server:
             gc.unfreeze()
             await loop.run_in_executor(None, _freeze_heap)
             self.metrics.reloads.labels("success").inc()
+            self.metrics.last_reload_successful.set(1)
+            self.metrics.last_reload_success_time.set_to_current_time()
             log.info("reloaded", trigger=trigger, model=model.name, model_version=model.version)
             if web_error is not None:
                 raise web_error

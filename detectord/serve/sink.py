@@ -4,7 +4,7 @@ gauges and through its alert state; the alerts that began firing or resolved go 
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +17,7 @@ from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import CrashLoop, LivenessEvent
+from detectord.serve.history import InstanceScores
 from detectord.serve.inference import ScoreResult
 from detectord.serve.metrics import DaemonMetrics
 
@@ -44,10 +45,13 @@ class ScoreSink:
         self.notifier = notifier
         self.history_len = history
         self.alerts = AlertStates(cfg, model_name=model.name, external_url=external_url)
-        self.history: dict[InstanceKey, deque[tuple[int, float]]] = {}
+        self.history: dict[InstanceKey, InstanceScores] = {}
         # What each instance forwards to (FeatureRow.upstream), and how many forward to each.
         self.upstream_of: dict[InstanceKey, str] = {}
         self.fleet: Counter[str] = Counter()
+        self.latest_step: int | None = None  # the newest step scored (data time, ms)
+        # Each pending or firing instance's alert state, as detectord_alert_state shows it.
+        self._phase: dict[InstanceKey, str] = {}
 
     def _labels(self, key: InstanceKey) -> dict[str, str]:
         labels = dict(zip(self.instance_labels, key, strict=True))
@@ -92,27 +96,29 @@ class ScoreSink:
         features = self.model.features
         threshold = self.model.threshold
         k = self.cfg.top_features
-        m, alerts, keep = self.metrics, self.alerts, self.history_len
+        m, alerts = self.metrics, self.alerts
         changed: list[Alert] = []
         for r in results:
             key = r.instance
             m.score.labels(*key).set(r.score)
-            if keep:
-                hist = self.history.get(key)
-                if hist is None:
-                    hist = self.history[key] = deque(maxlen=keep)
-                hist.append((r.step_ts_ms, r.score))
+            m.score_distribution.observe(r.score)
             down = None if r.crash_loop is None else ("crash_looping", _crash_loop_text(r.crash_loop))
             m.anomaly.labels(*key).set(1.0 if r.score > 1.0 or down is not None else 0.0)
             dev = np.nan_to_num(r.feature_deviation, nan=0.0)
             order = np.argsort(-np.abs(dev))[:k]
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
+            hist = self.scores_of(key)
+            hist.add(r.step_ts_ms, r.score)
+            if self.latest_step is None or r.step_ts_ms > self.latest_step:
+                self.latest_step = r.step_ts_ms
+            hist.deviation, hist.latest, hist.looks_like = dev.astype(np.float32), r.latest, r.looks_like
             self._see_upstream(key, r.upstream)
             labels = self._labels(key)
             was_firing = alerts.is_firing(key)
-            changed.extend(
-                alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like, down)
-            )
+            new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like, down)
+            self._remember(key, new)
+            self._show_phase(key)
+            changed.extend(new)
             if alerts.is_firing(key):
                 if not was_firing:
                     m.clear_features(key, features)
@@ -126,6 +132,34 @@ class ScoreSink:
             self.notifier.submit(changed)
         self._count_alerts()
 
+    def scores_of(self, key: InstanceKey) -> InstanceScores:
+        hist = self.history.get(key)
+        if hist is None:
+            hist = self.history[key] = InstanceScores(self.history_len)
+        return hist
+
+    def _remember(self, key: InstanceKey, changed: list[Alert]) -> None:
+        """Alerts that began firing are kept with the instance's scores, for its page."""
+        for a in changed:
+            if not a.resolved:
+                alerts = self.scores_of(key).alerts
+                if not alerts or alerts[-1] is not a:
+                    alerts.append(a)
+
+    def _show_phase(self, key: InstanceKey) -> None:
+        phase = self.alerts.state_of(key)
+        old = self._phase.get(key, "inactive")
+        if phase == old:
+            return
+        gauge = self.metrics.alert_state
+        if old != "inactive":
+            gauge.remove(*key, old)
+        if phase == "inactive":
+            del self._phase[key]
+        else:
+            self._phase[key] = phase
+            gauge.labels(*key, phase).set(1)
+
     def liveness(self, events: list[LivenessEvent]) -> None:
         """Steps of instances that are down (their alert fires, saying why), or that came back (a
         normal step: the alert resolves after keep_firing_for, while the window warms again)."""
@@ -137,12 +171,14 @@ class ScoreSink:
             ts = ev.ts_ms / 1000.0
             if ev.state == "up":
                 changed.extend(alerts.observe(key, labels, ts, 0.0, self.model.threshold, ()))
+                self._show_phase(key)
                 m.anomaly.labels(*key).set(0.0)
                 continue
             was_firing = alerts.is_firing(key)
-            changed.extend(
-                alerts.observe(key, labels, ts, 0.0, self.model.threshold, (), down=(ev.state, _down_text(ev)))
-            )
+            new = alerts.observe(key, labels, ts, 0.0, self.model.threshold, (), down=(ev.state, _down_text(ev)))
+            self._remember(key, new)
+            self._show_phase(key)
+            changed.extend(new)
             m.anomaly.labels(*key).set(1.0)
             if not was_firing:
                 m.clear_features(key, self.model.features)
@@ -156,6 +192,7 @@ class ScoreSink:
         resolved: list[Alert] = []
         for key in keys:
             self.history.pop(key, None)
+            self._phase.pop(key, None)
             self._see_upstream(key, "")
             self.upstream_of.pop(key, None)
             resolved.extend(self.alerts.forget(key))
@@ -173,6 +210,12 @@ class ScoreSink:
         if notifier is not self.notifier:
             self.notifier = notifier
             notifier.submit(self.alerts.firing())
+        if history != self.history_len or model.features != self.model.features:
+            # Another model's feature deviations are not this one's.
+            self.history = {k: h.resized(history) for k, h in self.history.items()}
+            if model.features != self.model.features:
+                for h in self.history.values():
+                    h.deviation = h.latest = None
         self.model, self.cfg, self.history_len = model, cfg, history
 
     def state(self) -> dict[str, Any]:
@@ -191,10 +234,13 @@ class ScoreSink:
         n = self.alerts.restore(state["alerts"])
         for key, upstream in upstreams.items():
             self._see_upstream(key, upstream)
+        for key in self.alerts.tracked():
+            self._show_phase(key)
         firing = self.alerts.firing()
         for a in firing:
             instance = tuple(a.labels.get(name, "") for name in self.instance_labels)
             self.metrics.anomaly.labels(*instance).set(1.0)
+            self._remember(instance, [a])
         self._describe_fleet()
         self.notifier.submit(firing)
         self.notifier.resume_resolved(resolved)

@@ -50,7 +50,7 @@ class Detectord:
         write_config(self.config, config, port=self.port, model=self.model)
 
     async def instances(self) -> list[dict[str, Any]]:
-        async with self.session() as s, s.get(f"{self.url}/api/v1/instances") as r:
+        async with self.session() as s, s.get(f"{self.url}/api/v1/instances", params={"limit": "0"}) as r:
             body = await r.json()
         data: list[dict[str, Any]] = body["data"]
         return data

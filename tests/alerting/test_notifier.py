@@ -79,7 +79,7 @@ async def test_firing_alert_reaches_alertmanager_then_resolves(am: Alertmanager)
         assert abs(parse(got["startsAt"]) - alert.starts_at) < 0.002
         # endsAt lies 4 resend intervals ahead, so what follows cannot be mere expiry.
         assert parse(got["endsAt"]) - time.time() > 15
-        assert got["generatorURL"] == f"{EXTERNAL}/api/v1/instances?instance=10.0.0.1%3A9153"
+        assert got["generatorURL"] == f"{EXTERNAL}/instances/coredns,10.0.0.1:9153"
         assert got["status"]["state"] == "active"
         assert sample(reg, "detectord_alerts_sent_total", alertmanager=am.url) == 1
 

@@ -183,7 +183,7 @@ def test_to_api_matches_alertmanager_v2() -> None:
     body = alert.to_api(now=1_700_000_100.0, resend_interval=60.0)
     assert body["startsAt"] == "2023-11-14T22:13:20.250Z"
     assert body["endsAt"] == rfc3339(1_700_000_100.0 + 240.0)
-    assert body["generatorURL"] == f"{EXTERNAL}/api/v1/instances?instance=10.0.0.1%3A9153"
+    assert body["generatorURL"] == f"{EXTERNAL}/instances/coredns,10.0.0.1:9153"
     assert body["labels"] == alert.labels and body["annotations"] == alert.annotations
     step(s, 1_700_000_015.0, 0.1)
     assert alert.to_api(now=1_700_000_100.0, resend_interval=60.0)["endsAt"] == "2023-11-14T22:13:35.000Z"

@@ -176,7 +176,7 @@ def test_a_failed_scrape_of_a_live_process_is_no_spike_and_no_restart() -> None:
 def test_nan_and_inf_are_counted_not_used() -> None:
     ext = FeatureExtractor(1000)
     stats = IngestStats()
-    ext.ingest(write((L("go_goroutines"), [(0, float("nan")), (1000, float("inf")), (2000, 12.0)])), stats)
+    ext.ingest(write((L("coredns_panics_total"), [(0, float("nan")), (1000, float("inf")), (2000, 12.0)])), stats)
     assert stats.non_finite == 2 and stats.accepted == 1
 
 
@@ -203,6 +203,21 @@ def test_irrelevant_series_are_ignored_and_counted() -> None:
     assert stats.ignored == 2 and ext.instances == 0
 
 
+def test_other_targets_process_and_go_series_make_no_instance() -> None:
+    """A keep rule on names alone lets every Go target's process_* and go_goroutines through."""
+    ext = FeatureExtractor(1000)
+    stats = IngestStats()
+    node = [L(n, instance="node-1:9100", job="node") for n in ("process_cpu_seconds_total", "go_goroutines", "up")]
+    for t in range(3):
+        ext.ingest(write(*[(labels, [(t * 1000, 1.0 + t)]) for labels in node]), stats)
+    assert ext.instances == 0 and stats.ignored == 9
+    # A CoreDNS's own series make it one; its process series (first in the request) then count.
+    coredns = [L("process_cpu_seconds_total"), L("coredns_dns_requests_total")]
+    rows = feed(ext, [write(*[(labels, [(t * 1000, 1.0 * t)]) for labels in coredns]) for t in range(4)])
+    assert ext.instance_keys() == [("coredns", "a:9153")]
+    assert col(rows, "cpu_seconds_rate")[1:] == [1.0, 1.0]
+
+
 def test_samples_of_one_scrape_split_across_late_requests_stay_together() -> None:
     """Parallel shards: part of scrape t arrives after part of scrape t+1."""
     ext = FeatureExtractor(1000)
@@ -223,6 +238,7 @@ def test_process_metrics() -> None:
         ext,
         [
             write(
+                (L("coredns_dns_requests_total"), [(t * 15000, 10.0 * t)]),
                 (L("process_cpu_seconds_total"), [(t * 15000, 1.5 * t)]),
                 (L("process_resident_memory_bytes"), [(t * 15000, 3e7)]),
                 (L("go_goroutines"), [(t * 15000, 42.0)]),

@@ -83,11 +83,14 @@ async def test_reload_endpoint_refuses_a_bad_config_then_applies_a_good_one(daem
         async with s.post(base + "/-/reload") as r:
             assert r.status == 500
             assert "alerting.sevrity" in await r.text()
+        assert metric((await _get(base, "/metrics"))[1], "detectord_config_last_reload_successful") == 0
         daemon.write_config(CONFIG + "alerting:\n  severity: page\n")
         async with s.post(base + "/-/reload") as r:
             assert r.status == 200, await r.text()
     text = await _wait_metric(base, "detectord_reloads_total", 1, result="success")
     assert metric(text, "detectord_reloads_total", result="failure") == 1
+    assert metric(text, "detectord_config_last_reload_successful") == 1
+    assert metric(text, "detectord_config_last_reload_success_timestamp_seconds") > time.time() - 60
     assert proc.poll() is None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +14,7 @@ from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from detectord.children import free_port
-from detectord.config import AlertmanagerConfig, Duration
+from detectord.config import AlertmanagerConfig, Duration, load_config
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.remote_write import encode_v1
 from detectord.serve.server import Server
@@ -240,3 +241,14 @@ async def test_the_reload_endpoint_is_off_unless_lifecycle_is_enabled_and_refuse
             assert "no config file to reload" in await r.text()
         async with s.post(f"{base}/-/reload") as r:  # curl, Prometheus-style tooling: no Origin
             assert r.status == 500
+
+
+async def test_a_reload_takes_new_inference_settings_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "detectord.yml"
+    base = "web: {listen_address: '127.0.0.1:0'}\nstate: {dir: ''}\nmodel: {any_step: true}\ningest: {step: 1s}\n"
+    path.write_text(base)
+    async with running_server(load_config(str(path)), config_path=str(path)) as srv:
+        assert srv.pipeline.worker.max_batch != 2
+        path.write_text(base + "inference: {max_batch: 2, queue_size: 3}\n")
+        await srv.reload("test")
+        assert srv.pipeline.worker.max_batch == 2 and srv.pipeline.worker._queue_size == 3

@@ -71,7 +71,7 @@ async def _settle(srv: Any) -> None:
 
 
 def _scores(srv: Any) -> dict[tuple[str, ...], dict[int, float]]:
-    return {k: dict(v) for k, v in srv.sink.history.items()}
+    return {k: dict(v.pairs()) for k, v in srv.sink.history.items()}
 
 
 async def test_after_a_restart_scores_go_on_as_if_it_never_stopped(tmp_path: Path, records: list[Record]) -> None:

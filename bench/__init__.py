@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers; each file says how to run it."""
