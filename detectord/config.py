@@ -162,6 +162,11 @@ class InferenceConfig:
     queue_size: int = 100000
     # Latest scores kept per instance (12 bytes each): the instance page's plot, GET /api/v1/scores.
     score_history: int = 240
+    # Which instances have per-instance series on /metrics (score, anomaly, alert state, top
+    # features): all, only anomalous ones (score above 1, down, alert pending or firing), or
+    # those and the export_top highest scores. The fleet-wide series are always there.
+    export_instances: Literal["all", "anomalous", "top"] = "all"
+    export_top: int = 100
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,7 @@ def _check(cfg: Config) -> None:
     need(1 <= cfg.inference.max_batch <= 65536, "inference.max_batch", "must be in 1..65536")
     need(cfg.inference.queue_size >= cfg.inference.max_batch, "inference.queue_size", "must be >= inference.max_batch")
     need(cfg.inference.score_history >= 0, "inference.score_history", "must be >= 0")
+    need(cfg.inference.export_top >= 0, "inference.export_top", "must be >= 0")
     need(cfg.alerting.resend_interval > 0, "alerting.resend_interval", "must be > 0")
     need(cfg.alerting.queue_capacity >= 1, "alerting.queue_capacity", "must be >= 1")
     need(1 <= cfg.alerting.max_batch <= 1000, "alerting.max_batch", "must be in 1..1000")

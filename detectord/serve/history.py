@@ -18,7 +18,19 @@ class InstanceScores:
     """One instance's last `capacity` scores (12 bytes each, not a deque of tuples: 10,000
     instances × 240 steps is 29 MB here, 260 MB as tuples) and its latest step's detail."""
 
-    __slots__ = ("_pos", "alerts", "count", "deviation", "latest", "looks_like", "score", "scores", "steps")
+    __slots__ = (
+        "_pos",
+        "alerts",
+        "anomalous",
+        "count",
+        "deviation",
+        "latest",
+        "looks_like",
+        "score",
+        "scores",
+        "steps",
+        "top",
+    )
 
     def __init__(self, capacity: int) -> None:
         self.steps = np.zeros(capacity, dtype=np.int64)
@@ -29,6 +41,9 @@ class InstanceScores:
         self.deviation: np.ndarray | None = None  # (F,) σ of the latest row from the baseline
         self.latest: np.ndarray | None = None  # (F,) the latest raw feature row
         self.looks_like: str | None = None
+        # detectord_anomaly (None: no series yet), and the top features shown while it fires.
+        self.anomalous: bool | None = None
+        self.top: list[tuple[str, float, float]] | None = None
         self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
 
     @property
@@ -61,5 +76,6 @@ class InstanceScores:
         for t, s in zip(steps.tolist(), scores.tolist(), strict=True):
             new.add(t, s)
         new.score, new.deviation, new.latest, new.looks_like = self.score, self.deviation, self.latest, self.looks_like
+        new.anomalous, new.top = self.anomalous, self.top
         new.alerts.extend(self.alerts)
         return new

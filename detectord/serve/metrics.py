@@ -5,12 +5,10 @@ same registry.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from detectord.ingest.features import InstanceKey
 from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -26,7 +24,6 @@ class DaemonMetrics(IngestMetrics):
     def __init__(self, registry: CollectorRegistry, instance_labels: Sequence[str]) -> None:
         super().__init__(registry)
         self.instance_labels = tuple(instance_labels)
-        il = list(self.instance_labels)
         self.requests = Counter(
             "detectord_remote_write_requests_total",
             "Remote-write requests by HTTP status and protocol.",
@@ -80,38 +77,10 @@ class DaemonMetrics(IngestMetrics):
         self.queue_depth = Gauge(
             "detectord_inference_queue_depth", "Windows waiting for the inference worker.", registry=registry
         )
-        self.score = Gauge(
-            "detectord_anomaly_score", "Latest anomaly score per instance; > 1 is anomalous.", il, registry=registry
-        )
         self.score_distribution = Histogram(
             "detectord_anomaly_score_distribution",
             "Scores of every window scored, the fleet's together (a heatmap of the fleet); > 1 is anomalous.",
             buckets=SCORE_BUCKETS,
-            registry=registry,
-        )
-        self.anomaly = Gauge(
-            "detectord_anomaly",
-            "1 while the instance is anomalous: its latest score above the threshold, down, or in a crash loop.",
-            il,
-            registry=registry,
-        )
-        self.feature_value = Gauge(
-            "detectord_feature_value",
-            "Current value of the top contributing features of instances whose alert is firing.",
-            [*il, "feature"],
-            registry=registry,
-        )
-        self.feature_deviation = Gauge(
-            "detectord_feature_deviation",
-            "Deviation (standard units) of the top contributing features of firing instances.",
-            [*il, "feature"],
-            registry=registry,
-        )
-        self.alert_state = Gauge(
-            "detectord_alert_state",
-            "1 for each instance whose CoreDNSAnomaly alert is pending or firing, by state (as Prometheus's "
-            "ALERTS{alertstate}); no series while inactive.",
-            [*il, "state"],
             registry=registry,
         )
         self.alerts = Gauge(
@@ -203,18 +172,3 @@ class DaemonMetrics(IngestMetrics):
 
     def count_dropped(self, reason: str, n: int) -> None:
         self.windows_dropped.labels(reason).inc(n)
-
-    def forget_instance(self, key: InstanceKey, features: Sequence[str]) -> None:
-        for g in (self.score, self.anomaly):
-            with contextlib.suppress(KeyError):
-                g.remove(*key)
-        for state in ("pending", "firing"):
-            with contextlib.suppress(KeyError):
-                self.alert_state.remove(*key, state)
-        self.clear_features(key, features)
-
-    def clear_features(self, key: InstanceKey, features: Sequence[str]) -> None:
-        for g in (self.feature_value, self.feature_deviation):
-            for f in features:
-                with contextlib.suppress(KeyError):
-                    g.remove(*key, f)

@@ -42,6 +42,7 @@ from detectord.ingest.remote_write import WriteLimits
 from detectord.serve import admission, snapshots
 from detectord.serve.backfill import backfill
 from detectord.serve.backfill import matchers as backfill_matchers
+from detectord.serve.exports import InstanceExports
 from detectord.serve.http import application
 from detectord.serve.inference import InferenceWorker, bucket_sizes, warm_up
 from detectord.serve.metrics import DaemonMetrics
@@ -102,6 +103,11 @@ class Server:
         self.enable_lifecycle = enable_lifecycle
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry, cfg.ingest.instance_labels)
+        inf = cfg.inference
+        self.exports = InstanceExports(
+            lambda: self.sink, cfg.ingest.instance_labels, inf.export_instances, inf.export_top
+        )
+        self.registry.register(self.exports)
         # --web.config.file: TLS, basic auth and headers for every endpoint; a bad file is a ConfigError here.
         self.web_security = WebSecurity(web_config_file, self.registry)
         self.ready = False
@@ -439,6 +445,7 @@ class Server:
                 self.notifier = await _open_notifier(cfg.alerting, self.registry, self.external_url())
             assert self.notifier is not None
             self.sink.use(model, cfg.alerting, self.notifier, history=cfg.inference.score_history)
+            self.exports.export, self.exports.top = cfg.inference.export_instances, cfg.inference.export_top
             self.cfg = cfg
             # Plain values the ingest thread reads at its next write.
             self.ingestor.liveness.stale_after_s = self.stale_after_s()

@@ -51,7 +51,7 @@ class ScoreSink:
         self.fleet: Counter[str] = Counter()
         self.latest_step: int | None = None  # the newest step scored (data time, ms)
         # Each pending or firing instance's alert state, as detectord_alert_state shows it.
-        self._phase: dict[InstanceKey, str] = {}
+        self.phases: dict[InstanceKey, str] = {}
 
     def _labels(self, key: InstanceKey) -> dict[str, str]:
         labels = dict(zip(self.instance_labels, key, strict=True))
@@ -100,10 +100,8 @@ class ScoreSink:
         changed: list[Alert] = []
         for r in results:
             key = r.instance
-            m.score.labels(*key).set(r.score)
             m.score_distribution.observe(r.score)
             down = None if r.crash_loop is None else ("crash_looping", _crash_loop_text(r.crash_loop))
-            m.anomaly.labels(*key).set(1.0 if r.score > 1.0 or down is not None else 0.0)
             dev = np.nan_to_num(r.feature_deviation, nan=0.0)
             order = np.argsort(-np.abs(dev))[:k]
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
@@ -112,21 +110,15 @@ class ScoreSink:
             if self.latest_step is None or r.step_ts_ms > self.latest_step:
                 self.latest_step = r.step_ts_ms
             hist.deviation, hist.latest, hist.looks_like = dev.astype(np.float32), r.latest, r.looks_like
+            hist.anomalous = r.score > 1.0 or down is not None
             self._see_upstream(key, r.upstream)
             labels = self._labels(key)
-            was_firing = alerts.is_firing(key)
             new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like, down)
             self._remember(key, new)
             self._show_phase(key)
             changed.extend(new)
-            if alerts.is_firing(key):
-                if not was_firing:
-                    m.clear_features(key, features)
-                for name, d, v in top:
-                    m.feature_value.labels(*key, name).set(v)
-                    m.feature_deviation.labels(*key, name).set(d)
-            elif was_firing:
-                m.clear_features(key, features)
+            # A firing instance's top features are on /metrics (serve.exports).
+            hist.top = top if alerts.is_firing(key) else None
         self._describe_fleet()
         if changed:
             self.notifier.submit(changed)
@@ -148,23 +140,16 @@ class ScoreSink:
 
     def _show_phase(self, key: InstanceKey) -> None:
         phase = self.alerts.state_of(key)
-        old = self._phase.get(key, "inactive")
-        if phase == old:
-            return
-        gauge = self.metrics.alert_state
-        if old != "inactive":
-            gauge.remove(*key, old)
         if phase == "inactive":
-            del self._phase[key]
+            self.phases.pop(key, None)
         else:
-            self._phase[key] = phase
-            gauge.labels(*key, phase).set(1)
+            self.phases[key] = phase
 
     def liveness(self, events: list[LivenessEvent]) -> None:
         """Steps of instances that are down (their alert fires, saying why), or that came back (a
         normal step: the alert resolves after keep_firing_for, while the window warms again)."""
         changed: list[Alert] = []
-        m, alerts = self.metrics, self.alerts
+        alerts = self.alerts
         for ev in events:
             key = ev.instance
             labels = self._labels(key)
@@ -172,16 +157,17 @@ class ScoreSink:
             if ev.state == "up":
                 changed.extend(alerts.observe(key, labels, ts, 0.0, self.model.threshold, ()))
                 self._show_phase(key)
-                m.anomaly.labels(*key).set(0.0)
+                self.scores_of(key).anomalous = False
                 continue
             was_firing = alerts.is_firing(key)
             new = alerts.observe(key, labels, ts, 0.0, self.model.threshold, (), down=(ev.state, _down_text(ev)))
             self._remember(key, new)
             self._show_phase(key)
             changed.extend(new)
-            m.anomaly.labels(*key).set(1.0)
+            hist = self.scores_of(key)
+            hist.anomalous = True
             if not was_firing:
-                m.clear_features(key, self.model.features)
+                hist.top = None
         self._describe_fleet()
         if changed:
             self.notifier.submit(changed)
@@ -192,11 +178,10 @@ class ScoreSink:
         resolved: list[Alert] = []
         for key in keys:
             self.history.pop(key, None)
-            self._phase.pop(key, None)
+            self.phases.pop(key, None)
             self._see_upstream(key, "")
             self.upstream_of.pop(key, None)
             resolved.extend(self.alerts.forget(key))
-            self.metrics.forget_instance(key, self.model.features)
         self._describe_fleet()
         if resolved:
             self.notifier.submit(resolved)
@@ -215,7 +200,7 @@ class ScoreSink:
             self.history = {k: h.resized(history) for k, h in self.history.items()}
             if model.features != self.model.features:
                 for h in self.history.values():
-                    h.deviation = h.latest = None
+                    h.deviation = h.latest = h.top = None
         self.model, self.cfg, self.history_len = model, cfg, history
 
     def state(self) -> dict[str, Any]:
@@ -239,7 +224,7 @@ class ScoreSink:
         firing = self.alerts.firing()
         for a in firing:
             instance = tuple(a.labels.get(name, "") for name in self.instance_labels)
-            self.metrics.anomaly.labels(*instance).set(1.0)
+            self.scores_of(instance).anomalous = True
             self._remember(instance, [a])
         self._describe_fleet()
         self.notifier.submit(firing)

@@ -151,6 +151,17 @@ async def test_the_api_shows_the_faulted_instance_first_with_its_window_and_base
         states = re.findall(r"^detectord_alert_state\{(.*)\} 1\.0$", text, re.MULTILINE)
         assert states == [f'instance="{faulted[1]}",job="{faulted[0]}",state="firing"'], states
 
+        # Per-instance series for all instances, the anomalous ones, or those and the top N.
+        def scored(export: str, top: int = 0) -> list[str]:
+            srv.exports.export, srv.exports.top = export, top
+            text = generate_latest(srv.registry).decode()
+            return re.findall(r'^detectord_anomaly_score\{instance="([^"]*)",job="[^"]*"\}', text, re.MULTILINE)
+
+        assert sorted(scored("all")) == sorted(r["labels"]["instance"] for r in rows)
+        assert scored("anomalous") == [faulted[1]]
+        assert sorted(scored("top", 2)) == sorted(r["labels"]["instance"] for r in rows[:2])
+        srv.exports.export = "all"
+
         status, body = await _get(s, f"{base}/api/v1/status")
         assert status == 200
         data = body["data"]

@@ -1,0 +1,89 @@
+"""The per-instance series on /metrics, read from the score sink's live state at scrape time (a
+custom collector, client_python's way for many series): no metric object per instance to keep.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from detectord.serve.sink import ScoreSink
+
+
+class InstanceExports(Collector):
+    """detectord_anomaly_score, detectord_anomaly, detectord_alert_state and, for firing instances,
+    detectord_feature_value and _deviation of their top features.
+
+    `export` picks the instances: all of them, only the anomalous ones (score above 1, down, or
+    alert pending or firing), or those and the `top` highest scores besides. Runs on a scrape's
+    thread while the event loop changes the sink: it copies each dict whole (atomic under the
+    GIL) before reading it."""
+
+    def __init__(self, sink: Callable[[], ScoreSink | None], labels: tuple[str, ...], export: str, top: int) -> None:
+        self._sink, self.labels, self.export, self.top = sink, labels, export, top
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Described (no samples) so registering the collector does not call collect.
+        yield from self._families()
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        il = list(self.labels)
+        return (
+            GaugeMetricFamily(
+                "detectord_anomaly_score", "Latest anomaly score per instance; > 1 is anomalous.", labels=il
+            ),
+            GaugeMetricFamily(
+                "detectord_anomaly",
+                "1 while the instance is anomalous: its latest score above the threshold, down, or in a crash loop.",
+                labels=il,
+            ),
+            GaugeMetricFamily(
+                "detectord_alert_state",
+                "1 for each instance whose CoreDNSAnomaly alert is pending or firing, by state (as Prometheus's "
+                "ALERTS{alertstate}); no series while inactive.",
+                labels=[*il, "state"],
+            ),
+            GaugeMetricFamily(
+                "detectord_feature_value",
+                "Current value of the top contributing features of instances whose alert is firing.",
+                labels=[*il, "feature"],
+            ),
+            GaugeMetricFamily(
+                "detectord_feature_deviation",
+                "Deviation (standard units) of the top contributing features of firing instances.",
+                labels=[*il, "feature"],
+            ),
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        score, anomaly, state, value, deviation = fams = self._families()
+        sink = self._sink()
+        if sink is None:
+            yield from fams
+            return
+        history = list(sink.history.items())
+        phases = dict(sink.phases)
+        if self.export != "all":
+            wanted = {k for k, h in history if h.anomalous} | set(phases)
+            if self.export == "top" and self.top:
+                scored = ((h.score, k) for k, h in history if h.count and math.isfinite(h.score))
+                wanted |= {k for _, k in heapq.nlargest(self.top, scored)}
+            history = [(k, h) for k, h in history if k in wanted]
+        for key, h in history:
+            labels = list(key)
+            if h.count:
+                score.add_metric(labels, h.score)
+            if h.anomalous is not None:
+                anomaly.add_metric(labels, 1.0 if h.anomalous else 0.0)
+            for name, d, v in h.top or ():
+                value.add_metric([*labels, name], v)
+                deviation.add_metric([*labels, name], d)
+        for key, phase in phases.items():
+            state.add_metric([*key, phase], 1.0)
+        yield from fams
