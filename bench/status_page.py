@@ -1,4 +1,4 @@
-"""How fast the status page and the API behind it answer with N instances scoring.
+"""How fast the status page, the API behind it and /metrics answer with N instances scoring.
 
 A synthetic CoreDNS fleet (as in bench/ingest_inference.py) is written to `detectord serve` at a
 15 s step until every instance scores; then each page request is timed, sequentially, as a
@@ -73,6 +73,8 @@ async def bench(instances: int, rounds: int, repeat: int) -> None:
                     "/api/v1/instances?filter=job%3Dcoredns%2010.0.1.",
                     f"/instances/{key}",
                     f"/api/v1/instances/{key}",
+                    "/api/v1/scores",
+                    "/metrics",
                 ):
                     med, worst, size = await _time(s, det.url + path, repeat)
                     print(f"| `GET {path}` | {med:.1f} | {worst:.1f} | {size:,} |", flush=True)

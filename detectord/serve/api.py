@@ -318,16 +318,31 @@ def _state_of(ing: Any, key: InstanceKey) -> tuple[str, Any] | None:
 
 
 async def handle_scores(request: web.Request) -> web.Response:
-    """The latest scores of each instance (or of those whose label values include ?instance=),
-    oldest first, as [step timestamp in ms, score] pairs."""
+    """The latest scores of each instance (or of those whose label values include ?instance=, or
+    that match ?filter=), oldest first, as [step timestamp in ms, score] pairs; in label order,
+    paged by `offset` and `limit` (100; 0 for all)."""
     srv = _server(request)
     if srv.sink is None:
         return _error(503, "not ready")
-    want = request.query.get("instance")
+    q = request.query
+    try:
+        offset = _int(q, "offset", 0, 0, 1 << 31)
+        limit = _int(q, "limit", DEFAULT_LIMIT, 0, MAX_LIMIT)
+    except web.HTTPBadRequest as exc:
+        return _error(400, (exc.text or "").strip())
+    want = q.get("instance")
     names = srv.cfg.ingest.instance_labels
-    out = [
-        {"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in hist.pairs()]}
+    match = key_matcher(q.get("filter", ""), names)
+    keys = sorted(
+        key
         for key, hist in list(srv.sink.history.items())
-        if (want is None or any(want in v for v in key)) and hist.count
+        if hist.count and (want is None or any(want in v for v in key)) and (match is None or match(key))
+    )
+    page = keys[offset:] if limit == 0 else keys[offset : offset + limit]
+    history = srv.sink.history
+    out = [
+        {"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in history[key].pairs()]}
+        for key in page
+        if key in history
     ]
-    return web.json_response({"status": "success", "data": out})
+    return web.json_response({"status": "success", "data": out, "total": len(keys), "offset": offset, "limit": limit})

@@ -173,6 +173,9 @@ async def test_the_api_shows_the_faulted_instance_first_with_its_window_and_base
         assert [r["labels"]["instance"] for r in edges["data"]] == ["edge-0", "edge-1", "edge-2", "edge-3"]
         _, page = await _get(s, f"{base}/api/v1/instances?sort=labels&order=desc&offset=1&limit=2")
         assert page["total"] == 6 and [r["labels"]["instance"] for r in page["data"]] == ["upstream-0", "edge-3"]
+        _, scores = await _get(s, f"{base}/api/v1/scores?filter=job%3Dcoredns-edge&offset=1&limit=2")
+        assert scores["total"] == 4 and [d["labels"]["instance"] for d in scores["data"]] == ["edge-1", "edge-2"]
+        assert all(d["scores"] and d["scores"][-1][0] == rows[0]["step"] for d in scores["data"])
         _, by_alert = await _get(s, f"{base}/api/v1/instances?sort=alert&spark=0")
         assert by_alert["data"][0]["alert"] == "firing" and by_alert["data"][0]["sparkline"] == []
         for bad, reason in [
