@@ -4,8 +4,8 @@
  * lookup. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built,
  * and the tests check both give the same result.
  *
- * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values)
- *     -> (samples, histograms, exemplars, metadata, rejects, next)
+ * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep)
+ *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
  *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
  *   samples to the flat lists timestamps and values: no per-sample container objects, so the
  *   cyclic GC has nothing to scan. Decodes at most max_series TimeSeries from byte offset start
@@ -17,7 +17,10 @@
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
- *   histograms and exemplars count those of accepted series only.
+ *   keep:    None, or a tuple of metric names (bytes): a series whose one `__name__` names another
+ *            metric is only counted, in ignored (its samples), histograms and exemplars, before
+ *            its labels are looked up or checked (a whole cluster's series cost little)
+ *   histograms and exemplars count those of accepted (and ignored) series only.
  * Raises ValueError on a malformed message.
  *
  * scan(data, series_field, other_field, max_series) -> (series, first_unknown_field)
@@ -234,6 +237,40 @@ bad:
     Py_RETURN_NONE;
 }
 
+/* One Label field's part in finding a series' metric name. state: 0 while no `__name__` label
+ * was seen, 1 once one was (its value in *name), -1 once the name cannot be told cheaply (a second
+ * `__name__`, one without a value, a Label that is not plainly one name and one value: such series
+ * take the full path, which judges them). Returns the new state. */
+static int name_step(cursor lab, int state, cursor *name_out) {
+    cursor name = {NULL, NULL}, value = {NULL, NULL};
+    const uint8_t *p = lab.p;
+    Py_ssize_t len = lab.end - lab.p;
+    /* As every Prometheus sends it: name, value, each shorter than 128 bytes. */
+    if (len >= 4 && p[0] == 0x0a && p[1] < 0x80 && 2 + p[1] + 2 <= len && p[2 + p[1]] == 0x12 &&
+        p[3 + p[1]] < 0x80 && 4 + p[1] + p[3 + p[1]] == len) {
+        if (p[1] != 8 || memcmp(p + 2, "__name__", 8) != 0) return state;
+        if (state == 1) return -1;
+        name_out->p = p + 12;
+        name_out->end = lab.end;
+        return 1;
+    }
+    while (lab.p < lab.end) {
+        uint32_t lf;
+        unsigned lw;
+        cursor str;
+        if (read_tag(&lab, &lf, &lw) || (lf != 1 && lf != 2) || lw != 2 || read_len(&lab, &str)) return -1;
+        cursor *slot = lf == 1 ? &name : &value;
+        if (slot->p != NULL) return -1;
+        *slot = str;
+    }
+    if (name.p != NULL && name.end - name.p == 8 && memcmp(name.p, "__name__", 8) == 0) {
+        if (state == 1 || value.p == NULL) return -1;
+        *name_out = value;
+        return 1;
+    }
+    return state;
+}
+
 static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why, PyObject *detail) {
     PyObject *item = Py_BuildValue("(OnsO)", key, n, why, detail ? detail : Py_None);
     if (!item) return NULL;
@@ -244,13 +281,32 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep;
     long long max_ts;
     Py_ssize_t start, max_series;
-    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!", &buf, &PyDict_Type, &cache, &resolve, &check_hist, &max_ts,
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!O", &buf, &PyDict_Type, &cache, &resolve, &check_hist, &max_ts,
                           &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type, &tss,
-                          &PyList_Type, &vals))
+                          &PyList_Type, &vals, &keep))
         return NULL;
+    /* A handful of names, compared in place: cheaper than making a bytes object to look up. */
+    PyObject **keep_names = NULL;
+    Py_ssize_t nkeep = -1;
+    if (keep != Py_None) {
+        if (!PyTuple_Check(keep)) {
+            PyBuffer_Release(&buf);
+            PyErr_SetString(PyExc_TypeError, "keep must be a tuple of metric names as bytes, or None");
+            return NULL;
+        }
+        nkeep = PyTuple_GET_SIZE(keep);
+        keep_names = &PyTuple_GET_ITEM(keep, 0);
+        for (Py_ssize_t k = 0; k < nkeep; k++) {
+            if (!PyBytes_Check(keep_names[k])) {
+                PyBuffer_Release(&buf);
+                PyErr_SetString(PyExc_TypeError, "keep must be a tuple of metric names as bytes, or None");
+                return NULL;
+            }
+        }
+    }
     if (start < 0 || start > buf.len) {
         PyBuffer_Release(&buf);
         PyErr_SetString(PyExc_ValueError, "start out of range");
@@ -258,7 +314,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     }
     PyObject *rejects = PyList_New(0);
     PyObject *hists = NULL;
-    Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0;
+    Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
     char *scratch = NULL;
     size_t scratch_cap = 0;
     samplebuf sb = {NULL, NULL, 0, 0};
@@ -291,6 +347,8 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         size_t lab_bytes = 0;
         Py_ssize_t hist = 0, ex = 0;
         int64_t last_ts = INT64_MIN;
+        int name_state = 0;
+        cursor mname = {NULL, NULL};
         sb.n = 0;
         Py_CLEAR(hists);
         while (ts.p < ts.end) {
@@ -305,6 +363,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                 else if (lab_end != field_start) contiguous = 0;
                 lab_end = ts.p;
                 lab_bytes += (size_t)(ts.p - field_start);
+                if (nkeep >= 0 && name_state >= 0) name_state = name_step(sub, name_state, &mname);
             } else if (f2 == 2 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated sample"; goto fail; }
                 int rc = parse_sample(sub, &sb);
@@ -325,6 +384,20 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         }
         Py_ssize_t n = sb.n;
         n_samples += n;
+
+        if (nkeep >= 0 && name_state == 1) {
+            int kept = 0;
+            Py_ssize_t len = mname.end - mname.p;
+            for (Py_ssize_t k = 0; k < nkeep && !kept; k++)
+                kept = PyBytes_GET_SIZE(keep_names[k]) == len && memcmp(PyBytes_AS_STRING(keep_names[k]), mname.p, (size_t)len) == 0;
+            if (!kept) {
+                /* A metric nothing reads: counted, and nothing else (no key, no cache entry). */
+                n_ignored += n;
+                n_hist += hist;
+                n_ex += ex;
+                continue;
+            }
+        }
 
         PyObject *raw;
         if (lab_start == NULL) {
@@ -409,7 +482,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     PyMem_Free(sb.ts);
     PyMem_Free(sb.val);
     PyBuffer_Release(&buf);
-    return Py_BuildValue("(nnnnNn)", n_samples, n_hist, n_ex, n_meta, rejects, next);
+    return Py_BuildValue("(nnnnNnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
     Py_XDECREF(hists);

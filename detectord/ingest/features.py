@@ -501,6 +501,8 @@ class FeatureExtractor:
         self.max_instances = max_instances
         self.max_gap_steps = max_gap_steps
         self._table = _SourceTable(self.features)
+        # The metrics it reads: decoding leaves every other series out, only counted.
+        self.series_names = frozenset(self._table.by_series_name) | {UP}
         # Decode with this cache: per-series state lives on its SeriesKeys (pinned while bound).
         self.labels = LabelCache(label_cache_bytes)
         self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
@@ -532,6 +534,7 @@ class FeatureExtractor:
         now = time.monotonic() if now is None else now
         rows: list[FeatureRow] = []
         self.up_seen = set()
+        stats.ignored += write.ignored
         step_ms = self.step_ms
         tss, vals = write.timestamps, write.values
         j = 0

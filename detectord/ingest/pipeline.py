@@ -173,7 +173,12 @@ class Ingestor:
     def decode_steps(self, body: bytes, version: Version) -> Steps:
         now_ms = int(time.time() * 1000)
         return decode_steps(
-            body, version, self.extractor.labels, max_decoded=self.max_decoded, max_ts_ms=now_ms + self.max_future_ms
+            body,
+            version,
+            self.extractor.labels,
+            max_decoded=self.max_decoded,
+            max_ts_ms=now_ms + self.max_future_ms,
+            keep=self.extractor.series_names,
         )
 
     def ingest(self, decoded: DecodedWrite, stats: IngestStats) -> None:

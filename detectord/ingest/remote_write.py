@@ -202,6 +202,11 @@ class LabelCache:
         if self._pinned.pop(key.labels, None) is not None:
             self._keys[key.labels] = key
 
+    def known(self, raw: object) -> SeriesKey | str | None:
+        """What the cache holds for `raw`, without making it seen again."""
+        hit = self._raw.get(raw)
+        return hit if hit is not None else self._old.get(raw)
+
     def from_raw(self, raw: tuple[bytes, ...]) -> SeriesKey | str:
         """The SeriesKey of serialized prometheus.Label messages, or why they are invalid."""
         hit = self._raw.get(raw)
@@ -282,6 +287,8 @@ class DecodedWrite:
     invalid_samples: int = 0
     first_error: str | None = None
     refused: dict[str, int] = field(default_factory=dict)  # series refused, by Reason.kind
+    # Samples of series left out by `keep` (a metric nobody reads), counted and nothing else.
+    ignored: int = 0
 
     def add(self, key: SeriesKey, samples: Sequence[tuple[int, float]]) -> None:
         self.keys.append(key)
@@ -376,6 +383,7 @@ def decode(
     max_decoded: int,
     max_ts_ms: int | None = None,
     use_c: bool = True,
+    keep: Keep = None,
 ) -> DecodedWrite:
     """Snappy-compressed protobuf body to DecodedWrite; raises RemoteWriteError(400/413).
 
@@ -383,7 +391,9 @@ def decode(
     as 1.0 parses as an empty 1.0 request, and the reverse) is refused rather than answered 204
     with nothing written. The series are counted before any is decoded, so a request beyond the
     series limit costs only a walk over its top-level fields."""
-    return finish(decode_steps(body, version, cache, max_decoded=max_decoded, max_ts_ms=max_ts_ms, use_c=use_c))
+    return finish(
+        decode_steps(body, version, cache, max_decoded=max_decoded, max_ts_ms=max_ts_ms, use_c=use_c, keep=keep)
+    )
 
 
 def decode_steps(
@@ -394,10 +404,15 @@ def decode_steps(
     max_decoded: int,
     max_ts_ms: int | None = None,
     use_c: bool = True,
+    keep: Keep = None,
 ) -> Steps:
     """`decode` in steps of about STEP_SERIES series: each `next()` does one, and the last
     returns the DecodedWrite. The ingest thread runs other requests' steps between them, so a
-    request of a million new series does not hold up everyone else's for seconds."""
+    request of a million new series does not hold up everyone else's for seconds.
+
+    With `keep` (metric names), a series whose one `__name__` label names another metric is only
+    counted (`DecodedWrite.ignored`): its labels are neither checked nor cached, so the rest of a
+    whole cluster's remote write costs little and does not crowd the label cache."""
     data = decompress(body, max_decoded=max_decoded)
     c = use_c and _fastdecode is not None
     check_message(data, version, cache.limits, use_c=c)
@@ -405,15 +420,19 @@ def decode_steps(
     try:
         if version == "1.0":
             if c:
-                return (yield from _v1_c_steps(data, cache, max_ts_ms=max_ts_ms))
-            return (yield from _v1_python_steps(data, cache, max_ts_ms=max_ts_ms))
+                return (yield from _v1_c_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
+            return (yield from _v1_python_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
         msg = pb2.Request.FromString(data)
         yield
-        return (yield from _v2_steps(msg, cache, max_ts_ms=max_ts_ms))
+        return (yield from _v2_steps(msg, cache, max_ts_ms=max_ts_ms, keep=keep))
     except DecodeError:
         raise _malformed(version) from None
     finally:
         cache.after_decode()
+
+
+# Metric names to decode, the rest only counted; None: every series.
+Keep = frozenset[str] | None
 
 
 # A decoding in steps: each next() does a slice of the work; StopIteration carries the result.
@@ -571,16 +590,24 @@ def _bad_histogram(labels: Labels, why: str) -> Reason:
 
 
 def decode_v1_bytes(
-    data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, use_c: bool = True
+    data: bytes | memoryview,
+    cache: LabelCache,
+    *,
+    max_ts_ms: int | None = None,
+    use_c: bool = True,
+    keep: Keep = None,
 ) -> DecodedWrite:
     if _fastdecode is not None and use_c:
-        return finish(_v1_c_steps(data, cache, max_ts_ms=max_ts_ms))
-    return finish(_v1_python_steps(data, cache, max_ts_ms=max_ts_ms))
+        return finish(_v1_c_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
+    return finish(_v1_python_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
 
 
-def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
+def _v1_c_steps(
+    data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
+) -> Steps:
     assert _fastdecode is not None
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
+    keep_raw = None if keep is None else tuple(sorted(name.encode() for name in keep))
     out = DecodedWrite("1.0")
     pos = 0
     chunks = 0
@@ -590,7 +617,7 @@ def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int |
             yield
         try:
             # In chunks: C code holds the GIL, and the event loop's thread needs it too.
-            n, hist, ex, meta, rejects, pos = _fastdecode.decode_v1(
+            n, hist, ex, meta, rejects, pos, ignored = _fastdecode.decode_v1(
                 data,
                 cache._raw,
                 cache.from_label_fields,
@@ -602,6 +629,7 @@ def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int |
                 out.counts,
                 out.timestamps,
                 out.values,
+                keep_raw,
             )
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
@@ -609,6 +637,7 @@ def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int |
         out.histograms += hist
         out.exemplars += ex
         out.metadata += meta
+        out.ignored += ignored
         for key, count, why, detail in rejects:
             if why == "labels":
                 out.reject(key, count)
@@ -623,12 +652,15 @@ def _v1_c_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int |
     return out
 
 
-def _v1_python_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
+def _v1_python_steps(
+    data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
+) -> Steps:
     msg = pbv.WriteRequestView.FromString(data)
     out = DecodedWrite("1.0", metadata=len(msg.metadata))
     append = out.add
     from_raw = cache.from_raw
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
+    keep_raw = None if keep is None else {name.encode() for name in keep}
     # The same checks in the same order as _fastdecode.decode_v1.
     for i, ts in enumerate(msg.timeseries, 1):
         if i % STEP_SERIES == 0:
@@ -641,7 +673,19 @@ def _v1_python_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: 
             samples = [(x.timestamp, x.value) for x in sv]
         n = len(samples)
         out.samples += n
-        key = from_raw(tuple(ts.labels))
+        raw = tuple(ts.labels)
+        if keep is not None and keep_raw is not None:
+            # What _fastdecode does by the raw labels, with the cache first: a series already
+            # known under a kept name needs no walk over its labels.
+            hit = cache.known(raw)
+            if not (isinstance(hit, SeriesKey) and hit.name in keep) and (
+                (name := _metric_name_raw(raw)) is not None and name not in keep_raw
+            ):
+                out.ignored += n
+                out.histograms += len(ts.histograms)
+                out.exemplars += len(ts.exemplars)
+                continue
+        key = from_raw(raw)
         if isinstance(key, str):
             out.reject(key, n)
             continue
@@ -664,11 +708,40 @@ def _v1_python_steps(data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: 
     return out
 
 
-def decode_v2_message(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None) -> DecodedWrite:
-    return finish(_v2_steps(msg, cache, max_ts_ms=max_ts_ms))
+def _metric_name_raw(raw: tuple[bytes, ...]) -> bytes | None:
+    """What _fastdecode's name_step finds, label by label, in serialized Label messages: the value of the one
+    `__name__` label, or None where there is not exactly one or a Label is not plainly a name
+    and a value."""
+    found: bytes | None = None
+    for lb in raw:
+        fields: dict[int, bytes] = {}
+        pos = 0
+        try:
+            while pos < len(lb):
+                field_no, wt, pos = _tag(lb, pos)
+                if field_no not in (1, 2) or wt != 2 or field_no in fields:
+                    return None
+                size, pos = _varint(lb, pos)
+                if pos + size > len(lb):
+                    return None
+                fields[field_no] = lb[pos : pos + size]
+                pos += size
+        except ValueError:
+            return None
+        if fields.get(1) == b"__name__":
+            if found is not None or 2 not in fields:
+                return None
+            found = fields[2]
+    return found
 
 
-def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None) -> Steps:
+def decode_v2_message(
+    msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
+) -> DecodedWrite:
+    return finish(_v2_steps(msg, cache, max_ts_ms=max_ts_ms, keep=keep))
+
+
+def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None) -> Steps:
     out = DecodedWrite("2.0")
     symbols = msg.symbols
     if symbols and symbols[0] != "":
@@ -691,6 +764,13 @@ def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = No
         if refs and max(refs) >= nsym:
             out.reject(Reason(f"labels_refs index {max(refs)} out of range of {nsym} symbols", "labels"), n)
             continue
+        if keep is not None:
+            names = [symbols[refs[i + 1]] for i in range(0, len(refs), 2) if symbols[refs[i]] == "__name__"]
+            if len(names) == 1 and names[0] not in keep:
+                out.ignored += n
+                out.histograms += len(ts.histograms)
+                out.exemplars += len(ts.exemplars)
+                continue
         checked = check_labels([(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)], limits)
         if isinstance(checked, str):
             out.reject(checked, n)

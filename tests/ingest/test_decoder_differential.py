@@ -12,7 +12,8 @@ import snappy
 
 from detectord.errors import RemoteWriteError
 from detectord.ingest import remote_write
-from detectord.ingest.remote_write import DecodedWrite, LabelCache, Version, WriteLimits, decode
+from detectord.ingest.features import FeatureExtractor
+from detectord.ingest.remote_write import DecodedWrite, Keep, LabelCache, Version, WriteLimits, decode
 from detectord.recordings.format import read_records
 from tests.ingest import fuzzbodies
 from tests.support import REPO
@@ -27,6 +28,8 @@ MAX_TS_MS = 1_700_000_030_000  # some fuzzed samples are beyond it, most are not
 RECORDINGS = ("faults-1.drec.xz", "unseen-low.drec.xz")
 # Tight enough that mutants cross them, so the limits are compared too.
 TIGHT = WriteLimits(label_name_length=10, label_value_length=12, labels=4, series=4)
+# What serving keeps: the metrics the features read and `up`; the rest is only counted.
+KEEP = FeatureExtractor(15_000).series_names
 
 
 def _recorded(per_file: int = 150) -> Iterator[tuple[Version, bytes]]:
@@ -53,32 +56,50 @@ def decoded_outcome(w: DecodedWrite) -> Outcome:
         w.invalid_samples,
         w.first_error,
         sorted(w.refused.items()),
+        w.ignored,
     )
 
 
-def _outcome(body: bytes, version: Version, cache: LabelCache, *, use_c: bool, max_ts: int | None) -> Outcome:
+def _outcome(
+    body: bytes, version: Version, cache: LabelCache, *, use_c: bool, max_ts: int | None, keep: Keep
+) -> Outcome:
     try:
-        w = decode(body, version, cache, max_decoded=16 * MiB, max_ts_ms=max_ts, use_c=use_c)
+        w = decode(body, version, cache, max_decoded=16 * MiB, max_ts_ms=max_ts, use_c=use_c, keep=keep)
     except RemoteWriteError as exc:
         return ("refused", exc.status, exc.reason)
     return ("decoded", *decoded_outcome(w))
 
 
 class _Pair:
-    """The two decoders, each with its own label caches (hits and misses are both compared)."""
+    """The two decoders, each with its own label caches (hits and misses are both compared), with
+    every series decoded or only those `KEEP` names."""
 
     def __init__(self) -> None:
         self.caches = {
-            (c, tight): LabelCache(limits=TIGHT if tight else None) for c in (True, False) for tight in (0, 1)
+            (c, tight, keep): LabelCache(limits=TIGHT if tight else None)
+            for c in (True, False)
+            for tight in (False, True)
+            for keep in (False, True)
         }
         self.seen: dict[str, int] = {}
 
-    def check(self, body: bytes, version: Version, tight: bool, where: str, max_ts: int | None = MAX_TS_MS) -> None:
-        a = _outcome(body, version, self.caches[True, tight], use_c=True, max_ts=max_ts)
-        b = _outcome(body, version, self.caches[False, tight], use_c=False, max_ts=max_ts)
+    def check(
+        self,
+        body: bytes,
+        version: Version,
+        tight: bool,
+        where: str,
+        max_ts: int | None = MAX_TS_MS,
+        keep: bool = False,
+    ) -> None:
+        names = KEEP if keep else None
+        a = _outcome(body, version, self.caches[True, tight, keep], use_c=True, max_ts=max_ts, keep=names)
+        b = _outcome(body, version, self.caches[False, tight, keep], use_c=False, max_ts=max_ts, keep=names)
         assert a == b, f"{where}: the C and Python decoders disagree on {body!r}"
         kind = str(a[0]) if a[0] == "refused" else ("partial" if a[9] else "decoded")
         self.seen[kind] = self.seen.get(kind, 0) + 1
+        if keep and a[0] == "decoded" and a[-1]:
+            self.seen["ignored"] = self.seen.get("ignored", 0) + 1
 
 
 def test_decoders_agree_on_recorded_traffic() -> None:
@@ -87,10 +108,13 @@ def test_decoders_agree_on_recorded_traffic() -> None:
     for i, (version, body) in enumerate(_recorded()):
         pair.check(body, version, False, f"record {i}", None)
         pair.check(body, version, True, f"record {i} (tight limits)", None)
+        pair.check(body, version, False, f"record {i} (keeping what the features read)", None, keep=True)
         n += 1
     assert n == 2 * 150
     # Recorded Prometheus traffic decodes whole under the default limits.
     assert pair.seen.get("decoded", 0) >= n
+    # A CoreDNS target's Go runtime series and the rest are left out by name, by both alike.
+    assert pair.seen.get("ignored", 0) >= n * 9 // 10
 
 
 @pytest.mark.parametrize(("version", "n"), [("1.0", 14_000), ("2.0", 7_000)])
@@ -98,11 +122,13 @@ def test_decoders_agree_on_mutated_bodies(version: Version, n: int) -> None:
     bases = [fuzzbodies.trim(snappy.uncompress(body)) for v, body in _recorded(40) if v == version]
     pair = _Pair()
     for i, body in enumerate(fuzzbodies.bodies(12, n, version, bases)):
-        pair.check(body, version, bool(i % 3 == 0), f"seed 12, {version} body {i}")
+        pair.check(body, version, bool(i % 3 == 0), f"seed 12, {version} body {i}", keep=i % 2 == 1)
     # The mutants reach every outcome: whole requests decoded, some series refused, bodies refused.
     assert pair.seen["decoded"] > n // 100
     assert pair.seen["partial"] > n // 50
     assert pair.seen["refused"] > n // 5
+    # Some series are left out by name, the same ones by both.
+    assert pair.seen["ignored"] > n // 100
 
 
 def test_field_number_zero_is_refused_by_both() -> None:

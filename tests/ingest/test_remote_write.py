@@ -196,3 +196,51 @@ def test_c_and_python_decoders_agree() -> None:
     assert a.invalid_series > 0 and a.histograms > 0 and a.exemplars > 0 and a.metadata == 1
     with pytest.raises(RemoteWriteError):
         decode(snappy.compress(raw[:-3]), "1.0", LabelCache(), max_decoded=MiB)
+
+
+KEEP = frozenset({"coredns_dns_requests_total", "up"})
+
+
+def _whole_cluster(version: str) -> bytes:
+    """A kept series, two others (one of them with labels no check would pass), and a series with
+    two names, which only the full path can judge."""
+    node = {"__name__": "node_cpu_seconds_total", "cpu": "0", "mode": "idle", "instance": "n1:9100"}
+    bad = {"__name__": "kube_pod_info", "": "x", "uid": "u1"}
+    kept = {"__name__": "coredns_dns_requests_total", "job": "dns", "instance": "a"}
+    if version == "1.0":
+        req = pb1.WriteRequest()
+        for labels, n in ((node, 2), (bad, 1), (kept, 1)):
+            ts = req.timeseries.add()
+            for k, v in labels.items():
+                ts.labels.add(name=k, value=v)
+            for t in range(n):
+                ts.samples.add(timestamp=1000 + t, value=1.0)
+        twice = req.timeseries.add()
+        twice.labels.add(name="__name__", value="node_load1")
+        twice.labels.add(name="__name__", value="node_load5")
+        twice.samples.add(timestamp=1000, value=1.0)
+        return encode_v1(req)
+    symbols = ["", *{s for d in (node, bad, kept) for kv in d.items() for s in kv}, "node_load1", "node_load5"]
+    at = {s: i for i, s in enumerate(symbols)}
+    series = [
+        ([at[s] for kv in d.items() for s in kv], [(1000 + t, 1.0) for t in range(n)])
+        for d, n in ((node, 2), (bad, 1), (kept, 1))
+    ]
+    series.append(([at["__name__"], at["node_load1"], at["__name__"], at["node_load5"]], [(1000, 1.0)]))
+    return _v2(symbols, series)
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_series_of_other_metrics_are_only_counted(version: str, use_c: bool) -> None:
+    """A whole cluster's remote write: what no feature reads is counted, neither checked nor cached."""
+    cache = LabelCache()
+    w = decode(_whole_cluster(version), version, cache, max_decoded=MiB, use_c=use_c, keep=KEEP)  # type: ignore[arg-type]
+    assert [k.name for k in w.keys] == ["coredns_dns_requests_total"]
+    assert w.ignored == 3, "the node series' two samples and the invalid kube series' one"
+    assert w.samples == 5 and w.invalid_series == 1, "two __name__ labels: refused by the full path"
+    assert "duplicate label names" in (w.first_error or "")
+    assert len(cache) == 1, "only the kept series is in the label cache"
+    # Without keep, every series is decoded and checked, as offline tools do.
+    w = decode(_whole_cluster(version), version, LabelCache(), max_decoded=MiB, use_c=use_c)  # type: ignore[arg-type]
+    assert w.ignored == 0 and len(w.keys) == 2 and w.invalid_series == 2
