@@ -1,0 +1,65 @@
+"""The per-instance series on /metrics: which instances `inference.export_instances` exports, read
+from the live per-instance state at scrape time."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from detectord.serve.exports import InstanceExports
+from detectord.serve.history import InstanceScores
+
+LABELS = ("job", "instance")
+
+
+def _fleet() -> SimpleNamespace:
+    """The two things the collector reads of the score sink (its `history` and `phases`): ten
+    scored instances, one anomalous and firing, one anomalous and pending, one not scored yet."""
+    history: dict[tuple[str, str], InstanceScores] = {}
+    for i in range(10):
+        h = history[("coredns", f"10.0.0.{i}:9153")] = InstanceScores(8)
+        h.add(1_000, 0.05 * i)
+        h.anomalous = False
+    hot = history[("coredns", "10.0.0.9:9153")]
+    hot.add(2_000, 3.5)
+    hot.anomalous = True
+    hot.top = [("servfail_share", 9.0, 0.4)]
+    history[("coredns", "10.0.0.8:9153")].anomalous = True
+    history[("coredns", "warming:9153")] = InstanceScores(8)
+    phases = {("coredns", "10.0.0.9:9153"): "firing", ("coredns", "10.0.0.8:9153"): "pending"}
+    return SimpleNamespace(history=history, phases=phases)
+
+
+def _scrape(export: str, top: int = 0) -> dict[str, set[str]]:
+    registry = CollectorRegistry()
+    fleet = _fleet()
+    registry.register(InstanceExports(lambda: fleet, LABELS, export, top))  # type: ignore[arg-type,return-value]
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in family.samples:
+            out.setdefault(s.name, set()).add(s.labels["instance"])
+    return out
+
+
+def test_all_exports_every_scored_instance() -> None:
+    got = _scrape("all")
+    assert len(got["detectord_anomaly_score"]) == 10, "the one not scored yet has no score series"
+    assert got["detectord_anomaly"] == got["detectord_anomaly_score"]
+    assert got["detectord_alert_state"] == {"10.0.0.9:9153", "10.0.0.8:9153"}
+    assert got["detectord_feature_value"] == got["detectord_feature_deviation"] == {"10.0.0.9:9153"}
+
+
+def test_anomalous_exports_only_what_is_anomalous_or_alerting() -> None:
+    got = _scrape("anomalous")
+    assert got["detectord_anomaly_score"] == {"10.0.0.9:9153", "10.0.0.8:9153"}
+    assert got["detectord_alert_state"] == {"10.0.0.9:9153", "10.0.0.8:9153"}
+    assert got["detectord_feature_value"] == {"10.0.0.9:9153"}
+
+
+@pytest.mark.parametrize(("top", "also"), [(3, {"10.0.0.7:9153"}), (0, set())])
+def test_top_adds_the_highest_scores_to_the_anomalous(top: int, also: set[str]) -> None:
+    got = _scrape("top", top)
+    assert got["detectord_anomaly_score"] == {"10.0.0.9:9153", "10.0.0.8:9153"} | also
