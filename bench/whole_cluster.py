@@ -5,7 +5,9 @@ kube-state-metrics, applications) mean nothing to it and must cost as little as 
 counted. This feeds scrape rounds where `--other` (default 90 %) of the series are such series,
 mixed into Prometheus-sized requests (one sample per series, snappy), through the real ingest path
 (decompress, decode, features, windows) on one thread, and prints samples/s of the first round
-(every series new) and of the steady rounds, and how many were counted as ignored.
+(every series new) and of the steady rounds, and how many samples were counted as ignored beside
+how many of the others were sent (more are ignored than sent: CoreDNS's own go_*, process_* and
+other metrics no feature reads are ignored too).
 
     .venv/bin/python bench/whole_cluster.py --instances 1000
 """
@@ -139,7 +141,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; one ingest thread")
     print(
         f"{'instances':>9} {'samples/round':>13} {'other':>6} {'first M/s':>9} {'steady M/s':>10} "
-        f"{'others alone M/s':>16} {'ignored (counted/sent)':>22}"
+        f"{'others alone M/s':>16} {'ignored':>9} {'others sent':>11}"
     )
     for n in args.instances:
         rounds, per_round, others = _rounds(n, args.other, args.rounds)
@@ -154,7 +156,7 @@ def main() -> int:
         steady = per_round * (len(mixed) - 1) / sum(mixed[1:])
         print(
             f"{n:>9} {per_round:>13} {others / per_round:>6.0%} {per_round / mixed[0] / 1e6:>9.3f} "
-            f"{steady / 1e6:>10.3f} {others / times[-1] / 1e6:>16.3f} {ignored:>11}/{others * len(rounds):<10}"
+            f"{steady / 1e6:>10.3f} {others / times[-1] / 1e6:>16.3f} {ignored:>9} {others * len(rounds):>11}"
         )
         ing.close()
         del ing

@@ -17,9 +17,11 @@
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
- *   keep:    None, or a tuple of metric names (bytes): a series whose one `__name__` names another
- *            metric is only counted, in ignored (its samples), histograms and exemplars, before
- *            its labels are looked up or checked (a whole cluster's series cost little)
+ *   keep:    None, or a tuple of metric names (bytes): a float series whose one `__name__` names
+ *            another metric (not empty) is only counted, in ignored (its samples) and exemplars,
+ *            before its labels are looked up or checked (a whole cluster's series cost little).
+ *            A series with native histograms or an empty name still takes the full path: they
+ *            are rare, and a receiver must refuse the invalid ones whatever their metric.
  *   histograms and exemplars count those of accepted (and ignored) series only.
  * Raises ValueError on a malformed message.
  *
@@ -385,7 +387,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         Py_ssize_t n = sb.n;
         n_samples += n;
 
-        if (nkeep >= 0 && name_state == 1) {
+        if (nkeep >= 0 && name_state == 1 && hist == 0 && mname.end > mname.p) {
             int kept = 0;
             Py_ssize_t len = mname.end - mname.p;
             for (Py_ssize_t k = 0; k < nkeep && !kept; k++)
@@ -393,7 +395,6 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             if (!kept) {
                 /* A metric nothing reads: counted, and nothing else (no key, no cache entry). */
                 n_ignored += n;
-                n_hist += hist;
                 n_ex += ex;
                 continue;
             }

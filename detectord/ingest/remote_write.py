@@ -410,9 +410,11 @@ def decode_steps(
     returns the DecodedWrite. The ingest thread runs other requests' steps between them, so a
     request of a million new series does not hold up everyone else's for seconds.
 
-    With `keep` (metric names), a series whose one `__name__` label names another metric is only
-    counted (`DecodedWrite.ignored`): its labels are neither checked nor cached, so the rest of a
-    whole cluster's remote write costs little and does not crowd the label cache."""
+    With `keep` (metric names), a float series whose one `__name__` label names another metric is
+    only counted (`DecodedWrite.ignored`): its labels are neither checked nor cached, so the rest
+    of a whole cluster's remote write costs little and does not crowd the label cache. A series
+    with native histograms or an empty name is checked whatever its metric: both are rare, and
+    the invalid ones must be refused (the receiver compliance suite sends them)."""
     data = decompress(body, max_decoded=max_decoded)
     c = use_c and _fastdecode is not None
     check_message(data, version, cache.limits, use_c=c)
@@ -678,11 +680,13 @@ def _v1_python_steps(
             # What _fastdecode does by the raw labels, with the cache first: a series already
             # known under a kept name needs no walk over its labels.
             hit = cache.known(raw)
-            if not (isinstance(hit, SeriesKey) and hit.name in keep) and (
-                (name := _metric_name_raw(raw)) is not None and name not in keep_raw
+            if (
+                not ts.histograms
+                and not (isinstance(hit, SeriesKey) and hit.name in keep)
+                and (name := _metric_name_raw(raw))
+                and name not in keep_raw
             ):
                 out.ignored += n
-                out.histograms += len(ts.histograms)
                 out.exemplars += len(ts.exemplars)
                 continue
         key = from_raw(raw)
@@ -764,11 +768,10 @@ def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = No
         if refs and max(refs) >= nsym:
             out.reject(Reason(f"labels_refs index {max(refs)} out of range of {nsym} symbols", "labels"), n)
             continue
-        if keep is not None:
+        if keep is not None and not ts.histograms:
             names = [symbols[refs[i + 1]] for i in range(0, len(refs), 2) if symbols[refs[i]] == "__name__"]
-            if len(names) == 1 and names[0] not in keep:
+            if len(names) == 1 and names[0] and names[0] not in keep:
                 out.ignored += n
-                out.histograms += len(ts.histograms)
                 out.exemplars += len(ts.exemplars)
                 continue
         checked = check_labels([(symbols[refs[i]], symbols[refs[i + 1]]) for i in range(0, len(refs), 2)], limits)

@@ -244,3 +244,41 @@ def test_series_of_other_metrics_are_only_counted(version: str, use_c: bool) -> 
     # Without keep, every series is decoded and checked, as offline tools do.
     w = decode(_whole_cluster(version), version, LabelCache(), max_decoded=MiB, use_c=use_c)  # type: ignore[arg-type]
     assert w.ignored == 0 and len(w.keys) == 2 and w.invalid_series == 2
+
+
+def _unread_but_invalid(version: str) -> bytes:
+    """Series no feature reads that a receiver must still refuse: an empty metric name with an
+    exemplar, and a native histogram whose buckets do not add up to its count."""
+    empty = {"__name__": "", "instance": "a"}
+    hist = {"__name__": "minimal_hist", "instance": "a"}
+    if version == "1.0":
+        req = pb1.WriteRequest()
+        ts = req.timeseries.add()
+        for k, v in empty.items():
+            ts.labels.add(name=k, value=v)
+        ts.samples.add(timestamp=1000, value=1.0)
+        ts.exemplars.add(value=1.0, timestamp=1000).labels.add(name="trace_id", value="t")
+        ts = req.timeseries.add()
+        for k, v in hist.items():
+            ts.labels.add(name=k, value=v)
+        ts.histograms.add(count_int=3, timestamp=1000)
+        return encode_v1(req)
+    symbols = ["", *dict.fromkeys(s for d in (empty, hist) for kv in d.items() for s in kv), "trace_id", "t"]
+    at = {s: i for i, s in enumerate(symbols)}
+    req = pb2.Request(symbols=symbols)
+    ts = req.timeseries.add(labels_refs=[at[s] for kv in empty.items() for s in kv])
+    ts.samples.add(timestamp=1000, value=1.0)
+    ts.exemplars.add(labels_refs=[at["trace_id"], at["t"]], value=1.0, timestamp=1000)
+    ts = req.timeseries.add(labels_refs=[at[s] for kv in hist.items() for s in kv])
+    ts.histograms.add(count_int=3, timestamp=1000)
+    return encode_v2(req)
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_unread_series_with_an_empty_name_or_a_bad_histogram_are_refused(version: str, use_c: bool) -> None:
+    """What the receiver compliance suite checks holds for metrics no feature reads, too."""
+    w = decode(_unread_but_invalid(version), version, LabelCache(), max_decoded=MiB, use_c=use_c, keep=KEEP)  # type: ignore[arg-type]
+    assert w.ignored == 0 and not w.keys
+    assert w.invalid_series == 2, w.first_error
+    assert w.refused == {"labels": 1, "histogram": 1}
