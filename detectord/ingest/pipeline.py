@@ -68,6 +68,9 @@ class ScoreRequest:
     latest: np.ndarray  # (F,) the newest feature row as extracted (what an alert quotes)
     upstream: str = ""  # what the instance forwards to (FeatureRow.upstream)
     crash_loop: CrashLoop | None = None  # it is in a crash loop: alert whatever the score
+    # Monotonic time the remote-write request that completed this step reached the ingest path
+    # (0: not from a request), for detectord_step_score_delay_seconds.
+    arrived: float = 0.0
 
 
 class ScoreSink(Protocol):
@@ -181,8 +184,9 @@ class Ingestor:
             keep=self.extractor.series_names,
         )
 
-    def ingest(self, decoded: DecodedWrite, stats: IngestStats) -> None:
-        """Decoded series through features, baselines and windows; full windows to the worker."""
+    def ingest(self, decoded: DecodedWrite, stats: IngestStats, arrived: float = 0.0) -> None:
+        """Decoded series through features, baselines and windows; full windows to the worker.
+        `arrived`: when their request reached the ingest path (monotonic)."""
         bound = self.extractor.series_bound
         now = time.monotonic()
         self.last_write = now
@@ -193,7 +197,7 @@ class Ingestor:
             # for a time that grows with the number of series tracked. Their cycles are broken
             # by hand when an instance is forgotten, so reference counting still frees them.
             gc.freeze()
-        self.push_rows(rows)
+        self.push_rows(rows, arrived=arrived or now)
         events = self.liveness.after_write(self.extractor, self._scoring, now)
         if events:
             self._deliver_liveness(events)
@@ -236,7 +240,7 @@ class Ingestor:
         self.liveness.after_write(self.extractor, self._scoring, time.monotonic())
         return stats
 
-    def push_rows(self, rows: list[FeatureRow], *, score: bool = True) -> None:
+    def push_rows(self, rows: list[FeatureRow], *, score: bool = True, arrived: float = 0.0) -> None:
         windows, norm, loops = self.windows, self.normaliser, self.crash_loops
         gaps = restarts = 0
         ready = []
@@ -254,7 +258,9 @@ class Ingestor:
                 if not score:
                     continue
                 ready.append(
-                    ScoreRequest(row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream, loop)
+                    ScoreRequest(
+                        row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream, loop, arrived
+                    )
                 )
             elif row.restart:
                 self._scoring.discard(row.instance)
@@ -423,6 +429,7 @@ class _Write:
 
     def __init__(self, ingestor: Ingestor, body: bytes, version: Version) -> None:
         self.ingestor = ingestor
+        self.arrived = time.monotonic()
         self.steps = ingestor.decode_steps(body, version)
         self.interned = ingestor.extractor.labels.interned
         self.decoded: DecodedWrite | None = None
@@ -451,7 +458,7 @@ class _Write:
                     part = next(self.parts, None)
                     if part is None:
                         return ing.account(self.decoded, self.stats, self.busy + time.perf_counter() - t0)
-                    ing.ingest(part, self.stats)
+                    ing.ingest(part, self.stats, self.arrived)
                 if time.perf_counter() >= until:
                     return None
         finally:

@@ -43,6 +43,7 @@ class InferenceMetrics(Protocol):
     def observe_batch(self, size: int, padded: int, seconds: float) -> None: ...
     def set_queue_depth(self, depth: int) -> None: ...
     def count_dropped(self, reason: str, n: int) -> None: ...
+    def observe_step_delays(self, seconds: list[float]) -> None: ...
 
 
 def bucket_sizes(max_batch: int, smallest: int = 8) -> list[int]:
@@ -197,6 +198,8 @@ class InferenceWorker:
         out = scorer.score_batch(batch)
         scores = np.asarray(out.scores)[:n]
         dev = np.asarray(out.feature_deviation)[:n]
+        now = time.monotonic()
+        self._metrics.observe_step_delays([now - it.arrived for it in items if it.arrived])
         self._metrics.observe_batch(n, size, time.perf_counter() - t0)
         self.batches += 1
         like = out.looks_like

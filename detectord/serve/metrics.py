@@ -14,6 +14,8 @@ from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Scores are in threshold units: 1 is the threshold.
 SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# A step should be scored within a few seconds of its last sample at any scrape interval.
+STEP_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _STATUS_REASONS = {413: "too_large", 415: "unsupported_media_type"}
 
 
@@ -61,6 +63,13 @@ class DaemonMetrics(IngestMetrics):
             "detectord_inference_batch_seconds",
             "Time of one batched forward pass.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.step_delay = Histogram(
+            "detectord_step_score_delay_seconds",
+            "Seconds from the arrival of the remote-write request that completed an instance's step "
+            "to that step's score: queueing on the ingest thread, features, and inference.",
+            buckets=STEP_DELAY_BUCKETS,
             registry=registry,
         )
         self.windows_scored = Counter(
@@ -166,6 +175,11 @@ class DaemonMetrics(IngestMetrics):
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
         self.windows_scored.inc(size)
+
+    def observe_step_delays(self, seconds: list[float]) -> None:
+        observe = self.step_delay.observe
+        for s in seconds:
+            observe(s)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

@@ -116,5 +116,10 @@ async def test_inference_does_not_block_the_loop(server_factory: Callable[..., A
                 text = await r.text()
     batches = metric(text, "detectord_inference_batch_seconds_count")
     assert batches >= 2 and metric(text, "detectord_inference_batch_seconds_sum") >= 0.3 * batches
+    # Every scored step says how late it was scored: never sooner than a 0.3 s batch.
+    delays = metric(text, "detectord_step_score_delay_seconds_count")
+    assert delays >= metric(text, "detectord_windows_scored_total") >= instances
+    assert metric(text, "detectord_step_score_delay_seconds_bucket", le="0.25") == 0
+    assert metric(text, "detectord_step_score_delay_seconds_sum") >= 0.3 * delays
     assert probe.max_lag < MAX_LAG, f"loop stalled {probe.max_lag:.3f}s while scoring"
     assert 'detectord_anomaly_score{instance="10.0.0.1:9153",job="coredns"}' in text

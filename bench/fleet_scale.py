@@ -1,0 +1,305 @@
+"""Fleet scale: one `detectord serve` fed N CoreDNS instances as Prometheus would, a table row per N.
+
+For each N (synthetic CoreDNS fleets as Prometheus 2.42 sends them: one sample per series, 500
+series per request, snappy, 4 requests in flight):
+
+1. throughput: the first `--fast-rounds` scrape rounds as fast as they are taken: samples/s of the
+   first round (every series new) and of the rest (steady), and the same rounds into Prometheus's
+   own receiver (`--web.enable-remote-write-receiver`), a fresh process, and the ratio;
+2. paced: the same daemon then gets one round every `--interval` seconds (15 s: a real scrape),
+   its requests spread over the interval, until every instance scores and `--scored-rounds`
+   more. Printed: remote-write answer time p99 while scoring runs; the delay from the request
+   that completed a step to that step's score (`detectord_step_score_delay_seconds`, p50/p99
+   interpolated in its buckets as histogram_quantile does); windows scored against instances
+   × scored rounds, and windows dropped; `/metrics` render time (fetched mid-round, while writes
+   go on) and size; resident memory per instance (the daemon's RSS at the end minus at ready).
+
+Then the inference worker's windows/s (bench/ingest_inference.py's `bench_inference`).
+Needs the machine to itself. Prometheus is left out above `--prometheus-max-series` series a
+round (its receiver holds every series in memory: about 17.8 million at 100,000 instances).
+
+    .venv/bin/python bench/fleet_scale.py --instances 1000 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import snappy
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.ingest_inference import HEADERS, STEP_S, Rounds, bench_inference, bench_prometheus, rate, send
+from detectord.detectors.artifact import read_meta
+from detectord.ingest.normalise import InputPlan
+from lab.peers.detectord import Detectord, run_detectord
+from lab.synthetic import SyntheticFleet
+from tests.support import metric
+
+DELAY = "detectord_step_score_delay_seconds"
+
+
+def _series(payload: bytes) -> int:
+    try:
+        from detectord.ingest import _fastdecode  # type: ignore[attr-defined]
+
+        return int(_fastdecode.scan(payload, 1, 3, 2**62)[0])
+    except ImportError:
+        from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+
+        return len(pb1.WriteRequest.FromString(payload).timeseries)
+
+
+def make_rounds(instances: int, rounds: int, seed: int = 1) -> Rounds:
+    """`rounds` scrape rounds of the fleet, compressed, ending two steps before now."""
+    start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
+    fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
+    bodies, samples = [], []
+    for _ in range(rounds):
+        payloads = fleet.scrape_payloads()
+        samples.append(sum(_series(p) for p in payloads))
+        bodies.append([snappy.compress(p) for p in payloads])
+        del payloads
+    return Rounds(bodies, samples)
+
+
+@dataclass
+class Row:
+    instances: int
+    samples: int
+    first: float = math.nan
+    steady: float = math.nan
+    prom_first: float = math.nan
+    prom_steady: float = math.nan
+    kb_per_instance: float = math.nan
+    delay_p50: float = math.nan
+    delay_p99: float = math.nan
+    answer_p99: float = math.nan
+    metrics_s: list[float] = field(default_factory=list)
+    metrics_mb: float = math.nan
+    scored: int = 0
+    expected: int = 0
+    dropped: int = 0
+    behind_s: float = 0.0  # how far the paced sending fell behind its schedule, at most
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """histogram_quantile over cumulative (le, count) pairs, +Inf last."""
+    total = buckets[-1][1]
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    lo_le, lo_n = 0.0, 0.0
+    for le, n in buckets:
+        if n >= rank:
+            if math.isinf(le):
+                return lo_le
+            return lo_le + (le - lo_le) * (rank - lo_n) / (n - lo_n) if n > lo_n else le
+        lo_le, lo_n = le, n
+    return math.nan
+
+
+def delay_buckets(text: str) -> list[tuple[float, float]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(f"{DELAY}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(out)
+
+
+def _rss(det: Detectord) -> int:
+    for line in Path(f"/proc/{det.child.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def paced_round(
+    session: aiohttp.ClientSession, url: str, bodies: list[bytes], interval: float, concurrency: int
+) -> tuple[list[float], float]:
+    """The round's requests spread evenly over `interval` seconds, at most `concurrency` in
+    flight: answer times, and how far behind schedule the last request went out."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    gap = interval / len(bodies)
+    sem = asyncio.Semaphore(concurrency)
+    answers: list[float] = []
+    behind = [0.0]
+
+    async def one(i: int, body: bytes) -> None:
+        await asyncio.sleep(max(0.0, start + i * gap - loop.time()))
+        async with sem:
+            behind[0] = max(behind[0], loop.time() - (start + i * gap))
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=HEADERS) as r:
+                if r.status // 100 != 2:
+                    raise RuntimeError(f"{r.status} {await r.text()}")
+            answers.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+    await asyncio.sleep(max(0.0, start + interval - loop.time()))
+    return answers, behind[0]
+
+
+async def timed_metrics(session: aiohttp.ClientSession, url: str, after: float) -> tuple[float, int]:
+    await asyncio.sleep(after)
+    t0 = time.perf_counter()
+    async with session.get(f"{url}/metrics") as r:
+        body = await r.read()
+    return time.perf_counter() - t0, len(body)
+
+
+async def bench_detectord(
+    rounds: Rounds,
+    row: Row,
+    *,
+    fast: int,
+    scored_from: int,
+    interval: float,
+    concurrency: int,
+    workdir: Path,
+    model: Path,
+) -> None:
+    n = row.instances
+    config = {
+        "web": {"max_body_size": "64MiB", "max_decoded_body_size": "256MiB"},
+        "ingest": {"step": f"{STEP_S:g}s", "max_instances": n + 100},
+        "logging": {"level": "warning"},
+    }
+    async with run_detectord(config, workdir=workdir, model=model, ready_timeout=300) as det:
+        rss0 = _rss(det)
+        fast_rounds = Rounds(rounds.bodies[:fast], rounds.samples[:fast])
+        row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))
+        answers: list[float] = []
+        before = delay_buckets(await det.metrics())
+        scored0 = 0.0
+        conn = aiohttp.TCPConnector(limit=concurrency + 1)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+            for r in range(fast, len(rounds.bodies)):
+                if r == scored_from:
+                    text = await det.metrics()
+                    before = delay_buckets(text)
+                    scored0 = metric(text, "detectord_windows_scored_total")
+                scrape = asyncio.create_task(timed_metrics(s, det.url, interval / 2))
+                got, behind = await paced_round(s, det.write_url, rounds.bodies[r], interval, concurrency)
+                took, size = await scrape
+                row.behind_s = max(row.behind_s, behind)
+                if r >= scored_from:
+                    answers += got
+                    row.metrics_s.append(took)
+                    row.metrics_mb = size / 2**20
+            # The last round's steps close when the next one's samples come: wait for the worker.
+            await asyncio.sleep(3.0)
+            text = await det.metrics()
+        after = delay_buckets(text)
+        diff = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)] if before else after
+        row.delay_p50, row.delay_p99 = quantile(0.5, diff), quantile(0.99, diff)
+        row.answer_p99 = sorted(answers)[int(0.99 * (len(answers) - 1))] if answers else math.nan
+        row.scored = int(metric(text, "detectord_windows_scored_total") - scored0)
+        # Each scored round closes one step of every instance (its step closes a round later).
+        row.expected = n * (len(rounds.bodies) - scored_from)
+        row.dropped = int(
+            sum(metric(text, "detectord_windows_dropped_total", reason=x) for x in ("queue_full", "inference_error"))
+        )
+        row.kb_per_instance = (_rss(det) - rss0) / n / 1024
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instances", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--fast-rounds", type=int, default=3, help="rounds sent as fast as they are taken (first: cold)")
+    p.add_argument("--scored-rounds", type=int, default=3, help="paced rounds once every instance scores")
+    p.add_argument("--interval", type=float, default=STEP_S, help="seconds per paced round (the scrape interval)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (Prometheus shards)")
+    p.add_argument("--prometheus-max-series", type=int, default=4_000_000)
+    p.add_argument("--inference-seconds", type=float, default=5.0)
+    p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--model", type=Path, default=REPO / "models/default")
+    args = p.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    meta = read_meta(args.model / f"{STEP_S:g}s")
+    # Rows before an instance scores: a window, and its baseline's first buckets (plus the step
+    # that closes on the next round's samples).
+    base = InputPlan.from_dict(meta.inputs).baseline
+    warm = max(meta.window, base.bucket_steps * base.min_buckets) + 2
+    scored_from = max(args.fast_rounds, warm)
+    total = scored_from + args.scored_rounds
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {total} rounds per fleet")
+    rows = []
+    for n in args.instances:
+        t0 = time.perf_counter()
+        rounds = make_rounds(n, total)
+        row = Row(n, rounds.samples[0])
+        print(
+            f"\n== {n:,} instances: {row.samples:,} samples a round (payloads made in {time.perf_counter() - t0:.0f}s)"
+        )
+        with tempfile.TemporaryDirectory() as d:
+            asyncio.run(
+                bench_detectord(
+                    rounds,
+                    row,
+                    fast=args.fast_rounds,
+                    scored_from=scored_from,
+                    interval=args.interval,
+                    concurrency=args.concurrency,
+                    workdir=Path(d),
+                    model=args.model,
+                )
+            )
+        if row.samples <= args.prometheus_max_series:
+            fast_rounds = Rounds(rounds.bodies[: args.fast_rounds], rounds.samples[: args.fast_rounds])
+            with tempfile.TemporaryDirectory() as d:
+                row.prom_first, row.prom_steady = rate(
+                    fast_rounds, asyncio.run(bench_prometheus(fast_rounds, args.concurrency, Path(d)))
+                )
+        del rounds
+        print(_table([row]))
+        rows.append(row)
+    raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
+    print("\n" + _table(rows))
+    print(
+        f"inference ({backend}, batch {args.max_batch}): {raw / 1e3:.1f} k windows/s forward pass, "
+        f"{worker / 1e3:.1f} k windows/s through the worker"
+    )
+    return 0
+
+
+def _table(rows: list[Row]) -> str:
+    head = (
+        "| instances | samples/round | first M/s (Prom, ratio) | steady M/s (Prom, ratio) | KB/instance "
+        "| step scored p50 / p99 s | answer p99 s | /metrics s (MB) | scored / expected, dropped | behind s |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+
+        def vs(a: float, b: float) -> str:
+            return f"{a / 1e6:.2f} ({b / 1e6:.2f}, {a / b:.2f})" if b == b else f"{a / 1e6:.2f} (not run)"
+
+        ms = (
+            f"{statistics.median(r.metrics_s):.2f} (max {max(r.metrics_s):.2f}, {r.metrics_mb:.1f} MB)"
+            if r.metrics_s
+            else "-"
+        )
+        lines.append(
+            f"| {r.instances:,} | {r.samples:,} | {vs(r.first, r.prom_first)} | {vs(r.steady, r.prom_steady)} "
+            f"| {r.kb_per_instance:.1f} | {r.delay_p50:.2f} / {r.delay_p99:.2f} | {r.answer_p99:.2f} | {ms} "
+            f"| {r.scored:,} / {r.expected:,}, {r.dropped} | {r.behind_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
