@@ -337,6 +337,8 @@ class IngestStats:
 
 
 _NO_VALUE = math.nan
+# The gauge_bins of every counter series: read by instance_state, never written.
+_COUNTER_BINS: list[float] = [_NO_VALUE, _NO_VALUE]
 # Prometheus's own series per target: 1 after a successful scrape, 0 after a failed one; a stale
 # marker when the target left service discovery.
 UP = "up"
@@ -375,8 +377,9 @@ class _Series:
         self.last_ts = -(2**62)
         self.last_v = _NO_VALUE
         # Gauges: the latest value in each of the two open steps (NaN: none yet), and the value
-        # held from earlier steps (NaN once the series went stale).
-        self.gauge_bins = [_NO_VALUE, _NO_VALUE]
+        # held from earlier steps (NaN once the series went stale). Counters, most series, share
+        # one pair that nothing writes.
+        self.gauge_bins = [_NO_VALUE, _NO_VALUE] if gauge_source >= 0 else _COUNTER_BINS
         self.held = _NO_VALUE
 
 
@@ -686,7 +689,8 @@ class FeatureExtractor:
             if not isinstance(s, _Series) or s.inst.key != key:
                 raise ValueError(f"series {sk} is not one of instance {key}'s features")
             s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
-            s.gauge_bins = [float(g0), float(g1)]
+            if s.gauge_source >= 0:
+                s.gauge_bins = [float(g0), float(g1)]
         # Binding its first series made the instance (an instance exists only through its series).
         inst = self._instances.get(key)
         if inst is None:

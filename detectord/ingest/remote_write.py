@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ class LabelCache:
         self._keys: dict[Labels, SeriesKey] = {}
         self._old_keys: dict[Labels, SeriesKey] = {}
         self._pinned: dict[Labels, SeriesKey] = {}
+        # Each label pair the keys made since the last turn hold, once (see _shared).
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         self.max_bytes = max_bytes
         self._limits = limits or WriteLimits()
         # Estimated bytes of what was made or seen again since the last turn, and of the older generation.
@@ -173,11 +176,26 @@ class LabelCache:
             return key
         key = self._old_keys.pop(labels, None)
         if key is None:
-            key = SeriesKey(labels)
+            key = SeriesKey(self._shared(labels))
             self.interned += 1
-        self._keys[labels] = key
+        self._keys[key.labels] = key
         self.young_bytes += _key_bytes(labels)
         return key
+
+    def _shared(self, labels: Labels) -> Labels:
+        """`labels` made of shared pairs of interned strings. A fleet's series repeat a few names and
+        values (job, the metric names, le, each instance's own labels): held once each, not once per
+        series, a CoreDNS instance's 135 series take a fifth of the memory. Interned strings go
+        when nothing holds them, and the pairs table starts afresh at each turn."""
+        pairs = self._pairs
+        out = []
+        for p in labels:
+            q = pairs.get(p)
+            if q is None:
+                q = (sys.intern(p[0]), sys.intern(p[1]))
+                pairs[q] = q
+            out.append(q)
+        return tuple(out)
 
     def canonical(self, key: SeriesKey) -> SeriesKey:
         """The cache's key for `key`'s labels: `key` itself, unless a turn let go of it while a
@@ -259,6 +277,7 @@ class LabelCache:
         gone = len(self._old) + len(self._old_keys)
         self._old, self._raw = self._raw, {}
         self._old_keys, self._keys = self._keys, {}
+        self._pairs = {}
         self.old_bytes, self.young_bytes = self.young_bytes, 0
         self.turned_at = time.monotonic()
         self.forgotten[why] += gone

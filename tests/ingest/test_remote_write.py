@@ -22,6 +22,7 @@ from detectord.ingest.remote_write import (
     negotiate,
 )
 from tests.ingest.test_decoder_differential import decoded_outcome
+from tests.support import v1_body, v2_body
 
 MiB = 1024 * 1024
 
@@ -282,3 +283,30 @@ def test_unread_series_with_an_empty_name_or_a_bad_histogram_are_refused(version
     assert w.ignored == 0 and not w.keys
     assert w.invalid_series == 2, w.first_error
     assert w.refused == {"labels": 1, "histogram": 1}
+
+
+@pytest.mark.parametrize(("version", "use_c"), [("1.0", True), ("1.0", False), ("2.0", False)])
+def test_series_share_their_label_pairs_and_strings(version: str, use_c: bool) -> None:
+    """A fleet's series repeat a few label names and values: the keys hold each pair once, so
+    tracking a CoreDNS instance's hundred-odd series does not cost a copy of its labels per series."""
+    series = [
+        (
+            {"__name__": "coredns_dns_request_duration_seconds_bucket", "instance": f"10.0.0.{i}:9153", "le": le},
+            [(1000, 1.0)],
+        )
+        for i in (1, 2)
+        for le in ("0.001", "0.01", "+Inf")
+    ]
+    body = v1_body(series) if version == "1.0" else v2_body(series)
+    cache = LabelCache()
+    w = decode(body, version, cache, max_decoded=MiB, use_c=use_c)  # type: ignore[arg-type]
+    assert len(w.keys) == 6
+    pairs = {id(p): p for k in w.keys for p in k.labels}
+    assert len(pairs) == 6, "one __name__ pair, two instance pairs, three le pairs"
+    strings = {id(s) for p in pairs.values() for s in p}
+    assert len(strings) == 9, "__name__, its value, instance, two addresses, le and three bounds"
+    # A label set seen again after the pairs table started afresh is still the same one key.
+    first = w.keys[0]
+    cache.turn()
+    again = decode(body, version, cache, max_decoded=MiB, use_c=use_c)  # type: ignore[arg-type]
+    assert again.keys[0] is first
