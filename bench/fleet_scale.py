@@ -61,17 +61,39 @@ def _series(payload: bytes) -> int:
         return len(pb1.WriteRequest.FromString(payload).timeseries)
 
 
-def make_rounds(instances: int, rounds: int, seed: int = 1) -> Rounds:
-    """`rounds` scrape rounds of the fleet, compressed, ending two steps before now."""
-    start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
-    fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
-    bodies, samples = [], []
-    for _ in range(rounds):
-        payloads = fleet.scrape_payloads()
-        samples.append(sum(_series(p) for p in payloads))
-        bodies.append([snappy.compress(p) for p in payloads])
-        del payloads
-    return Rounds(bodies, samples)
+class DiskRounds:
+    """Scrape rounds of a fleet, compressed, one file each (at 100,000 instances a round is
+    about 390 MB): the bench holds one round at a time, the daemon the rest of the memory."""
+
+    def __init__(self, instances: int, rounds: int, where: Path, seed: int = 1) -> None:
+        # The rounds end two steps before now, so no sample is in the future when sent.
+        start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
+        fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
+        self.where = where
+        self.samples: list[int] = []
+        for r in range(rounds):
+            payloads = fleet.scrape_payloads()
+            self.samples.append(sum(_series(p) for p in payloads))
+            with (where / f"round-{r}").open("wb") as f:
+                for body in map(snappy.compress, payloads):
+                    f.write(len(body).to_bytes(4, "little"))
+                    f.write(body)
+            del payloads
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def bodies(self, r: int) -> list[bytes]:
+        data = (self.where / f"round-{r}").read_bytes()
+        out, pos = [], 0
+        while pos < len(data):
+            size = int.from_bytes(data[pos : pos + 4], "little")
+            out.append(data[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+        return out
+
+    def first(self, n: int) -> Rounds:
+        return Rounds([self.bodies(r) for r in range(n)], self.samples[:n])
 
 
 @dataclass
@@ -162,7 +184,7 @@ async def timed_metrics(session: aiohttp.ClientSession, url: str, after: float) 
 
 
 async def bench_detectord(
-    rounds: Rounds,
+    rounds: DiskRounds,
     row: Row,
     *,
     fast: int,
@@ -180,20 +202,20 @@ async def bench_detectord(
     }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=300) as det:
         rss0 = _rss(det)
-        fast_rounds = Rounds(rounds.bodies[:fast], rounds.samples[:fast])
+        fast_rounds = rounds.first(fast)
         row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))
         answers: list[float] = []
         before = delay_buckets(await det.metrics())
         scored0 = 0.0
         conn = aiohttp.TCPConnector(limit=concurrency + 1)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
-            for r in range(fast, len(rounds.bodies)):
+            for r in range(fast, len(rounds)):
                 if r == scored_from:
                     text = await det.metrics()
                     before = delay_buckets(text)
                     scored0 = metric(text, "detectord_windows_scored_total")
                 scrape = asyncio.create_task(timed_metrics(s, det.url, interval / 2))
-                got, behind = await paced_round(s, det.write_url, rounds.bodies[r], interval, concurrency)
+                got, behind = await paced_round(s, det.write_url, rounds.bodies(r), interval, concurrency)
                 took, size = await scrape
                 row.behind_s = max(row.behind_s, behind)
                 if r >= scored_from:
@@ -209,7 +231,7 @@ async def bench_detectord(
         row.answer_p99 = sorted(answers)[int(0.99 * (len(answers) - 1))] if answers else math.nan
         row.scored = int(metric(text, "detectord_windows_scored_total") - scored0)
         # Each scored round closes one step of every instance (its step closes a round later).
-        row.expected = n * (len(rounds.bodies) - scored_from)
+        row.expected = n * (len(rounds) - scored_from)
         row.dropped = int(
             sum(metric(text, "detectord_windows_dropped_total", reason=x) for x in ("queue_full", "inference_error"))
         )
@@ -227,6 +249,7 @@ def main() -> int:
     p.add_argument("--inference-seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--model", type=Path, default=REPO / "models/default")
+    p.add_argument("--tmp", type=Path, default=None, help="where the rounds' payloads are written")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -240,34 +263,8 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {total} rounds per fleet")
     rows = []
     for n in args.instances:
-        t0 = time.perf_counter()
-        rounds = make_rounds(n, total)
-        row = Row(n, rounds.samples[0])
-        print(
-            f"\n== {n:,} instances: {row.samples:,} samples a round (payloads made in {time.perf_counter() - t0:.0f}s)"
-        )
-        with tempfile.TemporaryDirectory() as d:
-            asyncio.run(
-                bench_detectord(
-                    rounds,
-                    row,
-                    fast=args.fast_rounds,
-                    scored_from=scored_from,
-                    interval=args.interval,
-                    concurrency=args.concurrency,
-                    workdir=Path(d),
-                    model=args.model,
-                )
-            )
-        if row.samples <= args.prometheus_max_series:
-            fast_rounds = Rounds(rounds.bodies[: args.fast_rounds], rounds.samples[: args.fast_rounds])
-            with tempfile.TemporaryDirectory() as d:
-                row.prom_first, row.prom_steady = rate(
-                    fast_rounds, asyncio.run(bench_prometheus(fast_rounds, args.concurrency, Path(d)))
-                )
-        del rounds
-        print(_table([row]))
-        rows.append(row)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as payloads:
+            rows.append(run_one(n, DiskRounds(n, total, Path(payloads)), scored_from, args))
     raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
     print("\n" + _table(rows))
     print(
@@ -275,6 +272,32 @@ def main() -> int:
         f"{worker / 1e3:.1f} k windows/s through the worker"
     )
     return 0
+
+
+def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespace) -> Row:
+    row = Row(n, rounds.samples[0])
+    print(f"\n== {n:,} instances: {row.samples:,} samples a round, {len(rounds)} rounds", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(
+            bench_detectord(
+                rounds,
+                row,
+                fast=args.fast_rounds,
+                scored_from=scored_from,
+                interval=args.interval,
+                concurrency=args.concurrency,
+                workdir=Path(d),
+                model=args.model,
+            )
+        )
+    if row.samples <= args.prometheus_max_series:
+        fast_rounds = rounds.first(args.fast_rounds)
+        with tempfile.TemporaryDirectory() as d:
+            row.prom_first, row.prom_steady = rate(
+                fast_rounds, asyncio.run(bench_prometheus(fast_rounds, args.concurrency, Path(d)))
+            )
+    print(_table([row]), flush=True)
+    return row
 
 
 def _table(rows: list[Row]) -> str:
@@ -289,7 +312,7 @@ def _table(rows: list[Row]) -> str:
             return f"{a / 1e6:.2f} ({b / 1e6:.2f}, {a / b:.2f})" if b == b else f"{a / 1e6:.2f} (not run)"
 
         ms = (
-            f"{statistics.median(r.metrics_s):.2f} (max {max(r.metrics_s):.2f}, {r.metrics_mb:.1f} MB)"
+            f"{statistics.median(r.metrics_s):.2f} (max {max(r.metrics_s):.2f}, {r.metrics_mb:.2f} MB)"
             if r.metrics_s
             else "-"
         )

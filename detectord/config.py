@@ -115,9 +115,9 @@ class IngestConfig:
     instance_labels: tuple[str, ...] = ("job", "instance")
     # Instances tracked at once; new ones beyond are refused (and counted).
     max_instances: int = 10000
-    # Bytes the label cache may hold (series seen lately: decoding a known series is a dict lookup).
-    # Past it, and for series not seen for instance_ttl, entries are let go; an instance's own
-    # series stay while it is tracked.
+    # Bytes the label cache may hold (series seen lately: decoding a known series is a dict lookup)
+    # beyond the tracked instances' own series, which stay while their instance is tracked. Past
+    # it, and for series not seen for instance_ttl, entries are let go.
     label_cache_size: ByteSize = ByteSize(256 * 1024**2)
     # An instance that was scoring and whose samples stop for this long while the rest of the
     # stream goes on is down: its alert fires ("no data for 2m"). Leave null for

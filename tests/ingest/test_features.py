@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detectord.ingest.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
-from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache, decode
+from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache, SeriesKey, decode
 from tests.support import coredns_scrape, v1_body
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
@@ -314,3 +314,36 @@ def test_offline_extraction_keeps_every_up_sample() -> None:
     (series,) = extract(reqs, 1000).values()
     assert series.up_ms.tolist() == [1000 * k for k in range(10)]
     assert np.flatnonzero(series.up == 0).tolist() == [5, 6]
+
+
+def test_tracked_instances_series_stay_cached_beyond_the_label_cache_size() -> None:
+    """The label cache's size bounds junk, not the fleet: 400 tracked instances whose series take
+    more than the whole cache stay one lookup each, round after round, while series of instances
+    refused at max_instances still make it turn."""
+    ext = FeatureExtractor(15000, max_instances=400, label_cache_bytes=1024**2)
+    cache = ext.labels
+
+    def round_(instances: range, step: int) -> list[SeriesKey]:
+        """One scrape of `instances`, in requests of 50 instances' series as Prometheus shards send."""
+        keys = []
+        for a in range(instances.start, instances.stop, 50):
+            series = [
+                s
+                for i in range(a, a + 50)
+                for s in coredns_scrape(f"10.0.{i // 250}.{i % 250}:9153", step * 15000, step)
+            ]
+            w = decode(v1_body(series), "1.0", cache, max_decoded=64 * 1024**2, keep=ext.series_names)
+            ext.ingest(w)
+            keys += w.keys
+        return keys
+
+    first = round_(range(400), 1)
+    assert cache.size_bytes > cache.max_bytes, "the fleet alone is bigger than the cache"
+    for step in (2, 3, 4):
+        again = round_(range(400), step)
+        assert cache.forgotten["size"] == 0
+        assert all(a is b for a, b in zip(again, first, strict=True))
+    # Instances beyond max_instances: refused, their series only cached, and the cache turns.
+    round_(range(400, 1400), 4)
+    assert cache.forgotten["size"] > 0
+    assert all(a is b for a, b in zip(round_(range(400), 5), first, strict=True)), "the tracked series are kept"
