@@ -204,6 +204,7 @@ async def bench_detectord(
         rss0 = _rss(det)
         fast_rounds = rounds.first(fast)
         row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))
+        print(f"  fast rounds: {row.first / 1e6:.3f} M/s first, {row.steady / 1e6:.3f} M/s steady", flush=True)
         answers: list[float] = []
         before = delay_buckets(await det.metrics())
         scored0 = 0.0
@@ -218,6 +219,7 @@ async def bench_detectord(
                 got, behind = await paced_round(s, det.write_url, rounds.bodies(r), interval, concurrency)
                 took, size = await scrape
                 row.behind_s = max(row.behind_s, behind)
+                print(f"  round {r}: {len(got)} requests, behind {behind:.1f}s, /metrics {took:.2f}s", flush=True)
                 if r >= scored_from:
                     answers += got
                     row.metrics_s.append(took)
