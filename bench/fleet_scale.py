@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.ingest_inference import HEADERS, STEP_S, Rounds, bench_inference, bench_prometheus, rate, send
 from detectord.detectors.artifact import read_meta
+from detectord.ingest.features import bucket_quantile
 from detectord.ingest.normalise import InputPlan
-from lab.peers.detectord import Detectord, run_detectord
+from lab.peers.detectord import run_detectord
 from lab.synthetic import SyntheticFleet
 from tests.support import metric
 
@@ -116,22 +117,6 @@ class Row:
     behind_s: float = 0.0  # how far the paced sending fell behind its schedule, at most
 
 
-def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
-    """histogram_quantile over cumulative (le, count) pairs, +Inf last."""
-    total = buckets[-1][1]
-    if total <= 0:
-        return math.nan
-    rank = q * total
-    lo_le, lo_n = 0.0, 0.0
-    for le, n in buckets:
-        if n >= rank:
-            if math.isinf(le):
-                return lo_le
-            return lo_le + (le - lo_le) * (rank - lo_n) / (n - lo_n) if n > lo_n else le
-        lo_le, lo_n = le, n
-    return math.nan
-
-
 def delay_buckets(text: str) -> list[tuple[float, float]]:
     out = []
     for line in text.splitlines():
@@ -139,13 +124,6 @@ def delay_buckets(text: str) -> list[tuple[float, float]]:
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out.append((float(le), float(line.rsplit(" ", 1)[1])))
     return sorted(out)
-
-
-def _rss(det: Detectord) -> int:
-    for line in Path(f"/proc/{det.child.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def paced_round(
@@ -201,7 +179,7 @@ async def bench_detectord(
         "logging": {"level": "warning"},
     }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=300) as det:
-        rss0 = _rss(det)
+        rss0 = det.rss()
         fast_rounds = rounds.first(fast)
         row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))
         print(f"  fast rounds: {row.first / 1e6:.3f} M/s first, {row.steady / 1e6:.3f} M/s steady", flush=True)
@@ -229,7 +207,8 @@ async def bench_detectord(
             text = await det.metrics()
         after = delay_buckets(text)
         diff = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)] if before else after
-        row.delay_p50, row.delay_p99 = quantile(0.5, diff), quantile(0.99, diff)
+        if diff and diff[-1][1] > 0:
+            row.delay_p50, row.delay_p99 = bucket_quantile(0.5, diff), bucket_quantile(0.99, diff)
         row.answer_p99 = sorted(answers)[int(0.99 * (len(answers) - 1))] if answers else math.nan
         row.scored = int(metric(text, "detectord_windows_scored_total") - scored0)
         # Each scored round closes one step of every instance (its step closes a round later).
@@ -237,7 +216,7 @@ async def bench_detectord(
         row.dropped = int(
             sum(metric(text, "detectord_windows_dropped_total", reason=x) for x in ("queue_full", "inference_error"))
         )
-        row.kb_per_instance = (_rss(det) - rss0) / n / 1024
+        row.kb_per_instance = (det.rss() - rss0) / n / 1024
 
 
 def main() -> int:

@@ -26,18 +26,11 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab.peers.detectord import Detectord, run_detectord
+from lab.peers.detectord import run_detectord
 from tests.ingest.junk import junk_requests
 from tests.support import V1_HEADERS, coredns_scrape, metric, v1_body
 
 CONCURRENCY = 8
-
-
-def _rss(det: Detectord) -> int:
-    for line in Path(f"/proc/{det.child.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 async def _send(url: str, requests: Iterable[tuple[bytes, dict[str, str]]]) -> Counter[int]:
@@ -87,16 +80,16 @@ async def main(args: argparse.Namespace) -> None:
 
             await _send(url, junk_requests(args.seed + 1, 1000))  # warm-up: first calls, allocator pools
             await asyncio.sleep(idle)
-            before = _rss(det)
+            before = det.rss()
             # Twice: what the second round adds tells a leak from memory the allocator keeps for reuse.
             for run in range(1, args.rounds + 1):
                 t0 = time.monotonic()
                 bodies = junk_requests(args.seed + 1000 * run, args.bodies)
                 statuses = await _send(url, itertools.islice(bodies, args.bodies))
                 took = time.monotonic() - t0
-                after = _rss(det)
+                after = det.rss()
                 await asyncio.sleep(idle)
-                expired = _rss(det)
+                expired = det.rss()
                 print(
                     f"round {run}: {args.bodies:,} junk bodies in {took:.0f}s ({args.bodies / took:,.0f}/s), "
                     f"answers {dict(statuses)}"
@@ -106,19 +99,19 @@ async def main(args: argparse.Namespace) -> None:
                     f"(ttl {args.ttl:g}s) {expired / 2**20:,.0f} MiB ({(expired - before) / before:+.1%})"
                 )
 
-            base = _rss(det)
+            base = det.rss()
             await _send(url, _instances(0, args.instances))
             text = await det.metrics()
             tracked = metric(text, "detectord_instances", state="warming") + metric(
                 text, "detectord_instances", state="scoring"
             )
-            per_instance = (_rss(det) - base) / max(tracked, 1)
+            per_instance = (det.rss() - base) / max(tracked, 1)
             print(f"{tracked:,.0f} tracked CoreDNS instances: {per_instance:,.0f} bytes each (RSS)")
             await asyncio.sleep(idle)
 
-            base = _rss(det)
+            base = det.rss()
             await _send(url, _distinct_series(args.series))
-            grown = _rss(det) - base
+            grown = det.rss() - base
             text = await det.metrics()
             cache = metric(text, "detectord_label_cache_bytes")
             series = metric(text, "detectord_label_cache_series")
@@ -127,7 +120,7 @@ async def main(args: argparse.Namespace) -> None:
                 f"label cache estimate {cache / max(series, 1):,.0f} bytes each over {series:,.0f} series"
             )
             await asyncio.sleep(idle)
-            print(f"after their expiry: RSS {(_rss(det) - base) / 2**20:+,.0f} MiB against before them")
+            print(f"after their expiry: RSS {(det.rss() - base) / 2**20:+,.0f} MiB against before them")
 
 
 if __name__ == "__main__":

@@ -32,13 +32,6 @@ CONFIG = {
 }
 
 
-def _rss(det: Detectord) -> int:
-    for line in Path(f"/proc/{det.child.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def _send_all(url: str, bodies: Iterator[tuple[bytes, dict[str, str]]]) -> tuple[Counter[int], float]:
     statuses: Counter[int] = Counter()
     slowest = 0.0
@@ -61,7 +54,7 @@ async def _send_all(url: str, bodies: Iterator[tuple[bytes, dict[str, str]]]) ->
 async def _idle_rss(det: Detectord) -> int:
     """RSS once every instance the junk made has expired (and the label cache let go of it)."""
     await asyncio.sleep(3 * TTL_S)
-    return _rss(det)
+    return det.rss()
 
 
 async def test_twenty_thousand_junk_bodies_leave_no_5xx_no_hang_and_no_memory_behind(tmp_path: Path) -> None:

@@ -195,7 +195,8 @@ class LabelCache:
     def _shared(self, labels: Labels) -> Labels:
         """`labels` made of shared pairs of interned strings. A fleet's series repeat a few names and
         values (job, the metric names, le, each instance's own labels): held once each, not once per
-        series, a CoreDNS instance's 135 series take a fifth of the memory. Interned strings go
+        series, a CoreDNS instance's 136 series take 101 KB instead of 265 KB
+        (bench/instance_memory.py). Interned strings go
         when nothing holds them, and the pairs table starts afresh at each turn."""
         pairs = self._pairs
         out = []

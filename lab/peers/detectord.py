@@ -68,6 +68,13 @@ class Detectord:
         async with self.session() as s, s.get(f"{self.url}/metrics") as r:
             return await r.text()
 
+    def rss(self) -> int:
+        """The daemon's resident memory, bytes."""
+        for line in Path(f"/proc/{self.child.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
 
 def write_config(path: Path, config: str | Mapping[str, Any], *, port: int, model: Path) -> None:
     """`config` (YAML text or a mapping) with web.listen_address set to 127.0.0.1:`port`,
