@@ -4,7 +4,8 @@
  * lookup. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built,
  * and the tests check both give the same result.
  *
- * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep)
+ * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep,
+ *           checked, shared, max_labels, max_name, max_value)
  *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
  *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
  *   samples to the flat lists timestamps and values: no per-sample container objects, so the
@@ -15,6 +16,10 @@
  *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
  *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
+ *   checked, shared, max_labels, max_name, max_value: on a cache miss for a plainly valid label
+ *            set (see checked_labels), checked(raw label bytes, labels) is called instead of
+ *            resolve, with the labels a sorted tuple of the (name, value) pairs held in the dict
+ *            shared; checked None: resolve always. The limits are those of resolve (0: none).
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
  *   keep:    None, or a tuple of metric names (bytes): a float series whose one `__name__` names
@@ -273,6 +278,98 @@ static int name_step(cursor lab, int state, cursor *name_out) {
     return state;
 }
 
+/* A label set as most series are, known valid without Python: every Label plainly one name and
+ * one value (each once, nothing else), names strictly ascending by bytes (so in order, unique and
+ * not empty; UTF-8 keeps code point order), no value empty, a `__name__`, valid UTF-8, and within
+ * the limits even counted in bytes (0: none). Then the tuple of its (name, value) pairs, each the
+ * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
+ * set: the reference path in Python judges it, and says why. */
+#define MAX_PLAIN_LABELS 64
+static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *shared, Py_ssize_t max_labels,
+                                Py_ssize_t max_name, Py_ssize_t max_value) {
+    cursor names[MAX_PLAIN_LABELS], values[MAX_PLAIN_LABELS];
+    Py_ssize_t n = 0;
+    int has_name = 0;
+    cursor c = {p, end};
+    while (c.p < c.end) {
+        uint32_t tf;
+        unsigned tw;
+        cursor lab;
+        if (read_tag(&c, &tf, &tw) || tf != 1 || tw != 2 || read_len(&c, &lab)) goto other;
+        if (n == MAX_PLAIN_LABELS) goto other;
+        cursor name = {NULL, NULL}, value = {NULL, NULL};
+        while (lab.p < lab.end) {
+            uint32_t lf;
+            unsigned lw;
+            cursor str;
+            if (read_tag(&lab, &lf, &lw) || (lf != 1 && lf != 2) || lw != 2 || read_len(&lab, &str)) goto other;
+            cursor *slot = lf == 1 ? &name : &value;
+            if (slot->p != NULL) goto other;
+            *slot = str;
+        }
+        Py_ssize_t nlen = name.end - name.p, vlen = value.end - value.p;
+        if (name.p == NULL || value.p == NULL || nlen == 0 || vlen == 0) goto other;
+        if ((max_name && nlen > max_name) || (max_value && vlen > max_value)) goto other;
+        if (n > 0) {
+            Py_ssize_t plen = names[n - 1].end - names[n - 1].p;
+            int cmp = memcmp(names[n - 1].p, name.p, (size_t)(plen < nlen ? plen : nlen));
+            if (cmp > 0 || (cmp == 0 && plen >= nlen)) goto other;
+        }
+        if (nlen == 8 && memcmp(name.p, "__name__", 8) == 0) has_name = 1;
+        names[n] = name;
+        values[n] = value;
+        n++;
+    }
+    if (!has_name || (max_labels && n > max_labels)) goto other;
+    PyObject *labels = PyTuple_New(n);
+    if (!labels) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *k = PyUnicode_DecodeUTF8((const char *)names[i].p, names[i].end - names[i].p, "strict");
+        PyObject *v = k ? PyUnicode_DecodeUTF8((const char *)values[i].p, values[i].end - values[i].p, "strict") : NULL;
+        PyObject *pair = v ? PyTuple_Pack(2, k, v) : NULL;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        if (!pair) {
+            Py_DECREF(labels);
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                goto other;
+            }
+            return NULL;
+        }
+        PyObject *held = PyDict_GetItemWithError(shared, pair); /* borrowed */
+        if (held) {
+            Py_INCREF(held);
+            Py_DECREF(pair);
+            pair = held;
+        } else if (PyErr_Occurred()) {
+            Py_DECREF(pair);
+            Py_DECREF(labels);
+            return NULL;
+        } else {
+            k = PyTuple_GET_ITEM(pair, 0);
+            v = PyTuple_GET_ITEM(pair, 1);
+            Py_INCREF(k);
+            Py_INCREF(v);
+            PyUnicode_InternInPlace(&k);
+            PyUnicode_InternInPlace(&v);
+            Py_DECREF(pair);
+            pair = PyTuple_Pack(2, k, v);
+            Py_DECREF(k);
+            Py_DECREF(v);
+            if (!pair || PyDict_SetItem(shared, pair, pair)) {
+                Py_XDECREF(pair);
+                Py_DECREF(labels);
+                return NULL;
+            }
+        }
+        PyTuple_SET_ITEM(labels, i, pair);
+    }
+    return labels;
+other:
+    Py_RETURN_NONE;
+}
+
 static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why, PyObject *detail) {
     PyObject *item = Py_BuildValue("(OnsO)", key, n, why, detail ? detail : Py_None);
     if (!item) return NULL;
@@ -283,13 +380,18 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *checked, *shared;
     long long max_ts;
-    Py_ssize_t start, max_series;
-    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!O", &buf, &PyDict_Type, &cache, &resolve, &check_hist, &max_ts,
-                          &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type, &tss,
-                          &PyList_Type, &vals, &keep))
+    Py_ssize_t start, max_series, max_labels, max_name, max_value;
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOOnnn", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
+                          &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type,
+                          &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name, &max_value))
         return NULL;
+    if (checked != Py_None && !PyDict_Check(shared)) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_TypeError, "shared must be a dict when checked is given");
+        return NULL;
+    }
     /* A handful of names, compared in place: cheaper than making a bytes object to look up. */
     PyObject **keep_names = NULL;
     Py_ssize_t nkeep = -1;
@@ -440,10 +542,22 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             goto fail;
         } else {
             const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
-            PyObject *pairs = label_pairs(rp, rp + PyBytes_GET_SIZE(raw));
-            if (!pairs) { Py_DECREF(raw); goto fail; }
-            key = PyObject_CallFunctionObjArgs(resolve, raw, pairs, NULL);
-            Py_DECREF(pairs);
+            const uint8_t *rend = rp + PyBytes_GET_SIZE(raw);
+            PyObject *labels = Py_None;
+            Py_INCREF(labels);
+            if (checked != Py_None) {
+                Py_DECREF(labels);
+                labels = checked_labels(rp, rend, shared, max_labels, max_name, max_value);
+                if (!labels) { Py_DECREF(raw); goto fail; }
+            }
+            if (labels != Py_None) {
+                key = PyObject_CallFunctionObjArgs(checked, raw, labels, NULL);
+            } else {
+                PyObject *pairs = label_pairs(rp, rend);
+                key = pairs ? PyObject_CallFunctionObjArgs(resolve, raw, pairs, NULL) : NULL;
+                Py_XDECREF(pairs);
+            }
+            Py_DECREF(labels);
             if (!key) { Py_DECREF(raw); goto fail; }
         }
         Py_DECREF(raw);

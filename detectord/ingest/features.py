@@ -461,7 +461,15 @@ class _SourceTable:
         self.by_series_name: dict[str, list[Source]] = {}
         for s in sources:
             self.by_series_name.setdefault(s.series_name, []).append(s)
+        # What binding a series of each name checks: each source's labels to match, its kind and
+        # its counter slot, gauge index or histogram index.
+        self.plan: dict[str, list[tuple[tuple[tuple[str, str], ...], Kind, int]]] = {
+            name: [(s.match, s.kind, self._number(s)) for s in srcs] for name, srcs in self.by_series_name.items()
+        }
         self.compiled = [f.expr.compile(self) for f in features]
+
+    def _number(self, src: Source) -> int:
+        return {"counter": self.counter_slot, "gauge": self.gauge_index, "histogram": self.hist_index}[src.kind][src]
 
     def counter(self, src: Source) -> int:
         return self.counter_slot[src]
@@ -764,12 +772,12 @@ class FeatureExtractor:
                 up.last_ts = inst.up_ts  # a restored instance: a re-sent old `up` is a duplicate
             sk.state = up
             return up
-        sources = self._table.by_series_name.get(sk.name)
-        if not sources:
+        plan = self._table.plan.get(sk.name)
+        if not plan:
             sk.state = _IGNORED
             return _IGNORED
         d = dict(sk.labels)
-        key = tuple(d.get(k, "") for k in self.instance_labels)
+        key = tuple([d.get(k, "") for k in self.instance_labels])
         inst = self._instances.get(key)
         if inst is None:
             if not sk.name.startswith(_COREDNS_PREFIX):
@@ -789,27 +797,28 @@ class FeatureExtractor:
         if to and sk.name.startswith(_PROXY_PREFIX) and to not in inst.upstreams:
             inst.upstreams.add(to)
             inst.upstream = ",".join(sorted(inst.upstreams))
-        table = self._table
         slots: list[int] = []
         gauge_source = -1
         matched = False
-        for src in sources:
-            if not src.matches(d):
-                continue
-            matched = True
-            if src.kind == "counter":
-                slots.append(table.counter_slot[src])
-            elif src.kind == "gauge":
-                gauge_source = table.gauge_index[src]
+        for match, kind, i in plan:
+            for k, v in match:
+                if d.get(k) != v:
+                    break
             else:
+                matched = True
+                if kind == "counter":
+                    slots.append(i)
+                    continue
+                if kind == "gauge":
+                    gauge_source = i
+                    continue
                 le = _parse_le(d.get("le"))
                 if le is None:
                     continue
-                h = table.hist_index[src]
-                by_le = inst.bucket_slots.setdefault(h, {})
+                by_le = inst.bucket_slots.setdefault(i, {})
                 if le not in by_le:
                     by_le[le] = inst.add_slot()
-                    inst.bucket_order[h] = sorted(by_le.items())
+                    inst.bucket_order[i] = sorted(by_le.items())
                 slots.append(by_le[le])
         if not matched or (not slots and gauge_source < 0):
             sk.state = _IGNORED

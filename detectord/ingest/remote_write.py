@@ -105,14 +105,14 @@ _LABEL_BYTES = 170
 
 
 def _key_bytes(labels: Labels) -> int:
-    return _KEY_BYTES + sum(len(n) + len(v) + _LABEL_BYTES for n, v in labels)
+    return _KEY_BYTES + _LABEL_BYTES * len(labels) + sum(map(len, itertools.chain.from_iterable(labels)))
 
 
 def _pinned_bytes(labels: Labels) -> int:
     """A pinned key's estimated bytes with an entry for it in each generation (its raw labels are
     about as long as the label strings)."""
-    raw = sum(len(n) + len(v) + 6 for n, v in labels)
-    return _key_bytes(labels) + 2 * (_ENTRY_BYTES + raw)
+    strings = sum(map(len, itertools.chain.from_iterable(labels)))
+    return _KEY_BYTES + 2 * _ENTRY_BYTES + (_LABEL_BYTES + 12) * len(labels) + 3 * strings
 
 
 def _entry_bytes(raw: object) -> int:
@@ -180,13 +180,14 @@ class LabelCache:
     def size_bytes(self) -> int:
         return self.young_bytes + self.old_bytes
 
-    def intern(self, labels: Labels) -> SeriesKey:
+    def intern(self, labels: Labels, *, shared: bool = False) -> SeriesKey:
+        """The one key of `labels` (valid, sorted; `shared`: already made of this cache's pairs)."""
         key = self._pinned.get(labels) or self._keys.get(labels)
         if key is not None:
             return key
         key = self._old_keys.pop(labels, None)
         if key is None:
-            key = SeriesKey(self._shared(labels))
+            key = SeriesKey(labels if shared else self._shared(labels))
             self.interned += 1
         self._keys[key.labels] = key
         self.young_bytes += _key_bytes(labels)
@@ -259,6 +260,23 @@ class LabelCache:
         self._raw[raw] = hit
         self.young_bytes += _entry_bytes(raw)
         return hit
+
+    def from_checked(self, raw: bytes, labels: Labels) -> SeriesKey | str:
+        """Like from_label_fields, for labels the C decoder found plainly valid (no check can
+        refuse them) and made of the shared pairs (`shared_pairs`)."""
+        hit = self._old.pop(raw, None)
+        if hit is None:
+            hit = self.intern(labels, shared=True)
+        elif isinstance(hit, SeriesKey):
+            hit = self.canonical(hit)
+        self._raw[raw] = hit
+        self.young_bytes += _ENTRY_BYTES + len(raw)
+        return hit
+
+    @property
+    def shared_pairs(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """The pairs of interned strings the keys made since the last turn hold (see _shared)."""
+        return self._pairs
 
     def _resolve(self, labels: tuple[bytes, ...] | list[tuple[str, str]] | None) -> SeriesKey | str:
         pairs: list[tuple[str, str]] = []
@@ -645,6 +663,7 @@ def _v1_c_steps(
     assert _fastdecode is not None
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
     keep_raw = None if keep is None else tuple(sorted(name.encode() for name in keep))
+    limits = cache.limits
     out = DecodedWrite("1.0")
     pos = 0
     chunks = 0
@@ -667,6 +686,11 @@ def _v1_c_steps(
                 out.timestamps,
                 out.values,
                 keep_raw,
+                cache.from_checked,
+                cache.shared_pairs,
+                limits.labels,
+                limits.label_name_length,
+                limits.label_value_length,
             )
         except ValueError as exc:
             raise DecodeError(str(exc)) from None

@@ -13,7 +13,7 @@ import snappy
 from detectord.errors import RemoteWriteError
 from detectord.ingest import remote_write
 from detectord.ingest.features import FeatureExtractor
-from detectord.ingest.remote_write import DecodedWrite, Keep, LabelCache, Version, WriteLimits, decode
+from detectord.ingest.remote_write import DecodedWrite, Keep, LabelCache, SeriesKey, Version, WriteLimits, decode
 from detectord.recordings.format import read_records
 from tests.ingest import fuzzbodies
 from tests.support import REPO
@@ -160,3 +160,67 @@ def test_an_earlier_sample_in_the_future_refuses_the_series_in_both() -> None:
 def test_recordings_are_here() -> None:
     for name in RECORDINGS:
         assert Path(REPO / "data" / name).stat().st_size > 0
+
+
+def _field(no: int, data: bytes) -> bytes:
+    n, length = len(data), b""
+    while n >= 0x80:
+        length += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return bytes([no << 3 | 2]) + length + bytes([n]) + data
+
+
+def _label(name: bytes | None, value: bytes | None, extra: bytes = b"") -> bytes:
+    return (b"" if name is None else _field(1, name)) + (b"" if value is None else _field(2, value)) + extra
+
+
+def _series_body(labels: list[bytes]) -> bytes:
+    sample = b"\x09" + b"\x00" * 7 + b"\x40" + b"\x10\x01"  # value 2.0 at ts 1
+    ts = b"".join(_field(1, lb) for lb in labels) + _field(2, sample)
+    return bytes(snappy.compress(_field(1, ts)))
+
+
+NAME = _label(b"__name__", b"coredns_x")
+# Label sets at the edges of the C decoder's shortcut for plainly valid ones: those it takes, and
+# those it must leave to the reference checks, which then refuse or accept them.
+EDGES: dict[str, list[bytes]] = {
+    "plain": [NAME, _label(b"instance", b"a:9153"), _label(b"job", b"coredns")],
+    "unsorted": [_label(b"job", b"coredns"), NAME],
+    "duplicate name": [NAME, _label(b"job", b"a"), _label(b"job", b"b")],
+    "empty value": [NAME, _label(b"a", b""), _label(b"job", b"coredns")],
+    "no value field": [NAME, _label(b"job", None)],
+    "empty name": [_label(b"", b"x"), NAME],
+    "no __name__": [_label(b"job", b"coredns")],
+    "multi-byte value over the limit in bytes, not in characters": [NAME, _label(b"v", "é".encode() * 7)],
+    "multi-byte value over the limit in characters": [NAME, _label(b"v", "é".encode() * 13)],
+    "value over the limit": [NAME, _label(b"v", b"x" * 13)],
+    "invalid UTF-8": [NAME, _label(b"job", b"\xff")],
+    "name field twice": [NAME, _label(b"job", b"x", _field(1, b"jab"))],
+    "unknown field in a label": [NAME, _label(b"job", b"x", b"\x18\x01")],
+    "five labels": [NAME, *(_label(b"l%d" % i, b"v") for i in range(4))],
+    "seventy labels": [NAME, *(_label(b"l%02d" % i, b"v") for i in range(69))],
+}
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_decoders_agree_at_the_edges_of_the_plain_label_shortcut(tight: bool) -> None:
+    class Counting(LabelCache):
+        shortcuts = 0
+
+        def from_checked(self, raw: bytes, labels: tuple[tuple[str, str], ...]) -> SeriesKey | str:
+            Counting.shortcuts += 1
+            return super().from_checked(raw, labels)
+
+    limits = TIGHT if tight else None
+    for what, labels in EDGES.items():
+        body = _series_body(labels)
+        Counting.shortcuts = 0
+        a = _outcome(body, "1.0", Counting(limits=limits), use_c=True, max_ts=None, keep=None)
+        b = _outcome(body, "1.0", LabelCache(limits=limits), use_c=False, max_ts=None, keep=None)
+        assert a == b, f"{what}: the C and Python decoders disagree"
+        # The shortcut takes what is plainly valid, and only that.
+        plain = what == "plain" or (not tight and what.startswith(("multi-byte", "value over", "five")))
+        assert Counting.shortcuts == (1 if plain else 0), what
+        assert (a[0] == "decoded" and not a[9]) or not plain, what
+        if what.endswith("not in characters"):
+            assert a[0] == "decoded" and not a[9], "the limits count characters, not bytes"
