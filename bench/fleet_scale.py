@@ -179,6 +179,7 @@ async def bench_detectord(
         "logging": {"level": "warning"},
     }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=300) as det:
+        await det.settle()
         rss0 = det.rss()
         fast_rounds = rounds.first(fast)
         row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))

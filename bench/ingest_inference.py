@@ -93,6 +93,7 @@ async def bench_detectord(rounds: Rounds, instances: int, concurrency: int, work
         "logging": {"level": "warning"},
     }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=180) as det:
+        await det.settle()
         return await send(det.write_url, rounds, concurrency)
 
 

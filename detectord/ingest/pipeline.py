@@ -139,6 +139,8 @@ class Ingestor:
         self._big = asyncio.Semaphore(1)
         # The label cache's forgotten entries already counted in the metric, by reason.
         self._forgotten_counted: dict[str, int] = {}
+        # Series keys made and series bound, as of the last gc.freeze().
+        self._frozen_at = 0
 
     async def write(self, body: bytes, version: Version) -> WriteResult:
         """`write_sync` on the ingest thread, in jobs of at most about SLICE_S each: other
@@ -187,21 +189,27 @@ class Ingestor:
     def ingest(self, decoded: DecodedWrite, stats: IngestStats, arrived: float = 0.0) -> None:
         """Decoded series through features, baselines and windows; full windows to the worker.
         `arrived`: when their request reached the ingest path (monotonic)."""
-        bound = self.extractor.series_bound
         now = time.monotonic()
         self.last_write = now
         rows = self.extractor.ingest(decoded, stats, now)
-        if self.extractor.series_bound - bound >= FREEZE_AFTER_NEW_SERIES:
-            # Many new long-lived objects: take them out of the cyclic GC's full collections,
-            # which would otherwise scan them all, holding the GIL (and stalling the event loop)
-            # for a time that grows with the number of series tracked. Their cycles are broken
-            # by hand when an instance is forgotten, so reference counting still frees them.
-            gc.freeze()
+        self.freeze_if_grown()
         self.push_rows(rows, arrived=arrived or now)
         events = self.liveness.after_write(self.extractor, self._scoring, now)
         if events:
             self._deliver_liveness(events)
             self.update_instance_gauges()
+
+    def freeze_if_grown(self) -> None:
+        """Many new long-lived objects (series keys and bound series) since the last time: take
+        them out of the cyclic GC's full collections, which would otherwise scan them all again
+        and again while a fleet's series are new, holding the GIL (and stalling the event loop)
+        for a time that grows with the number of series tracked. Counted across requests: a
+        Prometheus request holds 500 to 2,000 series. Their cycles are broken by hand when an
+        instance is forgotten, so reference counting still frees them."""
+        made = self.extractor.series_bound + self.extractor.labels.interned
+        if made - self._frozen_at >= FREEZE_AFTER_NEW_SERIES:
+            gc.freeze()
+            self._frozen_at = made
 
     def account(self, decoded: DecodedWrite, stats: IngestStats, seconds: float) -> WriteResult:
         """Count a whole request (`seconds` of work on the ingest thread) in the metrics and say
@@ -431,7 +439,6 @@ class _Write:
         self.ingestor = ingestor
         self.arrived = time.monotonic()
         self.steps = ingestor.decode_steps(body, version)
-        self.interned = ingestor.extractor.labels.interned
         self.decoded: DecodedWrite | None = None
         self.parts: Iterator[DecodedWrite] = iter(())
         self.stats = IngestStats()
@@ -450,10 +457,7 @@ class _Write:
                     except StopIteration as done:
                         self.decoded = done.value
                         self.parts = slices(done.value, INGEST_SLICE_SERIES)
-                    if ing.extractor.labels.interned - self.interned >= FREEZE_AFTER_NEW_SERIES:
-                        # As in Ingestor.ingest: many new long-lived keys, bound or not.
-                        gc.freeze()
-                        self.interned = ing.extractor.labels.interned
+                    ing.freeze_if_grown()
                 else:
                     part = next(self.parts, None)
                     if part is None:

@@ -3,9 +3,12 @@ The one way every test, benchmark and lab run starts the daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +77,25 @@ class Detectord:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the daemon has used (user and system), seconds."""
+        fields = Path(f"/proc/{self.child.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def settle(self, timeout: float = 120.0, idle: float = 0.05) -> None:
+        """Wait until the daemon is idle (under `idle` of a core over half a second): once ready it
+        compiles the model's other batch sizes while nothing else is to do, for a few seconds,
+        which a benchmark of what comes next would count."""
+        deadline = time.monotonic() + timeout
+        before = self.cpu_seconds()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            now = self.cpu_seconds()
+            if now - before < idle * 0.5:
+                return
+            before = now
+        raise TimeoutError(f"detectord still busy {timeout:g}s after it was ready")
 
 
 def write_config(path: Path, config: str | Mapping[str, Any], *, port: int, model: Path) -> None:
