@@ -1,8 +1,10 @@
 /*
- * Hot path of remote write 1.0 decoding: walks a decompressed prometheus.WriteRequest and
- * returns its series keyed by their raw label bytes, so a series seen before costs one dict
- * lookup. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built,
- * and the tests check both give the same result.
+ * Hot path of remote write decoding: walks a decompressed prometheus.WriteRequest (1.0) or
+ * io.prometheus.write.v2.Request (2.0) and returns its series keyed by their raw label bytes (a
+ * 2.0 series' labels as the 1.0 bytes of the same labels), so a series seen before costs one dict
+ * lookup, and a new one with plainly valid labels is checked and built here too. Optional:
+ * detectord/ingest/remote_write.py falls back to pure Python when it is not built, and
+ * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
  * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep,
  *           checked, shared, max_labels, max_name, max_value)
@@ -370,6 +372,41 @@ other:
     Py_RETURN_NONE;
 }
 
+/* How raw label fields become a series key: the cache, and on a miss checked() for a plainly
+ * valid set, resolve() for the rest (see decode_v1). */
+typedef struct {
+    PyObject *cache, *resolve, *checked, *shared;
+    Py_ssize_t max_labels, max_name, max_value;
+} keyer;
+
+/* The SeriesKey or reason (str) for raw label fields; a new reference, NULL on error. */
+static PyObject *lookup_key(const keyer *k, PyObject *raw) {
+    PyObject *key = PyDict_GetItemWithError(k->cache, raw); /* borrowed */
+    if (key) {
+        Py_INCREF(key);
+        return key;
+    }
+    if (PyErr_Occurred()) return NULL;
+    const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
+    const uint8_t *rend = rp + PyBytes_GET_SIZE(raw);
+    PyObject *labels = Py_None;
+    Py_INCREF(labels);
+    if (k->checked != Py_None) {
+        Py_DECREF(labels);
+        labels = checked_labels(rp, rend, k->shared, k->max_labels, k->max_name, k->max_value);
+        if (!labels) return NULL;
+    }
+    if (labels != Py_None) {
+        key = PyObject_CallFunctionObjArgs(k->checked, raw, labels, NULL);
+    } else {
+        PyObject *pairs = label_pairs(rp, rend);
+        key = pairs ? PyObject_CallFunctionObjArgs(k->resolve, raw, pairs, NULL) : NULL;
+        Py_XDECREF(pairs);
+    }
+    Py_DECREF(labels);
+    return key;
+}
+
 static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why, PyObject *detail) {
     PyObject *item = Py_BuildValue("(OnsO)", key, n, why, detail ? detail : Py_None);
     if (!item) return NULL;
@@ -392,6 +429,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "shared must be a dict when checked is given");
         return NULL;
     }
+    keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
     /* A handful of names, compared in place: cheaper than making a bytes object to look up. */
     PyObject **keep_names = NULL;
     Py_ssize_t nkeep = -1;
@@ -534,33 +572,9 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             raw = PyBytes_FromStringAndSize(scratch, (Py_ssize_t)off);
         }
         if (!raw) goto fail;
-        PyObject *key = PyDict_GetItemWithError(cache, raw); /* borrowed */
-        if (key) {
-            Py_INCREF(key);
-        } else if (PyErr_Occurred()) {
-            Py_DECREF(raw);
-            goto fail;
-        } else {
-            const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
-            const uint8_t *rend = rp + PyBytes_GET_SIZE(raw);
-            PyObject *labels = Py_None;
-            Py_INCREF(labels);
-            if (checked != Py_None) {
-                Py_DECREF(labels);
-                labels = checked_labels(rp, rend, shared, max_labels, max_name, max_value);
-                if (!labels) { Py_DECREF(raw); goto fail; }
-            }
-            if (labels != Py_None) {
-                key = PyObject_CallFunctionObjArgs(checked, raw, labels, NULL);
-            } else {
-                PyObject *pairs = label_pairs(rp, rend);
-                key = pairs ? PyObject_CallFunctionObjArgs(resolve, raw, pairs, NULL) : NULL;
-                Py_XDECREF(pairs);
-            }
-            Py_DECREF(labels);
-            if (!key) { Py_DECREF(raw); goto fail; }
-        }
+        PyObject *key = lookup_key(&kr, raw);
         Py_DECREF(raw);
+        if (!key) goto fail;
 
         /* The same checks in the same order as remote_write._v1_python_steps. */
         int rc = 0;
@@ -610,6 +624,378 @@ fail:
     return NULL;
 }
 
+/* ---- remote write 2.0 ---- */
+
+/* Where each of a 2.0 Request's symbols is: (offset, length) pairs as int64, packed in a bytes
+ * object for decode_v2. The message is valid (protobuf parsed it first), so this only finds. */
+static PyObject *symbols_v2(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
+    const uint8_t *base = (const uint8_t *)buf.buf;
+    cursor c = {base, base + buf.len};
+    int64_t *tab = NULL;
+    Py_ssize_t n = 0, cap = 0;
+    int bad = 0;
+    while (c.p < c.end) {
+        uint32_t field;
+        unsigned wt;
+        cursor sub;
+        if (read_tag(&c, &field, &wt)) { bad = 1; break; }
+        if (field == 4 && wt == 2) {
+            if (read_len(&c, &sub)) { bad = 1; break; }
+            if (n == cap) {
+                cap = cap ? cap * 2 : 64;
+                int64_t *grown = PyMem_Realloc(tab, (size_t)cap * 2 * sizeof(int64_t));
+                if (!grown) {
+                    PyMem_Free(tab);
+                    PyBuffer_Release(&buf);
+                    return PyErr_NoMemory();
+                }
+                tab = grown;
+            }
+            tab[2 * n] = sub.p - base;
+            tab[2 * n + 1] = sub.end - sub.p;
+            n++;
+        } else if (skip_field(&c, field, wt, MAX_DEPTH)) {
+            bad = 1;
+            break;
+        }
+    }
+    PyBuffer_Release(&buf);
+    if (bad) {
+        PyMem_Free(tab);
+        PyErr_SetString(PyExc_ValueError, "malformed top-level field");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)tab, (Py_ssize_t)(n * 2 * sizeof(int64_t)));
+    PyMem_Free(tab);
+    return out;
+}
+
+typedef struct {
+    uint32_t *v;
+    Py_ssize_t n, cap;
+} refbuf;
+
+static int push_ref(refbuf *r, uint64_t v) {
+    if (r->n == r->cap) {
+        Py_ssize_t cap = r->cap ? r->cap * 2 : 32;
+        uint32_t *grown = PyMem_Realloc(r->v, (size_t)cap * sizeof(uint32_t));
+        if (!grown) return -1;
+        r->v = grown;
+        r->cap = cap;
+    }
+    r->v[r->n++] = (uint32_t)v; /* uint32: protobuf keeps the low 32 bits */
+    return 0;
+}
+
+/* Sorts n samples by timestamp, keeping the order of equal ones (as Python's sort does). */
+static int sort_samples(samplebuf *sb) {
+    Py_ssize_t n = sb->n;
+    int64_t *t2 = PyMem_Malloc((size_t)n * sizeof(int64_t));
+    double *v2 = PyMem_Malloc((size_t)n * sizeof(double));
+    if (!t2 || !v2) {
+        PyMem_Free(t2);
+        PyMem_Free(v2);
+        return -1;
+    }
+    int64_t *ts = sb->ts, *tt = t2;
+    double *vs = sb->val, *vt = v2;
+    for (Py_ssize_t width = 1; width < n; width *= 2) {
+        for (Py_ssize_t lo = 0; lo < n; lo += 2 * width) {
+            Py_ssize_t mid = lo + width < n ? lo + width : n, hi = lo + 2 * width < n ? lo + 2 * width : n;
+            Py_ssize_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) {
+                if (ts[j] < ts[i]) { tt[k] = ts[j]; vt[k++] = vs[j++]; }
+                else { tt[k] = ts[i]; vt[k++] = vs[i++]; }
+            }
+            while (i < mid) { tt[k] = ts[i]; vt[k++] = vs[i++]; }
+            while (j < hi) { tt[k] = ts[j]; vt[k++] = vs[j++]; }
+        }
+        int64_t *st = ts; ts = tt; tt = st;
+        double *sv = vs; vs = vt; vt = sv;
+    }
+    if (ts != sb->ts) {
+        memcpy(sb->ts, ts, (size_t)n * sizeof(int64_t));
+        memcpy(sb->val, vs, (size_t)n * sizeof(double));
+    }
+    PyMem_Free(t2);
+    PyMem_Free(v2);
+    return 0;
+}
+
+/* Appends one label as a 1.0 Label field (tag, length, name field, value field) to a growing
+ * buffer: a 2.0 series' labels become the bytes a 1.0 series with them in that order has, so
+ * both versions share the cache and its checks. */
+static int put_varint(uint8_t *p, uint64_t v) {
+    int n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+static int put_label(char **buf, size_t *cap, size_t *off, const uint8_t *name, size_t nlen, const uint8_t *value,
+                     size_t vlen) {
+    uint8_t hdr[11];
+    int nh = put_varint(hdr, nlen), vh = put_varint(hdr, vlen);
+    size_t body = 1 + (size_t)nh + nlen + 1 + (size_t)vh + vlen;
+    size_t need = *off + 1 + 10 + body;
+    if (need > *cap) {
+        size_t grown_cap = *cap ? *cap : 256;
+        while (grown_cap < need) grown_cap *= 2;
+        char *grown = PyMem_Realloc(*buf, grown_cap);
+        if (!grown) return -1;
+        *buf = grown;
+        *cap = grown_cap;
+    }
+    uint8_t *p = (uint8_t *)*buf + *off;
+    *p++ = 0x0a;
+    p += put_varint(p, body);
+    *p++ = 0x0a;
+    p += put_varint(p, nlen);
+    memcpy(p, name, nlen);
+    p += nlen;
+    *p++ = 0x12;
+    p += put_varint(p, vlen);
+    memcpy(p, value, vlen);
+    p += vlen;
+    *off = (size_t)(p - (uint8_t *)*buf);
+    return 0;
+}
+
+/*
+ * decode_v2(data, symtab, cache, resolve, check_hist, max_ts, start, max_series, keys, counts,
+ *           timestamps, values, keep, checked, shared, max_labels, max_name, max_value)
+ *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
+ * decode_v1 for a 2.0 Request that protobuf has already parsed (so it is valid: this walks it
+ * and need not judge its wire format), with symtab from symbols_v2. The checks, in the order of
+ * remote_write._v2_steps: labels_refs of odd length (why "refs_odd") or beyond the symbols
+ * ("refs_range", detail (largest ref, symbols)), a metric `keep` does not name (ignored), the
+ * labels (as 1.0 label bytes through the cache: "labels"), samples and histograms both ("both"),
+ * a histogram check_hist refuses ("histogram"), neither ("no_samples"), samples (sorted by
+ * time) beyond max_ts ("future"). check_hist gets the series' raw 2.0 Histogram messages.
+ */
+static PyObject *decode_v2(PyObject *self, PyObject *args) {
+    Py_buffer buf, symbuf;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *checked, *shared;
+    long long max_ts;
+    Py_ssize_t start, max_series, max_labels, max_name, max_value;
+    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOOnnn", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
+                          &check_hist, &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts,
+                          &PyList_Type, &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name,
+                          &max_value))
+        return NULL;
+    PyObject **keep_names = NULL;
+    Py_ssize_t nkeep = -1;
+    const char *argerr = NULL;
+    if (checked != Py_None && !PyDict_Check(shared)) argerr = "shared must be a dict when checked is given";
+    if (keep != Py_None) {
+        if (!PyTuple_Check(keep)) {
+            argerr = "keep must be a tuple of metric names as bytes, or None";
+        } else {
+            nkeep = PyTuple_GET_SIZE(keep);
+            keep_names = &PyTuple_GET_ITEM(keep, 0);
+            for (Py_ssize_t k = 0; k < nkeep; k++)
+                if (!PyBytes_Check(keep_names[k])) argerr = "keep must be a tuple of metric names as bytes, or None";
+        }
+    }
+    if (!argerr && (start < 0 || start > buf.len)) argerr = "start out of range";
+    if (argerr) {
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&symbuf);
+        PyErr_SetString(start < 0 || start > buf.len ? PyExc_ValueError : PyExc_TypeError, argerr);
+        return NULL;
+    }
+    keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
+    const uint8_t *base = (const uint8_t *)buf.buf;
+    const int64_t *sym = (const int64_t *)symbuf.buf;
+    Py_ssize_t nsym = symbuf.len / (Py_ssize_t)(2 * sizeof(int64_t));
+
+    PyObject *rejects = PyList_New(0);
+    PyObject *hists = NULL;
+    Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
+    char *scratch = NULL;
+    size_t scratch_cap = 0;
+    samplebuf sb = {NULL, NULL, 0, 0};
+    refbuf refs = {NULL, 0, 0};
+    const char *err = NULL;
+    if (!rejects) goto fail;
+
+    cursor c = {base + start, base + buf.len};
+    Py_ssize_t done = 0;
+    while (c.p < c.end && done < max_series) {
+        uint32_t field;
+        unsigned wt;
+        if (read_tag(&c, &field, &wt)) { err = "malformed tag"; goto fail; }
+        if (field != 5 || wt != 2) {
+            if (skip_field(&c, field, wt, MAX_DEPTH)) { err = "malformed field"; goto fail; }
+            continue;
+        }
+        cursor ts;
+        if (read_len(&c, &ts)) { err = "truncated timeseries"; goto fail; }
+        done++;
+        Py_ssize_t hist = 0, ex = 0;
+        int meta = 0;
+        sb.n = 0;
+        refs.n = 0;
+        Py_CLEAR(hists);
+        while (ts.p < ts.end) {
+            uint32_t f2;
+            unsigned w2;
+            cursor sub;
+            uint64_t v;
+            if (read_tag(&ts, &f2, &w2)) { err = "malformed series tag"; goto fail; }
+            if (f2 == 1 && w2 == 0) {
+                if (read_varint(&ts, &v)) { err = "malformed labels_refs"; goto fail; }
+                if (push_ref(&refs, v)) { PyErr_NoMemory(); goto fail; }
+            } else if (f2 == 1 && w2 == 2) {
+                if (read_len(&ts, &sub)) { err = "truncated labels_refs"; goto fail; }
+                while (sub.p < sub.end) {
+                    if (read_varint(&sub, &v)) { err = "malformed labels_refs"; goto fail; }
+                    if (push_ref(&refs, v)) { PyErr_NoMemory(); goto fail; }
+                }
+            } else if (f2 == 2 && w2 == 2) {
+                if (read_len(&ts, &sub)) { err = "truncated sample"; goto fail; }
+                int rc = parse_sample(sub, &sb);
+                if (rc == -1) { err = "malformed sample"; goto fail; }
+                if (rc == -2) { PyErr_NoMemory(); goto fail; }
+            } else if (f2 == 3 && w2 == 2) {
+                if (read_len(&ts, &sub)) { err = "truncated histogram"; goto fail; }
+                if (!hists && !(hists = PyList_New(0))) goto fail;
+                if (append_new(hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
+                hist++;
+            } else if (f2 == 4 && w2 == 2) {
+                if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
+                ex++;
+            } else if (f2 == 5 && w2 == 2) {
+                if (read_len(&ts, &sub)) { err = "truncated metadata"; goto fail; }
+                meta = 1;
+            } else if (skip_field(&ts, f2, w2, MAX_DEPTH - 1)) {
+                err = "malformed series field"; goto fail;
+            }
+        }
+        Py_ssize_t n = sb.n;
+        n_samples += n;
+        n_meta += meta;
+
+        if (refs.n % 2) {
+            if (!reject(rejects, Py_None, n, "refs_odd", NULL)) goto fail;
+            continue;
+        }
+        uint32_t top = 0;
+        for (Py_ssize_t i = 0; i < refs.n; i++)
+            if (refs.v[i] > top) top = refs.v[i];
+        if (refs.n && (Py_ssize_t)top >= nsym) {
+            PyObject *detail = Py_BuildValue("(kn)", (unsigned long)top, nsym);
+            PyObject *ok = detail ? reject(rejects, Py_None, n, "refs_range", detail) : NULL;
+            Py_XDECREF(detail);
+            if (!ok) goto fail;
+            continue;
+        }
+        if (nkeep >= 0 && hist == 0) {
+            Py_ssize_t names = 0;
+            const uint8_t *mp = NULL;
+            Py_ssize_t mlen = 0;
+            for (Py_ssize_t i = 0; i < refs.n; i += 2) {
+                const int64_t *ns = sym + 2 * refs.v[i];
+                if (ns[1] == 8 && memcmp(base + ns[0], "__name__", 8) == 0) {
+                    const int64_t *vs = sym + 2 * refs.v[i + 1];
+                    names++;
+                    mp = base + vs[0];
+                    mlen = (Py_ssize_t)vs[1];
+                }
+            }
+            if (names == 1 && mlen > 0) {
+                int kept = 0;
+                for (Py_ssize_t k = 0; k < nkeep && !kept; k++)
+                    kept = PyBytes_GET_SIZE(keep_names[k]) == mlen &&
+                           memcmp(PyBytes_AS_STRING(keep_names[k]), mp, (size_t)mlen) == 0;
+                if (!kept) {
+                    n_ignored += n;
+                    n_ex += ex;
+                    continue;
+                }
+            }
+        }
+        size_t off = 0;
+        for (Py_ssize_t i = 0; i < refs.n; i += 2) {
+            const int64_t *ns = sym + 2 * refs.v[i], *vs = sym + 2 * refs.v[i + 1];
+            if (put_label(&scratch, &scratch_cap, &off, base + ns[0], (size_t)ns[1], base + vs[0], (size_t)vs[1])) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
+        PyObject *raw = PyBytes_FromStringAndSize(scratch ? scratch : "", (Py_ssize_t)off);
+        if (!raw) goto fail;
+        PyObject *key = lookup_key(&kr, raw);
+        Py_DECREF(raw);
+        if (!key) goto fail;
+
+        int rc = 0;
+        PyObject *problem = NULL;
+        if (PyUnicode_Check(key)) {
+            rc = reject(rejects, key, n, "labels", NULL) ? 0 : -1;
+        } else if (n > 0 && hist > 0) {
+            rc = reject(rejects, key, n, "both", NULL) ? 0 : -1;
+        } else if (hist && !(problem = PyObject_CallFunctionObjArgs(check_hist, hists, NULL))) {
+            rc = -1;
+        } else if (problem && problem != Py_None) {
+            rc = reject(rejects, key, n, "histogram", problem) ? 0 : -1;
+        } else if (n == 0) {
+            if (hist == 0) {
+                rc = reject(rejects, key, 0, "no_samples", NULL) ? 0 : -1;
+            } else {
+                n_hist += hist;
+                n_ex += ex;
+            }
+        } else {
+            int sorted = 1;
+            for (Py_ssize_t i = 1; i < n && sorted; i++) sorted = sb.ts[i - 1] <= sb.ts[i];
+            if (!sorted && sort_samples(&sb)) {
+                PyErr_NoMemory();
+                rc = -1;
+            } else if (sb.ts[n - 1] > max_ts) {
+                rc = reject(rejects, key, n, "future", NULL) ? 0 : -1;
+            } else {
+                n_ex += ex;
+                rc = PyList_Append(keys, key);
+                if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
+                for (Py_ssize_t i = 0; i < n && !rc; i++) {
+                    rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
+                    if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
+                }
+            }
+        }
+        Py_XDECREF(problem);
+        Py_DECREF(key);
+        if (rc) goto fail;
+    }
+    Py_ssize_t next = (Py_ssize_t)(c.p - base);
+    Py_XDECREF(hists);
+    PyMem_Free(scratch);
+    PyMem_Free(sb.ts);
+    PyMem_Free(sb.val);
+    PyMem_Free(refs.v);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&symbuf);
+    return Py_BuildValue("(nnnnNnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
+
+fail:
+    Py_XDECREF(hists);
+    PyMem_Free(scratch);
+    PyMem_Free(sb.ts);
+    PyMem_Free(sb.val);
+    PyMem_Free(refs.v);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&symbuf);
+    Py_XDECREF(rejects);
+    if (err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
+    return NULL;
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer buf;
     unsigned int series_field, other_field;
@@ -644,6 +1030,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"decode_v1", decode_v1, METH_VARARGS, "Decode a decompressed remote write 1.0 request."},
+    {"symbols_v2", symbols_v2, METH_VARARGS, "Where a parsed remote write 2.0 request's symbols are."},
+    {"decode_v2", decode_v2, METH_VARARGS, "Decode a parsed remote write 2.0 request."},
     {"scan", scan, METH_VARARGS, "Count a request's series and find its first unknown top-level field."},
     {NULL, NULL, 0, NULL},
 };

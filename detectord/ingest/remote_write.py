@@ -473,9 +473,9 @@ def decode_steps(
     check_message(data, version, cache.limits, use_c=c)
     yield
     try:
+        if c:
+            return (yield from _c_steps(data, version, cache, max_ts_ms=max_ts_ms, keep=keep))
         if version == "1.0":
-            if c:
-                return (yield from _v1_c_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
             return (yield from _v1_python_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
         msg = pb2.Request.FromString(data)
         yield
@@ -640,6 +640,15 @@ def _future(labels: Labels) -> Reason:
     return Reason(f"series {_show(labels)} has a sample timestamp too far in the future", "future")
 
 
+def _both(labels: Labels) -> Reason:
+    return Reason(f"series {_show(labels)} has both samples and histograms", "histogram")
+
+
+def _check_symbols(symbols: Sequence[str]) -> None:
+    if symbols and symbols[0] != "":
+        raise RefusedWrite(400, "symbols[0] must be the empty string", "symbols")
+
+
 def _bad_histogram(labels: Labels, why: str) -> Reason:
     return Reason(f"series {_show(labels)} has an invalid native histogram: {why}", "histogram")
 
@@ -653,18 +662,29 @@ def decode_v1_bytes(
     keep: Keep = None,
 ) -> DecodedWrite:
     if _fastdecode is not None and use_c:
-        return finish(_v1_c_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
+        return finish(_c_steps(data, "1.0", cache, max_ts_ms=max_ts_ms, keep=keep))
     return finish(_v1_python_steps(data, cache, max_ts_ms=max_ts_ms, keep=keep))
 
 
-def _v1_c_steps(
-    data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
+def _c_steps(
+    data: bytes | memoryview, version: Version, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
 ) -> Steps:
+    """Both versions through _fastdecode, in chunks: the C code holds the GIL, and the event
+    loop's thread needs it too. A 2.0 body is parsed by protobuf first, which judges its wire
+    format as the pure-Python path's does (a fraction of the time the series then take), so the
+    C walk over it need not."""
     assert _fastdecode is not None
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
     keep_raw = None if keep is None else tuple(sorted(name.encode() for name in keep))
     limits = cache.limits
-    out = DecodedWrite("1.0")
+    out = DecodedWrite(version)
+    head: tuple[bytes, ...] = ()
+    if version == "1.0":
+        decode_c, check_hist = _fastdecode.decode_v1, _raw_histograms_problem
+    else:
+        _check_symbols(pb2.Request.FromString(data).symbols)
+        yield
+        decode_c, head, check_hist = _fastdecode.decode_v2, (_fastdecode.symbols_v2(data),), _raw_v2_histograms_problem
     pos = 0
     chunks = 0
     while pos < len(data) or pos == 0:
@@ -672,12 +692,12 @@ def _v1_c_steps(
         if chunks % (STEP_SERIES // C_CHUNK_SERIES) == 0:
             yield
         try:
-            # In chunks: C code holds the GIL, and the event loop's thread needs it too.
-            n, hist, ex, meta, rejects, pos, ignored = _fastdecode.decode_v1(
+            n, hist, ex, meta, rejects, pos, ignored = decode_c(
                 data,
+                *head,
                 cache._raw,
                 cache.from_label_fields,
-                _raw_histograms_problem,
+                check_hist,
                 limit,
                 pos,
                 C_CHUNK_SERIES,
@@ -700,17 +720,32 @@ def _v1_c_steps(
         out.metadata += meta
         out.ignored += ignored
         for key, count, why, detail in rejects:
-            if why == "labels":
-                out.reject(key, count)
-            elif why == "histogram":
-                out.reject(_bad_histogram(key.labels, detail), count)
-            elif why == "no_samples":
-                out.reject(_no_samples(key.labels), count)
-            else:
-                out.reject(_future(key.labels), count)
+            out.reject(_c_reason(key, why, detail), count)
         if not data:
             break
     return out
+
+
+def _c_reason(key: SeriesKey | str | None, why: str, detail: object) -> str:
+    """The reason for a series the C decoder refused, as the pure-Python paths word it."""
+    if why == "labels":
+        assert isinstance(key, str)
+        return key
+    if why == "refs_odd":
+        return Reason("labels_refs has an odd length", "labels")
+    if why == "refs_range":
+        assert isinstance(detail, tuple)
+        top, nsym = detail
+        return Reason(f"labels_refs index {top} out of range of {nsym} symbols", "labels")
+    assert isinstance(key, SeriesKey)
+    if why == "both":
+        return _both(key.labels)
+    if why == "histogram":
+        assert isinstance(detail, str)
+        return _bad_histogram(key.labels, detail)
+    if why == "no_samples":
+        return _no_samples(key.labels)
+    return _future(key.labels)
 
 
 def _v1_python_steps(
@@ -807,8 +842,7 @@ def decode_v2_message(
 def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None) -> Steps:
     out = DecodedWrite("2.0")
     symbols = msg.symbols
-    if symbols and symbols[0] != "":
-        raise RefusedWrite(400, "symbols[0] must be the empty string", "symbols")
+    _check_symbols(symbols)
     nsym = len(symbols)
     append = out.add
     limits = cache.limits
@@ -838,7 +872,7 @@ def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = No
             out.reject(checked, n)
             continue
         if samples and ts.histograms:
-            out.reject(Reason(f"series {_show(checked)} has both samples and histograms", "histogram"), n)
+            out.reject(_both(checked), n)
             continue
         bad = next((why for h in ts.histograms if (why := histogram_problem(h)) is not None), None)
         if bad is not None:
@@ -910,6 +944,15 @@ def _raw_histograms_problem(raws: list[bytes]) -> str | None:
         except DecodeError:
             return "not a valid protobuf message"
         why = histogram_problem(h)
+        if why is not None:
+            return why
+    return None
+
+
+def _raw_v2_histograms_problem(raws: list[bytes]) -> str | None:
+    """Why one of a 2.0 series' serialized Histogram messages (parsed once already) is invalid, or None."""
+    for raw in raws:
+        why = histogram_problem(pb2.Histogram.FromString(raw))
         if why is not None:
             return why
     return None

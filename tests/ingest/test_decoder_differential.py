@@ -4,6 +4,7 @@ remote-write bodies, with the same reasons, over recorded traffic and seeded mut
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,3 +225,61 @@ def test_decoders_agree_at_the_edges_of_the_plain_label_shortcut(tight: bool) ->
         assert (a[0] == "decoded" and not a[9]) or not plain, what
         if what.endswith("not in characters"):
             assert a[0] == "decoded" and not a[9], "the limits count characters, not bytes"
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def _v2_sample(ts: int, value: float) -> bytes:
+    return b"\x09" + struct.pack("<d", value) + b"\x10" + _varint(ts)
+
+
+def _v2_body(symbols: list[bytes], *series: bytes) -> bytes:
+    return bytes(snappy.compress(b"".join(_field(4, s) for s in symbols) + b"".join(_field(5, ts) for ts in series)))
+
+
+SYMBOLS = [b"", b"__name__", b"coredns_dns_requests_total", b"job", b"coredns", b"instance", b"a:9153", b"node_load1"]
+PACKED = _field(1, bytes([1, 2, 3, 4, 5, 6]))
+ONE = _field(2, _v2_sample(1000, 1.0))
+# Series at the edges of the C walk over 2.0 requests, beside the mutants.
+V2_EDGES: dict[str, bytes] = {
+    "plain": PACKED + ONE,
+    "refs one by one": b"".join(b"\x08" + bytes([r]) for r in (1, 2, 3, 4, 5, 6)) + ONE,
+    "refs packed and one by one": _field(1, bytes([1, 2, 3, 4])) + b"\x08\x05\x08\x06" + ONE,
+    "unsorted labels": _field(1, bytes([5, 6, 3, 4, 1, 2])) + ONE,
+    "a ref beyond 2^32 keeps its low 32 bits": _field(1, bytes([1, 2, 3, 4]) + _varint(2**32 + 5) + b"\x06") + ONE,
+    "labels_refs as fixed64 is an unknown field": b"\x09" + b"\x01" * 8 + PACKED + ONE,
+    "odd refs": _field(1, bytes([1, 2, 3])) + ONE,
+    "a ref out of range": _field(1, bytes([1, 2, 3, 40])) + ONE,
+    "empty name symbol": _field(1, bytes([1, 2, 0, 4])) + ONE,
+    "empty value symbol": _field(1, bytes([1, 2, 3, 0, 5, 6])) + ONE,
+    "two names": _field(1, bytes([1, 2, 1, 7])) + ONE,
+    "another metric": _field(1, bytes([1, 7, 3, 4])) + ONE,
+    "samples out of order, equal times kept in order": PACKED
+    + b"".join(
+        _field(2, _v2_sample(t, v)) for t, v in [(3000, 1.0), (1000, 2.0), (3000, 3.0), (2000, 4.0), (1000, 5.0)]
+    ),
+    "no samples": PACKED,
+    "metadata and exemplars": PACKED + ONE + _field(4, b"\x11" + b"\x00" * 8) + _field(5, b"\x08\x01"),
+    "a sample in the future": PACKED + _field(2, _v2_sample(MAX_TS_MS + 1, 1.0)),
+    "a histogram and samples": PACKED + ONE + _field(3, b"\x08\x00"),
+    "only an empty histogram": PACKED + _field(3, b""),
+    "a histogram with a bad count": PACKED + _field(3, b"\x08\x05"),
+}
+
+
+def test_decoders_agree_on_the_edges_of_remote_write_2() -> None:
+    pair = _Pair()
+    for what, ts in V2_EDGES.items():
+        for tight in (False, True):
+            for keep in (False, True):
+                pair.check(_v2_body(SYMBOLS, ts), "2.0", tight, what, keep=keep)
+    # All of them in one request, and a first symbol that is not empty (the request is refused).
+    pair.check(_v2_body(SYMBOLS, *V2_EDGES.values()), "2.0", False, "all together")
+    pair.check(_v2_body([b"x", *SYMBOLS[1:]], V2_EDGES["plain"]), "2.0", False, "symbols[0] not empty")
+    assert pair.seen["refused"] == 1 and pair.seen["decoded"] > 10 and pair.seen["partial"] > 10
