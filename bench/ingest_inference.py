@@ -2,9 +2,12 @@
 
 The same remote-write payloads (synthetic CoreDNS fleets, as Prometheus 2.42 sends them: one
 sample per series, 500 per request, snappy) go to `detectord serve` and to Prometheus's own
-receiver (`prometheus --web.enable-remote-write-receiver`), and the ratio is printed.
+receiver (`prometheus --web.enable-remote-write-receiver`), and the ratio is printed. With
+`--protocol 2.0` the same series go as remote write 2.0 requests (one symbol table each), to
+detectord alone: Prometheus 2.42's receiver takes 1.0 only.
 
     .venv/bin/python bench/ingest_inference.py --instances 1000 10000
+    .venv/bin/python bench/ingest_inference.py --instances 1000 --protocol 2.0
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +32,7 @@ from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from lab.peers.detectord import run_detectord
 from lab.peers.prometheus import run_prometheus
 from lab.synthetic import SyntheticFleet
+from tests.support import V2_HEADERS, v2_body
 
 HEADERS = {
     "Content-Type": "application/x-protobuf",
@@ -42,17 +46,29 @@ STEP_S = 15.0
 class Rounds:
     bodies: list[list[bytes]]  # per scrape round, its requests
     samples: list[int]
+    headers: dict[str, str] = field(default_factory=lambda: HEADERS)
 
 
-def make_rounds(instances: int, rounds: int, seed: int = 1) -> Rounds:
+def make_rounds(instances: int, rounds: int, seed: int = 1, protocol: str = "1.0") -> Rounds:
     start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
     fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
     bodies, samples = [], []
     for _ in range(rounds):
         payloads = fleet.scrape_payloads()
         samples.append(sum(len(pb1.WriteRequest.FromString(p).timeseries) for p in payloads))
-        bodies.append([snappy.compress(p) for p in payloads])
-    return Rounds(bodies, samples)
+        if protocol == "2.0":
+            bodies.append([_as_v2(p) for p in payloads])
+        else:
+            bodies.append([snappy.compress(p) for p in payloads])
+    return Rounds(bodies, samples, V2_HEADERS if protocol == "2.0" else HEADERS)
+
+
+def _as_v2(payload: bytes) -> bytes:
+    """A 1.0 request's series as a compressed 2.0 request."""
+    req = pb1.WriteRequest.FromString(payload)
+    return v2_body(
+        ({lb.name: lb.value for lb in ts.labels}, [(s.timestamp, s.value) for s in ts.samples]) for ts in req.timeseries
+    )
 
 
 async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
@@ -67,7 +83,7 @@ async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
             async def worker(queue: list[bytes], failures: list[str]) -> None:
                 while queue:
                     body = queue.pop()
-                    async with session.post(url, data=body, headers=HEADERS) as r:
+                    async with session.post(url, data=body, headers=rounds.headers) as r:
                         if r.status // 100 != 2:
                             failures.append(f"{r.status} {await r.text()}")
 
@@ -162,6 +178,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4, help="scrape rounds sent (the first one is the cold start)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (Prometheus shards)")
     p.add_argument("--no-prometheus", action="store_true")
+    p.add_argument("--protocol", choices=("1.0", "2.0"), default="1.0", help="remote write version sent")
     p.add_argument("--inference-seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--model", type=Path, default=REPO / "models/default")
@@ -171,7 +188,7 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
     for n in args.instances:
         t0 = time.perf_counter()
-        rounds = make_rounds(n, args.rounds)
+        rounds = make_rounds(n, args.rounds, protocol=args.protocol)
         per_round = rounds.samples[0]
         print(
             f"\n== {n} CoreDNS instances: {per_round} samples per scrape round, "
@@ -180,7 +197,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as d:
             cold, steady = rate(rounds, asyncio.run(bench_detectord(rounds, n, args.concurrency, Path(d), args.model)))
         print(f"detectord   ingest: {steady / 1e6:.3f} M samples/s steady ({cold / 1e6:.3f} M/s first round)")
-        if not args.no_prometheus:
+        if not args.no_prometheus and args.protocol == "1.0":
             with tempfile.TemporaryDirectory() as d:
                 pcold, psteady = rate(rounds, asyncio.run(bench_prometheus(rounds, args.concurrency, Path(d))))
             print(f"prometheus  ingest: {psteady / 1e6:.3f} M samples/s steady ({pcold / 1e6:.3f} M/s first round)")
