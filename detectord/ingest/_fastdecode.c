@@ -407,6 +407,52 @@ static PyObject *lookup_key(const keyer *k, PyObject *raw) {
     return key;
 }
 
+/* The arguments both decoders share: keep (None or a tuple of metric names as bytes, compared in
+ * place: a handful, cheaper than making a bytes object to look up), shared, start. 0, or -1 with
+ * an exception set. */
+static int check_args(PyObject *keep, PyObject *checked, PyObject *shared, Py_ssize_t start, Py_ssize_t len,
+                      PyObject ***keep_names, Py_ssize_t *nkeep) {
+    *keep_names = NULL;
+    *nkeep = -1;
+    if (checked != Py_None && !PyDict_Check(shared)) {
+        PyErr_SetString(PyExc_TypeError, "shared must be a dict when checked is given");
+        return -1;
+    }
+    if (keep != Py_None) {
+        int ok = PyTuple_Check(keep);
+        for (Py_ssize_t k = 0; ok && k < PyTuple_GET_SIZE(keep); k++) ok = PyBytes_Check(PyTuple_GET_ITEM(keep, k));
+        if (!ok) {
+            PyErr_SetString(PyExc_TypeError, "keep must be a tuple of metric names as bytes, or None");
+            return -1;
+        }
+        *nkeep = PyTuple_GET_SIZE(keep);
+        *keep_names = &PyTuple_GET_ITEM(keep, 0);
+    }
+    if (start < 0 || start > len) {
+        PyErr_SetString(PyExc_ValueError, "start out of range");
+        return -1;
+    }
+    return 0;
+}
+
+static int kept(PyObject **keep_names, Py_ssize_t nkeep, const uint8_t *name, Py_ssize_t len) {
+    for (Py_ssize_t k = 0; k < nkeep; k++)
+        if (PyBytes_GET_SIZE(keep_names[k]) == len && memcmp(PyBytes_AS_STRING(keep_names[k]), name, (size_t)len) == 0)
+            return 1;
+    return 0;
+}
+
+/* An accepted series: its key, its number of samples and its samples onto the flat lists. */
+static int accept(PyObject *keys, PyObject *counts, PyObject *tss, PyObject *vals, PyObject *key, const samplebuf *sb) {
+    int rc = PyList_Append(keys, key);
+    if (!rc) rc = append_new(counts, PyLong_FromSsize_t(sb->n));
+    for (Py_ssize_t i = 0; i < sb->n && !rc; i++) {
+        rc = append_new(tss, PyLong_FromLongLong(sb->ts[i]));
+        if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb->val[i]));
+    }
+    return rc;
+}
+
 static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const char *why, PyObject *detail) {
     PyObject *item = Py_BuildValue("(OnsO)", key, n, why, detail ? detail : Py_None);
     if (!item) return NULL;
@@ -424,38 +470,15 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                           &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type,
                           &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name, &max_value))
         return NULL;
-    if (checked != Py_None && !PyDict_Check(shared)) {
+    PyObject **keep_names;
+    Py_ssize_t nkeep;
+    if (check_args(keep, checked, shared, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_TypeError, "shared must be a dict when checked is given");
         return NULL;
     }
     keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
-    /* A handful of names, compared in place: cheaper than making a bytes object to look up. */
-    PyObject **keep_names = NULL;
-    Py_ssize_t nkeep = -1;
-    if (keep != Py_None) {
-        if (!PyTuple_Check(keep)) {
-            PyBuffer_Release(&buf);
-            PyErr_SetString(PyExc_TypeError, "keep must be a tuple of metric names as bytes, or None");
-            return NULL;
-        }
-        nkeep = PyTuple_GET_SIZE(keep);
-        keep_names = &PyTuple_GET_ITEM(keep, 0);
-        for (Py_ssize_t k = 0; k < nkeep; k++) {
-            if (!PyBytes_Check(keep_names[k])) {
-                PyBuffer_Release(&buf);
-                PyErr_SetString(PyExc_TypeError, "keep must be a tuple of metric names as bytes, or None");
-                return NULL;
-            }
-        }
-    }
-    if (start < 0 || start > buf.len) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "start out of range");
-        return NULL;
-    }
     PyObject *rejects = PyList_New(0);
-    PyObject *hists = NULL;
+    PyObject *hists = NULL, *result = NULL;
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
     char *scratch = NULL;
     size_t scratch_cap = 0;
@@ -528,11 +551,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         n_samples += n;
 
         if (nkeep >= 0 && name_state == 1 && hist == 0 && mname.end > mname.p) {
-            int kept = 0;
-            Py_ssize_t len = mname.end - mname.p;
-            for (Py_ssize_t k = 0; k < nkeep && !kept; k++)
-                kept = PyBytes_GET_SIZE(keep_names[k]) == len && memcmp(PyBytes_AS_STRING(keep_names[k]), mname.p, (size_t)len) == 0;
-            if (!kept) {
+            if (!kept(keep_names, nkeep, mname.p, mname.end - mname.p)) {
                 /* A metric nothing reads: counted, and nothing else (no key, no cache entry). */
                 n_ignored += n;
                 n_ex += ex;
@@ -592,26 +611,14 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         } else {
             n_hist += hist;
             n_ex += ex;
-            if (n > 0) {
-                rc = PyList_Append(keys, key);
-                if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
-                for (Py_ssize_t i = 0; i < n && !rc; i++) {
-                    rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
-                    if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
-                }
-            }
+            if (n > 0) rc = accept(keys, counts, tss, vals, key, &sb);
         }
         Py_XDECREF(problem);
         Py_DECREF(key);
         if (rc) goto fail;
     }
     Py_ssize_t next = (Py_ssize_t)(c.p - (const uint8_t *)buf.buf);
-    Py_XDECREF(hists);
-    PyMem_Free(scratch);
-    PyMem_Free(sb.ts);
-    PyMem_Free(sb.val);
-    PyBuffer_Release(&buf);
-    return Py_BuildValue("(nnnnNnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
+    result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
     Py_XDECREF(hists);
@@ -620,8 +627,8 @@ fail:
     PyMem_Free(sb.val);
     PyBuffer_Release(&buf);
     Py_XDECREF(rejects);
-    if (err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
-    return NULL;
+    if (!result && err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
+    return result;
 }
 
 /* ---- remote write 2.0 ---- */
@@ -788,25 +795,11 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                           &PyList_Type, &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name,
                           &max_value))
         return NULL;
-    PyObject **keep_names = NULL;
-    Py_ssize_t nkeep = -1;
-    const char *argerr = NULL;
-    if (checked != Py_None && !PyDict_Check(shared)) argerr = "shared must be a dict when checked is given";
-    if (keep != Py_None) {
-        if (!PyTuple_Check(keep)) {
-            argerr = "keep must be a tuple of metric names as bytes, or None";
-        } else {
-            nkeep = PyTuple_GET_SIZE(keep);
-            keep_names = &PyTuple_GET_ITEM(keep, 0);
-            for (Py_ssize_t k = 0; k < nkeep; k++)
-                if (!PyBytes_Check(keep_names[k])) argerr = "keep must be a tuple of metric names as bytes, or None";
-        }
-    }
-    if (!argerr && (start < 0 || start > buf.len)) argerr = "start out of range";
-    if (argerr) {
+    PyObject **keep_names;
+    Py_ssize_t nkeep;
+    if (check_args(keep, checked, shared, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
         PyBuffer_Release(&symbuf);
-        PyErr_SetString(start < 0 || start > buf.len ? PyExc_ValueError : PyExc_TypeError, argerr);
         return NULL;
     }
     keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
@@ -815,7 +808,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     Py_ssize_t nsym = symbuf.len / (Py_ssize_t)(2 * sizeof(int64_t));
 
     PyObject *rejects = PyList_New(0);
-    PyObject *hists = NULL;
+    PyObject *hists = NULL, *result = NULL;
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
     char *scratch = NULL;
     size_t scratch_cap = 0;
@@ -908,16 +901,10 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                     mlen = (Py_ssize_t)vs[1];
                 }
             }
-            if (names == 1 && mlen > 0) {
-                int kept = 0;
-                for (Py_ssize_t k = 0; k < nkeep && !kept; k++)
-                    kept = PyBytes_GET_SIZE(keep_names[k]) == mlen &&
-                           memcmp(PyBytes_AS_STRING(keep_names[k]), mp, (size_t)mlen) == 0;
-                if (!kept) {
-                    n_ignored += n;
-                    n_ex += ex;
-                    continue;
-                }
+            if (names == 1 && mlen > 0 && !kept(keep_names, nkeep, mp, mlen)) {
+                n_ignored += n;
+                n_ex += ex;
+                continue;
             }
         }
         size_t off = 0;
@@ -961,12 +948,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                 rc = reject(rejects, key, n, "future", NULL) ? 0 : -1;
             } else {
                 n_ex += ex;
-                rc = PyList_Append(keys, key);
-                if (!rc) rc = append_new(counts, PyLong_FromSsize_t(n));
-                for (Py_ssize_t i = 0; i < n && !rc; i++) {
-                    rc = append_new(tss, PyLong_FromLongLong(sb.ts[i]));
-                    if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb.val[i]));
-                }
+                rc = accept(keys, counts, tss, vals, key, &sb);
             }
         }
         Py_XDECREF(problem);
@@ -974,14 +956,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
         if (rc) goto fail;
     }
     Py_ssize_t next = (Py_ssize_t)(c.p - base);
-    Py_XDECREF(hists);
-    PyMem_Free(scratch);
-    PyMem_Free(sb.ts);
-    PyMem_Free(sb.val);
-    PyMem_Free(refs.v);
-    PyBuffer_Release(&buf);
-    PyBuffer_Release(&symbuf);
-    return Py_BuildValue("(nnnnNnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
+    result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
     Py_XDECREF(hists);
@@ -992,8 +967,8 @@ fail:
     PyBuffer_Release(&buf);
     PyBuffer_Release(&symbuf);
     Py_XDECREF(rejects);
-    if (err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
-    return NULL;
+    if (!result && err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
+    return result;
 }
 
 static PyObject *scan(PyObject *self, PyObject *args) {
