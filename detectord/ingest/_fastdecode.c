@@ -287,6 +287,9 @@ static int name_step(cursor lab, int state, cursor *name_out) {
  * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
  * set: the reference path in Python judges it, and says why. */
 #define MAX_PLAIN_LABELS 64
+/* Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
+ * label values a hostile writer makes up would keep every one for good. Set at import. */
+static int intern_strings = 1;
 static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *shared, Py_ssize_t max_labels,
                                 Py_ssize_t max_name, Py_ssize_t max_value) {
     cursor names[MAX_PLAIN_LABELS], values[MAX_PLAIN_LABELS];
@@ -353,8 +356,10 @@ static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *
             v = PyTuple_GET_ITEM(pair, 1);
             Py_INCREF(k);
             Py_INCREF(v);
-            PyUnicode_InternInPlace(&k);
-            PyUnicode_InternInPlace(&v);
+            if (intern_strings) {
+                PyUnicode_InternInPlace(&k);
+                PyUnicode_InternInPlace(&v);
+            }
             Py_DECREF(pair);
             pair = PyTuple_Pack(2, k, v);
             Py_DECREF(k);
@@ -1019,5 +1024,6 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
         PyErr_SetString(PyExc_ImportError, "_fastdecode supports little-endian hosts only");
         return NULL;
     }
+    intern_strings = !(Py_Version >= 0x030C0000 && Py_Version < 0x030C05F0);
     return PyModule_Create(&module);
 }

@@ -104,6 +104,15 @@ _KEY_BYTES = 200
 _LABEL_BYTES = 170
 
 
+# Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
+# label values a hostile writer makes up would keep every one for good.
+_INTERN_IS_MORTAL = not ((3, 12) <= sys.version_info[:3] < (3, 12, 5))
+
+
+def _intern(text: str) -> str:
+    return sys.intern(text) if _INTERN_IS_MORTAL else text
+
+
 def _key_bytes(labels: Labels) -> int:
     return _KEY_BYTES + _LABEL_BYTES * len(labels) + sum(map(len, itertools.chain.from_iterable(labels)))
 
@@ -204,7 +213,7 @@ class LabelCache:
         for p in labels:
             q = pairs.get(p)
             if q is None:
-                q = (sys.intern(p[0]), sys.intern(p[1]))
+                q = (_intern(p[0]), _intern(p[1]))
                 pairs[q] = q
             out.append(q)
         return tuple(out)
