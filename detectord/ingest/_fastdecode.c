@@ -280,16 +280,17 @@ static int name_step(cursor lab, int state, cursor *name_out) {
     return state;
 }
 
+#define MAX_PLAIN_LABELS 64
+/* Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
+ * label values a hostile writer makes up would keep every one for good. Set at import. */
+static int intern_strings = 1;
+
 /* A label set as most series are, known valid without Python: every Label plainly one name and
  * one value (each once, nothing else), names strictly ascending by bytes (so in order, unique and
  * not empty; UTF-8 keeps code point order), no value empty, a `__name__`, valid UTF-8, and within
  * the limits even counted in bytes (0: none). Then the tuple of its (name, value) pairs, each the
  * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
  * set: the reference path in Python judges it, and says why. */
-#define MAX_PLAIN_LABELS 64
-/* Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
- * label values a hostile writer makes up would keep every one for good. Set at import. */
-static int intern_strings = 1;
 static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *shared, Py_ssize_t max_labels,
                                 Py_ssize_t max_name, Py_ssize_t max_value) {
     cursor names[MAX_PLAIN_LABELS], values[MAX_PLAIN_LABELS];
