@@ -7,7 +7,7 @@
  * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
  * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep,
- *           checked, shared, max_labels, max_name, max_value)
+ *           shared, max_labels, max_name, max_value)
  *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
  *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
  *   samples to the flat lists timestamps and values: no per-sample container objects, so the
@@ -16,12 +16,13 @@
  *   take the GIL between chunks.
  *   cache:   dict  raw label bytes -> SeriesKey | str (the reason the labels are invalid)
  *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
- *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8
+ *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8.
+ *            For a plainly valid set (see checked_labels) it is called as resolve(raw label
+ *            bytes, labels, True) instead, with the labels a sorted tuple of the (name, value)
+ *            pairs held in the dict shared: nothing is left to check.
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
- *   checked, shared, max_labels, max_name, max_value: on a cache miss for a plainly valid label
- *            set (see checked_labels), checked(raw label bytes, labels) is called instead of
- *            resolve, with the labels a sorted tuple of the (name, value) pairs held in the dict
- *            shared; checked None: resolve always. The limits are those of resolve (0: none).
+ *   shared, max_labels, max_name, max_value: the pairs plainly valid sets are made of (None: no
+ *            set is taken as plainly valid), and the limits resolve checks (0: none).
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
  *   keep:    None, or a tuple of metric names (bytes): a float series whose one `__name__` names
@@ -378,10 +379,9 @@ other:
     Py_RETURN_NONE;
 }
 
-/* How raw label fields become a series key: the cache, and on a miss checked() for a plainly
- * valid set, resolve() for the rest (see decode_v1). */
+/* How raw label fields become a series key: the cache, and on a miss resolve() (see decode_v1). */
 typedef struct {
-    PyObject *cache, *resolve, *checked, *shared;
+    PyObject *cache, *resolve, *shared;
     Py_ssize_t max_labels, max_name, max_value;
 } keyer;
 
@@ -397,13 +397,13 @@ static PyObject *lookup_key(const keyer *k, PyObject *raw) {
     const uint8_t *rend = rp + PyBytes_GET_SIZE(raw);
     PyObject *labels = Py_None;
     Py_INCREF(labels);
-    if (k->checked != Py_None) {
+    if (k->shared != Py_None) {
         Py_DECREF(labels);
         labels = checked_labels(rp, rend, k->shared, k->max_labels, k->max_name, k->max_value);
         if (!labels) return NULL;
     }
     if (labels != Py_None) {
-        key = PyObject_CallFunctionObjArgs(k->checked, raw, labels, NULL);
+        key = PyObject_CallFunctionObjArgs(k->resolve, raw, labels, Py_True, NULL);
     } else {
         PyObject *pairs = label_pairs(rp, rend);
         key = pairs ? PyObject_CallFunctionObjArgs(k->resolve, raw, pairs, NULL) : NULL;
@@ -416,12 +416,12 @@ static PyObject *lookup_key(const keyer *k, PyObject *raw) {
 /* The arguments both decoders share: keep (None or a tuple of metric names as bytes, compared in
  * place: a handful, cheaper than making a bytes object to look up), shared, start. 0, or -1 with
  * an exception set. */
-static int check_args(PyObject *keep, PyObject *checked, PyObject *shared, Py_ssize_t start, Py_ssize_t len,
-                      PyObject ***keep_names, Py_ssize_t *nkeep) {
+static int check_args(PyObject *keep, PyObject *shared, Py_ssize_t start, Py_ssize_t len, PyObject ***keep_names,
+                      Py_ssize_t *nkeep) {
     *keep_names = NULL;
     *nkeep = -1;
-    if (checked != Py_None && !PyDict_Check(shared)) {
-        PyErr_SetString(PyExc_TypeError, "shared must be a dict when checked is given");
+    if (shared != Py_None && !PyDict_Check(shared)) {
+        PyErr_SetString(PyExc_TypeError, "shared must be a dict or None");
         return -1;
     }
     if (keep != Py_None) {
@@ -469,20 +469,20 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *checked, *shared;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOOnnn", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOnnn", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
                           &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type,
-                          &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name, &max_value))
+                          &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name, &max_value))
         return NULL;
     PyObject **keep_names;
     Py_ssize_t nkeep;
-    if (check_args(keep, checked, shared, start, buf.len, &keep_names, &nkeep)) {
+    if (check_args(keep, shared, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
         return NULL;
     }
-    keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
+    keyer kr = {cache, resolve, shared, max_labels, max_name, max_value};
     PyObject *rejects = PyList_New(0);
     PyObject *hists = NULL, *result = NULL;
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
@@ -781,7 +781,7 @@ static int put_label(char **buf, size_t *cap, size_t *off, const uint8_t *name, 
 
 /*
  * decode_v2(data, symtab, cache, resolve, check_hist, max_ts, start, max_series, keys, counts,
- *           timestamps, values, keep, checked, shared, max_labels, max_name, max_value)
+ *           timestamps, values, keep, shared, max_labels, max_name, max_value)
  *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
  * decode_v1 for a 2.0 Request that protobuf has already parsed (so it is valid: this walks it
  * and need not judge its wire format), with symtab from symbols_v2. The checks, in the order of
@@ -793,22 +793,22 @@ static int put_label(char **buf, size_t *cap, size_t *off, const uint8_t *name, 
  */
 static PyObject *decode_v2(PyObject *self, PyObject *args) {
     Py_buffer buf, symbuf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *checked, *shared;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOOnnn", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
+    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOnnn", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
                           &check_hist, &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts,
-                          &PyList_Type, &tss, &PyList_Type, &vals, &keep, &checked, &shared, &max_labels, &max_name,
+                          &PyList_Type, &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name,
                           &max_value))
         return NULL;
     PyObject **keep_names;
     Py_ssize_t nkeep;
-    if (check_args(keep, checked, shared, start, buf.len, &keep_names, &nkeep)) {
+    if (check_args(keep, shared, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
         PyBuffer_Release(&symbuf);
         return NULL;
     }
-    keyer kr = {cache, resolve, checked, shared, max_labels, max_name, max_value};
+    keyer kr = {cache, resolve, shared, max_labels, max_name, max_value};
     const uint8_t *base = (const uint8_t *)buf.buf;
     const int64_t *sym = (const int64_t *)symbuf.buf;
     Py_ssize_t nsym = symbuf.len / (Py_ssize_t)(2 * sizeof(int64_t));

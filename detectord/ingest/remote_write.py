@@ -6,6 +6,7 @@ Remote write 1.0 (`prometheus.WriteRequest`) and 2.0 (`io.prometheus.write.v2.Re
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import struct
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import cramjam
 import snappy
@@ -113,15 +114,18 @@ def _intern(text: str) -> str:
     return sys.intern(text) if _INTERN_IS_MORTAL else text
 
 
-def _key_bytes(labels: Labels) -> int:
-    return _KEY_BYTES + _LABEL_BYTES * len(labels) + sum(map(len, itertools.chain.from_iterable(labels)))
+def _key_bytes(labels: Labels, strings: int | None = None) -> int:
+    """`strings`: the labels' characters, if known."""
+    if strings is None:
+        strings = sum(map(len, itertools.chain.from_iterable(labels)))
+    return _KEY_BYTES + _LABEL_BYTES * len(labels) + strings
 
 
 def _pinned_bytes(labels: Labels) -> int:
     """A pinned key's estimated bytes with an entry for it in each generation (its raw labels are
     about as long as the label strings)."""
     strings = sum(map(len, itertools.chain.from_iterable(labels)))
-    return _KEY_BYTES + 2 * _ENTRY_BYTES + (_LABEL_BYTES + 12) * len(labels) + 3 * strings
+    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + strings + 6 * len(labels))
 
 
 def _entry_bytes(raw: object) -> int:
@@ -257,29 +261,18 @@ class LabelCache:
         return self.from_label_fields(raw, raw)
 
     def from_label_fields(
-        self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | None
+        self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | Labels | None, checked: bool = False
     ) -> SeriesKey | str:
         """Like from_raw, for the label fields of a TimeSeries as the C decoder found them (it
-        looked in _raw already)."""
+        looked in _raw already). `checked`: the C decoder found them plainly valid (no check can
+        refuse them) and `labels` is their sorted tuple of the shared pairs (`shared_pairs`)."""
         hit = self._old.pop(raw, None)
         if hit is None:
-            hit = self._resolve(labels)
+            hit = self.intern(cast(Labels, labels), shared=True) if checked else self._resolve(labels)
         elif isinstance(hit, SeriesKey):
             hit = self.canonical(hit)  # seen again: its key moves back to the younger generation too
         self._raw[raw] = hit
         self.young_bytes += _entry_bytes(raw)
-        return hit
-
-    def from_checked(self, raw: bytes, labels: Labels) -> SeriesKey | str:
-        """Like from_label_fields, for labels the C decoder found plainly valid (no check can
-        refuse them) and made of the shared pairs (`shared_pairs`)."""
-        hit = self._old.pop(raw, None)
-        if hit is None:
-            hit = self.intern(labels, shared=True)
-        elif isinstance(hit, SeriesKey):
-            hit = self.canonical(hit)
-        self._raw[raw] = hit
-        self.young_bytes += _ENTRY_BYTES + len(raw)
         return hit
 
     @property
@@ -287,7 +280,7 @@ class LabelCache:
         """The pairs of interned strings the keys made since the last turn hold (see _shared)."""
         return self._pairs
 
-    def _resolve(self, labels: tuple[bytes, ...] | list[tuple[str, str]] | None) -> SeriesKey | str:
+    def _resolve(self, labels: tuple[bytes, ...] | list[tuple[str, str]] | Labels | None) -> SeriesKey | str:
         pairs: list[tuple[str, str]] = []
         try:
             if labels is None:
@@ -693,7 +686,8 @@ def _c_steps(
     else:
         _check_symbols(pb2.Request.FromString(data).symbols)
         yield
-        decode_c, head, check_hist = _fastdecode.decode_v2, (_fastdecode.symbols_v2(data),), _raw_v2_histograms_problem
+        decode_c, head = _fastdecode.decode_v2, (_fastdecode.symbols_v2(data),)
+        check_hist = functools.partial(_raw_histograms_problem, message=pb2.Histogram)
     pos = 0
     chunks = 0
     while pos < len(data) or pos == 0:
@@ -715,7 +709,6 @@ def _c_steps(
                 out.timestamps,
                 out.values,
                 keep_raw,
-                cache.from_checked,
                 cache.shared_pairs,
                 limits.labels,
                 limits.label_name_length,
@@ -945,23 +938,16 @@ class _Histogram(Protocol):
 CUSTOM_BUCKETS_SCHEMA = -53
 
 
-def _raw_histograms_problem(raws: list[bytes]) -> str | None:
-    """Why one of a 1.0 series' serialized Histogram messages is invalid, or None."""
+def _raw_histograms_problem(
+    raws: list[bytes], message: type[pb1.Histogram | pb2.Histogram] = pb1.Histogram
+) -> str | None:
+    """Why one of a series' serialized Histogram messages (`message`: 1.0's or 2.0's) is invalid, or None."""
     for raw in raws:
         try:
-            h = pb1.Histogram.FromString(raw)
+            h = message.FromString(raw)
         except DecodeError:
             return "not a valid protobuf message"
         why = histogram_problem(h)
-        if why is not None:
-            return why
-    return None
-
-
-def _raw_v2_histograms_problem(raws: list[bytes]) -> str | None:
-    """Why one of a 2.0 series' serialized Histogram messages (parsed once already) is invalid, or None."""
-    for raw in raws:
-        why = histogram_problem(pb2.Histogram.FromString(raw))
         if why is not None:
             return why
     return None
