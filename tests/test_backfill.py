@@ -93,5 +93,9 @@ async def test_a_daemon_started_with_backfill_scores_at_once_as_if_it_had_been_t
         common = [t for t in steps if t in want[edge]]
         assert len(common) >= len(steps) - 2
         np.testing.assert_allclose(
-            [got[edge][t] for t in common], [want[edge][t] for t in common], rtol=1e-4, atol=1e-5, err_msg=edge
+            [got[edge][t] for t in common],
+            [want[edge][t] for t in common],
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=f"{edge}; samples late: {metric(text, 'detectord_samples_total', outcome='late')}",
         )

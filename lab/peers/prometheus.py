@@ -43,7 +43,17 @@ class Prometheus:
         entry = {
             "url": url,
             "write_relabel_configs": [{"source_labels": ["__name__"], "regex": keep, "action": "keep"}],
-            "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
+            # One shard: Prometheus sizes its shards by the time a sample took to send, retries
+            # included, so the refusals and 503s before this receiver is ready can make it
+            # reshard. Shards send in parallel, each series on one, so an instance's series then
+            # arrive seconds apart: more than a step at the 1 s steps tests use (a step closes
+            # once a sample two steps later arrives), though well within one at a real 15 s.
+            "queue_config": {
+                "batch_send_deadline": "500ms",
+                "min_backoff": "50ms",
+                "max_backoff": "1s",
+                "max_shards": 1,
+            },
         }
         config["remote_write"] = [*config.get("remote_write", []), entry]
         _write_atomic(self.config, config)
