@@ -48,6 +48,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=5.0, help="timed per batch size")
     p.add_argument("--model", type=Path, default=REPO / "models/default")
     p.add_argument("--no-worker", action="store_true", help="time the forward pass only")
+    p.add_argument("--worker-batch", type=int, help="the worker's max batch (default: the biggest --batch)")
+    p.add_argument("--worker-windows", type=int, default=4_000_000, help="windows sent through the worker, at most")
     args = p.parse_args()
     # Before Keras is imported anywhere: the backend is fixed at import.
     os.environ["KERAS_BACKEND"] = args.backend
@@ -82,8 +84,9 @@ def main() -> int:
     if not args.no_worker:
         from bench.ingest_inference import bench_inference
 
-        _, through, backend = bench_inference(args.seconds, biggest, args.model)
-        print(f"through the inference worker (batch {biggest}, {backend}): {through:,.0f} windows/s")
+        batch = args.worker_batch or biggest
+        _, through, backend = bench_inference(args.seconds, batch, args.model, args.worker_windows)
+        print(f"through the inference worker (batch {batch}, {backend}): {through:,.0f} windows/s")
     return 0
 
 

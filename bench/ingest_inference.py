@@ -118,8 +118,12 @@ async def bench_prometheus(rounds: Rounds, concurrency: int, workdir: Path) -> l
         return await send(f"{prom.url}/api/v1/write", rounds, concurrency)
 
 
-def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, float, str]:
-    """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop)."""
+def bench_inference(
+    seconds: float, max_batch: int, path: Path, max_windows: int | None = None
+) -> tuple[float, float, str]:
+    """Windows/s through the real InferenceWorker (batching, padding, hand-back to a loop): as
+    many windows as the forward pass scores in `seconds`, at most `max_windows` (a fast device
+    would otherwise need tens of millions of requests made up front)."""
     from prometheus_client import CollectorRegistry
 
     from detectord.config import ModelConfig
@@ -143,7 +147,7 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
 
     loop = asyncio.new_event_loop()
     done = [0]
-    total = int(raw * seconds)
+    total = int(raw * seconds) if max_windows is None else min(int(raw * seconds), max_windows)
     worker = InferenceWorker(
         det,
         window=model.window,
@@ -158,7 +162,11 @@ def bench_inference(seconds: float, max_batch: int, path: Path) -> tuple[float, 
     worker.warm_up(every_size=True)
     worker.start()
     latest = np.zeros(len(model.features), dtype=np.float32)
-    reqs = [ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096], latest) for i in range(total)]
+    # Each with an arrival time, as a remote-written step's window has: its delay is counted.
+    arrived = time.monotonic()
+    reqs = [
+        ScoreRequest(("coredns", str(i % 10000)), i, windows[i % 4096], latest, arrived=arrived) for i in range(total)
+    ]
     t0 = time.perf_counter()
     for i in range(0, total, 1000):  # as the ingest thread hands over one request's windows
         worker.submit_many(reqs[i : i + 1000])

@@ -5,9 +5,15 @@ same registry.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from detectord.ingest.metrics import LATENCY_BUCKETS, IngestMetrics
 
@@ -17,6 +23,46 @@ SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 # A step should be scored within a few seconds of its last sample at any scrape interval.
 STEP_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _STATUS_REASONS = {413: "too_large", 415: "unsupported_media_type"}
+
+
+class BatchHistogram(Collector):
+    """A histogram without labels observed a whole batch at a time: one numpy pass instead of a
+    Histogram.observe (a lock and a bucket search) per value, which cost the inference worker
+    about a microsecond a window. Exposed like a prometheus_client Histogram."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._bounds = np.array(sorted(buckets), dtype=np.float64)
+        self._les = [*(floatToGoString(b) for b in self._bounds.tolist()), "+Inf"]  # type: ignore[no-untyped-call]
+        self._counts = np.zeros(len(self._les), dtype=np.int64)  # the last: above every bound
+        self._sum = 0.0
+        self._created = time.time()
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Count `values` (seconds, scores: any floats; NaN goes to +Inf) in their buckets."""
+        values = np.asarray(values, dtype=np.float64)
+        if not values.size:
+            return
+        # A value equal to a bound belongs to that bound's bucket (le), as in Histogram.observe.
+        counts = np.bincount(np.searchsorted(self._bounds, values, side="left"), minlength=len(self._counts))
+        total = float(values.sum())
+        with self._lock:
+            self._counts += counts
+            self._sum += total
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], list(zip(self._les, cumulative, strict=True)), total, timestamp=None)
+        family.add_sample(self.name + "_created", {}, self._created)
+        yield family
 
 
 class DaemonMetrics(IngestMetrics):
@@ -65,12 +111,12 @@ class DaemonMetrics(IngestMetrics):
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.step_delay = Histogram(
+        self.step_delay = BatchHistogram(
             "detectord_step_score_delay_seconds",
             "Seconds from the arrival of the remote-write request that completed an instance's step "
             "to that step's score: queueing on the ingest thread, features, and inference.",
-            buckets=STEP_DELAY_BUCKETS,
-            registry=registry,
+            STEP_DELAY_BUCKETS,
+            registry,
         )
         self.windows_scored = Counter(
             "detectord_windows_scored_total", "Windows scored by the model.", registry=registry
@@ -86,11 +132,11 @@ class DaemonMetrics(IngestMetrics):
         self.queue_depth = Gauge(
             "detectord_inference_queue_depth", "Windows waiting for the inference worker.", registry=registry
         )
-        self.score_distribution = Histogram(
+        self.score_distribution = BatchHistogram(
             "detectord_anomaly_score_distribution",
             "Scores of every window scored, the fleet's together (a heatmap of the fleet); > 1 is anomalous.",
-            buckets=SCORE_BUCKETS,
-            registry=registry,
+            SCORE_BUCKETS,
+            registry,
         )
         self.alerts = Gauge(
             "detectord_alerts",
@@ -176,10 +222,8 @@ class DaemonMetrics(IngestMetrics):
         self.batch_seconds.observe(seconds)
         self.windows_scored.inc(size)
 
-    def observe_step_delays(self, seconds: list[float]) -> None:
-        observe = self.step_delay.observe
-        for s in seconds:
-            observe(s)
+    def observe_step_delays(self, seconds: np.ndarray) -> None:
+        self.step_delay.observe_many(seconds)
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)

@@ -18,7 +18,7 @@ from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
 from detectord.ingest.liveness import CrashLoop, LivenessEvent
 from detectord.serve.history import InstanceScores
-from detectord.serve.inference import ScoreResult
+from detectord.serve.inference import ScoredBatch
 from detectord.serve.metrics import DaemonMetrics
 
 
@@ -91,29 +91,32 @@ class ScoreSink:
                 desc = f"{desc} {text}" if desc else text
             a.annotations["description"] = desc
 
-    def deliver(self, results: list[ScoreResult]) -> None:
+    def deliver(self, batch: ScoredBatch) -> None:
         """Take one scored batch (the inference worker hands it to the event loop)."""
         features = self.model.features
         threshold = self.model.threshold
-        k = self.cfg.top_features
         m, alerts = self.metrics, self.alerts
         changed: list[Alert] = []
-        for r in results:
+        m.score_distribution.observe_many(np.asarray(batch.scores, dtype=np.float64))
+        deviation = np.nan_to_num(batch.deviation, nan=0.0).astype(np.float32, copy=False)
+        # Each window's top features, biggest deviation first: one sort for the whole batch.
+        tops = np.argsort(-np.abs(deviation), axis=1)[:, : self.cfg.top_features].tolist()
+        for r, score, dev, order, looks_like in zip(
+            batch.requests, batch.scores, deviation, tops, batch.looks_like, strict=True
+        ):
             key = r.instance
-            m.score_distribution.observe(r.score)
             down = None if r.crash_loop is None else ("crash_looping", _crash_loop_text(r.crash_loop))
-            dev = np.nan_to_num(r.feature_deviation, nan=0.0)
-            order = np.argsort(-np.abs(dev))[:k]
             top = [(features[i], float(dev[i]), float(r.latest[i])) for i in order]
             hist = self.scores_of(key)
-            hist.add(r.step_ts_ms, r.score)
+            hist.add(r.step_ts_ms, score)
             if self.latest_step is None or r.step_ts_ms > self.latest_step:
                 self.latest_step = r.step_ts_ms
-            hist.deviation, hist.latest, hist.looks_like = dev.astype(np.float32), r.latest, r.looks_like
-            hist.anomalous = r.score > 1.0 or down is not None
+            # A copy: a view would keep the whole batch's deviations alive.
+            hist.deviation, hist.latest, hist.looks_like = dev.copy(), r.latest, looks_like
+            hist.anomalous = score > 1.0 or down is not None
             self._see_upstream(key, r.upstream)
             labels = self._labels(key)
-            new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, r.score, threshold, top, r.looks_like, down)
+            new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, score, threshold, top, looks_like, down)
             self._remember(key, new)
             self._show_phase(key)
             changed.extend(new)

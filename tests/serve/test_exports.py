@@ -63,3 +63,30 @@ def test_anomalous_exports_only_what_is_anomalous_or_alerting() -> None:
 def test_top_adds_the_highest_scores_to_the_anomalous(top: int, also: set[str]) -> None:
     got = _scrape("top", top)
     assert got["detectord_anomaly_score"] == {"10.0.0.9:9153", "10.0.0.8:9153"} | also
+
+
+def test_a_histogram_observed_by_the_batch_reads_as_one_observed_by_the_value() -> None:
+    """The step delays and the score distribution are counted a scored batch at a time; what
+    Prometheus scrapes is what a prometheus_client Histogram fed value by value would show."""
+    import re
+
+    import numpy as np
+    from prometheus_client import Histogram
+
+    from detectord.serve.metrics import BatchHistogram
+
+    bounds = (0.01, 0.1, 1.0, 5.0)
+    by_value, by_batch = CollectorRegistry(), CollectorRegistry()
+    h = Histogram("detectord_x_seconds", "x", buckets=bounds, registry=by_value)
+    b = BatchHistogram("detectord_x_seconds", "x", bounds, by_batch)
+    batches = [[0.0, 0.01, 0.0100001, 0.1], [], [0.5, 1.0, 7.0, -1.0, 3.0, 5.0, 5.0000001]]
+    for values in batches:
+        for v in values:
+            h.observe(v)
+        b.observe_many(np.array(values))
+
+    def shown(registry: CollectorRegistry) -> str:
+        return re.sub(r"_created \S+", "_created T", generate_latest(registry).decode())
+
+    assert shown(by_batch) == shown(by_value)
+    assert 'detectord_x_seconds_bucket{le="0.01"} 3.0' in shown(by_batch)
