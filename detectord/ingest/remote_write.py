@@ -12,7 +12,7 @@ import math
 import struct
 import sys
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
@@ -114,17 +114,25 @@ def _intern(text: str) -> str:
     return sys.intern(text) if _INTERN_IS_MORTAL else text
 
 
+def _py_label_chars(labels: Labels) -> int:
+    """The characters of the labels' names and values (what _fastdecode.label_chars does)."""
+    return sum([len(name) + len(value) for name, value in labels])
+
+
+_label_chars: Callable[[Labels], int] = _py_label_chars if _fastdecode is None else _fastdecode.label_chars
+
+
 def _key_bytes(labels: Labels, strings: int | None = None) -> int:
     """`strings`: the labels' characters, if known."""
     if strings is None:
-        strings = sum(map(len, itertools.chain.from_iterable(labels)))
+        strings = _label_chars(labels)
     return _KEY_BYTES + _LABEL_BYTES * len(labels) + strings
 
 
 def _pinned_bytes(labels: Labels) -> int:
     """A pinned key's estimated bytes with an entry for it in each generation (its raw labels are
     about as long as the label strings)."""
-    strings = sum(map(len, itertools.chain.from_iterable(labels)))
+    strings = _label_chars(labels)
     return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + strings + 6 * len(labels))
 
 
@@ -235,10 +243,11 @@ class LabelCache:
 
     def pin(self, key: SeriesKey) -> None:
         """Keep `key` whatever the turns, until `unpin`."""
-        labels = key.labels
-        if labels not in self._pinned:
+        labels, pinned = key.labels, self._pinned
+        held = len(pinned)
+        pinned[labels] = key
+        if len(pinned) > held:  # newly pinned
             self.pinned_bytes += _pinned_bytes(labels)
-        self._pinned[labels] = key
         if self._keys.pop(labels, None) is None:
             self._old_keys.pop(labels, None)
 

@@ -284,3 +284,20 @@ def test_decoders_agree_on_the_edges_of_remote_write_2() -> None:
     pair.check(_v2_body(SYMBOLS, *V2_EDGES.values()), "2.0", False, "all together")
     pair.check(_v2_body([b"x", *SYMBOLS[1:]], V2_EDGES["plain"]), "2.0", False, "symbols[0] not empty")
     assert pair.seen["refused"] == 1 and pair.seen["decoded"] > 10 and pair.seen["partial"] > 10
+
+
+def test_the_label_cache_sizes_label_sets_alike_with_and_without_the_extension() -> None:
+    """The cache's byte estimate counts characters, not bytes, whichever code counts them; and the
+    native count refuses what is not a label set rather than reading past it."""
+    fast = remote_write._fastdecode.label_chars  # type: ignore[attr-defined]
+    sets: list[Any] = [(), (("__name__", "up"),), (("__name__", "coredns_x"), ("le", "+Inf"), ("zone", "ä€😀"))]
+    cache = LabelCache()
+    for version, body in itertools.islice(_recorded(20), 40):
+        decode(body, version, cache, max_decoded=16 * MiB)
+    sets += [key.labels for key in cache._keys.values()]
+    assert len(sets) > 100
+    for labels in sets:
+        assert fast(labels) == remote_write._py_label_chars(labels), labels
+    for bad in ([("a", "b")], (("a",),), (("a", "b", "c"),), (("a", 1),), ((b"a", "b"),)):
+        with pytest.raises(TypeError):
+            fast(bad)
