@@ -19,7 +19,7 @@ from detectord.detectors.artifact import read_meta
 from detectord.ingest.normalise import InputPlan
 from lab.peers.detectord import run_detectord
 from lab.synthetic import SyntheticFleet
-from tests.support import REPO, metric
+from tests.support import REPO, V1_HEADERS, metric
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ INSTANCES = 20_000
 STEP_S = 15.0
 MODEL = REPO / "models/default"
 SCORED_ROUNDS = 3
-HEADERS = {
-    "Content-Type": "application/x-protobuf",
-    "Content-Encoding": "snappy",
-    "X-Prometheus-Remote-Write-Version": "0.1.0",
-}
 
 
 async def _send(session: aiohttp.ClientSession, url: str, bodies: list[bytes], in_flight: int = 4) -> None:
@@ -39,7 +34,7 @@ async def _send(session: aiohttp.ClientSession, url: str, bodies: list[bytes], i
 
     async def shard() -> None:
         for body in todo:
-            async with session.post(url, data=body, headers=HEADERS) as r:
+            async with session.post(url, data=body, headers=V1_HEADERS) as r:
                 assert r.status // 100 == 2, f"{r.status} {await r.text()}"
 
     await asyncio.gather(*(shard() for _ in range(in_flight)))

@@ -24,6 +24,8 @@ from lab.peers import missing_peer
 
 # What detectord needs; the README's remote_write example keeps the same.
 KEEP = "coredns_.*|process_.*|go_goroutines|up"
+# Tests wait on what arrives: send within a second, retry quickly.
+TEST_QUEUE = {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"}
 
 
 @dataclass
@@ -48,12 +50,7 @@ class Prometheus:
             # reshard. Shards send in parallel, each series on one, so an instance's series then
             # arrive seconds apart: more than a step at the 1 s steps tests use (a step closes
             # once a sample two steps later arrives), though well within one at a real 15 s.
-            "queue_config": {
-                "batch_send_deadline": "500ms",
-                "min_backoff": "50ms",
-                "max_backoff": "1s",
-                "max_shards": 1,
-            },
+            "queue_config": {**TEST_QUEUE, "max_shards": 1},
         }
         config["remote_write"] = [*config.get("remote_write", []), entry]
         _write_atomic(self.config, config)
@@ -191,8 +188,7 @@ async def run_prometheus(
         remote_write = {
             "url": remote_write_url,
             "write_relabel_configs": [{"source_labels": ["__name__"], "regex": keep, "action": "keep"}],
-            # Tests wait on what arrives: send within a second, retry quickly.
-            "queue_config": {"batch_send_deadline": "500ms", "min_backoff": "50ms", "max_backoff": "1s"},
+            "queue_config": dict(TEST_QUEUE),
         }
         config["remote_write"] = [_merge(remote_write, extra_remote_write_config or {})]
     if remote_writes:
