@@ -1,8 +1,8 @@
 /*
  * Hot path of remote write decoding: walks a decompressed prometheus.WriteRequest (1.0) or
- * io.prometheus.write.v2.Request (2.0) and returns its series keyed by their raw label bytes (a
- * 2.0 series' labels as the 1.0 bytes of the same labels), so a series seen before costs one dict
- * lookup, and a new one with plainly valid labels is checked and built here too. Optional:
+ * io.prometheus.write.v2.Request (2.0) and returns its series keyed by a digest of their raw label
+ * bytes (a 2.0 series' labels as the 1.0 bytes of the same labels), so a series seen before costs
+ * one hash and one dict lookup, and a new one with plainly valid labels is checked and built here too. Optional:
  * detectord/ingest/remote_write.py falls back to pure Python when it is not built, and
  * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
@@ -14,11 +14,12 @@
  *   cyclic GC has nothing to scan. Decodes at most max_series TimeSeries from byte offset start
  *   and returns where it stopped (len(data) at the end), so the caller can let other threads
  *   take the GIL between chunks.
- *   cache:   dict  raw label bytes -> SeriesKey | str (the reason the labels are invalid)
- *   resolve: callable(raw label bytes, [(name, value), ...] | None) -> SeriesKey | str, called on a
+ *   cache:   dict  digest -> SeriesKey | str (the reason the labels are invalid); the digest is
+ *            the keyed SipHash-2-4-128 of the raw label bytes (see siphash128), 16 bytes
+ *   resolve: callable(digest, [(name, value), ...] | None) -> SeriesKey | str, called on a
  *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8.
- *            For a plainly valid set (see checked_labels) it is called as resolve(raw label
- *            bytes, labels, True) instead, with the labels a sorted tuple of the (name, value)
+ *            For a plainly valid set (see checked_labels) it is called as resolve(digest,
+ *            labels, True) instead, with the labels a sorted tuple of the (name, value)
  *            pairs held in the dict shared: nothing is left to check.
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
  *   shared, max_labels, max_name, max_value: the pairs plainly valid sets are made of (None: no
@@ -379,38 +380,118 @@ other:
     Py_RETURN_NONE;
 }
 
+/* SipHash-2-4 with its 128-bit output (Aumasson and Bernstein; written from the paper), keyed at
+ * import with os.urandom: the label cache is keyed by this digest of a series' raw label bytes, not
+ * by the bytes, so a series held costs 16 bytes of key instead of its labels again (about 350
+ * bytes), and a writer cannot make two label sets collide without the key. */
+static uint64_t sip_k0, sip_k1;
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                           \
+    do {                                                                                                   \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                                          \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                             \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                             \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                                          \
+    } while (0)
+
+static void siphash128(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1, uint8_t out[16]) {
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0, v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0, v3 = 0x7465646279746573ULL ^ k1;
+    v1 ^= 0xee;
+    const uint8_t *end = in + (len & ~(size_t)7);
+    for (; in != end; in += 8) {
+        uint64_t m;
+        memcpy(&m, in, 8); /* little-endian host (checked at import) */
+        v3 ^= m;
+        SIPROUND; SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t b = (uint64_t)len << 56;
+    switch (len & 7) {
+    case 7: b |= (uint64_t)in[6] << 48; /* fall through */
+    case 6: b |= (uint64_t)in[5] << 40; /* fall through */
+    case 5: b |= (uint64_t)in[4] << 32; /* fall through */
+    case 4: b |= (uint64_t)in[3] << 24; /* fall through */
+    case 3: b |= (uint64_t)in[2] << 16; /* fall through */
+    case 2: b |= (uint64_t)in[1] << 8;  /* fall through */
+    case 1: b |= (uint64_t)in[0];
+    }
+    v3 ^= b;
+    SIPROUND; SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xee;
+    SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+    uint64_t h = v0 ^ v1 ^ v2 ^ v3;
+    memcpy(out, &h, 8);
+    v1 ^= 0xdd;
+    SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+    h = v0 ^ v1 ^ v2 ^ v3;
+    memcpy(out + 8, &h, 8);
+}
+
 /* How raw label fields become a series key: the cache, and on a miss resolve() (see decode_v1). */
 typedef struct {
     PyObject *cache, *resolve, *shared;
     Py_ssize_t max_labels, max_name, max_value;
 } keyer;
 
-/* The SeriesKey or reason (str) for raw label fields; a new reference, NULL on error. */
-static PyObject *lookup_key(const keyer *k, PyObject *raw) {
-    PyObject *key = PyDict_GetItemWithError(k->cache, raw); /* borrowed */
+/* The SeriesKey or reason (str) for the raw label fields rp..rend; a new reference, NULL on error. */
+static PyObject *lookup_key(const keyer *k, const uint8_t *rp, const uint8_t *rend) {
+    uint8_t d[16];
+    siphash128(rp, (size_t)(rend - rp), sip_k0, sip_k1, d);
+    PyObject *digest = PyBytes_FromStringAndSize((const char *)d, 16);
+    if (!digest) return NULL;
+    PyObject *key = PyDict_GetItemWithError(k->cache, digest); /* borrowed */
     if (key) {
         Py_INCREF(key);
+        Py_DECREF(digest);
         return key;
     }
-    if (PyErr_Occurred()) return NULL;
-    const uint8_t *rp = (const uint8_t *)PyBytes_AS_STRING(raw);
-    const uint8_t *rend = rp + PyBytes_GET_SIZE(raw);
+    if (PyErr_Occurred()) {
+        Py_DECREF(digest);
+        return NULL;
+    }
     PyObject *labels = Py_None;
     Py_INCREF(labels);
     if (k->shared != Py_None) {
         Py_DECREF(labels);
         labels = checked_labels(rp, rend, k->shared, k->max_labels, k->max_name, k->max_value);
-        if (!labels) return NULL;
+        if (!labels) {
+            Py_DECREF(digest);
+            return NULL;
+        }
     }
     if (labels != Py_None) {
-        key = PyObject_CallFunctionObjArgs(k->resolve, raw, labels, Py_True, NULL);
+        key = PyObject_CallFunctionObjArgs(k->resolve, digest, labels, Py_True, NULL);
     } else {
         PyObject *pairs = label_pairs(rp, rend);
-        key = pairs ? PyObject_CallFunctionObjArgs(k->resolve, raw, pairs, NULL) : NULL;
+        key = pairs ? PyObject_CallFunctionObjArgs(k->resolve, digest, pairs, NULL) : NULL;
         Py_XDECREF(pairs);
     }
     Py_DECREF(labels);
+    Py_DECREF(digest);
     return key;
+}
+
+/* siphash128(data, key) -> the 16-byte digest under a 16-byte key (for tests). */
+static PyObject *py_siphash128(PyObject *self, PyObject *args) {
+    Py_buffer data, key;
+    if (!PyArg_ParseTuple(args, "y*y*", &data, &key)) return NULL;
+    PyObject *out = NULL;
+    if (key.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "key must be 16 bytes");
+    } else {
+        uint64_t k0, k1;
+        uint8_t d[16];
+        memcpy(&k0, key.buf, 8);
+        memcpy(&k1, (const uint8_t *)key.buf + 8, 8);
+        siphash128((const uint8_t *)data.buf, (size_t)data.len, k0, k1, d);
+        out = PyBytes_FromStringAndSize((const char *)d, 16);
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&key);
+    return out;
 }
 
 /* The arguments both decoders share: keep (None or a tuple of metric names as bytes, compared in
@@ -565,12 +646,11 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
             }
         }
 
-        PyObject *raw;
-        if (lab_start == NULL) {
-            raw = PyBytes_FromStringAndSize("", 0);
-        } else if (contiguous) {
-            raw = PyBytes_FromStringAndSize((const char *)lab_start, lab_end - lab_start);
-        } else {
+        const uint8_t *rp = (const uint8_t *)"", *rend = rp;
+        if (lab_start != NULL && contiguous) {
+            rp = (const uint8_t *)lab_start;
+            rend = (const uint8_t *)lab_end;
+        } else if (lab_start != NULL) {
             /* Labels interleaved with other fields: gather them (rare; never from Prometheus). */
             if (scratch_cap < lab_bytes) {
                 char *grown = PyMem_Realloc(scratch, lab_bytes);
@@ -594,11 +674,10 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                     skip_field(&re, f3, w3, MAX_DEPTH - 1);
                 }
             }
-            raw = PyBytes_FromStringAndSize(scratch, (Py_ssize_t)off);
+            rp = (const uint8_t *)scratch;
+            rend = rp + off;
         }
-        if (!raw) goto fail;
-        PyObject *key = lookup_key(&kr, raw);
-        Py_DECREF(raw);
+        PyObject *key = lookup_key(&kr, rp, rend);
         if (!key) goto fail;
 
         /* The same checks in the same order as remote_write._v1_python_steps. */
@@ -921,10 +1000,8 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                 goto fail;
             }
         }
-        PyObject *raw = PyBytes_FromStringAndSize(scratch ? scratch : "", (Py_ssize_t)off);
-        if (!raw) goto fail;
-        PyObject *key = lookup_key(&kr, raw);
-        Py_DECREF(raw);
+        const uint8_t *rp = scratch ? (const uint8_t *)scratch : (const uint8_t *)"";
+        PyObject *key = lookup_key(&kr, rp, rp + off);
         if (!key) goto fail;
 
         int rc = 0;
@@ -1036,6 +1113,7 @@ static PyMethodDef methods[] = {
     {"symbols_v2", symbols_v2, METH_VARARGS, "Where a parsed remote write 2.0 request's symbols are."},
     {"decode_v2", decode_v2, METH_VARARGS, "Decode a parsed remote write 2.0 request."},
     {"scan", scan, METH_VARARGS, "Count a request's series and find its first unknown top-level field."},
+    {"siphash128", py_siphash128, METH_VARARGS, "SipHash-2-4-128 of data under a 16-byte key."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1048,5 +1126,12 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
         return NULL;
     }
     intern_strings = !(Py_Version >= 0x030C0000 && Py_Version < 0x030C05F0);
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *seed = os ? PyObject_CallMethod(os, "urandom", "i", 16) : NULL;
+    Py_XDECREF(os);
+    if (!seed) return NULL;
+    memcpy(&sip_k0, PyBytes_AS_STRING(seed), 8);
+    memcpy(&sip_k1, PyBytes_AS_STRING(seed) + 8, 8);
+    Py_DECREF(seed);
     return PyModule_Create(&module);
 }

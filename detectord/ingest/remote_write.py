@@ -98,9 +98,11 @@ class SeriesKey:
 
 # What the label cache may hold, estimated as below: about 500,000 distinct series of a few labels.
 DEFAULT_CACHE_BYTES = 256 * 1024**2
-# Estimated bytes of a cache entry beyond its raw label bytes (dict slot, bytes object), of a
+# Estimated bytes of a cache entry beyond its raw key (dict slot, bytes object), of a
 # SeriesKey beyond its label strings, and of each label pair's objects (tuple, two str headers).
+# The C decoder's raw key is a 16-byte digest of the label bytes (see _fastdecode.siphash128).
 _ENTRY_BYTES = 120
+_DIGEST_BYTES = 16
 _KEY_BYTES = 200
 _LABEL_BYTES = 170
 
@@ -130,10 +132,11 @@ def _key_bytes(labels: Labels, strings: int | None = None) -> int:
 
 
 def _pinned_bytes(labels: Labels) -> int:
-    """A pinned key's estimated bytes with an entry for it in each generation (its raw labels are
-    about as long as the label strings)."""
+    """A pinned key's estimated bytes with an entry for it in each generation (the C decoder's
+    raw key is a digest; the pure-Python one's raw labels are about as long as the label strings)."""
     strings = _label_chars(labels)
-    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + strings + 6 * len(labels))
+    raw = _DIGEST_BYTES if _fastdecode is not None else strings + 6 * len(labels)
+    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + raw)
 
 
 def _entry_bytes(raw: object) -> int:
@@ -157,8 +160,8 @@ class LabelCache:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, limits: WriteLimits | None = None) -> None:
-        # Raw label bytes (a tuple of Label messages, or the label fields as one bytes object
-        # for the C decoder) to what they mean, seen since the last turn; and those seen in the
+        # Raw labels (a tuple of Label messages, or for the C decoder a keyed digest of the label
+        # fields' bytes) to what they mean, seen since the last turn; and those seen in the
         # period before.
         self._raw: dict[object, SeriesKey | str] = {}
         self._old: dict[object, SeriesKey | str] = {}
@@ -272,8 +275,8 @@ class LabelCache:
     def from_label_fields(
         self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | Labels | None, checked: bool = False
     ) -> SeriesKey | str:
-        """Like from_raw, for the label fields of a TimeSeries as the C decoder found them (it
-        looked in _raw already). `checked`: the C decoder found them plainly valid (no check can
+        """Like from_raw, for the label fields of a TimeSeries as the C decoder found them: `raw` is
+        their digest (it looked in _raw already). `checked`: the C decoder found them plainly valid (no check can
         refuse them) and `labels` is their sorted tuple of the shared pairs (`shared_pairs`)."""
         hit = self._old.pop(raw, None)
         if hit is None:

@@ -301,3 +301,38 @@ def test_the_label_cache_sizes_label_sets_alike_with_and_without_the_extension()
     for bad in ([("a", "b")], (("a",),), (("a", "b", "c"),), (("a", 1),), ((b"a", "b"),)):
         with pytest.raises(TypeError):
             fast(bad)
+
+
+# veorq/SipHash vectors.h, vectors_sip128: key 00..0f, message 00..(n-1).
+SIPHASH_128 = {
+    0: "a3817f04ba25a8e66df67214c7550293",
+    1: "da87c1d86b99af44347659119b22fc45",
+    7: "a1f1ebbed8dbc153c0b84aa61ff08239",
+    8: "3b62a9ba6258f5610f83e264f31497b4",
+    15: "5493e99933b0a8117e08ec0f97cfc3d9",
+    16: "6ee2a4ca67b054bbfd3315bf85230577",
+    63: "5150d1772f50834a503e069a973fbd7c",
+}
+
+
+def test_the_label_digest_is_siphash_2_4_128() -> None:
+    """The C decoder keys the label cache by a keyed digest of a series' label bytes: it must be
+    the published SipHash, so two label sets collide only by a 2^-128 chance a writer cannot steer."""
+    digest = remote_write._fastdecode.siphash128  # type: ignore[attr-defined]
+    message = bytes(range(64))
+    for n, want in SIPHASH_128.items():
+        assert digest(message[:n], bytes(range(16))).hex() == want, n
+
+
+def test_the_cache_holds_a_digest_of_each_label_set_not_its_bytes() -> None:
+    """Each distinct label set the recordings hold is one 16-byte key in the cache (a series held
+    costs 16 bytes of key, not its labels again), and no two of them share a key."""
+    cache = LabelCache()
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for version, body in itertools.islice(_recorded(20), 40):
+        w = decode(body, version, cache, max_decoded=16 * MiB)
+        seen.update(key.labels for key in w.keys)
+    raw = [r for r, hit in cache._raw.items() if isinstance(hit, SeriesKey)]
+    assert len(seen) > 100
+    assert all(isinstance(r, bytes) and len(r) == 16 for r in raw)
+    assert len({cache._raw[r].labels for r in raw}) == len(raw) == len(seen)  # type: ignore[union-attr]
