@@ -1,4 +1,5 @@
-"""Builds the optional C decoder and puts the shipped default model set into the wheel.
+"""Builds the optional C decoder and feature accumulator, and puts the shipped default model set
+into the wheel.
 
 Without a compiler detectord installs and runs in pure Python. The model set lives at the top of
 the repository (`models/default`, where `make models` writes it) and travels in the wheel as
@@ -30,6 +31,12 @@ setup(
         Extension(
             "detectord.ingest._fastdecode",
             ["detectord/ingest/_fastdecode.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        ),
+        Extension(
+            "detectord.ingest._fastfeatures",
+            ["detectord/ingest/_fastfeatures.c"],
             optional=True,
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),

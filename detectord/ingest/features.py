@@ -483,6 +483,13 @@ class _SourceTable:
 
 _IGNORED = object()
 
+try:
+    from detectord.ingest import _fastfeatures  # type: ignore[attr-defined]
+
+    _fastfeatures.layout(_Series, _Instance)
+except ImportError:  # built without a C compiler: features.py's own loop does it
+    _fastfeatures = None
+
 
 class FeatureExtractor:
     """Turns decoded remote-write series into one FeatureRow per instance per step.
@@ -503,7 +510,10 @@ class FeatureExtractor:
         max_instances: int = 1_000_000,
         max_gap_steps: int = 5,
         label_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        native: bool = True,
     ) -> None:
+        """`native`: accumulate bound series' samples in C where it is built (the Python loop is
+        the reference; tests/ingest/test_features_differential.py compares them)."""
         if step_ms <= 0:
             raise ValueError(f"step must be > 0 ms, got {step_ms}")
         self.step_ms = step_ms
@@ -524,6 +534,7 @@ class FeatureExtractor:
         self.up_seen: set[InstanceKey] = set()
         # Offline only (`extract`): every `up` sample (timestamp, value), per instance.
         self.up_samples: dict[InstanceKey, list[tuple[int, float]]] | None = None
+        self._accumulate = _fastfeatures.accumulate if native and _fastfeatures is not None else None
 
     @property
     def instances(self) -> int:
@@ -546,10 +557,27 @@ class FeatureExtractor:
         rows: list[FeatureRow] = []
         self.up_seen = set()
         stats.ignored += write.ignored
-        step_ms = self.step_ms
         tss, vals = write.timestamps, write.values
-        j = 0
-        for key, n in zip(write.keys, write.counts, strict=True):
+        keys, counts = write.keys, write.counts
+        fast = self._accumulate
+        pos = j = 0
+        while pos < len(keys):
+            k = j
+            if fast is not None and keys[pos].state.__class__ is _Series:
+                # Bound series in C, up to the first one it leaves to the loop below (one not
+                # bound yet, or a sample that closes a step).
+                pos, j, k, dup, stale, non_finite, late, accepted = fast(
+                    keys, counts, tss, vals, pos, j, self.step_ms, now
+                )
+                stats.duplicate += dup
+                stats.stale += stale
+                stats.non_finite += non_finite
+                stats.late += late
+                stats.accepted += accepted
+                if pos == len(keys):
+                    break
+            key, n = keys[pos], counts[pos]
+            pos += 1
             first = j
             j += n
             s = key.state
@@ -566,59 +594,75 @@ class FeatureExtractor:
                     self._up(s, tss[first:j], vals[first:j], stats, now)
                     continue
             assert isinstance(s, _Series)
-            inst = s.inst
-            inst.last_seen = now
-            inst.last_data = now
-            for k in range(first, j):
-                ts = tss[k]
-                v = vals[k]
-                if ts <= s.last_ts:
-                    stats.duplicate += 1
-                    continue
-                if v - v != 0.0:  # NaN or ±Inf
-                    if is_stale_marker(v):
-                        stats.stale += 1
-                        # A gauge that went stale adds nothing. A counter keeps its last value:
-                        # Prometheus marks every series stale after one failed scrape, and the
-                        # process behind it may well have kept counting (a reset shows it did not).
-                        s.held = _NO_VALUE
-                    else:
-                        stats.non_finite += 1
-                    s.last_ts = ts
-                    continue
-                b = ts // step_ms
-                if inst.cur < 0:
-                    inst.cur = b
-                elif b > inst.cur + 1:
-                    self._advance(inst, b, rows)
-                if b < inst.cur:
-                    stats.late += 1
-                    b = inst.cur
-                i = b - inst.cur
-                if s.gauge_source < 0:
-                    last = s.last_v
-                    if last == last:
-                        d = v - last
-                        if d < 0:
-                            d = v  # counter reset: the process restarted
-                            inst.resets[i] = True
-                    else:
-                        # A series born after its instance starts from zero (e.g. the first
-                        # SERVFAIL); one seen in the instance's first step only sets the baseline.
-                        d = v if inst.primed else 0.0
-                    if d:
-                        acc = inst.acc[i]
-                        for slot in s.slots:
-                            acc[slot] += d
-                else:
-                    s.gauge_bins[i] = v
-                s.last_v = v
-                s.last_ts = ts
-                inst.seen[i] = True
-                if ts > inst.max_ts[i]:
-                    inst.max_ts[i] = ts
-                stats.accepted += 1
+            self._samples(s, tss, vals, k, j, stats, rows, now)
         return rows
+
+    def _samples(
+        self,
+        s: _Series,
+        tss: list[int],
+        vals: list[float],
+        start: int,
+        end: int,
+        stats: IngestStats,
+        rows: list[FeatureRow],
+        now: float,
+    ) -> None:
+        """Samples start..end of bound series `s` into its instance's open steps (what
+        _fastfeatures.accumulate does, closing no step)."""
+        step_ms = self.step_ms
+        inst = s.inst
+        inst.last_seen = now
+        inst.last_data = now
+        for k in range(start, end):
+            ts = tss[k]
+            v = vals[k]
+            if ts <= s.last_ts:
+                stats.duplicate += 1
+                continue
+            if v - v != 0.0:  # NaN or ±Inf
+                if is_stale_marker(v):
+                    stats.stale += 1
+                    # A gauge that went stale adds nothing. A counter keeps its last value:
+                    # Prometheus marks every series stale after one failed scrape, and the
+                    # process behind it may well have kept counting (a reset shows it did not).
+                    s.held = _NO_VALUE
+                else:
+                    stats.non_finite += 1
+                s.last_ts = ts
+                continue
+            b = ts // step_ms
+            if inst.cur < 0:
+                inst.cur = b
+            elif b > inst.cur + 1:
+                self._advance(inst, b, rows)
+            if b < inst.cur:
+                stats.late += 1
+                b = inst.cur
+            i = b - inst.cur
+            if s.gauge_source < 0:
+                last = s.last_v
+                if last == last:
+                    d = v - last
+                    if d < 0:
+                        d = v  # counter reset: the process restarted
+                        inst.resets[i] = True
+                else:
+                    # A series born after its instance starts from zero (e.g. the first
+                    # SERVFAIL); one seen in the instance's first step only sets the baseline.
+                    d = v if inst.primed else 0.0
+                if d:
+                    acc = inst.acc[i]
+                    for slot in s.slots:
+                        acc[slot] += d
+            else:
+                s.gauge_bins[i] = v
+            s.last_v = v
+            s.last_ts = ts
+            inst.seen[i] = True
+            if ts > inst.max_ts[i]:
+                inst.max_ts[i] = ts
+            stats.accepted += 1
 
     def flush(self) -> list[FeatureRow]:
         """Close every open step (end of a recording)."""

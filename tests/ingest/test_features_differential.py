@@ -1,0 +1,176 @@
+"""The C feature accumulator (_fastfeatures) against features.py's own loop, the reference: the
+same rows, counts and per-instance state over the committed recordings, a synthetic fleet, and
+streams mutated the ways Prometheus and hostile writers send them."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from detectord.ingest import features as features_mod
+from detectord.ingest._proto import remote_write_v1_pb2 as pb1
+from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats
+from detectord.ingest.remote_write import STALE_NAN, Version, decode
+from detectord.recordings.format import read_records
+from lab.synthetic import SyntheticFleet
+from tests.support import REPO, v1_body, v2_body
+
+pytestmark = pytest.mark.skipif(
+    features_mod._fastfeatures is None,  # type: ignore[attr-defined]
+    reason="the C feature accumulator is not built here (no compiler at install time)",
+)
+
+MiB = 1024 * 1024
+STEP_MS = 15_000
+Series = tuple[dict[str, str], list[tuple[int, float]]]
+
+
+def _row(r: FeatureRow) -> tuple[object, ...]:
+    return (r.instance, r.step_ts_ms, r.values.tobytes(), r.gap, r.restart, r.process_restart, r.upstream)
+
+
+def _plain(x: Any) -> Any:
+    """State comparable with ==: floats by repr (NaN equals NaN, the stale marker's bits show)."""
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+class Pair:
+    """A native extractor and a reference one, fed the same bodies, each decoding with its own cache
+    (a series' state lives on its cache's key)."""
+
+    def __init__(self, step_ms: int = STEP_MS, **kw: Any) -> None:
+        self.native = FeatureExtractor(step_ms, native=True, **kw)
+        self.python = FeatureExtractor(step_ms, native=False, **kw)
+        assert self.native._accumulate is not None and self.python._accumulate is None
+        self.rows = 0
+        self.stats = IngestStats()
+
+    def feed(self, body: bytes, version: Version, now: float) -> None:
+        out = []
+        for ext in (self.native, self.python):
+            w = decode(body, version, ext.labels, max_decoded=16 * MiB, keep=ext.series_names)
+            stats = IngestStats()
+            rows = ext.ingest(w, stats, now)
+            out.append(([_row(r) for r in rows], dataclasses.asdict(stats)))
+        assert out[0] == out[1]
+        self.rows += len(out[0][0])
+        for k, v in out[0][1].items():
+            setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def same_state(self, now: float) -> None:
+        native, python = self.native, self.python
+        assert native.instance_keys() == python.instance_keys()
+        for key in native.instance_keys():
+            assert _plain(native.instance_state(key, now)) == _plain(python.instance_state(key, now)), key
+
+    def check_state(self, now: float) -> None:
+        """The same state, then the same rows when every open step closes."""
+        self.same_state(now)
+        assert [_row(r) for r in self.native.flush()] == [_row(r) for r in self.python.flush()]
+
+
+def test_the_recordings_give_the_same_rows_counts_and_state() -> None:
+    pair = Pair(step_ms=5_000)
+    now = 0.0
+    for name in ("faults-1.drec.xz", "unseen-low.drec.xz"):
+        for rec in itertools.islice(read_records(REPO / "data" / name), 600):
+            now += 0.01
+            pair.feed(rec.body, rec.version, now)
+    pair.check_state(now)
+    assert pair.rows > 100 and pair.stats.accepted > 50_000
+
+
+def _fleet_series(instances: int, rounds: int, seed: int) -> Iterator[list[Series]]:
+    """Rounds of a synthetic CoreDNS fleet (counters, gauges, histogram buckets, `up`) as series."""
+    fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_MS / 1000, start_ms=1_700_000_000_000)
+    for _ in range(rounds):
+        out: list[Series] = []
+        for payload in fleet.scrape_payloads():
+            for ts in pb1.WriteRequest.FromString(payload).timeseries:
+                out.append(({lb.name: lb.value for lb in ts.labels}, [(s.timestamp, s.value) for s in ts.samples]))
+        yield out
+
+
+def _mutate(rnd: random.Random, rounds: Iterable[list[Series]]) -> Iterator[list[list[Series]]]:
+    """Each round as requests, broken the ways real writers break them: stale markers, NaN and ±Inf,
+    counter resets, samples late or repeated, two samples in a series, series missing or held back
+    two rounds, instances skipping steps or coming back after a long gap, rounds split and shuffled,
+    requests re-sent."""
+    shift: dict[str, int] = {}  # per instance: how far its clock jumped (gaps)
+    sent: list[list[Series]] = []
+    held: list[list[Series]] = [[], []]
+    for series in rounds:
+        out: list[Series] = held.pop(0)
+        held.append([])
+        skip = {inst for inst in {s[0].get("instance", "") for s in series} if rnd.random() < 0.05}
+        for inst in list(shift) + sorted({s[0].get("instance", "") for s in series}):
+            if inst not in shift or rnd.random() < 0.01:
+                shift[inst] = shift.get(inst, 0) + rnd.choice((0, 0, 3, 12)) * STEP_MS
+        for labels, samples in series:
+            inst = labels.get("instance", "")
+            if inst in skip or rnd.random() < 0.02:
+                continue
+            new: list[tuple[int, float]] = []
+            for ts, v in samples:
+                ts += shift[inst]
+                x = rnd.random()
+                if x < 0.02:
+                    v = rnd.choice((STALE_NAN, math.nan, math.inf, -math.inf))
+                elif x < 0.04:
+                    v *= rnd.random() * 0.5  # a reset, or a gauge falling
+                elif x < 0.06:
+                    ts -= rnd.choice((1, STEP_MS, 3 * STEP_MS))  # late
+                elif x < 0.08:
+                    new.append((ts - STEP_MS // 2, v * 0.9))  # two samples in one request
+                new.append((ts, v))
+                if rnd.random() < 0.02:
+                    new.append((ts, v))  # the same sample again
+            (held[-1] if rnd.random() < 0.03 else out).append((labels, new))
+        rnd.shuffle(out)
+        cut = sorted(rnd.sample(range(1, max(2, len(out))), min(3, max(0, len(out) - 1))))
+        requests = [out[a:b] for a, b in zip([0, *cut], [*cut, len(out)], strict=True) if out[a:b]]
+        if sent and rnd.random() < 0.2:
+            requests.append(rnd.choice(sent))  # a retry of an earlier request
+        sent = requests
+        yield requests
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_mutated_fleet_streams_give_the_same_rows_counts_and_state(version: Version) -> None:
+    body = v1_body if version == "1.0" else v2_body
+    for seed in range(3):
+        rnd = random.Random(seed)
+        pair = Pair(max_gap_steps=2)
+        now = 0.0
+        for requests in _mutate(rnd, _fleet_series(6, 30, seed)):
+            for series in requests:
+                now += 0.5
+                pair.feed(body(series), version, now)
+        pair.check_state(now)
+        counted = pair.stats
+        assert counted.accepted > 5_000 and counted.duplicate > 50 and counted.late > 10
+        assert counted.stale > 10 and counted.non_finite > 10
+
+
+def test_negative_and_huge_timestamps_bin_alike() -> None:
+    """Python's floor division is what the C code must do for timestamps before 1970."""
+    pair = Pair(step_ms=7_000)
+    labels = {"__name__": "coredns_dns_requests_total", "job": "coredns", "instance": "a:9153", "server": "dns://:53"}
+    now = 0.0
+    for ts in (-100_000, -50_001, -7_000, -6_999, -1, 0, 1, 6_999, 7_000, 2**62, 2**62 + 1):
+        now += 1
+        pair.feed(v1_body([(labels, [(ts, now * 10)])]), "1.0", now)
+        pair.same_state(now)
+    pair.check_state(now)
