@@ -46,6 +46,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -529,13 +530,34 @@ static int kept(PyObject **keep_names, Py_ssize_t nkeep, const uint8_t *name, Py
     return 0;
 }
 
+static PyObject *zero;            /* 0.0, shared by every zero sample */
+static PyObject *recent_ts[1024]; /* timestamps made lately, by a hash of their value */
+
+/* The int of timestamp ts: one made lately for the same value if there is one. A target's series
+ * all carry its scrape's timestamp and keep their last, so a tracked instance holds one int, not
+ * one per series (requests interleave targets: hence a table, not the previous sample's). The GIL
+ * is held and no Python code runs in between, so the table needs no lock. */
+static PyObject *timestamp(int64_t ts) {
+    size_t i = (size_t)(((uint64_t)ts * 0x9E3779B97F4A7C15ULL) >> 54);
+    PyObject *held = recent_ts[i];
+    if (held && PyLong_AsLongLong(held) == ts) return Py_NewRef(held);
+    PyObject *made = PyLong_FromLongLong(ts);
+    if (made) Py_XSETREF(recent_ts[i], Py_NewRef(made));
+    return made;
+}
+
 /* An accepted series: its key, its number of samples and its samples onto the flat lists. */
 static int accept(PyObject *keys, PyObject *counts, PyObject *tss, PyObject *vals, PyObject *key, const samplebuf *sb) {
     int rc = PyList_Append(keys, key);
     if (!rc) rc = append_new(counts, PyLong_FromSsize_t(sb->n));
     for (Py_ssize_t i = 0; i < sb->n && !rc; i++) {
-        rc = append_new(tss, PyLong_FromLongLong(sb->ts[i]));
-        if (!rc) rc = append_new(vals, PyFloat_FromDouble(sb->val[i]));
+        rc = append_new(tss, timestamp(sb->ts[i]));
+        if (rc) break;
+        double v = sb->val[i];
+        if (v == 0.0 && !signbit(v))
+            rc = PyList_Append(vals, zero);
+        else
+            rc = append_new(vals, PyFloat_FromDouble(v));
     }
     return rc;
 }
@@ -1133,5 +1155,6 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
     memcpy(&sip_k0, PyBytes_AS_STRING(seed), 8);
     memcpy(&sip_k1, PyBytes_AS_STRING(seed) + 8, 8);
     Py_DECREF(seed);
+    if (!zero && !(zero = PyFloat_FromDouble(0.0))) return NULL;
     return PyModule_Create(&module);
 }
