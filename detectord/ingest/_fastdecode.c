@@ -294,6 +294,46 @@ static int intern_strings = 1;
  * the limits even counted in bytes (0: none). Then the tuple of its (name, value) pairs, each the
  * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
  * set: the reference path in Python judges it, and says why. */
+/* The pairs of `shared` found lately, by a hash of their name and value bytes: a known pair costs
+ * a hash and a compare instead of two strings, a tuple and a dict lookup made for it. Every pair
+ * here is in `shared` (the dict held in pairs_of, a strong reference so its address is not reused):
+ * the owner starts a new dict at each turn of its cache, and then this starts afresh too. */
+#define PAIR_CACHE 16384
+static PyObject *pair_cache[PAIR_CACHE];
+static PyObject *pairs_of;
+static uint64_t pair_seed;
+
+static size_t pair_slot(const cursor *name, const cursor *value) {
+    uint64_t h = 0xcbf29ce484222325ULL ^ pair_seed; /* FNV-1a; a collision only costs a miss */
+    for (const uint8_t *q = name->p; q < name->end; q++) h = (h ^ *q) * 0x100000001b3ULL;
+    h = (h ^ 0xff) * 0x100000001b3ULL; /* 0xff is never in UTF-8: "ab","c" is not "a","bc" */
+    for (const uint8_t *q = value->p; q < value->end; q++) h = (h ^ *q) * 0x100000001b3ULL;
+    return (size_t)(h >> 50) & (PAIR_CACHE - 1);
+}
+
+static int same_utf8(PyObject *str, const cursor *c) {
+    Py_ssize_t len;
+    const char *u = PyUnicode_IS_COMPACT_ASCII(str) ? (const char *)PyUnicode_DATA(str) : PyUnicode_AsUTF8AndSize(str, &len);
+    if (PyUnicode_IS_COMPACT_ASCII(str)) len = PyUnicode_GET_LENGTH(str);
+    if (!u) {
+        PyErr_Clear();
+        return 0;
+    }
+    return len == c->end - c->p && memcmp(u, c->p, (size_t)len) == 0;
+}
+
+/* The pair of `shared` whose bytes these are, if cached (borrowed), else NULL. */
+static PyObject *cached_pair(PyObject *shared, const cursor *name, const cursor *value, size_t *slot) {
+    if (shared != pairs_of) {
+        for (size_t i = 0; i < PAIR_CACHE; i++) Py_CLEAR(pair_cache[i]);
+        Py_XSETREF(pairs_of, Py_NewRef(shared));
+    }
+    *slot = pair_slot(name, value);
+    PyObject *pair = pair_cache[*slot];
+    if (pair && same_utf8(PyTuple_GET_ITEM(pair, 0), name) && same_utf8(PyTuple_GET_ITEM(pair, 1), value)) return pair;
+    return NULL;
+}
+
 static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *shared, Py_ssize_t max_labels,
                                 Py_ssize_t max_name, Py_ssize_t max_value) {
     cursor names[MAX_PLAIN_LABELS], values[MAX_PLAIN_LABELS];
@@ -333,6 +373,12 @@ static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *
     PyObject *labels = PyTuple_New(n);
     if (!labels) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
+        size_t slot;
+        PyObject *known = cached_pair(shared, &names[i], &values[i], &slot);
+        if (known) {
+            PyTuple_SET_ITEM(labels, i, Py_NewRef(known));
+            continue;
+        }
         PyObject *k = PyUnicode_DecodeUTF8((const char *)names[i].p, names[i].end - names[i].p, "strict");
         PyObject *v = k ? PyUnicode_DecodeUTF8((const char *)values[i].p, values[i].end - values[i].p, "strict") : NULL;
         PyObject *pair = v ? PyTuple_Pack(2, k, v) : NULL;
@@ -374,6 +420,7 @@ static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *
                 return NULL;
             }
         }
+        Py_XSETREF(pair_cache[slot], Py_NewRef(pair));
         PyTuple_SET_ITEM(labels, i, pair);
     }
     return labels;
@@ -1154,6 +1201,7 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
     if (!seed) return NULL;
     memcpy(&sip_k0, PyBytes_AS_STRING(seed), 8);
     memcpy(&sip_k1, PyBytes_AS_STRING(seed) + 8, 8);
+    pair_seed = sip_k0 ^ (sip_k1 << 1);
     Py_DECREF(seed);
     if (!zero && !(zero = PyFloat_FromDouble(0.0))) return NULL;
     return PyModule_Create(&module);

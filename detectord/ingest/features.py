@@ -466,7 +466,37 @@ class _SourceTable:
         self.plan: dict[str, list[tuple[tuple[tuple[str, str], ...], Kind, int]]] = {
             name: [(s.match, s.kind, self._number(s)) for s in srcs] for name, srcs in self.by_series_name.items()
         }
+        # The label names each name's plan reads: what a series' match depends on.
+        self.plan_keys = {name: tuple(dict.fromkeys(k for m, _, _ in p for k, _ in m)) for name, p in self.plan.items()}
+        self._matched: dict[tuple[str | None, ...], tuple[tuple[int, ...], int, tuple[int, ...]] | None] = {}
         self.compiled = [f.expr.compile(self) for f in features]
+
+    def match(self, name: str, labels: Mapping[str, str]) -> tuple[tuple[int, ...], int, tuple[int, ...]] | None:
+        """What a series of metric `name` with `labels` feeds: its counter slots, its gauge index
+        (-1: none) and its histogram indices; None if no source matches it. A fleet's series
+        repeat a few label values, so the answers are kept (a bounded number: a writer can make
+        up values)."""
+        memo = (name, *[labels.get(k) for k in self.plan_keys[name]])
+        hit = self._matched.get(memo, _MISS)
+        if hit is not _MISS:
+            return hit  # type: ignore[return-value]
+        counters: list[int] = []
+        hists: list[int] = []
+        gauge = -1
+        matched = False
+        for match, kind, i in self.plan[name]:
+            if all(labels.get(k) == v for k, v in match):
+                matched = True
+                if kind == "counter":
+                    counters.append(i)
+                elif kind == "gauge":
+                    gauge = i
+                else:
+                    hists.append(i)
+        out = (tuple(counters), gauge, tuple(hists)) if matched else None
+        if len(self._matched) < _MAX_MATCHES_KEPT:
+            self._matched[memo] = out
+        return out
 
     def _number(self, src: Source) -> int:
         return {"counter": self.counter_slot, "gauge": self.gauge_index, "histogram": self.hist_index}[src.kind][src]
@@ -482,6 +512,9 @@ class _SourceTable:
 
 
 _IGNORED = object()
+_MISS = object()
+# Series matches _SourceTable keeps (see match): far more than a fleet's distinct ones.
+_MAX_MATCHES_KEPT = 4096
 
 try:
     from detectord.ingest import _fastfeatures  # type: ignore[attr-defined]
@@ -841,30 +874,20 @@ class FeatureExtractor:
         if to and sk.name.startswith(_PROXY_PREFIX) and to not in inst.upstreams:
             inst.upstreams.add(to)
             inst.upstream = ",".join(sorted(inst.upstreams))
-        slots: list[int] = []
-        gauge_source = -1
-        matched = False
-        for match, kind, i in plan:
-            for k, v in match:
-                if d.get(k) != v:
-                    break
-            else:
-                matched = True
-                if kind == "counter":
-                    slots.append(i)
-                    continue
-                if kind == "gauge":
-                    gauge_source = i
-                    continue
-                le = _parse_le(d.get("le"))
-                if le is None:
-                    continue
+        matched = self._table.match(sk.name, d)
+        if matched is None:
+            sk.state = _IGNORED
+            return _IGNORED
+        counters, gauge_source, hists = matched
+        slots = list(counters)
+        if hists and (le := _parse_le(d.get("le"))) is not None:
+            for i in hists:
                 by_le = inst.bucket_slots.setdefault(i, {})
                 if le not in by_le:
                     by_le[le] = inst.add_slot()
                     inst.bucket_order[i] = sorted(by_le.items())
                 slots.append(by_le[le])
-        if not matched or (not slots and gauge_source < 0):
+        if not slots and gauge_source < 0:
             sk.state = _IGNORED
             return _IGNORED
         s = _Series(inst, tuple(slots), gauge_source)
