@@ -568,6 +568,7 @@ class FeatureExtractor:
         # Offline only (`extract`): every `up` sample (timestamp, value), per instance.
         self.up_samples: dict[InstanceKey, list[tuple[int, float]]] | None = None
         self._accumulate = _fastfeatures.accumulate if native and _fastfeatures is not None else None
+        self._slot_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
 
     @property
     def instances(self) -> int:
@@ -890,7 +891,12 @@ class FeatureExtractor:
         if not slots and gauge_source < 0:
             sk.state = _IGNORED
             return _IGNORED
-        s = _Series(inst, tuple(slots), gauge_source)
+        # Series of one metric feed the same slots: one tuple for all of them (a bounded number:
+        # histogram buckets take slots as their `le` values come).
+        held = self._slot_tuples.get(t := tuple(slots))
+        if held is None and len(self._slot_tuples) < _MAX_MATCHES_KEPT:
+            self._slot_tuples[t] = held = t
+        s = _Series(inst, held or t, gauge_source)
         if gauge_source >= 0:
             inst.gauges[gauge_source].append(s)
         inst.series.append(sk)
