@@ -6,6 +6,7 @@ evaluation all go through `FeatureExtractor`, so a model never sees features com
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -617,7 +618,7 @@ class FeatureExtractor:
             s = key.state
             if s.__class__ is not _Series:
                 if s is None:
-                    s = self._bind(key, now)
+                    s = self._bind(key, now, write.turns == self.labels.turns)
                 if s is _IGNORED:
                     stats.ignored += n
                     continue
@@ -834,8 +835,9 @@ class FeatureExtractor:
         inst.last_seen = now
         self.up_seen.add(s.key)
 
-    def _bind(self, sk: SeriesKey, now: float) -> _Series | _UpSeries | object | None:
-        canon = self.labels.canonical(sk)
+    def _bind(self, sk: SeriesKey, now: float, canonical: bool = False) -> _Series | _UpSeries | object | None:
+        """`canonical`: `sk` is known to be the cache's key for its labels (it has not turned since)."""
+        canon = sk if canonical else self.labels.canonical(sk)
         if canon is not sk:
             # The label cache let go of this label set while a request that held its old key was
             # being decoded: the series has one key, the cache's, whatever the request holds.
@@ -884,10 +886,11 @@ class FeatureExtractor:
         if hists and (le := _parse_le(d.get("le"))) is not None:
             for i in hists:
                 by_le = inst.bucket_slots.setdefault(i, {})
-                if le not in by_le:
-                    by_le[le] = inst.add_slot()
-                    inst.bucket_order[i] = sorted(by_le.items())
-                slots.append(by_le[le])
+                slot = by_le.get(le)
+                if slot is None:
+                    by_le[le] = slot = inst.add_slot()
+                    bisect.insort(inst.bucket_order[i], (le, slot))
+                slots.append(slot)
         if not slots and gauge_source < 0:
             sk.state = _IGNORED
             return _IGNORED
@@ -1001,9 +1004,11 @@ def _parse_le(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)  # "+Inf" parses to inf
+        le = float(text)  # "+Inf" parses to inf
     except ValueError:
         return None
+    # A NaN bound orders with nothing (and no two are equal: each would take a slot of its own).
+    return None if le != le else le
 
 
 @dataclass

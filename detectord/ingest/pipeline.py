@@ -501,5 +501,6 @@ def slices(decoded: DecodedWrite, n: int) -> Iterator[DecodedWrite]:
             counts,
             decoded.timestamps[first:last],
             decoded.values[first:last],
+            turns=decoded.turns,
         )
         first = last

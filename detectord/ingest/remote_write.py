@@ -181,6 +181,7 @@ class LabelCache:
         self.pinned_bytes = 0
         self.interned = 0  # keys ever made
         self.turned_at = time.monotonic()
+        self.turns = 0  # only a turn can let a key go, so a key is the one for its labels until then
         # Entries forgotten by turns, by why the turn came ("idle", "size").
         self.forgotten: dict[str, int] = {"idle": 0, "size": 0}
 
@@ -328,6 +329,7 @@ class LabelCache:
         self._pairs = {}
         self.old_bytes, self.young_bytes = self.young_bytes, 0
         self.turned_at = time.monotonic()
+        self.turns += 1
         self.forgotten[why] += gone
         return gone
 
@@ -356,6 +358,9 @@ class DecodedWrite:
     refused: dict[str, int] = field(default_factory=dict)  # series refused, by Reason.kind
     # Samples of series left out by `keep` (a metric nobody reads), counted and nothing else.
     ignored: int = 0
+    # The label cache's `turns` when decoding began (-1: unknown). While it has not turned since,
+    # every key here is the cache's one key for its labels.
+    turns: int = -1
 
     def add(self, key: SeriesKey, samples: Sequence[tuple[int, float]]) -> None:
         self.keys.append(key)
@@ -691,7 +696,7 @@ def _c_steps(
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
     keep_raw = None if keep is None else tuple(sorted(name.encode() for name in keep))
     limits = cache.limits
-    out = DecodedWrite(version)
+    out = DecodedWrite(version, turns=cache.turns)
     head: tuple[bytes, ...] = ()
     if version == "1.0":
         decode_c, check_hist = _fastdecode.decode_v1, _raw_histograms_problem
@@ -766,7 +771,7 @@ def _v1_python_steps(
     data: bytes | memoryview, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None
 ) -> Steps:
     msg = pbv.WriteRequestView.FromString(data)
-    out = DecodedWrite("1.0", metadata=len(msg.metadata))
+    out = DecodedWrite("1.0", metadata=len(msg.metadata), turns=cache.turns)
     append = out.add
     from_raw = cache.from_raw
     limit = max_ts_ms if max_ts_ms is not None else 2**63 - 1
@@ -854,7 +859,7 @@ def decode_v2_message(
 
 
 def _v2_steps(msg: pb2.Request, cache: LabelCache, *, max_ts_ms: int | None = None, keep: Keep = None) -> Steps:
-    out = DecodedWrite("2.0")
+    out = DecodedWrite("2.0", turns=cache.turns)
     symbols = msg.symbols
     _check_symbols(symbols)
     nsym = len(symbols)

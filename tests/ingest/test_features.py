@@ -347,3 +347,45 @@ def test_tracked_instances_series_stay_cached_beyond_the_label_cache_size() -> N
     round_(range(400, 1400), 4)
     assert cache.forgotten["size"] > 0
     assert all(a is b for a, b in zip(round_(range(400), 5), first, strict=True)), "the tracked series are kept"
+
+
+def test_a_series_decoded_before_the_cache_let_go_of_its_key_binds_to_the_one_series() -> None:
+    """A request decoded, then the label cache turned twice (its keys let go) and the same series
+    came again under new keys and bound: the first request's old keys still feed those series,
+    not second copies of them."""
+    ext = FeatureExtractor(1000)
+    body = v1_body(coredns_scrape("a:9153", 1000, 1))
+    held = decode(body, "1.0", ext.labels, max_decoded=1 << 20)
+    ext.labels.turn()
+    ext.labels.turn()
+    again = decode(body, "1.0", ext.labels, max_decoded=1 << 20)
+    assert all(a is not b for a, b in zip(held.keys, again.keys, strict=True)), "the cache made new keys"
+    ext.ingest(again)
+    bound = ext.series_bound
+    stats = IngestStats()
+    ext.ingest(held, stats)
+    assert ext.series_bound == bound, "no series bound twice"
+    assert (stats.accepted, stats.duplicate) == (0, len(held.keys)), "the same samples, already in"
+
+
+def test_a_histogram_bucket_bounded_by_nan_is_not_a_bucket() -> None:
+    """`le="NaN"` orders with no bound: such a series feeds no quantile (and takes no slot)."""
+    ext = FeatureExtractor(1000)
+    series = [
+        (
+            {
+                "__name__": "coredns_dns_request_duration_seconds_bucket",
+                "job": "coredns",
+                "instance": "a:9153",
+                "server": "dns://:53",
+                "zone": ".",
+                "type": "A",
+                "le": le,
+            },
+            [(1000, 1.0)],
+        )
+        for le in ("0.1", "NaN", "+Inf")
+    ]
+    ext.ingest(decode(v1_body(series), "1.0", ext.labels, max_decoded=1 << 20))
+    (inst,) = ext._instances.values()
+    assert [le for order in inst.bucket_order for le, _ in order] == [0.1, math.inf]
