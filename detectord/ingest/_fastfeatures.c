@@ -95,6 +95,7 @@ static int bound_as_expected(PyObject *s) {
             PyObject *slot = PyTuple_GET_ITEM(slots, j);
             if (!is_int(slot)) return 0;
             long v = PyLong_AsLong(slot);
+            if (v == -1 && PyErr_Occurred()) PyErr_Clear();
             if (v < 0 || v >= n || !PyFloat_CheckExact(PyList_GET_ITEM(a, v))) return 0;
         }
     }
@@ -131,6 +132,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     }
     long long duplicate = 0, stale = 0, non_finite = 0, late = 0, accepted = 0;
     Py_ssize_t k = first;
+    PyObject *s = NULL, *inst = NULL;
     PyObject *state_name = PyUnicode_InternFromString("state");
     if (!state_name) return NULL;
     for (; pos < nkeys; pos++) {
@@ -141,12 +143,12 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
             PyErr_Clear();
             break;
         }
-        PyObject *s = PyObject_GetAttr(PyList_GET_ITEM(keys, pos), state_name);
+        /* Held (s, and inst below) until the series is done: replacing a slot's value frees the
+         * old one, and nothing of it may free them under us. */
+        Py_XSETREF(s, PyObject_GetAttr(PyList_GET_ITEM(keys, pos), state_name));
         if (!s) goto fail;
-        /* Borrowed from here on: the key holds it, and nothing below lets Python code run. */
-        Py_DECREF(s);
         if (!Py_IS_TYPE(s, series_type) || !bound_as_expected(s)) break;
-        PyObject *inst = SLOT(s, series_off[S_INST]);
+        Py_XSETREF(inst, Py_NewRef(SLOT(s, series_off[S_INST])));
         set_slot(inst, instance_off[I_LAST_SEEN], Py_NewRef(now));
         set_slot(inst, instance_off[I_LAST_DATA], Py_NewRef(now));
         PyObject *slots = SLOT(s, series_off[S_SLOTS]);
@@ -188,8 +190,8 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
                 if (!c) goto fail;
                 set_slot(inst, instance_off[I_CUR], c);
                 cur = b;
-            } else if (b > cur + 1) {
-                goto handover; /* a step closes: Python's _advance */
+            } else if (b > cur + 1 || cur >= INT64_MAX - 1) {
+                goto handover; /* a step closes: Python's _advance (or a bin C cannot add to) */
             }
             if (b < cur) {
                 late++;
@@ -234,9 +236,13 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     /* Stopped before series pos (k == first), or done with them all (pos == nkeys). */
 handover:
     Py_DECREF(state_name);
+    Py_XDECREF(s);
+    Py_XDECREF(inst);
     return Py_BuildValue("nnnLLLLL", pos, first, k, duplicate, stale, non_finite, late, accepted);
 fail:
     Py_DECREF(state_name);
+    Py_XDECREF(s);
+    Py_XDECREF(inst);
     return NULL;
 }
 
