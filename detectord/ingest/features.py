@@ -595,6 +595,8 @@ class FeatureExtractor:
         tss, vals = write.timestamps, write.values
         keys, counts = write.keys, write.counts
         fast = self._accumulate
+        if not (tss.__class__ is vals.__class__ is keys.__class__ is counts.__class__ is list):
+            fast = None  # the C code takes the columns as lists
         pos = j = 0
         while pos < len(keys):
             k = j
