@@ -595,7 +595,7 @@ class FeatureExtractor:
         tss, vals = write.timestamps, write.values
         keys, counts = write.keys, write.counts
         fast = self._accumulate
-        if not (tss.__class__ is vals.__class__ is keys.__class__ is counts.__class__ is list):
+        if not (type(tss) is list and type(vals) is list and type(keys) is list and type(counts) is list):
             fast = None  # the C code takes the columns as lists
         pos = j = 0
         while pos < len(keys):
