@@ -293,13 +293,22 @@ class Detector(ABC):
     # ---- serving ---------------------------------------------------------------------------
 
     def score_batch(self, windows: np.ndarray) -> ScoreBatch:
-        return self._normalised(*self.raw_scores(windows))
+        return self.start_batch(windows)()
+
+    def start_batch(self, windows: np.ndarray) -> Callable[[], ScoreBatch]:
+        """Begin scoring `windows`; the returned callable waits for the ScoreBatch. `windows` must
+        stay unchanged until then (on JAX the pass may still be reading them)."""
+        finish = self._start_raw(windows)
+        return lambda: self._normalised(*finish())
 
     def _normalised(self, raw: np.ndarray, dev: np.ndarray, like: list[str] | None) -> ScoreBatch:
         return ScoreBatch((raw / np.float32(self.threshold)).astype(np.float32, copy=False), dev, like)
 
     def raw_scores(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         """Scores in the model's own units (B,), feature deviations (B, F), and class guesses."""
+        return self._start_raw(windows)()
+
+    def _start_raw(self, windows: np.ndarray) -> Callable[[], tuple[np.ndarray, np.ndarray, list[str] | None]]:
         if self.network is None or not self._ready():
             raise RuntimeError(f"the {self.kind} is not trained: call train() or load an artifact")
         windows = np.asarray(windows, dtype=np.float32)
@@ -310,13 +319,18 @@ class Detector(ABC):
                 if self._compiled is None:
                     self._compiled = compile_forward(self.network, self._forward, self.window, self.nfeatures)
                 fn = self._compiled
-        out = fn(windows)
-        raw, dev = out[0].astype(np.float32, copy=False), out[1].astype(np.float32, copy=False)
-        like = None
-        if len(out) > 2 and self.classes:
-            names = self.classes
-            like = [names[i] for i in np.asarray(out[2]).astype(np.int64).tolist()]
-        return raw, dev, like
+        pending = fn.start(windows)
+
+        def finish() -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+            out = pending()
+            raw, dev = out[0].astype(np.float32, copy=False), out[1].astype(np.float32, copy=False)
+            like = None
+            if len(out) > 2 and self.classes:
+                names = self.classes
+                like = [names[i] for i in np.asarray(out[2]).astype(np.int64).tolist()]
+            return raw, dev, like
+
+        return finish
 
     def raw_scores_batched(
         self, windows: np.ndarray, batch_size: int = 1024

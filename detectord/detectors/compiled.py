@@ -2,7 +2,9 @@
 
 `compile_forward(model, fn, window, nfeatures)` returns a numpy → numpy callable running
 `fn(x, apply)` (where `apply` runs the model) compiled for the active backend, so serving
-never goes through `model.predict` and its per-call overhead.
+never goes through `model.predict` and its per-call overhead. Its `start(x)` begins the pass and
+returns what waits for its result: on JAX the pass runs on the device while the caller fills the
+next batch (the other backends compute at `start`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,26 @@ from typing import Any
 import numpy as np
 
 Forward = Callable[[Any, Callable[[Any], Any]], tuple[Any, ...]]
-Compiled = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+Outputs = tuple[np.ndarray, ...]
+
+
+class Compiled:
+    """A compiled forward pass: `start(x)` returns a callable that waits for the outputs; calling
+    the pass itself does both."""
+
+    def __init__(self, start: Callable[[np.ndarray], Callable[[], Outputs]]) -> None:
+        self.start = start
+
+    def __call__(self, x: np.ndarray) -> Outputs:
+        return self.start(x)()
+
+
+def _synchronous(call: Callable[[np.ndarray], Outputs]) -> Compiled:
+    def start(x: np.ndarray) -> Callable[[], Outputs]:
+        out = call(x)
+        return lambda: out
+
+    return Compiled(start)
 
 
 def _tensorflow(model: Any, fn: Forward, window: int, nfeatures: int) -> Compiled:
@@ -25,10 +46,10 @@ def _tensorflow(model: Any, fn: Forward, window: int, nfeatures: int) -> Compile
     # A fixed signature with an unknown batch size: one trace serves every batch size.
     run = tf.function(forward, input_signature=[tf.TensorSpec([None, window, nfeatures], tf.float32)], autograph=False)
 
-    def call(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    def call(x: np.ndarray) -> Outputs:
         return tuple(t.numpy() for t in run(x))
 
-    return call
+    return _synchronous(call)
 
 
 def _jax(model: Any, fn: Forward, window: int, nfeatures: int) -> Compiled:
@@ -41,31 +62,33 @@ def _jax(model: Any, fn: Forward, window: int, nfeatures: int) -> Compiled:
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
 
-    def call(x: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(t) for t in run(tv, ntv, x))
+    def start(x: np.ndarray) -> Callable[[], Outputs]:
+        # JAX dispatches asynchronously: this returns once the pass is queued on the device.
+        out = run(tv, ntv, x)
+        return lambda: tuple(np.asarray(t) for t in out)
 
-    return call
+    return Compiled(start)
 
 
 def _torch(model: Any, fn: Forward, window: int, nfeatures: int) -> Compiled:
     import torch
     from keras import ops
 
-    def call(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    def call(x: np.ndarray) -> Outputs:
         with torch.no_grad():
             out = fn(ops.convert_to_tensor(x), lambda z: model(z, training=False))
         return tuple(ops.convert_to_numpy(t) for t in out)
 
-    return call
+    return _synchronous(call)
 
 
 def _numpy(model: Any, fn: Forward, window: int, nfeatures: int) -> Compiled:
     from keras import ops
 
-    def call(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    def call(x: np.ndarray) -> Outputs:
         return tuple(ops.convert_to_numpy(t) for t in fn(x, lambda z: model(z, training=False)))
 
-    return call
+    return _synchronous(call)
 
 
 COMPILERS: dict[str, Callable[[Any, Forward, int, int], Compiled]] = {

@@ -14,15 +14,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import structlog
 
-from detectord.detectors.base import Scorer
+from detectord.detectors.base import ScoreBatch, Scorer
 from detectord.ingest.pipeline import ScoreRequest
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -94,7 +95,9 @@ class InferenceWorker:
         self._stopping = False
         self._deliver, self._loop, self._metrics = deliver, loop, metrics
         self._thread = threading.Thread(target=self._run, name="detectord-inference", daemon=True)
-        self._batch = np.zeros((max_batch, window, nfeatures), dtype=np.float32)
+        # Two batch buffers: one is filled while the forward pass may still read the other.
+        self._buffers = [np.zeros((max_batch, window, nfeatures), dtype=np.float32) for _ in range(2)]
+        self._flip = 0
         self.batches = 0
 
     def start(self) -> None:
@@ -140,11 +143,16 @@ class InferenceWorker:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _take(self) -> list[ScoreRequest] | None:
+    def _take(self, block: bool = True) -> list[ScoreRequest] | None:
         """The next batch: up to max_batch windows, waiting at most max_wait to fill it once one
-        is there. None when stopping with nothing left."""
+        is there. None when stopping with nothing left. [] when the worker has better to do than
+        wait: compile a batch size (nothing queued), or collect the batch in flight (`block`
+        False, and not a full batch queued: only a backlog is worth overlapping, and smaller
+        batches would cost more passes)."""
         q, cond = self._queue, self._cond
         with cond:
+            if not block and len(q) < self.max_batch:
+                return []
             while not q and not self._stopping:
                 if self._cold:
                     return []
@@ -152,7 +160,7 @@ class InferenceWorker:
             if not q:
                 return None
             deadline = time.monotonic() + self.max_wait
-            while len(q) < self.max_batch and not self._stopping:
+            while block and len(q) < self.max_batch and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -161,17 +169,37 @@ class InferenceWorker:
             return [q.popleft() for _ in range(n)]
 
     def _run(self) -> None:
-        while (items := self._take()) is not None:
+        # A batch is started (on a device, the forward pass runs), then the next one is filled
+        # and started before the first is collected: filling and the pass overlap.
+        in_flight: _InFlight | None = None
+        while (items := self._take(block=in_flight is None)) is not None:
             if not items:
-                self._warm_one()
+                if in_flight is not None:
+                    self._collect(in_flight)
+                    in_flight = None
+                else:
+                    self._warm_one()
                 continue
             self._metrics.set_queue_depth(len(self._queue))
-            try:
-                self._score(items)
-            except Exception:
-                # A model that fails on one batch must not take the worker down with it.
-                log.exception("inference batch failed", size=len(items))
-                self._metrics.count_dropped("inference_error", len(items))
+            started = self._guarded(items, self._start, items)
+            if in_flight is not None:
+                self._collect(in_flight)
+            in_flight = started
+        if in_flight is not None:
+            self._collect(in_flight)
+
+    def _guarded(self, items: list[ScoreRequest], fn: Callable[..., _T], *args: Any) -> _T | None:
+        try:
+            return fn(*args)
+        except Exception:
+            # A model that fails on one batch must not take the worker down with it.
+            log.exception("inference batch failed", size=len(items))
+            self._metrics.count_dropped("inference_error", len(items))
+            return None
+
+    def _collect(self, batch: _InFlight | None) -> None:
+        if batch is not None:
+            self._guarded(batch.items, self._finish, batch)
 
     def _warm_one(self) -> None:
         with self._lock:
@@ -182,7 +210,7 @@ class InferenceWorker:
         except Exception:
             log.exception("compiling a batch size failed; it is tried again at its first batch", size=size)
 
-    def _score(self, items: list[ScoreRequest]) -> None:
+    def _start(self, items: list[ScoreRequest]) -> _InFlight:
         with self._lock:
             if self._pending_scorer is not None:
                 self._scorer, self._pending_scorer = self._pending_scorer, None
@@ -191,23 +219,44 @@ class InferenceWorker:
         size = next(b for b in self._buckets if b >= n)
         if size in self._cold:  # compiled by this batch
             self._cold.remove(size)
-        batch = self._batch[:size]
+        batch = self._buffers[self._flip][:size]
+        self._flip ^= 1
         for i, it in enumerate(items):
             batch[i] = it.window
         if size > n:
             batch[n:] = batch[0]  # pad with a real window, whose scores are thrown away
         t0 = time.perf_counter()
-        out = scorer.score_batch(batch)
+        start = getattr(scorer, "start_batch", None)
+        if start is not None:
+            result = start(batch)
+        else:  # a Scorer with score_batch alone
+            out = scorer.score_batch(batch)
+            result = lambda: out  # noqa: E731
+        return _InFlight(items, size, result, t0)
+
+    def _finish(self, batch: _InFlight) -> None:
+        items, n = batch.items, len(batch.items)
+        out = batch.result()
         scores = np.asarray(out.scores)[:n]
         dev = np.asarray(out.feature_deviation)[:n]
         arrived = np.fromiter([it.arrived for it in items], dtype=np.float64, count=n)
         self._metrics.observe_step_delays(time.monotonic() - arrived[arrived > 0])
-        self._metrics.observe_batch(n, size, time.perf_counter() - t0)
+        self._metrics.observe_batch(n, batch.size, time.perf_counter() - batch.started)
         self.batches += 1
         like: list[str | None] = [None] * n if out.looks_like is None else list(out.looks_like[:n])
         scored = ScoredBatch(items, scores.tolist(), dev, like)
         with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
             self._loop.call_soon_threadsafe(self._deliver, scored)
+
+
+class _InFlight(NamedTuple):
+    """A batch started on the model: its requests, its padded size, what waits for its scores,
+    and when it started."""
+
+    items: list[ScoreRequest]
+    size: int
+    result: Callable[[], ScoreBatch]
+    started: float
 
 
 def warm_up(scorer: Scorer, buckets: list[int], window: int, nfeatures: int) -> None:
