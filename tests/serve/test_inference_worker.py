@@ -56,7 +56,7 @@ async def _score(scorer: DeviceLikeScorer, batches_of: list[list[ScoreRequest]],
             scored[req.instance[1]] = score
 
     worker = InferenceWorker(
-        scorer,  # type: ignore[arg-type]
+        scorer,
         window=WINDOW,
         nfeatures=FEATURES,
         max_batch=max_batch,
