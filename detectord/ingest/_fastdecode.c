@@ -2,8 +2,8 @@
  * Hot path of remote write decoding: walks a decompressed prometheus.WriteRequest (1.0) or
  * io.prometheus.write.v2.Request (2.0) and returns its series keyed by a digest of their raw label
  * bytes (a 2.0 series' labels as the 1.0 bytes of the same labels), so a series seen before costs
- * one hash and one dict lookup, and a new one with plainly valid labels is checked and built here too. Optional:
- * detectord/ingest/remote_write.py falls back to pure Python when it is not built, and
+ * one hash and one dict lookup, and a new one with plainly valid labels is checked and built here
+ * too. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built, and
  * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
  * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep,
@@ -288,12 +288,6 @@ static int name_step(cursor lab, int state, cursor *name_out) {
  * label values a hostile writer makes up would keep every one for good. Set at import. */
 static int intern_strings = 1;
 
-/* A label set as most series are, known valid without Python: every Label plainly one name and
- * one value (each once, nothing else), names strictly ascending by bytes (so in order, unique and
- * not empty; UTF-8 keeps code point order), no value empty, a `__name__`, valid UTF-8, and within
- * the limits even counted in bytes (0: none). Then the tuple of its (name, value) pairs, each the
- * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
- * set: the reference path in Python judges it, and says why. */
 /* The pairs of `shared` found lately, by a hash of their name and value bytes: a known pair costs
  * a hash and a compare instead of two strings, a tuple and a dict lookup made for it. Every pair
  * here is in `shared` (the dict held in pairs_of, a strong reference so its address is not reused):
@@ -313,8 +307,13 @@ static size_t pair_slot(const cursor *name, const cursor *value) {
 
 static int same_utf8(PyObject *str, const cursor *c) {
     Py_ssize_t len;
-    const char *u = PyUnicode_IS_COMPACT_ASCII(str) ? (const char *)PyUnicode_DATA(str) : PyUnicode_AsUTF8AndSize(str, &len);
-    if (PyUnicode_IS_COMPACT_ASCII(str)) len = PyUnicode_GET_LENGTH(str);
+    const char *u;
+    if (PyUnicode_IS_COMPACT_ASCII(str)) {
+        u = (const char *)PyUnicode_DATA(str);
+        len = PyUnicode_GET_LENGTH(str);
+    } else {
+        u = PyUnicode_AsUTF8AndSize(str, &len);
+    }
     if (!u) {
         PyErr_Clear();
         return 0;
@@ -334,6 +333,12 @@ static PyObject *cached_pair(PyObject *shared, const cursor *name, const cursor 
     return NULL;
 }
 
+/* A label set as most series are, known valid without Python: every Label plainly one name and
+ * one value (each once, nothing else), names strictly ascending by bytes (so in order, unique and
+ * not empty; UTF-8 keeps code point order), no value empty, a `__name__`, valid UTF-8, and within
+ * the limits even counted in bytes (0: none). Then the tuple of its (name, value) pairs, each the
+ * one pair `shared` (dict) holds for it, of interned strings. Py_None (new reference) for any other
+ * set: the reference path in Python judges it, and says why. */
 static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *shared, Py_ssize_t max_labels,
                                 Py_ssize_t max_name, Py_ssize_t max_value) {
     cursor names[MAX_PLAIN_LABELS], values[MAX_PLAIN_LABELS];

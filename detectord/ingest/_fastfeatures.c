@@ -33,6 +33,7 @@ enum { I_LAST_SEEN, I_LAST_DATA, I_CUR, I_RESETS, I_ACC, I_PRIMED, I_SEEN, I_MAX
 static const char *instance_slots[I_N] = {"last_seen", "last_data", "cur", "resets", "acc", "primed", "seen", "max_ts"};
 
 static PyTypeObject *series_type, *instance_type;
+static PyObject *state_name; /* "state", the SeriesKey slot that holds a series' _Series */
 static Py_ssize_t series_off[S_N], instance_off[I_N];
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -62,6 +63,7 @@ static PyObject *layout(PyObject *self, PyObject *args) {
     PyObject *st, *it;
     if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &st, &PyType_Type, &it)) return NULL;
     if (offsets(st, series_slots, series_off, S_N) || offsets(it, instance_slots, instance_off, I_N)) return NULL;
+    if (!state_name && !(state_name = PyUnicode_InternFromString("state"))) return NULL;
     Py_XSETREF(series_type, (PyTypeObject *)Py_NewRef(st));
     Py_XSETREF(instance_type, (PyTypeObject *)Py_NewRef(it));
     Py_RETURN_NONE;
@@ -107,7 +109,7 @@ static int64_t floor_div(int64_t a, int64_t b) {
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-/* Replace a slot's or a list item's object with a new reference (stolen). */
+/* Replace a slot's object with a new reference (stolen). */
 static void set_slot(PyObject *obj, Py_ssize_t off, PyObject *value) { Py_XSETREF(SLOT(obj, off), value); }
 
 static PyObject *accumulate(PyObject *self, PyObject *args) {
@@ -133,8 +135,6 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     long long duplicate = 0, stale = 0, non_finite = 0, late = 0, accepted = 0;
     Py_ssize_t k = first;
     PyObject *s = NULL, *inst = NULL;
-    PyObject *state_name = PyUnicode_InternFromString("state");
-    if (!state_name) return NULL;
     for (; pos < nkeys; pos++) {
         first = k;
         PyObject *cnt = PyList_GET_ITEM(counts, pos);
@@ -235,12 +235,10 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     }
     /* Stopped before series pos (k == first), or done with them all (pos == nkeys). */
 handover:
-    Py_DECREF(state_name);
     Py_XDECREF(s);
     Py_XDECREF(inst);
     return Py_BuildValue("nnnLLLLL", pos, first, k, duplicate, stale, non_finite, late, accepted);
 fail:
-    Py_DECREF(state_name);
     Py_XDECREF(s);
     Py_XDECREF(inst);
     return NULL;

@@ -514,7 +514,8 @@ class _SourceTable:
 
 _IGNORED = object()
 _MISS = object()
-# Series matches _SourceTable keeps (see match): far more than a fleet's distinct ones.
+# Matches _SourceTable keeps (see match), and slot tuples FeatureExtractor shares (see _bind):
+# far more than a fleet's distinct ones; what a writer makes up beyond is not kept.
 _MAX_MATCHES_KEPT = 4096
 
 try:

@@ -277,8 +277,9 @@ class LabelCache:
         self, raw: object, labels: tuple[bytes, ...] | list[tuple[str, str]] | Labels | None, checked: bool = False
     ) -> SeriesKey | str:
         """Like from_raw, for the label fields of a TimeSeries as the C decoder found them: `raw` is
-        their digest (it looked in _raw already). `checked`: the C decoder found them plainly valid (no check can
-        refuse them) and `labels` is their sorted tuple of the shared pairs (`shared_pairs`)."""
+        their digest (it looked in _raw already). `checked`: the C decoder found them plainly valid
+        (no check can refuse them) and `labels` is their sorted tuple of the shared pairs
+        (`shared_pairs`)."""
         hit = self._old.pop(raw, None)
         if hit is None:
             hit = self.intern(cast(Labels, labels), shared=True) if checked else self._resolve(labels)

@@ -197,9 +197,8 @@ class InferenceWorker:
             self._metrics.count_dropped("inference_error", len(items))
             return None
 
-    def _collect(self, batch: _InFlight | None) -> None:
-        if batch is not None:
-            self._guarded(batch.items, self._finish, batch)
+    def _collect(self, batch: _InFlight) -> None:
+        self._guarded(batch.items, self._finish, batch)
 
     def _warm_one(self) -> None:
         with self._lock:
