@@ -477,7 +477,7 @@ class _SourceTable:
         (-1: none) and its histogram indices; None if no source matches it. A fleet's series
         repeat a few label values, so the answers are kept (a bounded number: a writer can make
         up values)."""
-        memo = (name, *[labels.get(k) for k in self.plan_keys[name]])
+        memo = (name, *map(labels.get, self.plan_keys[name]))
         hit = self._matched.get(memo, _MISS)
         if hit is not _MISS:
             return hit  # type: ignore[return-value]
@@ -553,6 +553,7 @@ class FeatureExtractor:
             raise ValueError(f"step must be > 0 ms, got {step_ms}")
         self.step_ms = step_ms
         self.instance_labels = tuple(instance_labels)
+        self._no_labels = ("",) * len(self.instance_labels)  # an instance label's value when absent
         self.features = tuple(features)
         self.max_instances = max_instances
         self.max_gap_steps = max_gap_steps
@@ -571,6 +572,7 @@ class FeatureExtractor:
         self.up_samples: dict[InstanceKey, list[tuple[int, float]]] | None = None
         self._accumulate = _fastfeatures.accumulate if native and _fastfeatures is not None else None
         self._slot_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._les: dict[str | None, float | None] = {}  # `le` label values parsed (a bounded number)
 
     @property
     def instances(self) -> int:
@@ -621,7 +623,20 @@ class FeatureExtractor:
             s = key.state
             if s.__class__ is not _Series:
                 if s is None:
-                    s = self._bind(key, now, write.turns == self.labels.turns)
+                    canonical = write.turns == self.labels.turns
+                    s = self._bind(key, now, canonical)
+                    if key.state is s and s.__class__ is _Series:
+                        # New series come in runs (a new instance, a first round): bind the run
+                        # first, so the C loop takes all their samples in one call.
+                        q = pos
+                        while q < len(keys) and keys[q].state is None:
+                            self._bind(keys[q], now, canonical)
+                            if keys[q].state.__class__ is not _Series:
+                                break
+                            q += 1
+                        if fast is not None:
+                            pos, j = pos - 1, first
+                            continue
                 if s is _IGNORED:
                     stats.ignored += n
                     continue
@@ -775,7 +790,7 @@ class FeatureExtractor:
         for labels, last_ts, last_v, held, g0, g1 in state["series"]:
             # Label sets come back as the tuples of strings they were (a snapshot holds plain values).
             sk = self.labels.intern(labels)
-            s = self._bind(sk, now)
+            s = self._bind(sk, now, canonical=True)  # intern gave the cache's key
             if not isinstance(s, _Series) or s.inst.key != key:
                 raise ValueError(f"series {sk} is not one of instance {key}'s features")
             s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
@@ -860,7 +875,7 @@ class FeatureExtractor:
             sk.state = _IGNORED
             return _IGNORED
         d = dict(sk.labels)
-        key = tuple([d.get(k, "") for k in self.instance_labels])
+        key = tuple(map(d.get, self.instance_labels, self._no_labels))
         inst = self._instances.get(key)
         if inst is None:
             if not sk.name.startswith(_COREDNS_PREFIX):
@@ -884,25 +899,20 @@ class FeatureExtractor:
         if matched is None:
             sk.state = _IGNORED
             return _IGNORED
-        counters, gauge_source, hists = matched
-        slots = list(counters)
-        if hists and (le := _parse_le(d.get("le"))) is not None:
-            for i in hists:
-                by_le = inst.bucket_slots.setdefault(i, {})
-                slot = by_le.get(le)
-                if slot is None:
-                    by_le[le] = slot = inst.add_slot()
-                    bisect.insort(inst.bucket_order[i], (le, slot))
-                slots.append(slot)
+        slots, gauge_source, hists = matched  # the counters' slots, shared by the match
+        if hists:
+            text = d.get("le")
+            le = self._les.get(text, _MISS)
+            if le is _MISS:
+                le = _parse_le(text)
+                if len(self._les) < _MAX_MATCHES_KEPT:
+                    self._les[text] = le
+            if isinstance(le, float):
+                slots = self._bucket_slots(inst, slots, hists, le)
         if not slots and gauge_source < 0:
             sk.state = _IGNORED
             return _IGNORED
-        # Series of one metric feed the same slots: one tuple for all of them (a bounded number:
-        # histogram buckets take slots as their `le` values come).
-        held = self._slot_tuples.get(t := tuple(slots))
-        if held is None and len(self._slot_tuples) < _MAX_MATCHES_KEPT:
-            self._slot_tuples[t] = held = t
-        s = _Series(inst, held or t, gauge_source)
+        s = _Series(inst, slots, gauge_source)
         if gauge_source >= 0:
             inst.gauges[gauge_source].append(s)
         inst.series.append(sk)
@@ -910,6 +920,27 @@ class FeatureExtractor:
         self.labels.pin(sk)
         self.series_bound += 1
         return s
+
+    def _bucket_slots(
+        self, inst: _Instance, counters: tuple[int, ...], hists: tuple[int, ...], le: float
+    ) -> tuple[int, ...]:
+        """The slots a bucket bounded by `le` of histograms `hists` feeds, beside `counters`."""
+        slots = list(counters)
+        for i in hists:
+            by_le = inst.bucket_slots.get(i)
+            if by_le is None:
+                inst.bucket_slots[i] = by_le = {}
+            slot = by_le.get(le)
+            if slot is None:
+                by_le[le] = slot = inst.add_slot()
+                bisect.insort(inst.bucket_order[i], (le, slot))
+            slots.append(slot)
+        # Series of one metric feed the same slots: one tuple for all of them (a bounded number:
+        # histogram buckets take slots as their `le` values come).
+        held = self._slot_tuples.get(t := tuple(slots))
+        if held is None and len(self._slot_tuples) < _MAX_MATCHES_KEPT:
+            self._slot_tuples[t] = held = t
+        return held or t
 
     def _advance(self, inst: _Instance, b: int, rows: list[FeatureRow]) -> None:
         """Close steps until bin `b` is the newer of the two open ones."""
