@@ -1,5 +1,6 @@
 """State snapshots at fleet scale: size and time of one snapshot of N CoreDNS-shaped instances
-with mature baselines, the longest the ingest thread waits for a slice of it, and the restore.
+with mature baselines: reading the instances (on the ingest thread, the longest slice), encoding
+them and writing the file (on the writer thread), loading it and restoring it (load included).
 
     .venv/bin/python bench/state.py --instances 10000
 """
@@ -70,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     print(
         f"{'instances':>9} {'series':>9} {'bytes':>12} {'B/inst':>8} {'read s':>7} {'max slice ms':>12} "
-        f"{'write s':>8} {'restore s':>9}"
+        f"{'encode s':>8} {'write s':>8} {'load s':>7} {'restore s':>9}"
     )
     for n in args.instances:
         ing, fp = ingestor(args.model)
@@ -96,19 +97,24 @@ def main() -> None:
             states.extend(ing.instance_states(keys[i : i + SLICE]))
             worst = max(worst, time.perf_counter() - t)
         read_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        records = [snapshots.encode(st) for st in states]
+        encode_s = time.perf_counter() - t0
+        del states
         with tempfile.TemporaryDirectory() as d:
             stats = snapshots.write(
-                Path(d), fp, {"name": "bench"}, states, {"alerts": [], "upstream_of": {}, "resolved": []}
+                Path(d), fp, {"name": "bench"}, records, {"alerts": [], "upstream_of": {}, "resolved": []}
             )
+            fresh, _ = ingestor(args.model)
             t0 = time.perf_counter()
             snap = snapshots.read(Path(d), fp, max_age_s=3600)
             assert snap is not None
-            fresh, _ = ingestor(args.model)
+            load_s = time.perf_counter() - t0
             fresh.restore_instances(snap.instances)
             restore_s = time.perf_counter() - t0
         print(
             f"{n:>9} {series:>9} {stats.bytes:>12} {stats.bytes // n:>8} {read_s:>7.2f} {worst * 1000:>12.1f} "
-            f"{stats.seconds:>8.2f} {restore_s:>9.2f}"
+            f"{encode_s:>8.2f} {stats.seconds:>8.2f} {load_s:>7.2f} {restore_s:>9.2f}"
         )
 
 

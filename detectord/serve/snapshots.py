@@ -4,7 +4,8 @@ crash-safely to `state.dir` and restored at start, so a restart or an upgrade fo
 A snapshot file is `MAGIC`, a length-prefixed JSON header (format version, the model's input
 fingerprint, when it was written, how many records follow) and records: a length, a CRC-32 and a
 zstd-compressed pickle of plain values (no classes: `_PlainUnpickler` refuses any), one per
-instance and one for the alert states. Records are encoded one at a time, so no encoding step holds the GIL for long.
+instance and one for the alert states. Records are encoded one at a time, so no encoding step
+holds the GIL for long.
 """
 
 from __future__ import annotations
@@ -82,15 +83,24 @@ class WriteStats:
     instances: int
 
 
+def encode(record: Mapping[str, Any]) -> bytes:
+    """One record as the file holds it, framing and all (instances are encoded as they are read,
+    so a snapshot holds its records' bytes, not every instance's state as Python objects)."""
+    # Label sets repeat from series to series: zstd makes a record about 10 times smaller.
+    payload = bytes(cramjam.zstd.compress(pickle.dumps(record, protocol=5), 1))
+    return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
+
+
 def write(
     directory: Path,
     fp: Mapping[str, Any],
     model: Mapping[str, str],
-    instances: Sequence[Mapping[str, Any]],
+    instances: Sequence[bytes],
     alerts: Mapping[str, Any],
 ) -> WriteStats:
-    """Write a snapshot crash-safely: a temporary file, fsync, rename over the last one, fsync
-    of the directory. A crash at any point leaves the previous snapshot or the new one whole."""
+    """Write a snapshot of `instances` (each `encode`d) and `alerts` crash-safely: a temporary
+    file, fsync, rename over the last one, fsync of the directory. A crash at any point leaves the
+    previous snapshot or the new one whole."""
     t0 = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILE_NAME
@@ -106,11 +116,9 @@ def write(
         with open(tmp, "wb", buffering=1 << 20) as f:
             head = json.dumps(header).encode()
             f.write(MAGIC + _LEN.pack(len(head)) + head)
-            for rec in (*instances, alerts):
-                # Label sets repeat from series to series: zstd makes a record about 10 times smaller.
-                payload = bytes(cramjam.zstd.compress(pickle.dumps(rec, protocol=5), 1))
-                f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
-                f.write(payload)
+            for rec in instances:
+                f.write(rec)
+            f.write(encode(alerts))
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()

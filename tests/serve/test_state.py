@@ -331,7 +331,9 @@ async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
     assert snap is not None and len(snap.instances) > 1
     snap.instances[-1]["acc"] = (snap.instances[-1]["acc"][0][:-1], snap.instances[-1]["acc"][1])
     state = tmp_path / "state"
-    snapshots.write(state, header["fingerprint"], header["model"], snap.instances, snap.alerts)
+    snapshots.write(
+        state, header["fingerprint"], header["model"], [snapshots.encode(i) for i in snap.instances], snap.alerts
+    )
     with structlog.testing.capture_logs() as logs:
         async with running_server(_config(state)) as srv:
             assert srv.ingestor.extractor.instances == 0
