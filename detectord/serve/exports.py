@@ -9,10 +9,13 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from prometheus_client import utils
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from detectord.ingest.features import InstanceKey
+    from detectord.serve.history import InstanceScores
     from detectord.serve.sink import ScoreSink
 
 
@@ -61,12 +64,11 @@ class InstanceExports(Collector):
             ),
         )
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        score, anomaly, state, value, deviation = fams = self._families()
+    def _picked(self) -> tuple[list[tuple[InstanceKey, InstanceScores]], dict[InstanceKey, str]]:
+        """The exported instances' score histories, and every alert's phase."""
         sink = self._sink()
         if sink is None:
-            yield from fams
-            return
+            return [], {}
         history = list(sink.history.items())
         phases = dict(sink.phases)
         if self.export != "all":
@@ -75,6 +77,12 @@ class InstanceExports(Collector):
                 scored = ((h.score, k) for k, h in history if h.count and math.isfinite(h.score))
                 wanted |= {k for _, k in heapq.nlargest(self.top, scored)}
             history = [(k, h) for k, h in history if k in wanted]
+        return history, phases
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The reference for `text`, and what a registry this collector is registered with shows."""
+        score, anomaly, state, value, deviation = fams = self._families()
+        history, phases = self._picked()
         for key, h in history:
             labels = list(key)
             if h.count:
@@ -87,3 +95,56 @@ class InstanceExports(Collector):
         for key, phase in phases.items():
             state.add_metric([*key, phase], 1.0)
         yield from fams
+
+    def text(self) -> bytes:
+        """What generate_latest makes of `collect`'s families, byte for byte
+        (tests/serve/test_exports.py compares), without a sample object per series: at 100,000
+        instances several times faster, which is what /metrics serves."""
+        score, anomaly, state, value, deviation = self._families()
+        history, phases = self._picked()
+        inst = _LabelOrder(self.labels)
+        scores, flags = [_head(score)], [_head(anomaly)]
+        values, deviations = [_head(value)], [_head(deviation)]
+        with_feature = _LabelOrder((*self.labels, "feature"))
+        for key, h in history:
+            labels = inst.render(key)
+            if h.count:
+                scores.append(f"detectord_anomaly_score{labels} {_go_float(h.score)}\n")
+            if h.anomalous is not None:
+                flags.append(f"detectord_anomaly{labels} {'1.0' if h.anomalous else '0.0'}\n")
+            for name, d, v in h.top or ():
+                named = with_feature.render((*key, name))
+                values.append(f"detectord_feature_value{named} {_go_float(v)}\n")
+                deviations.append(f"detectord_feature_deviation{named} {_go_float(d)}\n")
+        states = [_head(state)]
+        with_state = _LabelOrder((*self.labels, "state"))
+        states += [f"detectord_alert_state{with_state.render((*k, p))} 1.0\n" for k, p in phases.items()]
+        return "".join([*scores, *flags, *states, *values, *deviations]).encode()
+
+
+# Sample values as generate_latest writes them (Go's float format). Untyped in prometheus_client.
+_go_float: Callable[[float], str] = utils.floatToGoString
+
+
+def _head(family: GaugeMetricFamily) -> str:
+    doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {family.name} {doc}\n# TYPE {family.name} gauge\n"
+
+
+class _LabelOrder:
+    """Renders label values given in `names`' order as generate_latest does: `{name="value",...}`
+    sorted by name, values escaped. The names are valid label names (config checks them)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.order = sorted(range(len(names)), key=names.__getitem__)
+        self.names = [names[i] for i in self.order]
+
+    def render(self, values: tuple[str, ...]) -> str:
+        inner = ",".join([f'{n}="{_escape(values[i])}"' for n, i in zip(self.names, self.order, strict=True)])
+        return f"{{{inner}}}"
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value

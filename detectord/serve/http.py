@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from detectord.errors import DetectordError, RemoteWriteError
 from detectord.ingest import intake
@@ -119,7 +119,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     if srv.pipeline is not None:
         srv.metrics.queue_depth.set(srv.pipeline.worker.depth())
     # Rendering tens of thousands of per-instance series is CPU work: not on the event loop.
-    body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, srv.registry)
+    body = await asyncio.get_running_loop().run_in_executor(None, srv.metrics_text)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

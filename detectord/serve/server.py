@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from detectord import __version__, logs
 from detectord.alerting.notifier import AlertmanagerNotifier
@@ -104,10 +104,10 @@ class Server:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry, cfg.ingest.instance_labels)
         inf = cfg.inference
+        # Not on the registry: /metrics renders them straight to text (see metrics_text).
         self.exports = InstanceExports(
             lambda: self.sink, cfg.ingest.instance_labels, inf.export_instances, inf.export_top
         )
-        self.registry.register(self.exports)
         # --web.config.file: TLS, basic auth and headers for every endpoint; a bad file is a ConfigError here.
         self.web_security = WebSecurity(web_config_file, self.registry)
         self.ready = False
@@ -334,6 +334,10 @@ class Server:
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+
+    def metrics_text(self) -> bytes:
+        """/metrics: the registry's metrics, then the per-instance series (serve.exports)."""
+        return generate_latest(self.registry) + self.exports.text()
 
     def external_url(self) -> str:
         if self.cfg.web.external_url:

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
 
 from detectord.config import Duration
 from detectord.ingest.features import parse_url_key, url_key
@@ -147,14 +146,14 @@ async def test_the_api_shows_the_faulted_instance_first_with_its_window_and_base
         assert top["looks_like"] is None or isinstance(top["looks_like"], str)
 
         # The alert's state per instance, as Prometheus's ALERTS: only the firing one has a series.
-        text = generate_latest(srv.registry).decode()
+        text = srv.metrics_text().decode()
         states = re.findall(r"^detectord_alert_state\{(.*)\} 1\.0$", text, re.MULTILINE)
         assert states == [f'instance="{faulted[1]}",job="{faulted[0]}",state="firing"'], states
 
         # Per-instance series for all instances, the anomalous ones, or those and the top N.
         def scored(export: str, top: int = 0) -> list[str]:
             srv.exports.export, srv.exports.top = export, top
-            text = generate_latest(srv.registry).decode()
+            text = srv.metrics_text().decode()
             return re.findall(r'^detectord_anomaly_score\{instance="([^"]*)",job="[^"]*"\}', text, re.MULTILINE)
 
         assert sorted(scored("all")) == sorted(r["labels"]["instance"] for r in rows)

@@ -65,6 +65,49 @@ def test_top_adds_the_highest_scores_to_the_anomalous(top: int, also: set[str]) 
     assert got["detectord_anomaly_score"] == {"10.0.0.9:9153", "10.0.0.8:9153"} | also
 
 
+def _odd_fleet(labels: tuple[str, ...]) -> SimpleNamespace:
+    """Label values that need escaping, scores that are not plain numbers, every alert phase."""
+    values = ['quo"te', "back\\slash", "new\nline", "ünï©ødé", "", "plain"]
+    history: dict[tuple[str, ...], InstanceScores] = {}
+    phases: dict[tuple[str, ...], str] = {}
+    scores = [float("nan"), float("inf"), -float("inf"), 1e-300, 123456789.5, 0.1, 2.0, -0.0]
+    for i, score in enumerate(scores * 2):
+        key = tuple(f"{values[(i + j) % len(values)]}{i}" for j in range(len(labels)))
+        h = history[key] = InstanceScores(4)
+        if i % 5:
+            h.add(1_000 * i, score)
+        h.anomalous = None if i % 7 == 0 else bool(i % 2)
+        if i % 3 == 0:
+            h.top = [("servfail_share", 9.0 + i, 0.4), ('we"ird\\', float("nan"), 1e22)]
+        if i % 4 == 0:
+            phases[key] = ("pending", "firing")[i % 8 == 0]
+    return SimpleNamespace(history=history, phases=phases)
+
+
+@pytest.mark.parametrize("labels", [LABELS, ("cluster", "namespace", "pod"), ("zone",)])
+@pytest.mark.parametrize(("export", "top"), [("all", 0), ("anomalous", 0), ("top", 3)])
+def test_the_text_served_is_what_prometheus_client_renders(labels: tuple[str, ...], export: str, top: int) -> None:
+    """/metrics renders the per-instance series straight to text (no sample objects: 100,000
+    instances in a fraction of the time); it must be what generate_latest makes of the same
+    families, byte for byte, escaping, odd values and label order included (instance labels
+    that sort before and after `feature` and `state`)."""
+    for fleet in (_fleet(), _odd_fleet(labels)) if labels == LABELS else (_odd_fleet(labels),):
+        exports = InstanceExports(lambda f=fleet: f, labels, export, top)  # type: ignore[misc]
+        registry = CollectorRegistry()
+        registry.register(exports)
+        expected = generate_latest(registry)
+        assert exports.text() == expected
+        assert b"detectord_anomaly_score{" in expected
+
+
+def test_the_text_with_no_sink_yet_is_the_families_alone() -> None:
+    exports = InstanceExports(lambda: None, LABELS, "all", 0)
+    registry = CollectorRegistry()
+    registry.register(exports)
+    assert exports.text() == generate_latest(registry)
+    assert exports.text().count(b"# TYPE") == 5
+
+
 def test_a_histogram_observed_by_the_batch_reads_as_one_observed_by_the_value() -> None:
     """The step delays and the score distribution are counted a scored batch at a time; what
     Prometheus scrapes is what a prometheus_client Histogram fed value by value would show."""
