@@ -89,8 +89,7 @@ class SeriesKey:
 
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
-        # metric_name's first test inline: every new series makes a key.
-        self.name = labels[0][1] if labels and labels[0][0] == "__name__" else metric_name(labels)
+        self.name = metric_name(labels)
         self.state: object | None = None
 
     def __repr__(self) -> str:
@@ -106,8 +105,6 @@ _ENTRY_BYTES = 120
 _DIGEST_BYTES = 16
 _KEY_BYTES = 200
 _LABEL_BYTES = 170
-# _pinned_bytes beyond the labels, with a digest for raw key (binding a new series reads it).
-_PINNED_DIGEST_BYTES = _KEY_BYTES + 2 * (_ENTRY_BYTES + _DIGEST_BYTES)
 
 
 # Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
@@ -138,9 +135,8 @@ def _pinned_bytes(labels: Labels) -> int:
     """A pinned key's estimated bytes with an entry for it in each generation (the C decoder's
     raw key is a digest; the pure-Python one's raw labels are about as long as the label strings)."""
     strings = _label_chars(labels)
-    if _fastdecode is not None:
-        return _PINNED_DIGEST_BYTES + _LABEL_BYTES * len(labels) + strings
-    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + strings + 6 * len(labels))
+    raw = _DIGEST_BYTES if _fastdecode is not None else strings + 6 * len(labels)
+    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + raw)
 
 
 def _entry_bytes(raw: object) -> int:
@@ -219,7 +215,7 @@ class LabelCache:
             key = SeriesKey(labels if shared else self._shared(labels))
             self.interned += 1
         self._keys[key.labels] = key
-        self.young_bytes += _KEY_BYTES + _LABEL_BYTES * len(labels) + _label_chars(labels)
+        self.young_bytes += _key_bytes(labels)
         return key
 
     def _shared(self, labels: Labels) -> Labels:
@@ -290,7 +286,7 @@ class LabelCache:
         elif isinstance(hit, SeriesKey):
             hit = self.canonical(hit)  # seen again: its key moves back to the younger generation too
         self._raw[raw] = hit
-        self.young_bytes += _ENTRY_BYTES + len(raw) if type(raw) is bytes else _entry_bytes(raw)
+        self.young_bytes += _entry_bytes(raw)
         return hit
 
     @property
