@@ -30,6 +30,9 @@ class InstanceExports(Collector):
 
     def __init__(self, sink: Callable[[], ScoreSink | None], labels: tuple[str, ...], export: str, top: int) -> None:
         self._sink, self.labels, self.export, self.top = sink, labels, export, top
+        # Each exported instance's `{...}` as `text` last wrote it: an instance's label values never
+        # change, so a scrape renders only the instances new since the one before.
+        self._rendered: dict[InstanceKey, str] = {}
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Described (no samples) so registering the collector does not call collect.
@@ -64,26 +67,28 @@ class InstanceExports(Collector):
             ),
         )
 
-    def _picked(self) -> tuple[list[tuple[InstanceKey, InstanceScores]], dict[InstanceKey, str]]:
+    def _picked(self) -> tuple[dict[InstanceKey, InstanceScores], dict[InstanceKey, str]]:
         """The exported instances' score histories, and every alert's phase."""
         sink = self._sink()
         if sink is None:
-            return [], {}
-        history = list(sink.history.items())
+            return {}, {}
+        # dict(): a copy without a tuple per instance (a list of items made 100,000 of them and
+        # woke the garbage collector, which then walked every object of the daemon).
+        history = dict(sink.history)
         phases = dict(sink.phases)
         if self.export != "all":
-            wanted = {k for k, h in history if h.anomalous} | set(phases)
+            wanted = {k for k, h in history.items() if h.anomalous} | set(phases)
             if self.export == "top" and self.top:
-                scored = ((h.score, k) for k, h in history if h.count and math.isfinite(h.score))
+                scored = ((h.score, k) for k, h in history.items() if h.count and math.isfinite(h.score))
                 wanted |= {k for _, k in heapq.nlargest(self.top, scored)}
-            history = [(k, h) for k, h in history if k in wanted]
+            history = {k: h for k, h in history.items() if k in wanted}
         return history, phases
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The reference for `text`, and what a registry this collector is registered with shows."""
         score, anomaly, state, value, deviation = fams = self._families()
         history, phases = self._picked()
-        for key, h in history:
+        for key, h in history.items():
             labels = list(key)
             if h.count:
                 score.add_metric(labels, h.score)
@@ -106,10 +111,17 @@ class InstanceExports(Collector):
         scores, flags = [_head(score)], [_head(anomaly)]
         values, deviations = [_head(value)], [_head(deviation)]
         with_feature = _LabelOrder((*self.labels, "feature"))
-        for key, h in history:
-            labels = inst.render(key)
+        rendered, inf, exponent = self._rendered, _INF, _GO_EXPONENT
+        if len(rendered) > 2 * len(history) + 1024:
+            # Forget instances no longer exported, once they are most of what is kept.
+            self._rendered = rendered = {k: v for k, v in rendered.items() if k in history}
+        for key, h in history.items():
+            labels = rendered.get(key)
+            if labels is None:
+                rendered[key] = labels = inst.render(key)
             if h.count:
-                scores.append(f"detectord_anomaly_score{labels} {_go_float(h.score)}\n")
+                v = h.score
+                scores.append(f"detectord_anomaly_score{labels} {repr(v) if -inf < v < exponent else _go_float(v)}\n")
             if h.anomalous is not None:
                 flags.append(f"detectord_anomaly{labels} {'1.0' if h.anomalous else '0.0'}\n")
             for name, d, v in h.top or ():
@@ -124,6 +136,10 @@ class InstanceExports(Collector):
 
 # Sample values as generate_latest writes them (Go's float format). Untyped in prometheus_client.
 _go_float: Callable[[float], str] = utils.floatToGoString
+# Below it a finite float is Python's repr in Go's format too (Go writes 1e+06 where Python writes
+# 1000000.0); the score lines take that shortcut, 100,000 times a scrape.
+_GO_EXPONENT = 1e6
+_INF = math.inf
 
 
 def _head(family: GaugeMetricFamily) -> str:

@@ -71,6 +71,8 @@ def _odd_fleet(labels: tuple[str, ...]) -> SimpleNamespace:
     history: dict[tuple[str, ...], InstanceScores] = {}
     phases: dict[tuple[str, ...], str] = {}
     scores = [float("nan"), float("inf"), -float("inf"), 1e-300, 123456789.5, 0.1, 2.0, -0.0]
+    # Around where Go's format turns to an exponent and Python's does not.
+    scores += [999999.9999999999, 1e6, 1e16, 1e21, -1e7, 5e-05, 123456.0]
     for i, score in enumerate(scores * 2):
         key = tuple(f"{values[(i + j) % len(values)]}{i}" for j in range(len(labels)))
         h = history[key] = InstanceScores(4)
@@ -98,6 +100,15 @@ def test_the_text_served_is_what_prometheus_client_renders(labels: tuple[str, ..
         expected = generate_latest(registry)
         assert exports.text() == expected
         assert b"detectord_anomaly_score{" in expected
+        # Scraped again (instances rendered before), after instances left and new ones came.
+        assert exports.text() == expected
+        for gone in list(fleet.history)[::3]:
+            del fleet.history[gone]
+            fleet.phases.pop(gone, None)
+        for i, (key, h) in enumerate(_odd_fleet(labels).history.items()):
+            fleet.history[tuple(f"new {v}" for v in key)] = h
+            h.add(10**9, 1e6 * i)
+        assert exports.text() == generate_latest(registry)
 
 
 def test_the_text_with_no_sink_yet_is_the_families_alone() -> None:
