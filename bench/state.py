@@ -1,6 +1,8 @@
 """State snapshots at fleet scale: size and time of one snapshot of N CoreDNS-shaped instances
 with mature baselines: reading the instances (on the ingest thread, the longest slice), encoding
-them and writing the file (on the writer thread), loading it and restoring it (load included).
+them and writing the file (on the writer thread), loading it (reading and decoding its records)
+and restoring it (load included; records are decoded as they are restored), and how much the
+process's resident memory grew by the restore.
 
     .venv/bin/python bench/state.py --instances 10000
 """
@@ -8,6 +10,7 @@ them and writing the file (on the writer thread), loading it and restoring it (l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -64,6 +67,12 @@ def ingestor(model_path: Path) -> tuple[Ingestor, dict[str, object]]:
     return ing, fp
 
 
+def _resident() -> int:
+    """This process's resident bytes: after a restore, its peak (freed objects' pages stay)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--instances", type=int, nargs="+", default=[10000])
@@ -71,7 +80,7 @@ def main() -> None:
     args = p.parse_args()
     print(
         f"{'instances':>9} {'series':>9} {'bytes':>12} {'B/inst':>8} {'read s':>7} {'max slice ms':>12} "
-        f"{'encode s':>8} {'write s':>8} {'load s':>7} {'restore s':>9}"
+        f"{'encode s':>8} {'write s':>8} {'load s':>7} {'restore s':>9} {'restore MB':>10}"
     )
     for n in args.instances:
         ing, fp = ingestor(args.model)
@@ -106,15 +115,20 @@ def main() -> None:
                 Path(d), fp, {"name": "bench"}, records, {"alerts": [], "upstream_of": {}, "resolved": []}
             )
             fresh, _ = ingestor(args.model)
+            rss = _resident()
             t0 = time.perf_counter()
-            snap = snapshots.read(Path(d), fp, max_age_s=3600)
-            assert snap is not None
-            load_s = time.perf_counter() - t0
-            fresh.restore_instances(snap.instances)
+            with snapshots.read(Path(d), fp, max_age_s=3600) as snap:  # type: ignore[union-attr]
+                fresh.restore_instances(snap.instances())
             restore_s = time.perf_counter() - t0
+            restored_mb = (_resident() - rss) / 2**20
+            t0 = time.perf_counter()
+            with snapshots.read(Path(d), fp, max_age_s=3600) as snap:  # type: ignore[union-attr]
+                for _ in snap.instances():
+                    pass
+            load_s = time.perf_counter() - t0
         print(
             f"{n:>9} {series:>9} {stats.bytes:>12} {stats.bytes // n:>8} {read_s:>7.2f} {worst * 1000:>12.1f} "
-            f"{encode_s:>8.2f} {stats.seconds:>8.2f} {load_s:>7.2f} {restore_s:>9.2f}"
+            f"{encode_s:>8.2f} {stats.seconds:>8.2f} {load_s:>7.2f} {restore_s:>9.2f} {restored_mb:>10.0f}"
         )
 
 

@@ -383,17 +383,18 @@ class Ingestor:
             out.append(st)
         return out
 
-    def restore_instances(self, states: Iterable[Mapping[str, Any]]) -> int:
+    def restore_instances(self, states: Iterable[Mapping[str, Any]]) -> list[InstanceKey]:
         """Bring instances back from `instance_states`; all or none (ValueError, TypeError or
-        KeyError on a state that does not fit, and nothing is kept)."""
+        KeyError on a state that does not fit, or whatever `states` raises, and nothing is kept).
+        Returns the instances restored."""
         now = time.monotonic()
         before = set(self.extractor.instance_keys())
-        restored = 0
+        restored: list[InstanceKey] = []
         try:
             for st in states:
                 self.extractor.restore_instance(st, now)
                 key = tuple(st["key"])
-                restored += 1
+                restored.append(key)
                 if st["baseline"] is not None:
                     self.normaliser.restore(key, st["baseline"])
                 if st["window"] is not None:

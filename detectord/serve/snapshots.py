@@ -5,7 +5,7 @@ A snapshot file is `MAGIC`, a length-prefixed JSON header (format version, the m
 fingerprint, when it was written, how many records follow) and records: a length, a CRC-32 and a
 zstd-compressed pickle of plain values (no classes: `_PlainUnpickler` refuses any), one per
 instance and one for the alert states. Records are encoded one at a time, so no encoding step
-holds the GIL for long.
+holds the GIL for long, and decoded one at a time as they are restored.
 """
 
 from __future__ import annotations
@@ -65,15 +65,57 @@ def fingerprint(
     return what
 
 
-@dataclass
 class Snapshot:
-    header: dict[str, Any]
-    instances: list[dict[str, Any]]
-    alerts: dict[str, Any]
+    """An open snapshot file whose header was read and checked. Its records are read and decoded
+    one at a time as `instances` yields them, then `alerts`: a restore holds one instance's
+    decoded state beside the daemon's own, not every instance's (the whole decoded took about
+    half as much memory again as the restored daemon, and a process keeps its peak). Damage found
+    on the way raises SnapshotRefused. Close it (a context manager)."""
+
+    def __init__(self, f: BinaryIO, header: dict[str, Any]) -> None:
+        self._f, self.header = f, header
+        self.count = int(header["instances"])
+        self._payloads = _payloads(f, self.count + 1)
+        self._taken = 0
 
     @property
     def written_at(self) -> float:
         return float(self.header["written_at"])
+
+    def instances(self) -> Iterator[dict[str, Any]]:
+        """Each instance's state, in the order written."""
+        while self._taken < self.count:
+            yield self._next()
+
+    def alerts(self) -> dict[str, Any]:
+        """The alert states: the last record, once every instance was taken."""
+        if self._taken != self.count:
+            raise RuntimeError(f"{self.count - self._taken} instances not taken before the alert states")
+        rec = self._next()
+        for _ in self._payloads:  # none: this makes it check that nothing follows
+            pass
+        return rec
+
+    def _next(self) -> dict[str, Any]:
+        i = self._taken
+        payload = next(self._payloads)
+        self._taken += 1
+        try:
+            rec = _PlainUnpickler(io.BytesIO(bytes(cramjam.zstd.decompress(payload)))).load()
+        except Exception as exc:  # any failure to decode is damage
+            raise SnapshotRefused("corrupt", f"record {i} does not decode ({exc})") from exc
+        if not isinstance(rec, dict):
+            raise SnapshotRefused("corrupt", f"record {i} is a {type(rec).__name__}, not a mapping")
+        return rec
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -136,23 +178,27 @@ def write(
 
 
 def read(directory: Path, fp: Mapping[str, Any], *, max_age_s: float, now: float | None = None) -> Snapshot | None:
-    """The snapshot in `directory` if it may be restored; None if there is none. A snapshot of
-    another format or model, a damaged one or one older than `max_age_s` raises SnapshotRefused."""
+    """The snapshot in `directory`, open, if it may be restored; None if there is none. A snapshot
+    of another format or model or one older than `max_age_s` raises SnapshotRefused, and so does
+    damage, here in the header or later in a record as it is read."""
     path = directory / FILE_NAME
     try:
-        f = open(path, "rb")  # noqa: SIM115  # closed below; a missing file is no error
+        f = open(path, "rb")  # noqa: SIM115  # the Snapshot owns it, or it is closed below
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise SnapshotRefused("unreadable", f"{path}: {exc.strerror}") from exc
-    with f:
+    try:
         header = _header(f, path)
         _check_model(header, fp)
         now = time.time() if now is None else now
         age = now - float(header["written_at"])
         if age > max_age_s:
             raise SnapshotRefused("too_old", f"written {age:.0f}s ago, state.max_age is {max_age_s:g}s")
-        return Snapshot(header, *_records(f, int(header["instances"])))
+    except BaseException:
+        f.close()
+        raise
+    return Snapshot(f, header)
 
 
 def _header(f: BinaryIO, path: Path) -> dict[str, Any]:
@@ -193,19 +239,6 @@ def _check_model(header: Mapping[str, Any], fp: Mapping[str, Any]) -> None:
         f"made for model {model.get('name', '?')} {model.get('version', '?')}, whose "
         f"{', '.join(differ)} differ from the loaded model's",
     )
-
-
-def _records(f: BinaryIO, instances: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    out: list[Any] = []
-    for i, payload in enumerate(_payloads(f, instances + 1)):
-        try:
-            rec = _PlainUnpickler(io.BytesIO(bytes(cramjam.zstd.decompress(payload)))).load()
-        except Exception as exc:  # any failure to decode is damage
-            raise SnapshotRefused("corrupt", f"record {i} does not decode ({exc})") from exc
-        if not isinstance(rec, dict):
-            raise SnapshotRefused("corrupt", f"record {i} is a {type(rec).__name__}, not a mapping")
-        out.append(rec)
-    return out[:-1], out[-1]
 
 
 def _payloads(f: BinaryIO, count: int) -> Iterator[bytes]:

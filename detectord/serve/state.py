@@ -72,20 +72,25 @@ class StateKeeper:
             if snap is None:
                 log.info("no state snapshot to restore; starting clean", path=str(path))
                 return
-            try:
-                n = await ingestor.call(ingestor.restore_instances, snap.instances)
-            except (ValueError, TypeError, KeyError) as exc:
-                raise SnapshotRefused("corrupt", f"an instance's state does not fit ({exc})") from exc
-            try:
-                alerts = sink.restore(snap.alerts)
-            except (ValueError, TypeError, KeyError) as exc:
-                keys = [tuple(st["key"]) for st in snap.instances]
-                await ingestor.call(ingestor.forget, keys)
-                raise SnapshotRefused("corrupt", f"the alert states do not fit ({exc})") from exc
+            with snap:
+                # Records are decoded as the ingest thread restores them: damage found halfway
+                # raises there, and restore_instances keeps none of the instances.
+                try:
+                    keys = await ingestor.call(ingestor.restore_instances, snap.instances())
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise SnapshotRefused("corrupt", f"an instance's state does not fit ({exc})") from exc
+                try:
+                    alerts = sink.restore(await loop.run_in_executor(self._writer, snap.alerts))
+                except (ValueError, TypeError, KeyError, SnapshotRefused) as exc:
+                    await ingestor.call(ingestor.forget, keys)
+                    if isinstance(exc, SnapshotRefused):
+                        raise
+                    raise SnapshotRefused("corrupt", f"the alert states do not fit ({exc})") from exc
         except SnapshotRefused as exc:
             self.metrics.restore_refused.labels(exc.reason).inc()
             log.warning("state snapshot refused; starting clean", path=str(path), reason=exc.reason, detail=exc.detail)
             return
+        n = len(keys)
         self.metrics.restored.labels("instances").inc(n)
         self.metrics.restored.labels("alerts").inc(alerts)
         log.info(

@@ -149,12 +149,13 @@ def _flip_last_record_byte(data: bytes) -> bytes:
         ("corrupt", _flip_last_record_byte, {}),
         ("corrupt", lambda d: b"NOTASNAP" + d[8:], {}),
         ("truncated", lambda d: d[: len(d) * 2 // 3], {}),
+        ("corrupt", lambda d: d + b"\0", {}),
         ("version", lambda d: _with_header(d, format=snapshots.FORMAT + 1), {}),
         ("too_old", lambda d: _with_header(d, written_at=time.time() - 7200), {}),
         # The same snapshot, for a daemon whose model runs at another step.
         ("model", lambda d: d, {"ingest": {"step": 10.0}, "model": {"any_step": True}}),
     ],
-    ids=["corrupt", "not-a-snapshot", "truncated", "wrong-version", "too-old", "wrong-model"],
+    ids=["corrupt", "not-a-snapshot", "truncated", "data-after", "wrong-version", "too-old", "wrong-model"],
 )
 async def test_a_snapshot_that_cannot_be_trusted_is_refused_and_the_daemon_starts_clean(
     tmp_path: Path,
@@ -319,6 +320,28 @@ async def test_a_state_dir_it_cannot_write_is_said_and_counted_and_harms_nothing
     assert blocked.read_text() == "a file where the state directory should be"
 
 
+def test_a_restore_decodes_one_instance_at_a_time(tmp_path: Path, good_snapshot: bytes) -> None:
+    """A restore holds one instance's decoded state beside the daemon's, not the whole snapshot's
+    (at fleet scale that was half as much memory again as the daemon): the instances before a
+    damaged record come out before the damage is found, which then refuses the snapshot."""
+    header = _header(good_snapshot)
+    fp = header["fingerprint"]
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / snapshots.FILE_NAME).write_bytes(good_snapshot)
+    with snapshots.read(tmp_path / "good", fp, max_age_s=3600) as snap:  # type: ignore[union-attr]
+        instances, alerts = list(snap.instances()), snap.alerts()
+    records = [snapshots.encode(i) for i in instances]
+    records[-1] = records[-1][:-1] + bytes([records[-1][-1] ^ 0xFF])
+    snapshots.write(tmp_path / "bad", fp, header["model"], records, alerts)
+    taken: list[list[str]] = []
+    bad = snapshots.read(tmp_path / "bad", fp, max_age_s=3600)
+    assert bad is not None
+    with bad, pytest.raises(snapshots.SnapshotRefused, match="checksum") as refused:
+        taken.extend(st["key"] for st in bad.instances())  # appended one at a time, as restored
+    assert refused.value.reason == "corrupt"
+    assert len(instances) > 1 and taken == [i["key"] for i in instances[:-1]]
+
+
 async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
     tmp_path: Path, good_snapshot: bytes
 ) -> None:
@@ -328,12 +351,13 @@ async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
     (tmp_path / "good" / snapshots.FILE_NAME).write_bytes(good_snapshot)
     header = _header(good_snapshot)
     snap = snapshots.read(tmp_path / "good", header["fingerprint"], max_age_s=3600)
-    assert snap is not None and len(snap.instances) > 1
-    snap.instances[-1]["acc"] = (snap.instances[-1]["acc"][0][:-1], snap.instances[-1]["acc"][1])
+    assert snap is not None
+    with snap:
+        instances, alerts = list(snap.instances()), snap.alerts()
+    assert len(instances) > 1
+    instances[-1]["acc"] = (instances[-1]["acc"][0][:-1], instances[-1]["acc"][1])
     state = tmp_path / "state"
-    snapshots.write(
-        state, header["fingerprint"], header["model"], [snapshots.encode(i) for i in snap.instances], snap.alerts
-    )
+    snapshots.write(state, header["fingerprint"], header["model"], [snapshots.encode(i) for i in instances], alerts)
     with structlog.testing.capture_logs() as logs:
         async with running_server(_config(state)) as srv:
             assert srv.ingestor.extractor.instances == 0
