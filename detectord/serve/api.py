@@ -4,6 +4,7 @@ filtered and paged, one instance's scores, window, baseline and alerts. Document
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -182,8 +183,14 @@ def _row(sink: ScoreSink, key: InstanceKey, state: str, spark: int) -> dict[str,
     return row
 
 
+def _labels_of(item: tuple[InstanceKey, str]) -> InstanceKey:
+    return item[0]
+
+
 def _sort_key(sink: ScoreSink, sort: str) -> Callable[[tuple[InstanceKey, str]], Any]:
-    history, alerts = sink.history, sink.alerts
+    """Read on a thread while the event loop changes the sink: the histories are copied (whole,
+    atomic under the GIL); an alert's state is one lookup."""
+    history, alerts = dict(sink.history), sink.alerts
 
     def score(item: tuple[InstanceKey, str]) -> float:
         h = history.get(item[0])
@@ -224,16 +231,22 @@ async def handle_instances(request: web.Request) -> web.Response:
     except web.HTTPBadRequest as exc:
         return _error(400, (exc.text or "").strip())
     overview, _ = await ing.call(ing.instance_overview)
-    names = list(sink.instance_labels)
-    match = key_matcher(q.get("filter", ""), names)
-    if match is not None:
-        overview = [item for item in overview if match(item[0])]
+    match = key_matcher(q.get("filter", ""), list(sink.instance_labels))
     want = q.get("instance")
-    if want is not None:  # the older form: a substring of any label value
-        overview = [item for item in overview if any(want in v for v in item[0])]
-    # Ties (and every unscored instance) in label order, whichever way the main key runs.
-    overview.sort(key=lambda item: item[0])
-    overview.sort(key=_sort_key(sink, sort), reverse=order == "desc")
+
+    def ordered() -> list[tuple[InstanceKey, str]]:
+        items = overview
+        if match is not None:
+            items = [item for item in items if match(item[0])]
+        if want is not None:  # the older form: a substring of any label value
+            items = [item for item in items if any(want in v for v in item[0])]
+        # Ties (and every unscored instance) in label order, whichever way the main key runs.
+        items.sort(key=_labels_of)
+        items.sort(key=_sort_key(sink, sort), reverse=order == "desc")
+        return items
+
+    # Off the event loop, as /metrics: at 100,000 instances the sorts take about 0.2 s.
+    overview = await asyncio.get_running_loop().run_in_executor(None, ordered)
     page = overview[offset:] if limit == 0 else overview[offset : offset + limit]
     data = [_row(sink, key, state, spark) for key, state in page]
     return web.json_response(
@@ -333,13 +346,17 @@ async def handle_scores(request: web.Request) -> web.Response:
     want = q.get("instance")
     names = srv.cfg.ingest.instance_labels
     match = key_matcher(q.get("filter", ""), names)
-    keys = sorted(
-        key
-        for key, hist in list(srv.sink.history.items())
-        if hist.count and (want is None or any(want in v for v in key)) and (match is None or match(key))
-    )
-    page = keys[offset:] if limit == 0 else keys[offset : offset + limit]
     history = srv.sink.history
+
+    def ordered() -> list[InstanceKey]:
+        return sorted(
+            key
+            for key, hist in dict(history).items()  # a copy: the event loop changes it meanwhile
+            if hist.count and (want is None or any(want in v for v in key)) and (match is None or match(key))
+        )
+
+    keys = await asyncio.get_running_loop().run_in_executor(None, ordered)
+    page = keys[offset:] if limit == 0 else keys[offset : offset + limit]
     out = [
         {"labels": dict(zip(names, key, strict=True)), "scores": [[t, s] for t, s in history[key].pairs()]}
         for key in page
