@@ -4,9 +4,9 @@
  * features.py runs its own loop when this is not built, and
  * tests/ingest/test_features_differential.py checks both leave the same rows, counts and state.
  *
- * layout(series_type, instance_type)
- *   Reads where the __slots__ of features._Series and features._Instance live in their objects.
- *   Called once at import; accumulate refuses to run before.
+ * layout(series_type, instance_type, key_type)
+ *   Reads where the __slots__ of features._Series, features._Instance and remote_write.SeriesKey
+ *   live in their objects. Called once at import; accumulate and bind refuse to run before.
  *
  * accumulate(keys, counts, timestamps, values, pos, first, step_ms, now)
  *     -> (pos, first, k, duplicate, stale, non_finite, late, accepted)
@@ -16,6 +16,15 @@
  *   samples start, the sample to go on from (samples before it are done), and what it counted.
  *   pos == len(keys) when it did them all. Anything not as ingest leaves it (a slot unset, a
  *   list of another length) stops it before that series' first sample, for Python to do.
+ *
+ * bind(keys, pos, bound, plan, instance_labels, no_labels, instances, plan_keys, matched, les,
+ *      slot_tuples, proxy_prefix) -> pos
+ *   Binds new series from keys[pos] as FeatureExtractor._bind does, for as long as each one's
+ *   binding is known already: its metric has a plan, its instance exists (and knows its upstream),
+ *   its match and `le` were seen before and its bucket slots exist. Appends each key bound to
+ *   `bound` (features.py pins them) and returns the first key it left: one bound already, one
+ *   _bind must do (it makes instances, slots, matches and _IGNORED), or len(keys). The other
+ *   arguments are the extractor's own tables, which it only reads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,10 +40,15 @@ enum { S_INST, S_SLOTS, S_GAUGE_SOURCE, S_LAST_TS, S_LAST_V, S_GAUGE_BINS, S_HEL
 static const char *series_slots[S_N] = {"inst", "slots", "gauge_source", "last_ts", "last_v", "gauge_bins", "held"};
 enum { I_LAST_SEEN, I_LAST_DATA, I_CUR, I_RESETS, I_ACC, I_PRIMED, I_SEEN, I_MAX_TS, I_N };
 static const char *instance_slots[I_N] = {"last_seen", "last_data", "cur", "resets", "acc", "primed", "seen", "max_ts"};
+enum { B_SERIES, B_GAUGES, B_BUCKET_SLOTS, B_UPSTREAMS, B_N }; /* the _Instance slots binding uses */
+static const char *binding_slots[B_N] = {"series", "gauges", "bucket_slots", "upstreams"};
+enum { K_LABELS, K_NAME, K_STATE, K_N };
+static const char *key_slots[K_N] = {"labels", "name", "state"};
 
-static PyTypeObject *series_type, *instance_type;
+static PyTypeObject *series_type, *instance_type, *key_type;
 static PyObject *state_name; /* "state", the SeriesKey slot that holds a series' _Series */
-static Py_ssize_t series_off[S_N], instance_off[I_N];
+static PyObject *to_name, *le_name;
+static Py_ssize_t series_off[S_N], instance_off[I_N], binding_off[B_N], key_off[K_N];
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
@@ -60,12 +74,17 @@ static int offsets(PyObject *type, const char **names, Py_ssize_t *out, int n) {
 }
 
 static PyObject *layout(PyObject *self, PyObject *args) {
-    PyObject *st, *it;
-    if (!PyArg_ParseTuple(args, "O!O!", &PyType_Type, &st, &PyType_Type, &it)) return NULL;
-    if (offsets(st, series_slots, series_off, S_N) || offsets(it, instance_slots, instance_off, I_N)) return NULL;
+    PyObject *st, *it, *kt;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyType_Type, &st, &PyType_Type, &it, &PyType_Type, &kt)) return NULL;
+    if (offsets(st, series_slots, series_off, S_N) || offsets(it, instance_slots, instance_off, I_N) ||
+        offsets(it, binding_slots, binding_off, B_N) || offsets(kt, key_slots, key_off, K_N))
+        return NULL;
     if (!state_name && !(state_name = PyUnicode_InternFromString("state"))) return NULL;
+    if (!to_name && !(to_name = PyUnicode_InternFromString("to"))) return NULL;
+    if (!le_name && !(le_name = PyUnicode_InternFromString("le"))) return NULL;
     Py_XSETREF(series_type, (PyTypeObject *)Py_NewRef(st));
     Py_XSETREF(instance_type, (PyTypeObject *)Py_NewRef(it));
+    Py_XSETREF(key_type, (PyTypeObject *)Py_NewRef(kt));
     Py_RETURN_NONE;
 }
 
@@ -244,9 +263,182 @@ fail:
     return NULL;
 }
 
+/* The value of label `name` in `labels` (a tuple of (name, value) pairs of str), borrowed; the
+ * last one if it repeats, as dict(labels) keeps. NULL (no error) if absent; -1 in *err on error. */
+static PyObject *label_value(PyObject *labels, PyObject *name, int *err) {
+    PyObject *found = NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(labels, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            *err = -1;
+            PyErr_SetString(PyExc_TypeError, "a label is not a (name, value) pair");
+            return NULL;
+        }
+        PyObject *n = PyTuple_GET_ITEM(pair, 0);
+        int eq = n == name;
+        if (!eq) {
+            eq = PyObject_RichCompareBool(n, name, Py_EQ);
+            if (eq < 0) {
+                *err = -1;
+                return NULL;
+            }
+        }
+        if (eq) found = PyTuple_GET_ITEM(pair, 1);
+    }
+    return found;
+}
+
+/* Dict lookups that tell "absent" (NULL, no error) from an error (NULL, error set). */
+#define LOOKUP(d, k) PyDict_GetItemWithError((d), (k))
+
+/* What _bind would bind `sk` to, if all of it is known: a new _Series (and its instance, in
+ * *inst_out), or NULL: without an error, _bind must do it. */
+static PyObject *bind_one(PyObject *sk, PyObject *plan, PyObject *instance_labels, PyObject *no_labels,
+                          PyObject *instances, PyObject *plan_keys, PyObject *matched, PyObject *les,
+                          PyObject *slot_tuples, PyObject *proxy_prefix, PyObject **inst_out) {
+    int err = 0;
+    PyObject *name = SLOT(sk, key_off[K_NAME]), *labels = SLOT(sk, key_off[K_LABELS]);
+    if (!name || !labels || !PyUnicode_CheckExact(name) || !PyTuple_CheckExact(labels)) return NULL;
+    PyObject *p = LOOKUP(plan, name);
+    if (!p) return NULL;
+    int has_plan = PyObject_IsTrue(p);
+    if (has_plan <= 0) return NULL;
+    Py_ssize_t nkey = PyTuple_GET_SIZE(instance_labels);
+    PyObject *key = PyTuple_New(nkey);
+    if (!key) return NULL;
+    for (Py_ssize_t i = 0; i < nkey; i++) {
+        PyObject *v = label_value(labels, PyTuple_GET_ITEM(instance_labels, i), &err);
+        if (err) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(key, i, Py_NewRef(v ? v : PyTuple_GET_ITEM(no_labels, i)));
+    }
+    PyObject *inst = LOOKUP(instances, key);
+    Py_DECREF(key);
+    if (!inst || !Py_IS_TYPE(inst, instance_type)) return NULL;
+    for (int i = 0; i < B_N; i++)
+        if (!SLOT(inst, binding_off[i])) return NULL;
+    PyObject *to = label_value(labels, to_name, &err);
+    if (err) return NULL;
+    if (to && PyUnicode_Check(to) && PyUnicode_GET_LENGTH(to) > 0) {
+        Py_ssize_t proxy = PyUnicode_Tailmatch(name, proxy_prefix, 0, PY_SSIZE_T_MAX, -1);
+        if (proxy < 0) return NULL;
+        PyObject *upstreams = SLOT(inst, binding_off[B_UPSTREAMS]);
+        if (proxy) {
+            if (!PyAnySet_CheckExact(upstreams)) return NULL;
+            int known = PySet_Contains(upstreams, to);
+            if (known <= 0) return NULL; /* a new upstream: _bind notes it */
+        }
+    }
+    PyObject *pk = LOOKUP(plan_keys, name);
+    if (!pk || !PyTuple_CheckExact(pk)) return NULL;
+    PyObject *memo = PyTuple_New(1 + PyTuple_GET_SIZE(pk));
+    if (!memo) return NULL;
+    PyTuple_SET_ITEM(memo, 0, Py_NewRef(name));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(pk); i++) {
+        PyObject *v = label_value(labels, PyTuple_GET_ITEM(pk, i), &err);
+        if (err) {
+            Py_DECREF(memo);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(memo, i + 1, Py_NewRef(v ? v : Py_None));
+    }
+    PyObject *m = LOOKUP(matched, memo);
+    Py_DECREF(memo);
+    if (!m || !PyTuple_CheckExact(m) || PyTuple_GET_SIZE(m) != 3) return NULL;
+    PyObject *slots = PyTuple_GET_ITEM(m, 0), *gauge_source = PyTuple_GET_ITEM(m, 1), *hists = PyTuple_GET_ITEM(m, 2);
+    if (!PyTuple_CheckExact(slots) || !PyLong_CheckExact(gauge_source) || !PyTuple_CheckExact(hists)) return NULL;
+    long gauge = PyLong_AsLong(gauge_source);
+    if (gauge == -1 && PyErr_Occurred()) return NULL;
+    if (PyTuple_GET_SIZE(hists)) {
+        PyObject *text = label_value(labels, le_name, &err);
+        if (err) return NULL;
+        PyObject *le = LOOKUP(les, text ? text : Py_None);
+        if (!le) return NULL;
+        if (PyFloat_Check(le)) {
+            Py_ssize_t nc = PyTuple_GET_SIZE(slots), nh = PyTuple_GET_SIZE(hists);
+            PyObject *bucket_slots = SLOT(inst, binding_off[B_BUCKET_SLOTS]);
+            if (!PyDict_CheckExact(bucket_slots)) return NULL;
+            PyObject *t = PyTuple_New(nc + nh);
+            if (!t) return NULL;
+            for (Py_ssize_t i = 0; i < nc; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(PyTuple_GET_ITEM(slots, i)));
+            for (Py_ssize_t i = 0; i < nh; i++) {
+                PyObject *by_le = LOOKUP(bucket_slots, PyTuple_GET_ITEM(hists, i));
+                PyObject *slot = by_le && PyDict_CheckExact(by_le) ? LOOKUP(by_le, le) : NULL;
+                if (!slot) { /* a bucket this instance has no slot for yet */
+                    Py_DECREF(t);
+                    return NULL;
+                }
+                PyTuple_SET_ITEM(t, nc + i, Py_NewRef(slot));
+            }
+            PyObject *held = LOOKUP(slot_tuples, t);
+            Py_DECREF(t);
+            if (!held) return NULL;
+            slots = held;
+        }
+    }
+    if (PyTuple_GET_SIZE(slots) == 0 && gauge < 0) return NULL;
+    PyObject *gauges = NULL;
+    if (gauge >= 0) {
+        gauges = SLOT(inst, binding_off[B_GAUGES]);
+        if (!PyList_CheckExact(gauges) || gauge >= PyList_GET_SIZE(gauges) ||
+            !PyList_CheckExact(PyList_GET_ITEM(gauges, gauge)))
+            return NULL;
+    }
+    if (!PyList_CheckExact(SLOT(inst, binding_off[B_SERIES]))) return NULL;
+    PyObject *s = PyObject_CallFunctionObjArgs((PyObject *)series_type, inst, slots, gauge_source, NULL);
+    if (!s) return NULL;
+    if (gauges && PyList_Append(PyList_GET_ITEM(gauges, gauge), s) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    *inst_out = inst;
+    return s;
+}
+
+static PyObject *bind(PyObject *self, PyObject *args) {
+    PyObject *keys, *bound, *plan, *instance_labels, *no_labels, *instances, *plan_keys, *matched, *les,
+        *slot_tuples, *proxy_prefix;
+    Py_ssize_t pos;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!O!O!O!O!O!O!U", &PyList_Type, &keys, &pos, &PyList_Type, &bound,
+                          &PyDict_Type, &plan, &PyTuple_Type, &instance_labels, &PyTuple_Type, &no_labels,
+                          &PyDict_Type, &instances, &PyDict_Type, &plan_keys, &PyDict_Type, &matched, &PyDict_Type,
+                          &les, &PyDict_Type, &slot_tuples, &proxy_prefix))
+        return NULL;
+    if (!key_type) {
+        PyErr_SetString(PyExc_RuntimeError, "layout() was not called");
+        return NULL;
+    }
+    if (pos < 0 || PyTuple_GET_SIZE(no_labels) != PyTuple_GET_SIZE(instance_labels)) {
+        PyErr_SetString(PyExc_ValueError, "pos must be >= 0, no_labels as long as instance_labels");
+        return NULL;
+    }
+    for (; pos < PyList_GET_SIZE(keys); pos++) {
+        PyObject *sk = PyList_GET_ITEM(keys, pos);
+        if (!Py_IS_TYPE(sk, key_type) || SLOT(sk, key_off[K_STATE]) != Py_None) break;
+        PyObject *inst = NULL;
+        Py_INCREF(sk);
+        PyObject *s = bind_one(sk, plan, instance_labels, no_labels, instances, plan_keys, matched, les, slot_tuples,
+                               proxy_prefix, &inst);
+        if (!s) {
+            Py_DECREF(sk);
+            if (PyErr_Occurred()) return NULL;
+            break;
+        }
+        int failed = PyList_Append(SLOT(inst, binding_off[B_SERIES]), sk) < 0 || PyList_Append(bound, sk) < 0;
+        if (!failed) set_slot(sk, key_off[K_STATE], s);
+        else Py_DECREF(s);
+        Py_DECREF(sk);
+        if (failed) return NULL;
+    }
+    return PyLong_FromSsize_t(pos);
+}
+
 static PyMethodDef methods[] = {
     {"layout", layout, METH_VARARGS, "Read where _Series's and _Instance's slots are."},
     {"accumulate", accumulate, METH_VARARGS, "Accumulate bound series' samples into their instances' steps."},
+    {"bind", bind, METH_VARARGS, "Bind new series whose binding is known, as FeatureExtractor._bind does."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -521,7 +521,7 @@ _MAX_MATCHES_KEPT = 4096
 try:
     from detectord.ingest import _fastfeatures  # type: ignore[attr-defined]
 
-    _fastfeatures.layout(_Series, _Instance)
+    _fastfeatures.layout(_Series, _Instance, SeriesKey)
 except ImportError:  # built without a C compiler: features.py's own loop does it
     _fastfeatures = None
 
@@ -573,6 +573,7 @@ class FeatureExtractor:
         self._accumulate = _fastfeatures.accumulate if native and _fastfeatures is not None else None
         self._slot_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._les: dict[str | None, float | None] = {}  # `le` label values parsed (a bounded number)
+        self._bind_known = _fastfeatures.bind if native and _fastfeatures is not None else None
 
     @property
     def instances(self) -> int:
@@ -630,6 +631,10 @@ class FeatureExtractor:
                         # first, so the C loop takes all their samples in one call.
                         q = pos
                         while q < len(keys) and keys[q].state is None:
+                            if canonical and self._bind_known is not None:
+                                q = self._bind_run(keys, q)
+                                if q == len(keys) or keys[q].state is not None:
+                                    break
                             self._bind(keys[q], now, canonical)
                             if keys[q].state.__class__ is not _Series:
                                 break
@@ -920,6 +925,32 @@ class FeatureExtractor:
         self.labels.pin(sk)
         self.series_bound += 1
         return s
+
+    def _bind_run(self, keys: list[SeriesKey], q: int) -> int:
+        """Binds keys[q:] in C as `_bind` would, while each one's binding is known (an existing
+        instance, a match and bucket slots seen before: a new instance's series after its first
+        few); returns the first key left to `_bind` (or bound already)."""
+        assert self._bind_known is not None
+        bound: list[SeriesKey] = []
+        t = self._table
+        q = self._bind_known(
+            keys,
+            q,
+            bound,
+            t.plan,
+            self.instance_labels,
+            self._no_labels,
+            self._instances,
+            t.plan_keys,
+            t._matched,
+            self._les,
+            self._slot_tuples,
+            _PROXY_PREFIX,
+        )
+        for sk in bound:
+            self.labels.pin(sk)
+        self.series_bound += len(bound)
+        return q
 
     def _bucket_slots(
         self, inst: _Instance, counters: tuple[int, ...], hists: tuple[int, ...], le: float

@@ -54,10 +54,12 @@ class Pair:
         self.native = FeatureExtractor(step_ms, native=True, **kw)
         self.python = FeatureExtractor(step_ms, native=False, **kw)
         assert self.native._accumulate is not None and self.python._accumulate is None
+        assert self.native._bind_known is not None and self.python._bind_known is None
         self.rows = 0
         self.stats = IngestStats()
 
-    def feed(self, body: bytes, version: Version, now: float) -> None:
+    def feed(self, body: bytes, version: Version, now: float) -> list[tuple[object, ...]]:
+        """The rows both made (as `_row`s)."""
         out = []
         for ext in (self.native, self.python):
             w = decode(body, version, ext.labels, max_decoded=16 * MiB, keep=ext.series_names)
@@ -68,6 +70,7 @@ class Pair:
         self.rows += len(out[0][0])
         for k, v in out[0][1].items():
             setattr(self.stats, k, getattr(self.stats, k) + v)
+        return out[0][0]
 
     def same_state(self, now: float) -> None:
         native, python = self.native, self.python
@@ -174,3 +177,33 @@ def test_negative_and_huge_timestamps_bin_alike() -> None:
         pair.feed(v1_body([(labels, [(ts, now * 10)])]), "1.0", now)
         pair.same_state(now)
     pair.check_state(now)
+
+
+def test_an_upstream_that_comes_later_is_noted_alike() -> None:
+    """A second upstream's series bind where the first's made every slot already (the C binding's
+    case, after another new series of the instance began the run): both extractors note it, and
+    the instance's rows name both."""
+    pair = Pair()
+    base = {"job": "coredns", "instance": "a:9153", "server": "dns://:53"}
+    now, rows = 0.0, list[tuple[object, ...]]()
+
+    def series(to: str, step: int) -> list[Series]:
+        ts = 1_700_000_000_000 + step * STEP_MS
+        out: list[Series] = [({**base, "__name__": "coredns_dns_requests_total"}, [(ts, 10.0 * step)])]
+        name = "coredns_proxy_request_duration_seconds"
+        for le in ("0.005", "0.05", "0.5", "+Inf"):
+            out.append(({**base, "__name__": f"{name}_bucket", "to": to, "le": le}, [(ts, 3.0 * step)]))
+        out.append(({**base, "__name__": f"{name}_count", "to": to}, [(ts, 3.0 * step)]))
+        out.append(({**base, "__name__": f"{name}_sum", "to": to}, [(ts, 0.1 * step)]))
+        return out
+
+    for step in range(6):
+        now += 1
+        sent = series("10.0.0.1:53", step)
+        if step >= 3:
+            ts = 1_700_000_000_000 + step * STEP_MS
+            sent.append(({**base, "server": "dns://:5353", "__name__": "coredns_dns_requests_total"}, [(ts, 1.0)]))
+            sent += series("10.0.0.2:53", step)[1:]
+        rows += pair.feed(v1_body(sent), "1.0", now)
+    pair.same_state(now)
+    assert rows[0][-1] == "10.0.0.1:53" and rows[-1][-1] == "10.0.0.1:53,10.0.0.2:53", rows
