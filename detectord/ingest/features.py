@@ -469,7 +469,8 @@ class _SourceTable:
         }
         # The label names each name's plan reads: what a series' match depends on.
         self.plan_keys = {name: tuple(dict.fromkeys(k for m, _, _ in p for k, _ in m)) for name, p in self.plan.items()}
-        self._matched: dict[tuple[str | None, ...], tuple[tuple[int, ...], int, tuple[int, ...]] | None] = {}
+        # match's answers so far (_fastfeatures.bind reads them too).
+        self.matched: dict[tuple[str | None, ...], tuple[tuple[int, ...], int, tuple[int, ...]] | None] = {}
         self.compiled = [f.expr.compile(self) for f in features]
 
     def match(self, name: str, labels: Mapping[str, str]) -> tuple[tuple[int, ...], int, tuple[int, ...]] | None:
@@ -478,7 +479,7 @@ class _SourceTable:
         repeat a few label values, so the answers are kept (a bounded number: a writer can make
         up values)."""
         memo = (name, *map(labels.get, self.plan_keys[name]))
-        hit = self._matched.get(memo, _MISS)
+        hit = self.matched.get(memo, _MISS)
         if hit is not _MISS:
             return hit  # type: ignore[return-value]
         counters: list[int] = []
@@ -495,8 +496,8 @@ class _SourceTable:
                 else:
                     hists.append(i)
         out = (tuple(counters), gauge, tuple(hists)) if matched else None
-        if len(self._matched) < _MAX_MATCHES_KEPT:
-            self._matched[memo] = out
+        if len(self.matched) < _MAX_MATCHES_KEPT:
+            self.matched[memo] = out
         return out
 
     def _number(self, src: Source) -> int:
@@ -942,7 +943,7 @@ class FeatureExtractor:
             self._no_labels,
             self._instances,
             t.plan_keys,
-            t._matched,
+            t.matched,
             self._les,
             self._slot_tuples,
             _PROXY_PREFIX,
