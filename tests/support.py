@@ -20,7 +20,7 @@ from detectord.alerting.states import Alert, AlertStates
 from detectord.config import AlertingConfig, Duration
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
-from detectord.ingest.remote_write import encode_v1, encode_v2
+from detectord.ingest.remote_write import LabelCache, SeriesKey, encode_v1, encode_v2
 from detectord.recordings.format import RecordingWriter, read_records
 from detectord.recordings.truth import read_truth, truth_path
 
@@ -269,3 +269,24 @@ alerting:
 logging:
   format: console
 """
+
+
+def cache_state(cache: LabelCache) -> tuple[object, ...]:
+    """What a label cache holds and counts, comparable between two caches of one process (their
+    digests share its key)."""
+
+    def held(table: dict[Any, Any]) -> dict[Any, object]:
+        return {raw: hit.labels if isinstance(hit, SeriesKey) else hit for raw, hit in table.items()}
+
+    return (
+        held(cache._raw),
+        held(cache._old),
+        held(cache._keys),
+        held(cache._old_keys),
+        held(cache._pinned),
+        cache.young_bytes,
+        cache.old_bytes,
+        cache.pinned_bytes,
+        cache.interned,
+        cache.turns,
+    )

@@ -7,7 +7,7 @@
  * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
  * decode_v1(data, cache, resolve, check_hist, max_ts, start, max_series, keys, counts, timestamps, values, keep,
- *           shared, max_labels, max_name, max_value)
+ *           shared, max_labels, max_name, max_value, tables)
  *     -> (samples, histograms, exemplars, metadata, rejects, next, ignored)
  *   Appends each accepted series' SeriesKey to keys, its number of samples to counts, and its
  *   samples to the flat lists timestamps and values: no per-sample container objects, so the
@@ -24,6 +24,11 @@
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
  *   shared, max_labels, max_name, max_value: the pairs plainly valid sets are made of (None: no
  *            set is taken as plainly valid), and the limits resolve checks (0: none).
+ *   tables:  None, or the label cache's (old, pinned, keys, old_keys, made): a plainly valid set
+ *            whose digest is in neither cache nor old and whose labels are in none of pinned,
+ *            keys and old_keys gets its SeriesKey made here (see key_type), entered in keys and
+ *            cache as resolve would; made (a list of three) gets how many keys were made, their
+ *            labels and their characters, also when decoding fails, for the cache's estimate.
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
  *   keep:    None, or a tuple of metric names (bytes): a float series whose one `__name__` names
@@ -43,6 +48,12 @@
  * path uses it and the two must accept and refuse the same bodies: field number 0, tags longer
  * than 5 bytes or above 2^32, wire types 6 and 7 and unbalanced groups are malformed; unknown
  * fields (groups included, at most 100 levels deep counting message nesting) are skipped.
+ *
+ * key_type(SeriesKey)
+ *   The class of the keys decode_v1 and decode_v2 make (its __slots__ must be labels, name, state).
+ *
+ * pin_keys(keys, pinned, young, old) -> (keys newly pinned, their labels, their characters)
+ *   LabelCache.pin for each SeriesKey of the list keys, in one call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -483,14 +494,70 @@ static void siphash128(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1, 
     memcpy(out + 8, &h, 8);
 }
 
-/* How raw label fields become a series key: the cache, and on a miss resolve() (see decode_v1). */
+/* How raw label fields become a series key: the cache, and on a miss resolve() or new_key() (see
+ * decode_v1), with what new_key made. */
 typedef struct {
     PyObject *cache, *resolve, *shared;
     Py_ssize_t max_labels, max_name, max_value;
+    PyObject *old, *pinned, *keys, *old_keys; /* NULL: new_key makes nothing */
+    PyObject *made_out;                       /* where store_made puts the next three */
+    Py_ssize_t made, made_labels, made_chars;
 } keyer;
 
+/* remote_write.SeriesKey (set by key_type) and the names of its slots. */
+static PyTypeObject *series_key;
+static PyObject *labels_name, *name_name, *state_name, *metric_label;
+
+/* The characters of a label set's names and values (the label cache's size estimate), or -1 with
+ * TypeError when it is not a tuple of (name, value) pairs of str. */
+static Py_ssize_t chars_of(PyObject *labels) {
+    if (!PyTuple_Check(labels)) goto bad;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(labels, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(pair, 1)))
+            goto bad;
+        total += PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 0)) + PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 1));
+    }
+    return total;
+bad:
+    PyErr_SetString(PyExc_TypeError, "labels must be a tuple of (name, value) pairs");
+    return -1;
+}
+
+/* The new SeriesKey of a plainly valid label set (from checked_labels) that the cache holds in no
+ * way, entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) enters
+ * it, and counted in k->made*; NULL without an error where the cache holds the digest or the
+ * labels somewhere (from_label_fields moves them), NULL with one on failure. */
+static PyObject *new_key(keyer *k, PyObject *digest, PyObject *labels) {
+    if (!k->old || !series_key) return NULL;
+    int held = PyDict_Contains(k->old, digest);
+    PyObject *tables[3] = {k->pinned, k->keys, k->old_keys};
+    for (int i = 0; i < 3 && !held; i++) held = PyDict_Contains(tables[i], labels);
+    if (held) return NULL;
+    PyObject *name = NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels) && !name; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(labels, i);
+        if (PyUnicode_Compare(PyTuple_GET_ITEM(pair, 0), metric_label) == 0) name = PyTuple_GET_ITEM(pair, 1);
+    }
+    if (!name) return NULL; /* checked_labels makes none without it */
+    PyObject *key = series_key->tp_alloc(series_key, 0);
+    if (!key) return NULL;
+    if (PyObject_SetAttr(key, labels_name, labels) || PyObject_SetAttr(key, name_name, name) ||
+        PyObject_SetAttr(key, state_name, Py_None) || PyDict_SetItem(k->keys, labels, key) ||
+        PyDict_SetItem(k->cache, digest, key)) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    k->made++;
+    k->made_labels += PyTuple_GET_SIZE(labels);
+    k->made_chars += chars_of(labels); /* checked_labels' pairs: never -1 */
+    return key;
+}
+
 /* The SeriesKey or reason (str) for the raw label fields rp..rend; a new reference, NULL on error. */
-static PyObject *lookup_key(const keyer *k, const uint8_t *rp, const uint8_t *rend) {
+static PyObject *lookup_key(keyer *k, const uint8_t *rp, const uint8_t *rend) {
     uint8_t d[16];
     siphash128(rp, (size_t)(rend - rp), sip_k0, sip_k1, d);
     PyObject *digest = PyBytes_FromStringAndSize((const char *)d, 16);
@@ -516,7 +583,8 @@ static PyObject *lookup_key(const keyer *k, const uint8_t *rp, const uint8_t *re
         }
     }
     if (labels != Py_None) {
-        key = PyObject_CallFunctionObjArgs(k->resolve, digest, labels, Py_True, NULL);
+        key = new_key(k, digest, labels);
+        if (!key && !PyErr_Occurred()) key = PyObject_CallFunctionObjArgs(k->resolve, digest, labels, Py_True, NULL);
     } else {
         PyObject *pairs = label_pairs(rp, rend);
         key = pairs ? PyObject_CallFunctionObjArgs(k->resolve, digest, pairs, NULL) : NULL;
@@ -548,14 +616,24 @@ static PyObject *py_siphash128(PyObject *self, PyObject *args) {
 }
 
 /* The arguments both decoders share: keep (None or a tuple of metric names as bytes, compared in
- * place: a handful, cheaper than making a bytes object to look up), shared, start. 0, or -1 with
- * an exception set. */
-static int check_args(PyObject *keep, PyObject *shared, Py_ssize_t start, Py_ssize_t len, PyObject ***keep_names,
-                      Py_ssize_t *nkeep) {
+ * place: a handful, cheaper than making a bytes object to look up), shared, tables, start. 0, or
+ * -1 with an exception set. */
+static int check_args(PyObject *keep, PyObject *shared, PyObject *tables, Py_ssize_t start, Py_ssize_t len,
+                      PyObject ***keep_names, Py_ssize_t *nkeep) {
     *keep_names = NULL;
     *nkeep = -1;
     if (shared != Py_None && !PyDict_Check(shared)) {
         PyErr_SetString(PyExc_TypeError, "shared must be a dict or None");
+        return -1;
+    }
+    int ok = tables == Py_None || (PyTuple_Check(tables) && PyTuple_GET_SIZE(tables) == 5);
+    for (Py_ssize_t k = 0; ok && tables != Py_None && k < 4; k++) ok = PyDict_Check(PyTuple_GET_ITEM(tables, k));
+    if (ok && tables != Py_None) {
+        PyObject *made = PyTuple_GET_ITEM(tables, 4);
+        ok = PyList_CheckExact(made) && PyList_GET_SIZE(made) == 3;
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "tables must be four dicts and a list of three, or None");
         return -1;
     }
     if (keep != Py_None) {
@@ -572,6 +650,38 @@ static int check_args(PyObject *keep, PyObject *shared, Py_ssize_t start, Py_ssi
         PyErr_SetString(PyExc_ValueError, "start out of range");
         return -1;
     }
+    return 0;
+}
+
+/* The label cache's tables new_key enters new keys in (checked by check_args), if given. */
+static void key_tables(keyer *k, PyObject *tables) {
+    k->old = k->pinned = k->keys = k->old_keys = k->made_out = NULL;
+    k->made = k->made_labels = k->made_chars = 0;
+    if (tables == Py_None) return;
+    k->old = PyTuple_GET_ITEM(tables, 0);
+    k->pinned = PyTuple_GET_ITEM(tables, 1);
+    k->keys = PyTuple_GET_ITEM(tables, 2);
+    k->old_keys = PyTuple_GET_ITEM(tables, 3);
+    k->made_out = PyTuple_GET_ITEM(tables, 4);
+}
+
+/* Puts what new_key made in the tables' list, whether decoding succeeded or not: the cache counts
+ * every key it holds. 0, or -1 with an exception set. */
+static int store_made(const keyer *k) {
+    if (!k->old) return 0;
+    Py_ssize_t counts[3] = {k->made, k->made_labels, k->made_chars};
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    for (int i = 0; i < 3; i++) {
+        PyObject *n = PyLong_FromSsize_t(counts[i]);
+        if (!n || PyList_SetItem(k->made_out, i, n)) {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            return -1;
+        }
+    }
+    PyErr_Restore(type, value, tb);
     return 0;
 }
 
@@ -624,20 +734,21 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
 
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared, *tables;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOnnn", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOnnnO", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
                           &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type,
-                          &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name, &max_value))
+                          &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name, &max_value, &tables))
         return NULL;
     PyObject **keep_names;
     Py_ssize_t nkeep;
-    if (check_args(keep, shared, start, buf.len, &keep_names, &nkeep)) {
+    if (check_args(keep, shared, tables, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
         return NULL;
     }
     keyer kr = {cache, resolve, shared, max_labels, max_name, max_value};
+    key_tables(&kr, tables);
     PyObject *rejects = PyList_New(0);
     PyObject *hists = NULL, *result = NULL;
     Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
@@ -780,6 +891,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
+    if (store_made(&kr)) Py_CLEAR(result);
     Py_XDECREF(hists);
     PyMem_Free(scratch);
     PyMem_Free(sb.ts);
@@ -946,22 +1058,23 @@ static int put_label(char **buf, size_t *cap, size_t *off, const uint8_t *name, 
  */
 static PyObject *decode_v2(PyObject *self, PyObject *args) {
     Py_buffer buf, symbuf;
-    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared;
+    PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared, *tables;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOnnn", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
+    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOnnnO", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
                           &check_hist, &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts,
                           &PyList_Type, &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name,
-                          &max_value))
+                          &max_value, &tables))
         return NULL;
     PyObject **keep_names;
     Py_ssize_t nkeep;
-    if (check_args(keep, shared, start, buf.len, &keep_names, &nkeep)) {
+    if (check_args(keep, shared, tables, start, buf.len, &keep_names, &nkeep)) {
         PyBuffer_Release(&buf);
         PyBuffer_Release(&symbuf);
         return NULL;
     }
     keyer kr = {cache, resolve, shared, max_labels, max_name, max_value};
+    key_tables(&kr, tables);
     const uint8_t *base = (const uint8_t *)buf.buf;
     const int64_t *sym = (const int64_t *)symbuf.buf;
     Py_ssize_t nsym = symbuf.len / (Py_ssize_t)(2 * sizeof(int64_t));
@@ -1116,6 +1229,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
+    if (store_made(&kr)) Py_CLEAR(result);
     Py_XDECREF(hists);
     PyMem_Free(scratch);
     PyMem_Free(sb.ts);
@@ -1160,25 +1274,76 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nI)", series, (unsigned int)unknown);
 }
 
-/* The characters of a label set's names and values: the label cache's size estimate, taken for
-   every new series (in Python it was a sixth of binding one). */
-static PyObject *label_chars(PyObject *self, PyObject *labels) {
+/* key_type(SeriesKey): the class new_key makes keys of, whose slots must be labels, name, state. */
+static PyObject *key_type(PyObject *self, PyObject *type) {
     (void)self;
-    if (!PyTuple_Check(labels)) {
-        PyErr_SetString(PyExc_TypeError, "labels must be a tuple of (name, value) pairs");
+    PyObject *slots = PyType_Check(type) ? PyObject_GetAttrString(type, "__slots__") : NULL;
+    PyObject *want = slots ? Py_BuildValue("(sss)", "labels", "name", "state") : NULL;
+    int same = want ? PyObject_RichCompareBool(slots, want, Py_EQ) : -1;
+    Py_XDECREF(slots);
+    Py_XDECREF(want);
+    if (same < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "key_type takes a class");
         return NULL;
     }
-    Py_ssize_t total = 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(labels, i);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(pair, 0)) ||
-            !PyUnicode_Check(PyTuple_GET_ITEM(pair, 1))) {
-            PyErr_SetString(PyExc_TypeError, "labels must be a tuple of (name, value) pairs");
-            return NULL;
-        }
-        total += PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 0)) + PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 1));
+    if (!same) {
+        PyErr_SetString(PyExc_TypeError, "the key type's __slots__ must be ('labels', 'name', 'state')");
+        return NULL;
     }
-    return PyLong_FromSsize_t(total);
+    if (!labels_name && !(labels_name = PyUnicode_InternFromString("labels"))) return NULL;
+    if (!name_name && !(name_name = PyUnicode_InternFromString("name"))) return NULL;
+    if (!state_name && !(state_name = PyUnicode_InternFromString("state"))) return NULL;
+    if (!metric_label && !(metric_label = PyUnicode_InternFromString("__name__"))) return NULL;
+    Py_XSETREF(series_key, (PyTypeObject *)Py_NewRef(type));
+    Py_RETURN_NONE;
+}
+
+/* pin_keys(keys, pinned, young, old) -> (pinned now, their labels, their characters)
+ *   LabelCache.pin for each SeriesKey of the list keys: pinned[key.labels] = key, and the labels
+ *   out of the two generations young and old (the first that holds them); counts the keys newly
+ *   pinned, for the cache's byte estimate. */
+static PyObject *pin_keys(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *keys, *pinned, *young, *old;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyList_Type, &keys, &PyDict_Type, &pinned, &PyDict_Type, &young,
+                          &PyDict_Type, &old))
+        return NULL;
+    if (!series_key) {
+        PyErr_SetString(PyExc_RuntimeError, "key_type() was not called");
+        return NULL;
+    }
+    Py_ssize_t newly = 0, nlabels = 0, nchars = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *labels = PyObject_GetAttr(key, labels_name);
+        if (!labels) return NULL;
+        Py_ssize_t chars = chars_of(labels);
+        Py_ssize_t held = PyDict_GET_SIZE(pinned);
+        int rc = chars < 0 ? -1 : PyDict_SetItem(pinned, labels, key);
+        if (!rc && PyDict_GET_SIZE(pinned) > held) {
+            newly++;
+            nlabels += PyTuple_GET_SIZE(labels);
+            nchars += chars;
+        }
+        if (!rc && (rc = PyDict_DelItem(young, labels)) && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+            if ((rc = PyDict_DelItem(old, labels)) && PyErr_ExceptionMatches(PyExc_KeyError)) {
+                PyErr_Clear();
+                rc = 0;
+            }
+        }
+        Py_DECREF(labels);
+        if (rc) return NULL;
+    }
+    return Py_BuildValue("(nnn)", newly, nlabels, nchars);
+}
+
+/* label_chars(labels): chars_of for Python, taken for every new series the Python path keys (in
+   Python it was a sixth of binding one). */
+static PyObject *label_chars(PyObject *self, PyObject *labels) {
+    (void)self;
+    Py_ssize_t total = chars_of(labels);
+    return total < 0 ? NULL : PyLong_FromSsize_t(total);
 }
 
 static PyMethodDef methods[] = {
@@ -1188,6 +1353,8 @@ static PyMethodDef methods[] = {
     {"decode_v2", decode_v2, METH_VARARGS, "Decode a parsed remote write 2.0 request."},
     {"scan", scan, METH_VARARGS, "Count a request's series and find its first unknown top-level field."},
     {"siphash128", py_siphash128, METH_VARARGS, "SipHash-2-4-128 of data under a 16-byte key."},
+    {"key_type", key_type, METH_O, "Set the class of the series keys decoding makes."},
+    {"pin_keys", pin_keys, METH_VARARGS, "Pin series keys in a label cache's tables."},
     {NULL, NULL, 0, NULL},
 };
 

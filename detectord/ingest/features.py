@@ -548,8 +548,9 @@ class FeatureExtractor:
         label_cache_bytes: int = DEFAULT_CACHE_BYTES,
         native: bool = True,
     ) -> None:
-        """`native`: accumulate bound series' samples in C where it is built (the Python loop is
-        the reference; tests/ingest/test_features_differential.py compares them)."""
+        """`native`: bind new series, key and pin them and accumulate bound series' samples in C
+        where it is built (the Python code is the reference; tests/ingest/test_features_differential.py
+        compares them)."""
         if step_ms <= 0:
             raise ValueError(f"step must be > 0 ms, got {step_ms}")
         self.step_ms = step_ms
@@ -563,6 +564,7 @@ class FeatureExtractor:
         self.series_names = frozenset(self._table.by_series_name) | {UP}
         # Decode with this cache: per-series state lives on its SeriesKeys (pinned while bound).
         self.labels = LabelCache(label_cache_bytes)
+        self.labels.native &= native
         self.series_bound = 0  # series ever bound (a new series costs far more than a known one)
         self._instances: dict[InstanceKey, _Instance] = {}
         # Instances refused at max_instances, when last refused (monotonic), as many again at most.
@@ -948,8 +950,7 @@ class FeatureExtractor:
             self._slot_tuples,
             _PROXY_PREFIX,
         )
-        for sk in bound:
-            self.labels.pin(sk)
+        self.labels.pin_all(bound)
         self.series_bound += len(bound)
         return q
 

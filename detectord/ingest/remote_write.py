@@ -96,6 +96,10 @@ class SeriesKey:
         return f"SeriesKey({_show(self.labels)})"
 
 
+if _fastdecode is not None:
+    _fastdecode.key_type(SeriesKey)  # the C decoder makes the keys of new plainly valid label sets
+
+
 # What the label cache may hold, estimated as below: about 500,000 distinct series of a few labels.
 DEFAULT_CACHE_BYTES = 256 * 1024**2
 # Estimated bytes of a cache entry beyond its raw key (dict slot, bytes object), of a
@@ -105,6 +109,10 @@ _ENTRY_BYTES = 120
 _DIGEST_BYTES = 16
 _KEY_BYTES = 200
 _LABEL_BYTES = 170
+# A key the C decoder made, with its entry (see LabelCache.count_made), and one it pinned
+# (_pinned_bytes), beyond their labels.
+_MADE_BYTES = _KEY_BYTES + _ENTRY_BYTES + _DIGEST_BYTES
+_PINNED_BYTES = _KEY_BYTES + 2 * (_ENTRY_BYTES + _DIGEST_BYTES)
 
 
 # Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
@@ -184,6 +192,9 @@ class LabelCache:
         self.turns = 0  # only a turn can let a key go, so a key is the one for its labels until then
         # Entries forgotten by turns, by why the turn came ("idle", "size").
         self.forgotten: dict[str, int] = {"idle": 0, "size": 0}
+        # Whether the C decoder makes new keys and pins them itself (native_tables); the reference
+        # path, Python's from_label_fields and pin, is what tests compare it with.
+        self.native = _fastdecode is not None
 
     @property
     def limits(self) -> WriteLimits:
@@ -255,6 +266,16 @@ class LabelCache:
         if self._keys.pop(labels, None) is None:
             self._old_keys.pop(labels, None)
 
+    def pin_all(self, keys: list[SeriesKey]) -> None:
+        """`pin` each of `keys`."""
+        if not self.native:
+            for key in keys:
+                self.pin(key)
+            return
+        assert _fastdecode is not None
+        newly, labels, chars = _fastdecode.pin_keys(keys, self._pinned, self._keys, self._old_keys)
+        self.pinned_bytes += newly * _PINNED_BYTES + labels * _LABEL_BYTES + chars
+
     def unpin(self, key: SeriesKey) -> None:
         """Let `key` go like any other once it is not seen for a while."""
         if self._pinned.pop(key.labels, None) is not None:
@@ -288,6 +309,18 @@ class LabelCache:
         self._raw[raw] = hit
         self.young_bytes += _entry_bytes(raw)
         return hit
+
+    def native_tables(self, made: list[int]) -> tuple[object, ...] | None:
+        """Where the C decoder enters the keys it makes for new plainly valid label sets, as
+        from_label_fields(digest, labels, True) would, and `made`, where it says how many it
+        made, for count_made (None: it leaves them to from_label_fields)."""
+        return (self._old, self._pinned, self._keys, self._old_keys, made) if self.native else None
+
+    def count_made(self, made: list[int]) -> None:
+        """Count the keys the C decoder made: how many, their labels and their characters."""
+        keys, labels, chars = made
+        self.interned += keys
+        self.young_bytes += keys * _MADE_BYTES + labels * _LABEL_BYTES + chars
 
     @property
     def shared_pairs(self) -> dict[tuple[str, str], tuple[str, str]]:
@@ -713,6 +746,7 @@ def _c_steps(
         if chunks % (STEP_SERIES // C_CHUNK_SERIES) == 0:
             yield
         try:
+            made = [0, 0, 0]
             n, hist, ex, meta, rejects, pos, ignored = decode_c(
                 data,
                 *head,
@@ -731,9 +765,12 @@ def _c_steps(
                 limits.labels,
                 limits.label_name_length,
                 limits.label_value_length,
+                cache.native_tables(made),
             )
         except ValueError as exc:
             raise DecodeError(str(exc)) from None
+        finally:
+            cache.count_made(made)
         out.samples += n
         out.histograms += hist
         out.exemplars += ex

@@ -18,7 +18,7 @@ from detectord.ingest.features import FeatureExtractor
 from detectord.ingest.remote_write import DecodedWrite, Keep, LabelCache, SeriesKey, Version, WriteLimits, decode
 from detectord.recordings.format import read_records
 from tests.ingest import fuzzbodies
-from tests.support import REPO
+from tests.support import REPO, cache_state
 
 pytestmark = pytest.mark.skipif(
     remote_write._fastdecode is None,  # type: ignore[attr-defined]
@@ -74,16 +74,22 @@ def _outcome(
 
 class _Pair:
     """The two decoders, each with its own label caches (hits and misses are both compared), with
-    every series decoded or only those `KEEP` names."""
+    every series decoded or only those `KEEP` names; and the C decoder again with a cache that
+    leaves making keys to Python (the reference for the keys C makes: the caches must end alike,
+    also after a body refused halfway). The caches turn every `turn_every` bodies."""
 
-    def __init__(self) -> None:
+    def __init__(self, turn_every: int = 37) -> None:
         self.caches = {
             (c, tight, keep): LabelCache(limits=TIGHT if tight else None)
-            for c in (True, False)
+            for c in (True, False, "reference")
             for tight in (False, True)
             for keep in (False, True)
         }
+        for (c, _, _), cache in self.caches.items():
+            cache.native = c is True
         self.seen: dict[str, int] = {}
+        self.turn_every = turn_every
+        self.checked = 0
 
     def check(
         self,
@@ -98,6 +104,13 @@ class _Pair:
         a = _outcome(body, version, self.caches[True, tight, keep], use_c=True, max_ts=max_ts, keep=names)
         b = _outcome(body, version, self.caches[False, tight, keep], use_c=False, max_ts=max_ts, keep=names)
         assert a == b, f"{where}: the C and Python decoders disagree on {body!r}"
+        ref = self.caches["reference", tight, keep]
+        assert _outcome(body, version, ref, use_c=True, max_ts=max_ts, keep=names) == a, where
+        assert cache_state(self.caches[True, tight, keep]) == cache_state(ref), f"{where}: the caches differ"
+        self.checked += 1
+        if self.checked % self.turn_every == 0:
+            for cache in self.caches.values():
+                cache.turn()
         kind = str(a[0]) if a[0] == "refused" else ("partial" if a[9] else "decoded")
         self.seen[kind] = self.seen.get(kind, 0) + 1
         if keep and a[0] == "decoded" and a[-1]:
@@ -212,6 +225,10 @@ def test_decoders_agree_at_the_edges_of_the_plain_label_shortcut(tight: bool) ->
         def from_label_fields(self, raw: object, labels: Any, checked: bool = False) -> SeriesKey | str:
             Counting.shortcuts += checked
             return super().from_label_fields(raw, labels, checked)
+
+        def count_made(self, made: list[int]) -> None:  # the shortcut's keys made in C
+            Counting.shortcuts += made[0]
+            super().count_made(made)
 
     limits = TIGHT if tight else None
     for what, labels in EDGES.items():

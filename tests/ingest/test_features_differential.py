@@ -19,7 +19,7 @@ from detectord.ingest.features import FeatureExtractor, FeatureRow, IngestStats
 from detectord.ingest.remote_write import STALE_NAN, Version, decode
 from detectord.recordings.format import read_records
 from lab.synthetic import SyntheticFleet
-from tests.support import REPO, v1_body, v2_body
+from tests.support import REPO, cache_state, v1_body, v2_body
 
 pytestmark = pytest.mark.skipif(
     features_mod._fastfeatures is None,  # type: ignore[attr-defined]
@@ -55,6 +55,7 @@ class Pair:
         self.python = FeatureExtractor(step_ms, native=False, **kw)
         assert self.native._accumulate is not None and self.python._accumulate is None
         assert self.native._bind_known is not None and self.python._bind_known is None
+        assert self.native.labels.native and not self.python.labels.native
         self.rows = 0
         self.stats = IngestStats()
 
@@ -72,9 +73,16 @@ class Pair:
             setattr(self.stats, k, getattr(self.stats, k) + v)
         return out[0][0]
 
+    def turn(self) -> None:
+        """Both label caches turn (the older generation goes, series seen again come back from it)."""
+        for ext in (self.native, self.python):
+            ext.labels.turn()
+        assert cache_state(self.native.labels) == cache_state(self.python.labels)
+
     def same_state(self, now: float) -> None:
         native, python = self.native, self.python
         assert native.instance_keys() == python.instance_keys()
+        assert cache_state(native.labels) == cache_state(python.labels)
         for key in native.instance_keys():
             assert _plain(native.instance_state(key, now)) == _plain(python.instance_state(key, now)), key
 
@@ -154,17 +162,20 @@ def _mutate(rnd: random.Random, rounds: Iterable[list[Series]]) -> Iterator[list
 def test_mutated_fleet_streams_give_the_same_rows_counts_and_state(version: Version) -> None:
     body = v1_body if version == "1.0" else v2_body
     for seed in range(3):
-        rnd = random.Random(seed)
+        rnd, turns = random.Random(seed), random.Random(seed + 100)
         pair = Pair(max_gap_steps=2)
         now = 0.0
         for requests in _mutate(rnd, _fleet_series(6, 30, seed)):
             for series in requests:
                 now += 0.5
                 pair.feed(body(series), version, now)
+                if turns.random() < 0.1:
+                    pair.turn()
         pair.check_state(now)
         counted = pair.stats
         assert counted.accepted > 5_000 and counted.duplicate > 50 and counted.late > 10
         assert counted.stale > 10 and counted.non_finite > 10
+        assert pair.native.labels.turns > 5
 
 
 def test_negative_and_huge_timestamps_bin_alike() -> None:
