@@ -25,10 +25,12 @@
  *   shared, max_labels, max_name, max_value: the pairs plainly valid sets are made of (None: no
  *            set is taken as plainly valid), and the limits resolve checks (0: none).
  *   tables:  None, or the label cache's (old, pinned, keys, old_keys, made): a plainly valid set
- *            whose digest is in neither cache nor old and whose labels are in none of pinned,
- *            keys and old_keys gets its SeriesKey made here (see key_type), entered in keys and
- *            cache as resolve would; made (a list of three) gets how many keys were made, their
- *            labels and their characters, also when decoding fails, for the cache's estimate.
+ *            whose digest is in neither cache nor old is entered in cache here as resolve would:
+ *            with the key pinned or keys holds for its labels (a restart's first round), or if
+ *            old_keys does not hold them either, with a SeriesKey made here (see key_type) and
+ *            entered in keys. made (a list of four) gets how many keys were made, their labels
+ *            and their characters, and how many entries in cache were made for keys held, also
+ *            when decoding fails, for the cache's estimate.
  *   rejects: list of (SeriesKey | str, n_samples, why, detail) with why in {"labels", "histogram",
  *            "no_samples", "future"}; detail is check_hist's reason for "histogram", else None
  *   keep:    None, or a tuple of metric names (bytes): a float series whose one `__name__` names
@@ -494,14 +496,14 @@ static void siphash128(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1, 
     memcpy(out + 8, &h, 8);
 }
 
-/* How raw label fields become a series key: the cache, and on a miss resolve() or new_key() (see
- * decode_v1), with what new_key made. */
+/* How raw label fields become a series key: the cache, and on a miss enter_key() or resolve() (see
+ * decode_v1), with what enter_key made. */
 typedef struct {
     PyObject *cache, *resolve, *shared;
     Py_ssize_t max_labels, max_name, max_value;
-    PyObject *old, *pinned, *keys, *old_keys; /* NULL: new_key makes nothing */
-    PyObject *made_out;                       /* where store_made puts the next three */
-    Py_ssize_t made, made_labels, made_chars;
+    PyObject *old, *pinned, *keys, *old_keys; /* NULL: enter_key enters nothing */
+    PyObject *made_out;                       /* where store_made puts the next four */
+    Py_ssize_t made, made_labels, made_chars, entered;
 } keyer;
 
 /* remote_write.SeriesKey (set by key_type) and the names of its slots. */
@@ -526,16 +528,23 @@ bad:
     return -1;
 }
 
-/* The new SeriesKey of a plainly valid label set (from checked_labels) that the cache holds in no
- * way, entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) enters
- * it, and counted in k->made*; NULL without an error where the cache holds the digest or the
- * labels somewhere (from_label_fields moves them), NULL with one on failure. */
-static PyObject *new_key(keyer *k, PyObject *digest, PyObject *labels) {
+/* The key of a plainly valid label set (from checked_labels) whose digest the cache does not hold,
+ * entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) would enter
+ * it: the key pinned or keys holds for the labels (counted in k->entered), else a new SeriesKey
+ * (counted in k->made*). NULL without an error where old holds the digest or old_keys the labels
+ * (from_label_fields moves them), NULL with one on failure. */
+static PyObject *enter_key(keyer *k, PyObject *digest, PyObject *labels) {
     if (!k->old || !series_key) return NULL;
     int held = PyDict_Contains(k->old, digest);
-    PyObject *tables[3] = {k->pinned, k->keys, k->old_keys};
-    for (int i = 0; i < 3 && !held; i++) held = PyDict_Contains(tables[i], labels);
     if (held) return NULL;
+    PyObject *known = PyDict_GetItemWithError(k->pinned, labels); /* borrowed */
+    if (!known && !PyErr_Occurred()) known = PyDict_GetItemWithError(k->keys, labels);
+    if (known) {
+        if (PyDict_SetItem(k->cache, digest, known)) return NULL;
+        k->entered++;
+        return Py_NewRef(known);
+    }
+    if (PyErr_Occurred() || (held = PyDict_Contains(k->old_keys, labels))) return NULL;
     PyObject *name = NULL;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels) && !name; i++) {
         PyObject *pair = PyTuple_GET_ITEM(labels, i);
@@ -583,7 +592,7 @@ static PyObject *lookup_key(keyer *k, const uint8_t *rp, const uint8_t *rend) {
         }
     }
     if (labels != Py_None) {
-        key = new_key(k, digest, labels);
+        key = enter_key(k, digest, labels);
         if (!key && !PyErr_Occurred()) key = PyObject_CallFunctionObjArgs(k->resolve, digest, labels, Py_True, NULL);
     } else {
         PyObject *pairs = label_pairs(rp, rend);
@@ -630,10 +639,10 @@ static int check_args(PyObject *keep, PyObject *shared, PyObject *tables, Py_ssi
     for (Py_ssize_t k = 0; ok && tables != Py_None && k < 4; k++) ok = PyDict_Check(PyTuple_GET_ITEM(tables, k));
     if (ok && tables != Py_None) {
         PyObject *made = PyTuple_GET_ITEM(tables, 4);
-        ok = PyList_CheckExact(made) && PyList_GET_SIZE(made) == 3;
+        ok = PyList_CheckExact(made) && PyList_GET_SIZE(made) == 4;
     }
     if (!ok) {
-        PyErr_SetString(PyExc_TypeError, "tables must be four dicts and a list of three, or None");
+        PyErr_SetString(PyExc_TypeError, "tables must be four dicts and a list of four, or None");
         return -1;
     }
     if (keep != Py_None) {
@@ -653,10 +662,10 @@ static int check_args(PyObject *keep, PyObject *shared, PyObject *tables, Py_ssi
     return 0;
 }
 
-/* The label cache's tables new_key enters new keys in (checked by check_args), if given. */
+/* The label cache's tables enter_key enters keys in (checked by check_args), if given. */
 static void key_tables(keyer *k, PyObject *tables) {
     k->old = k->pinned = k->keys = k->old_keys = k->made_out = NULL;
-    k->made = k->made_labels = k->made_chars = 0;
+    k->made = k->made_labels = k->made_chars = k->entered = 0;
     if (tables == Py_None) return;
     k->old = PyTuple_GET_ITEM(tables, 0);
     k->pinned = PyTuple_GET_ITEM(tables, 1);
@@ -665,14 +674,14 @@ static void key_tables(keyer *k, PyObject *tables) {
     k->made_out = PyTuple_GET_ITEM(tables, 4);
 }
 
-/* Puts what new_key made in the tables' list, whether decoding succeeded or not: the cache counts
+/* Puts what enter_key made in the tables' list, whether decoding succeeded or not: the cache counts
  * every key it holds. 0, or -1 with an exception set. */
 static int store_made(const keyer *k) {
     if (!k->old) return 0;
-    Py_ssize_t counts[3] = {k->made, k->made_labels, k->made_chars};
+    Py_ssize_t counts[4] = {k->made, k->made_labels, k->made_chars, k->entered};
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         PyObject *n = PyLong_FromSsize_t(counts[i]);
         if (!n || PyList_SetItem(k->made_out, i, n)) {
             Py_XDECREF(type);
@@ -1274,7 +1283,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nI)", series, (unsigned int)unknown);
 }
 
-/* key_type(SeriesKey): the class new_key makes keys of, whose slots must be labels, name, state. */
+/* key_type(SeriesKey): the class enter_key makes keys of, whose slots must be labels, name, state. */
 static PyObject *key_type(PyObject *self, PyObject *type) {
     (void)self;
     PyObject *slots = PyType_Check(type) ? PyObject_GetAttrString(type, "__slots__") : NULL;

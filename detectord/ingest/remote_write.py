@@ -110,8 +110,9 @@ _DIGEST_BYTES = 16
 _KEY_BYTES = 200
 _LABEL_BYTES = 170
 # A key the C decoder made, with its entry (see LabelCache.count_made), and one it pinned
-# (_pinned_bytes), beyond their labels.
+# (_pinned_bytes), beyond their labels; the C decoder's entry for a key held already.
 _MADE_BYTES = _KEY_BYTES + _ENTRY_BYTES + _DIGEST_BYTES
+_C_ENTRY_BYTES = _ENTRY_BYTES + _DIGEST_BYTES
 _PINNED_BYTES = _KEY_BYTES + 2 * (_ENTRY_BYTES + _DIGEST_BYTES)
 
 
@@ -311,16 +312,18 @@ class LabelCache:
         return hit
 
     def native_tables(self, made: list[int]) -> tuple[object, ...] | None:
-        """Where the C decoder enters the keys it makes for new plainly valid label sets, as
-        from_label_fields(digest, labels, True) would, and `made`, where it says how many it
-        made, for count_made (None: it leaves them to from_label_fields)."""
+        """Where the C decoder enters plainly valid label sets it has no entry for, as
+        from_label_fields(digest, labels, True) would (with their key pinned or young, or a new
+        one), and `made`, where it says what it made, for count_made (None: it leaves them all
+        to from_label_fields)."""
         return (self._old, self._pinned, self._keys, self._old_keys, made) if self.native else None
 
     def count_made(self, made: list[int]) -> None:
-        """Count the keys the C decoder made: how many, their labels and their characters."""
-        keys, labels, chars = made
+        """Count what the C decoder made: keys (how many, their labels and their characters) and
+        entries for keys held already."""
+        keys, labels, chars, entries = made
         self.interned += keys
-        self.young_bytes += keys * _MADE_BYTES + labels * _LABEL_BYTES + chars
+        self.young_bytes += keys * _MADE_BYTES + labels * _LABEL_BYTES + chars + entries * _C_ENTRY_BYTES
 
     @property
     def shared_pairs(self) -> dict[tuple[str, str], tuple[str, str]]:
@@ -746,7 +749,7 @@ def _c_steps(
         if chunks % (STEP_SERIES // C_CHUNK_SERIES) == 0:
             yield
         try:
-            made = [0, 0, 0]
+            made = [0, 0, 0, 0]
             n, hist, ex, meta, rejects, pos, ignored = decode_c(
                 data,
                 *head,

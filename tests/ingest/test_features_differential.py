@@ -218,3 +218,32 @@ def test_an_upstream_that_comes_later_is_noted_alike() -> None:
         rows += pair.feed(v1_body(sent), "1.0", now)
     pair.same_state(now)
     assert rows[0][-1] == "10.0.0.1:53" and rows[-1][-1] == "10.0.0.1:53,10.0.0.2:53", rows
+
+
+def test_a_restored_fleet_gives_the_same_rows_counts_and_state() -> None:
+    """After a restart the first round's series are new to the label cache but their keys are
+    pinned by the restored instances: both paths find those keys, not new ones."""
+    rounds = list(_fleet_series(8, 6, seed=4))
+    before = FeatureExtractor(STEP_MS)
+    now = 0.0
+    for series in rounds[:3]:
+        now += 1
+        w = decode(v1_body(series), "1.0", before.labels, max_decoded=16 * MiB, keep=before.series_names)
+        before.ingest(w, IngestStats(), now)
+    states = [before.instance_state(key, now) for key in before.instance_keys()]
+    pair = Pair()
+    for ext in (pair.native, pair.python):
+        for state in states:
+            assert state is not None
+            ext.restore_instance(state, now)
+    pair.same_state(now)
+    pinned = len(pair.native.labels._pinned)
+    for series in rounds[3:]:
+        now += 1
+        pair.feed(v1_body(series), "1.0", now)
+        pair.same_state(now)
+    # Every series of the restored instances kept its key: none was made twice (only each
+    # instance's `up`, which no instance pins, got one).
+    assert pinned > 8 * 100 and len(pair.native.labels._pinned) == pinned
+    assert pair.native.labels.interned == pinned + 8 and pair.rows >= 8 * 2
+    pair.check_state(now)
