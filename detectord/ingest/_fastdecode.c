@@ -56,6 +56,9 @@
  *
  * pin_keys(keys, pinned, young, old) -> (keys newly pinned, their labels, their characters)
  *   LabelCache.pin for each SeriesKey of the list keys, in one call.
+ *
+ * intern_labels(sets, shared, pinned, keys, old_keys, intern) -> ([SeriesKey, ...], made)
+ *   LabelCache.intern for each label set of the list sets, in one call (a restore's series).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -508,7 +511,7 @@ typedef struct {
 
 /* remote_write.SeriesKey (set by key_type) and the names of its slots. */
 static PyTypeObject *series_key;
-static PyObject *labels_name, *name_name, *state_name, *metric_label;
+static PyObject *labels_name, *name_name, *state_name, *metric_label, *empty_name;
 
 /* The characters of a label set's names and values (the label cache's size estimate), or -1 with
  * TypeError when it is not a tuple of (name, value) pairs of str. */
@@ -528,6 +531,31 @@ bad:
     return -1;
 }
 
+/* The key the cache's pinned or young keys hold for labels (borrowed), or NULL (with an error set
+ * on failure). */
+static PyObject *held_key(PyObject *pinned, PyObject *keys, PyObject *labels) {
+    PyObject *known = PyDict_GetItemWithError(pinned, labels);
+    return known || PyErr_Occurred() ? known : PyDict_GetItemWithError(keys, labels);
+}
+
+/* A new SeriesKey of labels (a valid set of the cache's shared pairs), as SeriesKey(labels)
+ * makes it, entered in keys. NULL on error. */
+static PyObject *make_key(PyObject *keys, PyObject *labels) {
+    PyObject *name = empty_name;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(labels, i);
+        if (PyUnicode_Compare(PyTuple_GET_ITEM(pair, 0), metric_label) == 0) {
+            name = PyTuple_GET_ITEM(pair, 1);
+            break;
+        }
+    }
+    PyObject *key = series_key->tp_alloc(series_key, 0);
+    if (key && (PyObject_SetAttr(key, labels_name, labels) || PyObject_SetAttr(key, name_name, name) ||
+                PyObject_SetAttr(key, state_name, Py_None) || PyDict_SetItem(keys, labels, key)))
+        Py_CLEAR(key);
+    return key;
+}
+
 /* The key of a plainly valid label set (from checked_labels) whose digest the cache does not hold,
  * entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) would enter
  * it: the key pinned or keys holds for the labels (counted in k->entered), else a new SeriesKey
@@ -535,27 +563,16 @@ bad:
  * (from_label_fields moves them), NULL with one on failure. */
 static PyObject *enter_key(keyer *k, PyObject *digest, PyObject *labels) {
     if (!k->old || !series_key) return NULL;
-    int held = PyDict_Contains(k->old, digest);
-    if (held) return NULL;
-    PyObject *known = PyDict_GetItemWithError(k->pinned, labels); /* borrowed */
-    if (!known && !PyErr_Occurred()) known = PyDict_GetItemWithError(k->keys, labels);
-    if (known) {
-        if (PyDict_SetItem(k->cache, digest, known)) return NULL;
+    if (PyDict_Contains(k->old, digest)) return NULL; /* 1, or -1 with an error set */
+    PyObject *key = held_key(k->pinned, k->keys, labels);
+    if (key) {
+        if (PyDict_SetItem(k->cache, digest, key)) return NULL;
         k->entered++;
-        return Py_NewRef(known);
+        return Py_NewRef(key);
     }
-    if (PyErr_Occurred() || (held = PyDict_Contains(k->old_keys, labels))) return NULL;
-    PyObject *name = NULL;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(labels) && !name; i++) {
-        PyObject *pair = PyTuple_GET_ITEM(labels, i);
-        if (PyUnicode_Compare(PyTuple_GET_ITEM(pair, 0), metric_label) == 0) name = PyTuple_GET_ITEM(pair, 1);
-    }
-    if (!name) return NULL; /* checked_labels makes none without it */
-    PyObject *key = series_key->tp_alloc(series_key, 0);
-    if (!key) return NULL;
-    if (PyObject_SetAttr(key, labels_name, labels) || PyObject_SetAttr(key, name_name, name) ||
-        PyObject_SetAttr(key, state_name, Py_None) || PyDict_SetItem(k->keys, labels, key) ||
-        PyDict_SetItem(k->cache, digest, key)) {
+    if (PyErr_Occurred() || PyDict_Contains(k->old_keys, labels)) return NULL;
+    if (!(key = make_key(k->keys, labels))) return NULL;
+    if (PyDict_SetItem(k->cache, digest, key)) {
         Py_DECREF(key);
         return NULL;
     }
@@ -1303,6 +1320,7 @@ static PyObject *key_type(PyObject *self, PyObject *type) {
     if (!name_name && !(name_name = PyUnicode_InternFromString("name"))) return NULL;
     if (!state_name && !(state_name = PyUnicode_InternFromString("state"))) return NULL;
     if (!metric_label && !(metric_label = PyUnicode_InternFromString("__name__"))) return NULL;
+    if (!empty_name && !(empty_name = PyUnicode_InternFromString(""))) return NULL;
     Py_XSETREF(series_key, (PyTypeObject *)Py_NewRef(type));
     Py_RETURN_NONE;
 }
@@ -1347,6 +1365,72 @@ static PyObject *pin_keys(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nnn)", newly, nlabels, nchars);
 }
 
+/* The pair of shared (dict) equal to `pair`, a 2-tuple of str: held there, or made of interned
+ * strings and entered (LabelCache._shared, for one pair). A new reference; NULL on error. */
+static PyObject *shared_pair(PyObject *shared, PyObject *pair) {
+    PyObject *held = PyDict_GetItemWithError(shared, pair); /* borrowed */
+    if (held) return Py_NewRef(held);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *name = Py_NewRef(PyTuple_GET_ITEM(pair, 0)), *value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    if (intern_strings) {
+        PyUnicode_InternInPlace(&name);
+        PyUnicode_InternInPlace(&value);
+    }
+    PyObject *made = PyTuple_Pack(2, name, value);
+    Py_DECREF(name);
+    Py_DECREF(value);
+    if (made && PyDict_SetItem(shared, made, made)) Py_CLEAR(made);
+    return made;
+}
+
+/* intern_labels(sets, shared, pinned, keys, old_keys, intern) -> ([SeriesKey, ...], made)
+ *   LabelCache.intern for each label set of the list sets, in one call: the key pinned or keys
+ *   holds for it, else a new SeriesKey of the pairs of shared, entered in keys. A set old_keys
+ *   holds, or one that is not a tuple of (str, str) pairs, goes to intern(labels) (which moves it,
+ *   or refuses it). made: (keys made, their labels, their characters), for the cache's estimate. */
+static PyObject *intern_labels(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *sets, *shared, *pinned, *keys, *old_keys, *intern;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O", &PyList_Type, &sets, &PyDict_Type, &shared, &PyDict_Type, &pinned,
+                          &PyDict_Type, &keys, &PyDict_Type, &old_keys, &intern))
+        return NULL;
+    if (!series_key) {
+        PyErr_SetString(PyExc_RuntimeError, "key_type() was not called");
+        return NULL;
+    }
+    Py_ssize_t made = 0, made_labels = 0, made_chars = 0;
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < PyList_GET_SIZE(sets); i++) {
+        PyObject *labels = PyList_GET_ITEM(sets, i), *key = NULL;
+        Py_ssize_t chars = chars_of(labels);
+        int moved = 0;
+        if (chars < 0) {
+            PyErr_Clear(); /* intern judges it */
+            key = PyObject_CallOneArg(intern, labels);
+        } else if ((key = held_key(pinned, keys, labels))) {
+            Py_INCREF(key);
+        } else if (!PyErr_Occurred() && (moved = PyDict_Contains(old_keys, labels)) > 0) {
+            key = PyObject_CallOneArg(intern, labels);
+        } else if (moved == 0) {
+            PyObject *mine = PyTuple_New(PyTuple_GET_SIZE(labels));
+            for (Py_ssize_t j = 0; mine && j < PyTuple_GET_SIZE(labels); j++) {
+                PyObject *pair = shared_pair(shared, PyTuple_GET_ITEM(labels, j));
+                if (pair) PyTuple_SET_ITEM(mine, j, pair);
+                else Py_CLEAR(mine);
+            }
+            if (mine && (key = make_key(keys, mine))) {
+                made++;
+                made_labels += PyTuple_GET_SIZE(mine);
+                made_chars += chars;
+            }
+            Py_XDECREF(mine);
+        }
+        if (!key || PyList_Append(out, key)) Py_CLEAR(out);
+        Py_XDECREF(key);
+    }
+    return out ? Py_BuildValue("(N(nnn))", out, made, made_labels, made_chars) : NULL;
+}
+
 /* label_chars(labels): chars_of for Python, taken for every new series the Python path keys (in
    Python it was a sixth of binding one). */
 static PyObject *label_chars(PyObject *self, PyObject *labels) {
@@ -1364,6 +1448,7 @@ static PyMethodDef methods[] = {
     {"siphash128", py_siphash128, METH_VARARGS, "SipHash-2-4-128 of data under a 16-byte key."},
     {"key_type", key_type, METH_O, "Set the class of the series keys decoding makes."},
     {"pin_keys", pin_keys, METH_VARARGS, "Pin series keys in a label cache's tables."},
+    {"intern_labels", intern_labels, METH_VARARGS, "Intern label sets in a label cache's tables."},
     {NULL, NULL, 0, NULL},
 };
 

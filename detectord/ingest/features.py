@@ -795,10 +795,19 @@ class FeatureExtractor:
         key = tuple(str(v) for v in state["key"])
         if len(key) != len(self.instance_labels) or key in self._instances:
             raise ValueError(f"instance {key} does not fit or is restored twice")
-        for labels, last_ts, last_v, held, g0, g1 in state["series"]:
-            # Label sets come back as the tuples of strings they were (a snapshot holds plain values).
-            sk = self.labels.intern(labels)
-            s = self._bind(sk, now, canonical=True)  # intern gave the cache's key
+        series = state["series"]
+        # Label sets come back as the tuples of strings they were (a snapshot holds plain values).
+        keys = self.labels.intern_all([labels for labels, *_ in series])
+        q = 0
+        while q < len(keys):
+            if self._bind_known is not None:
+                q = self._bind_run(keys, q)  # intern gave the cache's keys
+                if q == len(keys):
+                    break
+            self._bind(keys[q], now, canonical=True)
+            q += 1
+        for sk, (_, last_ts, last_v, held, g0, g1) in zip(keys, series, strict=True):
+            s = sk.state
             if not isinstance(s, _Series) or s.inst.key != key:
                 raise ValueError(f"series {sk} is not one of instance {key}'s features")
             s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)

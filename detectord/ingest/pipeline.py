@@ -393,6 +393,7 @@ class Ingestor:
         try:
             for st in states:
                 self.extractor.restore_instance(st, now)
+                self.freeze_if_grown()
                 key = tuple(st["key"])
                 restored.append(key)
                 if st["baseline"] is not None:

@@ -230,6 +230,19 @@ class LabelCache:
         self.young_bytes += _key_bytes(labels)
         return key
 
+    def intern_all(self, sets: list[Labels]) -> list[SeriesKey]:
+        """`intern` each of `sets` (valid, sorted)."""
+        if not self.native:
+            return [self.intern(labels) for labels in sets]
+        assert _fastdecode is not None
+        keys: list[SeriesKey]
+        keys, (made, labels, chars) = _fastdecode.intern_labels(
+            sets, self._pairs, self._pinned, self._keys, self._old_keys, self.intern
+        )
+        self.interned += made
+        self.young_bytes += made * _KEY_BYTES + labels * _LABEL_BYTES + chars
+        return keys
+
     def _shared(self, labels: Labels) -> Labels:
         """`labels` made of shared pairs of interned strings. A fleet's series repeat a few names and
         values (job, the metric names, le, each instance's own labels): held once each, not once per

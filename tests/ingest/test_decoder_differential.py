@@ -353,3 +353,40 @@ def test_the_cache_holds_a_digest_of_each_label_set_not_its_bytes() -> None:
     assert len(seen) > 100
     assert all(isinstance(r, bytes) and len(r) == 16 for r in raw)
     assert len({cache._raw[r].labels for r in raw}) == len(raw) == len(seen)  # type: ignore[union-attr]
+
+
+def test_interning_label_sets_in_c_is_interning_them_in_python() -> None:
+    """LabelCache.intern_all (a restore's label sets, in C) leaves the cache as `intern` one set at
+    a time does: keys pinned, young, older (moved back) and new alike, and refuses what intern
+    refuses."""
+    sets = [key.labels for key in _decoded_keys()]
+    assert len(sets) > 300
+    # Label sets as a snapshot gives them back: equal tuples of fresh strings.
+    fresh = [tuple(((n + "!")[:-1], (v + "!")[:-1]) for n, v in labels) for labels in sets]
+    caches = {native: LabelCache() for native in (True, False)}
+    made: dict[bool, list[list[SeriesKey]]] = {True: [], False: []}
+    for native, cache in caches.items():
+        cache.native = native
+        made[native].append(cache.intern_all(fresh[:200]))
+        for key in made[native][0][:100]:
+            cache.pin(key)
+        cache.turn()  # keys 100..199 go to the older generation
+        made[native].append(cache.intern_all(fresh[50:150] + fresh[180:] + fresh[:10]))
+        with pytest.raises(TypeError):
+            cache.intern_all([*fresh[:5], (("__name__", "x"), ("a", 1))])  # type: ignore[list-item]
+    assert cache_state(caches[True]) == cache_state(caches[False])
+    for a, b in zip(made[True], made[False], strict=True):
+        assert [k.labels for k in a] == [k.labels for k in b]
+        assert [k.name for k in a] == [k.name for k in b]
+    # The same label set is one key, however it came.
+    first, second = made[True]
+    assert second[:50] == first[50:100] and second[50:100] == first[100:150] and second[-10:] == first[:10]
+
+
+def _decoded_keys() -> list[SeriesKey]:
+    cache = LabelCache()
+    keys: dict[tuple[tuple[str, str], ...], SeriesKey] = {}
+    for version, body in itertools.islice(_recorded(20), 40):
+        for key in decode(body, version, cache, max_decoded=16 * MiB).keys:
+            keys.setdefault(key.labels, key)
+    return list(keys.values())
