@@ -21,10 +21,11 @@
  *      slot_tuples, proxy_prefix) -> pos
  *   Binds new series from keys[pos] as FeatureExtractor._bind does, for as long as each one's
  *   binding is known already: its metric has a plan, its instance exists (and knows its upstream),
- *   its match and `le` were seen before and its bucket slots exist. Appends each key bound to
- *   `bound` (features.py pins them) and returns the first key it left: one bound already, one
- *   _bind must do (it makes instances, slots, matches and _IGNORED), or len(keys). The other
- *   arguments are the extractor's own tables, which it only reads.
+ *   its match, `le` and slot tuple were seen before. A bucket the instance has no counter slot for
+ *   yet gets one as _bind gives it (_Instance.add_slot, bucket_slots, bucket_order). Appends each
+ *   key bound to `bound` (features.py pins them) and returns the first key it left: one bound
+ *   already, one _bind must do (it makes instances, matches, slot tuples and _IGNORED), or
+ *   len(keys). The other arguments are the extractor's own tables, which it only reads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -40,14 +41,14 @@ enum { S_INST, S_SLOTS, S_GAUGE_SOURCE, S_LAST_TS, S_LAST_V, S_GAUGE_BINS, S_HEL
 static const char *series_slots[S_N] = {"inst", "slots", "gauge_source", "last_ts", "last_v", "gauge_bins", "held"};
 enum { I_LAST_SEEN, I_LAST_DATA, I_CUR, I_RESETS, I_ACC, I_PRIMED, I_SEEN, I_MAX_TS, I_N };
 static const char *instance_slots[I_N] = {"last_seen", "last_data", "cur", "resets", "acc", "primed", "seen", "max_ts"};
-enum { B_SERIES, B_GAUGES, B_BUCKET_SLOTS, B_UPSTREAMS, B_N }; /* the _Instance slots binding uses */
-static const char *binding_slots[B_N] = {"series", "gauges", "bucket_slots", "upstreams"};
+enum { B_SERIES, B_GAUGES, B_BUCKET_SLOTS, B_BUCKET_ORDER, B_UPSTREAMS, B_N }; /* the _Instance slots binding uses */
+static const char *binding_slots[B_N] = {"series", "gauges", "bucket_slots", "bucket_order", "upstreams"};
 enum { K_LABELS, K_NAME, K_STATE, K_N };
 static const char *key_slots[K_N] = {"labels", "name", "state"};
 
 static PyTypeObject *series_type, *instance_type, *key_type;
 static PyObject *state_name; /* "state", the SeriesKey slot that holds a series' _Series */
-static PyObject *to_name, *le_name;
+static PyObject *to_name, *le_name, *add_slot_name;
 static Py_ssize_t series_off[S_N], instance_off[I_N], binding_off[B_N], key_off[K_N];
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -82,6 +83,7 @@ static PyObject *layout(PyObject *self, PyObject *args) {
     if (!state_name && !(state_name = PyUnicode_InternFromString("state"))) return NULL;
     if (!to_name && !(to_name = PyUnicode_InternFromString("to"))) return NULL;
     if (!le_name && !(le_name = PyUnicode_InternFromString("le"))) return NULL;
+    if (!add_slot_name && !(add_slot_name = PyUnicode_InternFromString("add_slot"))) return NULL;
     Py_XSETREF(series_type, (PyTypeObject *)Py_NewRef(st));
     Py_XSETREF(instance_type, (PyTypeObject *)Py_NewRef(it));
     Py_XSETREF(key_type, (PyTypeObject *)Py_NewRef(kt));
@@ -291,6 +293,47 @@ static PyObject *label_value(PyObject *labels, PyObject *name, int *err) {
 /* Dict lookups that tell "absent" (NULL, no error) from an error (NULL, error set). */
 #define LOOKUP(d, k) PyDict_GetItemWithError((d), (k))
 
+/* The counter slot of instance inst's bucket `le` of histogram source h (a new reference), made as
+ * _bucket_slots makes it if it has none yet: inst.add_slot(), entered in bucket_slots[h] and in
+ * order into bucket_order[h]. NULL without an error where inst is not as _bind leaves it. */
+static PyObject *bucket_slot(PyObject *inst, PyObject *bucket_slots, PyObject *h, PyObject *le) {
+    PyObject *by_le = LOOKUP(bucket_slots, h);
+    if (!by_le) {
+        if (PyErr_Occurred() || !(by_le = PyDict_New())) return NULL;
+        int failed = PyDict_SetItem(bucket_slots, h, by_le);
+        Py_DECREF(by_le); /* bucket_slots holds it */
+        if (failed) return NULL;
+    }
+    if (!PyDict_CheckExact(by_le)) return NULL;
+    PyObject *slot = LOOKUP(by_le, le);
+    if (slot) return Py_NewRef(slot);
+    PyObject *order = SLOT(inst, binding_off[B_BUCKET_ORDER]);
+    Py_ssize_t hi = PyLong_AsSsize_t(h);
+    if (PyErr_Occurred() || !PyList_CheckExact(order) || hi < 0 || hi >= PyList_GET_SIZE(order) ||
+        !PyList_CheckExact(PyList_GET_ITEM(order, hi)))
+        return NULL;
+    order = PyList_GET_ITEM(order, hi);
+    if (!(slot = PyObject_CallMethodNoArgs(inst, add_slot_name))) return NULL;
+    PyObject *entry = PyTuple_Pack(2, le, slot);
+    /* bisect.insort: after every entry not greater than this one */
+    Py_ssize_t lo = 0, top = entry ? PyList_GET_SIZE(order) : 0;
+    while (lo < top) {
+        Py_ssize_t mid = (lo + top) / 2;
+        int less = PyObject_RichCompareBool(entry, PyList_GET_ITEM(order, mid), Py_LT);
+        if (less < 0) break;
+        if (less) top = mid;
+        else lo = mid + 1;
+    }
+    if (!entry || PyErr_Occurred() || PyDict_SetItem(by_le, le, slot) || PyList_Insert(order, lo, entry)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "bucket slot");
+        Py_XDECREF(entry);
+        Py_DECREF(slot);
+        return NULL;
+    }
+    Py_DECREF(entry);
+    return slot;
+}
+
 /* What _bind would bind `sk` to, if all of it is known: a new _Series (and its instance, in
  * *inst_out), or NULL: without an error, _bind must do it. */
 static PyObject *bind_one(PyObject *sk, PyObject *plan, PyObject *instance_labels, PyObject *no_labels,
@@ -364,13 +407,12 @@ static PyObject *bind_one(PyObject *sk, PyObject *plan, PyObject *instance_label
             if (!t) return NULL;
             for (Py_ssize_t i = 0; i < nc; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(PyTuple_GET_ITEM(slots, i)));
             for (Py_ssize_t i = 0; i < nh; i++) {
-                PyObject *by_le = LOOKUP(bucket_slots, PyTuple_GET_ITEM(hists, i));
-                PyObject *slot = by_le && PyDict_CheckExact(by_le) ? LOOKUP(by_le, le) : NULL;
-                if (!slot) { /* a bucket this instance has no slot for yet */
+                PyObject *slot = bucket_slot(inst, bucket_slots, PyTuple_GET_ITEM(hists, i), le);
+                if (!slot) {
                     Py_DECREF(t);
                     return NULL;
                 }
-                PyTuple_SET_ITEM(t, nc + i, Py_NewRef(slot));
+                PyTuple_SET_ITEM(t, nc + i, slot);
             }
             PyObject *held = LOOKUP(slot_tuples, t);
             Py_DECREF(t);

@@ -940,8 +940,8 @@ class FeatureExtractor:
 
     def _bind_run(self, keys: list[SeriesKey], q: int) -> int:
         """Binds keys[q:] in C as `_bind` would, while each one's binding is known (an existing
-        instance, a match and bucket slots seen before: a new instance's series after its first
-        few); returns the first key left to `_bind` (or bound already)."""
+        instance, a match and slot tuple seen before: a new instance's series after its first);
+        returns the first key left to `_bind` (or bound already)."""
         assert self._bind_known is not None
         bound: list[SeriesKey] = []
         t = self._table
