@@ -349,6 +349,24 @@ static PyObject *cached_pair(PyObject *shared, const cursor *name, const cursor 
     return NULL;
 }
 
+/* The pair of shared (dict) equal to `pair`, a 2-tuple of str: held there, or made of interned
+ * strings and entered (LabelCache._shared, for one pair). A new reference; NULL on error. */
+static PyObject *shared_pair(PyObject *shared, PyObject *pair) {
+    PyObject *held = PyDict_GetItemWithError(shared, pair); /* borrowed */
+    if (held) return Py_NewRef(held);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *name = Py_NewRef(PyTuple_GET_ITEM(pair, 0)), *value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    if (intern_strings) {
+        PyUnicode_InternInPlace(&name);
+        PyUnicode_InternInPlace(&value);
+    }
+    PyObject *made = PyTuple_Pack(2, name, value);
+    Py_DECREF(name);
+    Py_DECREF(value);
+    if (made && PyDict_SetItem(shared, made, made)) Py_CLEAR(made);
+    return made;
+}
+
 /* A label set as most series are, known valid without Python: every Label plainly one name and
  * one value (each once, nothing else), names strictly ascending by bytes (so in order, unique and
  * not empty; UTF-8 keeps code point order), no value empty, a `__name__`, valid UTF-8, and within
@@ -413,33 +431,10 @@ static PyObject *checked_labels(const uint8_t *p, const uint8_t *end, PyObject *
             }
             return NULL;
         }
-        PyObject *held = PyDict_GetItemWithError(shared, pair); /* borrowed */
-        if (held) {
-            Py_INCREF(held);
-            Py_DECREF(pair);
-            pair = held;
-        } else if (PyErr_Occurred()) {
-            Py_DECREF(pair);
+        Py_SETREF(pair, shared_pair(shared, pair));
+        if (!pair) {
             Py_DECREF(labels);
             return NULL;
-        } else {
-            k = PyTuple_GET_ITEM(pair, 0);
-            v = PyTuple_GET_ITEM(pair, 1);
-            Py_INCREF(k);
-            Py_INCREF(v);
-            if (intern_strings) {
-                PyUnicode_InternInPlace(&k);
-                PyUnicode_InternInPlace(&v);
-            }
-            Py_DECREF(pair);
-            pair = PyTuple_Pack(2, k, v);
-            Py_DECREF(k);
-            Py_DECREF(v);
-            if (!pair || PyDict_SetItem(shared, pair, pair)) {
-                Py_XDECREF(pair);
-                Py_DECREF(labels);
-                return NULL;
-            }
         }
         Py_XSETREF(pair_cache[slot], Py_NewRef(pair));
         PyTuple_SET_ITEM(labels, i, pair);
@@ -1363,24 +1358,6 @@ static PyObject *pin_keys(PyObject *self, PyObject *args) {
         if (rc) return NULL;
     }
     return Py_BuildValue("(nnn)", newly, nlabels, nchars);
-}
-
-/* The pair of shared (dict) equal to `pair`, a 2-tuple of str: held there, or made of interned
- * strings and entered (LabelCache._shared, for one pair). A new reference; NULL on error. */
-static PyObject *shared_pair(PyObject *shared, PyObject *pair) {
-    PyObject *held = PyDict_GetItemWithError(shared, pair); /* borrowed */
-    if (held) return Py_NewRef(held);
-    if (PyErr_Occurred()) return NULL;
-    PyObject *name = Py_NewRef(PyTuple_GET_ITEM(pair, 0)), *value = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
-    if (intern_strings) {
-        PyUnicode_InternInPlace(&name);
-        PyUnicode_InternInPlace(&value);
-    }
-    PyObject *made = PyTuple_Pack(2, name, value);
-    Py_DECREF(name);
-    Py_DECREF(value);
-    if (made && PyDict_SetItem(shared, made, made)) Py_CLEAR(made);
-    return made;
 }
 
 /* intern_labels(sets, shared, pinned, keys, old_keys, intern) -> ([SeriesKey, ...], made)
