@@ -369,6 +369,9 @@ class _UpSeries:
 
 
 class _Series:
+    """A bound series' state. With the C accumulator built, the native extractor binds
+    `_fastfeatures.Series` instead: the same attributes, its numbers held in C."""
+
     __slots__ = ("gauge_bins", "gauge_source", "held", "inst", "last_ts", "last_v", "slots")
 
     def __init__(self, inst: _Instance, slots: tuple[int, ...], gauge_source: int) -> None:
@@ -522,7 +525,7 @@ _MAX_MATCHES_KEPT = 4096
 try:
     from detectord.ingest import _fastfeatures  # type: ignore[attr-defined]
 
-    _fastfeatures.layout(_Series, _Instance, SeriesKey)
+    _fastfeatures.layout(_Instance, SeriesKey, _COUNTER_BINS)
 except ImportError:  # built without a C compiler: features.py's own loop does it
     _fastfeatures = None
 
@@ -577,6 +580,8 @@ class FeatureExtractor:
         self._slot_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._les: dict[str | None, float | None] = {}  # `le` label values parsed (a bounded number)
         self._bind_known = _fastfeatures.bind if native and _fastfeatures is not None else None
+        # What it binds a series to: the C accumulator reads only its own Series.
+        self._series: type[_Series] = _Series if self._accumulate is None else _fastfeatures.Series
 
     @property
     def instances(self) -> int:
@@ -604,10 +609,11 @@ class FeatureExtractor:
         fast = self._accumulate
         if not (type(tss) is list and type(vals) is list and type(keys) is list and type(counts) is list):
             fast = None  # the C code takes the columns as lists
+        series = self._series
         pos = j = 0
         while pos < len(keys):
             k = j
-            if fast is not None and keys[pos].state.__class__ is _Series:
+            if fast is not None and keys[pos].state.__class__ is series:
                 # Bound series in C, up to the first one it leaves to the loop below (one not
                 # bound yet, or a sample that closes a step).
                 pos, j, k, dup, stale, non_finite, late, accepted = fast(
@@ -625,11 +631,11 @@ class FeatureExtractor:
             first = j
             j += n
             s = key.state
-            if s.__class__ is not _Series:
+            if s.__class__ is not series:
                 if s is None:
                     canonical = write.turns == self.labels.turns
                     s = self._bind(key, now, canonical)
-                    if key.state is s and s.__class__ is _Series:
+                    if key.state is s and s.__class__ is series:
                         # New series come in runs (a new instance, a first round): bind the run
                         # first, so the C loop takes all their samples in one call.
                         q = pos
@@ -639,7 +645,7 @@ class FeatureExtractor:
                                 if q == len(keys) or keys[q].state is not None:
                                     break
                             self._bind(keys[q], now, canonical)
-                            if keys[q].state.__class__ is not _Series:
+                            if keys[q].state.__class__ is not series:
                                 break
                             q += 1
                         if fast is not None:
@@ -654,7 +660,7 @@ class FeatureExtractor:
                 if isinstance(s, _UpSeries):
                     self._up(s, tss[first:j], vals[first:j], stats, now)
                     continue
-            assert isinstance(s, _Series)
+            assert isinstance(s, series)
             self._samples(s, tss, vals, k, j, stats, rows, now)
         return rows
 
@@ -767,7 +773,7 @@ class FeatureExtractor:
         series = []
         for sk in inst.series:
             s = sk.state
-            assert isinstance(s, _Series)
+            assert isinstance(s, self._series)
             series.append((sk.labels, s.last_ts, s.last_v, s.held, s.gauge_bins[0], s.gauge_bins[1]))
         return {
             "key": key,
@@ -808,9 +814,12 @@ class FeatureExtractor:
             q += 1
         for sk, (_, last_ts, last_v, held, g0, g1) in zip(keys, series, strict=True):
             s = sk.state
-            if not isinstance(s, _Series) or s.inst.key != key:
+            if not isinstance(s, self._series) or s.inst.key != key:
                 raise ValueError(f"series {sk} is not one of instance {key}'s features")
-            s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
+            try:
+                s.last_ts, s.last_v, s.held = int(last_ts), float(last_v), float(held)
+            except OverflowError as exc:  # a timestamp beyond int64, which no write can carry
+                raise ValueError(f"series {sk}: {exc}") from None
             if s.gauge_source >= 0:
                 s.gauge_bins = [float(g0), float(g1)]
         # Binding its first series made the instance (an instance exists only through its series).
@@ -929,7 +938,7 @@ class FeatureExtractor:
         if not slots and gauge_source < 0:
             sk.state = _IGNORED
             return _IGNORED
-        s = _Series(inst, slots, gauge_source)
+        s = self._series(inst, slots, gauge_source)
         if gauge_source >= 0:
             inst.gauges[gauge_source].append(s)
         inst.series.append(sk)

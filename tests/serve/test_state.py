@@ -342,11 +342,22 @@ def test_a_restore_decodes_one_instance_at_a_time(tmp_path: Path, good_snapshot:
     assert len(instances) > 1 and taken == [i["key"] for i in instances[:-1]]
 
 
+def _slot_short(instance: dict[str, Any]) -> None:
+    instance["acc"] = (instance["acc"][0][:-1], instance["acc"][1])
+
+
+def _timestamp_beyond_int64(instance: dict[str, Any]) -> None:
+    labels, _, *rest = instance["series"][-1]
+    instance["series"][-1] = (labels, 2**63, *rest)
+
+
+@pytest.mark.parametrize("damage", [_slot_short, _timestamp_beyond_int64])
 async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
-    tmp_path: Path, good_snapshot: bytes
+    tmp_path: Path, good_snapshot: bytes, damage: Callable[[dict[str, Any]], None]
 ) -> None:
     """Whole and checksummed, but its last instance's state does not fit (an accumulator slot
-    short): refused as corrupt, and none of the instances restored before it is kept."""
+    short, a series' last timestamp that no write can carry): refused as corrupt, and none of the
+    instances restored before it is kept."""
     (tmp_path / "good").mkdir()
     (tmp_path / "good" / snapshots.FILE_NAME).write_bytes(good_snapshot)
     header = _header(good_snapshot)
@@ -355,7 +366,7 @@ async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
     with snap:
         instances, alerts = list(snap.instances()), snap.alerts()
     assert len(instances) > 1
-    instances[-1]["acc"] = (instances[-1]["acc"][0][:-1], instances[-1]["acc"][1])
+    damage(instances[-1])
     state = tmp_path / "state"
     snapshots.write(state, header["fingerprint"], header["model"], [snapshots.encode(i) for i in instances], alerts)
     with structlog.testing.capture_logs() as logs:
