@@ -4,8 +4,6 @@ compact ring of (step, score) and the latest step's feature deviations, values a
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from detectord.alerting.states import Alert
@@ -44,7 +42,9 @@ class InstanceScores:
         # detectord_anomaly (None: no series yet), and the top features shown while it fires.
         self.anomalous: bool | None = None
         self.top: list[tuple[str, float, float]] | None = None
-        self.alerts: deque[Alert] = deque(maxlen=RECENT_ALERTS)
+        # The newest last. A tuple, not a deque: most instances never fire, and an empty deque
+        # takes 640 bytes, the empty tuple none of its own.
+        self.alerts: tuple[Alert, ...] = ()
 
     @property
     def step(self) -> int | None:
@@ -70,6 +70,11 @@ class InstanceScores:
         steps, scores = self.last()
         return list(zip(steps.tolist(), scores.tolist(), strict=True))
 
+    def remember(self, alert: Alert) -> None:
+        """Keep `alert` (one that began firing) for the page, unless it is the newest kept."""
+        if not self.alerts or self.alerts[-1] is not alert:
+            self.alerts = (*self.alerts, alert)[-RECENT_ALERTS:]
+
     def resized(self, capacity: int) -> InstanceScores:
         new = InstanceScores(capacity)
         steps, scores = self.last(capacity)
@@ -77,5 +82,5 @@ class InstanceScores:
             new.add(t, s)
         new.score, new.deviation, new.latest, new.looks_like = self.score, self.deviation, self.latest, self.looks_like
         new.anomalous, new.top = self.anomalous, self.top
-        new.alerts.extend(self.alerts)
+        new.alerts = self.alerts
         return new

@@ -137,9 +137,7 @@ class ScoreSink:
         """Alerts that began firing are kept with the instance's scores, for its page."""
         for a in changed:
             if not a.resolved:
-                alerts = self.scores_of(key).alerts
-                if not alerts or alerts[-1] is not a:
-                    alerts.append(a)
+                self.scores_of(key).remember(a)
 
     def _show_phase(self, key: InstanceKey) -> None:
         phase = self.alerts.state_of(key)

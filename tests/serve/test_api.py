@@ -15,12 +15,13 @@ import aiohttp
 import numpy as np
 import pytest
 
+from detectord.alerting.states import Alert
 from detectord.config import Duration
 from detectord.ingest.features import parse_url_key, url_key
 from detectord.recordings.replay import replay
 from detectord.recordings.truth import read_truth, truth_path
 from detectord.serve.api import key_matcher
-from detectord.serve.history import InstanceScores
+from detectord.serve.history import RECENT_ALERTS, InstanceScores
 from tests.support import DATA, running_server, slice_recording, test_config
 
 # faults-1 cut 6.5 minutes in: event 3 (forward_saturation on edge-3, 5.8–6.8 min) is under way,
@@ -81,6 +82,17 @@ def test_score_history_keeps_the_newest_steps_in_order() -> None:
     assert h.pairs() == [(2000, 1.0), (3000, 1.5), (4000, 2.0), (5000, 2.5)]
     assert h.last(2)[1].tolist() == [2.0, 2.5] and h.step == 5000
     assert h.resized(2).pairs() == [(4000, 2.0), (5000, 2.5)]
+
+
+def test_an_instance_page_keeps_its_newest_alerts_once_each() -> None:
+    h = InstanceScores(4)
+    alerts = [Alert({"alertname": "CoreDNSAnomaly", "n": str(i)}, {}, float(i), 1.0, 0.5) for i in range(7)]
+    for a in alerts:
+        h.remember(a)
+        h.remember(a)  # updated in place while it fires: the same alert again
+    assert h.alerts == tuple(alerts[-RECENT_ALERTS:])
+    assert h.resized(2).alerts == h.alerts
+    assert InstanceScores(4).alerts == ()
 
 
 SOURCE = sorted(DATA.glob("faults-1.drec*"))[0]
