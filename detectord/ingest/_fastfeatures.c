@@ -50,8 +50,9 @@
 
 enum { I_LAST_SEEN, I_LAST_DATA, I_CUR, I_RESETS, I_ACC, I_PRIMED, I_SEEN, I_MAX_TS, I_N };
 static const char *instance_slots[I_N] = {"last_seen", "last_data", "cur", "resets", "acc", "primed", "seen", "max_ts"};
-enum { B_SERIES, B_GAUGES, B_BUCKET_SLOTS, B_BUCKET_ORDER, B_UPSTREAMS, B_N }; /* the _Instance slots binding uses */
-static const char *binding_slots[B_N] = {"series", "gauges", "bucket_slots", "bucket_order", "upstreams"};
+enum { B_SERIES, B_GAUGES, B_BUCKET_SLOTS, B_BUCKET_ORDER, B_LAYOUT_SHARED, B_UPSTREAMS, B_N }; /* binding's */
+static const char *binding_slots[B_N] = {"series", "gauges", "bucket_slots", "bucket_order", "layout_shared",
+                                         "upstreams"};
 enum { K_LABELS, K_NAME, K_STATE, K_N };
 static const char *key_slots[K_N] = {"labels", "name", "state"};
 
@@ -219,23 +220,65 @@ static int bound_as_expected(Series *s) {
     if (!inst || !slots || !Py_IS_TYPE(inst, instance_type) || !is_pair_list(s->gauge_bins)) return 0;
     for (int i = 0; i < I_N; i++)
         if (!SLOT(inst, instance_off[i])) return 0;
-    PyObject *acc = SLOT(inst, instance_off[I_ACC]);
-    if (!PyTuple_CheckExact(slots) || !is_pair_list(acc) || !is_pair_list(SLOT(inst, instance_off[I_RESETS])) ||
-        !is_pair_list(SLOT(inst, instance_off[I_SEEN])) || !is_pair_list(SLOT(inst, instance_off[I_MAX_TS])) ||
-        !is_int(SLOT(inst, instance_off[I_CUR])) || !PyBool_Check(SLOT(inst, instance_off[I_PRIMED])))
+    if (!PyTuple_CheckExact(slots) || !is_pair_list(SLOT(inst, instance_off[I_ACC])) ||
+        !is_pair_list(SLOT(inst, instance_off[I_RESETS])) || !is_pair_list(SLOT(inst, instance_off[I_SEEN])) ||
+        !is_pair_list(SLOT(inst, instance_off[I_MAX_TS])) || !is_int(SLOT(inst, instance_off[I_CUR])) ||
+        !PyBool_Check(SLOT(inst, instance_off[I_PRIMED])))
         return 0;
-    for (int i = 0; i < 2; i++) {
-        PyObject *a = PyList_GET_ITEM(acc, i);
-        if (!PyList_CheckExact(a)) return 0;
+    for (int i = 0; i < 2; i++)
         if (!is_int(PyList_GET_ITEM(SLOT(inst, instance_off[I_MAX_TS]), i))) return 0;
-        Py_ssize_t n = PyList_GET_SIZE(a);
-        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(slots); j++) {
-            PyObject *slot = PyTuple_GET_ITEM(slots, j);
-            if (!is_int(slot)) return 0;
-            long v = PyLong_AsLong(slot);
-            if (v == -1 && PyErr_Occurred()) PyErr_Clear();
-            if (v < 0 || v >= n || !PyFloat_CheckExact(PyList_GET_ITEM(a, v))) return 0;
+    return 1;
+}
+
+/* An instance's two open steps' counter sums (inst.acc: two array('d')), held writable while
+ * the series of that instance are done (a buffer held keeps an array from being resized). */
+typedef struct {
+    PyObject *inst;
+    Py_buffer view[2];
+    double *sums[2];
+    Py_ssize_t n; /* slots in both */
+} Sums;
+
+static void let_go(Sums *h) {
+    if (!h->inst) return;
+    for (int i = 0; i < 2; i++)
+        if (h->sums[i]) PyBuffer_Release(&h->view[i]);
+    h->sums[0] = h->sums[1] = NULL;
+    Py_CLEAR(h->inst);
+}
+
+/* Hold inst's sums (if not held already); 0 where they are not two arrays of doubles as long. */
+static int hold(Sums *h, PyObject *inst) {
+    if (h->inst == inst) return 1;
+    let_go(h);
+    PyObject *acc = SLOT(inst, instance_off[I_ACC]);
+    h->inst = Py_NewRef(inst);
+    for (int i = 0; i < 2; i++) {
+        Py_buffer *v = &h->view[i];
+        if (PyObject_GetBuffer(PyList_GET_ITEM(acc, i), v, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear();
+            let_go(h);
+            return 0;
         }
+        h->sums[i] = v->buf;
+        if (v->ndim != 1 || v->itemsize != sizeof(double) || !v->format || strcmp(v->format, "d") != 0 ||
+            (i == 1 && v->len != h->view[0].len)) {
+            let_go(h);
+            return 0;
+        }
+    }
+    h->n = h->view[0].len / (Py_ssize_t)sizeof(double);
+    return 1;
+}
+
+/* Whether every slot in `slots` is one of the held sums. */
+static int slots_fit(PyObject *slots, const Sums *h) {
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(slots); j++) {
+        PyObject *slot = PyTuple_GET_ITEM(slots, j);
+        if (!is_int(slot)) return 0;
+        Py_ssize_t v = PyLong_AsSsize_t(slot);
+        if (v == -1 && PyErr_Occurred()) PyErr_Clear();
+        if (v < 0 || v >= h->n) return 0;
     }
     return 1;
 }
@@ -272,6 +315,7 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     Py_ssize_t k = first;
     Series *s = NULL;
     PyObject *inst = NULL;
+    Sums sums = {NULL};
     for (; pos < nkeys; pos++) {
         first = k;
         PyObject *cnt = PyList_GET_ITEM(counts, pos);
@@ -285,7 +329,9 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
         PyObject *sk = PyList_GET_ITEM(keys, pos);
         if (!Py_IS_TYPE(sk, key_type)) break;
         PyObject *state = SLOT(sk, key_off[K_STATE]);
-        if (!state || !Py_IS_TYPE(state, &SeriesType) || !bound_as_expected((Series *)state)) break;
+        if (!state || !Py_IS_TYPE(state, &SeriesType) || !bound_as_expected((Series *)state) ||
+            !hold(&sums, ((Series *)state)->inst) || !slots_fit(((Series *)state)->slots, &sums))
+            break;
         Py_XSETREF(s, (Series *)Py_NewRef(state));
         Py_XSETREF(inst, Py_NewRef(s->inst));
         set_slot(inst, instance_off[I_LAST_SEEN], Py_NewRef(now));
@@ -348,13 +394,9 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
                     d = SLOT(inst, instance_off[I_PRIMED]) == Py_True ? v : 0.0;
                 }
                 if (d != 0.0) {
-                    PyObject *acc = PyList_GET_ITEM(SLOT(inst, instance_off[I_ACC]), i);
-                    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(slots); j++) {
-                        Py_ssize_t slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(slots, j));
-                        PyObject *sum = PyFloat_FromDouble(PyFloat_AS_DOUBLE(PyList_GET_ITEM(acc, slot)) + d);
-                        if (!sum) goto fail;
-                        PyList_SetItem(acc, slot, sum);
-                    }
+                    double *acc = sums.sums[i];
+                    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(slots); j++)
+                        acc[PyLong_AsSsize_t(PyTuple_GET_ITEM(slots, j))] += d;
                 }
             } else {
                 PyList_SetItem(s->gauge_bins, i, Py_NewRef(vo));
@@ -371,10 +413,12 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     }
     /* Stopped before series pos (k == first), or done with them all (pos == nkeys). */
 handover:
+    let_go(&sums);
     Py_XDECREF(s);
     Py_XDECREF(inst);
     return Py_BuildValue("nnnLLLLL", pos, first, k, duplicate, stale, non_finite, late, accepted);
 fail:
+    let_go(&sums);
     Py_XDECREF(s);
     Py_XDECREF(inst);
     return NULL;
@@ -410,18 +454,21 @@ static PyObject *label_value(PyObject *labels, PyObject *name, int *err) {
 
 /* The counter slot of instance inst's bucket `le` of histogram source h (a new reference), made as
  * _bucket_slots makes it if it has none yet: inst.add_slot(), entered in bucket_slots[h] and in
- * order into bucket_order[h]. NULL without an error where inst is not as _bind leaves it. */
+ * order into bucket_order[h]. NULL without an error where inst is not as _bind leaves it, or
+ * where the bucket is new to a layout it shares (_bind makes the layout its own first). */
 static PyObject *bucket_slot(PyObject *inst, PyObject *bucket_slots, PyObject *h, PyObject *le) {
-    PyObject *by_le = LOOKUP(bucket_slots, h);
+    PyObject *by_le = LOOKUP(bucket_slots, h), *slot;
+    if (by_le) {
+        if (!PyDict_CheckExact(by_le)) return NULL;
+        if ((slot = LOOKUP(by_le, le))) return Py_NewRef(slot);
+    }
+    if (PyErr_Occurred() || SLOT(inst, binding_off[B_LAYOUT_SHARED]) != Py_False) return NULL;
     if (!by_le) {
-        if (PyErr_Occurred() || !(by_le = PyDict_New())) return NULL;
+        if (!(by_le = PyDict_New())) return NULL;
         int failed = PyDict_SetItem(bucket_slots, h, by_le);
         Py_DECREF(by_le); /* bucket_slots holds it */
         if (failed) return NULL;
     }
-    if (!PyDict_CheckExact(by_le)) return NULL;
-    PyObject *slot = LOOKUP(by_le, le);
-    if (slot) return Py_NewRef(slot);
     PyObject *order = SLOT(inst, binding_off[B_BUCKET_ORDER]);
     Py_ssize_t hi = PyLong_AsSsize_t(h);
     if (PyErr_Occurred() || !PyList_CheckExact(order) || hi < 0 || hi >= PyList_GET_SIZE(order) ||

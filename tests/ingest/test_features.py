@@ -389,3 +389,49 @@ def test_a_histogram_bucket_bounded_by_nan_is_not_a_bucket() -> None:
     ext.ingest(decode(v1_body(series), "1.0", ext.labels, max_decoded=1 << 20))
     (inst,) = ext._instances.values()
     assert [le for order in inst.bucket_order for le, _ in order] == [0.1, math.inf]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+def test_instances_share_a_bucket_layout_until_one_gets_a_bucket_of_its_own(native: bool) -> None:
+    """Instances with the same histogram buckets hold one layout between them (5 KB an instance
+    less); a new bucket of one instance changes its own quantiles and no other's."""
+    bounds = ["0.001", "0.01", "0.1", "+Inf"]
+
+    def scrape(instance: str, t: int) -> list[tuple[dict[str, str], list[tuple[int, float]]]]:
+        # c has a bucket more from the start: so its `le` is known when a gets it too.
+        les = bounds if instance == "b:9153" or (instance == "a:9153" and t < 4) else ["0.005", *bounds]
+        out = []
+        if instance == "a:9153" and t >= 4:
+            # A new series first, so that the new bucket binds right after it, in one run (in C).
+            labels = {"__name__": "coredns_dns_requests_total", "job": "coredns", "instance": instance}
+            out.append(({**labels, "server": "dns://:53", "type": "AAAA", "zone": "."}, [(t * 1000, 10.0 * t)]))
+        for le in les:
+            # Per step: 90 at ≤1 ms, 9 at ≤10 ms (from step 4 on, a's are all ≤5 ms), 1 at ≤100 ms.
+            c = {"0.001": 90, "0.005": 99, "0.01": 99, "0.1": 100, "+Inf": 100}[le] * t
+            labels = {"__name__": "coredns_dns_request_duration_seconds_bucket", "job": "coredns"}
+            out.append(
+                ({**labels, "instance": instance, "le": le, "server": "dns://:53", "zone": "."}, [(t * 1000, c)])
+            )
+        return out
+
+    def run(instances: list[str]) -> tuple[FeatureExtractor, dict[str, list[tuple[int, bytes]]]]:
+        ext = FeatureExtractor(1000, native=native)
+        rows: list[FeatureRow] = []
+        for t in range(8):
+            body = v1_body([s for i in instances for s in scrape(i, t)])
+            rows += ext.ingest(decode(body, "1.0", ext.labels, max_decoded=1 << 20, keep=ext.series_names))
+            if t == 3 and len(instances) > 1:
+                a, b = (ext._instances[("coredns", i)] for i in instances[:2])
+                assert a.bucket_order is b.bucket_order and a.bucket_slots is b.bucket_slots
+        out: dict[str, list[tuple[int, bytes]]] = {}
+        for r in rows + ext.flush():
+            out.setdefault(r.instance[1], []).append((r.step_ts_ms, r.values.tobytes()))
+        return ext, out
+
+    ext, both = run(["a:9153", "b:9153", "c:9153"])
+    a, b = (ext._instances[("coredns", i)] for i in ("a:9153", "b:9153"))
+    assert a.bucket_order is not b.bucket_order and len(a.bucket_order[0]) == 5 and len(b.bucket_order[0]) == 4
+    assert both["a:9153"] == run(["a:9153"])[1]["a:9153"]
+    assert both["b:9153"] == run(["b:9153"])[1]["b:9153"]
+    p99 = [float(np.frombuffer(v, dtype=np.float32)[IDX["latency_p99_seconds"]]) for _, v in both["a:9153"]]
+    assert p99[1] == pytest.approx(0.01, rel=1e-4) and p99[-1] == pytest.approx(0.005, rel=1e-4), p99

@@ -247,3 +247,28 @@ def test_a_restored_fleet_gives_the_same_rows_counts_and_state() -> None:
     assert pinned > 8 * 100 and len(pair.native.labels._pinned) == pinned
     assert pair.native.labels.interned == pinned + 8 and pair.rows >= 8 * 2
     pair.check_state(now)
+
+
+def test_a_steady_round_is_accumulated_in_c_but_for_the_samples_that_close_steps() -> None:
+    """Where the C accumulator stops at a series it could take, everything still comes out right
+    (the tests above) but at Python's speed: once a fleet's series are bound, Python's loop gets
+    only each instance's sample that closes a step, and the rest of that series' samples."""
+    rounds = list(_fleet_series(20, 5, seed=5))
+    ext = FeatureExtractor(STEP_MS)
+    in_python = 0
+    samples = ext._samples
+
+    def counted(s: Any, tss: list[int], vals: list[float], start: int, end: int, *args: Any) -> None:
+        nonlocal in_python
+        in_python += end - start
+        samples(s, tss, vals, start, end, *args)
+
+    ext._samples = counted  # type: ignore[method-assign,assignment]
+    stats = IngestStats()
+    for i, series in enumerate(rounds):
+        if i == len(rounds) - 1:
+            in_python, stats = 0, IngestStats()
+        w = decode(v1_body(series), "1.0", ext.labels, max_decoded=16 * MiB, keep=ext.series_names)
+        ext.ingest(w, stats, float(i))
+    assert stats.accepted > 20 * 100, stats
+    assert 0 < in_python <= 20, in_python
