@@ -18,11 +18,12 @@
  * accumulate(keys, counts, timestamps, values, pos, first, step_ms, now)
  *     -> (pos, first, k, duplicate, stale, non_finite, late, accepted)
  *   Walks series from keys[pos] (its samples start at timestamps[first]) for as long as each is a
- *   bound series (key.state an exact _Series) and no sample needs a step closed, doing what
+ *   bound series (key.state an exact Series) and no sample needs a step closed, doing what
  *   ingest's loop does for each sample. Returns the series it stopped at, where that series'
  *   samples start, the sample to go on from (samples before it are done), and what it counted.
- *   pos == len(keys) when it did them all. Anything not as ingest leaves it (a slot unset, a
- *   list of another length) stops it before that series' first sample, for Python to do.
+ *   pos == len(keys) when it did them all. Anything not as ingest leaves it (a slot unset, sums
+ *   that are not two arrays of doubles as long, a slot beyond them) stops it before that series'
+ *   first sample, for Python to do.
  *
  * bind(keys, pos, bound, plan, instance_labels, no_labels, instances, plan_keys, matched, les,
  *      slot_tuples, proxy_prefix) -> pos
@@ -118,11 +119,8 @@ typedef struct {
 
 static PyTypeObject SeriesType;
 
+/* Its callers (Series(), bind) run only after layout(), which set counter_bins. */
 static Series *new_series(PyObject *inst, PyObject *slots, int gauge_source) {
-    if (!instance_type) {
-        PyErr_SetString(PyExc_RuntimeError, "layout() was not called");
-        return NULL;
-    }
     PyObject *bins = gauge_source >= 0 ? Py_BuildValue("[dd]", NAN, NAN) : Py_NewRef(counter_bins);
     if (!bins) return NULL;
     Series *s = PyObject_GC_New(Series, &SeriesType);
@@ -591,7 +589,7 @@ static PyObject *bind_one(PyObject *sk, PyObject *plan, PyObject *instance_label
             return NULL;
     }
     if (!PyList_CheckExact(SLOT(inst, binding_off[B_SERIES]))) return NULL;
-    if (gauge > INT_MAX) return NULL;
+    if (gauge > INT_MAX || gauge < INT_MIN) return NULL;
     PyObject *s = (PyObject *)new_series(inst, slots, (int)gauge);
     if (!s) return NULL;
     if (gauges && PyList_Append(PyList_GET_ITEM(gauges, gauge), s) < 0) {
