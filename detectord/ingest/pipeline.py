@@ -14,7 +14,6 @@ import gc
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -33,6 +32,7 @@ from detectord.ingest.remote_write import (
     declared_length,
     decode_steps,
 )
+from detectord.ingest.thread import IngestThread
 from detectord.ingest.windows import WindowStore
 
 FREEZE_AFTER_NEW_SERIES = 10_000
@@ -135,7 +135,7 @@ class Ingestor:
         self.last_write = 0.0  # monotonic
         self.max_decoded = max_decoded
         self.max_future_ms = int(max_future_s * 1000)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detectord-ingest")
+        self._thread = IngestThread()
         self._big = asyncio.Semaphore(1)
         # The label cache's forgotten entries already counted in the metric, by reason.
         self._forgotten_counted: dict[str, int] = {}
@@ -154,19 +154,17 @@ class Ingestor:
             return await self._write(body, version)
 
     async def _write(self, body: bytes, version: Version) -> WriteResult:
-        loop = asyncio.get_running_loop()
         w = _Write(self, body, version)
-        while (result := await loop.run_in_executor(self._executor, w.run, SLICE_S)) is None:
+        while (result := await self._thread.submit(w.run, SLICE_S)) is None:
             pass
         return result
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._thread.submit(fn, *args)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._thread.close()
 
     def write_sync(self, body: bytes, version: Version) -> WriteResult:
         """One request body through decoding, features and windows, on the calling thread (the
