@@ -5,7 +5,8 @@ series per request, snappy, 4 requests in flight):
 
 1. throughput: the first `--fast-rounds` scrape rounds as fast as they are taken: samples/s of the
    first round (every series new) and of the rest (steady), and the same rounds into Prometheus's
-   own receiver (`--web.enable-remote-write-receiver`), a fresh process, and the ratio;
+   own receiver (`--web.enable-remote-write-receiver`), a fresh process, and the ratio; and
+   samples per second of the daemon's own CPU time (all its threads: one core's worth);
 2. paced: the same daemon then gets one round every `--interval` seconds (15 s: a real scrape),
    its requests spread over the interval, until every instance scores and `--scored-rounds`
    more. Printed: remote-write answer time p99 while scoring runs; the delay from the request
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import statistics
@@ -105,6 +107,9 @@ class Row:
     steady: float = math.nan
     prom_first: float = math.nan
     prom_steady: float = math.nan
+    # Samples per second of the daemon's CPU time (all its threads): what one core takes.
+    cpu_first: float = math.nan
+    cpu_steady: float = math.nan
     kb_per_instance: float = math.nan
     delay_p50: float = math.nan
     delay_p99: float = math.nan
@@ -182,8 +187,21 @@ async def bench_detectord(
         await det.settle()
         rss0 = det.rss()
         fast_rounds = rounds.first(fast)
-        row.first, row.steady = rate(fast_rounds, await send(det.write_url, fast_rounds, concurrency))
-        print(f"  fast rounds: {row.first / 1e6:.3f} M/s first, {row.steady / 1e6:.3f} M/s steady", flush=True)
+        # The daemon's CPU time (all its threads) before each fast round and once it is idle after
+        # the last: samples per CPU second, what one core takes.
+        cpu = [det.cpu_seconds()]
+        times = await send(det.write_url, fast_rounds, concurrency, after_round=lambda: cpu.append(det.cpu_seconds()))
+        await det.settle()
+        cpu[-1] = det.cpu_seconds()
+        row.first, row.steady = rate(fast_rounds, times)
+        used = [b - a for a, b in itertools.pairwise(cpu)]
+        row.cpu_first = fast_rounds.samples[0] / used[0]
+        row.cpu_steady = sum(fast_rounds.samples[1:]) / sum(used[1:])
+        print(
+            f"  fast rounds: {row.first / 1e6:.3f} M/s first, {row.steady / 1e6:.3f} M/s steady; "
+            f"per CPU second {row.cpu_first / 1e6:.3f} M first, {row.cpu_steady / 1e6:.3f} M steady",
+            flush=True,
+        )
         answers: list[float] = []
         before = delay_buckets(await det.metrics())
         scored0 = 0.0
@@ -223,7 +241,7 @@ async def bench_detectord(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--instances", type=int, nargs="+", default=[1000, 10000, 100000])
-    p.add_argument("--fast-rounds", type=int, default=3, help="rounds sent as fast as they are taken (first: cold)")
+    p.add_argument("--fast-rounds", type=int, default=6, help="rounds sent as fast as they are taken (first: cold)")
     p.add_argument("--scored-rounds", type=int, default=3, help="paced rounds once every instance scores")
     p.add_argument("--interval", type=float, default=STEP_S, help="seconds per paced round (the scrape interval)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (Prometheus shards)")
@@ -284,7 +302,8 @@ def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespa
 
 def _table(rows: list[Row]) -> str:
     head = (
-        "| instances | samples/round | first M/s (Prom, ratio) | steady M/s (Prom, ratio) | KB/instance "
+        "| instances | samples/round | first M/s (Prom, ratio) | steady M/s (Prom, ratio) "
+        "| M samples per CPU-s first / steady | KB/instance "
         "| step scored p50 / p99 s | answer p99 s | /metrics s (MB) | scored / expected, dropped | behind s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -300,6 +319,7 @@ def _table(rows: list[Row]) -> str:
         )
         lines.append(
             f"| {r.instances:,} | {r.samples:,} | {vs(r.first, r.prom_first)} | {vs(r.steady, r.prom_steady)} "
+            f"| {r.cpu_first / 1e6:.2f} / {r.cpu_steady / 1e6:.2f} "
             f"| {r.kb_per_instance:.1f} | {r.delay_p50:.2f} / {r.delay_p99:.2f} | {r.answer_p99:.2f} | {ms} "
             f"| {r.scored:,} / {r.expected:,}, {r.dropped} | {r.behind_s:.1f} |"
         )

@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def _as_v2(payload: bytes) -> bytes:
     )
 
 
-async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
-    """Send round after round (each series' samples stay in order); seconds per round."""
+async def send(
+    url: str, rounds: Rounds, concurrency: int, after_round: Callable[[], object] | None = None
+) -> list[float]:
+    """Send round after round (each series' samples stay in order); seconds per round.
+    `after_round` is called as each round is answered."""
     times = []
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as session:
@@ -90,6 +94,8 @@ async def send(url: str, rounds: Rounds, concurrency: int) -> list[float]:
             t0 = time.perf_counter()
             await asyncio.gather(*(worker(queue, failures) for _ in range(concurrency)))
             times.append(time.perf_counter() - t0)
+            if after_round is not None:
+                after_round()
             if failures:
                 raise RuntimeError(f"{url}: {len(failures)} requests failed, first: {failures[0][:300]}")
     return times
