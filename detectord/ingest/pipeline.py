@@ -147,21 +147,23 @@ class Ingestor:
         requests' jobs run between them, so one huge request does not hold up the rest (a usual
         request is one job)."""
         if declared_length(body) < BIG_REQUEST_BYTES:
-            return await self._write(body, version)
+            return await self._write(body, version, big=False)
         # Big requests one at a time: each holds its decompressed body until it is done, and
         # taking turns between two of them would only hold both longer.
         async with self._big:
-            return await self._write(body, version)
+            return await self._write(body, version, big=True)
 
-    async def _write(self, body: bytes, version: Version) -> WriteResult:
+    async def _write(self, body: bytes, version: Version, *, big: bool) -> WriteResult:
         w = _Write(self, body, version)
-        while (result := await self._thread.submit(w.run, SLICE_S)) is None:
-            pass
+        # A usual request is one short job; the rest of one that needs more is long.
+        long = big
+        while (result := await self._thread.submit(w.run, SLICE_S, long=long)) is None:
+            long = True
         return result
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the ingest thread (to touch extractor or windows safely)."""
-        return await self._thread.submit(fn, *args)
+        return await self._thread.submit(fn, *args, long=True)
 
     def close(self) -> None:
         self._thread.close()

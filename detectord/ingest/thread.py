@@ -15,13 +15,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # How long a finished job's result may wait for the jobs queued behind it before its loop is
-# told: while requests keep coming, their answers go back in batches at least this often (and
-# at once whenever the queue runs dry). One wake-up a request, as an executor gives, cost about
-# half as much again as a 500-series request's ingest, mostly the two threads taking the GIL
-# from each other (bench/fleet_scale.py, "per CPU second").
+# told: while requests keep coming, their answers go back in batches at least this often, at
+# once when the queue runs dry, and before a long job. One wake-up a request, as an executor
+# gives, cost about half as much again as a 500-series request's ingest, mostly the two threads
+# taking the GIL from each other (bench/fleet_scale.py, "per CPU second"); so did handing each
+# result back as soon as no hand-back was on its way.
 HAND_BACK_S = 0.005
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[object, ...]]
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[object, ...], bool]
 _Done = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
@@ -37,9 +38,10 @@ class IngestThread:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def submit(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    def submit(self, fn: Callable[..., T], *args: object, long: bool = False) -> asyncio.Future[T]:
         """Run fn(*args) on the thread; its result (or exception) comes back in the caller's
-        loop. A job whose future is cancelled before it starts does not run."""
+        loop. A job whose future is cancelled before it starts does not run. `long`: it may take
+        a while (a slice of a big request), so what finished before it is handed back first."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         with self._cond:
@@ -48,7 +50,7 @@ class IngestThread:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._jobs.append((loop, fut, fn, args))
+            self._jobs.append((loop, fut, fn, args, long))
             if self._waiting:
                 self._cond.notify()
         return fut
@@ -80,9 +82,12 @@ class IngestThread:
                 _hand_back(done)
                 done = []
                 continue
-            loop, fut, fn, args = job
+            loop, fut, fn, args, long = job
             if fut.cancelled():
                 continue
+            if long and done:
+                _hand_back(done)
+                done = []
             try:
                 done.append((loop, (fut, fn(*args), None)))
             except BaseException as exc:  # the caller gets it, as from an executor

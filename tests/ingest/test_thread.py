@@ -57,7 +57,7 @@ async def test_a_job_that_fails_fails_its_caller_only() -> None:
 
 async def test_answers_go_back_while_more_requests_keep_coming() -> None:
     """The first job's result is handed back within about HAND_BACK_S of its end, not once the
-    queue runs dry (a stream of requests that never lets up would otherwise get no answer)."""
+    queue runs dry: a stream of requests that never lets up must still get its answers."""
     thread = IngestThread()
     ran: list[int] = []
 
@@ -74,6 +74,25 @@ async def test_answers_go_back_while_more_requests_keep_coming() -> None:
     finally:
         thread.close()
     assert seen < 100, f"the first answer came after {seen} of 200 jobs"
+
+
+async def test_an_answer_is_not_held_behind_a_long_job_queued_after_it() -> None:
+    """A small request's answer goes back before the slice of a big request that runs next."""
+    thread = IngestThread()
+    long_done = threading.Event()
+
+    def long_job() -> None:
+        time.sleep(1.0)
+        long_done.set()
+
+    try:
+        short = thread.submit(lambda: "small request")
+        long = thread.submit(long_job, long=True)
+        assert await short == "small request"
+        assert not long_done.is_set(), "the answer waited for the long job queued after it"
+        await long
+    finally:
+        thread.close()
 
 
 async def test_a_job_cancelled_before_it_starts_does_not_run() -> None:
