@@ -70,13 +70,12 @@ class IngestThread:
         while True:
             with self._cond:
                 if not self._jobs and not done:
-                    if self._closed:
-                        return
                     self._waiting = True
                     while not self._jobs and not self._closed:
                         self._cond.wait()
                     self._waiting = False
-                    continue
+                    if not self._jobs:  # closed, and all done and handed back
+                        return
                 job = self._jobs.popleft() if self._jobs else None
             if job is None:  # the queue ran dry
                 _hand_back(done)

@@ -6,10 +6,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from detectord.ingest.thread import IngestThread
+
+
+def _numbered(ran: list[int], seconds: float) -> Callable[[int], int]:
+    """A job that takes `seconds`, then notes its number in `ran` and returns it."""
+
+    def job(i: int) -> int:
+        time.sleep(seconds)
+        ran.append(i)
+        return i
+
+    return job
 
 
 async def test_jobs_run_one_at_a_time_in_order_on_one_thread() -> None:
@@ -60,12 +72,7 @@ async def test_answers_go_back_while_more_requests_keep_coming() -> None:
     queue runs dry: a stream of requests that never lets up must still get its answers."""
     thread = IngestThread()
     ran: list[int] = []
-
-    def job(i: int) -> int:
-        time.sleep(0.002)
-        ran.append(i)
-        return i
-
+    job = _numbered(ran, 0.002)
     try:
         futures = [thread.submit(job, i) for i in range(200)]
         assert await futures[0] == 0
@@ -123,12 +130,7 @@ async def test_a_job_cancelled_before_it_starts_does_not_run() -> None:
 async def test_closing_runs_what_is_queued_and_refuses_more() -> None:
     thread = IngestThread()
     ran: list[int] = []
-
-    def job(i: int) -> int:
-        time.sleep(0.001)
-        ran.append(i)
-        return i
-
+    job = _numbered(ran, 0.001)
     futures = [thread.submit(job, i) for i in range(20)]
     await asyncio.get_running_loop().run_in_executor(None, thread.close)
     assert ran == list(range(20))
