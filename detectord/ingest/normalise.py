@@ -223,8 +223,12 @@ class InstanceBaseline:
         return self._n >= self._c.cfg.min_buckets
 
     def push(self, raw: np.ndarray, *, gap: bool = False) -> np.ndarray:
+        return self.take(self._c.transform(raw), gap=gap)
+
+    def take(self, t: np.ndarray, *, gap: bool = False) -> np.ndarray:
+        """`push` of a row already transformed (`_Compiled.transform`, which works on many rows at
+        once and is elementwise), changed in place and returned."""
         c = self._c
-        t = c.transform(raw)
         if c.hold:
             pos = self._hpos
             self._hpos += 1
@@ -340,20 +344,47 @@ class InstanceBaseline:
     def _update(self) -> None:
         c = self._c
         means, stds = self._means[: self._n], self._stds[: self._n]
-        loc = np.median(means, axis=0)
-        between = 1.4826 * np.median(np.abs(means - loc), axis=0)
-        within = np.median(stds, axis=0)
+        loc = _median(means)
+        between = 1.4826 * _median(np.abs(means - loc))
+        within = _median(stds)
         rel = c.rel_idx
         self.loc[rel] = loc
         spread = np.sqrt((between * between + within * within) * (1.0 + c.cfg.young / self._n))
         self.scale[rel] = np.maximum(spread, c.floor[rel])
 
 
-def model_inputs(window: np.ndarray, loc: np.ndarray, scale: np.ndarray, low: np.ndarray, high: float) -> np.ndarray:
+def _median(a: np.ndarray) -> np.ndarray:
+    """np.median(a, axis=0), the same numbers (a sort and the mean of the middle two, in a's dtype;
+    NaN where a column holds one) in a quarter of the time on a baseline's 128 × 12 buckets."""
+    s = np.sort(a, axis=0)
+    n = len(s)
+    out: np.ndarray = (s[(n - 1) // 2] + s[n // 2]) / 2
+    nan = np.isnan(s[-1])
+    if nan.any():
+        out[nan] = np.nan
+    return out
+
+
+def model_inputs(
+    window: np.ndarray,
+    loc: np.ndarray,
+    scale: np.ndarray,
+    low: np.ndarray,
+    high: float,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Transformed rows (…, W, F) measured against a baseline (…, F), each feature clipped to
-    [low, high] (see `InputPlan.low`): what a detector sees."""
-    z = (window - loc[..., None, :]) / scale[..., None, :]
-    out: np.ndarray = np.clip(z, low, high).astype(np.float32, copy=False)
+    [low, high] (see `InputPlan.low`): what a detector sees. With `out` (float32, the window's
+    shape; the window itself when the caller owns it) no array is made."""
+    if out is None:
+        out = ((window - loc[..., None, :]) / scale[..., None, :]).astype(np.float32, copy=False)
+    else:
+        np.subtract(window, loc[..., None, :], out=out)
+        np.divide(out, scale[..., None, :], out=out)
+    # np.clip's numbers (NaN stays NaN) at half its cost on a window.
+    np.maximum(out, low, out=out)
+    np.minimum(out, high, out=out)
     return out
 
 
@@ -367,13 +398,23 @@ class Normaliser:
         self._baselines: dict[InstanceKey, InstanceBaseline] = {}
 
     def push(self, key: InstanceKey, raw: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
+        return self.take(key, self._compiled.transform(raw), gap=gap)
+
+    def transform(self, raws: np.ndarray) -> np.ndarray:
+        """Raw rows (…, F) transformed, for `take`: one call for a request's rows."""
+        return self._compiled.transform(raws)
+
+    def take(self, key: InstanceKey, t: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
+        """`push` of a row from `transform`."""
         b = self._baselines.get(key)
         if b is None:
             b = self._baselines[key] = InstanceBaseline(self._compiled)
-        return b.push(raw, gap=gap), b
+        return b.take(t, gap=gap), b
 
-    def inputs(self, baseline: InstanceBaseline, window: np.ndarray) -> np.ndarray:
-        return model_inputs(window, baseline.loc, baseline.scale, self._low, self.plan.baseline.clip)
+    def inputs(self, baseline: InstanceBaseline, window: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+        """The model's inputs for `window`; `in_place`: written over it (the caller's own copy)."""
+        out = window if in_place else None
+        return model_inputs(window, baseline.loc, baseline.scale, self._low, self.plan.baseline.clip, out=out)
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:
@@ -435,15 +476,17 @@ class BaselineSeries:
 
 def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
     """The offline twin of `Normaliser`: the same pushes, row by row, in step order."""
-    b = InstanceBaseline(_Compiled(plan, step_s))
+    c = _Compiled(plan, step_s)
+    b = InstanceBaseline(c)
     n, nf = series.values.shape
     x = np.empty((n, nf), dtype=np.float32)
     loc = np.empty((n, nf), dtype=np.float32)
     scale = np.empty((n, nf), dtype=np.float32)
     ready = np.empty(n, dtype=bool)
     gap = series.gap if len(series.gap) == n else np.zeros(n, dtype=bool)
+    t = c.transform(series.values)
     for i in range(n):
-        x[i] = b.push(series.values[i], gap=bool(gap[i]))
+        x[i] = b.take(t[i], gap=bool(gap[i]))
         loc[i] = b.loc
         scale[i] = b.scale
         ready[i] = b.ready

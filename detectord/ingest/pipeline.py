@@ -124,6 +124,7 @@ class Ingestor:
         self.worker = worker
         self.metrics = metrics
         self.instance_counts: dict[str, int] = {"warming": 0, "scoring": 0, "down": 0}
+        self._exported_counts: tuple[dict[str, int], int] | None = None
         # Instances whose window and baseline are both warm (the rest are warming).
         self._scoring: set[InstanceKey] = set()
         # Restored scoring instances not heard from since the restart.
@@ -253,12 +254,13 @@ class Ingestor:
         gaps = restarts = 0
         ready = []
         unconfirmed = self._unconfirmed
-        for row in rows:
+        transformed = norm.transform(np.array([row.values for row in rows])) if rows else np.empty((0, 0))
+        for row, t in zip(rows, transformed, strict=True):
             if unconfirmed:
                 unconfirmed.discard(row.instance)
             gaps += row.gap
             restarts += row.restart
-            x, baseline = norm.push(row.instance, row.values, gap=row.gap)
+            x, baseline = norm.take(row.instance, t, gap=row.gap)
             w = windows.push(row.instance, row.step_ts_ms, x, restart=row.restart, gap=row.gap)
             loop = loops.step(row.instance, row.step_ts_ms, row.process_restart)
             if w is not None and baseline.ready:
@@ -267,7 +269,13 @@ class Ingestor:
                     continue
                 ready.append(
                     ScoreRequest(
-                        row.instance, row.step_ts_ms, norm.inputs(baseline, w), row.values, row.upstream, loop, arrived
+                        row.instance,
+                        row.step_ts_ms,
+                        norm.inputs(baseline, w, in_place=True),
+                        row.values,
+                        row.upstream,
+                        loop,
+                        arrived,
                     )
                 )
             elif row.restart:
@@ -298,11 +306,17 @@ class Ingestor:
         down = len(self.liveness.down)
         # Down instances are (almost always) scoring ones: count them without copying the set.
         scoring = len(self._scoring) - sum(1 for k in self.liveness.down if k in self._scoring)
+        counts = {"warming": total - scoring - down, "scoring": scoring, "down": down}
+        refused = len(self.extractor.refused)
+        # Called for every request: the gauges are set only when a count moved.
+        if (counts, refused) == self._exported_counts:
+            return
+        self._exported_counts = counts, refused
         # One plain dict, replaced whole: the event loop reads it for systemd's STATUS= line.
-        self.instance_counts = {"warming": total - scoring - down, "scoring": scoring, "down": down}
-        for state, n in self.instance_counts.items():
+        self.instance_counts = counts
+        for state, n in counts.items():
             self.metrics.instances.labels(state).set(n)
-        self.metrics.instances_refused.set(len(self.extractor.refused))
+        self.metrics.instances_refused.set(refused)
 
     def evict_idle(self, older_than: float) -> list[InstanceKey]:
         """Forget instances not heard from since `older_than` (monotonic), and the label cache's

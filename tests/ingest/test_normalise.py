@@ -258,3 +258,21 @@ def test_training_windows_are_the_windows_serve_scores(plan: InputPlan, window: 
         assert n > 500 and len(ts) - n <= 2
         np.testing.assert_array_equal(np.array([r.step_ts_ms for r in reqs]), ts[:n])
         np.testing.assert_array_equal(np.stack([r.window for r in reqs]), wins[:n])
+
+
+def test_the_baselines_median_is_numpys() -> None:
+    """The baseline's medians (a sort, for speed) are np.median's numbers, bit for bit, on what a
+    baseline holds (non-negative bucket means, spreads and deviations, with ties and zeros), so a
+    model trained before keeps scoring the same; a column with NaN gives NaN."""
+    from detectord.ingest.normalise import _median
+
+    rng = np.random.default_rng(11)
+    for n in [*range(1, 20), 64, 127, 128]:
+        a = np.abs(rng.standard_normal((n, 12))).astype(np.float32)
+        a[:, 0] = 0.0
+        a[:, 1] = np.round(a[:, 1])
+        a[:, 2] = a[0, 2]
+        assert _median(a).tobytes() == np.median(a, axis=0).tobytes(), n
+    a[5, 3] = np.nan
+    got = _median(a)
+    assert np.isnan(got[3]) and np.isfinite(np.delete(got, 3)).all()
