@@ -275,7 +275,7 @@ def cache_state(cache: LabelCache) -> tuple[object, ...]:
     """What a label cache holds and counts, comparable between two caches of one process (their
     digests share its key)."""
 
-    def held(table: dict[Any, Any]) -> dict[Any, object]:
+    def held(table: Mapping[Any, Any]) -> dict[Any, object]:
         return {raw: hit.labels if isinstance(hit, SeriesKey) else hit for raw, hit in table.items()}
 
     return (

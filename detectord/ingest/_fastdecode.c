@@ -2,7 +2,7 @@
  * Hot path of remote write decoding: walks a decompressed prometheus.WriteRequest (1.0) or
  * io.prometheus.write.v2.Request (2.0) and returns its series keyed by a digest of their raw label
  * bytes (a 2.0 series' labels as the 1.0 bytes of the same labels), so a series seen before costs
- * one hash and one dict lookup, and a new one with plainly valid labels is checked and built here
+ * one hash and one table lookup, and a new one with plainly valid labels is checked and built here
  * too. Optional: detectord/ingest/remote_write.py falls back to pure Python when it is not built, and
  * tests/ingest/test_decoder_differential.py checks both give the same result.
  *
@@ -14,8 +14,8 @@
  *   cyclic GC has nothing to scan. Decodes at most max_series TimeSeries from byte offset start
  *   and returns where it stopped (len(data) at the end), so the caller can let other threads
  *   take the GIL between chunks.
- *   cache:   dict  digest -> SeriesKey | str (the reason the labels are invalid); the digest is
- *            the keyed SipHash-2-4-128 of the raw label bytes (see siphash128), 16 bytes
+ *   cache:   DigestMap  digest -> SeriesKey | str (the reason the labels are invalid); the digest
+ *            is the keyed SipHash-2-4-128 of the raw label bytes (see siphash128), 16 bytes
  *   resolve: callable(digest, [(name, value), ...] | None) -> SeriesKey | str, called on a
  *            cache miss (it fills the cache); None when a label is not valid protobuf or UTF-8.
  *            For a plainly valid set (see checked_labels) it is called as resolve(digest,
@@ -24,8 +24,9 @@
  *   check_hist: callable([raw Histogram bytes, ...]) -> None | str (why they are invalid)
  *   shared, max_labels, max_name, max_value: the pairs plainly valid sets are made of (None: no
  *            set is taken as plainly valid), and the limits resolve checks (0: none).
- *   tables:  None, or the label cache's (old, pinned, keys, old_keys, made): a plainly valid set
- *            whose digest is in neither cache nor old is entered in cache here as resolve would:
+ *   tables:  None, or the label cache's (old, pinned, keys, old_keys, made), old a DigestMap: a
+ *            plainly valid set whose digest is in neither cache nor old is entered in cache here
+ *            as resolve would:
  *            with the key pinned or keys holds for its labels (a restart's first round), or if
  *            old_keys does not hold them either, with a SeriesKey made here (see key_type) and
  *            entered in keys. made (a list of four) gets how many keys were made, their labels
@@ -59,6 +60,10 @@
  *
  * intern_labels(sets, shared, pinned, keys, old_keys, intern) -> ([SeriesKey, ...], made)
  *   LabelCache.intern for each label set of the list sets, in one call (a restore's series).
+ *
+ * DigestMap()
+ *   A dict from 16-byte digests to objects with the digests held in the table (see its comment):
+ *   the label cache's two generations, which decode_v1 and decode_v2 look digests up in.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -494,6 +499,266 @@ static void siphash128(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1, 
     memcpy(out + 8, &h, 8);
 }
 
+/* ---- DigestMap: the label cache's generations ---- */
+
+/* A dict from the 16-byte label digests (bytes) to what they mean: LabelCache's two generations.
+ * The digests sit in the table itself. A dict of bytes keys cost a bytes object and a dict slot a
+ * series (about 100 bytes) and three dependent memory reads a lookup, a fleet's label cache being
+ * far bigger than the CPU's caches; this costs a 24-byte slot at 44-88 % load and one read.
+ * Linear probing, deletion by backward shift (no tombstones); a digest is a keyed SipHash, so its
+ * first 8 bytes spread the slots evenly. Any other key (the pure-Python decoder's tuples of label
+ * messages) goes to a plain dict beside it: to Python it is a dict. */
+typedef struct {
+    uint64_t a, b;
+    PyObject *v; /* NULL: an empty slot */
+} dm_slot;
+
+typedef struct {
+    PyObject_HEAD
+    dm_slot *t; /* NULL while empty */
+    size_t mask; /* slots - 1 */
+    Py_ssize_t n;
+    PyObject *other; /* dict of the other keys, or NULL */
+} DigestMap;
+
+static PyTypeObject DigestMapType;
+
+#define DM_MIN_SLOTS 16
+
+static int as_digest(PyObject *key, uint64_t *a, uint64_t *b) {
+    if (!PyBytes_CheckExact(key) || PyBytes_GET_SIZE(key) != 16) return 0;
+    memcpy(a, PyBytes_AS_STRING(key), 8);
+    memcpy(b, PyBytes_AS_STRING(key) + 8, 8);
+    return 1;
+}
+
+/* The slot of (a, b), or the empty slot where it would go (the table is never full). */
+static dm_slot *dm_probe(const DigestMap *m, uint64_t a, uint64_t b) {
+    for (size_t i = (size_t)a & m->mask;; i = (i + 1) & m->mask) {
+        dm_slot *s = &m->t[i];
+        if (!s->v || (s->a == a && s->b == b)) return s;
+    }
+}
+
+/* The value of (a, b), borrowed, or NULL. */
+static PyObject *dm_get(const DigestMap *m, uint64_t a, uint64_t b) { return m->t ? dm_probe(m, a, b)->v : NULL; }
+
+static int dm_resize(DigestMap *m, size_t slots) {
+    dm_slot *t = PyMem_Calloc(slots, sizeof(dm_slot));
+    if (!t) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    dm_slot *old = m->t;
+    size_t n_old = old ? m->mask + 1 : 0;
+    m->t = t;
+    m->mask = slots - 1;
+    for (size_t i = 0; i < n_old; i++)
+        if (old[i].v) *dm_probe(m, old[i].a, old[i].b) = old[i];
+    PyMem_Free(old);
+    return 0;
+}
+
+/* (a, b) -> v (which it takes a reference to). 0, or -1 with an exception set. */
+static int dm_set(DigestMap *m, uint64_t a, uint64_t b, PyObject *v) {
+    if (!m->t && dm_resize(m, DM_MIN_SLOTS)) return -1;
+    dm_slot *s = dm_probe(m, a, b);
+    if (s->v) {
+        PyObject *was = s->v;
+        s->v = Py_NewRef(v);
+        Py_DECREF(was);
+        return 0;
+    }
+    size_t slots = m->mask + 1;
+    if ((size_t)m->n + 1 > slots - slots / 8) {
+        if (dm_resize(m, 2 * slots)) return -1;
+        s = dm_probe(m, a, b);
+    }
+    s->a = a;
+    s->b = b;
+    s->v = Py_NewRef(v);
+    m->n++;
+    return 0;
+}
+
+/* Takes (a, b) out: its value (the table's reference), or NULL if absent (no exception). */
+static PyObject *dm_take(DigestMap *m, uint64_t a, uint64_t b) {
+    if (!m->t) return NULL;
+    dm_slot *s = dm_probe(m, a, b);
+    PyObject *v = s->v;
+    if (!v) return NULL;
+    size_t i = (size_t)(s - m->t);
+    for (size_t j = (i + 1) & m->mask; m->t[j].v; j = (j + 1) & m->mask) {
+        /* The entry at j moves back into the hole at i unless its home slot lies after i. */
+        size_t home = (size_t)m->t[j].a & m->mask;
+        if (((j - home) & m->mask) >= ((j - i) & m->mask)) {
+            m->t[i] = m->t[j];
+            i = j;
+        }
+    }
+    m->t[i].v = NULL;
+    m->n--;
+    return v;
+}
+
+static int dm_clear(DigestMap *m) {
+    dm_slot *t = m->t;
+    size_t n = t ? m->mask + 1 : 0;
+    m->t = NULL; /* emptied before any value goes, whatever their deallocation does */
+    m->mask = 0;
+    m->n = 0;
+    for (size_t i = 0; i < n; i++) Py_XDECREF(t[i].v);
+    PyMem_Free(t);
+    Py_CLEAR(m->other);
+    return 0;
+}
+
+static int dm_traverse(DigestMap *m, visitproc visit, void *arg) {
+    if (m->t)
+        for (size_t i = 0; i <= m->mask; i++) Py_VISIT(m->t[i].v);
+    Py_VISIT(m->other);
+    return 0;
+}
+
+static void dm_dealloc(DigestMap *m) {
+    PyObject_GC_UnTrack(m);
+    dm_clear(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static Py_ssize_t dm_length(DigestMap *m) { return m->n + (m->other ? PyDict_GET_SIZE(m->other) : 0); }
+
+/* The value of key, borrowed; NULL without an exception if absent, with one on error. */
+static PyObject *dm_lookup(DigestMap *m, PyObject *key) {
+    uint64_t a, b;
+    if (as_digest(key, &a, &b)) return dm_get(m, a, b);
+    return m->other ? PyDict_GetItemWithError(m->other, key) : NULL;
+}
+
+static PyObject *dm_subscript(DigestMap *m, PyObject *key) {
+    PyObject *v = dm_lookup(m, key);
+    if (!v && !PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+    return Py_XNewRef(v);
+}
+
+/* key's value taken out (a new reference), or NULL: absent (no exception) or an error. */
+static PyObject *dm_pop_key(DigestMap *m, PyObject *key) {
+    uint64_t a, b;
+    if (as_digest(key, &a, &b)) return dm_take(m, a, b);
+    PyObject *v = m->other ? PyDict_GetItemWithError(m->other, key) : NULL;
+    if (v && (Py_INCREF(v), PyDict_DelItem(m->other, key))) Py_CLEAR(v);
+    return v;
+}
+
+static int dm_ass_subscript(DigestMap *m, PyObject *key, PyObject *v) {
+    uint64_t a, b;
+    if (v) {
+        if (as_digest(key, &a, &b)) return dm_set(m, a, b, v);
+        if (!m->other && !(m->other = PyDict_New())) return -1;
+        return PyDict_SetItem(m->other, key, v);
+    }
+    PyObject *was = dm_pop_key(m, key);
+    if (!was) {
+        if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, key);
+        return -1;
+    }
+    Py_DECREF(was);
+    return 0;
+}
+
+static int dm_contains(DigestMap *m, PyObject *key) { return dm_lookup(m, key) ? 1 : (PyErr_Occurred() ? -1 : 0); }
+
+static PyObject *dm_get_method(DigestMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get() takes a key and an optional default");
+        return NULL;
+    }
+    PyObject *v = dm_lookup(m, args[0]);
+    if (!v && PyErr_Occurred()) return NULL;
+    return Py_NewRef(v ? v : nargs == 2 ? args[1] : Py_None);
+}
+
+static PyObject *dm_pop(DigestMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop() takes a key and an optional default");
+        return NULL;
+    }
+    PyObject *v = dm_pop_key(m, args[0]);
+    if (v || PyErr_Occurred()) return v;
+    if (nargs == 2) return Py_NewRef(args[1]);
+    PyErr_SetObject(PyExc_KeyError, args[0]);
+    return NULL;
+}
+
+static PyObject *dm_clear_method(DigestMap *m, PyObject *unused) {
+    (void)unused;
+    dm_clear(m);
+    Py_RETURN_NONE;
+}
+
+/* A list of the keys (0), values (1) or (key, value) pairs (2). */
+static PyObject *dm_list(DigestMap *m, int what) {
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out && m->t && i <= m->mask; i++) {
+        dm_slot s = m->t[i];
+        if (!s.v) continue;
+        char d[16];
+        memcpy(d, &s.a, 8);
+        memcpy(d + 8, &s.b, 8);
+        PyObject *k = what == 1 ? NULL : PyBytes_FromStringAndSize(d, 16);
+        PyObject *item = what == 0 ? k : what == 1 ? Py_NewRef(s.v) : k ? PyTuple_Pack(2, k, s.v) : NULL;
+        if (what == 2) Py_XDECREF(k);
+        if (append_new(out, item)) Py_CLEAR(out);
+    }
+    if (out && m->other) {
+        PyObject *rest = what == 0 ? PyDict_Keys(m->other) : what == 1 ? PyDict_Values(m->other) : PyDict_Items(m->other);
+        Py_ssize_t end = PyList_GET_SIZE(out);
+        if (!rest || PyList_SetSlice(out, end, end, rest)) Py_CLEAR(out);
+        Py_XDECREF(rest);
+    }
+    return out;
+}
+
+static PyObject *dm_keys(DigestMap *m, PyObject *unused) { (void)unused; return dm_list(m, 0); }
+static PyObject *dm_values(DigestMap *m, PyObject *unused) { (void)unused; return dm_list(m, 1); }
+static PyObject *dm_items(DigestMap *m, PyObject *unused) { (void)unused; return dm_list(m, 2); }
+
+static PyObject *dm_iter(DigestMap *m) {
+    PyObject *keys = dm_list(m, 0);
+    PyObject *it = keys ? PyObject_GetIter(keys) : NULL;
+    Py_XDECREF(keys);
+    return it;
+}
+
+static PyMethodDef dm_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))dm_get_method, METH_FASTCALL, "The value of a key, or the default."},
+    {"pop", (PyCFunction)(void (*)(void))dm_pop, METH_FASTCALL, "Take a key out; its value, or the default."},
+    {"clear", (PyCFunction)dm_clear_method, METH_NOARGS, "Take every key out."},
+    {"keys", (PyCFunction)dm_keys, METH_NOARGS, "A list of the keys."},
+    {"values", (PyCFunction)dm_values, METH_NOARGS, "A list of the values."},
+    {"items", (PyCFunction)dm_items, METH_NOARGS, "A list of the (key, value) pairs."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods dm_as_mapping = {(lenfunc)dm_length, (binaryfunc)dm_subscript,
+                                         (objobjargproc)dm_ass_subscript};
+static PySequenceMethods dm_as_sequence = {.sq_contains = (objobjproc)dm_contains};
+
+static PyTypeObject DigestMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "detectord.ingest._fastdecode.DigestMap",
+    .tp_basicsize = sizeof(DigestMap),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A dict from 16-byte label digests to what they mean (the label cache's generations).",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)dm_dealloc,
+    .tp_traverse = (traverseproc)dm_traverse,
+    .tp_clear = (inquiry)dm_clear,
+    .tp_as_mapping = &dm_as_mapping,
+    .tp_as_sequence = &dm_as_sequence,
+    .tp_iter = (getiterfunc)dm_iter,
+    .tp_methods = dm_methods,
+};
+
 /* How raw label fields become a series key: the cache, and on a miss enter_key() or resolve() (see
  * decode_v1), with what enter_key made. */
 typedef struct {
@@ -557,17 +822,18 @@ static PyObject *make_key(PyObject *keys, PyObject *labels) {
  * (counted in k->made*). NULL without an error where old holds the digest or old_keys the labels
  * (from_label_fields moves them), NULL with one on failure. */
 static PyObject *enter_key(keyer *k, PyObject *digest, PyObject *labels) {
-    if (!k->old || !series_key) return NULL;
-    if (PyDict_Contains(k->old, digest)) return NULL; /* 1, or -1 with an error set */
+    uint64_t a, b;
+    if (!k->old || !series_key || !as_digest(digest, &a, &b)) return NULL;
+    if (dm_get((DigestMap *)k->old, a, b)) return NULL;
     PyObject *key = held_key(k->pinned, k->keys, labels);
     if (key) {
-        if (PyDict_SetItem(k->cache, digest, key)) return NULL;
+        if (dm_set((DigestMap *)k->cache, a, b, key)) return NULL;
         k->entered++;
         return Py_NewRef(key);
     }
     if (PyErr_Occurred() || PyDict_Contains(k->old_keys, labels)) return NULL;
     if (!(key = make_key(k->keys, labels))) return NULL;
-    if (PyDict_SetItem(k->cache, digest, key)) {
+    if (dm_set((DigestMap *)k->cache, a, b, key)) {
         Py_DECREF(key);
         return NULL;
     }
@@ -581,18 +847,13 @@ static PyObject *enter_key(keyer *k, PyObject *digest, PyObject *labels) {
 static PyObject *lookup_key(keyer *k, const uint8_t *rp, const uint8_t *rend) {
     uint8_t d[16];
     siphash128(rp, (size_t)(rend - rp), sip_k0, sip_k1, d);
+    uint64_t a, b;
+    memcpy(&a, d, 8);
+    memcpy(&b, d + 8, 8);
+    PyObject *key = dm_get((DigestMap *)k->cache, a, b);
+    if (key) return Py_NewRef(key);
     PyObject *digest = PyBytes_FromStringAndSize((const char *)d, 16);
     if (!digest) return NULL;
-    PyObject *key = PyDict_GetItemWithError(k->cache, digest); /* borrowed */
-    if (key) {
-        Py_INCREF(key);
-        Py_DECREF(digest);
-        return key;
-    }
-    if (PyErr_Occurred()) {
-        Py_DECREF(digest);
-        return NULL;
-    }
     PyObject *labels = Py_None;
     Py_INCREF(labels);
     if (k->shared != Py_None) {
@@ -647,14 +908,15 @@ static int check_args(PyObject *keep, PyObject *shared, PyObject *tables, Py_ssi
         PyErr_SetString(PyExc_TypeError, "shared must be a dict or None");
         return -1;
     }
-    int ok = tables == Py_None || (PyTuple_Check(tables) && PyTuple_GET_SIZE(tables) == 5);
-    for (Py_ssize_t k = 0; ok && tables != Py_None && k < 4; k++) ok = PyDict_Check(PyTuple_GET_ITEM(tables, k));
+    int ok = tables == Py_None || (PyTuple_Check(tables) && PyTuple_GET_SIZE(tables) == 5 &&
+                                   Py_IS_TYPE(PyTuple_GET_ITEM(tables, 0), &DigestMapType));
+    for (Py_ssize_t k = 1; ok && tables != Py_None && k < 4; k++) ok = PyDict_Check(PyTuple_GET_ITEM(tables, k));
     if (ok && tables != Py_None) {
         PyObject *made = PyTuple_GET_ITEM(tables, 4);
         ok = PyList_CheckExact(made) && PyList_GET_SIZE(made) == 4;
     }
     if (!ok) {
-        PyErr_SetString(PyExc_TypeError, "tables must be four dicts and a list of four, or None");
+        PyErr_SetString(PyExc_TypeError, "tables must be a DigestMap, three dicts and a list of four, or None");
         return -1;
     }
     if (keep != Py_None) {
@@ -715,6 +977,7 @@ static int kept(PyObject **keep_names, Py_ssize_t nkeep, const uint8_t *name, Py
 
 static PyObject *zero;            /* 0.0, shared by every zero sample */
 static PyObject *recent_ts[1024]; /* timestamps made lately, by a hash of their value */
+static int64_t recent_val[1024];  /* their values, compared without reading the int back */
 
 /* The int of timestamp ts: one made lately for the same value if there is one. A target's series
  * all carry its scrape's timestamp and keep their last, so a tracked instance holds one int, not
@@ -722,10 +985,12 @@ static PyObject *recent_ts[1024]; /* timestamps made lately, by a hash of their 
  * is held and no Python code runs in between, so the table needs no lock. */
 static PyObject *timestamp(int64_t ts) {
     size_t i = (size_t)(((uint64_t)ts * 0x9E3779B97F4A7C15ULL) >> 54);
-    PyObject *held = recent_ts[i];
-    if (held && PyLong_AsLongLong(held) == ts) return Py_NewRef(held);
+    if (recent_ts[i] && recent_val[i] == ts) return Py_NewRef(recent_ts[i]);
     PyObject *made = PyLong_FromLongLong(ts);
-    if (made) Py_XSETREF(recent_ts[i], Py_NewRef(made));
+    if (made) {
+        Py_XSETREF(recent_ts[i], Py_NewRef(made));
+        recent_val[i] = ts;
+    }
     return made;
 }
 
@@ -758,7 +1023,7 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared, *tables;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOnnnO", &buf, &PyDict_Type, &cache, &resolve, &check_hist,
+    if (!PyArg_ParseTuple(args, "y*O!OOLnnO!O!O!O!OOnnnO", &buf, &DigestMapType, &cache, &resolve, &check_hist,
                           &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts, &PyList_Type,
                           &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name, &max_value, &tables))
         return NULL;
@@ -1082,7 +1347,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared, *tables;
     long long max_ts;
     Py_ssize_t start, max_series, max_labels, max_name, max_value;
-    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOnnnO", &buf, &symbuf, &PyDict_Type, &cache, &resolve,
+    if (!PyArg_ParseTuple(args, "y*y*O!OOLnnO!O!O!O!OOnnnO", &buf, &symbuf, &DigestMapType, &cache, &resolve,
                           &check_hist, &max_ts, &start, &max_series, &PyList_Type, &keys, &PyList_Type, &counts,
                           &PyList_Type, &tss, &PyList_Type, &vals, &keep, &shared, &max_labels, &max_name,
                           &max_value, &tables))
@@ -1447,5 +1712,8 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
     pair_seed = sip_k0 ^ (sip_k1 << 1);
     Py_DECREF(seed);
     if (!zero && !(zero = PyFloat_FromDouble(0.0))) return NULL;
-    return PyModule_Create(&module);
+    if (PyType_Ready(&DigestMapType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddObjectRef(m, "DigestMap", (PyObject *)&DigestMapType)) Py_CLEAR(m);
+    return m;
 }

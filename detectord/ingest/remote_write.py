@@ -12,7 +12,7 @@ import math
 import struct
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast
 
@@ -104,16 +104,17 @@ if _fastdecode is not None:
 DEFAULT_CACHE_BYTES = 256 * 1024**2
 # Estimated bytes of a cache entry beyond its raw key (dict slot, bytes object), of a
 # SeriesKey beyond its label strings, and of each label pair's objects (tuple, two str headers).
-# The C decoder's raw key is a 16-byte digest of the label bytes (see _fastdecode.siphash128).
+# The C decoder's raw key is a 16-byte digest of the label bytes (see _fastdecode.siphash128),
+# held in a DigestMap's 24-byte slot (40 bytes at its mean load), not as an object.
 _ENTRY_BYTES = 120
-_DIGEST_BYTES = 16
+_DIGEST_ENTRY_BYTES = 40
 _KEY_BYTES = 200
 _LABEL_BYTES = 170
 # A key the C decoder made, with its entry (see LabelCache.count_made), and one it pinned
 # (_pinned_bytes), beyond their labels; the C decoder's entry for a key held already.
-_MADE_BYTES = _KEY_BYTES + _ENTRY_BYTES + _DIGEST_BYTES
-_C_ENTRY_BYTES = _ENTRY_BYTES + _DIGEST_BYTES
-_PINNED_BYTES = _KEY_BYTES + 2 * (_ENTRY_BYTES + _DIGEST_BYTES)
+_MADE_BYTES = _KEY_BYTES + _DIGEST_ENTRY_BYTES
+_C_ENTRY_BYTES = _DIGEST_ENTRY_BYTES
+_PINNED_BYTES = _KEY_BYTES + 2 * _DIGEST_ENTRY_BYTES
 
 
 # Interned strings were immortal in CPython 3.12.0 to 3.12.4 (gh-113993): there, interning the
@@ -144,16 +145,21 @@ def _pinned_bytes(labels: Labels) -> int:
     """A pinned key's estimated bytes with an entry for it in each generation (the C decoder's
     raw key is a digest; the pure-Python one's raw labels are about as long as the label strings)."""
     strings = _label_chars(labels)
-    raw = _DIGEST_BYTES if _fastdecode is not None else strings + 6 * len(labels)
-    return _key_bytes(labels, strings) + 2 * (_ENTRY_BYTES + raw)
+    entry = _DIGEST_ENTRY_BYTES if _fastdecode is not None else _ENTRY_BYTES + strings + 6 * len(labels)
+    return _key_bytes(labels, strings) + 2 * entry
 
 
 def _entry_bytes(raw: object) -> int:
     if isinstance(raw, bytes):
-        return _ENTRY_BYTES + len(raw)
+        return _DIGEST_ENTRY_BYTES if _fastdecode is not None and len(raw) == 16 else _ENTRY_BYTES + len(raw)
     if isinstance(raw, tuple):  # the pure-Python decoder's Label messages
         return _ENTRY_BYTES + sum(len(b) + 40 for b in raw)
     return _ENTRY_BYTES
+
+
+def _generation() -> MutableMapping[object, SeriesKey | str]:
+    """A new generation of the label cache's entries: a DigestMap where the C decoder is built."""
+    return _fastdecode.DigestMap() if _fastdecode is not None else {}
 
 
 class LabelCache:
@@ -172,8 +178,8 @@ class LabelCache:
         # Raw labels (a tuple of Label messages, or for the C decoder a keyed digest of the label
         # fields' bytes) to what they mean, seen since the last turn; and those seen in the
         # period before.
-        self._raw: dict[object, SeriesKey | str] = {}
-        self._old: dict[object, SeriesKey | str] = {}
+        self._raw: MutableMapping[object, SeriesKey | str] = _generation()
+        self._old: MutableMapping[object, SeriesKey | str] = _generation()
         # Label sets to their one key, in the same two generations, and the pinned ones.
         self._keys: dict[Labels, SeriesKey] = {}
         self._old_keys: dict[Labels, SeriesKey] = {}
@@ -374,7 +380,7 @@ class LabelCache:
     def turn(self, why: str = "idle") -> int:
         """Forget the older generation; the younger becomes the older. Returns how many entries went."""
         gone = len(self._old) + len(self._old_keys)
-        self._old, self._raw = self._raw, {}
+        self._old, self._raw = self._raw, _generation()
         self._old_keys, self._keys = self._keys, {}
         self._pairs = {}
         self.old_bytes, self.young_bytes = self.young_bytes, 0
