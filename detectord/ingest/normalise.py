@@ -396,6 +396,7 @@ class Normaliser:
         self._low = plan.low
         self._compiled = _Compiled(plan, step_s)
         self._baselines: dict[InstanceKey, InstanceBaseline] = {}
+        self.made = 0  # baselines ever made (see Ingestor.freeze_if_grown)
 
     def push(self, key: InstanceKey, raw: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
         return self.take(key, self._compiled.transform(raw), gap=gap)
@@ -409,6 +410,7 @@ class Normaliser:
         b = self._baselines.get(key)
         if b is None:
             b = self._baselines[key] = InstanceBaseline(self._compiled)
+            self.made += 1
         return b.take(t, gap=gap), b
 
     def inputs(self, baseline: InstanceBaseline, window: np.ndarray, *, in_place: bool = False) -> np.ndarray:
@@ -443,6 +445,7 @@ class Normaliser:
         b = InstanceBaseline(self._compiled)
         b.restore(state)
         self._baselines[key] = b
+        self.made += 1
 
 
 def _arr(a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:

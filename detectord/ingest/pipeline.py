@@ -36,6 +36,9 @@ from detectord.ingest.thread import IngestThread
 from detectord.ingest.windows import WindowStore
 
 FREEZE_AFTER_NEW_SERIES = 10_000
+# Objects the cyclic GC tracks for an instance's baseline (lists of held rows and buckets): 50,000
+# new instances' first rows made a full collection that held the GIL for 0.2 s.
+BASELINE_OBJECTS = 5
 # Entries the label cache lets go in one turn past which freed heap is handed back to the system.
 GIVE_BACK_AFTER_FORGETTING = 10_000
 # One request's work in one job on the ingest thread (a decoding step or a slice of series can
@@ -195,19 +198,20 @@ class Ingestor:
         rows = self.extractor.ingest(decoded, stats, now)
         self.freeze_if_grown()
         self.push_rows(rows, arrived=arrived or now)
+        self.freeze_if_grown()
         events = self.liveness.after_write(self.extractor, self._scoring, now)
         if events:
             self._deliver_liveness(events)
             self.update_instance_gauges()
 
     def freeze_if_grown(self) -> None:
-        """Many new long-lived objects (series keys and bound series) since the last time: take
-        them out of the cyclic GC's full collections, which would otherwise scan them all again
-        and again while a fleet's series are new, holding the GIL (and stalling the event loop)
-        for a time that grows with the number of series tracked. Counted across requests: a
-        Prometheus request holds 500 to 2,000 series. Their cycles are broken by hand when an
-        instance is forgotten, so reference counting still frees them."""
-        made = self.extractor.series_bound + self.extractor.labels.interned
+        """Many new long-lived objects (series keys and bound series, instances' baselines) since
+        the last time: take them out of the cyclic GC's full collections, which would otherwise
+        scan them all again and again while a fleet's series are new, holding the GIL (and
+        stalling the event loop) for a time that grows with the number of series tracked.
+        Counted across requests: a Prometheus request holds 500 to 2,000 series. Their cycles are
+        broken by hand when an instance is forgotten, so reference counting still frees them."""
+        made = self.extractor.series_bound + self.extractor.labels.interned + BASELINE_OBJECTS * self.normaliser.made
         if made - self._frozen_at >= FREEZE_AFTER_NEW_SERIES:
             gc.freeze()
             self._frozen_at = made
@@ -350,7 +354,9 @@ class Ingestor:
         """A model with another window or other inputs: every instance warms again."""
         self.windows = WindowStore(window, len(inputs.features), inputs.min_rows)
         if inputs != self.normaliser.plan:
+            made = self.normaliser.made
             self.normaliser = Normaliser(inputs, self.step_s)
+            self.normaliser.made = made
         self._scoring.clear()
         self._unconfirmed.clear()
         self.update_instance_gauges()

@@ -58,18 +58,20 @@ async def post_from_thread(url: str, body: bytes, headers: dict[str, str]) -> in
     return await asyncio.get_running_loop().run_in_executor(None, post)
 
 
-def scrape_body(instances: range, ts_ms: int, k: int) -> bytes:
+def scrape_body(instances: range, ts_ms: int, k: int, scrapes: int = 1) -> bytes:
+    """The instances' scrape k, or `scrapes` of them from k on, a second apart."""
     series = []
-    for i in instances:
-        series += coredns_scrape(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:9153", ts_ms, k)
+    for j in range(k, k + scrapes):
+        for i in instances:
+            series += coredns_scrape(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:9153", ts_ms + 1000 * (j - k), j)
     return v1_body(series)
 
 
 async def test_decoding_does_not_block_the_loop(server_factory: Callable[..., Any]) -> None:
-    # One request with a scrape of 50,000 instances (250,000 samples), the second of their scrapes:
-    # the first one (every series new) is ingested before the probe starts.
+    # One request with three scrapes of 50,000 instances (750,000 samples) after their first one
+    # (every series new), which is ingested before the probe starts.
     now = int(time.time() * 1000)
-    first, second = (scrape_body(range(50000), now - 1000 * (2 - k), k) for k in range(2))
+    first, second = scrape_body(range(50000), now - 4000, 0), scrape_body(range(50000), now - 3000, 1, scrapes=3)
     async with server_factory(
         web={"max_body_size": 64 * 2**20, "max_decoded_body_size": 256 * 2**20}, ingest={"max_instances": 60000}
     ) as srv:
