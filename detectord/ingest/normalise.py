@@ -5,7 +5,7 @@ Each feature is transformed (log1p or 2·asin√p, see `features.Input`); a "rel
 measured in units of the instance's own spread around its own median, learned online from
 buckets of `bucket_steps` rows over the last `buckets` of them. Medians make the baseline
 robust: an incident shorter than half the horizon hardly moves it. Serving (`Normaliser`, on the
-ingest thread) and training (`baseline_series`) run the same `InstanceBaseline.push`.
+ingest thread) and training (`baseline_series`) run the same transform and `InstanceBaseline.take`.
 """
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ class BaselineView:
 
 
 class InstanceBaseline:
-    """One instance's baseline. `push` takes each raw feature row in step order and returns it
-    transformed; `loc` and `scale` are then what a window ending at that row is measured with."""
+    """One instance's baseline. `take` takes each feature row, transformed, in step order; `loc`
+    and `scale` are then what a window ending at that row is measured with."""
 
     __slots__ = (
         "_acc",
@@ -222,12 +222,9 @@ class InstanceBaseline:
     def ready(self) -> bool:
         return self._n >= self._c.cfg.min_buckets
 
-    def push(self, raw: np.ndarray, *, gap: bool = False) -> np.ndarray:
-        return self.take(self._c.transform(raw), gap=gap)
-
     def take(self, t: np.ndarray, *, gap: bool = False) -> np.ndarray:
-        """`push` of a row already transformed (`_Compiled.transform`, which works on many rows at
-        once and is elementwise), changed in place and returned."""
+        """The next row, transformed (`_Compiled.transform`, elementwise, so one call does many
+        rows); returned as the model sees it (changed in place)."""
         c = self._c
         if c.hold:
             pos = self._hpos
@@ -398,15 +395,12 @@ class Normaliser:
         self._baselines: dict[InstanceKey, InstanceBaseline] = {}
         self.made = 0  # baselines ever made (see Ingestor.freeze_if_grown)
 
-    def push(self, key: InstanceKey, raw: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
-        return self.take(key, self._compiled.transform(raw), gap=gap)
-
     def transform(self, raws: np.ndarray) -> np.ndarray:
         """Raw rows (…, F) transformed, for `take`: one call for a request's rows."""
         return self._compiled.transform(raws)
 
     def take(self, key: InstanceKey, t: np.ndarray, *, gap: bool = False) -> tuple[np.ndarray, InstanceBaseline]:
-        """`push` of a row from `transform`."""
+        """The instance's next row, from `transform`, through its baseline."""
         b = self._baselines.get(key)
         if b is None:
             b = self._baselines[key] = InstanceBaseline(self._compiled)
@@ -478,7 +472,7 @@ class BaselineSeries:
 
 
 def baseline_series(series: FeatureSeries, plan: InputPlan, step_s: float) -> BaselineSeries:
-    """The offline twin of `Normaliser`: the same pushes, row by row, in step order."""
+    """The offline twin of `Normaliser`: the same transform and takes, row by row, in step order."""
     c = _Compiled(plan, step_s)
     b = InstanceBaseline(c)
     n, nf = series.values.shape
