@@ -816,14 +816,13 @@ static PyObject *make_key(PyObject *keys, PyObject *labels) {
     return key;
 }
 
-/* The key of a plainly valid label set (from checked_labels) whose digest the cache does not hold,
- * entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) would enter
- * it: the key pinned or keys holds for the labels (counted in k->entered), else a new SeriesKey
- * (counted in k->made*). NULL without an error where old holds the digest or old_keys the labels
+/* The key of a plainly valid label set (from checked_labels) whose digest (a, b) the cache does not
+ * hold, entered in the cache's tables as LabelCache.from_label_fields(digest, labels, True) would
+ * enter it: the key pinned or keys holds for the labels (counted in k->entered), else a new
+ * SeriesKey (counted in k->made*). NULL without an error where old holds the digest or old_keys the labels
  * (from_label_fields moves them), NULL with one on failure. */
-static PyObject *enter_key(keyer *k, PyObject *digest, PyObject *labels) {
-    uint64_t a, b;
-    if (!k->old || !series_key || !as_digest(digest, &a, &b)) return NULL;
+static PyObject *enter_key(keyer *k, uint64_t a, uint64_t b, PyObject *labels) {
+    if (!k->old || !series_key) return NULL;
     if (dm_get((DigestMap *)k->old, a, b)) return NULL;
     PyObject *key = held_key(k->pinned, k->keys, labels);
     if (key) {
@@ -865,7 +864,7 @@ static PyObject *lookup_key(keyer *k, const uint8_t *rp, const uint8_t *rend) {
         }
     }
     if (labels != Py_None) {
-        key = enter_key(k, digest, labels);
+        key = enter_key(k, a, b, labels);
         if (!key && !PyErr_Occurred()) key = PyObject_CallFunctionObjArgs(k->resolve, digest, labels, Py_True, NULL);
     } else {
         PyObject *pairs = label_pairs(rp, rend);

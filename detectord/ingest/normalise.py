@@ -407,10 +407,9 @@ class Normaliser:
             self.made += 1
         return b.take(t, gap=gap), b
 
-    def inputs(self, baseline: InstanceBaseline, window: np.ndarray, *, in_place: bool = False) -> np.ndarray:
-        """The model's inputs for `window`; `in_place`: written over it (the caller's own copy)."""
-        out = window if in_place else None
-        return model_inputs(window, baseline.loc, baseline.scale, self._low, self.plan.baseline.clip, out=out)
+    def inputs(self, baseline: InstanceBaseline, window: np.ndarray) -> np.ndarray:
+        """The model's inputs for `window` (the caller's own copy), written over it."""
+        return model_inputs(window, baseline.loc, baseline.scale, self._low, self.plan.baseline.clip, out=window)
 
     def forget(self, keys: Iterable[InstanceKey]) -> None:
         for k in keys:

@@ -275,7 +275,7 @@ class Ingestor:
                     ScoreRequest(
                         row.instance,
                         row.step_ts_ms,
-                        norm.inputs(baseline, w, in_place=True),
+                        norm.inputs(baseline, w),
                         row.values,
                         row.upstream,
                         loop,
