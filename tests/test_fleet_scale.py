@@ -87,7 +87,8 @@ async def test_twenty_thousand_instances_are_each_scored_at_every_step_and_nothi
         kb = (det.rss() - rss0) / INSTANCES / 1024
         ran = time.monotonic() - began
 
-    print(f"\n{INSTANCES} instances: {kb:.0f} KB resident an instance")
+    given = metric(text, "detectord_memory_given_back_bytes_total") / 2**20
+    print(f"\n{INSTANCES} instances: {kb:.0f} KB resident an instance, {given:.0f} MiB of freed heap handed back")
     assert scored == expected, f"{scored:.0f} windows scored for {expected} steps"
     for reason in ("queue_full", "inference_error"):
         assert metric(text, "detectord_windows_dropped_total", reason=reason) == 0, reason

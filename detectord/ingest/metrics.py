@@ -68,6 +68,13 @@ class IngestMetrics:
             registry=registry,
         )
 
+        self.memory_given_back = Counter(
+            "detectord_memory_given_back_bytes",
+            "Resident bytes handed back to the system (glibc's malloc_trim) after instances expired "
+            "or the process grew: heap freed in bulk that the C library would otherwise keep.",
+            registry=registry,
+        )
+
         self.label_cache_bytes = Gauge(
             "detectord_label_cache_bytes",
             "Estimated bytes of the label cache's series seen lately, bounded by ingest.label_cache_size "
