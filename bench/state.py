@@ -10,7 +10,6 @@ process's resident memory grew by the restore.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from detectord.config import ModelConfig
 from detectord.detectors import load_model
 from detectord.ingest.metrics import IngestMetrics
-from detectord.ingest.pipeline import Ingestor, ScoreRequest
+from detectord.ingest.pipeline import Ingestor, ScoreRequest, resident_bytes
 from detectord.serve import snapshots
 from detectord.serve.state import SLICE
 from lab.synthetic import SyntheticFleet
@@ -69,8 +68,10 @@ def ingestor(model_path: Path) -> tuple[Ingestor, dict[str, object]]:
 
 def _resident() -> int:
     """This process's resident bytes: after a restore, its peak (freed objects' pages stay)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    rss = resident_bytes()
+    if rss is None:
+        raise RuntimeError("no /proc/self/statm: the resident size is unknown")
+    return rss
 
 
 def main() -> None:
