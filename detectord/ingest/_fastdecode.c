@@ -842,13 +842,26 @@ static PyObject *enter_key(keyer *k, uint64_t a, uint64_t b, PyObject *labels) {
     return key;
 }
 
-/* The SeriesKey or reason (str) for the raw label fields rp..rend; a new reference, NULL on error. */
-static PyObject *lookup_key(keyer *k, const uint8_t *rp, const uint8_t *rend) {
+/* The digest of raw label fields, as two words. */
+static void label_digest(const uint8_t *rp, const uint8_t *rend, uint64_t *a, uint64_t *b) {
     uint8_t d[16];
     siphash128(rp, (size_t)(rend - rp), sip_k0, sip_k1, d);
-    uint64_t a, b;
-    memcpy(&a, d, 8);
-    memcpy(&b, d + 8, 8);
+    memcpy(a, d, 8);
+    memcpy(b, d + 8, 8);
+}
+
+/* Where the cache would look for digest (a, b) first: fetched ahead of the lookup. */
+static void prefetch_digest(const keyer *k, uint64_t a) {
+    const DigestMap *m = (const DigestMap *)k->cache;
+    if (m->t) __builtin_prefetch(&m->t[(size_t)a & m->mask]);
+}
+
+/* The SeriesKey or reason (str) for the raw label fields rp..rend, whose digest is (a, b); a new
+ * reference, NULL on error. */
+static PyObject *lookup_digest(keyer *k, const uint8_t *rp, const uint8_t *rend, uint64_t a, uint64_t b) {
+    uint8_t d[16];
+    memcpy(d, &a, 8);
+    memcpy(d + 8, &b, 8);
     PyObject *key = dm_get((DigestMap *)k->cache, a, b);
     if (key) return Py_NewRef(key);
     PyObject *digest = PyBytes_FromStringAndSize((const char *)d, 16);
@@ -1017,6 +1030,119 @@ static PyObject *reject(PyObject *rejects, PyObject *key, Py_ssize_t n, const ch
     return rc ? NULL : Py_None;
 }
 
+/* A series the decoder has parsed and not yet looked up. It hashes a series' labels and fetches the
+ * label cache's slot for the digest as soon as it has parsed the series, and looks it up LOOKAHEAD
+ * series later: a fleet's cache is far bigger than the CPU's caches, and waiting for the slot was
+ * the largest single wait of the ingest thread. */
+typedef struct {
+    uint64_t a, b;
+    const uint8_t *rp, *rend; /* its label fields: in the body, or gathered in `own` */
+    char *own;
+    size_t own_cap;
+    samplebuf sb;
+    int64_t last_ts;
+    Py_ssize_t hist, ex;
+    PyObject *hists;
+} pending;
+
+#define LOOKAHEAD 8
+#define RING (LOOKAHEAD + 1)
+
+/* Where decoded series go, and what is counted of them. */
+typedef struct {
+    keyer *kr;
+    int v2;
+    PyObject *check_hist, *rejects, *keys, *counts, *tss, *vals;
+    long long max_ts;
+    Py_ssize_t n_hist, n_ex;
+    pending ring[RING];
+    int head, queued; /* the oldest queued series, and how many */
+} taker;
+
+static int sort_samples(samplebuf *sb);
+
+static int samples_sorted(const samplebuf *sb) {
+    for (Py_ssize_t i = 1; i < sb->n; i++)
+        if (sb->ts[i - 1] > sb->ts[i]) return 0;
+    return 1;
+}
+
+/* Looks a parsed series up and takes or refuses it: the same checks in the same order as
+ * remote_write._v1_python_steps and _v2_python_steps. */
+static int take_series(taker *t, pending *s) {
+    PyObject *key = lookup_digest(t->kr, s->rp, s->rend, s->a, s->b);
+    if (!key) return -1;
+    samplebuf *sb = &s->sb;
+    Py_ssize_t n = sb->n;
+    int rc = 0;
+    PyObject *problem = NULL;
+    if (PyUnicode_Check(key)) {
+        rc = reject(t->rejects, key, n, "labels", NULL) ? 0 : -1;
+    } else if (t->v2 && n > 0 && s->hist > 0) {
+        rc = reject(t->rejects, key, n, "both", NULL) ? 0 : -1;
+    } else if (s->hist && !(problem = PyObject_CallFunctionObjArgs(t->check_hist, s->hists, NULL))) {
+        rc = -1;
+    } else if (problem && problem != Py_None) {
+        rc = reject(t->rejects, key, n, "histogram", problem) ? 0 : -1;
+    } else if (n == 0 && s->hist == 0) {
+        rc = reject(t->rejects, key, 0, "no_samples", NULL) ? 0 : -1;
+    } else if (n == 0) {
+        t->n_hist += s->hist;
+        t->n_ex += s->ex;
+    } else if (t->v2 && !samples_sorted(sb) && sort_samples(sb)) { /* 2.0's sorted; 1.0's kept as sent */
+        PyErr_NoMemory();
+        rc = -1;
+    } else if (s->last_ts > t->max_ts || (t->v2 && sb->ts[n - 1] > t->max_ts)) {
+        rc = reject(t->rejects, key, n, "future", NULL) ? 0 : -1;
+    } else {
+        t->n_hist += s->hist;
+        t->n_ex += s->ex;
+        rc = accept(t->keys, t->counts, t->tss, t->vals, key, sb);
+    }
+    Py_XDECREF(problem);
+    Py_DECREF(key);
+    Py_CLEAR(s->hists);
+    return rc;
+}
+
+/* The next series' record, emptied (it is not queued until `queue`). */
+static pending *next_record(taker *t) {
+    pending *s = &t->ring[(t->head + t->queued) % RING];
+    s->sb.n = 0;
+    s->last_ts = INT64_MIN;
+    s->hist = s->ex = 0;
+    Py_CLEAR(s->hists);
+    return s;
+}
+
+/* Takes the queued series, oldest first. */
+static int take_queued(taker *t) {
+    for (; t->queued > 0; t->queued--, t->head = (t->head + 1) % RING)
+        if (take_series(t, &t->ring[t->head])) return -1;
+    return 0;
+}
+
+/* Queues the series in the next record (its labels at rp..rend), taking the oldest if the queue
+ * is full. */
+static int queue(taker *t, pending *s) {
+    label_digest(s->rp, s->rend, &s->a, &s->b);
+    prefetch_digest(t->kr, s->a);
+    if (++t->queued < RING) return 0;
+    t->queued--;
+    int rc = take_series(t, &t->ring[t->head]);
+    t->head = (t->head + 1) % RING;
+    return rc;
+}
+
+static void let_go_ring(taker *t) {
+    for (int i = 0; i < RING; i++) {
+        Py_XDECREF(t->ring[i].hists);
+        PyMem_Free(t->ring[i].own);
+        PyMem_Free(t->ring[i].sb.ts);
+        PyMem_Free(t->ring[i].sb.val);
+    }
+}
+
 static PyObject *decode_v1(PyObject *self, PyObject *args) {
     Py_buffer buf;
     PyObject *cache, *resolve, *check_hist, *keys, *counts, *tss, *vals, *keep, *shared, *tables;
@@ -1035,11 +1161,9 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
     keyer kr = {cache, resolve, shared, max_labels, max_name, max_value};
     key_tables(&kr, tables);
     PyObject *rejects = PyList_New(0);
-    PyObject *hists = NULL, *result = NULL;
-    Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
-    char *scratch = NULL;
-    size_t scratch_cap = 0;
-    samplebuf sb = {NULL, NULL, 0, 0};
+    PyObject *result = NULL;
+    taker tk = {&kr, 0, check_hist, rejects, keys, counts, tss, vals, max_ts};
+    Py_ssize_t n_samples = 0, n_meta = 0, n_ignored = 0;
     const char *err = NULL;
     if (!rejects) goto fail;
 
@@ -1067,12 +1191,10 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
         const uint8_t *lab_start = NULL, *lab_end = NULL;
         int contiguous = 1;
         size_t lab_bytes = 0;
-        Py_ssize_t hist = 0, ex = 0;
-        int64_t last_ts = INT64_MIN;
         int name_state = 0;
         cursor mname = {NULL, NULL};
-        sb.n = 0;
-        Py_CLEAR(hists);
+        pending *cur = next_record(&tk);
+        samplebuf *sb = &cur->sb;
         while (ts.p < ts.end) {
             const uint8_t *field_start = ts.p;
             uint32_t f2;
@@ -1088,45 +1210,44 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                 if (nkeep >= 0 && name_state >= 0) name_state = name_step(sub, name_state, &mname);
             } else if (f2 == 2 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated sample"; goto fail; }
-                int rc = parse_sample(sub, &sb);
+                int rc = parse_sample(sub, sb);
                 if (rc == -1) { err = "malformed sample"; goto fail; }
                 if (rc == -2) { PyErr_NoMemory(); goto fail; }
-                if (sb.ts[sb.n - 1] > last_ts) last_ts = sb.ts[sb.n - 1];
+                if (sb->ts[sb->n - 1] > cur->last_ts) cur->last_ts = sb->ts[sb->n - 1];
             } else if (f2 == 3 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
-                ex++;
+                cur->ex++;
             } else if (f2 == 4 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated histogram"; goto fail; }
-                if (!hists && !(hists = PyList_New(0))) goto fail;
-                if (append_new(hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
-                hist++;
+                if (!cur->hists && !(cur->hists = PyList_New(0))) goto fail;
+                if (append_new(cur->hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
+                cur->hist++;
             } else if (skip_field(&ts, f2, w2, MAX_DEPTH - 1)) {
                 err = "malformed series field"; goto fail;
             }
         }
-        Py_ssize_t n = sb.n;
-        n_samples += n;
+        n_samples += sb->n;
 
-        if (nkeep >= 0 && name_state == 1 && hist == 0 && mname.end > mname.p) {
+        if (nkeep >= 0 && name_state == 1 && cur->hist == 0 && mname.end > mname.p) {
             if (!kept(keep_names, nkeep, mname.p, mname.end - mname.p)) {
                 /* A metric nothing reads: counted, and nothing else (no key, no cache entry). */
-                n_ignored += n;
-                n_ex += ex;
+                n_ignored += sb->n;
+                tk.n_ex += cur->ex;
                 continue;
             }
         }
 
-        const uint8_t *rp = (const uint8_t *)"", *rend = rp;
+        cur->rp = cur->rend = (const uint8_t *)"";
         if (lab_start != NULL && contiguous) {
-            rp = (const uint8_t *)lab_start;
-            rend = (const uint8_t *)lab_end;
+            cur->rp = (const uint8_t *)lab_start;
+            cur->rend = (const uint8_t *)lab_end;
         } else if (lab_start != NULL) {
             /* Labels interleaved with other fields: gather them (rare; never from Prometheus). */
-            if (scratch_cap < lab_bytes) {
-                char *grown = PyMem_Realloc(scratch, lab_bytes);
+            if (cur->own_cap < lab_bytes) {
+                char *grown = PyMem_Realloc(cur->own, lab_bytes);
                 if (!grown) { PyErr_NoMemory(); goto fail; }
-                scratch = grown;
-                scratch_cap = lab_bytes;
+                cur->own = grown;
+                cur->own_cap = lab_bytes;
             }
             size_t off = 0;
             cursor re = {(const uint8_t *)lab_start, ts.end};
@@ -1138,49 +1259,27 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                 read_tag(&re, &f3, &w3); /* already checked above */
                 if (f3 == 1 && w3 == 2) {
                     read_len(&re, &lab);
-                    memcpy(scratch + off, fs, (size_t)(re.p - fs));
+                    memcpy(cur->own + off, fs, (size_t)(re.p - fs));
                     off += (size_t)(re.p - fs);
                 } else {
                     skip_field(&re, f3, w3, MAX_DEPTH - 1);
                 }
             }
-            rp = (const uint8_t *)scratch;
-            rend = rp + off;
+            cur->rp = (const uint8_t *)cur->own;
+            cur->rend = cur->rp + off;
         }
-        PyObject *key = lookup_key(&kr, rp, rend);
-        if (!key) goto fail;
-
-        /* The same checks in the same order as remote_write._v1_python_steps. */
-        int rc = 0;
-        PyObject *problem = NULL;
-        if (PyUnicode_Check(key)) {
-            rc = reject(rejects, key, n, "labels", NULL) ? 0 : -1;
-        } else if (hist && !(problem = PyObject_CallFunctionObjArgs(check_hist, hists, NULL))) {
-            rc = -1;
-        } else if (problem && problem != Py_None) {
-            rc = reject(rejects, key, n, "histogram", problem) ? 0 : -1;
-        } else if (n == 0 && hist == 0) {
-            rc = reject(rejects, key, 0, "no_samples", NULL) ? 0 : -1;
-        } else if (n > 0 && last_ts > max_ts) {
-            rc = reject(rejects, key, n, "future", NULL) ? 0 : -1;
-        } else {
-            n_hist += hist;
-            n_ex += ex;
-            if (n > 0) rc = accept(keys, counts, tss, vals, key, &sb);
-        }
-        Py_XDECREF(problem);
-        Py_DECREF(key);
-        if (rc) goto fail;
+        if (queue(&tk, cur)) goto fail;
     }
+    if (take_queued(&tk)) goto fail;
     Py_ssize_t next = (Py_ssize_t)(c.p - (const uint8_t *)buf.buf);
-    result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
+    result = Py_BuildValue("(nnnnOnn)", n_samples, tk.n_hist, tk.n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
+    /* A malformed series refuses the whole request; the series before it are looked up all the
+     * same (keys and cache entries made), wherever the lookahead was. */
+    if (err && !PyErr_Occurred()) take_queued(&tk);
     if (store_made(&kr)) Py_CLEAR(result);
-    Py_XDECREF(hists);
-    PyMem_Free(scratch);
-    PyMem_Free(sb.ts);
-    PyMem_Free(sb.val);
+    let_go_ring(&tk);
     PyBuffer_Release(&buf);
     Py_XDECREF(rejects);
     if (!result && err && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, err);
@@ -1365,11 +1464,9 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     Py_ssize_t nsym = symbuf.len / (Py_ssize_t)(2 * sizeof(int64_t));
 
     PyObject *rejects = PyList_New(0);
-    PyObject *hists = NULL, *result = NULL;
-    Py_ssize_t n_samples = 0, n_hist = 0, n_ex = 0, n_meta = 0, n_ignored = 0;
-    char *scratch = NULL;
-    size_t scratch_cap = 0;
-    samplebuf sb = {NULL, NULL, 0, 0};
+    PyObject *result = NULL;
+    taker tk = {&kr, 1, check_hist, rejects, keys, counts, tss, vals, max_ts};
+    Py_ssize_t n_samples = 0, n_meta = 0, n_ignored = 0;
     refbuf refs = {NULL, 0, 0};
     const char *err = NULL;
     if (!rejects) goto fail;
@@ -1387,11 +1484,10 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
         cursor ts;
         if (read_len(&c, &ts)) { err = "truncated timeseries"; goto fail; }
         done++;
-        Py_ssize_t hist = 0, ex = 0;
         int meta = 0;
-        sb.n = 0;
+        pending *cur = next_record(&tk);
+        samplebuf *sb = &cur->sb;
         refs.n = 0;
-        Py_CLEAR(hists);
         while (ts.p < ts.end) {
             uint32_t f2;
             unsigned w2;
@@ -1409,17 +1505,17 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                 }
             } else if (f2 == 2 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated sample"; goto fail; }
-                int rc = parse_sample(sub, &sb);
+                int rc = parse_sample(sub, sb);
                 if (rc == -1) { err = "malformed sample"; goto fail; }
                 if (rc == -2) { PyErr_NoMemory(); goto fail; }
             } else if (f2 == 3 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated histogram"; goto fail; }
-                if (!hists && !(hists = PyList_New(0))) goto fail;
-                if (append_new(hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
-                hist++;
+                if (!cur->hists && !(cur->hists = PyList_New(0))) goto fail;
+                if (append_new(cur->hists, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p))) goto fail;
+                cur->hist++;
             } else if (f2 == 4 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
-                ex++;
+                cur->ex++;
             } else if (f2 == 5 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated metadata"; goto fail; }
                 meta = 1;
@@ -1427,25 +1523,27 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
                 err = "malformed series field"; goto fail;
             }
         }
-        Py_ssize_t n = sb.n;
+        Py_ssize_t n = sb->n;
         n_samples += n;
         n_meta += meta;
 
+        /* Refused before any lookup: the queued series first, so refusals stay in order. */
         if (refs.n % 2) {
-            if (!reject(rejects, Py_None, n, "refs_odd", NULL)) goto fail;
+            if (take_queued(&tk) || !reject(rejects, Py_None, n, "refs_odd", NULL)) goto fail;
             continue;
         }
         uint32_t top = 0;
         for (Py_ssize_t i = 0; i < refs.n; i++)
             if (refs.v[i] > top) top = refs.v[i];
         if (refs.n && (Py_ssize_t)top >= nsym) {
+            if (take_queued(&tk)) goto fail;
             PyObject *detail = Py_BuildValue("(kn)", (unsigned long)top, nsym);
             PyObject *ok = detail ? reject(rejects, Py_None, n, "refs_range", detail) : NULL;
             Py_XDECREF(detail);
             if (!ok) goto fail;
             continue;
         }
-        if (nkeep >= 0 && hist == 0) {
+        if (nkeep >= 0 && cur->hist == 0) {
             Py_ssize_t names = 0;
             const uint8_t *mp = NULL;
             Py_ssize_t mlen = 0;
@@ -1460,65 +1558,32 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
             }
             if (names == 1 && mlen > 0 && !kept(keep_names, nkeep, mp, mlen)) {
                 n_ignored += n;
-                n_ex += ex;
+                tk.n_ex += cur->ex;
                 continue;
             }
         }
         size_t off = 0;
         for (Py_ssize_t i = 0; i < refs.n; i += 2) {
             const int64_t *ns = sym + 2 * refs.v[i], *vs = sym + 2 * refs.v[i + 1];
-            if (put_label(&scratch, &scratch_cap, &off, base + ns[0], (size_t)ns[1], base + vs[0], (size_t)vs[1])) {
+            if (put_label(&cur->own, &cur->own_cap, &off, base + ns[0], (size_t)ns[1], base + vs[0], (size_t)vs[1])) {
                 PyErr_NoMemory();
                 goto fail;
             }
         }
-        const uint8_t *rp = scratch ? (const uint8_t *)scratch : (const uint8_t *)"";
-        PyObject *key = lookup_key(&kr, rp, rp + off);
-        if (!key) goto fail;
-
-        int rc = 0;
-        PyObject *problem = NULL;
-        if (PyUnicode_Check(key)) {
-            rc = reject(rejects, key, n, "labels", NULL) ? 0 : -1;
-        } else if (n > 0 && hist > 0) {
-            rc = reject(rejects, key, n, "both", NULL) ? 0 : -1;
-        } else if (hist && !(problem = PyObject_CallFunctionObjArgs(check_hist, hists, NULL))) {
-            rc = -1;
-        } else if (problem && problem != Py_None) {
-            rc = reject(rejects, key, n, "histogram", problem) ? 0 : -1;
-        } else if (n == 0) {
-            if (hist == 0) {
-                rc = reject(rejects, key, 0, "no_samples", NULL) ? 0 : -1;
-            } else {
-                n_hist += hist;
-                n_ex += ex;
-            }
-        } else {
-            int sorted = 1;
-            for (Py_ssize_t i = 1; i < n && sorted; i++) sorted = sb.ts[i - 1] <= sb.ts[i];
-            if (!sorted && sort_samples(&sb)) {
-                PyErr_NoMemory();
-                rc = -1;
-            } else if (sb.ts[n - 1] > max_ts) {
-                rc = reject(rejects, key, n, "future", NULL) ? 0 : -1;
-            } else {
-                n_ex += ex;
-                rc = accept(keys, counts, tss, vals, key, &sb);
-            }
-        }
-        Py_XDECREF(problem);
-        Py_DECREF(key);
-        if (rc) goto fail;
+        cur->rp = cur->own ? (const uint8_t *)cur->own : (const uint8_t *)"";
+        cur->rend = cur->rp + off;
+        if (queue(&tk, cur)) goto fail;
     }
+    if (take_queued(&tk)) goto fail;
     Py_ssize_t next = (Py_ssize_t)(c.p - base);
-    result = Py_BuildValue("(nnnnOnn)", n_samples, n_hist, n_ex, n_meta, rejects, next, n_ignored);
+    result = Py_BuildValue("(nnnnOnn)", n_samples, tk.n_hist, tk.n_ex, n_meta, rejects, next, n_ignored);
 
 fail:
+    /* A malformed series refuses the whole request; the series before it are looked up all the
+     * same (keys and cache entries made), wherever the lookahead was. */
+    if (err && !PyErr_Occurred()) take_queued(&tk);
     if (store_made(&kr)) Py_CLEAR(result);
-    Py_XDECREF(hists);
-    PyMem_Free(scratch);
-    PyMem_Free(sb.ts);
-    PyMem_Free(sb.val);
+    let_go_ring(&tk);
     PyMem_Free(refs.v);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&symbuf);
