@@ -155,6 +155,7 @@ typedef struct {
     int64_t *ts;
     double *val;
     Py_ssize_t n, cap;
+    int64_t latest; /* the latest timestamp of the n (INT64_MIN: none) */
 } samplebuf;
 
 /* Parses one Sample message into buf. */
@@ -190,6 +191,7 @@ static int parse_sample(cursor s, samplebuf *buf) {
     buf->ts[buf->n] = ts;
     buf->val[buf->n] = value;
     buf->n++;
+    if (ts > buf->latest) buf->latest = ts;
     return 0;
 }
 
@@ -1040,7 +1042,6 @@ typedef struct {
     char *own;
     size_t own_cap;
     samplebuf sb;
-    int64_t last_ts;
     Py_ssize_t hist, ex;
     PyObject *hists;
 } pending;
@@ -1092,7 +1093,7 @@ static int take_series(taker *t, pending *s) {
     } else if (t->v2 && !samples_sorted(sb) && sort_samples(sb)) { /* 2.0's sorted; 1.0's kept as sent */
         PyErr_NoMemory();
         rc = -1;
-    } else if (s->last_ts > t->max_ts || (t->v2 && sb->ts[n - 1] > t->max_ts)) {
+    } else if (sb->latest > t->max_ts) {
         rc = reject(t->rejects, key, n, "future", NULL) ? 0 : -1;
     } else {
         t->n_hist += s->hist;
@@ -1109,7 +1110,7 @@ static int take_series(taker *t, pending *s) {
 static pending *next_record(taker *t) {
     pending *s = &t->ring[(t->head + t->queued) % RING];
     s->sb.n = 0;
-    s->last_ts = INT64_MIN;
+    s->sb.latest = INT64_MIN;
     s->hist = s->ex = 0;
     Py_CLEAR(s->hists);
     return s;
@@ -1213,7 +1214,6 @@ static PyObject *decode_v1(PyObject *self, PyObject *args) {
                 int rc = parse_sample(sub, sb);
                 if (rc == -1) { err = "malformed sample"; goto fail; }
                 if (rc == -2) { PyErr_NoMemory(); goto fail; }
-                if (sb->ts[sb->n - 1] > cur->last_ts) cur->last_ts = sb->ts[sb->n - 1];
             } else if (f2 == 3 && w2 == 2) {
                 if (read_len(&ts, &sub)) { err = "truncated exemplar"; goto fail; }
                 cur->ex++;
