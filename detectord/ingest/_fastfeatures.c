@@ -33,7 +33,16 @@
  *   yet gets one as _bind gives it (_Instance.add_slot, bucket_slots, bucket_order). Appends each
  *   key bound to `bound` (features.py pins them) and returns the first key it left: one bound
  *   already, one _bind must do (it makes instances, matches, slot tuples and _IGNORED), or
- *   len(keys). The other arguments are the extractor's own tables, which it only reads.
+ *   len(keys). The other arguments are the extractor's own tables, which it only reads. *
+ * row(program, acc, gauges, orders, elapsed, out)
+ *   A closed step's feature values, what the compiled expressions of features.py give on its Step
+ *   (Rate, Value, Share, and Quantile over _cumulative's buckets as bucket_quantile reads them),
+ *   written into `out` (float32, one a feature). `program` (features._program): per feature, the
+ *   struct "=iiqd" (op, a, b, q): rate of counter slot a; value of gauge a; share of slot a in slot
+ *   b; quantile q of histogram a. acc: the step's sums (array('d')), gauges: its gauge values (a
+ *   list of floats), orders: each histogram's (le, slot) list sorted by le. The same IEEE
+ *   operations in the same order as Python's (ISO C: no contraction into fused multiply-adds), so
+ *   the same numbers bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -638,10 +647,154 @@ static PyObject *bind(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(pos);
 }
 
+enum { OP_RATE, OP_VALUE, OP_SHARE, OP_QUANTILE };
+
+typedef struct {
+    int32_t op, a;
+    int64_t b;
+    double q;
+} Op;
+
+static int sum_at(const double *acc, Py_ssize_t n, int64_t i, double *v) {
+    if (i < 0 || i >= n) {
+        PyErr_SetString(PyExc_IndexError, "a feature's counter slot is beyond the step's sums");
+        return -1;
+    }
+    *v = acc[i];
+    return 0;
+}
+
+/* The k-th (le, slot) of a histogram's order. */
+static int bucket_at(PyObject *order, Py_ssize_t k, double *le, Py_ssize_t *slot) {
+    PyObject *t = PyList_GET_ITEM(order, k);
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a histogram's bucket order holds (le, slot) pairs");
+        return -1;
+    }
+    *le = PyFloat_AsDouble(PyTuple_GET_ITEM(t, 0));
+    if (*le == -1.0 && PyErr_Occurred()) return -1;
+    *slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1));
+    return *slot == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* bucket_quantile(q, _cumulative(acc, order)), in two passes over the order: its count, then the rank. */
+static int quantile(double q, const double *acc, Py_ssize_t n, PyObject *order, double *out) {
+    if (!PyList_Check(order)) {
+        PyErr_SetString(PyExc_TypeError, "a histogram's bucket order is a list");
+        return -1;
+    }
+    Py_ssize_t m = PyList_GET_SIZE(order);
+    double le = 0.0, v, running = 0.0;
+    Py_ssize_t slot;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (bucket_at(order, k, &le, &slot) < 0 || sum_at(acc, n, slot, &v) < 0) return -1;
+        if (v > running) running = v;
+    }
+    *out = 0.0;
+    if (m == 0 || le != INFINITY || running <= 0) return 0;
+    double rank = q * running, prev_le = 0.0, prev_cum = 0.0;
+    running = 0.0;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (bucket_at(order, k, &le, &slot) < 0 || sum_at(acc, n, slot, &v) < 0) return -1;
+        if (v > running) running = v;
+        double cum = running;
+        if (cum >= rank) {
+            if (le == INFINITY) {
+                *out = k > 0 ? prev_le : 0.0;
+                return 0;
+            }
+            double lower = k > 0 || le <= 0 ? prev_le : 0.0, width = cum - prev_cum;
+            *out = lower + (le - lower) * (width > 0 ? (rank - prev_cum) / width : 1.0);
+            return 0;
+        }
+        prev_le = le;
+        prev_cum = cum;
+    }
+    if (m > 1 && bucket_at(order, m - 2, out, &slot) < 0) return -1;
+    return 0;
+}
+
+/* A buffer of one format ("d", "f"), C-contiguous; writable if asked. */
+static int typed_buffer(PyObject *obj, Py_buffer *view, const char *format, int writable) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '@' || f[0] == '=' || f[0] == '<') f++;
+    if (strcmp(f, format) != 0) {
+        PyErr_Format(PyExc_TypeError, "row: a buffer of format '%s' expected, got '%s'", format, view->format);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *row(PyObject *self, PyObject *args) {
+    Py_buffer prog, sums = {0}, out = {0};
+    PyObject *sums_obj, *gauges, *orders, *out_obj;
+    double elapsed;
+    if (!PyArg_ParseTuple(args, "y*OO!O!dO", &prog, &sums_obj, &PyList_Type, &gauges, &PyList_Type, &orders,
+                          &elapsed, &out_obj))
+        return NULL;
+    PyObject *result = NULL;
+    if (typed_buffer(sums_obj, &sums, "d", 0) < 0 || typed_buffer(out_obj, &out, "f", 1) < 0) goto done;
+    Py_ssize_t nops = prog.len / (Py_ssize_t)sizeof(Op), n = sums.len / (Py_ssize_t)sizeof(double);
+    if (prog.len % (Py_ssize_t)sizeof(Op) || out.len != nops * (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "row: a program of n features and an out of n float32 expected");
+        goto done;
+    }
+    const double *acc = sums.buf;
+    float *dst = out.buf;
+    for (Py_ssize_t k = 0; k < nops; k++) {
+        Op op;
+        memcpy(&op, (const char *)prog.buf + k * (Py_ssize_t)sizeof(Op), sizeof(Op));
+        double v, w;
+        switch (op.op) {
+        case OP_RATE:
+            if (sum_at(acc, n, op.a, &v) < 0) goto done;
+            v = v / elapsed;
+            break;
+        case OP_VALUE:
+            if (op.a < 0 || op.a >= PyList_GET_SIZE(gauges)) {
+                PyErr_SetString(PyExc_IndexError, "a feature's gauge is beyond the step's gauges");
+                goto done;
+            }
+            v = PyFloat_AsDouble(PyList_GET_ITEM(gauges, op.a));
+            if (v == -1.0 && PyErr_Occurred()) goto done;
+            break;
+        case OP_SHARE:
+            if (sum_at(acc, n, op.a, &v) < 0 || sum_at(acc, n, op.b, &w) < 0) goto done;
+            if (w > 0) {
+                v = v / w;
+                if (!(v < 1.0)) v = 1.0; /* min(1.0, v): NaN gives 1.0 */
+            } else
+                v = 0.0;
+            break;
+        case OP_QUANTILE:
+            if (op.a < 0 || op.a >= PyList_GET_SIZE(orders)) {
+                PyErr_SetString(PyExc_IndexError, "a feature's histogram is beyond the instance's");
+                goto done;
+            }
+            if (quantile(op.q, acc, n, PyList_GET_ITEM(orders, op.a), &v) < 0) goto done;
+            break;
+        default:
+            PyErr_SetString(PyExc_ValueError, "row: an unknown operation");
+            goto done;
+        }
+        dst[k] = (float)v;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&prog);
+    if (sums.obj) PyBuffer_Release(&sums);
+    if (out.obj) PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"layout", layout, METH_VARARGS, "Read where _Instance's and SeriesKey's slots are."},
     {"accumulate", accumulate, METH_VARARGS, "Accumulate bound series' samples into their instances' steps."},
     {"bind", bind, METH_VARARGS, "Bind new series whose binding is known, as FeatureExtractor._bind does."},
+    {"row", row, METH_VARARGS, "A closed step's feature values, as the compiled expressions give them."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -491,6 +492,7 @@ class _SourceTable:
         # match's answers so far (_fastfeatures.bind reads them too).
         self.matched: dict[tuple[str | None, ...], tuple[tuple[int, ...], int, tuple[int, ...]] | None] = {}
         self.compiled = [f.expr.compile(self) for f in features]
+        self.program = _program(features, self)
 
     def match(self, name: str, labels: Mapping[str, str]) -> tuple[tuple[int, ...], int, tuple[int, ...]] | None:
         """What a series of metric `name` with `labels` feeds: its counter slots, its gauge index
@@ -530,6 +532,22 @@ class _SourceTable:
 
     def histogram(self, src: Source) -> int:
         return self.hist_index[src]
+
+
+def _program(features: Sequence[Feature], table: _SourceTable) -> bytes:
+    """What _fastfeatures.row computes for `features` instead of their compiled expressions."""
+    ops = []
+    for f in features:
+        e = f.expr
+        if isinstance(e, Rate):
+            ops.append((0, table.counter(e.src), 0, 0.0))
+        elif isinstance(e, Value):
+            ops.append((1, table.gauge(e.src), 0, 0.0))
+        elif isinstance(e, Share):
+            ops.append((2, table.counter(e.part), table.counter(e.whole), 0.0))
+        else:
+            ops.append((3, table.histogram(e.src), 0, e.q))
+    return b"".join(struct.pack("=iiqd", *op) for op in ops)
 
 
 _IGNORED = object()
@@ -601,6 +619,8 @@ class FeatureExtractor:
         self._bind_known = _fastfeatures.bind if native and _fastfeatures is not None else None
         # What it binds a series to: the C accumulator reads only its own Series.
         self._series: type[_Series] = _Series if self._accumulate is None else _fastfeatures.Series
+        # A closed step's feature values in C, the compiled expressions' numbers bit for bit.
+        self._row = _fastfeatures.row if native and _fastfeatures is not None else None
 
     @property
     def instances(self) -> int:
@@ -1060,8 +1080,12 @@ class FeatureExtractor:
                 elapsed = (inst.max_ts[0] - inst.last_close_ts) / 1000.0
                 if elapsed <= 0:
                     elapsed = self.step_ms / 1000.0
-                step = Step(acc, gauges, [_cumulative(acc, order) for order in inst.bucket_order], elapsed)
-                values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
+                if self._row is not None:
+                    values = np.empty(len(self.features), dtype=np.float32)
+                    self._row(self._table.program, acc, gauges, inst.bucket_order, elapsed, values)
+                else:
+                    step = Step(acc, gauges, [_cumulative(acc, order) for order in inst.bucket_order], elapsed)
+                    values = np.array([fn(step) for fn in self._table.compiled], dtype=np.float32)
                 rows.append(
                     FeatureRow(
                         inst.key,

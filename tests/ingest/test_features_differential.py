@@ -8,9 +8,12 @@ import dataclasses
 import itertools
 import math
 import random
+import struct
+from array import array
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from detectord.ingest import features as features_mod
@@ -272,3 +275,71 @@ def test_a_steady_round_is_accumulated_in_c_but_for_the_samples_that_close_steps
         ext.ingest(w, stats, float(i))
     assert stats.accepted > 20 * 100, stats
     assert 0 < in_python <= 20, in_python
+
+
+def test_a_closed_steps_values_are_the_compiled_expressions_bit_for_bit() -> None:
+    """_fastfeatures.row against the compiled expressions on steps no fleet sends as well as usual
+    ones: NaN, ±Inf, -0.0, huge and tiny sums, buckets out of order, without +Inf, empty, repeated
+    bounds, and quantiles at 0 and 1."""
+    ext = FeatureExtractor(STEP_MS, native=True)
+    table = ext._table
+    counters, gauges, hists = list(table.counter_slot), list(table.gauge_index), list(table.hist_index)
+    exprs: list[features_mod.Expr] = [features_mod.Rate(c) for c in counters]
+    exprs += [features_mod.Value(g) for g in gauges]
+    exprs += [features_mod.Share(a, b) for a, b in itertools.permutations(counters[:4], 2)]
+    exprs += [features_mod.Quantile(q, h) for h in hists for q in (0.0, 0.25, 0.5, 0.9, 0.99, 1.0)]
+    feats = [dataclasses.replace(features_mod.FEATURES[0], expr=e) for e in exprs]
+    program = features_mod._program(feats, table)
+    compiled = [e.compile(table) for e in exprs]
+    rng = random.Random(7)
+    special = [0.0, -0.0, 1.0, -1.0, 0.5, 3.0, 1e308, 5e-324, math.inf, -math.inf, math.nan]
+    bounds = [-1.0, 0.0, 0.001, 0.005, 0.1, 1.0, 2.5, 10.0, math.inf]
+
+    def number() -> float:
+        return rng.choice(special) if rng.random() < 0.3 else rng.choice([rng.uniform(0, 100), rng.expovariate(0.01)])
+
+    checked = 0
+    for _ in range(3000):
+        nbuckets = rng.randint(0, 12)
+        nslots = len(counters) + nbuckets
+        acc = array("d", [number() for _ in range(nslots)])
+        gauge_values = [number() for _ in gauges]
+        orders = []
+        for _ in hists:
+            les = sorted(rng.choice(bounds) for _ in range(rng.randint(0, nbuckets)))
+            if les and rng.random() < 0.7:
+                les[-1] = math.inf
+            orders.append([(le, rng.randrange(nslots)) for le in les])
+        elapsed = rng.choice([15.0, 0.001, 1e-300, 60.0, rng.uniform(0.1, 100)])
+        step = features_mod.Step(acc, gauge_values, [features_mod._cumulative(acc, o) for o in orders], elapsed)
+        with np.errstate(over="ignore"):  # a sum beyond float32's range is +-Inf on both paths
+            want = np.array([fn(step) for fn in compiled], dtype=np.float32)
+        got = np.empty(len(exprs), dtype=np.float32)
+        features_mod._fastfeatures.row(program, acc, gauge_values, orders, elapsed, got)  # type: ignore[attr-defined]
+        assert got.tobytes() == want.tobytes(), (acc, gauge_values, orders, elapsed)
+        checked += 1
+    assert checked == 3000
+
+
+def test_a_closed_steps_values_refuse_what_does_not_fit() -> None:
+    """A slot beyond the sums, a gauge or histogram beyond the step's, a buffer of another type:
+    an error, not a read out of bounds."""
+    row = features_mod._fastfeatures.row  # type: ignore[attr-defined]
+    out = np.empty(1, dtype=np.float32)
+    rate_of = struct.pack("=iiqd", 0, 5, 0, 0.0)
+    with pytest.raises(IndexError):
+        row(rate_of, array("d", [1.0] * 5), [], [], 15.0, out)
+    with pytest.raises(IndexError):
+        row(struct.pack("=iiqd", 1, 2, 0, 0.0), array("d"), [1.0, 2.0], [], 15.0, out)
+    with pytest.raises(IndexError):
+        row(struct.pack("=iiqd", 3, 0, 0, 0.5), array("d", [1.0]), [], [[(math.inf, 3)]], 15.0, out)
+    with pytest.raises(IndexError):
+        row(struct.pack("=iiqd", 3, 1, 0, 0.5), array("d", [1.0]), [], [[(math.inf, 0)]], 15.0, out)
+    with pytest.raises(TypeError):
+        row(rate_of, array("f", [1.0] * 6), [], [], 15.0, out)
+    with pytest.raises(TypeError):
+        row(rate_of, array("d", [1.0] * 6), [], [], 15.0, np.empty(1, dtype=np.float64))
+    with pytest.raises(ValueError):
+        row(rate_of, array("d", [1.0] * 6), [], [], 15.0, np.empty(2, dtype=np.float32))
+    row(rate_of, array("d", [0.0] * 5 + [30.0]), [], [], 15.0, out)
+    assert out[0] == 2.0
