@@ -41,7 +41,7 @@
  *   struct "=iiqd" (op, a, b, q): rate of counter slot a; value of gauge a; share of slot a in slot
  *   b; quantile q of histogram a. acc: the step's sums (array('d')), gauges: its gauge values (a
  *   list of floats), orders: each histogram's (le, slot) list sorted by le. The same IEEE
- *   operations in the same order as Python's (ISO C: no contraction into fused multiply-adds), so
+ *   operations in the same order as Python's (built with -ffp-contract=off: no fused multiply-adds), so
  *   the same numbers bit for bit.
  */
 #define PY_SSIZE_T_CLEAN

@@ -535,8 +535,9 @@ class _SourceTable:
 
 
 def _program(features: Sequence[Feature], table: _SourceTable) -> bytes:
-    """What _fastfeatures.row computes for `features` instead of their compiled expressions."""
-    ops = []
+    """What _fastfeatures.row computes for `features` instead of their compiled expressions: per
+    feature its operation (the OP_ numbers of _fastfeatures.c) and arguments, as "=iiqd"."""
+    ops: list[tuple[int, int, int, float]] = []
     for f in features:
         e = f.expr
         if isinstance(e, Rate):
@@ -545,8 +546,10 @@ def _program(features: Sequence[Feature], table: _SourceTable) -> bytes:
             ops.append((1, table.gauge(e.src), 0, 0.0))
         elif isinstance(e, Share):
             ops.append((2, table.counter(e.part), table.counter(e.whole), 0.0))
-        else:
+        elif isinstance(e, Quantile):
             ops.append((3, table.histogram(e.src), 0, e.q))
+        else:
+            raise TypeError(f"{f.name}: no C operation for {type(e).__name__}")
     return b"".join(struct.pack("=iiqd", *op) for op in ops)
 
 
