@@ -343,3 +343,7 @@ def test_a_closed_steps_values_refuse_what_does_not_fit() -> None:
         row(rate_of, array("d", [1.0] * 6), [], [], 15.0, np.empty(2, dtype=np.float32))
     row(rate_of, array("d", [0.0] * 5 + [30.0]), [], [], 15.0, out)
     assert out[0] == 2.0
+    # An expression it has no operation for is refused when the table is made, not misread.
+    odd = dataclasses.replace(features_mod.FEATURES[0], expr=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="no C operation"):
+        features_mod._program([odd], FeatureExtractor(STEP_MS)._table)
