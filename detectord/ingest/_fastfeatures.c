@@ -33,16 +33,18 @@
  *   yet gets one as _bind gives it (_Instance.add_slot, bucket_slots, bucket_order). Appends each
  *   key bound to `bound` (features.py pins them) and returns the first key it left: one bound
  *   already, one _bind must do (it makes instances, matches, slot tuples and _IGNORED), or
- *   len(keys). The other arguments are the extractor's own tables, which it only reads. *
+ *   len(keys). The other arguments are the extractor's own tables, which it only reads.
+ *
  * row(program, acc, gauges, orders, elapsed, out)
  *   A closed step's feature values, what the compiled expressions of features.py give on its Step
  *   (Rate, Value, Share, and Quantile over _cumulative's buckets as bucket_quantile reads them),
  *   written into `out` (float32, one a feature). `program` (features._program): per feature, the
  *   struct "=iiqd" (op, a, b, q): rate of counter slot a; value of gauge a; share of slot a in slot
  *   b; quantile q of histogram a. acc: the step's sums (array('d')), gauges: its gauge values (a
- *   list of floats), orders: each histogram's (le, slot) list sorted by le. The same IEEE
- *   operations in the same order as Python's (built with -ffp-contract=off: no fused multiply-adds), so
- *   the same numbers bit for bit.
+ *   list of floats), orders: each histogram's (le, slot) list sorted by le, le a float. The same
+ *   IEEE operations in the same order as Python's (built with -ffp-contract=off: no fused
+ *   multiply-adds), so the same numbers bit for bit. Only floats are read as numbers, so no
+ *   Python code runs while it walks the lists.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -667,13 +669,12 @@ static int sum_at(const double *acc, Py_ssize_t n, int64_t i, double *v) {
 /* The k-th (le, slot) of a histogram's order. */
 static int bucket_at(PyObject *order, Py_ssize_t k, double *le, Py_ssize_t *slot) {
     PyObject *t = PyList_GET_ITEM(order, k);
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) {
-        PyErr_SetString(PyExc_TypeError, "a histogram's bucket order holds (le, slot) pairs");
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2 || !PyFloat_Check(PyTuple_GET_ITEM(t, 0))) {
+        PyErr_SetString(PyExc_TypeError, "a histogram's bucket order holds (le, slot) pairs, le a float");
         return -1;
     }
-    *le = PyFloat_AsDouble(PyTuple_GET_ITEM(t, 0));
-    if (*le == -1.0 && PyErr_Occurred()) return -1;
-    *slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1));
+    *le = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(t, 0));
+    *slot = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1)); /* an int, or TypeError: no __index__ is called */
     return *slot == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
@@ -758,8 +759,11 @@ static PyObject *row(PyObject *self, PyObject *args) {
                 PyErr_SetString(PyExc_IndexError, "a feature's gauge is beyond the step's gauges");
                 goto done;
             }
-            v = PyFloat_AsDouble(PyList_GET_ITEM(gauges, op.a));
-            if (v == -1.0 && PyErr_Occurred()) goto done;
+            if (!PyFloat_Check(PyList_GET_ITEM(gauges, op.a))) {
+                PyErr_SetString(PyExc_TypeError, "a step's gauge value is a float");
+                goto done;
+            }
+            v = PyFloat_AS_DOUBLE(PyList_GET_ITEM(gauges, op.a));
             break;
         case OP_SHARE:
             if (sum_at(acc, n, op.a, &v) < 0 || sum_at(acc, n, op.b, &w) < 0) goto done;

@@ -341,6 +341,11 @@ def test_a_closed_steps_values_refuse_what_does_not_fit() -> None:
         row(rate_of, array("d", [1.0] * 6), [], [], 15.0, np.empty(1, dtype=np.float64))
     with pytest.raises(ValueError):
         row(rate_of, array("d", [1.0] * 6), [], [], 15.0, np.empty(2, dtype=np.float32))
+    # Numbers it reads from lists are floats (so no Python code runs while it walks them).
+    with pytest.raises(TypeError):
+        row(struct.pack("=iiqd", 3, 0, 0, 0.5), array("d", [1.0]), [], [[(1, 0)]], 15.0, out)
+    with pytest.raises(TypeError):
+        row(struct.pack("=iiqd", 1, 0, 0, 0.0), array("d"), [1], [], 15.0, out)
     row(rate_of, array("d", [0.0] * 5 + [30.0]), [], [], 15.0, out)
     assert out[0] == 2.0
     # An expression it has no operation for is refused when the table is made, not misread.
