@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import cramjam
 import snappy
@@ -390,6 +390,10 @@ class LabelCache:
         return gone
 
 
+# A request's column: a list the cyclic GC does not walk (see _fastdecode.untracked_list).
+_column: Callable[[], list[Any]] = list if _fastdecode is None else _fastdecode.untracked_list
+
+
 @dataclass(slots=True)
 class DecodedWrite:
     """One request's series, column by column: series i is keys[i] with counts[i] samples, the
@@ -398,10 +402,10 @@ class DecodedWrite:
     numbers give the cyclic GC nothing to scan, however large the request."""
 
     version: Version
-    keys: list[SeriesKey] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-    timestamps: list[int] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
+    keys: list[SeriesKey] = field(default_factory=_column)
+    counts: list[int] = field(default_factory=_column)
+    timestamps: list[int] = field(default_factory=_column)
+    values: list[float] = field(default_factory=_column)
     samples: int = 0
     histograms: int = 0
     exemplars: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import struct
 
@@ -9,6 +10,7 @@ import pytest
 import snappy
 
 from detectord.errors import RemoteWriteError
+from detectord.ingest import remote_write as rw
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
 from detectord.ingest.remote_write import (
@@ -310,3 +312,15 @@ def test_series_share_their_label_pairs_and_strings(version: str, use_c: bool) -
     cache.turn()
     again = decode(body, version, cache, max_decoded=MiB, use_c=use_c)  # type: ignore[arg-type]
     assert again.keys[0] is first
+
+
+@pytest.mark.skipif(rw._fastdecode is None, reason="the C decoder is not built here")  # type: ignore[attr-defined]
+def test_a_requests_columns_are_not_walked_by_the_cyclic_gc() -> None:
+    """A big request's columns hold hundreds of thousands of keys and numbers: tracked, every
+    collection while it is ingested would walk them with the GIL held and stall the event loop
+    (tests/serve/test_event_loop.py). They hold nothing that refers back to them, so no cycle."""
+    cache = rw.LabelCache()
+    labels = {"__name__": "coredns_dns_requests_total", "instance": "a:9153", "job": "coredns"}
+    w = rw.decode(v1_body([(labels, [(1_000, 1.0), (2_000, 2.0)])]), "1.0", cache, max_decoded=2**20)
+    assert w.samples == 2 and len(w.keys) == 1
+    assert not any(gc.is_tracked(col) for col in (w.keys, w.counts, w.timestamps, w.values))
