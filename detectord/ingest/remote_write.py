@@ -398,8 +398,8 @@ _column: Callable[[], list[Any]] = list if _fastdecode is None else _fastdecode.
 class DecodedWrite:
     """One request's series, column by column: series i is keys[i] with counts[i] samples, the
     next ones in timestamps/values. A series may appear several times (Prometheus 2.42 sends
-    one sample per TimeSeries), each time with its samples in timestamp order. Flat lists of
-    numbers give the cyclic GC nothing to scan, however large the request."""
+    one sample per TimeSeries), each time with its samples in timestamp order. The columns are
+    flat lists the cyclic GC does not walk (`_column`), however large the request."""
 
     version: Version
     keys: list[SeriesKey] = field(default_factory=_column)
