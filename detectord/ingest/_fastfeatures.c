@@ -387,8 +387,9 @@ static inline __attribute__((always_inline)) void fetch_ahead(PyObject *keys, Py
         if (at == -1) PyErr_Clear();
         if (at >= 0 && acc && is_pair_list(acc))
             for (int i = 0; i < 2; i++) {
-                const char *data = sums_data(PyList_GET_ITEM(acc, i));
-                if (data) __builtin_prefetch(data + at * (Py_ssize_t)sizeof(double));
+                PyObject *sums = PyList_GET_ITEM(acc, i);
+                const char *data = sums_data(sums);
+                if (data && at < Py_SIZE(sums)) __builtin_prefetch(data + at * (Py_ssize_t)sizeof(double));
             }
     }
 }
