@@ -421,7 +421,6 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
     Sums sums = {NULL};
     Ahead ahead;
     for (Py_ssize_t i = pos; i < pos + AHEAD - 1; i++) ahead.at[i & 31] = i < nkeys ? series_at(keys, i) : NULL;
-    ahead.at[(pos - 1) & 31] = NULL;
     for (; pos < nkeys; pos++) {
         first = k;
         fetch_ahead(keys, nkeys, pos, &ahead);
@@ -433,13 +432,10 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
         }
         /* Held (s, and inst below) until the series is done: replacing a slot's value frees the
          * old one, and nothing of it may free them under us. */
-        PyObject *sk = PyList_GET_ITEM(keys, pos);
-        if (!Py_IS_TYPE(sk, key_type)) break;
-        PyObject *state = SLOT(sk, key_off[K_STATE]);
-        if (!state || !Py_IS_TYPE(state, &SeriesType) || !bound_as_expected((Series *)state) ||
-            !hold(&sums, ((Series *)state)->inst) || !slots_fit(((Series *)state)->slots, &sums))
+        Series *bound = series_at(keys, pos);
+        if (!bound || !bound_as_expected(bound) || !hold(&sums, bound->inst) || !slots_fit(bound->slots, &sums))
             break;
-        Py_XSETREF(s, (Series *)Py_NewRef(state));
+        Py_XSETREF(s, (Series *)Py_NewRef(bound));
         Py_XSETREF(inst, Py_NewRef(s->inst));
         set_slot(inst, instance_off[I_LAST_SEEN], Py_NewRef(now));
         set_slot(inst, instance_off[I_LAST_DATA], Py_NewRef(now));
