@@ -300,6 +300,17 @@ static int slots_fit(PyObject *slots, const Sums *h) {
     return 1;
 }
 
+/* PyLong_AsLongLong, through PyLong_AsLong where a long is as wide: a millisecond timestamp is an
+ * int of two digits, which PyLong_AsLongLong converts byte by byte (_PyLong_AsByteArray) and
+ * PyLong_AsLong digit by digit, in a few instructions. */
+static inline long long as_long_long(PyObject *o) {
+#if LONG_MAX == LLONG_MAX
+    return PyLong_AsLong(o);
+#else
+    return PyLong_AsLongLong(o);
+#endif
+}
+
 static int64_t floor_div(int64_t a, int64_t b) {
     int64_t q = a / b;
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
@@ -442,13 +453,13 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
         PyObject *slots = s->slots;
         int gauge = s->gauge_source >= 0;
         long long last_ts = s->last_ts;
-        long long cur = PyLong_AsLongLong(SLOT(inst, instance_off[I_CUR]));
+        long long cur = as_long_long(SLOT(inst, instance_off[I_CUR]));
         if (PyErr_Occurred()) goto fail;
         Py_ssize_t end = first + n;
         for (; k < end; k++) {
             PyObject *tso = PyList_GET_ITEM(tss, k), *vo = PyList_GET_ITEM(vals, k);
             if (!PyLong_CheckExact(tso) || !PyFloat_CheckExact(vo)) goto handover;
-            long long ts = PyLong_AsLongLong(tso);
+            long long ts = as_long_long(tso);
             if (ts == -1 && PyErr_Occurred()) {
                 PyErr_Clear();
                 goto handover;
@@ -506,9 +517,10 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
             }
             s->last_v = v;
             s->last_ts = last_ts = ts;
-            PyList_SetItem(SLOT(inst, instance_off[I_SEEN]), i, Py_NewRef(Py_True));
+            PyObject *seen = SLOT(inst, instance_off[I_SEEN]);
+            if (PyList_GET_ITEM(seen, i) != Py_True) PyList_SetItem(seen, i, Py_NewRef(Py_True));
             PyObject *max_ts = SLOT(inst, instance_off[I_MAX_TS]);
-            long long held = PyLong_AsLongLong(PyList_GET_ITEM(max_ts, i));
+            long long held = as_long_long(PyList_GET_ITEM(max_ts, i));
             if (held == -1 && PyErr_Occurred()) goto fail;
             if (ts > held) PyList_SetItem(max_ts, i, Py_NewRef(tso));
             accepted++;
