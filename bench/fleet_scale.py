@@ -1,7 +1,8 @@
 """Fleet scale: one `detectord serve` fed N CoreDNS instances as Prometheus would, a table row per N.
 
-For each N (synthetic CoreDNS fleets as Prometheus 2.42 sends them: one sample per series, 500
-series per request, snappy, 4 requests in flight):
+For each N (synthetic CoreDNS fleets as Prometheus sends them: one sample per series, snappy, 4
+requests in flight; `--samples-per-request` 500 as Prometheus up to 2.43 sends by default, 2.42
+being the receiver here, or 2000 as 2.44 and later do):
 
 1. throughput: the first `--fast-rounds` scrape rounds as fast as they are taken: samples/s of the
    first round (every series new) and of the rest (steady), and the same rounds into Prometheus's
@@ -20,6 +21,7 @@ Needs the machine to itself. Prometheus is left out above `--prometheus-max-seri
 round (its receiver holds every series in memory: about 17.8 million at 100,000 instances).
 
     .venv/bin/python bench/fleet_scale.py --instances 1000 10000 100000
+    .venv/bin/python bench/fleet_scale.py --instances 1000 10000 100000 --samples-per-request 2000
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from detectord.detectors.artifact import read_meta
 from detectord.ingest.features import bucket_quantile
 from detectord.ingest.normalise import InputPlan
 from lab.peers.detectord import run_detectord
-from lab.synthetic import SyntheticFleet
+from lab.synthetic import MAX_SAMPLES_PER_SEND, SyntheticFleet
 from tests.support import metric
 
 DELAY = "detectord_step_score_delay_seconds"
@@ -68,14 +70,14 @@ class DiskRounds:
     """Scrape rounds of a fleet, compressed, one file each (at 100,000 instances a round is
     about 390 MB): the bench holds one round at a time, the daemon the rest of the memory."""
 
-    def __init__(self, instances: int, rounds: int, where: Path, seed: int = 1) -> None:
+    def __init__(self, instances: int, rounds: int, where: Path, per_request: int, seed: int = 1) -> None:
         # The rounds end two steps before now, so no sample is in the future when sent.
         start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
         fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
         self.where = where
         self.samples: list[int] = []
         for r in range(rounds):
-            payloads = fleet.scrape_payloads()
+            payloads = fleet.scrape_payloads(per_request)
             self.samples.append(sum(_series(p) for p in payloads))
             with (where / f"round-{r}").open("wb") as f:
                 for body in map(snappy.compress, payloads):
@@ -103,6 +105,7 @@ class DiskRounds:
 class Row:
     instances: int
     samples: int
+    per_request: int
     first: float = math.nan
     steady: float = math.nan
     prom_first: float = math.nan
@@ -245,6 +248,12 @@ def main() -> int:
     p.add_argument("--scored-rounds", type=int, default=3, help="paced rounds once every instance scores")
     p.add_argument("--interval", type=float, default=STEP_S, help="seconds per paced round (the scrape interval)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (Prometheus shards)")
+    p.add_argument(
+        "--samples-per-request",
+        type=int,
+        default=MAX_SAMPLES_PER_SEND,
+        help="Prometheus's max_samples_per_send: 500 before 2.44, 2000 since",
+    )
     p.add_argument("--prometheus-max-series", type=int, default=4_000_000)
     p.add_argument("--inference-seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=1024)
@@ -264,7 +273,8 @@ def main() -> int:
     rows = []
     for n in args.instances:
         with tempfile.TemporaryDirectory(dir=args.tmp) as payloads:
-            rows.append(run_one(n, DiskRounds(n, total, Path(payloads)), scored_from, args))
+            rounds = DiskRounds(n, total, Path(payloads), args.samples_per_request)
+            rows.append(run_one(n, rounds, scored_from, args))
     raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
     print("\n" + _table(rows))
     print(
@@ -275,8 +285,11 @@ def main() -> int:
 
 
 def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespace) -> Row:
-    row = Row(n, rounds.samples[0])
-    print(f"\n== {n:,} instances: {row.samples:,} samples a round, {len(rounds)} rounds", flush=True)
+    row = Row(n, rounds.samples[0], args.samples_per_request)
+    print(
+        f"\n== {n:,} instances: {row.samples:,} samples a round in requests of {row.per_request}, {len(rounds)} rounds",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(
             bench_detectord(
@@ -302,7 +315,7 @@ def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespa
 
 def _table(rows: list[Row]) -> str:
     head = (
-        "| instances | samples/round | first M/s (Prom, ratio) | steady M/s (Prom, ratio) "
+        "| instances | samples/round (a request) | first M/s (Prom, ratio) | steady M/s (Prom, ratio) "
         "| M samples per CPU-s first / steady | KB/instance "
         "| step scored p50 / p99 s | answer p99 s | /metrics s (MB) | scored / expected, dropped | behind s |"
     )
@@ -318,7 +331,8 @@ def _table(rows: list[Row]) -> str:
             else "-"
         )
         lines.append(
-            f"| {r.instances:,} | {r.samples:,} | {vs(r.first, r.prom_first)} | {vs(r.steady, r.prom_steady)} "
+            f"| {r.instances:,} | {r.samples:,} ({r.per_request:,}) "
+            f"| {vs(r.first, r.prom_first)} | {vs(r.steady, r.prom_steady)} "
             f"| {r.cpu_first / 1e6:.2f} / {r.cpu_steady / 1e6:.2f} "
             f"| {r.kb_per_instance:.1f} | {r.delay_p50:.2f} / {r.delay_p99:.2f} | {r.answer_p99:.2f} | {ms} "
             f"| {r.scored:,} / {r.expected:,}, {r.dropped} | {r.behind_s:.1f} |"

@@ -30,7 +30,7 @@ from bench.state import STEP_S, ingestor
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from lab.synthetic import SyntheticFleet
 
-PER_REQUEST = 2000  # Prometheus's max_samples_per_send since 2.45 (500 before)
+PER_REQUEST = 2000  # Prometheus's max_samples_per_send since 2.44 (500 before)
 
 
 def _other_series(n: int, seed: int) -> list[list[tuple[str, str]]]:
