@@ -14,7 +14,9 @@ being the receiver here, or 2000 as 2.44 and later do):
    that completed a step to that step's score (`detectord_step_score_delay_seconds`, p50/p99
    interpolated in its buckets as histogram_quantile does); windows scored against instances
    × scored rounds, and windows dropped; `/metrics` render time (fetched mid-round, while writes
-   go on) and size; resident memory per instance (the daemon's RSS at the end minus at ready).
+   go on) and size; resident memory per instance (the daemon's RSS at the end minus at ready:
+   its baselines then hold their first buckets of 128; bench/instance_memory.py shows what a
+   mature instance adds).
 
 Then the inference worker's windows/s (bench/ingest_inference.py's `bench_inference`).
 Needs the machine to itself. Prometheus is left out above `--prometheus-max-series` series a

@@ -66,6 +66,16 @@ def ingestor(model_path: Path) -> tuple[Ingestor, dict[str, object]]:
     return ing, fp
 
 
+def mature_baselines(ing: Ingestor) -> None:
+    """Every instance's baseline as after hours of running: every bucket of the horizon filled,
+    each with its own noise (identical buckets would compress far better than real ones)."""
+    rng = np.random.default_rng(0)
+    for b in ing.normaliser._baselines.values():
+        mean, std = b.loc[b._c.rel_idx].astype(np.float64), b.scale[b._c.rel_idx].astype(np.float64)
+        for _ in range(b._c.cfg.buckets):
+            b._add_bucket(mean + rng.normal(0, 0.1, mean.shape) * std, std * rng.uniform(0.8, 1.2, std.shape))
+
+
 def _resident() -> int:
     """This process's resident bytes: after a restore, its peak (freed objects' pages stay)."""
     rss = resident_bytes()
@@ -91,13 +101,7 @@ def main() -> None:
         for _ in range(rounds):
             for body in fleet.scrape_payloads():
                 ing.write_sync(snappy.compress(body), "1.0")
-        # Mature baselines: every bucket of the horizon filled, each with its own noise, as after
-        # hours of running (identical buckets would compress far better than real ones).
-        rng = np.random.default_rng(0)
-        for b in ing.normaliser._baselines.values():
-            mean, std = b.loc[b._c.rel_idx].astype(np.float64), b.scale[b._c.rel_idx].astype(np.float64)
-            for _ in range(b._c.cfg.buckets):
-                b._add_bucket(mean + rng.normal(0, 0.1, mean.shape) * std, std * rng.uniform(0.8, 1.2, std.shape))
+        mature_baselines(ing)
         keys = ing.extractor.instance_keys()
         series = sum(len(ing.extractor._instances[k].series) for k in keys)
         t0 = time.perf_counter()
