@@ -163,12 +163,15 @@ async def paced_round(
     return answers, behind[0]
 
 
-async def timed_metrics(session: aiohttp.ClientSession, url: str, after: float) -> tuple[float, int]:
+async def timed_metrics(session: aiohttp.ClientSession, url: str, after: float) -> tuple[float, float, int]:
+    """Seconds to the answer's head (the daemon renders the whole body before it answers) and to
+    its last byte, and its size."""
     await asyncio.sleep(after)
     t0 = time.perf_counter()
     async with session.get(f"{url}/metrics") as r:
+        head = time.perf_counter() - t0
         body = await r.read()
-    return time.perf_counter() - t0, len(body)
+    return head, time.perf_counter() - t0, len(body)
 
 
 async def bench_detectord(
@@ -219,9 +222,13 @@ async def bench_detectord(
                     scored0 = metric(text, "detectord_windows_scored_total")
                 scrape = asyncio.create_task(timed_metrics(s, det.url, interval / 2))
                 got, behind = await paced_round(s, det.write_url, rounds.bodies(r), interval, concurrency)
-                took, size = await scrape
+                head, took, size = await scrape
                 row.behind_s = max(row.behind_s, behind)
-                print(f"  round {r}: {len(got)} requests, behind {behind:.1f}s, /metrics {took:.2f}s", flush=True)
+                print(
+                    f"  round {r}: {len(got)} requests, behind {behind:.1f}s, /metrics {took:.2f}s "
+                    f"(its head after {head:.2f}s)",
+                    flush=True,
+                )
                 if r >= scored_from:
                     answers += got
                     row.metrics_s.append(took)
