@@ -9,10 +9,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from detectord.serve import exports as exports_module
 from detectord.serve.exports import InstanceExports
 from detectord.serve.history import InstanceScores
 
 LABELS = ("job", "instance")
+NEEDS_C = pytest.mark.skipif(
+    exports_module._fastexports is None,  # type: ignore[attr-defined]
+    reason="the C renderer is not built",
+)
 
 
 def _fleet() -> SimpleNamespace:
@@ -86,15 +91,20 @@ def _odd_fleet(labels: tuple[str, ...]) -> SimpleNamespace:
     return SimpleNamespace(history=history, phases=phases)
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=NEEDS_C)], ids=["python", "c"])
 @pytest.mark.parametrize("labels", [LABELS, ("cluster", "namespace", "pod"), ("zone",)])
 @pytest.mark.parametrize(("export", "top"), [("all", 0), ("anomalous", 0), ("top", 3)])
-def test_the_text_served_is_what_prometheus_client_renders(labels: tuple[str, ...], export: str, top: int) -> None:
+def test_the_text_served_is_what_prometheus_client_renders(
+    labels: tuple[str, ...], export: str, top: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """/metrics renders the per-instance series straight to text (no sample objects: 100,000
-    instances in a fraction of the time); it must be what generate_latest makes of the same
-    families, byte for byte, escaping, odd values and label order included (instance labels
-    that sort before and after `feature` and `state`)."""
+    instances in a fraction of the time), in C where it is built; it must be what generate_latest
+    makes of the same families, byte for byte, escaping, odd values and label order included
+    (instance labels that sort before and after `feature` and `state`)."""
+    # The C renderer writes a slice of instances a call: here several, the last one short or full.
+    monkeypatch.setattr(exports_module, "NATIVE_SLICE", 5)
     for fleet in (_fleet(), _odd_fleet(labels)) if labels == LABELS else (_odd_fleet(labels),):
-        exports = InstanceExports(lambda f=fleet: f, labels, export, top)  # type: ignore[misc]
+        exports = InstanceExports(lambda f=fleet: f, labels, export, top, native=native)  # type: ignore[misc]
         registry = CollectorRegistry()
         registry.register(exports)
         expected = generate_latest(registry)
