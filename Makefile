@@ -40,7 +40,7 @@ format: venv-dev
 venv: $(VENV)/.installed
 venv-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: pyproject.toml setup.py detectord/ingest/_fastdecode.c detectord/ingest/_fastfeatures.c detectord/serve/_fastexports.c
+$(VENV)/.installed: pyproject.toml setup.py detectord/ingest/_fastdecode.c detectord/ingest/_fastfeatures.c detectord/serve/_fastexports.c detectord/serve/_hugepages.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .

@@ -1,5 +1,5 @@
-"""Builds the optional C decoder, feature accumulator and /metrics renderer, and puts the shipped default model set
-into the wheel.
+"""Builds the optional C decoder, feature accumulator, /metrics renderer and huge-page arenas, and puts
+the shipped default model set into the wheel.
 
 Without a compiler detectord installs and runs in pure Python. The model set lives at the top of
 the repository (`models/default`, where `make models` writes it) and travels in the wheel as
@@ -41,6 +41,12 @@ setup(
             # No fused multiply-adds: row() gives Python's float numbers bit for bit (GCC's ISO C
             # modes contract nothing, Clang contracts within a statement unless told).
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-ffp-contract=off"],
+        ),
+        Extension(
+            "detectord.serve._hugepages",
+            ["detectord/serve/_hugepages.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
         ),
         Extension(
             "detectord.serve._fastexports",

@@ -184,11 +184,12 @@ async def bench_detectord(
     concurrency: int,
     workdir: Path,
     model: Path,
+    huge_pages: bool,
 ) -> None:
     n = row.instances
     config = {
         "web": {"max_body_size": "64MiB", "max_decoded_body_size": "256MiB"},
-        "ingest": {"step": f"{STEP_S:g}s", "max_instances": n + 100},
+        "ingest": {"step": f"{STEP_S:g}s", "max_instances": n + 100, "huge_pages": huge_pages},
         "logging": {"level": "warning"},
     }
     async with run_detectord(config, workdir=workdir, model=model, ready_timeout=300) as det:
@@ -268,6 +269,9 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--model", type=Path, default=REPO / "models/default")
     p.add_argument("--tmp", type=Path, default=None, help="where the rounds' payloads are written")
+    p.add_argument(
+        "--no-huge-pages", action="store_true", help="the daemon's objects in plain pages (ingest.huge_pages: false)"
+    )
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -310,6 +314,7 @@ def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespa
                 concurrency=args.concurrency,
                 workdir=Path(d),
                 model=args.model,
+                huge_pages=not args.no_huge_pages,
             )
         )
     if row.samples <= args.prometheus_max_series:

@@ -44,6 +44,7 @@ from detectord.serve.backfill import backfill
 from detectord.serve.backfill import matchers as backfill_matchers
 from detectord.serve.exports import InstanceExports
 from detectord.serve.http import application
+from detectord.serve.hugepages import use_huge_pages
 from detectord.serve.inference import InferenceWorker, bucket_sizes, warm_up
 from detectord.serve.metrics import DaemonMetrics
 from detectord.serve.sink import ScoreSink
@@ -136,6 +137,12 @@ class Server:
     async def startup(self) -> None:
         cfg, stack = self.cfg, self._stack
         loop = asyncio.get_running_loop()
+        if cfg.ingest.huge_pages:
+            why_not = use_huge_pages()
+            if why_not is None:
+                log.info("object memory in transparent huge pages")
+            else:
+                log.info("object memory in plain pages", why=why_not)
         self._enter("loading the model")
         if cfg.state.dir:
             await loop.run_in_executor(None, _cache_compiled, Path(cfg.state.dir) / "compiled")
