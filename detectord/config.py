@@ -139,7 +139,7 @@ class IngestConfig:
     # Samples further in the future than this are rejected (as Prometheus does).
     max_future: Duration = Duration(600.0)
     # Keep the fleet's state (Python's object memory) in transparent huge pages where the kernel
-    # offers them (its mode `madvise` or `always`): 18 % less CPU a sample at 100,000 instances.
+    # offers them (its mode `madvise` or `always`): 13 % less CPU a sample at 100,000 instances.
     huge_pages: bool = True
 
 
