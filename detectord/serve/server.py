@@ -482,6 +482,9 @@ class Server:
             raise ConfigError("ingest.instance_labels", "cannot change on reload; restart detectord")
         if cfg.web.listen_address != self.cfg.web.listen_address:
             raise ConfigError("web.listen_address", "cannot change on reload; restart detectord")
+        if cfg.ingest.huge_pages != self.cfg.ingest.huge_pages:
+            # The arenas' allocator is the process's for good once installed.
+            raise ConfigError("ingest.huge_pages", "cannot change on reload; restart detectord")
 
     def stale_after_s(self) -> float:
         if self.cfg.ingest.stale_after is not None:

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import snappy
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
 from detectord.children import free_port
 from detectord.config import AlertmanagerConfig, Duration, load_config
+from detectord.errors import ConfigError
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest.remote_write import encode_v1
 from detectord.serve.server import Server
@@ -252,3 +254,17 @@ async def test_a_reload_takes_new_inference_settings_at_once(tmp_path: Path) -> 
         path.write_text(base + "inference: {max_batch: 2, queue_size: 3}\n")
         await srv.reload("test")
         assert srv.pipeline.worker.max_batch == 2 and srv.pipeline.worker._queue_size == 3
+
+
+async def test_a_reload_that_changes_what_only_a_restart_changes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "detectord.yml"
+    base = "web: {listen_address: '127.0.0.1:0'}\nstate: {dir: ''}\nmodel: {any_step: true}\n"
+    path.write_text(base + "ingest: {step: 1s}\n")
+    async with running_server(load_config(str(path)), config_path=str(path)) as srv:
+        path.write_text(base + "ingest: {step: 1s, huge_pages: false}\n")
+        with pytest.raises(ConfigError, match=r"ingest\.huge_pages.*restart detectord"):
+            await srv.reload("test")
+        assert srv.cfg.ingest.huge_pages
+        text = generate_latest(srv.registry).decode()
+        assert metric(text, "detectord_reloads_total", result="failure") == 1
+        assert metric(text, "detectord_config_last_reload_successful") == 0
