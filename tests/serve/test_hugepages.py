@@ -17,11 +17,8 @@ MiB = 1024**2
 
 _CHILD = r"""
 import gc, json
+from detectord.ingest.pipeline import resident_bytes as resident
 from detectord.serve import _hugepages, hugepages
-
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 def advised():
     spans, span = [], None
