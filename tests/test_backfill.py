@@ -20,7 +20,7 @@ from lab.peers.dnsperf import run_dnsperf
 from lab.peers.prometheus import run_prometheus
 from tests.support import REPO, metric, slow_proxy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 # The 15 s model at a 1 s step: it warms in 24 steps (baseline 2 × 6, window 12).
 MODEL = REPO / "models/default/15s"

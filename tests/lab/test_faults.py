@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from lab.faults import Reload, Restart
 from lab.fleet import Fleet
 from lab.topology import LoadSpec, Topology
+
+pytestmark = pytest.mark.e2e
 
 
 async def _ready(port: int) -> bool:
