@@ -24,6 +24,12 @@ round (its receiver holds every series in memory: about 17.8 million at 100,000 
 
     .venv/bin/python bench/fleet_scale.py --instances 1000 10000 100000
     .venv/bin/python bench/fleet_scale.py --instances 1000 10000 100000 --samples-per-request 2000
+    .venv/bin/python bench/fleet_scale.py --instances 100000 --samples-per-request 2000 --shards 4
+
+The series' order within a round: by default one kind of series at a time (every instance's
+request count, then every instance's next series), the hardest order for the daemon, whose
+state is per instance; `--shards N` sends them as Prometheus's remote-write queue does with N
+shards (lab/synthetic.py `scrape_payloads`), each instance's series in runs.
 """
 
 from __future__ import annotations
@@ -72,14 +78,16 @@ class DiskRounds:
     """Scrape rounds of a fleet, compressed, one file each (at 100,000 instances a round is
     about 390 MB): the bench holds one round at a time, the daemon the rest of the memory."""
 
-    def __init__(self, instances: int, rounds: int, where: Path, per_request: int, seed: int = 1) -> None:
+    def __init__(
+        self, instances: int, rounds: int, where: Path, per_request: int, shards: int = 0, seed: int = 1
+    ) -> None:
         # The rounds end two steps before now, so no sample is in the future when sent.
         start = int(time.time() * 1000) - int((rounds + 2) * STEP_S * 1000)
         fleet = SyntheticFleet(instances, seed=seed, scrape_interval_s=STEP_S, start_ms=start, restarts_per_hour=0.0)
         self.where = where
         self.samples: list[int] = []
         for r in range(rounds):
-            payloads = fleet.scrape_payloads(per_request)
+            payloads = fleet.scrape_payloads(per_request, shards)
             self.samples.append(sum(_series(p) for p in payloads))
             with (where / f"round-{r}").open("wb") as f:
                 for body in map(snappy.compress, payloads):
@@ -108,6 +116,7 @@ class Row:
     instances: int
     samples: int
     per_request: int
+    shards: int
     first: float = math.nan
     steady: float = math.nan
     prom_first: float = math.nan
@@ -264,6 +273,13 @@ def main() -> int:
         default=MAX_SAMPLES_PER_SEND,
         help="Prometheus's max_samples_per_send: 500 before 2.44, 2000 since",
     )
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="the series' order: 0, one kind of series at a time (the hardest for the daemon's caches); "
+        "N, as Prometheus's queue sends them with N shards (runs of about 175 / N series of one instance)",
+    )
     p.add_argument("--prometheus-max-series", type=int, default=4_000_000)
     p.add_argument("--inference-seconds", type=float, default=5.0)
     p.add_argument("--max-batch", type=int, default=1024)
@@ -286,7 +302,7 @@ def main() -> int:
     rows = []
     for n in args.instances:
         with tempfile.TemporaryDirectory(dir=args.tmp) as payloads:
-            rounds = DiskRounds(n, total, Path(payloads), args.samples_per_request)
+            rounds = DiskRounds(n, total, Path(payloads), args.samples_per_request, args.shards)
             rows.append(run_one(n, rounds, scored_from, args))
     raw, worker, backend = bench_inference(args.inference_seconds, args.max_batch, args.model)
     print("\n" + _table(rows))
@@ -298,9 +314,10 @@ def main() -> int:
 
 
 def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespace) -> Row:
-    row = Row(n, rounds.samples[0], args.samples_per_request)
+    row = Row(n, rounds.samples[0], args.samples_per_request, args.shards)
     print(
-        f"\n== {n:,} instances: {row.samples:,} samples a round in requests of {row.per_request}, {len(rounds)} rounds",
+        f"\n== {n:,} instances: {row.samples:,} samples a round in requests of {row.per_request}, "
+        f"{_order(row.shards)}, {len(rounds)} rounds",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as d:
@@ -327,9 +344,13 @@ def run_one(n: int, rounds: DiskRounds, scored_from: int, args: argparse.Namespa
     return row
 
 
+def _order(shards: int) -> str:
+    return f"{shards} shards" if shards else "by kind"
+
+
 def _table(rows: list[Row]) -> str:
     head = (
-        "| instances | samples/round (a request) | first M/s (Prom, ratio) | steady M/s (Prom, ratio) "
+        "| instances | samples/round (a request, order) | first M/s (Prom, ratio) | steady M/s (Prom, ratio) "
         "| M samples per CPU-s first / steady | KB/instance "
         "| step scored p50 / p99 s | answer p99 s | /metrics s (MB) | scored / expected, dropped | behind s |"
     )
@@ -345,7 +366,7 @@ def _table(rows: list[Row]) -> str:
             else "-"
         )
         lines.append(
-            f"| {r.instances:,} | {r.samples:,} ({r.per_request:,}) "
+            f"| {r.instances:,} | {r.samples:,} ({r.per_request:,}, {_order(r.shards)}) "
             f"| {vs(r.first, r.prom_first)} | {vs(r.steady, r.prom_steady)} "
             f"| {r.cpu_first / 1e6:.2f} / {r.cpu_steady / 1e6:.2f} "
             f"| {r.kb_per_instance:.1f} | {r.delay_p50:.2f} / {r.delay_p99:.2f} | {r.answer_p99:.2f} | {ms} "

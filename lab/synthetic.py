@@ -9,7 +9,9 @@ panics are the simulator's own. Not shipped: the real fleet is lab/fleet.py.
 
 from __future__ import annotations
 
+import itertools
 import math
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, get_args
@@ -32,6 +34,7 @@ FAULT_CLASSES: tuple[FaultClass, ...] = get_args(FaultClass)
 
 DEFAULT_START_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 MAX_SAMPLES_PER_SEND = 500  # Prometheus 2.42 queue_config default
+_GATHER = 1 << 18  # records a slice when _Encoder._sharded moves them
 STALE_NAN_BITS = 0x7FF0000000000002
 
 # plugin.TimeBuckets: ExponentialBuckets(0.00025, 2, 16), then +Inf.
@@ -798,10 +801,20 @@ class SyntheticFleet:
         self.was_emitted = np.where(up[:, None], emitted, False)
         return ts.astype(np.int64), values, out_mask
 
-    def scrape_payloads(self, max_samples: int = MAX_SAMPLES_PER_SEND) -> list[bytes]:
-        """One scrape of the whole fleet as serialized `prometheus.WriteRequest`s (not compressed)."""
+    def scrape_payloads(self, max_samples: int = MAX_SAMPLES_PER_SEND, shards: int = 0) -> list[bytes]:
+        """One scrape of the whole fleet as serialized `prometheus.WriteRequest`s (not compressed).
+
+        shards = 0: one kind of series at a time (every instance's, then the next kind's), so
+        consecutive series are of different instances: the hardest order for a receiver's caches.
+        shards >= 1: in the order Prometheus's remote-write queue sends them with that many shards.
+        A scrape is one WAL record, each target's series together in exposition order; the targets
+        come in a fixed order of their own (Prometheus spreads scrapes over the interval by a hash
+        of the target). A series goes to shard `ref % shards`, refs in first-scrape order, and each
+        shard cuts its queue into requests, sent side by side: so a request holds runs of about
+        series-per-target / shards series of one instance.
+        """
         ts, values, mask = self.scrape()
-        return _encoder(self).encode(ts, values, mask, max_samples)
+        return _encoder(self).encode(ts, values, mask, max_samples, shards)
 
     def write_requests(self, duration_s: float, max_samples: int = MAX_SAMPLES_PER_SEND) -> Iterator[pb1.WriteRequest]:
         """Scrape for `duration_s` seconds, yielding the WriteRequests Prometheus would send."""
@@ -813,19 +826,20 @@ class SyntheticFleet:
 class _Layout:
     """Where each record of one scrape's payload goes: a byte template plus value/timestamp slots."""
 
-    __slots__ = ("bounds", "rec_col", "rec_inst", "template", "ts_len", "ts_off", "val_off")
+    __slots__ = ("bounds", "rec_col", "rec_inst", "starts", "template", "ts_len", "ts_off", "val_off")
 
     def __init__(
         self,
         template: np.ndarray,
         rec_inst: np.ndarray,
         rec_col: np.ndarray,
+        starts: np.ndarray,
         val_off: np.ndarray,
         ts_off: np.ndarray,
         ts_len: int,
         bounds: list[tuple[int, int]],
     ) -> None:
-        self.template, self.rec_inst, self.rec_col = template, rec_inst, rec_col
+        self.template, self.rec_inst, self.rec_col, self.starts = template, rec_inst, rec_col, starts
         self.val_off, self.ts_off, self.ts_len, self.bounds = val_off, ts_off, ts_len, bounds
 
 
@@ -861,19 +875,30 @@ class _Encoder:
         vocab = sorted({name for names in fleet.upstream_names for name in names})
         self.to_vocab = [_label_bytes("to", name) for name in vocab]
         self.to_ids = np.array([[vocab.index(name) for name in names] for names in fleet.upstream_names])
+        # The order targets' scrapes land in the WAL: by a hash of the target, as Prometheus offsets
+        # each target's scrapes within the interval.
+        hashes = np.array([zlib.crc32(inst.encode()) for inst in fleet.instances], dtype=np.int64)
+        self.target_rank = np.empty(self.n, dtype=np.int64)
+        self.target_rank[np.argsort(hashes, kind="stable")] = np.arange(self.n)
         self._layout: _Layout | None = None
         self._layout_key: bytes = b""
 
-    def encode(self, ts: np.ndarray, values: np.ndarray, mask: np.ndarray, max_samples: int) -> list[bytes]:
+    def encode(
+        self, ts: np.ndarray, values: np.ndarray, mask: np.ndarray, max_samples: int, shards: int = 0
+    ) -> list[bytes]:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if shards < 0:
+            raise ValueError(f"shards must be >= 0, got {shards}")
         ts_var = [_varint(int(t)) for t in ts]
         tl = len(ts_var[0])
         if any(len(v) != tl for v in ts_var):
             raise ValueError("timestamps of one scrape must have varints of one length (keep them in 1971..2109)")
-        key = mask.tobytes() + bytes([tl, max_samples % 256, max_samples // 256 % 256])
+        key = mask.tobytes() + np.array([tl, max_samples, shards], dtype=np.int64).tobytes()
         if self._layout is None or key != self._layout_key:
             self._layout = self._build(mask, tl, max_samples)
+            if shards:
+                self._layout = self._sharded(self._layout, shards, max_samples)
             self._layout_key = key
         lay = self._layout
         buf = lay.template.copy()
@@ -914,7 +939,7 @@ class _Encoder:
                 offset += blk.size
         if not blocks:
             empty = np.zeros(0, dtype=np.int64)
-            return _Layout(np.zeros(0, dtype=np.uint8), empty, empty, empty, empty, tl, [])
+            return _Layout(np.zeros(0, dtype=np.uint8), empty, empty, empty, empty, empty, tl, [])
         first = np.concatenate(rec_start)
         cuts = range(0, first.size, max_samples)
         bounds = [
@@ -924,9 +949,47 @@ class _Encoder:
             np.concatenate(blocks),
             np.concatenate(rec_inst),
             np.concatenate(rec_col),
+            first,
             np.concatenate(val_off),
             np.concatenate(ts_off),
             tl,
+            bounds,
+        )
+
+    def _sharded(self, lay: _Layout, shards: int, max_samples: int) -> _Layout:
+        """`lay`'s records in Prometheus's order with `shards` shards (see scrape_payloads)."""
+        n = lay.rec_inst.size
+        if n == 0:
+            return lay
+        rank = self.target_rank[lay.rec_inst]
+        shard = (rank * len(self.pre) + lay.rec_col) % shards
+        by_shard = np.lexsort((lay.rec_col, rank, shard))
+        sh = shard[by_shard]
+        request = (np.arange(n) - np.searchsorted(sh, sh)) // max_samples  # within its shard
+        # The shards' requests side by side: each shard's first, then each one's second, ...
+        sent = np.lexsort((np.arange(n), sh, request))
+        order = by_shard[sent]
+        lengths = np.diff(np.append(lay.starts, lay.template.size))[order]
+        starts = np.cumsum(lengths) - lengths
+        template = np.empty_like(lay.template)
+        for a in range(0, n, _GATHER):  # a slice of records at a time: bounded memory
+            ln = lengths[a : a + _GATHER]
+            offsets = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
+            dst = int(starts[a])
+            template[dst : dst + offsets.size] = lay.template[
+                np.repeat(lay.starts[order[a : a + _GATHER]], ln) + offsets
+            ]
+        edges = [0, *(np.flatnonzero(np.diff((request * shards + sh)[sent])) + 1).tolist(), n]
+        bounds = [(int(starts[a]), int(starts[b]) if b < n else template.size) for a, b in itertools.pairwise(edges)]
+        moved = starts - lay.starts[order]
+        return _Layout(
+            template,
+            lay.rec_inst[order],
+            lay.rec_col[order],
+            starts,
+            lay.val_off[order] + moved,
+            lay.ts_off[order] + moved,
+            lay.ts_len,
             bounds,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections import defaultdict
@@ -86,6 +87,41 @@ def test_smaller_messages_on_request_and_request_duration_buckets_are_timebucket
         if lb.name == "le" and ts.labels[0].value == "coredns_dns_request_duration_seconds_bucket"
     }
     assert les == {repr(b) for b in TIME_BUCKETS} | {"+Inf"}
+
+
+def test_in_prometheus_order_the_same_samples_come_in_runs_of_one_instance_a_shard_a_request() -> None:
+    """`shards`: the order Prometheus's remote-write queue sends a scrape in (targets' series
+    together, spread over the shards by series), against one kind of series at a time. Restarts
+    make series go stale and come back, so the sets of series change between scrapes."""
+    max_samples = 300
+
+    def series(payloads: list[bytes]) -> list[list[tuple[tuple[tuple[str, str], ...], int, bytes]]]:
+        return [
+            [
+                (tuple((lb.name, lb.value) for lb in ts.labels), ts.samples[0].timestamp, ts.SerializeToString())
+                for ts in pb1.WriteRequest.FromString(p).timeseries
+            ]
+            for p in payloads
+        ]
+
+    def runs(requests: list[list[tuple[tuple[tuple[str, str], ...], int, bytes]]]) -> float:
+        lengths = [len(list(g)) for r in requests for _, g in itertools.groupby(dict(s[0])["instance"] for s in r)]
+        return sum(lengths) / len(lengths)
+
+    for shards, fewest, most in ((1, 100, 175), (4, 25, 50), (16, 5, 15)):
+        by_kind = SyntheticFleet(50, seed=3, restarts_per_hour=60.0)
+        sharded = SyntheticFleet(50, seed=3, restarts_per_hour=60.0)
+        for _ in range(4):
+            a, b = series(by_kind.scrape_payloads(max_samples)), series(sharded.scrape_payloads(max_samples, shards))
+            assert sorted(s for r in a for s in r) == sorted(s for r in b for s in r)
+            assert runs(a) == 1.0 and fewest <= runs(b) <= most, (shards, runs(b))
+            assert all(0 < len(r) <= max_samples for r in b)
+            # A request holds one shard's series: each instance in it once, in one run.
+            for r in b:
+                insts = [dict(s[0])["instance"] for s in r]
+                assert len({k for k, _ in itertools.groupby(insts)}) == len(list(itertools.groupby(insts)))
+    with pytest.raises(ValueError, match="shards must be >= 0"):
+        SyntheticFleet(2).scrape_payloads(shards=-1)
 
 
 def test_counters_only_fall_at_injected_restarts() -> None:
