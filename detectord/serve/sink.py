@@ -52,6 +52,9 @@ class ScoreSink:
         self.latest_step: int | None = None  # the newest step scored (data time, ms)
         # Each pending or firing instance's alert state, as detectord_alert_state shows it.
         self.phases: dict[InstanceKey, str] = {}
+        # Firing alerts by upstream, as the last full pass of _describe_fleet counted them.
+        self._anomalous: Counter[str] = Counter()
+        self._count_alerts()
 
     def _labels(self, key: InstanceKey) -> dict[str, str]:
         labels = dict(zip(self.instance_labels, key, strict=True))
@@ -60,24 +63,35 @@ class ScoreSink:
             labels.setdefault(self.cfg.upstream_label, upstream)
         return labels
 
-    def _see_upstream(self, key: InstanceKey, upstream: str) -> None:
+    def _see_upstream(self, key: InstanceKey, upstream: str) -> bool:
+        """Whether the instance's upstream changed."""
         old = self.upstream_of.get(key)
         if old == upstream:
-            return
+            return False
         if old:
             self.fleet[old] -= 1
         self.upstream_of[key] = upstream
         if upstream:
             self.fleet[upstream] += 1
+        return True
 
-    def _describe_fleet(self) -> None:
+    def _describe_fleet(self, only: Iterable[InstanceKey] | None = None) -> None:
         """Every firing alert of an upstream shared by several instances says how many of them are
-        anomalous (annotation `fleet`, and the description's last sentence)."""
+        anomalous (annotation `fleet`, and the description's last sentence). `only`: just these
+        instances' alerts (the ones a batch described anew), where no alert began firing or
+        resolved and no instance changed upstream since the last full pass: the counts are the
+        same. A full pass walks every firing alert, which at every batch made a big fleet with
+        many alerts firing take time in the square of its size."""
         name = self.cfg.upstream_label
         if not name:
             return
-        firing = [a for a in self.alerts.firing() if a.labels.get(name)]
-        anomalous = Counter(a.labels[name] for a in firing)
+        if only is None:
+            firing = [a for a in self.alerts.firing() if a.labels.get(name)]
+            self._anomalous = anomalous = Counter(a.labels[name] for a in firing)
+        else:
+            alerts = (self.alerts.alert_of(key) for key in only)
+            firing = [a for a in alerts if a is not None and a.labels.get(name)]
+            anomalous = self._anomalous
         for a in firing:
             up = a.labels[name]
             total = max(self.fleet[up], anomalous[up])
@@ -97,6 +111,7 @@ class ScoreSink:
         threshold = self.model.threshold
         m, alerts = self.metrics, self.alerts
         changed: list[Alert] = []
+        moved = phases = False  # an instance changed upstream; an alert state changed
         m.score_distribution.observe_many(np.asarray(batch.scores, dtype=np.float64))
         deviation = np.nan_to_num(batch.deviation, nan=0.0).astype(np.float32, copy=False)
         # Each window's top features, biggest deviation first: one sort for the whole batch.
@@ -114,18 +129,19 @@ class ScoreSink:
             # A copy: a view would keep the whole batch's deviations alive.
             hist.deviation, hist.latest, hist.looks_like = dev.copy(), r.latest, looks_like
             hist.anomalous = score > 1.0 or down is not None
-            self._see_upstream(key, r.upstream)
+            moved |= self._see_upstream(key, r.upstream)
             labels = self._labels(key)
             new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, score, threshold, top, looks_like, down)
             self._remember(key, new)
-            self._show_phase(key)
+            phases |= self._show_phase(key)
             changed.extend(new)
             # A firing instance's top features are on /metrics (serve.exports).
             hist.top = top if alerts.is_firing(key) else None
-        self._describe_fleet()
+        self._describe_fleet(None if changed or moved else (r.instance for r in batch.requests))
         if changed:
             self.notifier.submit(changed)
-        self._count_alerts()
+        if changed or phases:
+            self._count_alerts()
 
     def scores_of(self, key: InstanceKey) -> InstanceScores:
         hist = self.history.get(key)
@@ -139,12 +155,15 @@ class ScoreSink:
             if not a.resolved:
                 self.scores_of(key).remember(a)
 
-    def _show_phase(self, key: InstanceKey) -> None:
+    def _show_phase(self, key: InstanceKey) -> bool:
+        """Whether the instance's alert state changed."""
         phase = self.alerts.state_of(key)
         if phase == "inactive":
-            self.phases.pop(key, None)
-        else:
-            self.phases[key] = phase
+            return self.phases.pop(key, None) is not None
+        if self.phases.get(key) == phase:
+            return False
+        self.phases[key] = phase
+        return True
 
     def liveness(self, events: list[LivenessEvent]) -> None:
         """Steps of instances that are down (their alert fires, saying why), or that came back (a

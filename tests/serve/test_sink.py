@@ -1,0 +1,84 @@
+"""The score sink on the shipped model: what a firing alert says about its upstream's fleet stays
+right, batch after batch, while alerts fire and resolve and instances change upstream."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from detectord.alerting.notifier import AlertmanagerNotifier
+from detectord.config import AlertingConfig, Duration, ModelConfig
+from detectord.detectors import load_model
+from detectord.ingest.pipeline import ScoreRequest
+from detectord.serve.inference import ScoredBatch
+from detectord.serve.metrics import DaemonMetrics
+from detectord.serve.sink import ScoreSink
+from tests.support import REPO
+
+LABELS = ("job", "instance")
+FLEET = re.compile(r"^(\d+) of (\d+) instances forwarding to (\S+) are anomalous\.$")
+
+
+def test_every_firing_alert_counts_its_upstreams_anomalous_instances_after_every_batch() -> None:
+    """Batches of a few instances each, as a request of Prometheus's shards closes them: each
+    firing alert's `fleet` annotation (and its description's last sentence) says how many of the
+    instances forwarding to its upstream fire, out of how many forward there, also for alerts the
+    batch did not touch; `detectord_alerts` counts the pending and firing ones."""
+    model = load_model(ModelConfig(path=REPO / "models/default", any_step=True), 15.0)
+    cfg = AlertingConfig(for_=Duration(30.0))  # pending for two steps: some clear before they fire
+    registry = CollectorRegistry()
+    sink = ScoreSink(
+        model,
+        cfg,
+        instance_labels=LABELS,
+        metrics=DaemonMetrics(registry, LABELS),
+        notifier=AlertmanagerNotifier(cfg, registry=registry, external_url="http://detectord:9464"),
+        external_url="http://detectord:9464",
+        history=16,
+    )
+    rng = random.Random(3)
+    keys = [("coredns", f"10.0.0.{i}:9153") for i in range(60)]
+    upstream = {k: f"10.1.0.{i % 4}:53" for i, k in enumerate(keys)}
+    nf = len(model.features)
+    seen_counts = set()
+    pending_seen = False
+    for step in range(80):
+        ts_ms = 1_700_000_000_000 + step * 15_000
+        order = keys[:]
+        rng.shuffle(order)
+        for a in range(0, len(order), 7):  # every instance once a step, a few a batch
+            if rng.random() < 0.05:  # an instance moves to another upstream
+                upstream[rng.choice(keys)] = f"10.1.0.{rng.randrange(4)}:53"
+            chunk = order[a : a + 7]
+            requests = [
+                ScoreRequest(k, ts_ms, np.zeros((1, nf), np.float32), np.ones(nf, np.float32), upstream[k])
+                for k in chunk
+            ]
+            # A third of the fleet is anomalous now and then: alerts fire, stay and resolve.
+            scores = [5.0 if (int(k[1].split(".")[3].split(":")[0]) + step // 10) % 3 == 0 else 0.1 for k in chunk]
+            scores = [s if rng.random() < 0.9 else 0.1 for s in scores]
+            deviation = np.asarray([[rng.uniform(-3, 3) for _ in range(nf)] for _ in chunk], np.float32)
+            sink.deliver(ScoredBatch(requests, scores, deviation, [None] * len(chunk)))
+
+            firing = sink.alerts.firing()
+            anomalous = Counter(al.labels["upstream"] for al in firing)
+            forwarding = Counter(sink.upstream_of.values())
+            for al in firing:
+                up = al.labels["upstream"]
+                total = max(forwarding[up], anomalous[up])
+                want = f"{anomalous[up]} of {total} instances forwarding to {up} are anomalous."
+                assert al.annotations.get("fleet") == want, (step, al.labels, al.annotations)
+                assert al.annotations["description"].endswith(" " + want)
+                assert FLEET.match(want)
+                seen_counts.add((anomalous[up], up))
+            tracked = len(sink.alerts.tracked())
+            pending_seen |= tracked > len(firing)
+            assert registry.get_sample_value("detectord_alerts", {"state": "firing"}) == len(firing)
+            assert registry.get_sample_value("detectord_alerts", {"state": "pending"}) == tracked - len(firing)
+    # The run saw alerts fire and resolve on every upstream, at several counts each.
+    assert len({up for _, up in seen_counts}) == 4 and len(seen_counts) > 12, seen_counts
+    assert pending_seen
