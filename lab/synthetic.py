@@ -972,23 +972,22 @@ class _Encoder:
         lengths = np.diff(np.append(lay.starts, lay.template.size))[order]
         starts = np.cumsum(lengths) - lengths
         template = np.empty_like(lay.template)
+        records = lay.template.data
         for a in range(0, n, _GATHER):  # a slice of records at a time: bounded memory
-            ln = lengths[a : a + _GATHER]
-            offsets = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
-            dst = int(starts[a])
-            template[dst : dst + offsets.size] = lay.template[
-                np.repeat(lay.starts[order[a : a + _GATHER]], ln) + offsets
-            ]
+            src = lay.starts[order[a : a + _GATHER]]
+            ends = src + lengths[a : a + _GATHER]
+            chunk = b"".join([records[x:y] for x, y in zip(src.tolist(), ends.tolist(), strict=True)])
+            template[int(starts[a]) : int(starts[a]) + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
         edges = [0, *(np.flatnonzero(np.diff((request * shards + sh)[sent])) + 1).tolist(), n]
         bounds = [(int(starts[a]), int(starts[b]) if b < n else template.size) for a, b in itertools.pairwise(edges)]
-        moved = starts - lay.starts[order]
+        shift = starts - lay.starts[order]
         return _Layout(
             template,
             lay.rec_inst[order],
             lay.rec_col[order],
             starts,
-            lay.val_off[order] + moved,
-            lay.ts_off[order] + moved,
+            lay.val_off[order] + shift,
+            lay.ts_off[order] + shift,
             lay.ts_len,
             bounds,
         )
