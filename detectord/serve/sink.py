@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from detectord.alerting.notifier import AlertmanagerNotifier
-from detectord.alerting.states import Alert, AlertStates, alert_from_state, alert_state
+from detectord.alerting.states import Alert, AlertStates, LabelsKey, alert_from_state, alert_state
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
@@ -52,8 +52,10 @@ class ScoreSink:
         self.latest_step: int | None = None  # the newest step scored (data time, ms)
         # Each pending or firing instance's alert state, as detectord_alert_state shows it.
         self.phases: dict[InstanceKey, str] = {}
-        # Firing alerts by upstream, as the last full pass of _describe_fleet counted them.
+        # Firing alerts by upstream (`alerting.upstream_label`), and how many.
+        self._firing_at: dict[str, dict[LabelsKey, Alert]] = {}
         self._anomalous: Counter[str] = Counter()
+        self._describe_all = False
         self._count_alerts()
 
     def _labels(self, key: InstanceKey) -> dict[str, str]:
@@ -75,23 +77,30 @@ class ScoreSink:
             self.fleet[upstream] += 1
         return True
 
-    def _describe_fleet(self, only: Iterable[InstanceKey] | None = None) -> None:
+    def _describe_fleet(self, touched: Iterable[InstanceKey] | None = None, dirty: Iterable[str] = ()) -> None:
         """Every firing alert of an upstream shared by several instances says how many of them are
-        anomalous (annotation `fleet`, and the description's last sentence). `only`: just these
-        instances' alerts (the ones a batch described anew), where no alert began firing or
-        resolved and no instance changed upstream since the last full pass: the counts are the
-        same. A full pass walks every firing alert, which at every batch made a big fleet with
-        many alerts firing take time in the square of its size."""
+        anomalous (annotation `fleet`, and the description's last sentence). After a batch, only
+        the alerts whose sentence may have changed: those of the `touched` instances (observe()
+        wrote their descriptions anew) and those of the `dirty` upstreams (an alert there began
+        firing or resolved, an instance moved to or from it). Rewriting every firing alert after
+        every batch made a big fleet with many alerts firing take time in the square of its size:
+        a round of 100,000 instances in Prometheus's order is thousands of small batches."""
         name = self.cfg.upstream_label
         if not name:
             return
-        if only is None:
+        if touched is None:
             firing = [a for a in self.alerts.firing() if a.labels.get(name)]
-            self._anomalous = anomalous = Counter(a.labels[name] for a in firing)
+            self._anomalous = Counter(a.labels[name] for a in firing)
+            self._firing_at = {}
+            for a in firing:
+                self._firing_at.setdefault(a.labels[name], {})[a.key] = a
         else:
-            alerts = (self.alerts.alert_of(key) for key in only)
-            firing = [a for a in alerts if a is not None and a.labels.get(name)]
-            anomalous = self._anomalous
+            alerts = (self.alerts.alert_of(key) for key in touched)
+            mine = {id(a): a for a in alerts if a is not None and a.labels.get(name)}
+            for up in dirty:
+                mine.update((id(a), a) for a in self._firing_at.get(up, {}).values())
+            firing = list(mine.values())
+        anomalous = self._anomalous
         for a in firing:
             up = a.labels[name]
             total = max(self.fleet[up], anomalous[up])
@@ -105,13 +114,31 @@ class ScoreSink:
                 desc = f"{desc} {text}" if desc else text
             a.annotations["description"] = desc
 
+    def _count_firing(self, changed: list[Alert]) -> set[str]:
+        """Alerts that began firing or resolved into the counts by upstream; their upstreams."""
+        name = self.cfg.upstream_label
+        ups = set()
+        for a in changed:
+            up = a.labels.get(name) if name else None
+            if not up:
+                continue
+            ups.add(up)
+            at = self._firing_at.setdefault(up, {})
+            if a.resolved:
+                self._anomalous[up] -= at.pop(a.key, None) is not None
+            elif a.key not in at:
+                at[a.key] = a
+                self._anomalous[up] += 1
+        return ups
+
     def deliver(self, batch: ScoredBatch) -> None:
         """Take one scored batch (the inference worker hands it to the event loop)."""
         features = self.model.features
         threshold = self.model.threshold
         m, alerts = self.metrics, self.alerts
         changed: list[Alert] = []
-        moved = phases = False  # an instance changed upstream; an alert state changed
+        dirty: set[str] = set()  # upstreams whose counts may have moved
+        phases = False  # an alert state changed
         m.score_distribution.observe_many(np.asarray(batch.scores, dtype=np.float64))
         deviation = np.nan_to_num(batch.deviation, nan=0.0).astype(np.float32, copy=False)
         # Each window's top features, biggest deviation first: one sort for the whole batch.
@@ -129,7 +156,9 @@ class ScoreSink:
             # A copy: a view would keep the whole batch's deviations alive.
             hist.deviation, hist.latest, hist.looks_like = dev.copy(), r.latest, looks_like
             hist.anomalous = score > 1.0 or down is not None
-            moved |= self._see_upstream(key, r.upstream)
+            was = self.upstream_of.get(key, "")
+            if self._see_upstream(key, r.upstream):
+                dirty.update((was, r.upstream))
             labels = self._labels(key)
             new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, score, threshold, top, looks_like, down)
             self._remember(key, new)
@@ -137,7 +166,12 @@ class ScoreSink:
             changed.extend(new)
             # A firing instance's top features are on /metrics (serve.exports).
             hist.top = top if alerts.is_firing(key) else None
-        self._describe_fleet(None if changed or moved else (r.instance for r in batch.requests))
+        dirty.update(self._count_firing(changed))
+        if self._describe_all:  # the first batch after a reload: alerts may have new labels
+            self._describe_all = False
+            self._describe_fleet()
+        else:
+            self._describe_fleet((r.instance for r in batch.requests), dirty)
         if changed:
             self.notifier.submit(changed)
         if changed or phases:
@@ -222,6 +256,7 @@ class ScoreSink:
                 for h in self.history.values():
                     h.deviation = h.latest = h.top = None
         self.model, self.cfg, self.history_len = model, cfg, history
+        self._describe_all = True
 
     def state(self) -> dict[str, Any]:
         """The alert states, what each instance forwards to, and resolved alerts still re-sent."""
