@@ -23,15 +23,11 @@ from prometheus_client import CollectorRegistry
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.config import AlertingConfig, ModelConfig
 from detectord.detectors import load_model
 from detectord.ingest.pipeline import ScoreRequest
 from detectord.serve.inference import ScoredBatch
-from detectord.serve.metrics import DaemonMetrics
-from detectord.serve.sink import ScoreSink
-
-LABELS = ("job", "instance")
+from tests.support import score_sink
 
 
 def main() -> int:
@@ -46,15 +42,7 @@ def main() -> int:
     model = load_model(ModelConfig(path=REPO / "models/default", any_step=True), 15.0)
     cfg = AlertingConfig()
     registry = CollectorRegistry()
-    sink = ScoreSink(
-        model,
-        cfg,
-        instance_labels=LABELS,
-        metrics=DaemonMetrics(registry, LABELS),
-        notifier=AlertmanagerNotifier(cfg, registry=registry, external_url="http://detectord:9464"),
-        external_url="http://detectord:9464",
-        history=16,
-    )
+    sink = score_sink(model, cfg, registry)
     rng = random.Random(1)
     nf = len(model.features)
     keys = [("coredns", f"10.{i // 62500}.{i // 250 % 250}.{i % 250 + 1}:9153") for i in range(args.instances)]

@@ -14,15 +14,20 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.alerting.states import Alert, AlertStates
 from detectord.config import AlertingConfig, Duration
+from detectord.detectors.base import Detector
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
 from detectord.ingest._proto import remote_write_v2_pb2 as pb2
 from detectord.ingest.remote_write import LabelCache, SeriesKey, encode_v1, encode_v2
 from detectord.recordings.format import RecordingWriter, read_records
 from detectord.recordings.truth import read_truth, truth_path
+from detectord.serve.metrics import DaemonMetrics
+from detectord.serve.sink import ScoreSink
 
 REPO = Path(__file__).resolve().parents[1]
 # Tests may be pointed at other recordings (NAME.drec[.xz] beside NAME.truth.json).
@@ -181,6 +186,21 @@ def step(
 
 
 # ---- the committed lab data ------------------------------------------------------------------
+
+
+def score_sink(model: Detector, cfg: AlertingConfig, registry: CollectorRegistry) -> ScoreSink:
+    """The daemon's score sink on `model`, instances keyed by job and instance, its metrics on
+    `registry`, no Alertmanager to send to."""
+    url = "http://detectord:9464"
+    return ScoreSink(
+        model,
+        cfg,
+        instance_labels=("job", "instance"),
+        metrics=DaemonMetrics(registry, ("job", "instance")),
+        notifier=AlertmanagerNotifier(cfg, registry=registry, external_url=url),
+        external_url=url,
+        history=16,
+    )
 
 
 def slice_recording(src: Path, dst: Path, minutes: float, skip_minutes: float = 0.0) -> Path:

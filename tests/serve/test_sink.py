@@ -10,16 +10,12 @@ from collections import Counter
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from detectord.alerting.notifier import AlertmanagerNotifier
 from detectord.config import AlertingConfig, Duration, ModelConfig
 from detectord.detectors import load_model
 from detectord.ingest.pipeline import ScoreRequest
 from detectord.serve.inference import ScoredBatch
-from detectord.serve.metrics import DaemonMetrics
-from detectord.serve.sink import ScoreSink
-from tests.support import REPO
+from tests.support import REPO, score_sink
 
-LABELS = ("job", "instance")
 FLEET = re.compile(r"^(\d+) of (\d+) instances forwarding to (\S+) are anomalous\.$")
 
 
@@ -31,15 +27,7 @@ def test_every_firing_alert_counts_its_upstreams_anomalous_instances_after_every
     model = load_model(ModelConfig(path=REPO / "models/default", any_step=True), 15.0)
     cfg = AlertingConfig(for_=Duration(30.0))  # pending for two steps: some clear before they fire
     registry = CollectorRegistry()
-    sink = ScoreSink(
-        model,
-        cfg,
-        instance_labels=LABELS,
-        metrics=DaemonMetrics(registry, LABELS),
-        notifier=AlertmanagerNotifier(cfg, registry=registry, external_url="http://detectord:9464"),
-        external_url="http://detectord:9464",
-        history=16,
-    )
+    sink = score_sink(model, cfg, registry)
     rng = random.Random(3)
     keys = [("coredns", f"10.0.0.{i}:9153") for i in range(60)]
     upstream = {k: f"10.1.0.{i % 4}:53" for i, k in enumerate(keys)}
