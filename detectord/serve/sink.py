@@ -65,17 +65,17 @@ class ScoreSink:
             labels.setdefault(self.cfg.upstream_label, upstream)
         return labels
 
-    def _see_upstream(self, key: InstanceKey, upstream: str) -> bool:
-        """Whether the instance's upstream changed."""
+    def _see_upstream(self, key: InstanceKey, upstream: str) -> tuple[str, ...]:
+        """The upstreams whose count of instances moved: the old and the new, or none."""
         old = self.upstream_of.get(key)
         if old == upstream:
-            return False
+            return ()
         if old:
             self.fleet[old] -= 1
         self.upstream_of[key] = upstream
         if upstream:
             self.fleet[upstream] += 1
-        return True
+        return (old or "", upstream)
 
     def _describe_fleet(self, touched: Iterable[InstanceKey] | None = None, dirty: Iterable[str] = ()) -> None:
         """Every firing alert of an upstream shared by several instances says how many of them are
@@ -117,9 +117,11 @@ class ScoreSink:
     def _count_firing(self, changed: list[Alert]) -> set[str]:
         """Alerts that began firing or resolved into the counts by upstream; their upstreams."""
         name = self.cfg.upstream_label
-        ups = set()
+        ups: set[str] = set()
+        if not name:
+            return ups
         for a in changed:
-            up = a.labels.get(name) if name else None
+            up = a.labels.get(name)
             if not up:
                 continue
             ups.add(up)
@@ -156,9 +158,7 @@ class ScoreSink:
             # A copy: a view would keep the whole batch's deviations alive.
             hist.deviation, hist.latest, hist.looks_like = dev.copy(), r.latest, looks_like
             hist.anomalous = score > 1.0 or down is not None
-            was = self.upstream_of.get(key, "")
-            if self._see_upstream(key, r.upstream):
-                dirty.update((was, r.upstream))
+            dirty.update(self._see_upstream(key, r.upstream))
             labels = self._labels(key)
             new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, score, threshold, top, looks_like, down)
             self._remember(key, new)

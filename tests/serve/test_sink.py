@@ -4,7 +4,6 @@ right, batch after batch, while alerts fire and resolve and instances change ups
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 
 import numpy as np
@@ -15,8 +14,6 @@ from detectord.detectors import load_model
 from detectord.ingest.pipeline import ScoreRequest
 from detectord.serve.inference import ScoredBatch
 from tests.support import REPO, score_sink
-
-FLEET = re.compile(r"^(\d+) of (\d+) instances forwarding to (\S+) are anomalous\.$")
 
 
 def test_every_firing_alert_counts_its_upstreams_anomalous_instances_after_every_batch() -> None:
@@ -61,7 +58,6 @@ def test_every_firing_alert_counts_its_upstreams_anomalous_instances_after_every
                 want = f"{anomalous[up]} of {total} instances forwarding to {up} are anomalous."
                 assert al.annotations.get("fleet") == want, (step, al.labels, al.annotations)
                 assert al.annotations["description"].endswith(" " + want)
-                assert FLEET.match(want)
                 seen_counts.add((anomalous[up], up))
             tracked = len(sink.alerts.tracked())
             pending_seen |= tracked > len(firing)
