@@ -25,6 +25,26 @@ LabelsKey = tuple[tuple[str, str], ...]
 TopFeatures = Sequence[tuple[str, float, float]]
 
 
+class FleetShare:
+    """The instances forwarding to one upstream (`alerting.upstream_label`) and how many of them
+    fire: the sentence each firing alert of that upstream ends with. The score sink counts them
+    as batches come, and an alert reads its sentence when it is shown, so a batch rewrites no
+    alert it did not touch however many fire."""
+
+    __slots__ = ("anomalous", "instances", "upstream")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.instances = 0
+        self.anomalous = 0
+
+    def sentence(self) -> str:
+        total = max(self.instances, self.anomalous)
+        if total <= 1:
+            return ""
+        return f"{self.anomalous} of {total} instances forwarding to {self.upstream} are anomalous."
+
+
 @dataclass(eq=False)
 class Alert:
     """One alert as Alertmanager sees it. A firing alert is updated in place while it fires."""
@@ -37,6 +57,7 @@ class Alert:
     generator_url: str = ""
     resolved_at: float | None = None
     top_features: tuple[str, ...] = ()  # the features the description names, first the one that moved most
+    fleet: FleetShare | None = field(default=None, repr=False)  # while it fires: its upstream's counts
     key: LabelsKey = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +66,17 @@ class Alert:
     @property
     def resolved(self) -> bool:
         return self.resolved_at is not None
+
+    def shown(self) -> dict[str, str]:
+        """Its annotations as Alertmanager and the API get them: while it fires, with the sentence
+        on its upstream's fleet (annotation `fleet`, and the description's last sentence)."""
+        out = dict(self.annotations)
+        text = "" if self.fleet is None else self.fleet.sentence()
+        if text:
+            out["fleet"] = text
+            desc = out.get("description", "")
+            out["description"] = f"{desc} {text}" if desc else text
+        return out
 
     def to_api(self, now: float, resend_interval: float) -> dict[str, Any]:
         """The Alertmanager v2 `PostableAlert` for this alert, sent at wall time `now`."""
@@ -56,7 +88,7 @@ class Alert:
         ends_at = max(ends_at, self.starts_at)
         out: dict[str, Any] = {
             "labels": dict(self.labels),
-            "annotations": dict(self.annotations),
+            "annotations": self.shown(),
             "startsAt": rfc3339(self.starts_at),
             "endsAt": rfc3339(ends_at),
         }
@@ -80,9 +112,16 @@ def alert_state(a: Alert) -> dict[str, Any]:
 
 def alert_from_state(st: Mapping[str, Any]) -> Alert:
     resolved_at = st["resolved_at"]
+    annotations = {str(k): str(v) for k, v in st["annotations"].items()}
+    if resolved_at is None and "fleet" in annotations:
+        # A firing alert an earlier detectord saved has its fleet sentence written in: the score sink
+        # links it to its upstream's counts again.
+        text = annotations.pop("fleet")
+        desc = annotations.get("description", "")
+        annotations["description"] = "" if desc == text else desc.removesuffix(" " + text)
     return Alert(
         labels={str(k): str(v) for k, v in st["labels"].items()},
-        annotations={str(k): str(v) for k, v in st["annotations"].items()},
+        annotations=annotations,
         starts_at=float(st["starts_at"]),
         score=float(st["score"]),
         threshold=float(st["threshold"]),
@@ -125,6 +164,7 @@ class AlertStates:
         self.model_name = model_name
         self.external_url = external_url.rstrip("/")
         self._tracks: dict[InstanceKey, _Track] = {}
+        self._firing = 0  # tracks with an alert: counted as they change, read after every batch
         # Firing alerts whose identity changed on reconfiguration; returned, resolved, by the next call.
         self._retired: list[Alert] = []
 
@@ -156,6 +196,7 @@ class AlertStates:
         change = tr.timer.step(step_ts, anomalous)
         if change == "fired":
             tr.alert = self._new_alert(instance, tr.labels, step_ts, score, threshold, top_features, looks_like)
+            self._firing += 1
             if down is not None:
                 _describe_down(tr.alert, *down)
             changed.append(tr.alert)
@@ -166,6 +207,7 @@ class AlertStates:
             tr.alert.resolved_at = max(step_ts, tr.alert.starts_at)
             changed.append(tr.alert)
             del self._tracks[instance]
+            self._firing -= 1
         elif down is not None and tr.alert is not None:
             _describe_down(tr.alert, *down)
         elif anomalous and tr.alert is not None:
@@ -179,6 +221,7 @@ class AlertStates:
         if tr is not None and tr.alert is not None:
             tr.alert.resolved_at = max(tr.last_ts, tr.alert.starts_at)
             changed.append(tr.alert)
+            self._firing -= 1
         return changed
 
     def tracked(self) -> list[InstanceKey]:
@@ -210,8 +253,7 @@ class AlertStates:
 
     def counts(self) -> dict[Phase, int]:
         """Instances by alert state, for a gauge (inactive ones are not tracked and not counted)."""
-        firing = sum(1 for tr in self._tracks.values() if tr.alert is not None)
-        return {"pending": len(self._tracks) - firing, "firing": firing}
+        return {"pending": len(self._tracks) - self._firing, "firing": self._firing}
 
     def state(self) -> list[dict[str, Any]]:
         """Every pending or firing alert as plain values (see `restore`)."""
@@ -254,7 +296,11 @@ class AlertStates:
                 Resemblance({str(k): int(v) for k, v in counts.items()}, None if best is None else str(best)),
             )
         self._tracks.update(tracks)
+        self._recount()
         return len(tracks)
+
+    def _recount(self) -> None:
+        self._firing = sum(1 for tr in self._tracks.values() if tr.alert is not None)
 
     def reconfigured(self, cfg: AlertingConfig, *, model_name: str) -> AlertStates:
         """The same states under a new config or model; alerts whose labels change are replaced.
@@ -286,6 +332,7 @@ class AlertStates:
                     new._retired.append(old)
                 moved.alert = alert
             new._tracks[instance] = moved
+        new._recount()
         return new
 
     def _new_alert(

@@ -263,15 +263,16 @@ async def handle_instances(request: web.Request) -> web.Response:
 
 
 def _alert_json(a: Alert) -> dict[str, Any]:
+    shown = a.shown()
     return {
         "state": "resolved" if a.resolved else "firing",
         "starts_at": _ms(a.starts_at),
         "ends_at": _ms(a.resolved_at),
-        "summary": a.annotations.get("summary", ""),
-        "description": a.annotations.get("description", ""),
-        "looks_like": a.annotations.get("looks_like"),
+        "summary": shown.get("summary", ""),
+        "description": shown.get("description", ""),
+        "looks_like": shown.get("looks_like"),
         "top_features": list(a.top_features),
-        "down": a.annotations.get("down"),
+        "down": shown.get("down"),
         "generator_url": a.generator_url,
     }
 

@@ -4,7 +4,6 @@ gauges and through its alert state; the alerts that began firing or resolved go 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from detectord.alerting.notifier import AlertmanagerNotifier
-from detectord.alerting.states import Alert, AlertStates, LabelsKey, alert_from_state, alert_state
+from detectord.alerting.states import Alert, AlertStates, FleetShare, alert_from_state, alert_state
 from detectord.config import AlertingConfig
 from detectord.detectors import Detector
 from detectord.ingest.features import InstanceKey
@@ -46,16 +45,14 @@ class ScoreSink:
         self.history_len = history
         self.alerts = AlertStates(cfg, model_name=model.name, external_url=external_url)
         self.history: dict[InstanceKey, InstanceScores] = {}
-        # What each instance forwards to (FeatureRow.upstream), and how many forward to each.
+        # What each instance forwards to (FeatureRow.upstream), and each upstream's counts.
         self.upstream_of: dict[InstanceKey, str] = {}
-        self.fleet: Counter[str] = Counter()
+        self._shares: dict[str, FleetShare] = {}
         self.latest_step: int | None = None  # the newest step scored (data time, ms)
         # Each pending or firing instance's alert state, as detectord_alert_state shows it.
         self.phases: dict[InstanceKey, str] = {}
-        # Firing alerts by upstream (`alerting.upstream_label`), and how many.
-        self._firing_at: dict[str, dict[LabelsKey, Alert]] = {}
-        self._anomalous: Counter[str] = Counter()
-        self._describe_all = False
+        self._linked: set[Alert] = set()  # the firing alerts counted in their upstream's share
+        self._relink = False
         self._count_alerts()
 
     def _labels(self, key: InstanceKey) -> dict[str, str]:
@@ -65,73 +62,59 @@ class ScoreSink:
             labels.setdefault(self.cfg.upstream_label, upstream)
         return labels
 
-    def _see_upstream(self, key: InstanceKey, upstream: str) -> tuple[str, ...]:
-        """The upstreams whose count of instances moved: the old and the new, or none."""
+    def _share(self, upstream: str) -> FleetShare:
+        share = self._shares.get(upstream)
+        if share is None:
+            share = self._shares[upstream] = FleetShare(upstream)
+        return share
+
+    def _see_upstream(self, key: InstanceKey, upstream: str) -> None:
         old = self.upstream_of.get(key)
         if old == upstream:
-            return ()
+            return
         if old:
-            self.fleet[old] -= 1
+            self._shares[old].instances -= 1
+            self._drop_if_empty(old)
         self.upstream_of[key] = upstream
         if upstream:
-            self.fleet[upstream] += 1
-        return (old or "", upstream)
+            self._share(upstream).instances += 1
 
-    def _describe_fleet(self, touched: Iterable[InstanceKey] | None = None, dirty: Iterable[str] = ()) -> None:
-        """Every firing alert of an upstream shared by several instances says how many of them are
-        anomalous (annotation `fleet`, and the description's last sentence). After a batch, only
-        the alerts whose sentence may have changed: those of the `touched` instances (observe()
-        wrote their descriptions anew) and those of the `dirty` upstreams (an alert there began
-        firing or resolved, an instance moved to or from it). Rewriting every firing alert after
-        every batch made a big fleet with many alerts firing take time in the square of its size:
-        a round of 100,000 instances in Prometheus's order is thousands of small batches."""
+    def _count_firing(self, changed: Iterable[Alert]) -> None:
+        """Alerts that began firing or resolved into their upstream's count of firing instances.
+        A firing alert reads its sentence from that count when shown (`Alert.shown`); a resolved
+        one keeps the sentence it had."""
         name = self.cfg.upstream_label
-        if not name:
-            return
-        if touched is None:
-            firing = [a for a in self.alerts.firing() if a.labels.get(name)]
-            self._anomalous = Counter(a.labels[name] for a in firing)
-            self._firing_at = {}
-            for a in firing:
-                self._firing_at.setdefault(a.labels[name], {})[a.key] = a
-        else:
-            alerts = (self.alerts.alert_of(key) for key in touched)
-            mine = {id(a): a for a in alerts if a is not None and a.labels.get(name)}
-            for up in dirty:
-                mine.update((id(a), a) for a in self._firing_at.get(up, {}).values())
-            firing = list(mine.values())
-        anomalous = self._anomalous
-        for a in firing:
-            up = a.labels[name]
-            total = max(self.fleet[up], anomalous[up])
-            text = f"{anomalous[up]} of {total} instances forwarding to {up} are anomalous." if total > 1 else ""
-            desc = a.annotations.get("description", "")
-            old = a.annotations.pop("fleet", "")
-            if old and desc.endswith(" " + old):
-                desc = desc[: -len(old) - 1]
-            if text:
-                a.annotations["fleet"] = text
-                desc = f"{desc} {text}" if desc else text
-            a.annotations["description"] = desc
-
-    def _count_firing(self, changed: list[Alert]) -> set[str]:
-        """Alerts that began firing or resolved into the counts by upstream; their upstreams."""
-        name = self.cfg.upstream_label
-        ups: set[str] = set()
-        if not name:
-            return ups
         for a in changed:
-            up = a.labels.get(name)
-            if not up:
-                continue
-            ups.add(up)
-            at = self._firing_at.setdefault(up, {})
             if a.resolved:
-                self._anomalous[up] -= at.pop(a.key, None) is not None
-            elif a.key not in at:
-                at[a.key] = a
-                self._anomalous[up] += 1
-        return ups
+                if a.fleet is not None:
+                    a.annotations = a.shown()
+                    self._unlink(a)
+            elif a.fleet is None and name and a.labels.get(name):
+                self._link(a, a.labels[name])
+
+    def _link(self, a: Alert, upstream: str) -> None:
+        a.fleet = self._share(upstream)
+        a.fleet.anomalous += 1
+        self._linked.add(a)
+
+    def _unlink(self, a: Alert) -> None:
+        assert a.fleet is not None
+        a.fleet.anomalous -= 1
+        self._drop_if_empty(a.fleet.upstream)
+        a.fleet = None
+        self._linked.discard(a)
+
+    def _drop_if_empty(self, upstream: str) -> None:
+        share = self._shares[upstream]
+        if share.instances == 0 and share.anomalous == 0:
+            del self._shares[upstream]
+
+    def _link_all(self) -> None:
+        """Every firing alert counted in its upstream's share anew: after a restore, or a reload
+        (the upstream label, or the alerts' labels, may have changed)."""
+        for a in list(self._linked):
+            self._unlink(a)
+        self._count_firing(self.alerts.firing())
 
     def deliver(self, batch: ScoredBatch) -> None:
         """Take one scored batch (the inference worker hands it to the event loop)."""
@@ -139,7 +122,6 @@ class ScoreSink:
         threshold = self.model.threshold
         m, alerts = self.metrics, self.alerts
         changed: list[Alert] = []
-        dirty: set[str] = set()  # upstreams whose counts may have moved
         phases = False  # an alert state changed
         m.score_distribution.observe_many(np.asarray(batch.scores, dtype=np.float64))
         deviation = np.nan_to_num(batch.deviation, nan=0.0).astype(np.float32, copy=False)
@@ -158,7 +140,7 @@ class ScoreSink:
             # A copy: a view would keep the whole batch's deviations alive.
             hist.deviation, hist.latest, hist.looks_like = dev.copy(), r.latest, looks_like
             hist.anomalous = score > 1.0 or down is not None
-            dirty.update(self._see_upstream(key, r.upstream))
+            self._see_upstream(key, r.upstream)
             labels = self._labels(key)
             new = alerts.observe(key, labels, r.step_ts_ms / 1000.0, score, threshold, top, looks_like, down)
             self._remember(key, new)
@@ -166,12 +148,10 @@ class ScoreSink:
             changed.extend(new)
             # A firing instance's top features are on /metrics (serve.exports).
             hist.top = top if alerts.is_firing(key) else None
-        dirty.update(self._count_firing(changed))
-        if self._describe_all:  # the first batch after a reload: alerts may have new labels
-            self._describe_all = False
-            self._describe_fleet()
-        else:
-            self._describe_fleet((r.instance for r in batch.requests), dirty)
+        self._count_firing(changed)
+        if self._relink:  # the first batch after a reload: alerts may have new labels
+            self._relink = False
+            self._link_all()
         if changed:
             self.notifier.submit(changed)
         if changed or phases:
@@ -222,7 +202,7 @@ class ScoreSink:
             hist.anomalous = True
             if not was_firing:
                 hist.top = None
-        self._describe_fleet()
+        self._count_firing(changed)
         if changed:
             self.notifier.submit(changed)
         self._count_alerts()
@@ -236,7 +216,7 @@ class ScoreSink:
             self._see_upstream(key, "")
             self.upstream_of.pop(key, None)
             resolved.extend(self.alerts.forget(key))
-        self._describe_fleet()
+        self._count_firing(resolved)
         if resolved:
             self.notifier.submit(resolved)
         self._count_alerts()
@@ -256,7 +236,7 @@ class ScoreSink:
                 for h in self.history.values():
                     h.deviation = h.latest = h.top = None
         self.model, self.cfg, self.history_len = model, cfg, history
-        self._describe_all = True
+        self._relink = True
 
     def state(self) -> dict[str, Any]:
         """The alert states, what each instance forwards to, and resolved alerts still re-sent."""
@@ -281,7 +261,7 @@ class ScoreSink:
             instance = tuple(a.labels.get(name, "") for name in self.instance_labels)
             self.scores_of(instance).anomalous = True
             self._remember(instance, [a])
-        self._describe_fleet()
+        self._link_all()
         self.notifier.submit(firing)
         self.notifier.resume_resolved(resolved)
         self._count_alerts()
