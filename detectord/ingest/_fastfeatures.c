@@ -900,11 +900,105 @@ done:
     return result;
 }
 
+/* ---- series_states ------------------------------------------------------------------------ */
+
+/* series_states(keys) -> [(labels, last_ts, last_v, held, gauge_bins[0], gauge_bins[1]), ...]: the
+ * series part of FeatureExtractor.instance_state, each key bound to a Series. A snapshot reads it
+ * for every series of the fleet; in Python that was half of a snapshot's time on the ingest thread. */
+/* What series_states reads of the keys ahead, fetched before it: nearly every one is a cache miss
+ * (a fleet's series are far bigger than the CPU's caches), and waiting for them one after the
+ * other was all of its time. The key 12 ahead, its labels and Series 6 ahead, the Series' gauge
+ * values 3 ahead: each stage reads a pointer the stage before fetched. Hints only, as in
+ * fetch_ahead: nothing read here decides anything. */
+static inline __attribute__((always_inline)) void fetch_states_ahead(PyObject *keys, Py_ssize_t n, Py_ssize_t i) {
+    if (i + 12 < n) {
+        char *sk = (char *)PyList_GET_ITEM(keys, i + 12);
+        __builtin_prefetch(sk);
+        __builtin_prefetch(sk + key_off[K_STATE]);
+    }
+    PyObject *sk = i + 6 < n ? PyList_GET_ITEM(keys, i + 6) : NULL;
+    if (sk && Py_IS_TYPE(sk, key_type)) {
+        PyObject *labels = SLOT(sk, key_off[K_LABELS]), *st = SLOT(sk, key_off[K_STATE]);
+        if (labels) __builtin_prefetch(labels);
+        if (st) {
+            __builtin_prefetch(st);
+            __builtin_prefetch((char *)st + sizeof(Series) - 1);
+        }
+    }
+    sk = i + 3 < n ? PyList_GET_ITEM(keys, i + 3) : NULL;
+    if (sk && Py_IS_TYPE(sk, key_type)) {
+        PyObject *st = SLOT(sk, key_off[K_STATE]);
+        if (st && Py_IS_TYPE(st, &SeriesType)) {
+            PyObject *bins = ((Series *)st)->gauge_bins;
+            if (bins && PyList_CheckExact(bins)) {
+                __builtin_prefetch(bins);
+                if (bins != counter_bins && PyList_GET_SIZE(bins) == 2) {
+                    __builtin_prefetch(PyList_GET_ITEM(bins, 0));
+                    __builtin_prefetch(PyList_GET_ITEM(bins, 1));
+                }
+            }
+        }
+    }
+}
+
+static PyObject *series_states(PyObject *self, PyObject *args) {
+    PyObject *keys;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &keys)) return NULL;
+    if (!key_type) {
+        PyErr_SetString(PyExc_RuntimeError, "layout() was not called");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject *out = PyList_New(n), *ts = NULL;
+    long long last_ts = 0;
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fetch_states_ahead(keys, n, i);
+        PyObject *sk = PyList_GET_ITEM(keys, i);
+        PyObject *labels = Py_IS_TYPE(sk, key_type) ? SLOT(sk, key_off[K_LABELS]) : NULL;
+        PyObject *st = Py_IS_TYPE(sk, key_type) ? SLOT(sk, key_off[K_STATE]) : NULL;
+        if (!labels || !st || !Py_IS_TYPE(st, &SeriesType) || !is_pair_list(((Series *)st)->gauge_bins)) {
+            PyErr_Format(PyExc_TypeError, "keys[%zd] is not a bound series", i);
+            goto fail;
+        }
+        Series *s = (Series *)st;
+        /* An instance's series mostly share their last timestamp (its scrape's): one int for them. */
+        if (!ts || s->last_ts != last_ts) {
+            Py_XSETREF(ts, PyLong_FromLongLong(s->last_ts));
+            last_ts = s->last_ts;
+        }
+        PyObject *t = PyTuple_New(6);
+        if (!t || !ts) {
+            Py_XDECREF(t);
+            goto fail;
+        }
+        PyList_SET_ITEM(out, i, t);
+        PyTuple_SET_ITEM(t, 0, Py_NewRef(labels));
+        PyTuple_SET_ITEM(t, 1, Py_NewRef(ts));
+        PyObject *v = PyFloat_FromDouble(s->last_v), *held = v ? PyFloat_FromDouble(s->held) : NULL;
+        if (!held) {
+            Py_XDECREF(v);
+            goto fail; /* the tuple's empty slots are NULL, which its dealloc skips */
+        }
+        PyTuple_SET_ITEM(t, 2, v);
+        PyTuple_SET_ITEM(t, 3, held);
+        PyTuple_SET_ITEM(t, 4, Py_NewRef(PyList_GET_ITEM(s->gauge_bins, 0)));
+        PyTuple_SET_ITEM(t, 5, Py_NewRef(PyList_GET_ITEM(s->gauge_bins, 1)));
+    }
+    Py_XDECREF(ts);
+    return out;
+fail:
+    Py_XDECREF(ts);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"layout", layout, METH_VARARGS, "Read where _Instance's and SeriesKey's slots are."},
     {"accumulate", accumulate, METH_VARARGS, "Accumulate bound series' samples into their instances' steps."},
     {"bind", bind, METH_VARARGS, "Bind new series whose binding is known, as FeatureExtractor._bind does."},
     {"row", row, METH_VARARGS, "A closed step's feature values, as the compiled expressions give them."},
+    {"series_states", series_states, METH_VARARGS, "The series of an instance's state, as instance_state gives them."},
     {NULL, NULL, 0, NULL},
 };
 

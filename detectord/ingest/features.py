@@ -624,6 +624,7 @@ class FeatureExtractor:
         self._series: type[_Series] = _Series if self._accumulate is None else _fastfeatures.Series
         # A closed step's feature values in C, the compiled expressions' numbers bit for bit.
         self._row = _fastfeatures.row if native and _fastfeatures is not None else None
+        self._series_states = _fastfeatures.series_states if self._accumulate is not None else None
 
     @property
     def instances(self) -> int:
@@ -812,11 +813,14 @@ class FeatureExtractor:
         inst = self._instances.get(key)
         if inst is None:
             return None
-        series = []
-        for sk in inst.series:
-            s = sk.state
-            assert isinstance(s, self._series)
-            series.append((sk.labels, s.last_ts, s.last_v, s.held, s.gauge_bins[0], s.gauge_bins[1]))
+        if self._series_states is not None:
+            series = self._series_states(inst.series)
+        else:
+            series = []
+            for sk in inst.series:
+                s = sk.state
+                assert isinstance(s, self._series)
+                series.append((sk.labels, s.last_ts, s.last_v, s.held, s.gauge_bins[0], s.gauge_bins[1]))
         return {
             "key": key,
             "series": series,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import snappy
 
 from detectord.ingest import features as features_mod
 from detectord.ingest._proto import remote_write_v1_pb2 as pb1
@@ -352,3 +353,21 @@ def test_a_closed_steps_values_refuse_what_does_not_fit() -> None:
     odd = dataclasses.replace(features_mod.FEATURES[0], expr=object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="no C operation"):
         features_mod._program([odd], FeatureExtractor(STEP_MS)._table)
+
+
+def test_an_instances_series_state_refuses_a_key_not_bound() -> None:
+    """The C reader of an instance's series for a snapshot takes only bound series keys: anything
+    else is an error naming where it is, not a read of another object's memory."""
+    series_states = features_mod._fastfeatures.series_states  # type: ignore[attr-defined]
+    ext = FeatureExtractor(STEP_MS, native=True)
+    fleet = SyntheticFleet(2, seed=1, scrape_interval_s=15.0, start_ms=1_700_000_000_000)
+    for body in fleet.scrape_payloads():
+        ext.ingest(decode(snappy.compress(body), "1.0", ext.labels, max_decoded=16 * MiB, keep=ext.series_names))
+    bound = ext._instances[ext.instance_keys()[0]].series
+    assert len(series_states(bound)) == len(bound) > 100
+    unbound = ext.labels.intern((("__name__", "coredns_dns_requests_total"), ("instance", "x"), ("job", "y")))
+    for bad in ([*bound, unbound], [*bound[:3], object()], [bound[0], bound[0].labels]):
+        with pytest.raises(TypeError, match=r"keys\[\d+\] is not a bound series"):
+            series_states(bad)
+    with pytest.raises(TypeError):
+        series_states(tuple(bound))
