@@ -900,14 +900,14 @@ done:
     return result;
 }
 
-/* ---- series_states ------------------------------------------------------------------------ */
+/* ---- series_values ------------------------------------------------------------------------ */
 
-/* What series_states reads of the keys ahead, fetched before it: nearly every one is a cache miss
+/* What series_values reads of the keys ahead, fetched before it: nearly every one is a cache miss
  * (a fleet's series are far bigger than the CPU's caches), and waiting for them one after the
- * other was much of its time. The key 12 ahead, its labels and Series 6 ahead, the Series' gauge
- * values 3 ahead: each stage reads a pointer the stage before fetched. Hints only, as in
- * fetch_ahead: nothing read here decides anything. */
-static inline __attribute__((always_inline)) void fetch_states_ahead(PyObject *keys, Py_ssize_t n, Py_ssize_t i) {
+ * other was much of its time. The key 12 ahead, its Series 6 ahead, the Series' gauge values 3
+ * ahead: each stage reads a pointer the stage before fetched. Hints only, as in fetch_ahead:
+ * nothing read here decides anything. */
+static inline __attribute__((always_inline)) void fetch_values_ahead(PyObject *keys, Py_ssize_t n, Py_ssize_t i) {
     if (i + 12 < n) {
         char *sk = (char *)PyList_GET_ITEM(keys, i + 12);
         __builtin_prefetch(sk);
@@ -915,8 +915,7 @@ static inline __attribute__((always_inline)) void fetch_states_ahead(PyObject *k
     }
     PyObject *sk = i + 6 < n ? PyList_GET_ITEM(keys, i + 6) : NULL;
     if (sk && Py_IS_TYPE(sk, key_type)) {
-        PyObject *labels = SLOT(sk, key_off[K_LABELS]), *st = SLOT(sk, key_off[K_STATE]);
-        if (labels) __builtin_prefetch(labels);
+        PyObject *st = SLOT(sk, key_off[K_STATE]);
         if (st) {
             __builtin_prefetch(st);
             __builtin_prefetch((char *)st + sizeof(Series) - 1);
@@ -938,11 +937,24 @@ static inline __attribute__((always_inline)) void fetch_states_ahead(PyObject *k
     }
 }
 
-/* series_states(keys) -> [(labels, last_ts, last_v, held, gauge_bins[0], gauge_bins[1]), ...]: the
- * series part of FeatureExtractor.instance_state, each key bound to a Series. A snapshot reads it
- * for every series of the fleet, holding the GIL: in Python it was about half of a snapshot's time
- * under the GIL (py-spy, 50,000 instances), the rest encoding on the writer thread. */
-static PyObject *series_states(PyObject *self, PyObject *args) {
+static inline void put64(char *at, uint64_t bits) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    bits = __builtin_bswap64(bits);
+#endif
+    memcpy(at, &bits, 8);
+}
+
+static inline void put_double(char *at, double v) {
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    put64(at, bits);
+}
+
+/* series_values(keys) -> bytes: the numbers of FeatureExtractor.instance_state's series, each key
+ * bound to a Series, as five little-endian columns of len(keys): last_ts (int64), then last_v,
+ * held, gauge_bins[0] and gauge_bins[1] (float64). A snapshot reads them for every series of the
+ * fleet, holding the GIL; the labels are not read (an instance keeps its label block). */
+static PyObject *series_values(PyObject *self, PyObject *args) {
     PyObject *keys;
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &keys)) return NULL;
     if (!key_type) {
@@ -950,48 +962,28 @@ static PyObject *series_states(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(keys);
-    PyObject *out = PyList_New(n), *ts = NULL;
-    long long last_ts = 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 40 * n);
     if (!out) return NULL;
+    char *col = PyBytes_AS_STRING(out);
     for (Py_ssize_t i = 0; i < n; i++) {
-        fetch_states_ahead(keys, n, i);
+        fetch_values_ahead(keys, n, i);
         PyObject *sk = PyList_GET_ITEM(keys, i);
-        PyObject *labels = Py_IS_TYPE(sk, key_type) ? SLOT(sk, key_off[K_LABELS]) : NULL;
         PyObject *st = Py_IS_TYPE(sk, key_type) ? SLOT(sk, key_off[K_STATE]) : NULL;
-        if (!labels || !st || !Py_IS_TYPE(st, &SeriesType) || !is_pair_list(((Series *)st)->gauge_bins)) {
+        if (!st || !Py_IS_TYPE(st, &SeriesType) || !is_pair_list(((Series *)st)->gauge_bins) ||
+            !PyFloat_CheckExact(PyList_GET_ITEM(((Series *)st)->gauge_bins, 0)) ||
+            !PyFloat_CheckExact(PyList_GET_ITEM(((Series *)st)->gauge_bins, 1))) {
             PyErr_Format(PyExc_TypeError, "keys[%zd] is not a bound series", i);
-            goto fail;
+            Py_DECREF(out);
+            return NULL;
         }
         Series *s = (Series *)st;
-        /* An instance's series mostly share their last timestamp (its scrape's): one int for them. */
-        if (!ts || s->last_ts != last_ts) {
-            Py_XSETREF(ts, PyLong_FromLongLong(s->last_ts));
-            last_ts = s->last_ts;
-        }
-        PyObject *t = PyTuple_New(6);
-        if (!t || !ts) {
-            Py_XDECREF(t);
-            goto fail;
-        }
-        PyList_SET_ITEM(out, i, t);
-        PyTuple_SET_ITEM(t, 0, Py_NewRef(labels));
-        PyTuple_SET_ITEM(t, 1, Py_NewRef(ts));
-        PyObject *v = PyFloat_FromDouble(s->last_v), *held = v ? PyFloat_FromDouble(s->held) : NULL;
-        if (!held) {
-            Py_XDECREF(v);
-            goto fail; /* the tuple's empty slots are NULL, which its dealloc skips */
-        }
-        PyTuple_SET_ITEM(t, 2, v);
-        PyTuple_SET_ITEM(t, 3, held);
-        PyTuple_SET_ITEM(t, 4, Py_NewRef(PyList_GET_ITEM(s->gauge_bins, 0)));
-        PyTuple_SET_ITEM(t, 5, Py_NewRef(PyList_GET_ITEM(s->gauge_bins, 1)));
+        put64(col + 8 * i, (uint64_t)s->last_ts);
+        put_double(col + 8 * (n + i), s->last_v);
+        put_double(col + 8 * (2 * n + i), s->held);
+        put_double(col + 8 * (3 * n + i), PyFloat_AS_DOUBLE(PyList_GET_ITEM(s->gauge_bins, 0)));
+        put_double(col + 8 * (4 * n + i), PyFloat_AS_DOUBLE(PyList_GET_ITEM(s->gauge_bins, 1)));
     }
-    Py_XDECREF(ts);
     return out;
-fail:
-    Py_XDECREF(ts);
-    Py_DECREF(out);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -999,7 +991,7 @@ static PyMethodDef methods[] = {
     {"accumulate", accumulate, METH_VARARGS, "Accumulate bound series' samples into their instances' steps."},
     {"bind", bind, METH_VARARGS, "Bind new series whose binding is known, as FeatureExtractor._bind does."},
     {"row", row, METH_VARARGS, "A closed step's feature values, as the compiled expressions give them."},
-    {"series_states", series_states, METH_VARARGS, "The series of an instance's state, as instance_state gives them."},
+    {"series_values", series_values, METH_VARARGS, "The numbers of an instance's series, as instance_state packs them."},
     {NULL, NULL, 0, NULL},
 };
 

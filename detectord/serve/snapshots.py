@@ -3,8 +3,8 @@ crash-safely to `state.dir` and restored at start, so a restart or an upgrade fo
 
 A snapshot file is `MAGIC`, a length-prefixed JSON header (format version, the model's input
 fingerprint, when it was written, how many records follow) and records: a length, a CRC-32 and a
-zstd-compressed pickle of plain values (no classes: `_PlainUnpickler` refuses any), one per
-instance and one for the alert states. Records are encoded one at a time, so no encoding step
+zstd-compressed pickle of plain values (`plainpickle`: no classes), one per instance and one for
+the alert states. Records are encoded one at a time, so no encoding step
 holds the GIL for long, and decoded one at a time as they are restored.
 """
 
@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import pickle
 import struct
 import time
 import zlib
@@ -24,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-import cramjam
-
+from detectord.ingest import plainpickle
 from detectord.ingest.normalise import InputPlan
 
 MAGIC = b"DTCDSNAP"
-FORMAT = 1
+# 2: an instance's series as a label block and packed numbers (FeatureExtractor.instance_state).
+FORMAT = 2
+# Formats this detectord restores: an upgrade keeps what the last version saved.
+READS = (1, 2)
 FILE_NAME = "snapshot.dsnap"
 _LEN = struct.Struct("<I")
 _RECORD = struct.Struct("<II")  # payload length, CRC-32 of the payload
@@ -101,7 +101,7 @@ class Snapshot:
         payload = next(self._payloads)
         self._taken += 1
         try:
-            rec = _PlainUnpickler(io.BytesIO(bytes(cramjam.zstd.decompress(payload)))).load()
+            rec = plainpickle.loads(payload)
         except Exception as exc:  # any failure to decode is damage
             raise SnapshotRefused("corrupt", f"record {i} does not decode ({exc})") from exc
         if not isinstance(rec, dict):
@@ -128,8 +128,7 @@ class WriteStats:
 def encode(record: Mapping[str, Any]) -> bytes:
     """One record as the file holds it, framing and all (instances are encoded as they are read,
     so a snapshot holds its records' bytes, not every instance's state as Python objects)."""
-    # Label sets repeat from series to series: zstd makes a record about 10 times smaller.
-    payload = bytes(cramjam.zstd.compress(pickle.dumps(record, protocol=5), 1))
+    payload = plainpickle.dumps(record)
     return _RECORD.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -222,8 +221,10 @@ def _header(f: BinaryIO, path: Path) -> dict[str, Any]:
             raise TypeError("fingerprint and model must be mappings")
     except (ValueError, TypeError, KeyError) as exc:
         raise SnapshotRefused("corrupt", f"{path}: unreadable header ({exc})") from exc
-    if version != FORMAT:
-        raise SnapshotRefused("version", f"{path} is snapshot format {version!r}; this detectord reads {FORMAT}")
+    if version not in READS:
+        raise SnapshotRefused(
+            "version", f"{path} is snapshot format {version!r}; this detectord reads {', '.join(map(str, READS))}"
+        )
     header["written_at"] = written_at
     return dict(header)
 
@@ -257,11 +258,3 @@ def _payloads(f: BinaryIO, count: int) -> Iterator[bytes]:
         yield payload
     if f.read(1):
         raise SnapshotRefused("corrupt", f"data after its {count} records")
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Plain values only (dicts, lists, tuples, sets, str, bytes, numbers, None): loading a
-    snapshot never imports or calls anything."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"a snapshot holds plain values only, not {module}.{name}")

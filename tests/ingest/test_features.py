@@ -9,7 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from detectord.ingest.features import FEATURE_NAMES, FeatureExtractor, FeatureRow, IngestStats, bucket_quantile
+from detectord.ingest.features import (
+    FEATURE_NAMES,
+    FeatureExtractor,
+    FeatureRow,
+    IngestStats,
+    _unpack_series,
+    bucket_quantile,
+)
 from detectord.ingest.remote_write import STALE_NAN, DecodedWrite, LabelCache, SeriesKey, decode
 from tests.support import coredns_scrape, v1_body
 
@@ -460,3 +467,56 @@ def test_closing_a_fleets_steps_leaves_nothing_new_but_the_rows(native: bool) ->
     assert len(rows) == n
     made = Counter(type(o).__name__ for o in young if not isinstance(o, FeatureRow) and o is not rows)
     assert sum(made.values()) < n / 10, made.most_common(5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "reference"])
+def test_a_snapshot_holds_the_series_an_instance_bound_since_the_last_one(native: bool) -> None:
+    """An instance's label block is encoded once and kept for the snapshots after: a series it
+    binds later (a new upstream) is in the next one, and a restored instance keeps the block it
+    came back with and goes on as the original does."""
+    key = ("coredns", "a:9153")
+
+    def scrape(t: int, upstreams: list[str]) -> bytes:
+        series = coredns_scrape("a:9153", 1000 * t, t)
+        for i, to in enumerate(upstreams):
+            labels = {"__name__": "coredns_proxy_request_duration_seconds_count", "job": "coredns", "to": to}
+            series.append(({**labels, "instance": "a:9153", "proxy_name": "forward"}, [(1000 * t, 5.0 * t * (i + 1))]))
+        return v1_body(series)
+
+    def series(state: dict[str, object]) -> list[tuple[dict[str, str], list[str]]]:
+        """Each series' labels and its numbers (by repr: NaN equals NaN)."""
+        assert isinstance(state["labels"], bytes) and isinstance(state["series"], bytes)
+        unpacked = _unpack_series(state["labels"], state["series"])
+        return [(dict(labels), [repr(x) for x in rest]) for labels, *rest in unpacked]
+
+    def feed_into(ext: FeatureExtractor, body: bytes) -> list[FeatureRow]:
+        return ext.ingest(decode(body, "1.0", ext.labels, max_decoded=1 << 20, keep=ext.series_names))
+
+    ext = FeatureExtractor(1000, native=native)
+    for t in range(3):
+        feed_into(ext, scrape(t, ["10.0.0.2:53"]))
+    first = ext.instance_state(key, 0.0)
+    assert first is not None
+    for t in range(3, 6):
+        feed_into(ext, scrape(t, ["10.0.0.2:53", "10.0.0.3:53"]))
+    second = ext.instance_state(key, 0.0)
+    assert second is not None
+    before, after = series(first), series(second)
+    assert [s[0] for s in after[:-1]] == [s[0] for s in before] and after[-1][0]["to"] == "10.0.0.3:53"
+    assert after[-1][1][:2] == ["5000", repr(2 * 5.0 * 5)], "the new series' last timestamp and value"
+    assert [s[1][0] for s in after[:-1]] == ["5000"] * len(before)
+
+    restored = FeatureExtractor(1000, native=native)
+    restored.restore_instance(second, 0.0)
+    again = restored.instance_state(key, 0.0)
+    assert again is not None and again["labels"] == second["labels"] and series(again) == after
+    rows: list[tuple[list[bytes], list[bytes]]] = []
+    for t in range(6, 9):
+        body = scrape(t, ["10.0.0.2:53", "10.0.0.3:53"])
+        rows.append(
+            (
+                [r.values.tobytes() for r in feed_into(restored, body)],
+                [r.values.tobytes() for r in feed_into(ext, body)],
+            )
+        )
+    assert all(mine == theirs for mine, theirs in rows) and sum(len(mine) for mine, _ in rows) >= 2

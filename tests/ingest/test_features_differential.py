@@ -40,10 +40,13 @@ def _row(r: FeatureRow) -> tuple[object, ...]:
 
 
 def _plain(x: Any) -> Any:
-    """State comparable with ==: floats by repr (NaN equals NaN, the stale marker's bits show)."""
+    """State comparable with ==: floats by repr (NaN equals NaN, the stale marker's bits show),
+    an instance's label block and packed numbers as the series they hold."""
     if isinstance(x, float):
         return repr(x)
     if isinstance(x, dict):
+        if isinstance(x.get("labels"), bytes):
+            x = {**x, "series": features_mod._unpack_series(x.pop("labels"), x["series"])}
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_plain(v) for v in x]
@@ -355,19 +358,19 @@ def test_a_closed_steps_values_refuse_what_does_not_fit() -> None:
         features_mod._program([odd], FeatureExtractor(STEP_MS)._table)
 
 
-def test_an_instances_series_state_refuses_a_key_not_bound() -> None:
+def test_an_instances_series_values_refuse_a_key_not_bound() -> None:
     """The C reader of an instance's series for a snapshot takes only bound series keys: anything
     else is an error naming where it is, not a read of another object's memory."""
-    series_states = features_mod._fastfeatures.series_states  # type: ignore[attr-defined]
+    series_values = features_mod._fastfeatures.series_values  # type: ignore[attr-defined]
     ext = FeatureExtractor(STEP_MS, native=True)
     fleet = SyntheticFleet(2, seed=1, scrape_interval_s=15.0, start_ms=1_700_000_000_000)
     for body in fleet.scrape_payloads():
         ext.ingest(decode(snappy.compress(body), "1.0", ext.labels, max_decoded=16 * MiB, keep=ext.series_names))
     bound = ext._instances[ext.instance_keys()[0]].series
-    assert len(series_states(bound)) == len(bound) > 100
+    assert len(series_values(bound)) == 40 * len(bound) and len(bound) > 100
     unbound = ext.labels.intern((("__name__", "coredns_dns_requests_total"), ("instance", "x"), ("job", "y")))
     for bad in ([*bound, unbound], [*bound[:3], object()], [bound[0], bound[0].labels]):
         with pytest.raises(TypeError, match=r"keys\[\d+\] is not a bound series"):
-            series_states(bad)
+            series_values(bad)
     with pytest.raises(TypeError):
-        series_states(tuple(bound))
+        series_values(tuple(bound))

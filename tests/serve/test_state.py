@@ -21,6 +21,7 @@ import pytest
 import structlog
 
 from detectord.config import AlertmanagerConfig
+from detectord.ingest import features
 from detectord.ingest.features import extract
 from detectord.ingest.remote_write import LabelCache, decode
 from detectord.recordings.format import Record, RecordingWriter, read_records
@@ -74,7 +75,27 @@ def _scores(srv: Any) -> dict[tuple[str, ...], dict[int, float]]:
     return {k: dict(v.pairs()) for k, v in srv.sink.history.items()}
 
 
-async def test_after_a_restart_scores_go_on_as_if_it_never_stopped(tmp_path: Path, records: list[Record]) -> None:
+def _as_format_1(state: Path) -> None:
+    """The snapshot in `state` as detectord wrote it before format 2: every series of an instance
+    a tuple (labels, last_ts, last_v, held, gauge bin, gauge bin), not a label block and numbers."""
+    snap = snapshots.read(state, _header((state / snapshots.FILE_NAME).read_bytes())["fingerprint"], max_age_s=3600)
+    assert snap is not None
+    with snap:
+        instances, alerts = list(snap.instances()), snap.alerts()
+        header = snap.header
+    for st in instances:
+        st["series"] = features._unpack_series(st.pop("labels"), st["series"])
+        assert st["series"] and isinstance(st["series"][0][1], int)
+    snapshots.write(state, header["fingerprint"], header["model"], [snapshots.encode(i) for i in instances], alerts)
+    path = state / snapshots.FILE_NAME
+    path.write_bytes(_with_header(path.read_bytes(), format=1))
+
+
+@pytest.mark.parametrize("saved_by", ["this detectord", "format 1"])
+async def test_after_a_restart_scores_go_on_as_if_it_never_stopped(
+    tmp_path: Path, records: list[Record], saved_by: str
+) -> None:
+    """Also when the snapshot is of format 1, as the detectord before an upgrade saved it."""
     half = len(records) // 2
     async with running_server(_config(tmp_path / "whole")) as srv:
         await _send(srv, records)
@@ -83,6 +104,8 @@ async def test_after_a_restart_scores_go_on_as_if_it_never_stopped(tmp_path: Pat
         await _send(srv, records[:half])
         before = _scores(srv)
     assert (tmp_path / "state" / snapshots.FILE_NAME).exists()
+    if saved_by == "format 1":
+        _as_format_1(tmp_path / "state")
     async with running_server(_config(tmp_path / "state")) as srv:
         assert all(not srv.ingestor.is_warming(k) for k in before), "restored instances must score at once"
         await _send(srv, records[half:])
@@ -346,12 +369,23 @@ def _slot_short(instance: dict[str, Any]) -> None:
     instance["acc"] = (instance["acc"][0][:-1], instance["acc"][1])
 
 
+def _numbers_short(instance: dict[str, Any]) -> None:
+    instance["series"] = instance["series"][:-40]
+
+
+def _label_block_cut(instance: dict[str, Any]) -> None:
+    instance["labels"] = instance["labels"][:-8]
+
+
 def _timestamp_beyond_int64(instance: dict[str, Any]) -> None:
-    labels, _, *rest = instance["series"][-1]
-    instance["series"][-1] = (labels, 2**63, *rest)
+    """In format 1, whose series carried their timestamps as Python ints."""
+    series = features._unpack_series(instance.pop("labels"), instance["series"])
+    labels, _, *rest = series[-1]
+    series[-1] = (labels, 2**63, *rest)
+    instance["series"] = series
 
 
-@pytest.mark.parametrize("damage", [_slot_short, _timestamp_beyond_int64])
+@pytest.mark.parametrize("damage", [_slot_short, _numbers_short, _label_block_cut, _timestamp_beyond_int64])
 async def test_a_state_that_does_not_fit_halfway_through_leaves_nothing_behind(
     tmp_path: Path, good_snapshot: bytes, damage: Callable[[dict[str, Any]], None]
 ) -> None:
