@@ -92,6 +92,7 @@ class InferenceWorker:
         self._queue: collections.deque[ScoreRequest] = collections.deque()
         self._queue_size = queue_size
         self._cond = threading.Condition()
+        self._taken = 0  # windows taken from the queue whose batch is not yet handed back
         self._stopping = False
         self._deliver, self._loop, self._metrics = deliver, loop, metrics
         self._thread = threading.Thread(target=self._run, name="detectord-inference", daemon=True)
@@ -128,6 +129,12 @@ class InferenceWorker:
 
     def depth(self) -> int:
         return len(self._queue)
+
+    def idle(self) -> bool:
+        """Nothing queued and every window taken handed back to `deliver` (or dropped): a queue
+        that is empty still has up to two batches on the model."""
+        with self._cond:
+            return not self._queue and not self._taken
 
     def swap(self, scorer: Scorer) -> None:
         """Use `scorer` from the next batch on (a reload). The caller has warmed it up."""
@@ -166,7 +173,12 @@ class InferenceWorker:
                     break
                 cond.wait(remaining)
             n = min(len(q), self.max_batch)
+            self._taken += n
             return [q.popleft() for _ in range(n)]
+
+    def _handed_back(self, n: int) -> None:
+        with self._cond:
+            self._taken -= n
 
     def _run(self) -> None:
         # A batch is started (on a device, the forward pass runs), then the next one is filled
@@ -182,6 +194,8 @@ class InferenceWorker:
                 continue
             self._metrics.set_queue_depth(len(self._queue))
             started = self._guarded(items, self._start, items)
+            if started is None:  # failed and counted as dropped
+                self._handed_back(len(items))
             if in_flight is not None:
                 self._collect(in_flight)
             in_flight = started
@@ -199,6 +213,7 @@ class InferenceWorker:
 
     def _collect(self, batch: _InFlight) -> None:
         self._guarded(batch.items, self._finish, batch)
+        self._handed_back(len(batch.items))
 
     def _warm_one(self) -> None:
         with self._lock:

@@ -133,7 +133,7 @@ async def test_the_api_shows_the_faulted_instance_first_with_its_window_and_base
         async def settled() -> dict[str, Any]:
             # Every window of the replay scored and delivered, then the listing of that end state.
             deadline = time.monotonic() + 60
-            while srv.pipeline.worker.depth():
+            while not srv.pipeline.worker.idle():
                 assert time.monotonic() < deadline, "the inference worker never caught up"
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)

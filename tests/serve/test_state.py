@@ -65,7 +65,7 @@ async def _send(srv: Any, records: Sequence[Record]) -> None:
 async def _settle(srv: Any) -> None:
     """Until every window submitted has been scored and delivered."""
     deadline = time.monotonic() + 60
-    while srv.pipeline.worker.depth():
+    while not srv.pipeline.worker.idle():
         assert time.monotonic() < deadline, "the inference worker never caught up"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
