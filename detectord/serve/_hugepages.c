@@ -16,10 +16,14 @@
 
 #define REGION ((size_t)64 << 20)
 #define HUGE_PAGE ((size_t)2 << 20)
+/* pymalloc's arenas are 1 MiB (256 KiB before Python 3.10). The same allocator gives threads their
+ * frame stacks, 16 KiB chunks at first: a thread started right after install (the daemon's
+ * executor) asks before pymalloc does, and must not be taken for an arena. */
+#define MIN_ARENA ((size_t)256 << 10)
 
 static PyObjectArenaAllocator previous;
 static int installed;
-static size_t arena_size; /* the size pymalloc asks for: the first one it asks for */
+static size_t arena_size; /* the size pymalloc asks for: the first at least MIN_ARENA asked for */
 static char **regions;    /* starts of the regions mapped, each REGION long */
 static Py_ssize_t nregions, regions_cap;
 static char *next, *end; /* the unused rest of the newest region */
@@ -61,7 +65,7 @@ static int in_regions(const char *p) {
 
 static void *arena_alloc(void *ctx, size_t size) {
     (void)ctx;
-    if (!arena_size && size && REGION % size == 0) arena_size = size;
+    if (!arena_size && size >= MIN_ARENA && REGION % size == 0) arena_size = size;
     if (size != arena_size) return previous.alloc(previous.ctx, size);
     if (nspare) {
         arenas_out++;

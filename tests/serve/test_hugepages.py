@@ -15,8 +15,10 @@ from detectord.serve import hugepages
 
 MiB = 1024**2
 
+# The fleet is made after a thread ran, as in the daemon, which starts its executor's threads right
+# after turning huge pages on.
 _CHILD = r"""
-import gc, json
+import gc, json, threading
 from detectord.ingest.pipeline import resident_bytes as resident
 from detectord.serve import _hugepages, hugepages
 
@@ -32,6 +34,10 @@ def advised():
     return spans
 
 why_not = hugepages.use_huge_pages()
+# As the daemon does right after: a thread runs (its frames take memory from the same allocator).
+worker = threading.Thread(target=lambda: sum(range(10)))
+worker.start()
+worker.join()
 before = resident()
 fleet = [(f"10.0.{i >> 8}.{i & 255}:9153", i) for i in range(1_500_000)]
 grown, made = resident(), _hugepages.stats()
