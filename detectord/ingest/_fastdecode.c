@@ -70,6 +70,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 typedef struct {
     const uint8_t *p;
@@ -545,8 +548,44 @@ static dm_slot *dm_probe(const DigestMap *m, uint64_t a, uint64_t b) {
 /* The value of (a, b), borrowed, or NULL. */
 static PyObject *dm_get(const DigestMap *m, uint64_t a, uint64_t b) { return m->t ? dm_probe(m, a, b)->v : NULL; }
 
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define DM_HUGE ((size_t)2 << 20)
+#endif
+
+/* A table of `slots` empty slots. Each lookup reads a slot at random, and a fleet's table takes
+ * hundreds of megabytes: in 4 KiB pages nearly every lookup also walks the page tables, which the
+ * decoder's prefetch waits for. So a table of 2 MiB or more is mapped on its own, 2 MiB aligned
+ * and advised for transparent huge pages (plain pages where the kernel has none). */
+static dm_slot *dm_alloc(size_t slots) {
+#ifdef DM_HUGE
+    size_t bytes = slots * sizeof(dm_slot); /* a multiple of the page size at this size */
+    if (bytes >= DM_HUGE) {
+        size_t span = bytes + DM_HUGE;
+        char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        char *start = (char *)(((uintptr_t)p + DM_HUGE - 1) & ~(uintptr_t)(DM_HUGE - 1));
+        if (start > p) munmap(p, (size_t)(start - p));
+        if (p + span > start + bytes) munmap(start + bytes, (size_t)(p + span - (start + bytes)));
+        (void)madvise(start, bytes, MADV_HUGEPAGE);
+        return (dm_slot *)start;
+    }
+#endif
+    return PyMem_Calloc(slots, sizeof(dm_slot));
+}
+
+static void dm_free(dm_slot *t, size_t slots) {
+    if (!t) return;
+#ifdef DM_HUGE
+    if (slots * sizeof(dm_slot) >= DM_HUGE) {
+        munmap(t, slots * sizeof(dm_slot));
+        return;
+    }
+#endif
+    PyMem_Free(t);
+}
+
 static int dm_resize(DigestMap *m, size_t slots) {
-    dm_slot *t = PyMem_Calloc(slots, sizeof(dm_slot));
+    dm_slot *t = dm_alloc(slots);
     if (!t) {
         PyErr_NoMemory();
         return -1;
@@ -557,7 +596,7 @@ static int dm_resize(DigestMap *m, size_t slots) {
     m->mask = slots - 1;
     for (size_t i = 0; i < n_old; i++)
         if (old[i].v) *dm_probe(m, old[i].a, old[i].b) = old[i];
-    PyMem_Free(old);
+    dm_free(old, n_old);
     return 0;
 }
 
@@ -610,7 +649,7 @@ static int dm_clear(DigestMap *m) {
     m->mask = 0;
     m->n = 0;
     for (size_t i = 0; i < n; i++) Py_XDECREF(t[i].v);
-    PyMem_Free(t);
+    dm_free(t, n);
     Py_CLEAR(m->other);
     return 0;
 }

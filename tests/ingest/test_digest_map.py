@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from detectord.ingest import remote_write
+from detectord.serve import hugepages
 
 _fastdecode = remote_write._fastdecode  # type: ignore[attr-defined]
 pytestmark = pytest.mark.skipif(_fastdecode is None, reason="the C decoder is not built here (no compiler)")
@@ -97,3 +98,44 @@ def test_the_label_cache_keeps_its_digests_in_one() -> None:
     assert type(cache._raw) is _fastdecode.DigestMap and type(cache._old) is _fastdecode.DigestMap
     cache.turn()
     assert type(cache._raw) is _fastdecode.DigestMap and type(cache._old) is _fastdecode.DigestMap
+
+
+def _advised_bytes() -> int:
+    """Bytes of this process's mappings advised for transparent huge pages."""
+    total = size = 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line.startswith("Size:"):
+                size = int(line.split()[1]) * 1024
+            elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+                total += size
+    return total
+
+
+def test_a_fleets_table_behaves_as_a_dict_and_asks_for_huge_pages() -> None:
+    """200,000 digests: a table of megabytes, mapped on its own (see dm_alloc), through growth,
+    deletions and its end."""
+    rng = random.Random(7)
+    digests = [rng.getrandbits(128).to_bytes(16, "little") for _ in range(200_000)]
+    values = [Value() for _ in digests]
+    watch = [weakref.ref(v) for v in values[::1000]]
+    advised = _advised_bytes() if hugepages.thp_mode() not in (None, "never") else None
+    m = _fastdecode.DigestMap()
+    for d, v in zip(digests, values, strict=True):
+        m[d] = v
+    assert len(m) == len(digests)
+    assert all(m[d] is v for d, v in zip(digests, values, strict=True))
+    if advised is not None:
+        # 262,144 slots of 24 bytes.
+        assert _advised_bytes() - advised >= 6 * 2**20
+    for d in digests[::2]:
+        del m[d]
+    assert len(m) == len(digests) // 2
+    assert all((d in m) == (i % 2 == 1) for i, d in enumerate(digests))
+    assert all(m[d] is values[i] for i, d in enumerate(digests) if i % 2)
+    del values, v
+    m.clear()
+    assert len(m) == 0 and m.get(digests[1]) is None
+    assert all(w() is None for w in watch)
+    if advised is not None:
+        assert _advised_bytes() - advised < 2**20  # the table went back to the system
