@@ -134,6 +134,19 @@ class Row:
     expected: int = 0
     dropped: int = 0
     behind_s: float = 0.0  # how far the paced sending fell behind its schedule, at most
+    # State snapshots in the paced rounds: written, the seconds they took (the daemon's
+    # detectord_state_snapshot_seconds_total), and the paced rounds' seconds.
+    snapshots: float = 0.0
+    snapshot_s: float = 0.0
+    paced_s: float = 0.0
+
+
+def _snapshots(text: str) -> tuple[float, float]:
+    """State snapshots written so far, and the seconds all snapshots took."""
+    return (
+        metric(text, "detectord_state_snapshots_total", result="success"),
+        metric(text, "detectord_state_snapshot_seconds_total"),
+    )
 
 
 def delay_buckets(text: str) -> list[tuple[float, float]]:
@@ -221,7 +234,10 @@ async def bench_detectord(
             flush=True,
         )
         answers: list[float] = []
-        before = delay_buckets(await det.metrics())
+        text = await det.metrics()
+        before = delay_buckets(text)
+        snapshots0 = _snapshots(text)
+        paced0 = time.monotonic()
         scored0 = 0.0
         conn = aiohttp.TCPConnector(limit=concurrency + 1)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -246,6 +262,14 @@ async def bench_detectord(
             # The last round's steps close when the next one's samples come: wait for the worker.
             await asyncio.sleep(3.0)
             text = await det.metrics()
+        row.paced_s = time.monotonic() - paced0
+        row.snapshots, row.snapshot_s = (b - a for a, b in zip(snapshots0, _snapshots(text), strict=True))
+        print(
+            f"  state snapshots in the paced rounds: {row.snapshots:.0f} written, {row.snapshot_s:.1f} s of "
+            f"{row.paced_s:.0f} s ({100 * row.snapshot_s / row.paced_s:.1f} %); the latest took "
+            f"{metric(text, 'detectord_state_snapshot_duration_seconds'):.1f} s",
+            flush=True,
+        )
         after = delay_buckets(text)
         diff = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)] if before else after
         if diff and diff[-1][1] > 0:
